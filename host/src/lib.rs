@@ -1,0 +1,22 @@
+//! EIR, the Edge Inference Runtime.
+//!
+//! A wasmtime host for WebAssembly pipeline plugins. The modules follow the way a request
+//! travels:
+//!
+//! - [`engine`]: the wasmtime engine, the epoch ticker, and the on-disk compile cache.
+//! - [`limits`]: fuel, deadline, memory and size limits, and how a violation is named.
+//! - [`grants`]: what a plugin may touch (directories, environment, network, stdio).
+//! - [`plugin`]: loading a component and calling it under its limits and grants.
+//! - [`tensor`]: the tensors plugins exchange, and their KServe v2 JSON form.
+//! - [`runtime`]: one engine + linker from which plugins are loaded.
+//! - [`cli`]: the `eir` command, a thin layer over the above.
+
+pub mod cli;
+pub mod engine;
+pub mod grants;
+pub mod limits;
+pub mod plugin;
+pub mod runtime;
+pub mod tensor;
+
+pub use runtime::Runtime;

@@ -1,0 +1,223 @@
+//! One call into a plugin: a fresh store with fuel, an epoch deadline and a limiter; the call;
+//! then every failure classified into one [`CallError`].
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, UpdateDeadline};
+
+use super::error::{CallError, Classifier, DeadlinePassed};
+use super::store::StoreState;
+use super::{Plugin, PluginKind, Pre};
+use crate::limits::StoreLimiter;
+use crate::tensor::{self, Metadata, Request, Response};
+
+/// What one call consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Fuel burnt.
+    pub fuel_used: u64,
+    /// Linear memory the instance held at the end (its high-water mark: memory never shrinks).
+    pub memory_bytes: u64,
+    /// Wall-clock time from store creation to the end of the call.
+    pub elapsed: Duration,
+}
+
+impl Plugin {
+    /// Handles one request (pipeline plugins).
+    pub async fn handle(&self, request: &Request) -> Result<Response, CallError> {
+        self.handle_with_stats(request).await.0
+    }
+
+    /// [`Plugin::handle`], also reporting what the call consumed.
+    pub async fn handle_with_stats(
+        &self,
+        request: &Request,
+    ) -> (Result<Response, CallError>, CallStats) {
+        let Pre::Pipeline(pre) = &self.pre else {
+            return (Err(self.wrong_kind()), CallStats::default());
+        };
+        let limits = &self.config.limits;
+        let size = match tensor::validate_tensors(&request.inputs) {
+            Ok(size) => size,
+            Err(msg) => return (Err(CallError::InvalidRequest(msg)), CallStats::default()),
+        };
+        if size > limits.max_request.as_u64() {
+            let err = CallError::RequestTooLarge {
+                plugin: self.name.to_string(),
+                size,
+                limit: limits.max_request.as_u64(),
+            };
+            return (Err(err), CallStats::default());
+        }
+        let (result, stats) = self
+            .call(async |store| {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                instance
+                    .eir_plugin_handler()
+                    .call_handle(&mut *store, request)
+                    .await
+            })
+            .await;
+        let result = result.and_then(|answer| match answer {
+            Ok(response) => self.check_response(request, response),
+            Err(e) => Err(CallError::Plugin {
+                plugin: self.name.to_string(),
+                code: e.code,
+                message: e.message,
+            }),
+        });
+        (result, stats)
+    }
+
+    /// Asks a pipeline plugin to describe its inputs and outputs.
+    pub async fn metadata(&self) -> Result<Metadata, CallError> {
+        let Pre::Pipeline(pre) = &self.pre else {
+            return Err(self.wrong_kind());
+        };
+        self.call(async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            instance
+                .eir_plugin_handler()
+                .call_describe(&mut *store)
+                .await
+        })
+        .await
+        .0
+    }
+
+    /// Runs a command component to completion and returns its exit code. Its arguments,
+    /// environment and stdio come from the plugin's grants.
+    pub async fn run_command(&self) -> Result<i32, CallError> {
+        let Pre::Command(pre) = &self.pre else {
+            return Err(self.wrong_kind());
+        };
+        let (result, _) = self
+            .call(async |store| {
+                let command = pre.instantiate_async(&mut *store).await?;
+                command.wasi_cli_run().call_run(&mut *store).await
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => Ok(0),
+            Ok(Err(())) => Ok(1),
+            Err(CallError::Exited { code, .. }) => Ok(code),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn wrong_kind(&self) -> CallError {
+        let what = match self.kind {
+            PluginKind::Pipeline => "a pipeline plugin; call it with inputs, not as a command",
+            PluginKind::Command => "a command; run it with arguments, not inputs",
+        };
+        CallError::InvalidRequest(format!("plugin `{}` is {what}", self.name))
+    }
+
+    /// Runs `f` in a fresh store under the plugin's limits.
+    async fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Store<StoreState>) -> wasmtime::Result<T>,
+    ) -> (Result<T, CallError>, CallStats) {
+        let started = Instant::now();
+        let limits = &self.config.limits;
+        let (wasi, stderr) = match self.config.grants.wasi_ctx(&self.name) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                let err = CallError::Internal {
+                    plugin: self.name.to_string(),
+                    message: e.to_string(),
+                };
+                return (Err(err), CallStats::default());
+            }
+        };
+        let state = StoreState::new(self.name.clone(), wasi, StoreLimiter::new(limits));
+        let mut store = Store::new(self.engine.wasmtime(), state);
+        store.limiter(|s| &mut s.limiter);
+        if let Err(e) = store.set_fuel(limits.fuel) {
+            let err = CallError::Internal {
+                plugin: self.name.to_string(),
+                message: format!("{e:#}"),
+            };
+            return (Err(err), CallStats::default());
+        }
+        let deadline = started + limits.timeout;
+        // Every epoch tick: trap once past the deadline, else yield so other calls on this
+        // executor thread make progress.
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlinePassed.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+
+        // The timeout also covers time the guest spends awaiting the host, where no epoch
+        // check can run.
+        let outcome = bounded(deadline, f(&mut store)).await;
+        let fuel_left = store.get_fuel().unwrap_or(0);
+        let state = store.data();
+        let stats = CallStats {
+            fuel_used: limits.fuel.saturating_sub(fuel_left),
+            memory_bytes: state.limiter.memory_in_use(),
+            elapsed: started.elapsed(),
+        };
+        let classifier = Classifier {
+            plugin: &self.name,
+            fuel: limits.fuel,
+            timeout: limits.timeout,
+            limiter: &state.limiter,
+            stderr: stderr.as_ref(),
+        };
+        let result = match outcome {
+            None => Err(CallError::DeadlineExceeded {
+                plugin: self.name.to_string(),
+                timeout: limits.timeout,
+            }),
+            Some(Ok(value)) => Ok(value),
+            Some(Err(err)) => Err(classifier.classify(err)),
+        };
+        (result, stats)
+    }
+
+    fn check_response(
+        &self,
+        request: &Request,
+        mut response: Response,
+    ) -> Result<Response, CallError> {
+        let invalid = |message: String| CallError::InvalidOutput {
+            plugin: self.name.to_string(),
+            message,
+        };
+        let size = tensor::validate_tensors(&response.outputs).map_err(invalid)?;
+        let limit = self.config.limits.max_response.as_u64();
+        if size > limit {
+            return Err(CallError::ResponseTooLarge {
+                plugin: self.name.to_string(),
+                size,
+                limit,
+            });
+        }
+        if !request.outputs.is_empty() {
+            for wanted in &request.outputs {
+                if !response.outputs.iter().any(|t| &t.name == wanted) {
+                    return Err(CallError::Plugin {
+                        plugin: self.name.to_string(),
+                        code: tensor::ErrorCode::NotFound,
+                        message: format!("the plugin produced no output named `{wanted}`"),
+                    });
+                }
+            }
+            response
+                .outputs
+                .retain(|t| request.outputs.contains(&t.name));
+        }
+        Ok(response)
+    }
+}
+
+/// Awaits `fut` until `deadline`; `None` if the deadline came first.
+async fn bounded<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout_at(deadline.into(), fut).await.ok()
+}

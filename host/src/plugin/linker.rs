@@ -1,0 +1,23 @@
+//! The one linker every plugin is instantiated against.
+//!
+//! It links the whole WASI 0.2 set, `wasi:sockets` and `wasi:http` included, because guest
+//! toolchains of other languages import them by default; what a plugin may actually reach is
+//! decided per call by its [`Grants`](crate::grants::Grants), and the network is denied unless
+//! granted.
+
+use wasmtime::component::{HasSelf, Linker};
+
+use super::bindings;
+use super::store::StoreState;
+
+/// Builds the linker with every host interface EIR provides.
+pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| anyhow::anyhow!("linking WASI 0.2: {e:#}"))?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(|e| anyhow::anyhow!("linking wasi:http: {e:#}"))?;
+    bindings::log::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
+        .map_err(|e| anyhow::anyhow!("linking eir:plugin/log: {e:#}"))?;
+    Ok(linker)
+}

@@ -1,0 +1,277 @@
+//! Plugins: loading a component, telling a pipeline plugin from a WASI command, and calling it
+//! under its [`Limits`] and [`Grants`].
+//!
+//! Every call gets a fresh instance in a fresh store (cheap with the pooling allocator and a
+//! pre-instantiated component), so a trap, a limit violation or leftover state never reaches
+//! the next call, and one tenant's request never sees another's memory.
+
+pub mod bindings;
+mod call;
+mod error;
+mod linker;
+mod store;
+
+use std::sync::Arc;
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+pub use call::CallStats;
+pub use error::{CallError, ErrorKind};
+pub use linker::build as build_linker;
+pub use store::StoreState;
+
+use crate::engine::{Artifact, Engine, LoadError};
+use crate::grants::{GrantError, Grants};
+use crate::limits::Limits;
+
+/// The interface a pipeline plugin exports (any 0.1.x version).
+pub const HANDLER_INTERFACE: &str = "eir:plugin/handler@0.1";
+/// The interface a WASI command exports (any 0.2.x version).
+pub const RUN_INTERFACE: &str = "wasi:cli/run@0.2";
+/// Prefix of the wasi-nn interfaces.
+pub const NN_PREFIX: &str = "wasi:nn/";
+
+/// What a component is, judged by its exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Exports `eir:plugin/handler`: answers requests.
+    Pipeline,
+    /// Exports `wasi:cli/run`: a program with args, stdio and an exit code.
+    Command,
+}
+
+impl PluginKind {
+    /// "pipeline" or "command".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pipeline => "pipeline",
+            Self::Command => "command",
+        }
+    }
+}
+
+/// How a plugin runs: its limits and what it may touch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PluginConfig {
+    /// Limits of each call.
+    pub limits: Limits,
+    /// Capabilities.
+    pub grants: Grants,
+}
+
+/// The imports and exports of a component, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interface {
+    /// Imported interface or function names.
+    pub imports: Vec<String>,
+    /// Exported interface or function names.
+    pub exports: Vec<String>,
+}
+
+impl Interface {
+    /// Reads the names from a compiled component.
+    pub fn of(component: &Component, engine: &wasmtime::Engine) -> Self {
+        let ty = component.component_type();
+        Self {
+            imports: ty
+                .imports(engine)
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            exports: ty
+                .exports(engine)
+                .map(|(name, _)| name.to_string())
+                .collect(),
+        }
+    }
+
+    /// The kind these exports make, if any.
+    pub fn kind(&self) -> Option<PluginKind> {
+        if self
+            .exports
+            .iter()
+            .any(|e| e.starts_with(HANDLER_INTERFACE))
+        {
+            Some(PluginKind::Pipeline)
+        } else if self.exports.iter().any(|e| e.starts_with(RUN_INTERFACE)) {
+            Some(PluginKind::Command)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the component imports any wasi-nn interface.
+    pub fn imports_nn(&self) -> bool {
+        self.imports.iter().any(|i| i.starts_with(NN_PREFIX))
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadPluginError {
+    /// Reading or compiling failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A grant cannot be honoured.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    /// The file is a core module, not a component.
+    #[error(
+        "{name} is a core WebAssembly module, not a component; build plugins for wasm32-wasip2 \
+         (or adapt a wasip1 module with `wasm-tools component new --adapt`)"
+    )]
+    CoreModule {
+        /// The plugin.
+        name: String,
+    },
+    /// The component exports neither entry point.
+    #[error(
+        "{name} is neither a pipeline plugin (exporting {HANDLER_INTERFACE}.x) nor a command \
+         (exporting {RUN_INTERFACE}.x); it exports: {exports}"
+    )]
+    NotAPlugin {
+        /// The plugin.
+        name: String,
+        /// What it does export.
+        exports: String,
+    },
+    /// The component imports wasi-nn, which this build does not provide.
+    #[error(
+        "{name} imports wasi-nn ({imports}), but this build of EIR has no wasi-nn host: \
+         it cannot load plugins that run models yet"
+    )]
+    NnUnavailable {
+        /// The plugin.
+        name: String,
+        /// The wasi-nn imports.
+        imports: String,
+    },
+    /// An import is not provided by the host.
+    #[error("{name} cannot be linked: {message}")]
+    Link {
+        /// The plugin.
+        name: String,
+        /// wasmtime's explanation (names the missing import).
+        message: String,
+    },
+    /// A limit is beyond what the engine was configured for.
+    #[error("{name}: {message}")]
+    Limits {
+        /// The plugin.
+        name: String,
+        /// What is out of range.
+        message: String,
+    },
+}
+
+/// Pre-instantiated entry points.
+enum Pre {
+    Pipeline(bindings::PipelinePre<StoreState>),
+    Command(CommandPre<StoreState>),
+}
+
+/// A loaded plugin, ready to be called any number of times, concurrently.
+pub struct Plugin {
+    name: Arc<str>,
+    kind: PluginKind,
+    interface: Interface,
+    pre: Pre,
+    config: PluginConfig,
+    engine: Engine,
+}
+
+impl Plugin {
+    /// Links and pre-instantiates `artifact` as plugin `name`.
+    pub fn new(
+        engine: &Engine,
+        linker: &Linker<StoreState>,
+        name: &str,
+        artifact: Artifact,
+        config: PluginConfig,
+    ) -> Result<Self, LoadPluginError> {
+        let component = match artifact {
+            Artifact::Component(c) => c,
+            Artifact::Module(_) => {
+                return Err(LoadPluginError::CoreModule {
+                    name: name.to_string(),
+                });
+            }
+        };
+        config.grants.check()?;
+        let pool_max = engine.config().max_memory_per_instance;
+        if engine.config().pooling && config.limits.max_memory.as_u64() > pool_max {
+            return Err(LoadPluginError::Limits {
+                name: name.to_string(),
+                message: format!(
+                    "max_memory {} is above the engine's per-instance maximum of {}",
+                    config.limits.max_memory,
+                    bytesize::ByteSize(pool_max)
+                ),
+            });
+        }
+        let interface = Interface::of(&component, engine.wasmtime());
+        let kind = interface
+            .kind()
+            .ok_or_else(|| LoadPluginError::NotAPlugin {
+                name: name.to_string(),
+                exports: if interface.exports.is_empty() {
+                    "nothing".into()
+                } else {
+                    interface.exports.join(", ")
+                },
+            })?;
+        if interface.imports_nn() {
+            let imports: Vec<&str> = interface
+                .imports
+                .iter()
+                .filter(|i| i.starts_with(NN_PREFIX))
+                .map(String::as_str)
+                .collect();
+            return Err(LoadPluginError::NnUnavailable {
+                name: name.to_string(),
+                imports: imports.join(", "),
+            });
+        }
+        let link_err = |e: wasmtime::Error| LoadPluginError::Link {
+            name: name.to_string(),
+            message: format!("{e:#}"),
+        };
+        let instance_pre: InstancePre<StoreState> =
+            linker.instantiate_pre(&component).map_err(link_err)?;
+        let pre = match kind {
+            PluginKind::Pipeline => {
+                Pre::Pipeline(bindings::PipelinePre::new(instance_pre).map_err(link_err)?)
+            }
+            PluginKind::Command => Pre::Command(CommandPre::new(instance_pre).map_err(link_err)?),
+        };
+        tracing::debug!(plugin = name, kind = kind.as_str(), "plugin ready");
+        Ok(Self {
+            name: name.into(),
+            kind,
+            interface,
+            pre,
+            config,
+            engine: engine.clone(),
+        })
+    }
+
+    /// The plugin's name (used in logs and errors).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Pipeline plugin or command.
+    pub fn kind(&self) -> PluginKind {
+        self.kind
+    }
+
+    /// The component's imports and exports.
+    pub fn interface(&self) -> &Interface {
+        &self.interface
+    }
+
+    /// Its limits and grants.
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+}

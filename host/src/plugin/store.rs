@@ -1,0 +1,111 @@
+//! The per-call state behind a wasmtime `Store`: WASI context, resource table, limiter, and
+//! the host side of EIR's own imports.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::limits::StoreLimiter;
+
+use super::bindings::log;
+
+/// Longest log record a plugin may write; longer ones are cut, so a plugin cannot make the
+/// host buffer unbounded text.
+const MAX_LOG_RECORD: usize = 8 * 1024;
+
+/// The data of one plugin call's store.
+pub struct StoreState {
+    pub(crate) plugin: Arc<str>,
+    pub(crate) limiter: StoreLimiter,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_hooks: DenyOutgoingHttp,
+    table: ResourceTable,
+}
+
+impl StoreState {
+    pub(crate) fn new(plugin: Arc<str>, wasi: WasiCtx, limiter: StoreLimiter) -> Self {
+        Self {
+            plugin,
+            limiter,
+            wasi,
+            http: WasiHttpCtx::new(),
+            http_hooks: DenyOutgoingHttp,
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+/// `wasi:http` types are linked so that guests importing them load; sending is denied.
+struct DenyOutgoingHttp;
+
+impl WasiHttpHooks for DenyOutgoingHttp {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+impl log::Host for StoreState {
+    async fn enabled(&mut self, level: log::Level) -> wasmtime::Result<bool> {
+        Ok(match level {
+            log::Level::Trace => tracing::enabled!(target: "eir::plugin", tracing::Level::TRACE),
+            log::Level::Debug => tracing::enabled!(target: "eir::plugin", tracing::Level::DEBUG),
+            log::Level::Info => tracing::enabled!(target: "eir::plugin", tracing::Level::INFO),
+            log::Level::Warn => tracing::enabled!(target: "eir::plugin", tracing::Level::WARN),
+            log::Level::Error => tracing::enabled!(target: "eir::plugin", tracing::Level::ERROR),
+        })
+    }
+
+    async fn log(&mut self, level: log::Level, mut message: String) -> wasmtime::Result<()> {
+        if message.len() > MAX_LOG_RECORD {
+            let mut cut = MAX_LOG_RECORD;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(" [truncated]");
+        }
+        let plugin = &*self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "eir::plugin", plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "eir::plugin", plugin, "{message}"),
+            log::Level::Info => tracing::info!(target: "eir::plugin", plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "eir::plugin", plugin, "{message}"),
+            log::Level::Error => tracing::error!(target: "eir::plugin", plugin, "{message}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! The [`Runtime`]: one engine and one linker, from which plugins are loaded. The CLI and the
+//! gateway each hold one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wasmtime::component::Linker;
+
+use crate::engine::{Artifact, Engine, EngineConfig};
+use crate::plugin::{LoadPluginError, Plugin, PluginConfig, StoreState, build_linker};
+
+/// Loads and hosts plugins.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<StoreState>>,
+}
+
+impl Runtime {
+    /// Creates the engine (see [`EngineConfig`]) and links every host interface.
+    pub fn new(config: EngineConfig) -> anyhow::Result<Self> {
+        let engine = Engine::new(config)?;
+        let linker = Arc::new(build_linker(engine.wasmtime())?);
+        Ok(Self { engine, linker })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Loads the component at `path` as plugin `name`. `allow_precompiled` admits artifacts
+    /// made by `eir compile` (trusted files only).
+    pub fn load_plugin(
+        &self,
+        name: &str,
+        path: &Path,
+        config: PluginConfig,
+        allow_precompiled: bool,
+    ) -> Result<Plugin, LoadPluginError> {
+        let artifact = self.engine.load_file(path, allow_precompiled)?;
+        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+    }
+
+    /// Makes a plugin of an already loaded artifact (see [`Engine::load_file`]).
+    pub fn plugin(
+        &self,
+        name: &str,
+        artifact: Artifact,
+        config: PluginConfig,
+    ) -> Result<Plugin, LoadPluginError> {
+        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+    }
+
+    /// Loads a plugin from bytes (binary, WAT, or a trusted precompiled artifact).
+    pub fn load_plugin_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        config: PluginConfig,
+        allow_precompiled: bool,
+    ) -> Result<Plugin, LoadPluginError> {
+        let artifact = self.engine.load_bytes(name, bytes, allow_precompiled)?;
+        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+    }
+}

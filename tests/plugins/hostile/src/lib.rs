@@ -1,0 +1,112 @@
+//! A plugin that misbehaves in the way its `attack` parameter names, so the tests can check
+//! that each misbehaviour is stopped with the right error kind and the host carries on.
+//! With no attack it echoes its inputs back.
+
+use std::hint::black_box;
+use std::io::Write;
+
+use eir_guest::{Error, Plugin, Request, Response, Result, Tensor, TensorData};
+
+struct Hostile;
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    if black_box(depth) == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1).wrapping_add(black_box(1))
+}
+
+/// Tries to reach things outside its grants and reports what happened to each attempt.
+fn escape_attempts() -> Vec<String> {
+    let reads = [
+        "/etc/passwd",
+        "/data/../../etc/passwd",
+        "../etc/passwd",
+        "/data/secret.txt",
+    ];
+    let mut out: Vec<String> = reads
+        .iter()
+        .map(|p| match std::fs::read(p) {
+            Ok(bytes) => format!("read {p}: {} bytes", bytes.len()),
+            Err(e) => format!("read {p}: denied ({e})"),
+        })
+        .collect();
+    let write = std::fs::File::create("/data/written.txt").and_then(|mut f| f.write_all(b"x"));
+    out.push(match write {
+        Ok(()) => "write /data/written.txt: ok".to_string(),
+        Err(e) => format!("write /data/written.txt: denied ({e})"),
+    });
+    out
+}
+
+impl Plugin for Hostile {
+    fn handle(request: Request) -> Result<Response> {
+        match request.param("attack").unwrap_or("none") {
+            "none" => Ok(Response {
+                outputs: request.inputs,
+                parameters: vec![],
+            }),
+            "loop" => {
+                let mut x = 0u64;
+                loop {
+                    x = black_box(x.wrapping_add(1));
+                }
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(Response::new())
+            }
+            "memory" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "recursion" => Ok(Response::new().with_param("depth", recurse(0).to_string())),
+            "panic" => panic!("hostile plugin panics on purpose"),
+            "trap" => {
+                #[cfg(target_arch = "wasm32")]
+                core::arch::wasm32::unreachable();
+                #[cfg(not(target_arch = "wasm32"))]
+                unreachable!()
+            }
+            "exit" => std::process::exit(3),
+            "big-output" => {
+                let mib: usize = request.param_or("mib", 32)?;
+                Ok(Response::new().with(Tensor::new(
+                    "blob",
+                    [(mib << 20) as u64],
+                    vec![7u8; mib << 20],
+                )?))
+            }
+            "bad-output" => Ok(Response::new().with(Tensor {
+                name: "wrong".into(),
+                shape: vec![3, 3],
+                data: TensorData::Fp32(vec![1.0; 4]),
+            })),
+            "escape" => Ok(Response::new().with(Tensor::strings("attempts", escape_attempts()))),
+            "network" => {
+                let addr = request.param("addr").unwrap_or("127.0.0.1:9");
+                let result = match std::net::TcpStream::connect(addr) {
+                    Ok(_) => format!("connected to {addr}"),
+                    Err(e) => format!("denied ({e})"),
+                };
+                Ok(Response::new().with(Tensor::strings("network", [result])))
+            }
+            "env" => {
+                let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+                Ok(Response::new().with(Tensor::strings("env", vars)))
+            }
+            "log" => {
+                println!("line on stdout");
+                eprintln!("line on stderr");
+                eir_guest::log(eir_guest::LogLevel::Warn, "structured record");
+                Ok(Response::new())
+            }
+            other => Err(Error::invalid_input(format!("unknown attack `{other}`"))),
+        }
+    }
+}
+
+eir_guest::export_plugin!(Hostile);
