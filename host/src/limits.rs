@@ -121,6 +121,16 @@ impl StoreLimiter {
         self.refusal.as_ref()
     }
 
+    /// The cap on the number of `what` ("instance", "table" or "memory") per instance.
+    pub fn count_limit(&self, what: &str) -> Option<usize> {
+        match what {
+            "instance" => Some(self.max_instances),
+            "table" => Some(self.max_tables),
+            "memory" => Some(self.max_memories),
+            _ => None,
+        }
+    }
+
     /// Linear memory handed out so far, summed over all memories of the store.
     pub fn memory_in_use(&self) -> u64 {
         self.memory_in_use

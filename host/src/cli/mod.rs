@@ -26,7 +26,7 @@ pub struct Cli {
 enum Command {
     /// Run a plugin once: a pipeline plugin on the given inputs (prints its response as JSON),
     /// or a WASI command with the given arguments (passes its stdio and exit code through).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Compile components ahead of time into the compile cache (or to a file with -o).
     Compile(compile::CompileArgs),
     /// Show a component's imports and exports, and whether it is a pipeline plugin or a command.
@@ -101,7 +101,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args, &cli.global).await,
+            Command::Run(args) => run::run(*args, &cli.global).await,
             Command::Compile(args) => compile::compile(args, &cli.global),
             Command::Inspect(args) => inspect::inspect(args, &cli.global).await,
         }

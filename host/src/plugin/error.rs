@@ -284,6 +284,20 @@ impl Classifier<'_> {
             }
             _ => {}
         }
+        if let Some(refusal) = self.count_refusal(&err) {
+            let Refusal {
+                what,
+                requested,
+                limit,
+            } = refusal;
+            return CallError::MemoryLimit {
+                plugin,
+                what,
+                requested,
+                limit,
+                detail: None,
+            };
+        }
         if let Some(Refusal {
             what,
             requested,
@@ -313,6 +327,28 @@ impl Classifier<'_> {
                 message: format!("{err:#}"),
             },
         }
+    }
+}
+
+impl Classifier<'_> {
+    /// wasmtime checks instance/table/memory counts itself, without asking the limiter to
+    /// record anything, and reports "resource limit exceeded: {what} count too high at {n}".
+    fn count_refusal(&self, err: &wasmtime::Error) -> Option<Refusal> {
+        let message = root_message(err);
+        let rest = message.strip_prefix("resource limit exceeded: ")?;
+        let (what, n) = rest.split_once(" count too high at ")?;
+        let what: &'static str = match what {
+            "instance" => "instance count",
+            "table" => "table count",
+            "memory" => "memory count",
+            _ => return None,
+        };
+        let limit = self.limiter.count_limit(what.trim_end_matches(" count"))? as u64;
+        Some(Refusal {
+            what,
+            requested: n.trim().parse().ok()?,
+            limit,
+        })
     }
 }
 

@@ -210,16 +210,6 @@ impl Plugin {
             });
         }
         let interface = Interface::of(&component, engine.wasmtime());
-        let kind = interface
-            .kind()
-            .ok_or_else(|| LoadPluginError::NotAPlugin {
-                name: name.to_string(),
-                exports: if interface.exports.is_empty() {
-                    "nothing".into()
-                } else {
-                    interface.exports.join(", ")
-                },
-            })?;
         if interface.imports_nn() {
             let imports: Vec<&str> = interface
                 .imports
@@ -232,6 +222,16 @@ impl Plugin {
                 imports: imports.join(", "),
             });
         }
+        let kind = interface
+            .kind()
+            .ok_or_else(|| LoadPluginError::NotAPlugin {
+                name: name.to_string(),
+                exports: if interface.exports.is_empty() {
+                    "nothing".into()
+                } else {
+                    interface.exports.join(", ")
+                },
+            })?;
         let link_err = |e: wasmtime::Error| LoadPluginError::Link {
             name: name.to_string(),
             message: format!("{e:#}"),

@@ -5,6 +5,14 @@
 
 use std::io::Read;
 
+wit_bindgen::generate!({ world: "probe", generate_all });
+
+/// Exits with `code`; std's `process::exit` can only say success or failure on WASI 0.2.
+fn exit(code: u8) -> ! {
+    wasi::cli::exit::exit_with_code(code);
+    unreachable!("exit-with-code returned")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -13,7 +21,7 @@ fn main() {
             Ok(v) => println!("{v}"),
             Err(_) => {
                 eprintln!("not set");
-                std::process::exit(4);
+                exit(4);
             }
         },
         Some("cat") => match std::fs::read_to_string(args.get(2).map(String::as_str).unwrap_or(""))
@@ -21,7 +29,7 @@ fn main() {
             Ok(text) => print!("{text}"),
             Err(e) => {
                 eprintln!("cannot read: {e}");
-                std::process::exit(5);
+                exit(5);
             }
         },
         Some("stdin") => {
@@ -29,7 +37,7 @@ fn main() {
             let _ = std::io::stdin().read_to_string(&mut text);
             print!("{}", text.to_uppercase());
         }
-        Some("exit") => std::process::exit(args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1)),
+        Some("exit") => exit(args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1)),
         Some("stderr") => eprintln!("{}", args[2..].join(" ")),
         Some("loop") => {
             let mut x = 0u64;
@@ -39,7 +47,7 @@ fn main() {
         }
         _ => {
             eprintln!("usage: probe-cmd args|env|cat|stdin|exit|stderr|loop ...");
-            std::process::exit(2);
+            exit(2);
         }
     }
 }

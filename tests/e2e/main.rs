@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `eir` binary and the real guest components.
+//!
+//! The guests are built by `scripts/build.sh` (the README's test command runs it first);
+//! a missing component fails the test with that instruction, it is never skipped.
+
+mod cli;
+mod common;
+mod grants;
+mod limits;
+mod plugins;
