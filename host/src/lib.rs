@@ -7,6 +7,9 @@
 //! - [`limits`]: fuel, deadline, memory and size limits, and how a violation is named.
 //! - [`grants`]: what a plugin may touch (directories, environment, network, stdio).
 //! - [`plugin`]: loading a component and calling it under its limits and grants.
+//! - [`nn`]: the wasi-nn host on candle: tensors, the backend trait, model families, the
+//!   compute pool.
+//! - [`registry`]: models by name, loaded once and shared; pinned model packages.
 //! - [`tensor`]: the tensors plugins exchange, and their KServe v2 JSON form.
 //! - [`runtime`]: one engine + linker from which plugins are loaded.
 //! - [`cli`]: the `eir` command, a thin layer over the above.
@@ -15,7 +18,9 @@ pub mod cli;
 pub mod engine;
 pub mod grants;
 pub mod limits;
+pub mod nn;
 pub mod plugin;
+pub mod registry;
 pub mod runtime;
 pub mod tensor;
 

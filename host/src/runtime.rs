@@ -8,20 +8,36 @@ use wasmtime::component::Linker;
 
 use crate::engine::{Artifact, Engine, EngineConfig};
 use crate::plugin::{LoadPluginError, Plugin, PluginConfig, StoreState, build_linker};
+use crate::registry::Registry;
 
-/// Loads and hosts plugins.
+/// Loads and hosts plugins, and the models they share.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<StoreState>>,
+    registry: Arc<Registry>,
 }
 
 impl Runtime {
-    /// Creates the engine (see [`EngineConfig`]) and links every host interface.
+    /// Creates the engine (see [`EngineConfig`]) and links every host interface; no models.
     pub fn new(config: EngineConfig) -> anyhow::Result<Self> {
+        Self::with_registry(config, Arc::new(Registry::empty()))
+    }
+
+    /// Like [`Runtime::new`], serving the models of `registry`.
+    pub fn with_registry(config: EngineConfig, registry: Arc<Registry>) -> anyhow::Result<Self> {
         let engine = Engine::new(config)?;
         let linker = Arc::new(build_linker(engine.wasmtime())?);
-        Ok(Self { engine, linker })
+        Ok(Self {
+            engine,
+            linker,
+            registry,
+        })
+    }
+
+    /// The model registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// The engine.
@@ -39,7 +55,14 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_file(path, allow_precompiled)?;
-        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+        Plugin::new(
+            &self.engine,
+            &self.linker,
+            name,
+            &self.registry,
+            artifact,
+            config,
+        )
     }
 
     /// Makes a plugin of an already loaded artifact (see [`Engine::load_file`]).
@@ -49,7 +72,14 @@ impl Runtime {
         artifact: Artifact,
         config: PluginConfig,
     ) -> Result<Plugin, LoadPluginError> {
-        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+        Plugin::new(
+            &self.engine,
+            &self.linker,
+            name,
+            &self.registry,
+            artifact,
+            config,
+        )
     }
 
     /// Loads a plugin from bytes (binary, WAT, or a trusted precompiled artifact).
@@ -61,6 +91,13 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_bytes(name, bytes, allow_precompiled)?;
-        Plugin::new(&self.engine, &self.linker, name, artifact, config)
+        Plugin::new(
+            &self.engine,
+            &self.linker,
+            name,
+            &self.registry,
+            artifact,
+            config,
+        )
     }
 }

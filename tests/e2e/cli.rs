@@ -252,11 +252,6 @@ fn bad_files_get_clear_errors() {
         ("core.wat", b"(module)".to_vec(), "core WebAssembly module"),
         ("empty.wat", b"(component)".to_vec(), "neither a pipeline plugin"),
         (
-            "nn.wat",
-            b"(component (import \"wasi:nn/graph@0.2.0-rc-2024-10-28\" (instance)))".to_vec(),
-            "imports wasi-nn",
-        ),
-        (
             "missing.wat",
             b"(component (import \"acme:widgets/spin@1.0.0\" (instance (export \"go\" (func)))) \
               (import \"wasi:cli/run@0.2.0\" (instance)) (export \"wasi:cli/run@0.2.0\" (instance 1)))"

@@ -14,6 +14,7 @@ use crate::Runtime;
 use crate::engine::Artifact;
 use crate::grants::{DirGrant, Grants, Stdio};
 use crate::limits::Limits;
+use crate::nn::NnGrants;
 use crate::plugin::{CallError, Interface, PluginConfig, PluginKind};
 use crate::tensor::{self, Request};
 
@@ -152,6 +153,7 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
         network: args.allow_network,
         stdio: Stdio::Log,
         stdin: false,
+        nn: NnGrants::default(),
     };
     let mut config = PluginConfig {
         limits: args.limits(),

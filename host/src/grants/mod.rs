@@ -12,6 +12,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::nn::NnGrants;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 pub use stdio::{LogStream, OutputTail};
@@ -81,6 +83,8 @@ pub struct Grants {
     pub stdio: Stdio,
     /// Whether the guest may read the host's stdin (commands under `eir run` only).
     pub stdin: bool,
+    /// Models the plugin may load through wasi-nn.
+    pub nn: NnGrants,
 }
 
 /// A grant that cannot be honoured.

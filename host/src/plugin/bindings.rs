@@ -1,7 +1,7 @@
 //! Host bindings of EIR's `pipeline` world (`wit/eir.wit`).
 //!
 //! WASI interfaces are mapped onto wasmtime-wasi's own bindings, so one resource table serves
-//! both. `wasi:nn` is generated here too; its host implementation lives in a separate module.
+//! both; `wasi:nn` maps onto [`crate::nn::bindings`].
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -15,6 +15,7 @@ wasmtime::component::bindgen!({
         "wasi:random": wasmtime_wasi::p2::bindings::random,
         "wasi:cli": wasmtime_wasi::p2::bindings::cli,
         "wasi:filesystem": wasmtime_wasi::p2::bindings::filesystem,
+        "wasi:nn": crate::nn::bindings::wasi::nn,
     },
 });
 

@@ -10,6 +10,7 @@ use super::error::{CallError, Classifier, DeadlinePassed};
 use super::store::StoreState;
 use super::{Plugin, PluginKind, Pre};
 use crate::limits::StoreLimiter;
+use crate::nn::NnCtx;
 use crate::tensor::{self, Metadata, Request, Response};
 
 /// What one call consumed.
@@ -131,7 +132,9 @@ impl Plugin {
                 return (Err(err), CallStats::default());
             }
         };
-        let state = StoreState::new(self.name.clone(), wasi, StoreLimiter::new(limits));
+        let deadline = started + limits.timeout;
+        let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), deadline);
+        let state = StoreState::new(self.name.clone(), wasi, nn, StoreLimiter::new(limits));
         let mut store = Store::new(self.engine.wasmtime(), state);
         store.limiter(|s| &mut s.limiter);
         if let Err(e) = store.set_fuel(limits.fuel) {
@@ -141,7 +144,6 @@ impl Plugin {
             };
             return (Err(err), CallStats::default());
         }
-        let deadline = started + limits.timeout;
         // Every epoch tick: trap once past the deadline, else yield so other calls on this
         // executor thread make progress.
         store.epoch_deadline_callback(move |_| {

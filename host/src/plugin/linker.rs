@@ -9,6 +9,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings;
 use super::store::StoreState;
+use crate::nn::Nn;
 
 /// Builds the linker with every host interface EIR provides.
 pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
@@ -19,5 +20,7 @@ pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
         .map_err(|e| anyhow::anyhow!("linking wasi:http: {e:#}"))?;
     bindings::log::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
         .map_err(|e| anyhow::anyhow!("linking eir:plugin/log: {e:#}"))?;
+    crate::nn::bindings::Ml::add_to_linker::<StoreState, Nn>(&mut linker, StoreState::nn_view)
+        .map_err(|e| anyhow::anyhow!("linking wasi:nn: {e:#}"))?;
     Ok(linker)
 }

@@ -24,6 +24,8 @@ pub use store::StoreState;
 use crate::engine::{Artifact, Engine, LoadError};
 use crate::grants::{GrantError, Grants};
 use crate::limits::Limits;
+use crate::nn::NnGrants;
+use crate::registry::Registry;
 
 /// The interface a pipeline plugin exports (any 0.1.x version).
 pub const HANDLER_INTERFACE: &str = "eir:plugin/handler@0.1";
@@ -135,16 +137,15 @@ pub enum LoadPluginError {
         /// What it does export.
         exports: String,
     },
-    /// The component imports wasi-nn, which this build does not provide.
+    /// A model granted to the plugin is not in the registry.
     #[error(
-        "{name} imports wasi-nn ({imports}), but this build of EIR has no wasi-nn host: \
-         it cannot load plugins that run models yet"
+        "{name} is granted model `{model}`, which is not registered (declare it, e.g. --model {model}=PATH)"
     )]
-    NnUnavailable {
+    UnknownModel {
         /// The plugin.
         name: String,
-        /// The wasi-nn imports.
-        imports: String,
+        /// The model.
+        model: String,
     },
     /// An import is not provided by the host.
     #[error("{name} cannot be linked: {message}")]
@@ -178,6 +179,8 @@ pub struct Plugin {
     pre: Pre,
     config: PluginConfig,
     engine: Engine,
+    registry: Arc<Registry>,
+    nn_grants: Arc<NnGrants>,
 }
 
 impl Plugin {
@@ -186,6 +189,7 @@ impl Plugin {
         engine: &Engine,
         linker: &Linker<StoreState>,
         name: &str,
+        registry: &Arc<Registry>,
         artifact: Artifact,
         config: PluginConfig,
     ) -> Result<Self, LoadPluginError> {
@@ -210,17 +214,22 @@ impl Plugin {
             });
         }
         let interface = Interface::of(&component, engine.wasmtime());
-        if interface.imports_nn() {
-            let imports: Vec<&str> = interface
-                .imports
-                .iter()
-                .filter(|i| i.starts_with(NN_PREFIX))
-                .map(String::as_str)
-                .collect();
-            return Err(LoadPluginError::NnUnavailable {
+        let nn = &config.grants.nn;
+        if let Some(model) = nn
+            .models
+            .iter()
+            .find(|m| *m != "*" && registry.decl(m).is_none())
+        {
+            return Err(LoadPluginError::UnknownModel {
                 name: name.to_string(),
-                imports: imports.join(", "),
+                model: model.clone(),
             });
+        }
+        if interface.imports_nn() && nn.models.is_empty() && nn.load_from_bytes.is_none() {
+            tracing::warn!(
+                plugin = name,
+                "imports wasi-nn but is granted no model; its loads will be refused"
+            );
         }
         let kind = interface
             .kind()
@@ -250,8 +259,10 @@ impl Plugin {
             kind,
             interface,
             pre,
+            nn_grants: Arc::new(config.grants.nn.clone()),
             config,
             engine: engine.clone(),
+            registry: registry.clone(),
         })
     }
 

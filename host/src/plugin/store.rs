@@ -8,6 +8,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::limits::StoreLimiter;
+use crate::nn::{NnCtx, NnView};
 
 use super::bindings::log;
 
@@ -19,6 +20,7 @@ const MAX_LOG_RECORD: usize = 8 * 1024;
 pub struct StoreState {
     pub(crate) plugin: Arc<str>,
     pub(crate) limiter: StoreLimiter,
+    nn: NnCtx,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     http_hooks: DenyOutgoingHttp,
@@ -26,14 +28,25 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    pub(crate) fn new(plugin: Arc<str>, wasi: WasiCtx, limiter: StoreLimiter) -> Self {
+    pub(crate) fn new(plugin: Arc<str>, wasi: WasiCtx, nn: NnCtx, limiter: StoreLimiter) -> Self {
         Self {
             plugin,
             limiter,
+            nn,
             wasi,
             http: WasiHttpCtx::new(),
             http_hooks: DenyOutgoingHttp,
             table: ResourceTable::new(),
+        }
+    }
+}
+
+impl StoreState {
+    /// The wasi-nn host's view of this store.
+    pub(crate) fn nn_view(&mut self) -> NnView<'_> {
+        NnView {
+            ctx: &mut self.nn,
+            table: &mut self.table,
         }
     }
 }

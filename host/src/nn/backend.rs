@@ -1,0 +1,209 @@
+//! What every model family implements, and how a model's files or bytes find their family.
+//!
+//! A family is one module under `backends/`. Loading produces a [`Model`]: immutable weights
+//! behind an `Arc`, shared by every execution context of every plugin that loads the same name.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::backends;
+use super::error::NnError;
+use super::tensor::HostTensor;
+
+/// Named tensors in and out of a model.
+pub type Named = Vec<(String, HostTensor)>;
+
+/// A loaded model. `compute` is blocking and runs on the compute pool; several calls may run
+/// at once on the same model.
+pub trait Model: Send + Sync + 'static {
+    /// The family, e.g. `"bert"`.
+    fn family(&self) -> &'static str;
+
+    /// Names of the inputs the model accepts.
+    fn input_names(&self) -> Vec<String>;
+
+    /// Runs one forward pass.
+    fn compute(&self, inputs: Named) -> Result<Named, NnError>;
+}
+
+/// Where a model runs (the spec's `execution-target`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// A CUDA GPU (builds with the `cuda` feature only).
+    Gpu,
+    /// Not offered by EIR.
+    Tpu,
+}
+
+impl Target {
+    /// The candle device for this target, or why there is none.
+    pub fn device(self) -> Result<Device, NnError> {
+        match self {
+            Target::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Target::Gpu => Device::new_cuda(0)
+                .map_err(|e| NnError::unsupported(format!("no usable CUDA GPU: {e}"))),
+            #[cfg(not(feature = "cuda"))]
+            Target::Gpu => Err(NnError::unsupported(
+                "this build of EIR has no GPU support; rebuild it with `--features cuda` or use the cpu target",
+            )),
+            Target::Tpu => Err(NnError::unsupported(
+                "EIR has no TPU backend; use the cpu target",
+            )),
+        }
+    }
+}
+
+/// The on-disk or in-memory form of a model.
+pub enum Source<'a> {
+    /// A directory (e.g. `config.json` + `model.safetensors`) or a single model file.
+    Path(&'a Path),
+    /// Buffers handed over by a guest (`wasi:nn/graph.load`), in any order.
+    Bytes(&'a [Vec<u8>]),
+}
+
+/// Loads a model, choosing the family from what the source contains.
+pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnError> {
+    let device = target.device()?;
+    match source {
+        Source::Path(path) if path.is_dir() => {
+            let config = path.join("config.json");
+            let text = std::fs::read_to_string(&config).map_err(|e| {
+                NnError::not_found(format!(
+                    "{}: {e} (a model directory needs config.json)",
+                    config.display()
+                ))
+            })?;
+            let family = model_type(&text)?;
+            match family.as_str() {
+                "bert" => Ok(Arc::new(backends::bert::Bert::from_dir(
+                    path, &text, &device,
+                )?)),
+                other => Err(NnError::unsupported(format!(
+                    "{}: model_type `{other}` has no backend (supported: bert)",
+                    path.display()
+                ))),
+            }
+        }
+        Source::Path(path) => {
+            let mut head = [0u8; 16];
+            let n = std::fs::File::open(path)
+                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                .map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?;
+            Err(NnError::unsupported(format!(
+                "{}: a single {} file has no backend in this build yet",
+                path.display(),
+                sniff_file(&head[..n])
+            )))
+        }
+        Source::Bytes(parts) => {
+            let config = parts.iter().find(|p| p.first() == Some(&b'{'));
+            let weights = parts.iter().find(|p| sniff_file(p) == "safetensors");
+            match (config, weights, parts.len()) {
+                (Some(config), Some(weights), 2) => {
+                    let text = std::str::from_utf8(config)
+                        .map_err(|_| NnError::invalid_encoding("config.json is not UTF-8"))?;
+                    match model_type(text)?.as_str() {
+                        "bert" => Ok(Arc::new(backends::bert::Bert::from_bytes(
+                            text, weights, &device,
+                        )?)),
+                        other => Err(NnError::unsupported(format!(
+                            "model_type `{other}` has no backend (supported: bert)"
+                        ))),
+                    }
+                }
+                _ => Err(NnError::invalid_encoding(format!(
+                    "cannot tell the model's format from {} buffer(s) ({}); give [config.json, model.safetensors]",
+                    parts.len(),
+                    parts
+                        .iter()
+                        .map(|p| sniff_file(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+fn model_type(config: &str) -> Result<String, NnError> {
+    let json: serde_json::Value = serde_json::from_str(config)
+        .map_err(|e| NnError::invalid_encoding(format!("config.json: {e}")))?;
+    json.get("model_type")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| NnError::invalid_encoding("config.json has no `model_type`"))
+}
+
+/// Names a model file's format from its first bytes.
+pub fn sniff_file(head: &[u8]) -> &'static str {
+    if head.starts_with(b"GGUF") {
+        "gguf"
+    } else if head.len() >= 9
+        && head[8] == b'{'
+        && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) > 1
+    {
+        "safetensors"
+    } else if head.first() == Some(&b'{') {
+        "json"
+    } else if head.first() == Some(&0x08) {
+        // ONNX ModelProto starts with field 1 (ir_version, varint): tag 0x08.
+        "onnx"
+    } else {
+        "unknown"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_formats() {
+        assert_eq!(sniff_file(b"GGUF\x03\0\0\0"), "gguf");
+        let mut st = 42u64.to_le_bytes().to_vec();
+        st.extend_from_slice(b"{\"a\":1}");
+        assert_eq!(sniff_file(&st), "safetensors");
+        assert_eq!(sniff_file(b"{\"model_type\":\"bert\"}"), "json");
+        assert_eq!(sniff_file(&[0x08, 0x07, 0x12]), "onnx");
+        assert_eq!(sniff_file(b"hello"), "unknown");
+    }
+
+    #[test]
+    fn unsupported_targets_and_bad_bytes_are_clear_errors() {
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            Target::Gpu
+                .device()
+                .unwrap_err()
+                .message
+                .contains("--features cuda")
+        );
+        assert!(Target::Tpu.device().is_err());
+        let err = load(Source::Bytes(&[b"garbage".to_vec()]), Target::Cpu)
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.code,
+            super::super::bindings::errors::ErrorCode::InvalidEncoding
+        );
+        let err = load(
+            Source::Bytes(&[b"{\"model_type\":\"gpt9\"}".to_vec(), {
+                let mut st = 2u64.to_le_bytes().to_vec();
+                st.extend_from_slice(b"{}");
+                st
+            }]),
+            Target::Cpu,
+        )
+        .err()
+        .unwrap();
+        assert!(err.message.contains("gpt9"), "{err}");
+    }
+}

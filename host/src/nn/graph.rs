@@ -1,0 +1,20 @@
+//! The graph and execution-context resources a guest holds.
+
+use std::sync::Arc;
+
+use super::backend::Model;
+
+/// A `wasi:nn/graph.graph` resource: a handle on a shared, loaded model.
+#[derive(Clone)]
+pub struct HostGraph {
+    pub(crate) name: Arc<str>,
+    pub(crate) model: Arc<dyn Model>,
+}
+
+/// A `wasi:nn/inference.graph-execution-context` resource. Contexts hold no mutable state
+/// of their own (models are pure functions of their inputs), so any number may compute on the
+/// same graph in parallel.
+#[derive(Clone)]
+pub struct HostContext {
+    pub(crate) graph: HostGraph,
+}

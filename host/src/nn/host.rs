@@ -1,0 +1,281 @@
+//! The `wasi:nn` interfaces, implemented over [`NnCtx`] and the store's resource table.
+//!
+//! Validation happens here, before anything reaches a backend: grants, byte caps, resource
+//! counts, tensor sizes. Failures a guest can handle come back as `wasi:nn/errors.error`
+//! resources with the spec's codes; a malformed tensor constructor (which cannot return an
+//! error in the WIT) traps with a message instead.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+use super::NnCtx;
+use super::backend::{self, Source, Target};
+use super::bindings::{errors, graph, inference, tensor};
+use super::error::NnError;
+use super::graph::{HostContext, HostGraph};
+use super::tensor::HostTensor;
+
+/// The [`HasData`] marker the linker uses to reach [`NnView`].
+pub struct Nn;
+
+impl HasData for Nn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// What the wasi-nn host functions see of a store.
+pub struct NnView<'a> {
+    /// The call's wasi-nn state.
+    pub ctx: &'a mut NnCtx,
+    /// The store's resource table.
+    pub table: &'a mut ResourceTable,
+}
+
+type Answer<T> = wasmtime::Result<Result<Resource<T>, Resource<NnError>>>;
+
+impl NnView<'_> {
+    /// Hands an error to the guest as a resource.
+    fn fail<T>(&mut self, err: NnError) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        tracing::debug!(error = %err, "wasi-nn call failed");
+        self.count_resource()?;
+        Ok(Err(self.table.push(err)?))
+    }
+
+    fn count_resource(&mut self) -> wasmtime::Result<()> {
+        if self.ctx.resources >= self.ctx.grants.max_resources {
+            wasmtime::bail!(
+                "wasi-nn: more than {} live resources (drop tensors and contexts you no longer need)",
+                self.ctx.grants.max_resources
+            );
+        }
+        self.ctx.resources += 1;
+        Ok(())
+    }
+
+    fn release_resource(&mut self) {
+        self.ctx.resources = self.ctx.resources.saturating_sub(1);
+    }
+
+    /// Accounts for `bytes` more tensor data held in the host.
+    fn reserve_bytes(&mut self, bytes: usize) -> Result<(), NnError> {
+        let cap = self.ctx.grants.max_tensor_bytes.as_u64();
+        let total = self.ctx.tensor_bytes.saturating_add(bytes as u64);
+        if total > cap {
+            return Err(NnError::too_large(format!(
+                "tensors held in the host would reach {total} bytes, over this plugin's cap of {cap}"
+            )));
+        }
+        self.ctx.tensor_bytes = total;
+        Ok(())
+    }
+
+    fn push_tensor(&mut self, t: HostTensor) -> wasmtime::Result<Resource<HostTensor>> {
+        self.reserve_bytes(t.byte_len())
+            .map_err(|e| wasmtime::format_err!("wasi-nn: {e}"))?;
+        self.count_resource()?;
+        Ok(self.table.push(t)?)
+    }
+
+    fn take_tensor(&mut self, r: Resource<HostTensor>) -> wasmtime::Result<HostTensor> {
+        let t = self.table.delete(r)?;
+        self.ctx.tensor_bytes = self.ctx.tensor_bytes.saturating_sub(t.byte_len() as u64);
+        self.release_resource();
+        Ok(t)
+    }
+
+    fn push_graph(&mut self, g: HostGraph) -> Answer<HostGraph> {
+        self.count_resource()?;
+        Ok(Ok(self.table.push(g)?))
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+
+impl tensor::HostTensor for NnView<'_> {
+    async fn new(
+        &mut self,
+        dimensions: tensor::TensorDimensions,
+        ty: tensor::TensorType,
+        data: tensor::TensorData,
+    ) -> wasmtime::Result<Resource<HostTensor>> {
+        let t = HostTensor::new(dimensions, ty, data)
+            .map_err(|e| wasmtime::format_err!("wasi-nn tensor: {e}"))?;
+        self.push_tensor(t)
+    }
+
+    async fn dimensions(
+        &mut self,
+        t: Resource<HostTensor>,
+    ) -> wasmtime::Result<tensor::TensorDimensions> {
+        Ok(self.table.get(&t)?.dims().to_vec())
+    }
+
+    async fn ty(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<tensor::TensorType> {
+        Ok(self.table.get(&t)?.ty())
+    }
+
+    async fn data(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<tensor::TensorData> {
+        Ok(self.table.get(&t)?.data().to_vec())
+    }
+
+    async fn drop(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<()> {
+        self.take_tensor(t).map(|_| ())
+    }
+}
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builder: Vec<graph::GraphBuilder>,
+        encoding: graph::GraphEncoding,
+        target: graph::ExecutionTarget,
+    ) -> Answer<HostGraph> {
+        let Some(cap) = self.ctx.grants.load_from_bytes else {
+            return self.fail(NnError::security(
+                "this plugin may not load models from bytes (grant `load_from_bytes`); use load-by-name",
+            ));
+        };
+        let size: u64 = builder.iter().map(|b| b.len() as u64).sum();
+        if size > cap.as_u64() {
+            return self.fail(NnError::too_large(format!(
+                "model of {size} bytes is over this plugin's cap of {cap}"
+            )));
+        }
+        use graph::GraphEncoding as E;
+        match encoding {
+            E::Autodetect => {}
+            E::Onnx | E::Ggml => {
+                return self.fail(NnError::unsupported(format!(
+                    "{encoding:?} models have no backend in this build yet (supported from bytes: autodetect of \
+                     [config.json, model.safetensors])"
+                )));
+            }
+            other => {
+                return self.fail(NnError::unsupported(format!(
+                    "EIR has no {other:?} backend"
+                )));
+            }
+        }
+        let target = match target {
+            graph::ExecutionTarget::Cpu => Target::Cpu,
+            graph::ExecutionTarget::Gpu => Target::Gpu,
+            graph::ExecutionTarget::Tpu => Target::Tpu,
+        };
+        let pool = self.ctx.registry.pool().clone();
+        let deadline = self.ctx.deadline;
+        let job = pool.run(move || backend::load(Source::Bytes(&builder), target));
+        match tokio::time::timeout_at(deadline.into(), job).await {
+            Ok(Ok(model)) => self.push_graph(HostGraph {
+                name: "<bytes>".into(),
+                model,
+            }),
+            Ok(Err(e)) => self.fail(e),
+            Err(_) => self.fail(NnError::timeout(
+                "the deadline passed while loading the model",
+            )),
+        }
+    }
+
+    async fn load_by_name(&mut self, name: String) -> Answer<HostGraph> {
+        if !self.ctx.grants.allows(&name) {
+            return self.fail(NnError::security(format!(
+                "model `{name}` is not granted to this plugin"
+            )));
+        }
+        let registry = self.ctx.registry.clone();
+        match tokio::time::timeout_at(self.ctx.deadline.into(), registry.get(&name)).await {
+            Ok(Ok(model)) => self.push_graph(HostGraph {
+                name: Arc::from(name.as_str()),
+                model,
+            }),
+            Ok(Err(e)) => self.fail(e),
+            Err(_) => self.fail(NnError::timeout(format!(
+                "the deadline passed while loading model `{name}`"
+            ))),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    async fn init_execution_context(&mut self, g: Resource<HostGraph>) -> Answer<HostContext> {
+        let graph = self.table.get(&g)?.clone();
+        self.count_resource()?;
+        Ok(Ok(self.table.push(HostContext { graph })?))
+    }
+
+    async fn drop(&mut self, g: Resource<HostGraph>) -> wasmtime::Result<()> {
+        self.table.delete(g)?;
+        self.release_resource();
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        ctx: Resource<HostContext>,
+        inputs: Vec<(String, Resource<HostTensor>)>,
+    ) -> wasmtime::Result<Result<Vec<(String, Resource<HostTensor>)>, Resource<NnError>>> {
+        let graph = self.table.get(&ctx)?.graph.clone();
+        // The inputs are owned handles: move the tensors out of the table, no copy.
+        let mut named = Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            named.push((name, self.take_tensor(t)?));
+        }
+        let model = graph.model.clone();
+        let pool = self.ctx.registry.pool().clone();
+        let job = pool.run(move || model.compute(named));
+        let started = std::time::Instant::now();
+        let outputs = match tokio::time::timeout_at(self.ctx.deadline.into(), job).await {
+            Ok(Ok(outputs)) => outputs,
+            Ok(Err(e)) => return self.fail(e),
+            Err(_) => {
+                let e = NnError::timeout(format!(
+                    "the deadline passed while `{}` was computing",
+                    graph.name
+                ));
+                return self.fail(e);
+            }
+        };
+        tracing::debug!(model = %graph.name, elapsed = ?started.elapsed(), "compute");
+        let mut out = Vec::with_capacity(outputs.len());
+        for (name, t) in outputs {
+            match self.push_tensor(t) {
+                Ok(r) => out.push((name, r)),
+                Err(e) => {
+                    for (_, r) in out {
+                        self.take_tensor(r)?;
+                    }
+                    return self.fail(NnError::too_large(e.to_string()));
+                }
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    async fn drop(&mut self, ctx: Resource<HostContext>) -> wasmtime::Result<()> {
+        self.table.delete(ctx)?;
+        self.release_resource();
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    async fn code(&mut self, e: Resource<NnError>) -> wasmtime::Result<errors::ErrorCode> {
+        Ok(self.table.get(&e)?.code)
+    }
+
+    async fn data(&mut self, e: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&e)?.message.clone())
+    }
+
+    async fn drop(&mut self, e: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(e)?;
+        self.release_resource();
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The wasi-nn host (`wasi:nn@0.2.0-rc-2024-10-28`) on candle.
+//!
+//! - [`bindings`]: the WIT bindings, async, with resources mapped to the host types here.
+//! - [`tensor`]: tensor validation and conversion to and from candle.
+//! - [`backend`]: the [`Model`] trait each family implements, and format detection;
+//!   [`backends`] holds one module per family.
+//! - [`scheduler`]: the bounded compute pool forward passes run on.
+//! - [`host`]: the interface implementations, enforcing the plugin's [`NnGrants`].
+//!
+//! Models are loaded once per registry and shared (`Arc`) across instances, plugins and
+//! tenants; loading by name needs a grant, loading from bytes a separate one with a size cap.
+
+pub mod backend;
+pub mod backends;
+pub mod bindings;
+mod error;
+mod graph;
+mod host;
+pub mod scheduler;
+pub mod tensor;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+pub use backend::{Model, Target};
+pub use error::{NnError, code_name};
+pub use graph::{HostContext, HostGraph};
+pub use host::{Nn, NnView};
+pub use scheduler::ComputePool;
+
+use crate::registry::Registry;
+
+/// The wasi-nn capabilities of a plugin. Nothing is granted by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NnGrants {
+    /// Registry models the plugin may `load-by-name` (`"*"` grants all).
+    pub models: Vec<String>,
+    /// Whether the plugin may `load` a model from bytes, and up to what total size.
+    pub load_from_bytes: Option<ByteSize>,
+    /// Most bytes of tensors the plugin may hold in the host at once.
+    pub max_tensor_bytes: ByteSize,
+    /// Most wasi-nn resources (tensors, graphs, contexts, errors) alive at once.
+    pub max_resources: u32,
+}
+
+impl Default for NnGrants {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            load_from_bytes: None,
+            max_tensor_bytes: ByteSize::mib(256),
+            max_resources: 4096,
+        }
+    }
+}
+
+impl NnGrants {
+    /// Whether `name` may be loaded by name.
+    pub fn allows(&self, name: &str) -> bool {
+        self.models.iter().any(|m| m == name || m == "*")
+    }
+}
+
+/// Per-call wasi-nn state: the registry, the plugin's grants and its deadline, and the
+/// accounting that keeps a guest from parking unbounded data in the host.
+pub struct NnCtx {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) grants: Arc<NnGrants>,
+    pub(crate) deadline: Instant,
+    pub(crate) tensor_bytes: u64,
+    pub(crate) resources: u32,
+}
+
+impl NnCtx {
+    /// State for one call that must finish by `deadline`.
+    pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
+        Self {
+            registry,
+            grants,
+            deadline,
+            tensor_bytes: 0,
+            resources: 0,
+        }
+    }
+}
