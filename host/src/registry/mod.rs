@@ -65,10 +65,13 @@ impl FromStr for NamedModel {
     }
 }
 
+/// A model that is loaded at most once, on first use.
+type Slot = Arc<OnceCell<Arc<dyn Model>>>;
+
 /// The models a host serves. Cheap to share (`Arc`).
 pub struct Registry {
     decls: HashMap<String, ModelDecl>,
-    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<dyn Model>>>>>,
+    loaded: Mutex<HashMap<String, Slot>>,
     pool: ComputePool,
 }
 
