@@ -169,7 +169,7 @@ pub fn tensor_to_json(t: &Tensor) -> Value {
             .iter()
             .map(|&x| float_json(half::f16::from_bits(x).to_f64()))
             .collect(),
-        TensorData::Fp32(v) => v.iter().map(|&x| float_json(f64::from(x))).collect(),
+        TensorData::Fp32(v) => v.iter().map(|&x| f32_json(x)).collect(),
         TensorData::Fp64(v) => v.iter().map(|&x| float_json(x)).collect(),
         TensorData::Bytes(v) => v.iter().map(|b| bytes_json(b)).collect(),
     };
@@ -192,6 +192,17 @@ fn float_json(x: f64) -> Value {
     } else {
         json!("-Infinity")
     }
+}
+
+/// An f32 written with the fewest digits that read back to the same f32 (not the long
+/// expansion of its f64 widening).
+fn f32_json(x: f32) -> Value {
+    if !x.is_finite() {
+        return float_json(f64::from(x));
+    }
+    let mut buf = ryu::Buffer::new();
+    let short: f64 = buf.format_finite(x).parse().unwrap_or(f64::from(x));
+    json!(short)
 }
 
 fn bytes_json(b: &[u8]) -> Value {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod embed;
 mod grants;
 mod limits;
 mod plugins;

