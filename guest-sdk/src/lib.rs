@@ -55,11 +55,7 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 pub trait Plugin {
     /// Describes the inputs and outputs (served as model metadata by the gateway).
     fn metadata() -> Metadata {
-        Metadata {
-            description: String::new(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-        }
+        Metadata { description: String::new(), inputs: Vec::new(), outputs: Vec::new() }
     }
 
     /// Handles one request.
@@ -92,10 +88,7 @@ macro_rules! export_plugin {
 impl Error {
     /// A new error.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 
     /// The request is malformed (HTTP 400).
@@ -151,10 +144,7 @@ impl Request {
 
     /// The parameter `name`, if given.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.parameters
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.parameters.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The parameter `name` parsed as `T`, or `default` when absent; a value that does not
@@ -162,9 +152,7 @@ impl Request {
     pub fn param_or<T: core::str::FromStr>(&self, name: &str, default: T) -> Result<T> {
         match self.param(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| {
-                Error::invalid_input(format!("parameter `{name}`: cannot parse `{v}`"))
-            }),
+            Some(v) => v.parse().map_err(|_| Error::invalid_input(format!("parameter `{name}`: cannot parse `{v}`"))),
         }
     }
 
@@ -177,10 +165,7 @@ impl Request {
 impl Response {
     /// An empty response.
     pub fn new() -> Self {
-        Self {
-            outputs: Vec::new(),
-            parameters: Vec::new(),
-        }
+        Self { outputs: Vec::new(), parameters: Vec::new() }
     }
 
     /// Adds an output tensor.
@@ -205,11 +190,7 @@ impl Default for Response {
 impl TensorSpec {
     /// Declares an input or output; use -1 for dimensions of any size.
     pub fn new(name: impl Into<String>, datatype: Datatype, shape: impl Into<Vec<i64>>) -> Self {
-        Self {
-            name: name.into(),
-            datatype,
-            shape: shape.into(),
-        }
+        Self { name: name.into(), datatype, shape: shape.into() }
     }
 }
 

@@ -29,14 +29,8 @@ impl Graph {
 
     /// Loads a model from bytes (needs the host's load-from-bytes grant). `parts` is usually
     /// one buffer (an ONNX file, say).
-    pub fn load(
-        parts: &[Vec<u8>],
-        encoding: GraphEncoding,
-        target: ExecutionTarget,
-    ) -> Result<Self> {
-        graph::load(parts, encoding, target)
-            .map(|inner| Self { inner })
-            .map_err(|e| nn_error("loading a model", e))
+    pub fn load(parts: &[Vec<u8>], encoding: GraphEncoding, target: ExecutionTarget) -> Result<Self> {
+        graph::load(parts, encoding, target).map(|inner| Self { inner }).map_err(|e| nn_error("loading a model", e))
     }
 
     /// A new execution context. Contexts are cheap; use one per request.
@@ -57,18 +51,9 @@ impl Session {
     /// Runs the model on `inputs` (matched to the graph's inputs by tensor name) and returns
     /// every output, named as the graph names them.
     pub fn compute(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let named = inputs
-            .iter()
-            .map(|t| Ok((t.name.clone(), to_nn(t)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let outputs = self
-            .ctx
-            .compute(named)
-            .map_err(|e| nn_error("running the model", e))?;
-        outputs
-            .into_iter()
-            .map(|(name, t)| from_nn(name, &t))
-            .collect()
+        let named = inputs.iter().map(|t| Ok((t.name.clone(), to_nn(t)?))).collect::<Result<Vec<_>>>()?;
+        let outputs = self.ctx.compute(named).map_err(|e| nn_error("running the model", e))?;
+        outputs.into_iter().map(|(name, t)| from_nn(name, &t)).collect()
     }
 }
 
@@ -85,10 +70,7 @@ fn nn_error(doing: &str, e: errors::Error) -> Error {
         errors::ErrorCode::NotFound => ErrorCode::NotFound,
         _ => ErrorCode::ModelError,
     };
-    Error::new(
-        code,
-        format!("{doing}: wasi-nn {:?}: {}", e.code(), e.data()),
-    )
+    Error::new(code, format!("{doing}: wasi-nn {:?}: {}", e.code(), e.data()))
 }
 
 fn le_bytes<T: Copy, const N: usize>(values: &[T], to: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -117,9 +99,8 @@ fn to_nn(t: &Tensor) -> Result<nn::Tensor> {
         .shape
         .iter()
         .map(|&d| {
-            u32::try_from(d).map_err(|_| {
-                Error::invalid_input(format!("tensor `{}`: dimension {d} is too large", t.name))
-            })
+            u32::try_from(d)
+                .map_err(|_| Error::invalid_input(format!("tensor `{}`: dimension {d} is too large", t.name)))
         })
         .collect::<Result<Vec<u32>>>()?;
     let (ty, data) = match &t.data {
@@ -149,18 +130,15 @@ fn from_nn(name: String, t: &nn::Tensor) -> Result<Tensor> {
         TensorType::Fp32 => TensorData::Fp32(from_le(&bytes, f32::from_le_bytes)),
         TensorType::Fp64 => TensorData::Fp64(from_le(&bytes, f64::from_le_bytes)),
         TensorType::Fp16 => TensorData::Fp16(from_le(&bytes, u16::from_le_bytes)),
-        TensorType::Bf16 => TensorData::Fp32(from_le(&bytes, |b: [u8; 2]| {
-            f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
-        })),
+        TensorType::Bf16 => {
+            TensorData::Fp32(from_le(&bytes, |b: [u8; 2]| f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)))
+        }
         TensorType::U8 => TensorData::Uint8(bytes),
         TensorType::I32 => TensorData::Int32(from_le(&bytes, i32::from_le_bytes)),
         TensorType::I64 => TensorData::Int64(from_le(&bytes, i64::from_le_bytes)),
     };
     let tensor = Tensor { name, shape, data };
-    let expected = tensor
-        .shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let expected = tensor.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     if expected != Some(tensor.data.len() as u64) {
         return Err(Error::model(format!(
             "output `{}`: shape {:?} does not match its {} elements",

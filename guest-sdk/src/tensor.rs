@@ -87,11 +87,7 @@ impl TensorData {
 
 impl Tensor {
     /// A tensor of `values` with `shape` (checked: the shape must hold exactly the values).
-    pub fn new<T: Element>(
-        name: impl Into<String>,
-        shape: impl Into<Vec<u64>>,
-        values: Vec<T>,
-    ) -> Result<Self> {
+    pub fn new<T: Element>(name: impl Into<String>, shape: impl Into<Vec<u64>>, values: Vec<T>) -> Result<Self> {
         let name = name.into();
         let shape = shape.into();
         let count = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
@@ -101,33 +97,18 @@ impl Tensor {
                 values.len()
             )));
         }
-        Ok(Self {
-            name,
-            shape,
-            data: T::wrap(values),
-        })
+        Ok(Self { name, shape, data: T::wrap(values) })
     }
 
     /// A one-dimensional `BYTES` tensor of UTF-8 strings.
-    pub fn strings<S: Into<String>>(
-        name: impl Into<String>,
-        texts: impl IntoIterator<Item = S>,
-    ) -> Self {
+    pub fn strings<S: Into<String>>(name: impl Into<String>, texts: impl IntoIterator<Item = S>) -> Self {
         let data: Vec<Vec<u8>> = texts.into_iter().map(|s| s.into().into_bytes()).collect();
-        Self {
-            name: name.into(),
-            shape: vec![data.len() as u64],
-            data: TensorData::Bytes(data),
-        }
+        Self { name: name.into(), shape: vec![data.len() as u64], data: TensorData::Bytes(data) }
     }
 
     /// A one-dimensional `BYTES` tensor of byte strings.
     pub fn bytes(name: impl Into<String>, blobs: Vec<Vec<u8>>) -> Self {
-        Self {
-            name: name.into(),
-            shape: vec![blobs.len() as u64],
-            data: TensorData::Bytes(blobs),
-        }
+        Self { name: name.into(), shape: vec![blobs.len() as u64], data: TensorData::Bytes(blobs) }
     }
 
     /// The datatype.
@@ -151,11 +132,9 @@ impl Tensor {
     pub fn blobs(&self) -> Result<&[Vec<u8>]> {
         match &self.data {
             TensorData::Bytes(v) => Ok(v),
-            other => Err(Error::invalid_input(format!(
-                "input `{}` must be BYTES, not {:?}",
-                self.name,
-                other.datatype()
-            ))),
+            other => {
+                Err(Error::invalid_input(format!("input `{}` must be BYTES, not {:?}", self.name, other.datatype())))
+            }
         }
     }
 
@@ -165,9 +144,8 @@ impl Tensor {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                core::str::from_utf8(b).map_err(|_| {
-                    Error::invalid_input(format!("input `{}` element {i} is not UTF-8", self.name))
-                })
+                core::str::from_utf8(b)
+                    .map_err(|_| Error::invalid_input(format!("input `{}` element {i} is not UTF-8", self.name)))
             })
             .collect()
     }

@@ -23,10 +23,7 @@ struct Bare {
 
 impl WasiView for Bare {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -36,14 +33,8 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 fn guest(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/dist")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build.sh first",
-        path.display()
-    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build.sh first", path.display());
     path
 }
 
@@ -53,9 +44,7 @@ fn request() -> Request {
         inputs: vec![Tensor {
             name: "text".into(),
             shape: vec![1],
-            data: TensorData::Bytes(vec![
-                "  The Quick   Brown Fox ﬁnds Ａ café  ".as_bytes().to_vec(),
-            ]),
+            data: TensorData::Bytes(vec!["  The Quick   Brown Fox ﬁnds Ａ café  ".as_bytes().to_vec()]),
         }],
         outputs: vec![],
         parameters: vec![],
@@ -63,22 +52,14 @@ fn request() -> Request {
 }
 
 fn main() -> anyhow::Result<()> {
-    let iterations: usize = std::env::var("BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let iterations: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let path = guest("text_normalize");
     let bytes = std::fs::read(&path)?;
     println!("component: {} ({} KiB)", path.display(), bytes.len() / 1024);
 
     // Compile (no cache) and cached load.
-    let engine = Engine::new(EngineConfig {
-        cache_dir: None,
-        ..EngineConfig::default()
-    })?;
+    let engine = Engine::new(EngineConfig { cache_dir: None, ..EngineConfig::default() })?;
     let compile = median(
         (0..5)
             .map(|_| {
@@ -89,10 +70,7 @@ fn main() -> anyhow::Result<()> {
             .collect(),
     );
     let cache = tempfile::tempdir()?;
-    let cached = Engine::new(EngineConfig {
-        cache_dir: Some(cache.path().into()),
-        ..EngineConfig::default()
-    })?;
+    let cached = Engine::new(EngineConfig { cache_dir: Some(cache.path().into()), ..EngineConfig::default() })?;
     cached.load_bytes("c", &bytes, false)?;
     let load = median(
         (0..50)
@@ -103,17 +81,11 @@ fn main() -> anyhow::Result<()> {
             })
             .collect(),
     );
-    println!(
-        "compile (Cranelift, no cache): {compile:.1?}   cached load (hash + mmap): {load:.2?}"
-    );
+    println!("compile (Cranelift, no cache): {compile:.1?}   cached load (hash + mmap): {load:.2?}");
 
     let req = request();
     for pooling in [true, false] {
-        let runtime = Runtime::new(EngineConfig {
-            cache_dir: None,
-            pooling,
-            ..EngineConfig::default()
-        })?;
+        let runtime = Runtime::new(EngineConfig { cache_dir: None, pooling, ..EngineConfig::default() })?;
         let plugin = runtime.load_plugin("bench", &path, PluginConfig::default(), false)?;
         let eir_samples: Vec<Duration> = rt.block_on(async {
             let mut samples = Vec::with_capacity(iterations);
@@ -142,15 +114,9 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let mut store = wasmtime::Store::new(
                     &bare_engine,
-                    Bare {
-                        wasi: WasiCtxBuilder::new().build(),
-                        table: ResourceTable::new(),
-                    },
+                    Bare { wasi: WasiCtxBuilder::new().build(), table: ResourceTable::new() },
                 );
-                let instance = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .expect("instantiate");
+                let instance = pre.instantiate_async(&mut store).await.expect("instantiate");
                 let response = instance
                     .eir_plugin_handler()
                     .call_handle(&mut store, &req)

@@ -137,22 +137,13 @@ impl StoreLimiter {
     }
 
     fn refuse(&mut self, what: &'static str, requested: u64, limit: u64) -> bool {
-        self.refusal.get_or_insert(Refusal {
-            what,
-            requested,
-            limit,
-        });
+        self.refusal.get_or_insert(Refusal { what, requested, limit });
         false
     }
 }
 
 impl wasmtime::ResourceLimiter for StoreLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         // Memory is never freed inside a store, so a running sum over every memory is exact.
         let growth = desired.saturating_sub(current) as u64;
         let total = self.memory_in_use.saturating_add(growth);
@@ -163,12 +154,7 @@ impl wasmtime::ResourceLimiter for StoreLimiter {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired as u64 > self.max_table_elements {
             return Ok(self.refuse("table", desired as u64, self.max_table_elements));
         }
@@ -195,35 +181,18 @@ mod tests {
 
     #[test]
     fn memory_is_capped_across_all_memories() {
-        let limits = Limits {
-            max_memory: ByteSize::b(100),
-            ..Limits::default()
-        };
+        let limits = Limits { max_memory: ByteSize::b(100), ..Limits::default() };
         let mut limiter = StoreLimiter::new(&limits);
         assert!(limiter.memory_growing(0, 60, None).unwrap());
-        assert!(
-            limiter.memory_growing(0, 40, None).unwrap(),
-            "a second memory shares the budget"
-        );
+        assert!(limiter.memory_growing(0, 40, None).unwrap(), "a second memory shares the budget");
         assert!(!limiter.memory_growing(40, 41, None).unwrap());
-        assert_eq!(
-            limiter.refusal(),
-            Some(&Refusal {
-                what: "memory",
-                requested: 101,
-                limit: 100
-            })
-        );
+        assert_eq!(limiter.refusal(), Some(&Refusal { what: "memory", requested: 101, limit: 100 }));
         assert_eq!(limiter.memory_in_use(), 100);
     }
 
     #[test]
     fn first_refusal_is_kept() {
-        let limits = Limits {
-            max_memory: ByteSize::b(10),
-            max_table_elements: 5,
-            ..Limits::default()
-        };
+        let limits = Limits { max_memory: ByteSize::b(10), max_table_elements: 5, ..Limits::default() };
         let mut limiter = StoreLimiter::new(&limits);
         assert!(!limiter.table_growing(0, 6, None).unwrap());
         assert!(!limiter.memory_growing(0, 11, None).unwrap());
@@ -232,18 +201,14 @@ mod tests {
 
     #[test]
     fn limits_parse_from_toml_with_units() {
-        let limits: Limits = toml::from_str(
-            "fuel = 1000\ntimeout = \"250ms\"\nmax_memory = \"64 MiB\"\nmax_response = \"1KiB\"",
-        )
-        .unwrap();
+        let limits: Limits =
+            toml::from_str("fuel = 1000\ntimeout = \"250ms\"\nmax_memory = \"64 MiB\"\nmax_response = \"1KiB\"")
+                .unwrap();
         assert_eq!(limits.fuel, 1000);
         assert_eq!(limits.timeout, Duration::from_millis(250));
         assert_eq!(limits.max_memory, ByteSize::mib(64));
         assert_eq!(limits.max_response, ByteSize::kib(1));
         assert_eq!(limits.max_tables, Limits::default().max_tables);
-        assert!(
-            toml::from_str::<Limits>("fuell = 1").is_err(),
-            "typos are rejected"
-        );
+        assert!(toml::from_str::<Limits>("fuell = 1").is_err(), "typos are rejected");
     }
 }

@@ -28,11 +28,7 @@ impl Runtime {
     pub fn with_registry(config: EngineConfig, registry: Arc<Registry>) -> anyhow::Result<Self> {
         let engine = Engine::new(config)?;
         let linker = Arc::new(build_linker(engine.wasmtime())?);
-        Ok(Self {
-            engine,
-            linker,
-            registry,
-        })
+        Ok(Self { engine, linker, registry })
     }
 
     /// The model registry.
@@ -55,31 +51,12 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_file(path, allow_precompiled)?;
-        Plugin::new(
-            &self.engine,
-            &self.linker,
-            name,
-            &self.registry,
-            artifact,
-            config,
-        )
+        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
     }
 
     /// Makes a plugin of an already loaded artifact (see [`Engine::load_file`]).
-    pub fn plugin(
-        &self,
-        name: &str,
-        artifact: Artifact,
-        config: PluginConfig,
-    ) -> Result<Plugin, LoadPluginError> {
-        Plugin::new(
-            &self.engine,
-            &self.linker,
-            name,
-            &self.registry,
-            artifact,
-            config,
-        )
+    pub fn plugin(&self, name: &str, artifact: Artifact, config: PluginConfig) -> Result<Plugin, LoadPluginError> {
+        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
     }
 
     /// Loads a plugin from bytes (binary, WAT, or a trusted precompiled artifact).
@@ -91,13 +68,6 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_bytes(name, bytes, allow_precompiled)?;
-        Plugin::new(
-            &self.engine,
-            &self.linker,
-            name,
-            &self.registry,
-            artifact,
-            config,
-        )
+        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
     }
 }

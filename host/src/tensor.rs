@@ -5,8 +5,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 pub use crate::plugin::bindings::types::{
-    Datatype, Error as PluginErrorRecord, ErrorCode, Metadata, Request, Response, Tensor,
-    TensorData, TensorSpec,
+    Datatype, Error as PluginErrorRecord, ErrorCode, Metadata, Request, Response, Tensor, TensorData, TensorSpec,
 };
 
 impl Datatype {
@@ -48,9 +47,7 @@ impl Datatype {
 
     /// Parses a KServe v2 name, case-insensitively.
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str().eq_ignore_ascii_case(name))
+        Self::ALL.into_iter().find(|d| d.as_str().eq_ignore_ascii_case(name))
     }
 
     /// Bytes per element, or `None` for variable-size `BYTES`.
@@ -165,10 +162,7 @@ pub fn tensor_to_json(t: &Tensor) -> Value {
         TensorData::Int16(v) => v.iter().map(|&x| json!(x)).collect(),
         TensorData::Int32(v) => v.iter().map(|&x| json!(x)).collect(),
         TensorData::Int64(v) => v.iter().map(|&x| json!(x)).collect(),
-        TensorData::Fp16(v) => v
-            .iter()
-            .map(|&x| float_json(half::f16::from_bits(x).to_f64()))
-            .collect(),
+        TensorData::Fp16(v) => v.iter().map(|&x| float_json(half::f16::from_bits(x).to_f64())).collect(),
         TensorData::Fp32(v) => v.iter().map(|&x| f32_json(x)).collect(),
         TensorData::Fp64(v) => v.iter().map(|&x| float_json(x)).collect(),
         TensorData::Bytes(v) => v.iter().map(|b| bytes_json(b)).collect(),
@@ -215,34 +209,19 @@ fn bytes_json(b: &[u8]) -> Value {
 /// Parses a KServe v2 JSON input tensor (`name`, `datatype`, `shape`, `data` flat or nested).
 pub fn tensor_from_json(v: &Value) -> Result<Tensor, String> {
     let obj = v.as_object().ok_or("a tensor must be a JSON object")?;
-    let name = obj
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("tensor without a string `name`")?
-        .to_string();
-    let dt_name = obj
-        .get("datatype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("tensor `{name}`: missing `datatype`"))?;
-    let datatype = Datatype::parse(dt_name)
-        .ok_or_else(|| format!("tensor `{name}`: unknown datatype `{dt_name}`"))?;
+    let name = obj.get("name").and_then(Value::as_str).ok_or("tensor without a string `name`")?.to_string();
+    let dt_name =
+        obj.get("datatype").and_then(Value::as_str).ok_or_else(|| format!("tensor `{name}`: missing `datatype`"))?;
+    let datatype = Datatype::parse(dt_name).ok_or_else(|| format!("tensor `{name}`: unknown datatype `{dt_name}`"))?;
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
         .ok_or_else(|| format!("tensor `{name}`: missing `shape`"))?
         .iter()
-        .map(|d| {
-            d.as_u64().ok_or_else(|| {
-                format!("tensor `{name}`: shape dimensions must be non-negative integers")
-            })
-        })
+        .map(|d| d.as_u64().ok_or_else(|| format!("tensor `{name}`: shape dimensions must be non-negative integers")))
         .collect::<Result<Vec<u64>, _>>()?;
     let mut flat = Vec::new();
-    flatten(
-        obj.get("data")
-            .ok_or_else(|| format!("tensor `{name}`: missing `data`"))?,
-        &mut flat,
-    );
+    flatten(obj.get("data").ok_or_else(|| format!("tensor `{name}`: missing `data`"))?, &mut flat);
     let data = data_from_json(datatype, &flat).map_err(|e| format!("tensor `{name}`: {e}"))?;
     let tensor = Tensor { name, shape, data };
     tensor.validate()?;
@@ -258,10 +237,7 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 
 /// Converts flat JSON values to elements of `datatype`, range-checking integers.
 pub fn data_from_json(datatype: Datatype, values: &[&Value]) -> Result<TensorData, String> {
-    fn ints<T: TryFrom<i64> + TryFrom<u64>>(
-        values: &[&Value],
-        what: &str,
-    ) -> Result<Vec<T>, String> {
+    fn ints<T: TryFrom<i64> + TryFrom<u64>>(values: &[&Value], what: &str) -> Result<Vec<T>, String> {
         values
             .iter()
             .map(|v| {
@@ -301,12 +277,9 @@ pub fn data_from_json(datatype: Datatype, values: &[&Value]) -> Result<TensorDat
         Datatype::Int16 => TensorData::Int16(ints(values, "INT16")?),
         Datatype::Int32 => TensorData::Int32(ints(values, "INT32")?),
         Datatype::Int64 => TensorData::Int64(ints(values, "INT64")?),
-        Datatype::Fp16 => TensorData::Fp16(
-            floats(values)?
-                .into_iter()
-                .map(|x| half::f16::from_f64(x).to_bits())
-                .collect(),
-        ),
+        Datatype::Fp16 => {
+            TensorData::Fp16(floats(values)?.into_iter().map(|x| half::f16::from_f64(x).to_bits()).collect())
+        }
         Datatype::Fp32 => TensorData::Fp32(floats(values)?.into_iter().map(|x| x as f32).collect()),
         Datatype::Fp64 => TensorData::Fp64(floats(values)?),
         Datatype::Bytes => TensorData::Bytes(
@@ -334,28 +307,17 @@ pub fn response_to_json(model: &str, id: &str, response: &Response) -> Value {
         out.insert("id".into(), json!(id));
     }
     if !response.parameters.is_empty() {
-        let params: Map<String, Value> = response
-            .parameters
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
+        let params: Map<String, Value> = response.parameters.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         out.insert("parameters".into(), Value::Object(params));
     }
-    out.insert(
-        "outputs".into(),
-        Value::Array(response.outputs.iter().map(tensor_to_json).collect()),
-    );
+    out.insert("outputs".into(), Value::Array(response.outputs.iter().map(tensor_to_json).collect()));
     Value::Object(out)
 }
 
 /// Parses a KServe v2 JSON inference request body.
 pub fn request_from_json(v: &Value) -> Result<Request, String> {
     let obj = v.as_object().ok_or("the request must be a JSON object")?;
-    let id = obj
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let id = obj.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
     let inputs = obj
         .get("inputs")
         .and_then(Value::as_array)
@@ -367,10 +329,7 @@ pub fn request_from_json(v: &Value) -> Result<Request, String> {
         Some(Value::Array(outs)) => outs
             .iter()
             .map(|o| {
-                o.get("name")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .ok_or("each requested output needs a `name`")
+                o.get("name").and_then(Value::as_str).map(str::to_string).ok_or("each requested output needs a `name`")
             })
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err("`outputs` must be an array".into()),
@@ -379,24 +338,12 @@ pub fn request_from_json(v: &Value) -> Result<Request, String> {
     let parameters = match obj.get("parameters") {
         Some(Value::Object(params)) => params
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
             .collect(),
         Some(_) => return Err("`parameters` must be an object".into()),
         None => Vec::new(),
     };
-    Ok(Request {
-        id,
-        inputs,
-        outputs,
-        parameters,
-    })
+    Ok(Request { id, inputs, outputs, parameters })
 }
 
 /// The JSON form of plugin metadata (KServe v2 model metadata inputs/outputs).
@@ -425,29 +372,13 @@ mod tests {
 
     #[test]
     fn shape_overflow_and_mismatch_are_errors() {
-        let t = Tensor {
-            name: "x".into(),
-            shape: vec![u64::MAX, 2],
-            data: TensorData::Fp32(vec![]),
-        };
+        let t = Tensor { name: "x".into(), shape: vec![u64::MAX, 2], data: TensorData::Fp32(vec![]) };
         assert!(t.validate().unwrap_err().contains("overflows"));
-        let t = Tensor {
-            name: "x".into(),
-            shape: vec![2, 2],
-            data: TensorData::Fp32(vec![1.0; 3]),
-        };
+        let t = Tensor { name: "x".into(), shape: vec![2, 2], data: TensorData::Fp32(vec![1.0; 3]) };
         assert!(t.validate().unwrap_err().contains("4 elements but 3"));
         let dup = vec![
-            Tensor {
-                name: "a".into(),
-                shape: vec![1],
-                data: TensorData::Int64(vec![1]),
-            },
-            Tensor {
-                name: "a".into(),
-                shape: vec![1],
-                data: TensorData::Int64(vec![1]),
-            },
+            Tensor { name: "a".into(), shape: vec![1], data: TensorData::Int64(vec![1]) },
+            Tensor { name: "a".into(), shape: vec![1], data: TensorData::Int64(vec![1]) },
         ];
         assert!(validate_tensors(&dup).unwrap_err().contains("twice"));
     }
@@ -464,20 +395,13 @@ mod tests {
             TensorData::Int16(vec![-1, 1]),
             TensorData::Int32(vec![i32::MIN, i32::MAX]),
             TensorData::Int64(vec![i64::MIN, i64::MAX]),
-            TensorData::Fp16(vec![
-                half::f16::from_f32(1.5).to_bits(),
-                half::f16::from_f32(-2.0).to_bits(),
-            ]),
+            TensorData::Fp16(vec![half::f16::from_f32(1.5).to_bits(), half::f16::from_f32(-2.0).to_bits()]),
             TensorData::Fp32(vec![0.25, -1e30]),
             TensorData::Fp64(vec![f64::MIN_POSITIVE, 1e300]),
             TensorData::Bytes(vec![b"text".to_vec(), vec![0xff, 0x00]]),
         ];
         for data in cases {
-            let t = Tensor {
-                name: "t".into(),
-                shape: vec![2],
-                data,
-            };
+            let t = Tensor { name: "t".into(), shape: vec![2], data };
             let back = tensor_from_json(&tensor_to_json(&t)).unwrap();
             assert_eq!(back, t);
         }
@@ -485,17 +409,11 @@ mod tests {
 
     #[test]
     fn nested_data_is_flattened_and_ranges_checked() {
-        let t = tensor_from_json(
-            &json!({"name":"m","datatype":"INT32","shape":[2,2],"data":[[1,2],[3,4]]}),
-        )
-        .unwrap();
+        let t = tensor_from_json(&json!({"name":"m","datatype":"INT32","shape":[2,2],"data":[[1,2],[3,4]]})).unwrap();
         assert_eq!(t.data, TensorData::Int32(vec![1, 2, 3, 4]));
-        let err =
-            tensor_from_json(&json!({"name":"m","datatype":"UINT8","shape":[1],"data":[256]}))
-                .unwrap_err();
+        let err = tensor_from_json(&json!({"name":"m","datatype":"UINT8","shape":[1],"data":[256]})).unwrap_err();
         assert!(err.contains("not a valid UINT8"), "{err}");
-        let err = tensor_from_json(&json!({"name":"m","datatype":"FP32","shape":[3],"data":[1.0]}))
-            .unwrap_err();
+        let err = tensor_from_json(&json!({"name":"m","datatype":"FP32","shape":[3],"data":[1.0]})).unwrap_err();
         assert!(err.contains("3 elements but 1"), "{err}");
     }
 

@@ -11,17 +11,7 @@ fn path(name: &str) -> String {
 #[test]
 fn run_prints_a_pipeline_response_as_kserve_json() {
     let cache = tempfile::tempdir().unwrap();
-    let out = eir(
-        &[
-            "run",
-            &path("text-normalize"),
-            "--input",
-            "text=  HeLLo  ",
-            "--input",
-            "text=ﬁx",
-        ],
-        cache.path(),
-    );
+    let out = eir(&["run", &path("text-normalize"), "--input", "text=  HeLLo  ", "--input", "text=ﬁx"], cache.path());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let json: Value = serde_json::from_str(&stdout).unwrap();
@@ -29,10 +19,7 @@ fn run_prints_a_pipeline_response_as_kserve_json() {
     assert_eq!(json["outputs"][0]["name"], "text");
     assert_eq!(json["outputs"][0]["datatype"], "BYTES");
     assert_eq!(json["outputs"][0]["shape"], serde_json::json!([2]));
-    assert_eq!(
-        json["outputs"][0]["data"],
-        serde_json::json!(["hello", "fix"])
-    );
+    assert_eq!(json["outputs"][0]["data"], serde_json::json!(["hello", "fix"]));
 }
 
 #[test]
@@ -45,39 +32,15 @@ fn run_accepts_a_kserve_request_file_and_typed_inputs() {
         r#"{"id":"r1","inputs":[{"name":"logits","datatype":"FP32","shape":[1,3],"data":[[1,3,2]]}],"parameters":{"k":2}}"#,
     )
     .unwrap();
-    let out = eir(
-        &[
-            "run",
-            &path("topk"),
-            "--request",
-            req.to_str().unwrap(),
-            "--output",
-            "indices",
-        ],
-        cache.path(),
-    );
+    let out = eir(&["run", &path("topk"), "--request", req.to_str().unwrap(), "--output", "indices"], cache.path());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let json: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["id"], "r1");
-    assert_eq!(
-        json["outputs"].as_array().unwrap().len(),
-        1,
-        "only the requested output"
-    );
+    assert_eq!(json["outputs"].as_array().unwrap().len(), 1, "only the requested output");
     assert_eq!(json["outputs"][0]["data"], serde_json::json!([1, 2]));
 
-    let out = eir(
-        &[
-            "run",
-            &path("topk"),
-            "--input",
-            "logits:FP32[2]=0,5",
-            "-p",
-            "k=1",
-        ],
-        cache.path(),
-    );
+    let out = eir(&["run", &path("topk"), "--input", "logits:FP32[2]=0,5", "-p", "k=1"], cache.path());
     let json: Value = serde_json::from_str(&text(&out).0).unwrap();
     assert_eq!(json["outputs"][1]["data"], serde_json::json!([1]));
 }
@@ -93,10 +56,7 @@ fn commands_get_args_env_dirs_stdio_and_exit_codes() {
     let out = eir(&["run", &cmd, "exit", "7"], cache.path());
     assert_eq!(out.status.code(), Some(7));
 
-    let out = eir(
-        &["run", "--env", "GREETING=hi", &cmd, "env", "GREETING"],
-        cache.path(),
-    );
+    let out = eir(&["run", "--env", "GREETING=hi", &cmd, "env", "GREETING"], cache.path());
     assert_eq!(text(&out).0, "hi\n");
     let out = eir(&["run", &cmd, "env", "HOME"], cache.path());
     assert_eq!(out.status.code(), Some(4), "HOME is not granted");
@@ -104,10 +64,7 @@ fn commands_get_args_env_dirs_stdio_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("f.txt"), "file body").unwrap();
     let grant = format!("{}::/data", dir.path().display());
-    let out = eir(
-        &["run", "--dir", &grant, &cmd, "cat", "/data/f.txt"],
-        cache.path(),
-    );
+    let out = eir(&["run", "--dir", &grant, &cmd, "cat", "/data/f.txt"], cache.path());
     assert_eq!(text(&out).0, "file body");
     let out = eir(&["run", &cmd, "cat", "/data/f.txt"], cache.path());
     assert_eq!(out.status.code(), Some(5), "no grant, no file");
@@ -135,21 +92,8 @@ fn limit_violations_exit_non_zero_and_name_the_limit() {
     let hostile = path("hostile");
     let cases: [(&[&str], &str); 5] = [
         (&["-p", "attack=loop", "--fuel", "5000000"], "out of fuel"),
-        (
-            &[
-                "-p",
-                "attack=loop",
-                "--fuel",
-                "100000000000000",
-                "--timeout",
-                "200ms",
-            ],
-            "deadline",
-        ),
-        (
-            &["-p", "attack=memory", "--max-memory", "32MiB"],
-            "memory limit",
-        ),
+        (&["-p", "attack=loop", "--fuel", "100000000000000", "--timeout", "200ms"], "deadline"),
+        (&["-p", "attack=memory", "--max-memory", "32MiB"], "memory limit"),
         (&["-p", "attack=recursion"], "stack"),
         (&["-p", "attack=panic"], "panics on purpose"),
     ];
@@ -159,15 +103,9 @@ fn limit_violations_exit_non_zero_and_name_the_limit() {
         let out = eir(&args, cache.path());
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
-        assert!(
-            stderr.contains(words),
-            "{flags:?} should say {words:?}: {stderr}"
-        );
+        assert!(stderr.contains(words), "{flags:?} should say {words:?}: {stderr}");
     }
-    let out = eir(
-        &["run", "--timeout", "200ms", &path("probe-cmd"), "loop"],
-        cache.path(),
-    );
+    let out = eir(&["run", "--timeout", "200ms", &path("probe-cmd"), "loop"], cache.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("deadline"), "{}", text(&out).1);
 }
@@ -179,11 +117,7 @@ fn inspect_tells_pipelines_from_commands() {
     let json: Value = serde_json::from_str(&text(&out).0).unwrap();
     assert_eq!(json["kind"], "pipeline");
     assert!(
-        json["exports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e.as_str().unwrap().starts_with("eir:plugin/handler@0.1"))
+        json["exports"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().starts_with("eir:plugin/handler@0.1"))
     );
     assert_eq!(json["metadata"]["inputs"][0]["name"], "logits");
 
@@ -199,47 +133,20 @@ fn the_second_start_skips_compilation_and_artifacts_need_consent() {
     let normalize = path("text-normalize");
     let args = ["run", normalize.as_str(), "--input", "text=x"];
     let first = eir(&args, cache.path());
-    assert!(
-        text(&first).1.contains("compiling"),
-        "first start compiles: {}",
-        text(&first).1
-    );
+    assert!(text(&first).1.contains("compiling"), "first start compiles: {}", text(&first).1);
     let second = eir(&args, cache.path());
     assert!(second.status.success());
-    assert!(
-        !text(&second).1.contains("compiling"),
-        "second start must hit the cache: {}",
-        text(&second).1
-    );
+    assert!(!text(&second).1.contains("compiling"), "second start must hit the cache: {}", text(&second).1);
     assert_eq!(text(&first).0, text(&second).0);
 
     let out_dir = tempfile::tempdir().unwrap();
     let artifact = out_dir.path().join("n.cwasm");
-    let out = eir(
-        &["compile", &normalize, "-o", artifact.to_str().unwrap()],
-        cache.path(),
-    );
+    let out = eir(&["compile", &normalize, "-o", artifact.to_str().unwrap()], cache.path());
     assert!(out.status.success(), "{}", text(&out).1);
-    let out = eir(
-        &["run", artifact.to_str().unwrap(), "--input", "text=Y"],
-        cache.path(),
-    );
+    let out = eir(&["run", artifact.to_str().unwrap(), "--input", "text=Y"], cache.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).1.contains("--allow-precompiled"),
-        "{}",
-        text(&out).1
-    );
-    let out = eir(
-        &[
-            "run",
-            "--allow-precompiled",
-            artifact.to_str().unwrap(),
-            "--input",
-            "text=Y",
-        ],
-        cache.path(),
-    );
+    assert!(text(&out).1.contains("--allow-precompiled"), "{}", text(&out).1);
+    let out = eir(&["run", "--allow-precompiled", artifact.to_str().unwrap(), "--input", "text=Y"], cache.path());
     assert!(text(&out).0.contains("\"y\""), "{}", text(&out).1);
 }
 
@@ -265,9 +172,6 @@ fn bad_files_get_clear_errors() {
         let out = eir(&["run", p.to_str().unwrap()], cache.path());
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
-        assert!(
-            stderr.contains(words),
-            "{file} should say {words:?}: {stderr}"
-        );
+        assert!(stderr.contains(words), "{file} should say {words:?}: {stderr}");
     }
 }

@@ -10,10 +10,7 @@ use eir::tensor::{Request, Tensor, TensorData};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
 }
 
 /// A guest component built by `scripts/build.sh`: shipped plugins are in `plugins/dist`,
@@ -32,18 +29,13 @@ pub fn guest(name: &str) -> PathBuf {
 /// A runtime with its own throw-away compile cache.
 pub fn runtime() -> (Runtime, tempfile::TempDir) {
     let cache = tempfile::tempdir().expect("temp dir");
-    let config = EngineConfig {
-        cache_dir: Some(cache.path().to_path_buf()),
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { cache_dir: Some(cache.path().to_path_buf()), ..EngineConfig::default() };
     (Runtime::new(config).expect("runtime"), cache)
 }
 
 /// Loads guest `name` with `config`.
 pub fn load(runtime: &Runtime, name: &str, config: PluginConfig) -> Plugin {
-    runtime
-        .load_plugin(name, &guest(name), config, false)
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+    runtime.load_plugin(name, &guest(name), config, false).unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 
 /// A request with the given parameters and inputs.
@@ -52,10 +44,7 @@ pub fn request(params: &[(&str, &str)], inputs: Vec<Tensor>) -> Request {
         id: String::new(),
         inputs,
         outputs: vec![],
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     }
 }
 
@@ -71,10 +60,7 @@ pub fn texts(name: &str, values: &[&str]) -> Tensor {
 /// The strings of a BYTES tensor.
 pub fn strings(t: &Tensor) -> Vec<String> {
     match &t.data {
-        TensorData::Bytes(v) => v
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect(),
+        TensorData::Bytes(v) => v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
         other => panic!("expected BYTES, got {:?}", other.datatype()),
     }
 }
@@ -87,18 +73,12 @@ pub fn eir(args: &[&str], cache: &Path) -> Output {
 /// Runs the `eir` binary, letting `setup` adjust the command (env, stdin).
 pub fn eir_with(args: &[&str], cache: &Path, setup: impl FnOnce(&mut Command)) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_eir"));
-    cmd.args(args)
-        .env("EIR_CACHE_DIR", cache)
-        .env_remove("EIR_LOG")
-        .env_remove("RUST_LOG");
+    cmd.args(args).env("EIR_CACHE_DIR", cache).env_remove("EIR_LOG").env_remove("RUST_LOG");
     setup(&mut cmd);
     cmd.output().expect("running eir")
 }
 
 /// stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }

@@ -42,9 +42,7 @@ fn reference() -> Reference {
 
 /// The fetched MiniLM directory; a missing model fails with the command that fetches it.
 pub fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("EIR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models"));
+    let dir = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("models"));
     eir::registry::fetch::locate("minilm", &dir).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
@@ -55,64 +53,35 @@ pub fn embed_plugin() -> (Plugin, tempfile::TempDir) {
     let registry = Registry::new(
         [(
             "minilm".to_string(),
-            ModelDecl {
-                path: dir.clone(),
-                family: Some("bert".into()),
-                target: Default::default(),
-            },
+            ModelDecl { path: dir.clone(), family: Some("bert".into()), target: Default::default() },
         )],
         ComputePool::for_this_machine(),
     );
     let rt = Runtime::with_registry(
-        EngineConfig {
-            cache_dir: Some(cache.path().into()),
-            ..Default::default()
-        },
+        EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },
         Arc::new(registry),
     )
     .unwrap();
     let grants = Grants {
-        dirs: vec![DirGrant {
-            host: dir,
-            guest: "/model".into(),
-            writable: false,
-        }],
-        nn: NnGrants {
-            models: vec!["minilm".into()],
-            ..Default::default()
-        },
+        dirs: vec![DirGrant { host: dir, guest: "/model".into(), writable: false }],
+        nn: NnGrants { models: vec!["minilm".into()], ..Default::default() },
         ..Default::default()
     };
     let plugin = rt
-        .load_plugin(
-            "text-embed",
-            &guest("text-embed"),
-            PluginConfig {
-                grants,
-                ..Default::default()
-            },
-            false,
-        )
+        .load_plugin("text-embed", &guest("text-embed"), PluginConfig { grants, ..Default::default() }, false)
         .unwrap();
     (plugin, cache)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
 
 fn output<'a>(outputs: &'a [Tensor], name: &str) -> &'a Tensor {
-    outputs
-        .iter()
-        .find(|t| t.name == name)
-        .unwrap_or_else(|| panic!("no output {name}"))
+    outputs.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no output {name}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,49 +91,28 @@ async fn embeddings_match_sentence_transformers() {
     let (plugin, _cache) = embed_plugin();
     let sentences: Vec<&str> = reference.cases.iter().map(|c| c.text.as_str()).collect();
     let response = plugin
-        .handle(&request(
-            &[("return_tokens", "true")],
-            vec![texts("text", &sentences)],
-        ))
+        .handle(&request(&[("return_tokens", "true")], vec![texts("text", &sentences)]))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let emb = output(&response.outputs, "embedding");
     assert_eq!(emb.shape, vec![sentences.len() as u64, 384]);
-    let TensorData::Fp32(values) = &emb.data else {
-        panic!("embedding must be FP32")
-    };
-    let TensorData::Int64(ids) = &output(&response.outputs, "token_ids").data else {
-        panic!("token ids")
-    };
+    let TensorData::Fp32(values) = &emb.data else { panic!("embedding must be FP32") };
+    let TensorData::Int64(ids) = &output(&response.outputs, "token_ids").data else { panic!("token ids") };
     let width = output(&response.outputs, "token_ids").shape[1] as usize;
-    let TensorData::Int64(counts) = &output(&response.outputs, "token_counts").data else {
-        panic!("counts")
-    };
+    let TensorData::Int64(counts) = &output(&response.outputs, "token_counts").data else { panic!("counts") };
 
     let mut worst = 1.0f64;
     for (i, case) in reference.cases.iter().enumerate() {
         let n = counts[i] as usize;
-        assert_eq!(
-            &ids[i * width..i * width + n],
-            case.token_ids.as_slice(),
-            "token ids of {:?}",
-            case.text
-        );
+        assert_eq!(&ids[i * width..i * width + n], case.token_ids.as_slice(), "token ids of {:?}", case.text);
         let got = &values[i * 384..(i + 1) * 384];
         let cos = cosine(got, &case.embedding);
         worst = worst.min(cos);
-        assert!(
-            cos >= reference.tolerance.cosine_min,
-            "cosine {cos} for {:?}",
-            case.text
-        );
+        assert!(cos >= reference.tolerance.cosine_min, "cosine {cos} for {:?}", case.text);
         let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
     }
-    eprintln!(
-        "worst cosine over {} sentences: {worst:.8}",
-        reference.cases.len()
-    );
+    eprintln!("worst cosine over {} sentences: {worst:.8}", reference.cases.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,20 +122,10 @@ async fn padding_never_changes_an_embedding() {
     // "Hello world" alone (4 tokens, no padding) and next to a 178-token sentence (padded).
     let short = &reference.cases[0].text;
     let long = &reference.cases[17].text;
-    let alone = plugin
-        .handle(&request(&[], vec![texts("text", &[short])]))
-        .await
-        .unwrap();
-    let padded = plugin
-        .handle(&request(&[], vec![texts("text", &[short, long])]))
-        .await
-        .unwrap();
-    let TensorData::Fp32(a) = &alone.outputs[0].data else {
-        panic!()
-    };
-    let TensorData::Fp32(b) = &padded.outputs[0].data else {
-        panic!()
-    };
+    let alone = plugin.handle(&request(&[], vec![texts("text", &[short])])).await.unwrap();
+    let padded = plugin.handle(&request(&[], vec![texts("text", &[short, long])])).await.unwrap();
+    let TensorData::Fp32(a) = &alone.outputs[0].data else { panic!() };
+    let TensorData::Fp32(b) = &padded.outputs[0].data else { panic!() };
     let cos = cosine(&a[..384], &b[..384]);
     assert!(cos > 0.99999, "padding changed the embedding: cosine {cos}");
 }
@@ -195,14 +133,8 @@ async fn padding_never_changes_an_embedding() {
 #[tokio::test]
 async fn models_need_a_grant_and_bad_requests_are_errors() {
     let (plugin, _cache) = embed_plugin();
-    let err = plugin
-        .handle(&request(&[("model", "other")], vec![texts("text", &["x"])]))
-        .await
-        .unwrap_err();
+    let err = plugin.handle(&request(&[("model", "other")], vec![texts("text", &["x"])])).await.unwrap_err();
     assert!(err.to_string().contains("not granted"), "{err}");
-    let err = plugin
-        .handle(&request(&[], vec![texts("text", &[])]))
-        .await
-        .unwrap_err();
+    let err = plugin.handle(&request(&[], vec![texts("text", &[])])).await.unwrap_err();
     assert!(err.to_string().contains("no sentences"), "{err}");
 }

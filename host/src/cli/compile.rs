@@ -31,14 +31,8 @@ pub fn compile(args: CompileArgs, global: &GlobalOptions) -> anyhow::Result<Exit
         };
         let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
         let artifact = engine.precompile(&input.display().to_string(), &bytes)?;
-        std::fs::write(output, &artifact)
-            .with_context(|| format!("writing {}", output.display()))?;
-        println!(
-            "{} -> {} ({})",
-            input.display(),
-            output.display(),
-            bytesize::ByteSize(artifact.len() as u64)
-        );
+        std::fs::write(output, &artifact).with_context(|| format!("writing {}", output.display()))?;
+        println!("{} -> {} ({})", input.display(), output.display(), bytesize::ByteSize(artifact.len() as u64));
         return Ok(ExitCode::SUCCESS);
     }
     let Some(cache) = engine.cache() else {
@@ -47,12 +41,7 @@ pub fn compile(args: CompileArgs, global: &GlobalOptions) -> anyhow::Result<Exit
     for input in &args.plugins {
         let started = Instant::now();
         engine.load_file(input, false)?;
-        println!(
-            "{}: ready in {:.1?} (cache: {})",
-            input.display(),
-            started.elapsed(),
-            cache.dir().display()
-        );
+        println!("{}: ready in {:.1?} (cache: {})", input.display(), started.elapsed(), cache.dir().display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -24,10 +24,7 @@ pub fn parse_inputs(specs: &[String]) -> anyhow::Result<Vec<Tensor>> {
                     all.extend(more);
                     existing.shape = vec![all.len() as u64];
                 }
-                _ => bail!(
-                    "--input {spec:?}: `{}` is given twice (only BYTES inputs may repeat)",
-                    tensor.name
-                ),
+                _ => bail!("--input {spec:?}: `{}` is given twice (only BYTES inputs may repeat)", tensor.name),
             },
             None => tensors.push(tensor),
         }
@@ -36,27 +33,19 @@ pub fn parse_inputs(specs: &[String]) -> anyhow::Result<Vec<Tensor>> {
 }
 
 fn parse_one(spec: &str) -> anyhow::Result<Tensor> {
-    let (key, value) = spec
-        .split_once('=')
-        .context("expected NAME=VALUE, NAME=@FILE or NAME:DTYPE[SHAPE]=V,V,...")?;
+    let (key, value) = spec.split_once('=').context("expected NAME=VALUE, NAME=@FILE or NAME:DTYPE[SHAPE]=V,V,...")?;
     let Some((name, typed)) = key.split_once(':') else {
         let bytes = match value.strip_prefix('@') {
             Some("-") => {
                 let mut buf = Vec::new();
-                std::io::stdin()
-                    .read_to_end(&mut buf)
-                    .context("reading stdin")?;
+                std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
                 buf
             }
             Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
             None => value.as_bytes().to_vec(),
         };
         check_name(key)?;
-        return Ok(Tensor {
-            name: key.to_string(),
-            shape: vec![1],
-            data: TensorData::Bytes(vec![bytes]),
-        });
+        return Ok(Tensor { name: key.to_string(), shape: vec![1], data: TensorData::Bytes(vec![bytes]) });
     };
     check_name(name)?;
     let (dtype_name, shape) = match typed.split_once('[') {
@@ -65,11 +54,7 @@ fn parse_one(spec: &str) -> anyhow::Result<Tensor> {
             let shape = dims
                 .split(',')
                 .filter(|s| !s.trim().is_empty())
-                .map(|s| {
-                    s.trim()
-                        .parse::<u64>()
-                        .with_context(|| format!("bad dimension `{s}`"))
-                })
+                .map(|s| s.trim().parse::<u64>().with_context(|| format!("bad dimension `{s}`")))
                 .collect::<anyhow::Result<Vec<u64>>>()?;
             (d, Some(shape))
         }
@@ -77,16 +62,10 @@ fn parse_one(spec: &str) -> anyhow::Result<Tensor> {
     };
     let datatype = Datatype::parse(dtype_name).with_context(|| {
         let names: Vec<&str> = Datatype::ALL.iter().map(|d| d.as_str()).collect();
-        format!(
-            "unknown datatype `{dtype_name}` (one of {})",
-            names.join(", ")
-        )
+        format!("unknown datatype `{dtype_name}` (one of {})", names.join(", "))
     })?;
     let values: Vec<Value> = if datatype == Datatype::Bytes {
-        value
-            .split(',')
-            .map(|s| Value::String(s.to_string()))
-            .collect()
+        value.split(',').map(|s| Value::String(s.to_string())).collect()
     } else {
         value
             .split(',')
@@ -97,11 +76,7 @@ fn parse_one(spec: &str) -> anyhow::Result<Tensor> {
     let refs: Vec<&Value> = values.iter().collect();
     let data = data_from_json(datatype, &refs).map_err(anyhow::Error::msg)?;
     let shape = shape.unwrap_or_else(|| vec![data.len() as u64]);
-    let tensor = Tensor {
-        name: name.to_string(),
-        shape,
-        data,
-    };
+    let tensor = Tensor { name: name.to_string(), shape, data };
     tensor.validate().map_err(anyhow::Error::msg)?;
     Ok(tensor)
 }
@@ -115,9 +90,7 @@ fn parse_scalar(s: &str) -> anyhow::Result<Value> {
         "-inf" | "-Infinity" => return Ok(Value::String("-Infinity".into())),
         _ => {}
     }
-    serde_json::from_str::<serde_json::Number>(s)
-        .map(Value::Number)
-        .with_context(|| format!("`{s}` is not a number"))
+    serde_json::from_str::<serde_json::Number>(s).map(Value::Number).with_context(|| format!("`{s}` is not a number"))
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -140,9 +113,7 @@ pub fn parse_env(spec: &str) -> Result<(String, String), String> {
         Some((k, v)) => Ok((k.to_string(), v.to_string())),
         None => std::env::var(spec)
             .map(|v| (spec.to_string(), v))
-            .map_err(|_| {
-                format!("--env {spec}: not set in the host environment (use {spec}=VALUE)")
-            }),
+            .map_err(|_| format!("--env {spec}: not set in the host environment (use {spec}=VALUE)")),
     }
 }
 
@@ -155,10 +126,7 @@ mod tests {
         let t = parse_inputs(&["text=hello".into(), "text=a=b".into()]).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].shape, vec![2]);
-        assert_eq!(
-            t[0].data,
-            TensorData::Bytes(vec![b"hello".to_vec(), b"a=b".to_vec()])
-        );
+        assert_eq!(t[0].data, TensorData::Bytes(vec![b"hello".to_vec(), b"a=b".to_vec()]));
     }
 
     #[test]

@@ -29,43 +29,26 @@ pub struct InspectArgs {
 /// Runs `eir inspect`.
 pub async fn inspect(args: InspectArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::new(global.engine_config())?;
-    let size = std::fs::metadata(&args.plugin)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let artifact = runtime
-        .engine()
-        .load_file(&args.plugin, args.allow_precompiled)?;
+    let size = std::fs::metadata(&args.plugin).map(|m| m.len()).unwrap_or(0);
+    let artifact = runtime.engine().load_file(&args.plugin, args.allow_precompiled)?;
     let (kind, interface) = match &artifact {
         Artifact::Module(module) => {
             let interface = Interface {
-                imports: module
-                    .imports()
-                    .map(|i| format!("{}::{}", i.module(), i.name()))
-                    .collect(),
+                imports: module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect(),
                 exports: module.exports().map(|e| e.name().to_string()).collect(),
             };
             ("core module", interface)
         }
         Artifact::Component(component) => {
             let interface = Interface::of(component, runtime.engine().wasmtime());
-            (
-                interface
-                    .kind()
-                    .map(PluginKind::as_str)
-                    .unwrap_or("component (not a plugin)"),
-                interface,
-            )
+            (interface.kind().map(PluginKind::as_str).unwrap_or("component (not a plugin)"), interface)
         }
     };
     // A pipeline plugin describes itself; ask it (no grants, default limits).
     let mut metadata = None;
     let mut problem = None;
     if interface.kind() == Some(PluginKind::Pipeline) {
-        let name = args
-            .plugin
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = args.plugin.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         match runtime.plugin(&name, artifact, PluginConfig::default()) {
             Ok(plugin) => match plugin.metadata().await {
                 Ok(m) => metadata = Some(tensor::metadata_to_json(&name, &m)),
@@ -88,11 +71,7 @@ pub async fn inspect(args: InspectArgs, global: &GlobalOptions) -> anyhow::Resul
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{}: {kind}, {}",
-        args.plugin.display(),
-        bytesize::ByteSize(size)
-    );
+    println!("{}: {kind}, {}", args.plugin.display(), bytesize::ByteSize(size));
     println!("imports:");
     for i in &interface.imports {
         println!("  {i}");

@@ -59,11 +59,7 @@ enum LogFormat {
 impl GlobalOptions {
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
-            cache_dir: if self.no_cache {
-                None
-            } else {
-                self.cache_dir.clone().or_else(default_cache_dir)
-            },
+            cache_dir: if self.no_cache { None } else { self.cache_dir.clone().or_else(default_cache_dir) },
             ..EngineConfig::default()
         }
     }
@@ -92,10 +88,7 @@ fn init_tracing(format: LogFormat) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -49,11 +49,7 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         ModelsCommand::Fetch { names } => {
-            let names = if names.is_empty() {
-                catalog().into_keys().collect()
-            } else {
-                names
-            };
+            let names = if names.is_empty() { catalog().into_keys().collect() } else { names };
             for name in names {
                 let path = fetch::fetch(&name, &dir)?;
                 println!("{name}: {}", path.display());

@@ -27,11 +27,7 @@ pub struct RunArgs {
     #[arg(value_name = "PLUGIN")]
     plugin: PathBuf,
     /// Arguments passed to a command component (its argv after the program name).
-    #[arg(
-        value_name = "ARGS",
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 
     /// An input tensor: NAME=TEXT, NAME=@FILE (bytes; @- for stdin), or NAME:DTYPE[SHAPE]=V,V,...
@@ -113,34 +109,21 @@ impl RunArgs {
     }
 
     fn plugin_name(&self) -> String {
-        self.plugin
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plugin".into())
+        self.plugin.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into())
     }
 
     fn request(&self) -> anyhow::Result<Request> {
         let mut request = match &self.request {
             Some(path) => {
                 let text = if path.as_os_str() == "-" {
-                    std::io::read_to_string(std::io::stdin())
-                        .context("reading the request from stdin")?
+                    std::io::read_to_string(std::io::stdin()).context("reading the request from stdin")?
                 } else {
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?
+                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
                 };
-                let json: serde_json::Value =
-                    serde_json::from_str(&text).context("the request is not JSON")?;
-                tensor::request_from_json(&json)
-                    .map_err(anyhow::Error::msg)
-                    .context("invalid request")?
+                let json: serde_json::Value = serde_json::from_str(&text).context("the request is not JSON")?;
+                tensor::request_from_json(&json).map_err(anyhow::Error::msg).context("invalid request")?
             }
-            None => Request {
-                id: String::new(),
-                inputs: vec![],
-                outputs: vec![],
-                parameters: vec![],
-            },
+            None => Request { id: String::new(), inputs: vec![], outputs: vec![], parameters: vec![] },
         };
         request.inputs.extend(parse_inputs(&self.inputs)?);
         request.parameters.extend(self.params.iter().cloned());
@@ -151,10 +134,8 @@ impl RunArgs {
 
 /// Runs `eir run`.
 pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
-    let registry = Registry::new(
-        args.models.iter().map(|m| (m.name.clone(), m.decl.clone())),
-        ComputePool::for_this_machine(),
-    );
+    let registry =
+        Registry::new(args.models.iter().map(|m| (m.name.clone(), m.decl.clone())), ComputePool::for_this_machine());
     let runtime = Runtime::with_registry(global.engine_config(), Arc::new(registry))?;
     let name = args.plugin_name();
     let mut argv = vec![name.clone()];
@@ -172,13 +153,8 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
             ..NnGrants::default()
         },
     };
-    let mut config = PluginConfig {
-        limits: args.limits(),
-        grants,
-    };
-    let artifact = runtime
-        .engine()
-        .load_file(&args.plugin, args.allow_precompiled)?;
+    let mut config = PluginConfig { reuse: 1, limits: args.limits(), grants };
+    let artifact = runtime.engine().load_file(&args.plugin, args.allow_precompiled)?;
     // A command's stdio passes straight through; a pipeline plugin's goes to the log.
     if let Artifact::Component(component) = &artifact
         && Interface::of(component, runtime.engine().wasmtime()).kind() == Some(PluginKind::Command)
@@ -215,11 +191,7 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
                 let response = plugin.handle(&request).await.map_err(report)?;
                 tensor::response_to_json(&name, &request.id, &response)
             };
-            let text = if args.pretty {
-                serde_json::to_string_pretty(&json)
-            } else {
-                serde_json::to_string(&json)
-            }?;
+            let text = if args.pretty { serde_json::to_string_pretty(&json) } else { serde_json::to_string(&json) }?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }

@@ -26,10 +26,7 @@ impl CompileCache {
             .with_context(|| format!("creating the compile cache directory {}", dir.display()))?;
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            engine_hash: hasher.0.finalize().into(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), engine_hash: hasher.0.finalize().into() })
     }
 
     /// The cache directory.
@@ -60,10 +57,8 @@ impl CompileCache {
     pub fn put(&self, key: &str, artifact: &[u8]) -> anyhow::Result<()> {
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)
             .with_context(|| format!("creating a file in {}", self.dir.display()))?;
-        tmp.write_all(artifact)
-            .context("writing a compiled artifact")?;
-        tmp.persist(self.path(key))
-            .context("moving a compiled artifact into the cache")?;
+        tmp.write_all(artifact).context("writing a compiled artifact")?;
+        tmp.persist(self.path(key)).context("moving a compiled artifact into the cache")?;
         Ok(())
     }
 
@@ -102,11 +97,7 @@ mod tests {
         let b = CompileCache::open(dir.path(), &fuel).unwrap();
         assert_eq!(a.key(b"x"), a.key(b"x"));
         assert_ne!(a.key(b"x"), a.key(b"y"));
-        assert_ne!(
-            a.key(b"x"),
-            b.key(b"x"),
-            "engine settings must be part of the key"
-        );
+        assert_ne!(a.key(b"x"), b.key(b"x"), "engine settings must be part of the key");
     }
 
     #[test]

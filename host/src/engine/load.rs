@@ -83,48 +83,29 @@ fn sniff(bytes: &[u8]) -> Option<Format> {
 impl Engine {
     /// Loads the file at `path` (see [`Engine::load_bytes`]).
     pub fn load_file(&self, path: &Path, allow_precompiled: bool) -> Result<Artifact, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
         self.load_bytes(&path.display().to_string(), &bytes, allow_precompiled)
     }
 
     /// Loads a component or core module from wasm binary, WAT text, or (when allowed) a
     /// wasmtime artifact made by [`Engine::precompile`]. Compilation goes through the cache.
-    pub fn load_bytes(
-        &self,
-        name: &str,
-        bytes: &[u8],
-        allow_precompiled: bool,
-    ) -> Result<Artifact, LoadError> {
+    pub fn load_bytes(&self, name: &str, bytes: &[u8], allow_precompiled: bool) -> Result<Artifact, LoadError> {
         if let Some(kind) = wasmtime::Engine::detect_precompiled(bytes) {
             if !allow_precompiled {
-                return Err(LoadError::PrecompiledNotAllowed {
-                    name: name.to_string(),
-                });
+                return Err(LoadError::PrecompiledNotAllowed { name: name.to_string() });
             }
             // SAFETY: the caller vouched for the artifact (`allow_precompiled`); wasmtime
             // still checks that it was produced by a compatible engine.
             let loaded = unsafe {
                 match kind {
-                    Precompiled::Component => {
-                        Component::deserialize(&self.inner, bytes).map(Artifact::Component)
-                    }
-                    Precompiled::Module => {
-                        Module::deserialize(&self.inner, bytes).map(Artifact::Module)
-                    }
+                    Precompiled::Component => Component::deserialize(&self.inner, bytes).map(Artifact::Component),
+                    Precompiled::Module => Module::deserialize(&self.inner, bytes).map(Artifact::Module),
                 }
             };
-            return loaded.map_err(|e| LoadError::Compile {
-                name: name.to_string(),
-                message: format!("{e:#}"),
-            });
+            return loaded.map_err(|e| LoadError::Compile { name: name.to_string(), message: format!("{e:#}") });
         }
         let binary = to_binary(name, bytes)?;
-        let format = sniff(&binary).ok_or_else(|| LoadError::NotWasm {
-            name: name.to_string(),
-        })?;
+        let format = sniff(&binary).ok_or_else(|| LoadError::NotWasm { name: name.to_string() })?;
         self.compile_cached(name, &binary, format)
     }
 
@@ -132,29 +113,17 @@ impl Engine {
     /// `allow_precompiled`.
     pub fn precompile(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
         let binary = to_binary(name, bytes)?;
-        let format = sniff(&binary).ok_or_else(|| LoadError::NotWasm {
-            name: name.to_string(),
-        })?;
+        let format = sniff(&binary).ok_or_else(|| LoadError::NotWasm { name: name.to_string() })?;
         self.compile_to_artifact(name, &binary, format)
     }
 
-    fn compile_cached(
-        &self,
-        name: &str,
-        binary: &[u8],
-        format: Format,
-    ) -> Result<Artifact, LoadError> {
+    fn compile_cached(&self, name: &str, binary: &[u8], format: Format) -> Result<Artifact, LoadError> {
         let Some(cache) = self.cache() else {
             let compiled = match format {
-                Format::Component => {
-                    Component::from_binary(&self.inner, binary).map(Artifact::Component)
-                }
+                Format::Component => Component::from_binary(&self.inner, binary).map(Artifact::Component),
                 Format::Module => Module::from_binary(&self.inner, binary).map(Artifact::Module),
             };
-            return compiled.map_err(|e| LoadError::Compile {
-                name: name.to_string(),
-                message: format!("{e:#}"),
-            });
+            return compiled.map_err(|e| LoadError::Compile { name: name.to_string(), message: format!("{e:#}") });
         };
         let key = cache.key(binary);
         let path = cache.path(&key);
@@ -177,24 +146,14 @@ impl Engine {
         // SAFETY: these bytes were produced by this very engine a moment ago.
         let loaded = unsafe {
             match format {
-                Format::Component => {
-                    Component::deserialize(&self.inner, &artifact).map(Artifact::Component)
-                }
+                Format::Component => Component::deserialize(&self.inner, &artifact).map(Artifact::Component),
                 Format::Module => Module::deserialize(&self.inner, &artifact).map(Artifact::Module),
             }
         };
-        loaded.map_err(|e| LoadError::Compile {
-            name: name.to_string(),
-            message: format!("{e:#}"),
-        })
+        loaded.map_err(|e| LoadError::Compile { name: name.to_string(), message: format!("{e:#}") })
     }
 
-    fn compile_to_artifact(
-        &self,
-        name: &str,
-        binary: &[u8],
-        format: Format,
-    ) -> Result<Vec<u8>, LoadError> {
+    fn compile_to_artifact(&self, name: &str, binary: &[u8], format: Format) -> Result<Vec<u8>, LoadError> {
         let size = bytesize::ByteSize(binary.len() as u64);
         tracing::info!(plugin = name, %size, "compiling (first load; later loads use the cache)");
         let started = Instant::now();
@@ -202,10 +161,7 @@ impl Engine {
             Format::Component => self.inner.precompile_component(binary),
             Format::Module => self.inner.precompile_module(binary),
         }
-        .map_err(|e| LoadError::Compile {
-            name: name.to_string(),
-            message: format!("{e:#}"),
-        })?;
+        .map_err(|e| LoadError::Compile { name: name.to_string(), message: format!("{e:#}") })?;
         tracing::info!(plugin = name, elapsed = ?started.elapsed(), "compiled");
         Ok(artifact)
     }
@@ -215,9 +171,7 @@ impl Engine {
         // `CompileCache::put`, keyed by the engine's compatibility hash (see `cache`).
         unsafe {
             Ok(match format {
-                Format::Component => {
-                    Artifact::Component(Component::deserialize_file(&self.inner, path)?)
-                }
+                Format::Component => Artifact::Component(Component::deserialize_file(&self.inner, path)?),
                 Format::Module => Artifact::Module(Module::deserialize_file(&self.inner, path)?),
             })
         }
@@ -229,20 +183,13 @@ fn to_binary<'a>(name: &str, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8
     if bytes.starts_with(b"\0asm") {
         return Ok(bytes.into());
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| LoadError::NotWasm {
-        name: name.to_string(),
-    })?;
+    let text = std::str::from_utf8(bytes).map_err(|_| LoadError::NotWasm { name: name.to_string() })?;
     if !text.trim_start().starts_with('(') {
-        return Err(LoadError::NotWasm {
-            name: name.to_string(),
-        });
+        return Err(LoadError::NotWasm { name: name.to_string() });
     }
     wat::parse_str(text)
         .map(Into::into)
-        .map_err(|e| LoadError::InvalidWat {
-            name: name.to_string(),
-            message: e.to_string(),
-        })
+        .map_err(|e| LoadError::InvalidWat { name: name.to_string(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -259,56 +206,31 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_clear_error() {
-        let engine = Engine::new(crate::engine::EngineConfig {
-            cache_dir: None,
-            pooling: false,
-            ..Default::default()
-        })
-        .unwrap();
-        let err = engine
-            .load_bytes("junk", b"hello world", false)
-            .err()
-            .unwrap();
+        let engine =
+            Engine::new(crate::engine::EngineConfig { cache_dir: None, pooling: false, ..Default::default() }).unwrap();
+        let err = engine.load_bytes("junk", b"hello world", false).err().unwrap();
         assert!(matches!(err, LoadError::NotWasm { .. }), "{err}");
-        let err = engine
-            .load_bytes("bad.wat", b"(module (func (result i32)))", false)
-            .err()
-            .unwrap();
+        let err = engine.load_bytes("bad.wat", b"(module (func (result i32)))", false).err().unwrap();
         assert!(matches!(err, LoadError::Compile { .. }), "{err}");
-        let err = engine
-            .load_bytes("bad.wat", b"(module (fnc))", false)
-            .err()
-            .unwrap();
+        let err = engine.load_bytes("bad.wat", b"(module (fnc))", false).err().unwrap();
         assert!(matches!(err, LoadError::InvalidWat { .. }), "{err}");
     }
 
     #[test]
     fn second_load_hits_the_cache_and_precompiled_needs_consent() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::engine::EngineConfig {
-            cache_dir: Some(dir.path().into()),
-            pooling: false,
-            ..Default::default()
-        };
+        let config =
+            crate::engine::EngineConfig { cache_dir: Some(dir.path().into()), pooling: false, ..Default::default() };
         let engine = Engine::new(config).unwrap();
         let wat = b"(component (core module (func (export \"f\"))))";
         engine.load_bytes("c.wat", wat, false).unwrap();
         let entries = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(entries, 1, "one artifact cached");
-        assert!(matches!(
-            engine.load_bytes("c.wat", wat, false).unwrap(),
-            Artifact::Component(_)
-        ));
+        assert!(matches!(engine.load_bytes("c.wat", wat, false).unwrap(), Artifact::Component(_)));
 
         let artifact = engine.precompile("c.wat", wat).unwrap();
-        let err = engine
-            .load_bytes("c.cwasm", &artifact, false)
-            .err()
-            .unwrap();
+        let err = engine.load_bytes("c.cwasm", &artifact, false).err().unwrap();
         assert!(matches!(err, LoadError::PrecompiledNotAllowed { .. }));
-        assert!(matches!(
-            engine.load_bytes("c.cwasm", &artifact, true).unwrap(),
-            Artifact::Component(_)
-        ));
+        assert!(matches!(engine.load_bytes("c.cwasm", &artifact, true).unwrap(), Artifact::Component(_)));
     }
 }

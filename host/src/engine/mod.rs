@@ -87,12 +87,7 @@ impl Engine {
             None => None,
         };
         let ticker = EpochTicker::start(inner.clone());
-        Ok(Self {
-            inner,
-            cache,
-            config: Arc::new(config),
-            _ticker: Arc::new(ticker),
-        })
+        Ok(Self { inner, cache, config: Arc::new(config), _ticker: Arc::new(ticker) })
     }
 
     /// The underlying wasmtime engine.
@@ -157,14 +152,12 @@ impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("eir-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            });
+        let spawned = std::thread::Builder::new().name("eir-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        });
         if let Err(err) = spawned {
             // Without the ticker deadlines still hold through the async timeout, but wasm
             // that never calls the host could not be interrupted: make that loud.

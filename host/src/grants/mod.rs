@@ -36,9 +36,7 @@ impl FromStr for DirGrant {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (host, rest) = s
-            .split_once("::")
-            .ok_or_else(|| format!("`{s}`: expected HOST::GUEST[:ro|:rw]"))?;
+        let (host, rest) = s.split_once("::").ok_or_else(|| format!("`{s}`: expected HOST::GUEST[:ro|:rw]"))?;
         let (guest, writable) = match rest.rsplit_once(':') {
             Some((guest, "ro")) => (guest, false),
             Some((guest, "rw")) => (guest, true),
@@ -47,11 +45,7 @@ impl FromStr for DirGrant {
         if host.is_empty() || guest.is_empty() {
             return Err(format!("`{s}`: both HOST and GUEST paths are needed"));
         }
-        Ok(Self {
-            host: host.into(),
-            guest: guest.to_string(),
-            writable,
-        })
+        Ok(Self { host: host.into(), guest: guest.to_string(), writable })
     }
 }
 
@@ -124,18 +118,12 @@ impl Grants {
         let mut builder = WasiCtxBuilder::new();
         builder.args(&self.args).envs(&self.env);
         for dir in &self.dirs {
-            let perms = if dir.writable {
-                FsPerms::ReadWrite
-            } else {
-                FsPerms::ReadOnly
-            };
-            builder
-                .preopened_dir(&dir.host, &dir.guest, perms)
-                .map_err(|e| GrantError::Dir {
-                    host: dir.host.display().to_string(),
-                    guest: dir.guest.clone(),
-                    message: format!("{e:#}"),
-                })?;
+            let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            builder.preopened_dir(&dir.host, &dir.guest, perms).map_err(|e| GrantError::Dir {
+                host: dir.host.display().to_string(),
+                guest: dir.guest.clone(),
+                message: format!("{e:#}"),
+            })?;
         }
         let tail = match self.stdio {
             Stdio::Inherit => {
@@ -144,19 +132,18 @@ impl Grants {
             }
             Stdio::Log => {
                 let tail = OutputTail::default();
-                builder
-                    .stdout(LogStream::new(plugin.clone(), "stdout", None))
-                    .stderr(LogStream::new(plugin.clone(), "stderr", Some(tail.clone())));
+                builder.stdout(LogStream::new(plugin.clone(), "stdout", None)).stderr(LogStream::new(
+                    plugin.clone(),
+                    "stderr",
+                    Some(tail.clone()),
+                ));
                 Some(tail)
             }
         };
         if self.stdin {
             builder.inherit_stdin();
         }
-        builder
-            .allow_tcp(self.network)
-            .allow_udp(self.network)
-            .allow_ip_name_lookup(self.network);
+        builder.allow_tcp(self.network).allow_udp(self.network).allow_ip_name_lookup(self.network);
         if self.network {
             builder.inherit_network();
         }
@@ -171,14 +158,7 @@ mod tests {
     #[test]
     fn dir_grants_parse_read_only_by_default() {
         let g: DirGrant = "/srv/models::/models".parse().unwrap();
-        assert_eq!(
-            g,
-            DirGrant {
-                host: "/srv/models".into(),
-                guest: "/models".into(),
-                writable: false
-            }
-        );
+        assert_eq!(g, DirGrant { host: "/srv/models".into(), guest: "/models".into(), writable: false });
         let g: DirGrant = "./out::/out:rw".parse().unwrap();
         assert!(g.writable);
         assert_eq!(g.guest, "/out");
@@ -190,10 +170,7 @@ mod tests {
 
     #[test]
     fn missing_directory_is_caught_at_check() {
-        let grants = Grants {
-            dirs: vec!["/definitely/not/here::/x".parse().unwrap()],
-            ..Grants::default()
-        };
+        let grants = Grants { dirs: vec!["/definitely/not/here::/x".parse().unwrap()], ..Grants::default() };
         let err = grants.check().unwrap_err();
         assert!(err.to_string().contains("/definitely/not/here"), "{err}");
     }

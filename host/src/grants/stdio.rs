@@ -26,6 +26,13 @@ impl OutputTail {
         tail.drain(..excess);
     }
 
+    /// Forgets what was kept (a reused instance starts a new call).
+    pub fn clear(&self) {
+        if let Ok(mut tail) = self.0.lock() {
+            tail.clear();
+        }
+    }
+
     /// The kept text, trimmed; `None` when the guest wrote nothing.
     pub fn text(&self) -> Option<String> {
         let tail = self.0.lock().ok()?;
@@ -46,11 +53,7 @@ impl LogStream {
     /// Lines written to this stream are logged as coming from `plugin`'s `stream`; with a
     /// `tail`, the last of them are also kept there.
     pub fn new(plugin: Arc<str>, stream: &'static str, tail: Option<OutputTail>) -> Self {
-        Self {
-            plugin,
-            stream,
-            tail,
-        }
+        Self { plugin, stream, tail }
     }
 }
 
@@ -62,10 +65,7 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineWriter {
-            target: self.clone(),
-            buf: Vec::new(),
-        })
+        Box::new(LineWriter { target: self.clone(), buf: Vec::new() })
     }
 }
 
@@ -101,11 +101,7 @@ impl LineWriter {
 }
 
 impl AsyncWrite for LineWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         if let Some(tail) = &self.target.tail {
             tail.push(data);
         }

@@ -48,15 +48,12 @@ impl Target {
         match self {
             Target::Cpu => Ok(Device::Cpu),
             #[cfg(feature = "cuda")]
-            Target::Gpu => Device::new_cuda(0)
-                .map_err(|e| NnError::unsupported(format!("no usable CUDA GPU: {e}"))),
+            Target::Gpu => Device::new_cuda(0).map_err(|e| NnError::unsupported(format!("no usable CUDA GPU: {e}"))),
             #[cfg(not(feature = "cuda"))]
             Target::Gpu => Err(NnError::unsupported(
                 "this build of EIR has no GPU support; rebuild it with `--features cuda` or use the cpu target",
             )),
-            Target::Tpu => Err(NnError::unsupported(
-                "EIR has no TPU backend; use the cpu target",
-            )),
+            Target::Tpu => Err(NnError::unsupported("EIR has no TPU backend; use the cpu target")),
         }
     }
 }
@@ -76,16 +73,11 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
         Source::Path(path) if path.is_dir() => {
             let config = path.join("config.json");
             let text = std::fs::read_to_string(&config).map_err(|e| {
-                NnError::not_found(format!(
-                    "{}: {e} (a model directory needs config.json)",
-                    config.display()
-                ))
+                NnError::not_found(format!("{}: {e} (a model directory needs config.json)", config.display()))
             })?;
             let family = model_type(&text)?;
             match family.as_str() {
-                "bert" => Ok(Arc::new(backends::bert::Bert::from_dir(
-                    path, &text, &device,
-                )?)),
+                "bert" => Ok(Arc::new(backends::bert::Bert::from_dir(path, &text, &device)?)),
                 other => Err(NnError::unsupported(format!(
                     "{}: model_type `{other}` has no backend (supported: bert)",
                     path.display()
@@ -111,22 +103,16 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
                     let text = std::str::from_utf8(config)
                         .map_err(|_| NnError::invalid_encoding("config.json is not UTF-8"))?;
                     match model_type(text)?.as_str() {
-                        "bert" => Ok(Arc::new(backends::bert::Bert::from_bytes(
-                            text, weights, &device,
-                        )?)),
-                        other => Err(NnError::unsupported(format!(
-                            "model_type `{other}` has no backend (supported: bert)"
-                        ))),
+                        "bert" => Ok(Arc::new(backends::bert::Bert::from_bytes(text, weights, &device)?)),
+                        other => {
+                            Err(NnError::unsupported(format!("model_type `{other}` has no backend (supported: bert)")))
+                        }
                     }
                 }
                 _ => Err(NnError::invalid_encoding(format!(
                     "cannot tell the model's format from {} buffer(s) ({}); give [config.json, model.safetensors]",
                     parts.len(),
-                    parts
-                        .iter()
-                        .map(|p| sniff_file(p))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    parts.iter().map(|p| sniff_file(p)).collect::<Vec<_>>().join(", ")
                 ))),
             }
         }
@@ -134,8 +120,8 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
 }
 
 fn model_type(config: &str) -> Result<String, NnError> {
-    let json: serde_json::Value = serde_json::from_str(config)
-        .map_err(|e| NnError::invalid_encoding(format!("config.json: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(config).map_err(|e| NnError::invalid_encoding(format!("config.json: {e}")))?;
     json.get("model_type")
         .and_then(|v| v.as_str())
         .map(str::to_string)
@@ -146,10 +132,7 @@ fn model_type(config: &str) -> Result<String, NnError> {
 pub fn sniff_file(head: &[u8]) -> &'static str {
     if head.starts_with(b"GGUF") {
         "gguf"
-    } else if head.len() >= 9
-        && head[8] == b'{'
-        && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) > 1
-    {
+    } else if head.len() >= 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) > 1 {
         "safetensors"
     } else if head.first() == Some(&b'{') {
         "json"
@@ -179,21 +162,10 @@ mod tests {
     #[test]
     fn unsupported_targets_and_bad_bytes_are_clear_errors() {
         #[cfg(not(feature = "cuda"))]
-        assert!(
-            Target::Gpu
-                .device()
-                .unwrap_err()
-                .message
-                .contains("--features cuda")
-        );
+        assert!(Target::Gpu.device().unwrap_err().message.contains("--features cuda"));
         assert!(Target::Tpu.device().is_err());
-        let err = load(Source::Bytes(&[b"garbage".to_vec()]), Target::Cpu)
-            .err()
-            .unwrap();
-        assert_eq!(
-            err.code,
-            super::super::bindings::errors::ErrorCode::InvalidEncoding
-        );
+        let err = load(Source::Bytes(&[b"garbage".to_vec()]), Target::Cpu).err().unwrap();
+        assert_eq!(err.code, super::super::bindings::errors::ErrorCode::InvalidEncoding);
         let err = load(
             Source::Bytes(&[b"{\"model_type\":\"gpt9\"}".to_vec(), {
                 let mut st = 2u64.to_le_bytes().to_vec();

@@ -70,8 +70,7 @@ impl NnView<'_> {
     }
 
     fn push_tensor(&mut self, t: HostTensor) -> wasmtime::Result<Resource<HostTensor>> {
-        self.reserve_bytes(t.byte_len())
-            .map_err(|e| wasmtime::format_err!("wasi-nn: {e}"))?;
+        self.reserve_bytes(t.byte_len()).map_err(|e| wasmtime::format_err!("wasi-nn: {e}"))?;
         self.count_resource()?;
         Ok(self.table.push(t)?)
     }
@@ -98,15 +97,11 @@ impl tensor::HostTensor for NnView<'_> {
         ty: tensor::TensorType,
         data: tensor::TensorData,
     ) -> wasmtime::Result<Resource<HostTensor>> {
-        let t = HostTensor::new(dimensions, ty, data)
-            .map_err(|e| wasmtime::format_err!("wasi-nn tensor: {e}"))?;
+        let t = HostTensor::new(dimensions, ty, data).map_err(|e| wasmtime::format_err!("wasi-nn tensor: {e}"))?;
         self.push_tensor(t)
     }
 
-    async fn dimensions(
-        &mut self,
-        t: Resource<HostTensor>,
-    ) -> wasmtime::Result<tensor::TensorDimensions> {
+    async fn dimensions(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<tensor::TensorDimensions> {
         Ok(self.table.get(&t)?.dims().to_vec())
     }
 
@@ -137,9 +132,7 @@ impl graph::Host for NnView<'_> {
         };
         let size: u64 = builder.iter().map(|b| b.len() as u64).sum();
         if size > cap.as_u64() {
-            return self.fail(NnError::too_large(format!(
-                "model of {size} bytes is over this plugin's cap of {cap}"
-            )));
+            return self.fail(NnError::too_large(format!("model of {size} bytes is over this plugin's cap of {cap}")));
         }
         use graph::GraphEncoding as E;
         match encoding {
@@ -151,9 +144,7 @@ impl graph::Host for NnView<'_> {
                 )));
             }
             other => {
-                return self.fail(NnError::unsupported(format!(
-                    "EIR has no {other:?} backend"
-                )));
+                return self.fail(NnError::unsupported(format!("EIR has no {other:?} backend")));
             }
         }
         let target = match target {
@@ -165,33 +156,21 @@ impl graph::Host for NnView<'_> {
         let deadline = self.ctx.deadline;
         let job = pool.run(move || backend::load(Source::Bytes(&builder), target));
         match tokio::time::timeout_at(deadline.into(), job).await {
-            Ok(Ok(model)) => self.push_graph(HostGraph {
-                name: "<bytes>".into(),
-                model,
-            }),
+            Ok(Ok(model)) => self.push_graph(HostGraph { name: "<bytes>".into(), model }),
             Ok(Err(e)) => self.fail(e),
-            Err(_) => self.fail(NnError::timeout(
-                "the deadline passed while loading the model",
-            )),
+            Err(_) => self.fail(NnError::timeout("the deadline passed while loading the model")),
         }
     }
 
     async fn load_by_name(&mut self, name: String) -> Answer<HostGraph> {
         if !self.ctx.grants.allows(&name) {
-            return self.fail(NnError::security(format!(
-                "model `{name}` is not granted to this plugin"
-            )));
+            return self.fail(NnError::security(format!("model `{name}` is not granted to this plugin")));
         }
         let registry = self.ctx.registry.clone();
         match tokio::time::timeout_at(self.ctx.deadline.into(), registry.get(&name)).await {
-            Ok(Ok(model)) => self.push_graph(HostGraph {
-                name: Arc::from(name.as_str()),
-                model,
-            }),
+            Ok(Ok(model)) => self.push_graph(HostGraph { name: Arc::from(name.as_str()), model }),
             Ok(Err(e)) => self.fail(e),
-            Err(_) => self.fail(NnError::timeout(format!(
-                "the deadline passed while loading model `{name}`"
-            ))),
+            Err(_) => self.fail(NnError::timeout(format!("the deadline passed while loading model `{name}`"))),
         }
     }
 }
@@ -232,10 +211,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(e)) => return self.fail(e),
             Err(_) => {
-                let e = NnError::timeout(format!(
-                    "the deadline passed while `{}` was computing",
-                    graph.name
-                ));
+                let e = NnError::timeout(format!("the deadline passed while `{}` was computing", graph.name));
                 return self.fail(e);
             }
         };

@@ -49,12 +49,7 @@ pub struct NnGrants {
 
 impl Default for NnGrants {
     fn default() -> Self {
-        Self {
-            models: Vec::new(),
-            load_from_bytes: None,
-            max_tensor_bytes: ByteSize::mib(256),
-            max_resources: 4096,
-        }
+        Self { models: Vec::new(), load_from_bytes: None, max_tensor_bytes: ByteSize::mib(256), max_resources: 4096 }
     }
 }
 
@@ -78,12 +73,6 @@ pub struct NnCtx {
 impl NnCtx {
     /// State for one call that must finish by `deadline`.
     pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
-        Self {
-            registry,
-            grants,
-            deadline,
-            tensor_bytes: 0,
-            resources: 0,
-        }
+        Self { registry, grants, deadline, tensor_bytes: 0, resources: 0 }
     }
 }

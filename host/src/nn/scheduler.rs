@@ -19,19 +19,12 @@ impl ComputePool {
     /// A pool running at most `concurrency` jobs at once (at least one).
     pub fn new(concurrency: usize) -> Self {
         let concurrency = concurrency.max(1);
-        Self {
-            permits: Arc::new(Semaphore::new(concurrency)),
-            concurrency,
-        }
+        Self { permits: Arc::new(Semaphore::new(concurrency)), concurrency }
     }
 
     /// A pool sized to the machine's cores.
     pub fn for_this_machine() -> Self {
-        Self::new(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-        )
+        Self::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     /// How many jobs may run at once.
@@ -66,9 +59,7 @@ impl ComputePool {
                     .or_else(|| what.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(%message, "a backend panicked; the request failed, the host carries on");
-                Err(NnError::runtime(format!(
-                    "the backend failed unexpectedly: {message}"
-                )))
+                Err(NnError::runtime(format!("the backend failed unexpectedly: {message}")))
             }
             Err(_) => Err(NnError::runtime("the compute job was cancelled")),
         }

@@ -56,12 +56,8 @@ impl HostTensor {
     pub fn new(dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> Result<Self, NnError> {
         let expected = dims
             .iter()
-            .try_fold(element_size(ty) as u64, |acc, &d| {
-                acc.checked_mul(u64::from(d))
-            })
-            .ok_or_else(|| {
-                NnError::invalid_argument(format!("tensor dimensions {dims:?} overflow"))
-            })?;
+            .try_fold(element_size(ty) as u64, |acc, &d| acc.checked_mul(u64::from(d)))
+            .ok_or_else(|| NnError::invalid_argument(format!("tensor dimensions {dims:?} overflow")))?;
         if expected != data.len() as u64 {
             return Err(NnError::invalid_argument(format!(
                 "tensor dimensions {dims:?} of {ty:?} need {expected} bytes, got {}",
@@ -94,27 +90,18 @@ impl HostTensor {
     /// A candle tensor with the same contents on `device` (one copy).
     pub fn to_candle(&self, device: &Device) -> Result<Tensor, NnError> {
         let shape: Vec<usize> = self.dims.iter().map(|&d| d as usize).collect();
-        Ok(Tensor::from_raw_buffer(
-            &self.data,
-            dtype_of(self.ty),
-            &shape,
-            device,
-        )?)
+        Ok(Tensor::from_raw_buffer(&self.data, dtype_of(self.ty), &shape, device)?)
     }
 
     /// A host tensor with the contents of `t` (moved to the CPU if needed; one copy when `t`
     /// is contiguous).
     pub fn from_candle(t: &Tensor) -> Result<Self, NnError> {
-        let ty = type_of(t.dtype()).ok_or_else(|| {
-            NnError::unsupported(format!("wasi-nn has no tensor type for {:?}", t.dtype()))
-        })?;
+        let ty = type_of(t.dtype())
+            .ok_or_else(|| NnError::unsupported(format!("wasi-nn has no tensor type for {:?}", t.dtype())))?;
         let dims = t
             .dims()
             .iter()
-            .map(|&d| {
-                u32::try_from(d)
-                    .map_err(|_| NnError::too_large(format!("dimension {d} does not fit u32")))
-            })
+            .map(|&d| u32::try_from(d).map_err(|_| NnError::too_large(format!("dimension {d} does not fit u32"))))
             .collect::<Result<Vec<u32>, _>>()?;
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
         let data = contiguous_bytes(&t)?;
@@ -144,10 +131,7 @@ fn contiguous_bytes(t: &Tensor) -> Result<Vec<u8>, NnError> {
         CpuStorage::F32(v) => bytes(v, start, end),
         CpuStorage::F64(v) => bytes(v, start, end),
         _ => {
-            return Err(NnError::unsupported(format!(
-                "wasi-nn has no tensor type for {:?}",
-                t.dtype()
-            )));
+            return Err(NnError::unsupported(format!("wasi-nn has no tensor type for {:?}", t.dtype())));
         }
     })
 }
@@ -172,26 +156,14 @@ mod tests {
         let t = HostTensor::new(vec![2, 3], TensorType::Fp32, data).unwrap();
         let c = t.to_candle(&Device::Cpu).unwrap();
         assert_eq!(c.dims(), &[2, 3]);
-        assert_eq!(
-            c.to_vec2::<f32>().unwrap(),
-            vec![vec![1.5, -2.0, 3.25], vec![0.0, 7.0, 8.0]]
-        );
+        assert_eq!(c.to_vec2::<f32>().unwrap(), vec![vec![1.5, -2.0, 3.25], vec![0.0, 7.0, 8.0]]);
         assert_eq!(HostTensor::from_candle(&c).unwrap(), t);
         // A transposed (non-contiguous) view comes back in row-major order.
         let back = HostTensor::from_candle(&c.t().unwrap()).unwrap();
         assert_eq!(back.dims(), &[3, 2]);
-        let ints = HostTensor::new(
-            vec![3],
-            TensorType::I64,
-            [1i64, -2, 3].iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
-        .unwrap();
-        assert_eq!(
-            ints.to_candle(&Device::Cpu)
-                .unwrap()
-                .to_vec1::<i64>()
-                .unwrap(),
-            vec![1, -2, 3]
-        );
+        let ints =
+            HostTensor::new(vec![3], TensorType::I64, [1i64, -2, 3].iter().flat_map(|v| v.to_le_bytes()).collect())
+                .unwrap();
+        assert_eq!(ints.to_candle(&Device::Cpu).unwrap().to_vec1::<i64>().unwrap(), vec![1, -2, 3]);
     }
 }

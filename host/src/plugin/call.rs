@@ -1,14 +1,21 @@
-//! One call into a plugin: a fresh store with fuel, an epoch deadline and a limiter; the call;
-//! then every failure classified into one [`CallError`].
+//! One call into a plugin: a store with fuel, an epoch deadline and a limiter; the call; then
+//! every failure classified into one [`CallError`].
+//!
+//! By default each call gets a fresh instance. A plugin configured with `reuse > 1` keeps
+//! instances that finished a call cleanly and hands them the next calls (warm state such as a
+//! parsed tokenizer survives); fuel and the deadline are reset per call, memory is not, and an
+//! instance that failed in any way is discarded.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
 
+use super::bindings::Pipeline;
 use super::error::{CallError, Classifier, DeadlinePassed};
 use super::store::StoreState;
 use super::{Plugin, PluginKind, Pre};
+use crate::grants::OutputTail;
 use crate::limits::StoreLimiter;
 use crate::nn::NnCtx;
 use crate::tensor::{self, Metadata, Request, Response};
@@ -20,8 +27,16 @@ pub struct CallStats {
     pub fuel_used: u64,
     /// Linear memory the instance held at the end (its high-water mark: memory never shrinks).
     pub memory_bytes: u64,
-    /// Wall-clock time from store creation to the end of the call.
+    /// Wall-clock time of the call, instantiation included.
     pub elapsed: Duration,
+}
+
+/// A store, and the pipeline instance in it once instantiated.
+pub(super) struct Session {
+    store: Store<StoreState>,
+    stderr: Option<OutputTail>,
+    pipeline: Option<Pipeline>,
+    calls: u32,
 }
 
 impl Plugin {
@@ -31,10 +46,7 @@ impl Plugin {
     }
 
     /// [`Plugin::handle`], also reporting what the call consumed.
-    pub async fn handle_with_stats(
-        &self,
-        request: &Request,
-    ) -> (Result<Response, CallError>, CallStats) {
+    pub async fn handle_with_stats(&self, request: &Request) -> (Result<Response, CallError>, CallStats) {
         let Pre::Pipeline(pre) = &self.pre else {
             return (Err(self.wrong_kind()), CallStats::default());
         };
@@ -44,29 +56,31 @@ impl Plugin {
             Err(msg) => return (Err(CallError::InvalidRequest(msg)), CallStats::default()),
         };
         if size > limits.max_request.as_u64() {
-            let err = CallError::RequestTooLarge {
-                plugin: self.name.to_string(),
-                size,
-                limit: limits.max_request.as_u64(),
-            };
+            let err =
+                CallError::RequestTooLarge { plugin: self.name.to_string(), size, limit: limits.max_request.as_u64() };
             return (Err(err), CallStats::default());
         }
+        let mut session = match self.checkout() {
+            Ok(session) => session,
+            Err(err) => return (Err(err), CallStats::default()),
+        };
         let (result, stats) = self
-            .call(async |store| {
-                let instance = pre.instantiate_async(&mut *store).await?;
-                instance
-                    .eir_plugin_handler()
-                    .call_handle(&mut *store, request)
-                    .await
+            .run(&mut session, async |s: &mut Session| {
+                let Session { store, pipeline, .. } = s;
+                if pipeline.is_none() {
+                    *pipeline = Some(pre.instantiate_async(&mut *store).await?);
+                }
+                let pipeline = pipeline.as_ref().ok_or_else(|| wasmtime::format_err!("instance missing"))?;
+                pipeline.eir_plugin_handler().call_handle(&mut *store, request).await
             })
             .await;
+        // Only an instance that returned normally (a typed plugin error included) is reused.
+        if result.is_ok() {
+            self.checkin(session);
+        }
         let result = result.and_then(|answer| match answer {
             Ok(response) => self.check_response(request, response),
-            Err(e) => Err(CallError::Plugin {
-                plugin: self.name.to_string(),
-                code: e.code,
-                message: e.message,
-            }),
+            Err(e) => Err(CallError::Plugin { plugin: self.name.to_string(), code: e.code, message: e.message }),
         });
         (result, stats)
     }
@@ -76,12 +90,10 @@ impl Plugin {
         let Pre::Pipeline(pre) = &self.pre else {
             return Err(self.wrong_kind());
         };
-        self.call(async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
-            instance
-                .eir_plugin_handler()
-                .call_describe(&mut *store)
-                .await
+        let mut session = self.new_session()?;
+        self.run(&mut session, async |s: &mut Session| {
+            let instance = pre.instantiate_async(&mut s.store).await?;
+            instance.eir_plugin_handler().call_describe(&mut s.store).await
         })
         .await
         .0
@@ -93,10 +105,11 @@ impl Plugin {
         let Pre::Command(pre) = &self.pre else {
             return Err(self.wrong_kind());
         };
+        let mut session = self.new_session()?;
         let (result, _) = self
-            .call(async |store| {
-                let command = pre.instantiate_async(&mut *store).await?;
-                command.wasi_cli_run().call_run(&mut *store).await
+            .run(&mut session, async |s: &mut Session| {
+                let command = pre.instantiate_async(&mut s.store).await?;
+                command.wasi_cli_run().call_run(&mut s.store).await
             })
             .await;
         match result {
@@ -115,51 +128,76 @@ impl Plugin {
         CallError::InvalidRequest(format!("plugin `{}` is {what}", self.name))
     }
 
-    /// Runs `f` in a fresh store under the plugin's limits.
-    async fn call<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Store<StoreState>) -> wasmtime::Result<T>,
-    ) -> (Result<T, CallError>, CallStats) {
-        let started = Instant::now();
+    fn internal(&self, message: impl Into<String>) -> CallError {
+        CallError::Internal { plugin: self.name.to_string(), message: message.into() }
+    }
+
+    /// A store with the plugin's grants and limiter, not yet instantiated.
+    fn new_session(&self) -> Result<Session, CallError> {
         let limits = &self.config.limits;
-        let (wasi, stderr) = match self.config.grants.wasi_ctx(&self.name) {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                let err = CallError::Internal {
-                    plugin: self.name.to_string(),
-                    message: e.to_string(),
-                };
-                return (Err(err), CallStats::default());
-            }
-        };
-        let deadline = started + limits.timeout;
-        let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), deadline);
+        let (wasi, stderr) = self.config.grants.wasi_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
+        let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), Instant::now() + limits.timeout);
         let state = StoreState::new(self.name.clone(), wasi, nn, StoreLimiter::new(limits));
         let mut store = Store::new(self.engine.wasmtime(), state);
         store.limiter(|s| &mut s.limiter);
-        if let Err(e) = store.set_fuel(limits.fuel) {
-            let err = CallError::Internal {
-                plugin: self.name.to_string(),
-                message: format!("{e:#}"),
-            };
-            return (Err(err), CallStats::default());
-        }
-        // Every epoch tick: trap once past the deadline, else yield so other calls on this
-        // executor thread make progress.
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
+        // Every epoch tick: trap once past this call's deadline, else yield so other calls on
+        // this executor thread make progress.
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline() {
                 Err(DeadlinePassed.into())
             } else {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        store.set_epoch_deadline(1);
+        Ok(Session { store, stderr, pipeline: None, calls: 0 })
+    }
+
+    /// A warm instance if one is idle, else a new session.
+    fn checkout(&self) -> Result<Session, CallError> {
+        if self.config.reuse > 1
+            && let Some(session) = self.idle.lock().ok().and_then(|mut idle| idle.pop())
+        {
+            return Ok(session);
+        }
+        self.new_session()
+    }
+
+    /// Keeps a healthy instance for later calls, within the reuse budget.
+    fn checkin(&self, session: Session) {
+        if session.calls >= self.config.reuse || session.pipeline.is_none() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < super::MAX_IDLE_INSTANCES
+        {
+            idle.push(session);
+        }
+    }
+
+    /// Runs `f` on `session` under the plugin's limits, with fuel and deadline reset.
+    async fn run<T>(
+        &self,
+        session: &mut Session,
+        f: impl AsyncFnOnce(&mut Session) -> wasmtime::Result<T>,
+    ) -> (Result<T, CallError>, CallStats) {
+        let started = Instant::now();
+        let limits = &self.config.limits;
+        let deadline = started + limits.timeout;
+        session.calls += 1;
+        session.store.data_mut().begin_call(deadline);
+        if let Some(tail) = &session.stderr {
+            tail.clear();
+        }
+        if let Err(e) = session.store.set_fuel(limits.fuel) {
+            return (Err(self.internal(format!("{e:#}"))), CallStats::default());
+        }
+        session.store.set_epoch_deadline(1);
 
         // The timeout also covers time the guest spends awaiting the host, where no epoch
         // check can run.
-        let outcome = bounded(deadline, f(&mut store)).await;
-        let fuel_left = store.get_fuel().unwrap_or(0);
-        let state = store.data();
+        let outcome = bounded(deadline, f(session)).await;
+        let fuel_left = session.store.get_fuel().unwrap_or(0);
+        let state = session.store.data();
         let stats = CallStats {
             fuel_used: limits.fuel.saturating_sub(fuel_left),
             memory_bytes: state.limiter.memory_in_use(),
@@ -170,36 +208,22 @@ impl Plugin {
             fuel: limits.fuel,
             timeout: limits.timeout,
             limiter: &state.limiter,
-            stderr: stderr.as_ref(),
+            stderr: session.stderr.as_ref(),
         };
         let result = match outcome {
-            None => Err(CallError::DeadlineExceeded {
-                plugin: self.name.to_string(),
-                timeout: limits.timeout,
-            }),
+            None => Err(CallError::DeadlineExceeded { plugin: self.name.to_string(), timeout: limits.timeout }),
             Some(Ok(value)) => Ok(value),
             Some(Err(err)) => Err(classifier.classify(err)),
         };
         (result, stats)
     }
 
-    fn check_response(
-        &self,
-        request: &Request,
-        mut response: Response,
-    ) -> Result<Response, CallError> {
-        let invalid = |message: String| CallError::InvalidOutput {
-            plugin: self.name.to_string(),
-            message,
-        };
+    fn check_response(&self, request: &Request, mut response: Response) -> Result<Response, CallError> {
+        let invalid = |message: String| CallError::InvalidOutput { plugin: self.name.to_string(), message };
         let size = tensor::validate_tensors(&response.outputs).map_err(invalid)?;
         let limit = self.config.limits.max_response.as_u64();
         if size > limit {
-            return Err(CallError::ResponseTooLarge {
-                plugin: self.name.to_string(),
-                size,
-                limit,
-            });
+            return Err(CallError::ResponseTooLarge { plugin: self.name.to_string(), size, limit });
         }
         if !request.outputs.is_empty() {
             for wanted in &request.outputs {
@@ -211,9 +235,7 @@ impl Plugin {
                     });
                 }
             }
-            response
-                .outputs
-                .retain(|t| request.outputs.contains(&t.name));
+            response.outputs.retain(|t| request.outputs.contains(&t.name));
         }
         Ok(response)
     }

@@ -77,9 +77,7 @@ impl ErrorKind {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// Fuel ran out.
-    #[error(
-        "plugin `{plugin}` ran out of fuel after {limit} units (raise the fuel limit, e.g. --fuel)"
-    )]
+    #[error("plugin `{plugin}` ran out of fuel after {limit} units (raise the fuel limit, e.g. --fuel)")]
     OutOfFuel {
         /// The plugin.
         plugin: String,
@@ -112,10 +110,7 @@ pub enum CallError {
         detail: Option<String>,
     },
     /// The wasm stack overflowed.
-    #[error(
-        "plugin `{plugin}` overflowed its stack (recursion too deep){}",
-        fmt_backtrace(backtrace)
-    )]
+    #[error("plugin `{plugin}` overflowed its stack (recursion too deep){}", fmt_backtrace(backtrace))]
     StackOverflow {
         /// The plugin.
         plugin: String,
@@ -251,33 +246,19 @@ impl Classifier<'_> {
     pub fn classify(&self, err: wasmtime::Error) -> CallError {
         let plugin = self.plugin.to_string();
         if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            return CallError::Exited {
-                plugin,
-                code: exit.0,
-            };
+            return CallError::Exited { plugin, code: exit.0 };
         }
         if err.downcast_ref::<DeadlinePassed>().is_some() {
-            return CallError::DeadlineExceeded {
-                plugin,
-                timeout: self.timeout,
-            };
+            return CallError::DeadlineExceeded { plugin, timeout: self.timeout };
         }
-        let backtrace = err
-            .downcast_ref::<wasmtime::WasmBacktrace>()
-            .map(|bt| bt.to_string());
+        let backtrace = err.downcast_ref::<wasmtime::WasmBacktrace>().map(|bt| bt.to_string());
         let trap = err.downcast_ref::<wasmtime::Trap>().copied();
         match trap {
             Some(wasmtime::Trap::OutOfFuel) => {
-                return CallError::OutOfFuel {
-                    plugin,
-                    limit: self.fuel,
-                };
+                return CallError::OutOfFuel { plugin, limit: self.fuel };
             }
             Some(wasmtime::Trap::Interrupt) => {
-                return CallError::DeadlineExceeded {
-                    plugin,
-                    timeout: self.timeout,
-                };
+                return CallError::DeadlineExceeded { plugin, timeout: self.timeout };
             }
             Some(wasmtime::Trap::StackOverflow) => {
                 return CallError::StackOverflow { plugin, backtrace };
@@ -285,35 +266,12 @@ impl Classifier<'_> {
             _ => {}
         }
         if let Some(refusal) = self.count_refusal(&err) {
-            let Refusal {
-                what,
-                requested,
-                limit,
-            } = refusal;
-            return CallError::MemoryLimit {
-                plugin,
-                what,
-                requested,
-                limit,
-                detail: None,
-            };
+            let Refusal { what, requested, limit } = refusal;
+            return CallError::MemoryLimit { plugin, what, requested, limit, detail: None };
         }
-        if let Some(Refusal {
-            what,
-            requested,
-            limit,
-        }) = self.limiter.refusal().cloned()
-        {
-            let detail = trap
-                .map(|t| t.to_string())
-                .or_else(|| Some(root_message(&err)));
-            return CallError::MemoryLimit {
-                plugin,
-                what,
-                requested,
-                limit,
-                detail,
-            };
+        if let Some(Refusal { what, requested, limit }) = self.limiter.refusal().cloned() {
+            let detail = trap.map(|t| t.to_string()).or_else(|| Some(root_message(&err)));
+            return CallError::MemoryLimit { plugin, what, requested, limit, detail };
         }
         match trap {
             Some(trap) => CallError::Trap {
@@ -322,10 +280,7 @@ impl Classifier<'_> {
                 stderr: self.stderr.and_then(OutputTail::text),
                 backtrace,
             },
-            None => CallError::Internal {
-                plugin,
-                message: format!("{err:#}"),
-            },
+            None => CallError::Internal { plugin, message: format!("{err:#}") },
         }
     }
 }
@@ -344,18 +299,11 @@ impl Classifier<'_> {
             _ => return None,
         };
         let limit = self.limiter.count_limit(what.trim_end_matches(" count"))? as u64;
-        Some(Refusal {
-            what,
-            requested: n.trim().parse().ok()?,
-            limit,
-        })
+        Some(Refusal { what, requested: n.trim().parse().ok()?, limit })
     }
 }
 
 /// The innermost message of an error chain (wasmtime wraps traps in context).
 fn root_message(err: &wasmtime::Error) -> String {
-    err.chain()
-        .last()
-        .map(|e| e.to_string())
-        .unwrap_or_default()
+    err.chain().last().map(|e| e.to_string()).unwrap_or_default()
 }

@@ -14,8 +14,7 @@ use crate::nn::Nn;
 /// Builds the linker with every host interface EIR provides.
 pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .map_err(|e| anyhow::anyhow!("linking WASI 0.2: {e:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI 0.2: {e:#}"))?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(|e| anyhow::anyhow!("linking wasi:http: {e:#}"))?;
     bindings::log::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)

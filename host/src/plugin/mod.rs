@@ -11,7 +11,7 @@ mod error;
 mod linker;
 mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -53,13 +53,26 @@ impl PluginKind {
     }
 }
 
-/// How a plugin runs: its limits and what it may touch.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Most idle instances a plugin keeps for reuse.
+const MAX_IDLE_INSTANCES: usize = 16;
+
+/// How a plugin runs: its limits, what it may touch, and how long its instances live.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PluginConfig {
     /// Limits of each call.
     pub limits: Limits,
     /// Capabilities.
     pub grants: Grants,
+    /// Calls one instance may serve before it is discarded. 1 (the default) gives every call
+    /// a fresh instance; more keeps warm state (a parsed tokenizer, say) between calls of the
+    /// same plugin. An instance that fails in any way is never reused.
+    pub reuse: u32,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self { limits: Limits::default(), grants: Grants::default(), reuse: 1 }
+    }
 }
 
 /// The imports and exports of a component, by name.
@@ -76,24 +89,14 @@ impl Interface {
     pub fn of(component: &Component, engine: &wasmtime::Engine) -> Self {
         let ty = component.component_type();
         Self {
-            imports: ty
-                .imports(engine)
-                .map(|(name, _)| name.to_string())
-                .collect(),
-            exports: ty
-                .exports(engine)
-                .map(|(name, _)| name.to_string())
-                .collect(),
+            imports: ty.imports(engine).map(|(name, _)| name.to_string()).collect(),
+            exports: ty.exports(engine).map(|(name, _)| name.to_string()).collect(),
         }
     }
 
     /// The kind these exports make, if any.
     pub fn kind(&self) -> Option<PluginKind> {
-        if self
-            .exports
-            .iter()
-            .any(|e| e.starts_with(HANDLER_INTERFACE))
-        {
+        if self.exports.iter().any(|e| e.starts_with(HANDLER_INTERFACE)) {
             Some(PluginKind::Pipeline)
         } else if self.exports.iter().any(|e| e.starts_with(RUN_INTERFACE)) {
             Some(PluginKind::Command)
@@ -138,9 +141,7 @@ pub enum LoadPluginError {
         exports: String,
     },
     /// A model granted to the plugin is not in the registry.
-    #[error(
-        "{name} is granted model `{model}`, which is not registered (declare it, e.g. --model {model}=PATH)"
-    )]
+    #[error("{name} is granted model `{model}`, which is not registered (declare it, e.g. --model {model}=PATH)")]
     UnknownModel {
         /// The plugin.
         name: String,
@@ -181,6 +182,7 @@ pub struct Plugin {
     engine: Engine,
     registry: Arc<Registry>,
     nn_grants: Arc<NnGrants>,
+    idle: Mutex<Vec<call::Session>>,
 }
 
 impl Plugin {
@@ -196,9 +198,7 @@ impl Plugin {
         let component = match artifact {
             Artifact::Component(c) => c,
             Artifact::Module(_) => {
-                return Err(LoadPluginError::CoreModule {
-                    name: name.to_string(),
-                });
+                return Err(LoadPluginError::CoreModule { name: name.to_string() });
             }
         };
         config.grants.check()?;
@@ -215,42 +215,20 @@ impl Plugin {
         }
         let interface = Interface::of(&component, engine.wasmtime());
         let nn = &config.grants.nn;
-        if let Some(model) = nn
-            .models
-            .iter()
-            .find(|m| *m != "*" && registry.decl(m).is_none())
-        {
-            return Err(LoadPluginError::UnknownModel {
-                name: name.to_string(),
-                model: model.clone(),
-            });
+        if let Some(model) = nn.models.iter().find(|m| *m != "*" && registry.decl(m).is_none()) {
+            return Err(LoadPluginError::UnknownModel { name: name.to_string(), model: model.clone() });
         }
         if interface.imports_nn() && nn.models.is_empty() && nn.load_from_bytes.is_none() {
-            tracing::warn!(
-                plugin = name,
-                "imports wasi-nn but is granted no model; its loads will be refused"
-            );
+            tracing::warn!(plugin = name, "imports wasi-nn but is granted no model; its loads will be refused");
         }
-        let kind = interface
-            .kind()
-            .ok_or_else(|| LoadPluginError::NotAPlugin {
-                name: name.to_string(),
-                exports: if interface.exports.is_empty() {
-                    "nothing".into()
-                } else {
-                    interface.exports.join(", ")
-                },
-            })?;
-        let link_err = |e: wasmtime::Error| LoadPluginError::Link {
+        let kind = interface.kind().ok_or_else(|| LoadPluginError::NotAPlugin {
             name: name.to_string(),
-            message: format!("{e:#}"),
-        };
-        let instance_pre: InstancePre<StoreState> =
-            linker.instantiate_pre(&component).map_err(link_err)?;
+            exports: if interface.exports.is_empty() { "nothing".into() } else { interface.exports.join(", ") },
+        })?;
+        let link_err = |e: wasmtime::Error| LoadPluginError::Link { name: name.to_string(), message: format!("{e:#}") };
+        let instance_pre: InstancePre<StoreState> = linker.instantiate_pre(&component).map_err(link_err)?;
         let pre = match kind {
-            PluginKind::Pipeline => {
-                Pre::Pipeline(bindings::PipelinePre::new(instance_pre).map_err(link_err)?)
-            }
+            PluginKind::Pipeline => Pre::Pipeline(bindings::PipelinePre::new(instance_pre).map_err(link_err)?),
             PluginKind::Command => Pre::Command(CommandPre::new(instance_pre).map_err(link_err)?),
         };
         tracing::debug!(plugin = name, kind = kind.as_str(), "plugin ready");
@@ -263,6 +241,7 @@ impl Plugin {
             config,
             engine: engine.clone(),
             registry: registry.clone(),
+            idle: Mutex::default(),
         })
     }
 

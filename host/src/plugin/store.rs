@@ -2,6 +2,7 @@
 //! the host side of EIR's own imports.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -20,6 +21,7 @@ const MAX_LOG_RECORD: usize = 8 * 1024;
 pub struct StoreState {
     pub(crate) plugin: Arc<str>,
     pub(crate) limiter: StoreLimiter,
+    deadline: Instant,
     nn: NnCtx,
     wasi: WasiCtx,
     http: WasiHttpCtx,
@@ -32,6 +34,7 @@ impl StoreState {
         Self {
             plugin,
             limiter,
+            deadline: nn.deadline,
             nn,
             wasi,
             http: WasiHttpCtx::new(),
@@ -42,31 +45,32 @@ impl StoreState {
 }
 
 impl StoreState {
+    /// Starts a call that must end by `deadline`.
+    pub(crate) fn begin_call(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        self.nn.deadline = deadline;
+    }
+
+    /// When the current call must end.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The wasi-nn host's view of this store.
     pub(crate) fn nn_view(&mut self) -> NnView<'_> {
-        NnView {
-            ctx: &mut self.nn,
-            table: &mut self.table,
-        }
+        NnView { ctx: &mut self.nn, table: &mut self.table }
     }
 }
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl WasiHttpView for StoreState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.http_hooks,
-        }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_hooks }
     }
 }
 

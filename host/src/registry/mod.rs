@@ -43,9 +43,7 @@ impl FromStr for NamedModel {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, rest) = s
-            .split_once('=')
-            .ok_or_else(|| format!("`{s}`: expected NAME=PATH"))?;
+        let (name, rest) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected NAME=PATH"))?;
         let (path, target) = match rest.rsplit_once('@') {
             Some((path, "gpu")) => (path, Target::Gpu),
             Some((path, "cpu")) => (path, Target::Cpu),
@@ -54,14 +52,7 @@ impl FromStr for NamedModel {
         if name.is_empty() || path.is_empty() {
             return Err(format!("`{s}`: expected NAME=PATH"));
         }
-        Ok(Self {
-            name: name.to_string(),
-            decl: ModelDecl {
-                path: path.into(),
-                family: None,
-                target,
-            },
-        })
+        Ok(Self { name: name.to_string(), decl: ModelDecl { path: path.into(), family: None, target } })
     }
 }
 
@@ -78,11 +69,7 @@ pub struct Registry {
 impl Registry {
     /// A registry of `decls`, computing on `pool`.
     pub fn new(decls: impl IntoIterator<Item = (String, ModelDecl)>, pool: ComputePool) -> Self {
-        Self {
-            decls: decls.into_iter().collect(),
-            loaded: Mutex::default(),
-            pool,
-        }
+        Self { decls: decls.into_iter().collect(), loaded: Mutex::default(), pool }
     }
 
     /// An empty registry.
@@ -114,10 +101,7 @@ impl Registry {
             .ok_or_else(|| NnError::not_found(format!("no model named `{name}` is registered")))?
             .clone();
         let cell = {
-            let mut loaded = self
-                .loaded
-                .lock()
-                .map_err(|_| NnError::runtime("model registry lock poisoned"))?;
+            let mut loaded = self.loaded.lock().map_err(|_| NnError::runtime("model registry lock poisoned"))?;
             loaded.entry(name.to_string()).or_default().clone()
         };
         let model = cell
@@ -147,10 +131,7 @@ impl Registry {
     pub async fn preload(&self) -> Result<(), NnError> {
         let names: Vec<String> = self.decls.keys().cloned().collect();
         for name in names {
-            self.get(&name).await.map_err(|e| NnError {
-                message: format!("model `{name}`: {}", e.message),
-                ..e
-            })?;
+            self.get(&name).await.map_err(|e| NnError { message: format!("model `{name}`: {}", e.message), ..e })?;
         }
         Ok(())
     }
@@ -177,14 +158,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"bert\"}").unwrap();
         let registry = Registry::new(
-            [(
-                "broken".to_string(),
-                ModelDecl {
-                    path: dir.path().into(),
-                    family: None,
-                    target: Target::Cpu,
-                },
-            )],
+            [("broken".to_string(), ModelDecl { path: dir.path().into(), family: None, target: Target::Cpu })],
             ComputePool::new(1),
         );
         let err = registry.get("nope").await.err().unwrap();

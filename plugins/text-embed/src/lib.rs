@@ -12,6 +12,7 @@
 //! `max_seq_length` for all-MiniLM-L6-v2; longer sentences are truncated), `batch_size`
 //! (default 32), `normalize` (default `true`).
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use eir_guest::nn::{Graph, output};
@@ -20,23 +21,39 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 struct TextEmbed;
 
-/// The parsed tokenizer, kept for the life of the instance (an instance that serves several
-/// requests parses it once).
-static TOKENIZER: OnceLock<(String, Tokenizer)> = OnceLock::new();
+/// The parsed tokenizer, set up for one `max_tokens`, kept for the life of the instance: an
+/// instance that serves several requests parses and configures it once.
+struct Cached {
+    path: String,
+    max_tokens: usize,
+    tokenizer: Tokenizer,
+}
 
-fn tokenizer(path: &str) -> Result<&'static Tokenizer> {
-    if let Some((loaded, tok)) = TOKENIZER.get()
-        && loaded == path
-    {
-        return Ok(tok);
-    }
-    let tok = Tokenizer::from_file(path).map_err(|e| {
-        Error::invalid_input(format!(
-            "cannot load tokenizer `{path}`: {e} (is the model directory granted?)"
-        ))
+static TOKENIZER: OnceLock<Cached> = OnceLock::new();
+
+fn load_tokenizer(path: &str, max_tokens: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| {
+        Error::invalid_input(format!("cannot load tokenizer `{path}`: {e} (is the model directory granted?)"))
     })?;
-    let (_, tok) = TOKENIZER.get_or_init(|| (path.to_string(), tok));
+    // Truncate like the reference (sentence-transformers' max_seq_length) and pad only to the
+    // longest sentence of the batch, not to the file's fixed 128.
+    tok.with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+        .map_err(|e| Error::invalid_input(format!("max_tokens {max_tokens}: {e}")))?;
+    tok.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
     Ok(tok)
+}
+
+/// The cached tokenizer when it matches, else a freshly loaded one (cached if none was).
+fn tokenizer(path: &str, max_tokens: usize) -> Result<Cow<'static, Tokenizer>> {
+    if let Some(c) = TOKENIZER.get() {
+        if c.path == path && c.max_tokens == max_tokens {
+            return Ok(Cow::Borrowed(&c.tokenizer));
+        }
+        return load_tokenizer(path, max_tokens).map(Cow::Owned);
+    }
+    let tokenizer = load_tokenizer(path, max_tokens)?;
+    let cached = TOKENIZER.get_or_init(|| Cached { path: path.to_string(), max_tokens, tokenizer });
+    Ok(Cow::Borrowed(&cached.tokenizer))
 }
 
 /// Token ids, attention mask and type ids of a batch, padded to its longest sentence.
@@ -48,52 +65,22 @@ struct Batch {
     seq: usize,
 }
 
-fn encode(tok: &Tokenizer, texts: &[&str], max_tokens: usize) -> Result<Batch> {
-    let mut tok = tok.clone();
-    tok.with_truncation(Some(TruncationParams {
-        max_length: max_tokens,
-        ..Default::default()
-    }))
-    .map_err(|e| Error::invalid_input(format!("max_tokens {max_tokens}: {e}")))?;
-    tok.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::BatchLongest,
-        ..Default::default()
-    }));
-    let encodings = tok
-        .encode_batch(texts.to_vec(), true)
-        .map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
+fn encode(tok: &Tokenizer, texts: &[&str]) -> Result<Batch> {
+    let encodings =
+        tok.encode_batch(texts.to_vec(), true).map_err(|e| Error::invalid_input(format!("tokenising: {e}")))?;
     let seq = encodings.first().map(|e| e.get_ids().len()).unwrap_or(0);
-    let mut batch = Batch {
-        ids: vec![],
-        mask: vec![],
-        types: vec![],
-        counts: vec![],
-        seq,
-    };
+    let mut batch = Batch { ids: vec![], mask: vec![], types: vec![], counts: vec![], seq };
     for e in &encodings {
         batch.ids.extend(e.get_ids().iter().map(|&x| i64::from(x)));
-        batch
-            .mask
-            .extend(e.get_attention_mask().iter().map(|&x| i64::from(x)));
-        batch
-            .types
-            .extend(e.get_type_ids().iter().map(|&x| i64::from(x)));
-        batch
-            .counts
-            .push(e.get_attention_mask().iter().filter(|&&m| m == 1).count() as i64);
+        batch.mask.extend(e.get_attention_mask().iter().map(|&x| i64::from(x)));
+        batch.types.extend(e.get_type_ids().iter().map(|&x| i64::from(x)));
+        batch.counts.push(e.get_attention_mask().iter().filter(|&&m| m == 1).count() as i64);
     }
     Ok(batch)
 }
 
 /// Mean of the token vectors whose mask is 1, per sentence; then optionally L2-normalised.
-fn pool(
-    hidden: &[f32],
-    mask: &[i64],
-    n: usize,
-    seq: usize,
-    dim: usize,
-    normalize: bool,
-) -> Vec<f32> {
+fn pool(hidden: &[f32], mask: &[i64], n: usize, seq: usize, dim: usize, normalize: bool) -> Vec<f32> {
     let mut out = vec![0f32; n * dim];
     for s in 0..n {
         let acc = &mut out[s * dim..(s + 1) * dim];
@@ -137,20 +124,14 @@ impl Plugin for TextEmbed {
             return Err(Error::invalid_input("`text` has no sentences"));
         }
         let model = request.param("model").unwrap_or("minilm");
-        let tok = tokenizer(
-            request
-                .param("tokenizer")
-                .unwrap_or("/model/tokenizer.json"),
-        )?;
         let max_tokens: usize = request.param_or("max_tokens", 256)?;
         let batch_size: usize = request.param_or::<usize>("batch_size", 32)?.max(1);
         let normalize: bool = request.param_or("normalize", true)?;
         let return_tokens: bool = request.param_or("return_tokens", false)?;
         if max_tokens < 2 {
-            return Err(Error::invalid_input(
-                "max_tokens must leave room for [CLS] and [SEP]",
-            ));
+            return Err(Error::invalid_input("max_tokens must leave room for [CLS] and [SEP]"));
         }
+        let tok = tokenizer(request.param("tokenizer").unwrap_or("/model/tokenizer.json"), max_tokens)?;
 
         let graph = Graph::load_by_name(model)?;
         let session = graph.session()?;
@@ -159,7 +140,7 @@ impl Plugin for TextEmbed {
         let mut all_ids: Vec<Vec<i64>> = Vec::new();
         let mut counts = Vec::new();
         for chunk in texts.chunks(batch_size) {
-            let b = encode(tok, chunk, max_tokens)?;
+            let b = encode(&tok, chunk)?;
             let shape = [chunk.len() as u64, b.seq as u64];
             let ids = Tensor::new("input_ids", shape, b.ids.clone())?;
             let mask = Tensor::new("attention_mask", shape, b.mask.clone())?;
@@ -167,34 +148,20 @@ impl Plugin for TextEmbed {
             let outputs = session.compute(&[&ids, &mask, &types])?;
             let hidden = output(&outputs, "last_hidden_state")?;
             let [n, seq, d] = hidden.shape[..] else {
-                return Err(Error::model(format!(
-                    "last_hidden_state has shape {:?}, expected 3-D",
-                    hidden.shape
-                )));
+                return Err(Error::model(format!("last_hidden_state has shape {:?}, expected 3-D", hidden.shape)));
             };
             if n as usize != chunk.len() || seq as usize != b.seq {
-                return Err(Error::model(format!(
-                    "last_hidden_state {:?} does not match the batch",
-                    hidden.shape
-                )));
+                return Err(Error::model(format!("last_hidden_state {:?} does not match the batch", hidden.shape)));
             }
             dim = d as usize;
-            embeddings.extend(pool(
-                hidden.values::<f32>()?,
-                &b.mask,
-                chunk.len(),
-                b.seq,
-                dim,
-                normalize,
-            ));
+            embeddings.extend(pool(hidden.values::<f32>()?, &b.mask, chunk.len(), b.seq, dim, normalize));
             if return_tokens {
                 all_ids.extend(b.ids.chunks(b.seq.max(1)).map(<[i64]>::to_vec));
                 counts.extend(b.counts);
             }
         }
         let n = texts.len() as u64;
-        let mut response =
-            Response::new().with(Tensor::new("embedding", [n, dim as u64], embeddings)?);
+        let mut response = Response::new().with(Tensor::new("embedding", [n, dim as u64], embeddings)?);
         if return_tokens {
             let width = all_ids.iter().map(Vec::len).max().unwrap_or(0);
             let padded: Vec<i64> = all_ids
@@ -204,9 +171,11 @@ impl Plugin for TextEmbed {
                     row
                 })
                 .collect();
-            response = response
-                .with(Tensor::new("token_ids", [n, width as u64], padded)?)
-                .with(Tensor::new("token_counts", [n], counts)?);
+            response = response.with(Tensor::new("token_ids", [n, width as u64], padded)?).with(Tensor::new(
+                "token_counts",
+                [n],
+                counts,
+            )?);
         }
         Ok(response)
     }

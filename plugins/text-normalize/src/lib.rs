@@ -30,21 +30,14 @@ struct Options {
 
 impl Options {
     fn from_request(request: &Request) -> Result<Self> {
-        let form = match request
-            .param("form")
-            .unwrap_or("nfkc")
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        let form = match request.param("form").unwrap_or("nfkc").to_ascii_lowercase().as_str() {
             "none" => Form::None,
             "nfc" => Form::Nfc,
             "nfd" => Form::Nfd,
             "nfkc" => Form::Nfkc,
             "nfkd" => Form::Nfkd,
             other => {
-                return Err(Error::invalid_input(format!(
-                    "parameter `form`: unknown normal form `{other}`"
-                )));
+                return Err(Error::invalid_input(format!("parameter `form`: unknown normal form `{other}`")));
             }
         };
         Ok(Self {
@@ -64,26 +57,15 @@ fn normalize(text: &str, opts: &Options) -> String {
         Form::Nfkc => text.nfkc().collect(),
         Form::Nfkd => text.nfkd().collect(),
     };
-    let mut text = if opts.lowercase {
-        composed.to_lowercase()
-    } else {
-        composed
-    };
+    let mut text = if opts.lowercase { composed.to_lowercase() } else { composed };
     if opts.strip_accents {
         // Decompose, drop combining marks, then recompose what is left.
         let stripped: String = text.nfd().filter(|c| !is_combining_mark(*c)).collect();
-        text = if opts.form == Form::Nfd || opts.form == Form::Nfkd {
-            stripped
-        } else {
-            stripped.nfc().collect()
-        };
+        text = if opts.form == Form::Nfd || opts.form == Form::Nfkd { stripped } else { stripped.nfc().collect() };
     }
     if opts.collapse_whitespace {
         let mut out = String::with_capacity(text.len());
-        for word in text
-            .split(|c: char| c.is_whitespace() || c.is_control())
-            .filter(|w| !w.is_empty())
-        {
+        for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
             if !out.is_empty() {
                 out.push(' ');
             }

@@ -6,9 +6,7 @@
 //! Outputs: `scores` (FP32 `[batch, k]`), `indices` (INT64 `[batch, k]`) and, with labels,
 //! `labels` (BYTES `[batch, k]`).
 
-use eir_guest::{
-    Datatype, Error, Metadata, Plugin, Request, Response, Result, Tensor, TensorData, TensorSpec,
-};
+use eir_guest::{Datatype, Error, Metadata, Plugin, Request, Response, Result, Tensor, TensorData, TensorSpec};
 
 struct TopK;
 
@@ -30,9 +28,7 @@ fn top_k(row: &[f64], k: usize) -> Vec<usize> {
 
 fn read_labels(path: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::invalid_input(format!(
-            "cannot read labels_file `{path}`: {e} (is its directory granted?)"
-        ))
+        Error::invalid_input(format!("cannot read labels_file `{path}`: {e} (is its directory granted?)"))
     })?;
     Ok(text.lines().map(|l| l.trim().to_string()).collect())
 }
@@ -56,10 +52,7 @@ impl Plugin for TopK {
             TensorData::Fp32(v) => v.iter().map(|&x| f64::from(x)).collect(),
             TensorData::Fp64(v) => v.clone(),
             other => {
-                return Err(Error::invalid_input(format!(
-                    "`logits` must be FP32 or FP64, not {:?}",
-                    other.datatype()
-                )));
+                return Err(Error::invalid_input(format!("`logits` must be FP32 or FP64, not {:?}", other.datatype())));
             }
         };
         if values.iter().any(|x| x.is_nan()) {
@@ -84,21 +77,14 @@ impl Plugin for TopK {
         if let Some(labels) = &labels
             && labels.len() < classes
         {
-            return Err(Error::invalid_input(format!(
-                "labels_file has {} labels for {classes} classes",
-                labels.len()
-            )));
+            return Err(Error::invalid_input(format!("labels_file has {} labels for {classes} classes", labels.len())));
         }
 
         let mut scores = Vec::with_capacity(batch * k);
         let mut indices = Vec::with_capacity(batch * k);
         let mut names = Vec::with_capacity(batch * k);
         for row in values.chunks(classes) {
-            let row = if apply_softmax {
-                softmax(row)
-            } else {
-                row.to_vec()
-            };
+            let row = if apply_softmax { softmax(row) } else { row.to_vec() };
             for i in top_k(&row, k) {
                 scores.push(row[i] as f32);
                 indices.push(i as i64);
@@ -108,9 +94,11 @@ impl Plugin for TopK {
             }
         }
         let shape = vec![batch as u64, k as u64];
-        let mut response = Response::new()
-            .with(Tensor::new("scores", shape.clone(), scores)?)
-            .with(Tensor::new("indices", shape.clone(), indices)?);
+        let mut response = Response::new().with(Tensor::new("scores", shape.clone(), scores)?).with(Tensor::new(
+            "indices",
+            shape.clone(),
+            indices,
+        )?);
         if labels.is_some() {
             let mut t = Tensor::bytes("labels", names);
             t.shape = shape;

@@ -33,26 +33,19 @@ impl Bert {
     /// Loads `dir/model.safetensors` with the parsed `config.json` text.
     pub fn from_dir(dir: &Path, config: &str, device: &Device) -> Result<Self, NnError> {
         let weights = dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights)
-            .map_err(|e| NnError::not_found(format!("{}: {e}", weights.display())))?;
+        let bytes = std::fs::read(&weights).map_err(|e| NnError::not_found(format!("{}: {e}", weights.display())))?;
         Self::from_bytes(config, &bytes, device)
     }
 
     /// Loads from a `config.json` text and the bytes of a safetensors file.
     pub fn from_bytes(config: &str, weights: &[u8], device: &Device) -> Result<Self, NnError> {
-        let config: Config = serde_json::from_str(config).map_err(|e| {
-            NnError::invalid_encoding(format!("config.json is not a BERT config: {e}"))
-        })?;
+        let config: Config = serde_json::from_str(config)
+            .map_err(|e| NnError::invalid_encoding(format!("config.json is not a BERT config: {e}")))?;
         let vb = VarBuilder::from_buffered_safetensors(weights.to_vec(), DType::F32, device)
             .map_err(|e| NnError::invalid_encoding(format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(vb, &config).map_err(|e| {
-            NnError::invalid_encoding(format!("the weights do not match config.json: {e}"))
-        })?;
-        Ok(Self {
-            model,
-            config,
-            device: device.clone(),
-        })
+        let model = BertModel::load(vb, &config)
+            .map_err(|e| NnError::invalid_encoding(format!("the weights do not match config.json: {e}")))?;
+        Ok(Self { model, config, device: device.clone() })
     }
 
     /// The hidden size.
@@ -70,26 +63,17 @@ impl Bert {
 /// Reads an integer input as i64 values with its `[batch, seq]` shape.
 fn ids(name: &str, t: &HostTensor) -> Result<(Vec<i64>, [usize; 2]), NnError> {
     let [b, s] = t.dims() else {
-        return Err(NnError::invalid_argument(format!(
-            "`{name}` must be [batch, seq], got {:?}",
-            t.dims()
-        )));
+        return Err(NnError::invalid_argument(format!("`{name}` must be [batch, seq], got {:?}", t.dims())));
     };
     let values = match t.ty() {
-        TensorType::I64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect(),
-        TensorType::I32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or_default())))
-            .collect(),
+        TensorType::I64 => {
+            t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
+        }
+        TensorType::I32 => {
+            t.data().chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or_default()))).collect()
+        }
         other => {
-            return Err(NnError::invalid_argument(format!(
-                "`{name}` must be I64 or I32, got {other:?}"
-            )));
+            return Err(NnError::invalid_argument(format!("`{name}` must be I64 or I32, got {other:?}")));
         }
     };
     Ok((values, [*b as usize, *s as usize]))
@@ -97,9 +81,7 @@ fn ids(name: &str, t: &HostTensor) -> Result<(Vec<i64>, [usize; 2]), NnError> {
 
 fn check_range(name: &str, values: &[i64], below: usize) -> Result<(), NnError> {
     match values.iter().find(|&&v| v < 0 || v as u64 >= below as u64) {
-        Some(v) => Err(NnError::invalid_argument(format!(
-            "`{name}` holds {v}, outside 0..{below}"
-        ))),
+        Some(v) => Err(NnError::invalid_argument(format!("`{name}` holds {v}, outside 0..{below}"))),
         None => Ok(()),
     }
 }
@@ -117,10 +99,7 @@ impl Model for Bert {
         let mut by_name: [Option<HostTensor>; 3] = [None, None, None];
         for (name, t) in inputs {
             let slot = INPUTS.iter().position(|i| *i == name).ok_or_else(|| {
-                NnError::invalid_argument(format!(
-                    "unknown input `{name}` (a BERT graph takes {})",
-                    INPUTS.join(", ")
-                ))
+                NnError::invalid_argument(format!("unknown input `{name}` (a BERT graph takes {})", INPUTS.join(", ")))
             })?;
             by_name[slot] = Some(t);
         }
@@ -130,9 +109,7 @@ impl Model for Bert {
         let (ids_v, shape) = ids("input_ids", &input_ids)?;
         let [batch, seq] = shape;
         if batch == 0 || seq == 0 {
-            return Err(NnError::invalid_argument(format!(
-                "empty input_ids {shape:?}"
-            )));
+            return Err(NnError::invalid_argument(format!("empty input_ids {shape:?}")));
         }
         if seq > self.config.max_position_embeddings {
             return Err(NnError::invalid_argument(format!(
@@ -141,19 +118,13 @@ impl Model for Bert {
             )));
         }
         check_range("input_ids", &ids_v, self.config.vocab_size)?;
-        let aux = |name: &str,
-                   t: Option<HostTensor>,
-                   below: usize,
-                   default: i64|
-         -> Result<Vec<i64>, NnError> {
+        let aux = |name: &str, t: Option<HostTensor>, below: usize, default: i64| -> Result<Vec<i64>, NnError> {
             match t {
                 None => Ok(vec![default; batch * seq]),
                 Some(t) => {
                     let (v, s) = ids(name, &t)?;
                     if s != shape {
-                        return Err(NnError::invalid_argument(format!(
-                            "`{name}` is {s:?} but input_ids is {shape:?}"
-                        )));
+                        return Err(NnError::invalid_argument(format!("`{name}` is {s:?} but input_ids is {shape:?}")));
                     }
                     check_range(name, &v, below)?;
                     Ok(v)
@@ -164,14 +135,7 @@ impl Model for Bert {
         let types_v = aux("token_type_ids", types, self.config.type_vocab_size, 0)?;
 
         let to_tensor = |v: Vec<i64>| Tensor::from_vec(v, (batch, seq), &self.device);
-        let hidden = self.forward(
-            &to_tensor(ids_v)?,
-            &to_tensor(types_v)?,
-            &to_tensor(mask_v)?,
-        )?;
-        Ok(vec![(
-            OUTPUT.to_string(),
-            HostTensor::from_candle(&hidden)?,
-        )])
+        let hidden = self.forward(&to_tensor(ids_v)?, &to_tensor(types_v)?, &to_tensor(mask_v)?)?;
+        Ok(vec![(OUTPUT.to_string(), HostTensor::from_candle(&hidden)?)])
     }
 }

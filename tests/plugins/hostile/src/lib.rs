@@ -19,12 +19,7 @@ fn recurse(depth: u64) -> u64 {
 
 /// Tries to reach things outside its grants and reports what happened to each attempt.
 fn escape_attempts() -> Vec<String> {
-    let reads = [
-        "/etc/passwd",
-        "/data/../../etc/passwd",
-        "../etc/passwd",
-        "/data/secret.txt",
-    ];
+    let reads = ["/etc/passwd", "/data/../../etc/passwd", "../etc/passwd", "/data/secret.txt"];
     let mut out: Vec<String> = reads
         .iter()
         .map(|p| match std::fs::read(p) {
@@ -43,10 +38,7 @@ fn escape_attempts() -> Vec<String> {
 impl Plugin for Hostile {
     fn handle(request: Request) -> Result<Response> {
         match request.param("attack").unwrap_or("none") {
-            "none" => Ok(Response {
-                outputs: request.inputs,
-                parameters: vec![],
-            }),
+            "none" => Ok(Response { outputs: request.inputs, parameters: vec![] }),
             "loop" => {
                 let mut x = 0u64;
                 loop {
@@ -74,11 +66,7 @@ impl Plugin for Hostile {
             "exit" => std::process::exit(3),
             "big-output" => {
                 let mib: usize = request.param_or("mib", 32)?;
-                Ok(Response::new().with(Tensor::new(
-                    "blob",
-                    [(mib << 20) as u64],
-                    vec![7u8; mib << 20],
-                )?))
+                Ok(Response::new().with(Tensor::new("blob", [(mib << 20) as u64], vec![7u8; mib << 20])?))
             }
             "bad-output" => Ok(Response::new().with(Tensor {
                 name: "wrong".into(),
@@ -97,6 +85,12 @@ impl Plugin for Hostile {
             "env" => {
                 let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
                 Ok(Response::new().with(Tensor::strings("env", vars)))
+            }
+            "count" => {
+                // Instance state: shows whether calls share an instance.
+                static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Ok(Response::new().with_param("calls", n.to_string()))
             }
             "log" => {
                 println!("line on stdout");

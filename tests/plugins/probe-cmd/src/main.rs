@@ -24,8 +24,7 @@ fn main() {
                 exit(4);
             }
         },
-        Some("cat") => match std::fs::read_to_string(args.get(2).map(String::as_str).unwrap_or(""))
-        {
+        Some("cat") => match std::fs::read_to_string(args.get(2).map(String::as_str).unwrap_or("")) {
             Ok(text) => print!("{text}"),
             Err(e) => {
                 eprintln!("cannot read: {e}");

@@ -1,0 +1,138 @@
+//! The embedding pipeline through a plugin against native candle on the same token ids, in
+//! one run: batch 1 and batch 32. Native = candle BertModel forward + mean pooling + L2
+//! normalisation in Rust on the host; plugin = `text-embed` (tokenise and pool in WASM,
+//! forward through wasi-nn on the same backend). Reports medians and the plugin/native ratio.
+//!
+//! Run: `scripts/bench.sh embed` (needs the guests and `eir models fetch minilm`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor as CTensor};
+use eir::Runtime;
+use eir::engine::EngineConfig;
+use eir::grants::{DirGrant, Grants};
+use eir::nn::backends::bert::Bert;
+use eir::nn::{ComputePool, NnGrants};
+use eir::plugin::{Plugin, PluginConfig};
+use eir::registry::{ModelDecl, Registry};
+use eir::tensor::{Request, Tensor, TensorData};
+
+const SENTENCES: [&str; 8] = [
+    "A man is eating food.",
+    "The girl is carrying a baby.",
+    "Edge servers run inference plugins under strict limits.",
+    "What is the capital of France?",
+    "Crème brûlée is a dessert, naïve as it sounds.",
+    "The price rose 3.75% to $1,234.56 on Tuesday morning.",
+    "WebAssembly components call models through wasi-nn.",
+    "Short one.",
+];
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n).map(|i| SENTENCES[i % SENTENCES.len()].to_string()).collect()
+}
+
+fn request(texts: &[String], params: &[(&str, &str)]) -> Request {
+    Request {
+        id: String::new(),
+        inputs: vec![Tensor {
+            name: "text".into(),
+            shape: vec![texts.len() as u64],
+            data: TensorData::Bytes(texts.iter().map(|t| t.as_bytes().to_vec()).collect()),
+        }],
+        outputs: vec![],
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+fn native(bert: &Bert, ids: &[i64], mask: &[i64], n: usize, seq: usize) -> Vec<f32> {
+    let dev = Device::Cpu;
+    let t = |v: &[i64]| CTensor::from_slice(v, (n, seq), &dev).expect("tensor");
+    let types = vec![0i64; n * seq];
+    let hidden = bert.forward(&t(ids), &t(&types), &t(mask)).expect("forward");
+    let mask_f = t(mask).to_dtype(candle_core::DType::F32).expect("mask").unsqueeze(2).expect("unsqueeze");
+    let summed = hidden.broadcast_mul(&mask_f).and_then(|h| h.sum(1)).expect("sum");
+    let counts = mask_f.sum(1).expect("count");
+    let mean = summed.broadcast_div(&counts).expect("mean");
+    let norm = mean.sqr().and_then(|m| m.sum_keepdim(1)).and_then(|s| s.sqrt()).expect("norm");
+    mean.broadcast_div(&norm).and_then(|m| m.flatten_all()).and_then(|m| m.to_vec1()).expect("vec")
+}
+
+fn main() -> anyhow::Result<()> {
+    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let models = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));
+    let dir = eir::registry::fetch::locate("minilm", &models)?;
+    let wasm = root.join("plugins/dist/text_embed.wasm");
+    anyhow::ensure!(wasm.exists(), "{} is missing: run scripts/build.sh", wasm.display());
+
+    let registry = Arc::new(Registry::new(
+        [("minilm".to_string(), ModelDecl { path: dir.clone(), family: None, target: Default::default() })],
+        ComputePool::for_this_machine(),
+    ));
+    let cache = tempfile::tempdir()?;
+    let rt =
+        Runtime::with_registry(EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() }, registry)?;
+    let grants = Grants {
+        dirs: vec![DirGrant { host: dir.clone(), guest: "/model".into(), writable: false }],
+        nn: NnGrants { models: vec!["minilm".into()], ..Default::default() },
+        ..Default::default()
+    };
+    // Warm instances (the parsed tokenizer survives between calls), as a server runs it; and
+    // a fresh instance per call, the strictest isolation.
+    let plugin: Plugin = rt.load_plugin(
+        "text-embed",
+        &wasm,
+        PluginConfig { grants: grants.clone(), reuse: 10_000, ..Default::default() },
+        false,
+    )?;
+    let fresh: Plugin = rt.load_plugin("text-embed", &wasm, PluginConfig { grants, ..Default::default() }, false)?;
+    let config = std::fs::read_to_string(dir.join("config.json"))?;
+    let bert = Bert::from_dir(&dir, &config, &Device::Cpu)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+
+    println!("threads: {}  iterations: {iters}", std::thread::available_parallelism()?);
+    for batch in [1usize, 32] {
+        let sentences = texts(batch);
+        // The plugin's own token ids feed the native path, so both encode the same thing.
+        let tokens = tokio.block_on(plugin.handle(&request(&sentences, &[("return_tokens", "true")])))?;
+        let ids_t = tokens.outputs.iter().find(|t| t.name == "token_ids").expect("token ids");
+        let TensorData::Int64(ids) = &ids_t.data else { anyhow::bail!("ids") };
+        let (n, seq) = (ids_t.shape[0] as usize, ids_t.shape[1] as usize);
+        let mask: Vec<i64> = ids.iter().map(|&i| i64::from(i != 0)).collect();
+        let req = request(&sentences, &[]);
+
+        let (mut nat, mut warm, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+        // Interleave so drift on a noisy machine hits all three alike.
+        for _ in 0..iters {
+            let t = Instant::now();
+            std::hint::black_box(native(&bert, ids, &mask, n, seq));
+            nat.push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(tokio.block_on(plugin.handle(&req))?);
+            warm.push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(tokio.block_on(fresh.handle(&req))?);
+            cold.push(t.elapsed());
+        }
+        let (a, b, c) = (median(nat), median(warm), median(cold));
+        let ratio = |x: Duration| x.as_secs_f64() / a.as_secs_f64();
+        println!(
+            "batch {batch:>2} (seq {seq:>3}): native {a:>9.2?} | plugin, warm instance {b:>9.2?} = {:.3}x | \
+             plugin, fresh instance {c:>9.2?} = {:.3}x | {:.0} / {:.0} / {:.0} sentences/s",
+            ratio(b),
+            ratio(c),
+            batch as f64 / a.as_secs_f64(),
+            batch as f64 / b.as_secs_f64(),
+            batch as f64 / c.as_secs_f64()
+        );
+    }
+    Ok(())
+}
