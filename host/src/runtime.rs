@@ -4,17 +4,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use wasmtime::component::Linker;
 
 use crate::engine::{Artifact, Engine, EngineConfig};
-use crate::plugin::{LoadPluginError, Plugin, PluginConfig, StoreState, build_linker};
+use crate::plugin::{Linkers, LoadPluginError, Plugin, PluginConfig};
 use crate::registry::Registry;
 
 /// Loads and hosts plugins, and the models they share.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    linker: Arc<Linker<StoreState>>,
+    linkers: Arc<Linkers>,
     registry: Arc<Registry>,
 }
 
@@ -27,8 +26,8 @@ impl Runtime {
     /// Like [`Runtime::new`], serving the models of `registry`.
     pub fn with_registry(config: EngineConfig, registry: Arc<Registry>) -> anyhow::Result<Self> {
         let engine = Engine::new(config)?;
-        let linker = Arc::new(build_linker(engine.wasmtime())?);
-        Ok(Self { engine, linker, registry })
+        let linkers = Arc::new(Linkers::new(engine.wasmtime())?);
+        Ok(Self { engine, linkers, registry })
     }
 
     /// The model registry.
@@ -51,12 +50,12 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_file(path, allow_precompiled)?;
-        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
+        Plugin::new(&self.engine, &self.linkers, name, &self.registry, artifact, config)
     }
 
     /// Makes a plugin of an already loaded artifact (see [`Engine::load_file`]).
     pub fn plugin(&self, name: &str, artifact: Artifact, config: PluginConfig) -> Result<Plugin, LoadPluginError> {
-        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
+        Plugin::new(&self.engine, &self.linkers, name, &self.registry, artifact, config)
     }
 
     /// Loads a plugin from bytes (binary, WAT, or a trusted precompiled artifact).
@@ -68,6 +67,6 @@ impl Runtime {
         allow_precompiled: bool,
     ) -> Result<Plugin, LoadPluginError> {
         let artifact = self.engine.load_bytes(name, bytes, allow_precompiled)?;
-        Plugin::new(&self.engine, &self.linker, name, &self.registry, artifact, config)
+        Plugin::new(&self.engine, &self.linkers, name, &self.registry, artifact, config)
     }
 }

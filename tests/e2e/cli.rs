@@ -156,7 +156,7 @@ fn bad_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("junk.wasm", "not WebAssembly at all".as_bytes().to_vec(), "is not WebAssembly"),
-        ("core.wat", b"(module)".to_vec(), "core WebAssembly module"),
+        ("core.wat", b"(module)".to_vec(), "`_start` for a core module"),
         ("empty.wat", b"(component)".to_vec(), "neither a pipeline plugin"),
         (
             "missing.wat",

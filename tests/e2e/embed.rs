@@ -138,3 +138,46 @@ async fn models_need_a_grant_and_bad_requests_are_errors() {
     let err = plugin.handle(&request(&[], vec![texts("text", &[])])).await.unwrap_err();
     assert!(err.to_string().contains("no sentences"), "{err}");
 }
+
+#[test]
+fn a_legacy_wasip1_wasi_nn_program_runs_unchanged() {
+    let reference = reference();
+    let hello = &reference.cases[0];
+    assert_eq!(hello.text, "Hello world");
+    let ids: Vec<String> = hello.token_ids.iter().map(|i| i.to_string()).collect();
+    let model = format!("minilm={}", minilm_dir().display());
+    let legacy = guest("legacy-nn");
+    let cache = tempfile::tempdir().unwrap();
+    let out = crate::common::eir(&["run", "--model", &model, legacy.to_str().unwrap(), "minilm", &ids.join(",")], cache.path());
+    let (stdout, stderr) = crate::common::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let got: Vec<f32> = stdout.trim().split(',').map(|x| x.parse().unwrap()).collect();
+    let cos = cosine(&got, &hello.embedding);
+    assert!(cos >= reference.tolerance.cosine_min, "cosine {cos}");
+
+    // Without the grant the program's load fails and it exits 1, saying why on stderr.
+    let out = crate::common::eir(&["run", legacy.to_str().unwrap(), "minilm", &ids.join(",")], cache.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(crate::common::text(&out).1.contains("load_by_name(minilm)"), "{}", crate::common::text(&out).1);
+}
+
+#[test]
+fn eir_run_prints_embeddings_from_the_command_line() {
+    let reference = reference();
+    let model = format!("minilm={}", minilm_dir().display());
+    let dir = format!("{}::/model", minilm_dir().display());
+    let plugin = guest("text-embed");
+    let cache = tempfile::tempdir().unwrap();
+    let out = crate::common::eir(
+        &["run", plugin.to_str().unwrap(), "--model", &model, "--dir", &dir, "--input", "text=A man is eating food."],
+        cache.path(),
+    );
+    let (stdout, stderr) = crate::common::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["outputs"][0]["name"], "embedding");
+    assert_eq!(json["outputs"][0]["shape"], serde_json::json!([1, 384]));
+    let got: Vec<f32> = json["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let case = reference.cases.iter().find(|c| c.text == "A man is eating food.").unwrap();
+    assert!(cosine(&got, &case.embedding) >= reference.tolerance.cosine_min);
+}

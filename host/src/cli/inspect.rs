@@ -33,11 +33,8 @@ pub async fn inspect(args: InspectArgs, global: &GlobalOptions) -> anyhow::Resul
     let artifact = runtime.engine().load_file(&args.plugin, args.allow_precompiled)?;
     let (kind, interface) = match &artifact {
         Artifact::Module(module) => {
-            let interface = Interface {
-                imports: module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect(),
-                exports: module.exports().map(|e| e.name().to_string()).collect(),
-            };
-            ("core module", interface)
+            let interface = Interface::of_module(module);
+            (if interface.kind().is_some() { "command (core module, WASI preview 1)" } else { "core module" }, interface)
         }
         Artifact::Component(component) => {
             let interface = Interface::of(component, runtime.engine().wasmtime());

@@ -156,9 +156,11 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
     let mut config = PluginConfig { reuse: 1, limits: args.limits(), grants };
     let artifact = runtime.engine().load_file(&args.plugin, args.allow_precompiled)?;
     // A command's stdio passes straight through; a pipeline plugin's goes to the log.
-    if let Artifact::Component(component) = &artifact
-        && Interface::of(component, runtime.engine().wasmtime()).kind() == Some(PluginKind::Command)
-    {
+    let interface = match &artifact {
+        Artifact::Component(component) => Interface::of(component, runtime.engine().wasmtime()),
+        Artifact::Module(module) => Interface::of_module(module),
+    };
+    if interface.kind() == Some(PluginKind::Command) {
         config.grants.stdio = Stdio::Inherit;
         config.grants.stdin = true;
     }

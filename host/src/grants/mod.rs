@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::NnGrants;
+use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 pub use stdio::{LogStream, OutputTail};
@@ -115,6 +116,17 @@ impl Grants {
     /// Builds the WASI context of one call for the plugin `plugin`. When stderr goes to the
     /// log, its last lines are also kept in the returned tail, to explain a trap.
     pub fn wasi_ctx(&self, plugin: &Arc<str>) -> Result<(WasiCtx, Option<OutputTail>), GrantError> {
+        let (mut builder, tail) = self.wasi_builder(plugin)?;
+        Ok((builder.build(), tail))
+    }
+
+    /// The same context for a core module (WASI preview 1).
+    pub fn wasi_p1_ctx(&self, plugin: &Arc<str>) -> Result<(WasiP1Ctx, Option<OutputTail>), GrantError> {
+        let (mut builder, tail) = self.wasi_builder(plugin)?;
+        Ok((builder.build_p1(), tail))
+    }
+
+    fn wasi_builder(&self, plugin: &Arc<str>) -> Result<(WasiCtxBuilder, Option<OutputTail>), GrantError> {
         let mut builder = WasiCtxBuilder::new();
         builder.args(&self.args).envs(&self.env);
         for dir in &self.dirs {
@@ -147,7 +159,7 @@ impl Grants {
         if self.network {
             builder.inherit_network();
         }
-        Ok((builder.build(), tail))
+        Ok((builder, tail))
     }
 }
 

@@ -6,6 +6,7 @@
 //!   [`backends`] holds one module per family.
 //! - [`scheduler`]: the bounded compute pool forward passes run on.
 //! - [`host`]: the interface implementations, enforcing the plugin's [`NnGrants`].
+//! - [`legacy`]: the witx ABI `wasi_ephemeral_nn` for core-module (wasip1) guests.
 //!
 //! Models are loaded once per registry and shared (`Arc`) across instances, plugins and
 //! tenants; loading by name needs a grant, loading from bytes a separate one with a size cap.
@@ -16,6 +17,7 @@ pub mod bindings;
 mod error;
 mod graph;
 mod host;
+pub mod legacy;
 pub mod scheduler;
 pub mod tensor;
 
@@ -68,11 +70,12 @@ pub struct NnCtx {
     pub(crate) deadline: Instant,
     pub(crate) tensor_bytes: u64,
     pub(crate) resources: u32,
+    pub(crate) legacy: legacy::LegacyState,
 }
 
 impl NnCtx {
     /// State for one call that must finish by `deadline`.
     pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
-        Self { registry, grants, deadline, tensor_bytes: 0, resources: 0 }
+        Self { registry, grants, deadline, tensor_bytes: 0, resources: 0, legacy: Default::default() }
     }
 }

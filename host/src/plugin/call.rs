@@ -102,16 +102,25 @@ impl Plugin {
     /// Runs a command component to completion and returns its exit code. Its arguments,
     /// environment and stdio come from the plugin's grants.
     pub async fn run_command(&self) -> Result<i32, CallError> {
-        let Pre::Command(pre) = &self.pre else {
-            return Err(self.wrong_kind());
-        };
         let mut session = self.new_session()?;
-        let (result, _) = self
-            .run(&mut session, async |s: &mut Session| {
-                let command = pre.instantiate_async(&mut s.store).await?;
-                command.wasi_cli_run().call_run(&mut s.store).await
-            })
-            .await;
+        let (result, _) = match &self.pre {
+            Pre::Command(pre) => {
+                self.run(&mut session, async |s: &mut Session| {
+                    let command = pre.instantiate_async(&mut s.store).await?;
+                    command.wasi_cli_run().call_run(&mut s.store).await
+                })
+                .await
+            }
+            Pre::Module(pre) => {
+                self.run(&mut session, async |s: &mut Session| {
+                    let instance = pre.instantiate_async(&mut s.store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut s.store, "_start")?;
+                    start.call_async(&mut s.store, ()).await.map(Ok)
+                })
+                .await
+            }
+            Pre::Pipeline(_) => return Err(self.wrong_kind()),
+        };
         match result {
             Ok(Ok(())) => Ok(0),
             Ok(Err(())) => Ok(1),
@@ -135,9 +144,18 @@ impl Plugin {
     /// A store with the plugin's grants and limiter, not yet instantiated.
     fn new_session(&self) -> Result<Session, CallError> {
         let limits = &self.config.limits;
-        let (wasi, stderr) = self.config.grants.wasi_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
+        let grants = &self.config.grants;
         let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), Instant::now() + limits.timeout);
-        let state = StoreState::new(self.name.clone(), wasi, nn, StoreLimiter::new(limits));
+        let (state, stderr) = if let Pre::Module(_) = self.pre {
+            let (p1, stderr) = grants.wasi_p1_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
+            let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
+            let mut state = StoreState::new(self.name.clone(), wasi, nn, StoreLimiter::new(limits));
+            state.set_p1(p1);
+            (state, stderr)
+        } else {
+            let (wasi, stderr) = grants.wasi_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
+            (StoreState::new(self.name.clone(), wasi, nn, StoreLimiter::new(limits)), stderr)
+        };
         let mut store = Store::new(self.engine.wasmtime(), state);
         store.limiter(|s| &mut s.limiter);
         // Every epoch tick: trap once past this call's deadline, else yield so other calls on

@@ -11,6 +11,32 @@ use super::bindings;
 use super::store::StoreState;
 use crate::nn::Nn;
 
+/// The linkers every plugin is instantiated against: one for components, one for core modules.
+pub struct Linkers {
+    /// For components.
+    pub component: Linker<StoreState>,
+    /// For core modules.
+    pub module: wasmtime::Linker<StoreState>,
+}
+
+impl Linkers {
+    /// Builds both.
+    pub fn new(engine: &wasmtime::Engine) -> anyhow::Result<Self> {
+        Ok(Self { component: build(engine)?, module: build_module_linker(engine)? })
+    }
+}
+
+/// Builds the linker for core modules (`wasm32-wasip1` programs): WASI preview 1 and the
+/// legacy `wasi_ephemeral_nn`.
+pub fn build_module_linker(engine: &wasmtime::Engine) -> anyhow::Result<wasmtime::Linker<StoreState>> {
+    let mut linker = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, StoreState::p1)
+        .map_err(|e| anyhow::anyhow!("linking WASI preview 1: {e:#}"))?;
+    crate::nn::legacy::add_to_linker(&mut linker, StoreState::nn_mut)
+        .map_err(|e| anyhow::anyhow!("linking wasi_ephemeral_nn: {e:#}"))?;
+    Ok(linker)
+}
+
 /// Builds the linker with every host interface EIR provides.
 pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);

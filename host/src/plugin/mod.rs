@@ -13,12 +13,12 @@ mod store;
 
 use std::sync::{Arc, Mutex};
 
-use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::component::{Component, InstancePre};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use call::CallStats;
 pub use error::{CallError, ErrorKind};
-pub use linker::build as build_linker;
+pub use linker::Linkers;
 pub use store::StoreState;
 
 use crate::engine::{Artifact, Engine, LoadError};
@@ -33,6 +33,8 @@ pub const HANDLER_INTERFACE: &str = "eir:plugin/handler@0.1";
 pub const RUN_INTERFACE: &str = "wasi:cli/run@0.2";
 /// Prefix of the wasi-nn interfaces.
 pub const NN_PREFIX: &str = "wasi:nn/";
+/// The import module of the legacy witx wasi-nn ABI.
+pub const LEGACY_NN_MODULE: &str = "wasi_ephemeral_nn::";
 
 /// What a component is, judged by its exports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,20 +96,28 @@ impl Interface {
         }
     }
 
-    /// The kind these exports make, if any.
+    /// The kind these exports make, if any (a core module exporting `_start` is a command).
     pub fn kind(&self) -> Option<PluginKind> {
         if self.exports.iter().any(|e| e.starts_with(HANDLER_INTERFACE)) {
             Some(PluginKind::Pipeline)
-        } else if self.exports.iter().any(|e| e.starts_with(RUN_INTERFACE)) {
+        } else if self.exports.iter().any(|e| e.starts_with(RUN_INTERFACE) || e == "_start") {
             Some(PluginKind::Command)
         } else {
             None
         }
     }
 
-    /// Whether the component imports any wasi-nn interface.
+    /// Reads the names from a core module (`module::name` for imports).
+    pub fn of_module(module: &wasmtime::Module) -> Self {
+        Self {
+            imports: module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect(),
+            exports: module.exports().map(|e| e.name().to_string()).collect(),
+        }
+    }
+
+    /// Whether the component imports any wasi-nn interface (or a module the witx ABI).
     pub fn imports_nn(&self) -> bool {
-        self.imports.iter().any(|i| i.starts_with(NN_PREFIX))
+        self.imports.iter().any(|i| i.starts_with(NN_PREFIX) || i.starts_with(LEGACY_NN_MODULE))
     }
 }
 
@@ -120,19 +130,10 @@ pub enum LoadPluginError {
     /// A grant cannot be honoured.
     #[error(transparent)]
     Grant(#[from] GrantError),
-    /// The file is a core module, not a component.
-    #[error(
-        "{name} is a core WebAssembly module, not a component; build plugins for wasm32-wasip2 \
-         (or adapt a wasip1 module with `wasm-tools component new --adapt`)"
-    )]
-    CoreModule {
-        /// The plugin.
-        name: String,
-    },
     /// The component exports neither entry point.
     #[error(
         "{name} is neither a pipeline plugin (exporting {HANDLER_INTERFACE}.x) nor a command \
-         (exporting {RUN_INTERFACE}.x); it exports: {exports}"
+         (exporting {RUN_INTERFACE}.x, or `_start` for a core module); it exports: {exports}"
     )]
     NotAPlugin {
         /// The plugin.
@@ -170,6 +171,8 @@ pub enum LoadPluginError {
 enum Pre {
     Pipeline(bindings::PipelinePre<StoreState>),
     Command(CommandPre<StoreState>),
+    /// A `wasm32-wasip1` program: WASI preview 1, `_start`.
+    Module(wasmtime::InstancePre<StoreState>),
 }
 
 /// A loaded plugin, ready to be called any number of times, concurrently.
@@ -189,18 +192,12 @@ impl Plugin {
     /// Links and pre-instantiates `artifact` as plugin `name`.
     pub fn new(
         engine: &Engine,
-        linker: &Linker<StoreState>,
+        linkers: &Linkers,
         name: &str,
         registry: &Arc<Registry>,
         artifact: Artifact,
         config: PluginConfig,
     ) -> Result<Self, LoadPluginError> {
-        let component = match artifact {
-            Artifact::Component(c) => c,
-            Artifact::Module(_) => {
-                return Err(LoadPluginError::CoreModule { name: name.to_string() });
-            }
-        };
         config.grants.check()?;
         let pool_max = engine.config().max_memory_per_instance;
         if engine.config().pooling && config.limits.max_memory.as_u64() > pool_max {
@@ -213,7 +210,10 @@ impl Plugin {
                 ),
             });
         }
-        let interface = Interface::of(&component, engine.wasmtime());
+        let interface = match &artifact {
+            Artifact::Component(c) => Interface::of(c, engine.wasmtime()),
+            Artifact::Module(m) => Interface::of_module(m),
+        };
         let nn = &config.grants.nn;
         if let Some(model) = nn.models.iter().find(|m| *m != "*" && registry.decl(m).is_none()) {
             return Err(LoadPluginError::UnknownModel { name: name.to_string(), model: model.clone() });
@@ -226,10 +226,16 @@ impl Plugin {
             exports: if interface.exports.is_empty() { "nothing".into() } else { interface.exports.join(", ") },
         })?;
         let link_err = |e: wasmtime::Error| LoadPluginError::Link { name: name.to_string(), message: format!("{e:#}") };
-        let instance_pre: InstancePre<StoreState> = linker.instantiate_pre(&component).map_err(link_err)?;
-        let pre = match kind {
-            PluginKind::Pipeline => Pre::Pipeline(bindings::PipelinePre::new(instance_pre).map_err(link_err)?),
-            PluginKind::Command => Pre::Command(CommandPre::new(instance_pre).map_err(link_err)?),
+        let pre = match artifact {
+            Artifact::Module(module) => Pre::Module(linkers.module.instantiate_pre(&module).map_err(link_err)?),
+            Artifact::Component(component) => {
+                let instance_pre: InstancePre<StoreState> =
+                    linkers.component.instantiate_pre(&component).map_err(link_err)?;
+                match kind {
+                    PluginKind::Pipeline => Pre::Pipeline(bindings::PipelinePre::new(instance_pre).map_err(link_err)?),
+                    PluginKind::Command => Pre::Command(CommandPre::new(instance_pre).map_err(link_err)?),
+                }
+            }
         };
         tracing::debug!(plugin = name, kind = kind.as_str(), "plugin ready");
         Ok(Self {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -24,6 +25,7 @@ pub struct StoreState {
     deadline: Instant,
     nn: NnCtx,
     wasi: WasiCtx,
+    p1: Option<WasiP1Ctx>,
     http: WasiHttpCtx,
     http_hooks: DenyOutgoingHttp,
     table: ResourceTable,
@@ -37,6 +39,7 @@ impl StoreState {
             deadline: nn.deadline,
             nn,
             wasi,
+            p1: None,
             http: WasiHttpCtx::new(),
             http_hooks: DenyOutgoingHttp,
             table: ResourceTable::new(),
@@ -54,6 +57,22 @@ impl StoreState {
     /// When the current call must end.
     pub(crate) fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// Makes this a core module's store: WASI preview 1 with this context.
+    pub(crate) fn set_p1(&mut self, ctx: WasiP1Ctx) {
+        self.p1 = Some(ctx);
+    }
+
+    /// The WASI preview 1 context (core modules); an empty one if none was set, which only a
+    /// component store could meet, and components never call preview 1.
+    pub(crate) fn p1(&mut self) -> &mut WasiP1Ctx {
+        self.p1.get_or_insert_with(|| wasmtime_wasi::WasiCtxBuilder::new().build_p1())
+    }
+
+    /// The wasi-nn state (the witx ABI works on it directly).
+    pub(crate) fn nn_mut(&mut self) -> &mut NnCtx {
+        &mut self.nn
     }
 
     /// The wasi-nn host's view of this store.
