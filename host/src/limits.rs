@@ -77,6 +77,19 @@ impl LimitKind {
     }
 }
 
+/// A host-side resource cap a guest ran into (e.g. wasi-nn tensor bytes held in the host).
+/// Host functions raise it as a trap; the call is then reported as a memory-limit violation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: asked for {requested}, limit {limit}")]
+pub struct HostLimitExceeded {
+    /// What ran out ("wasi-nn tensor bytes", ...).
+    pub what: &'static str,
+    /// How much was asked for.
+    pub requested: u64,
+    /// The cap.
+    pub limit: u64,
+}
+
 /// The record a [`StoreLimiter`] keeps of the first growth it refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {

@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-
 use crate::engine::{Artifact, Engine, EngineConfig};
 use crate::plugin::{Linkers, LoadPluginError, Plugin, PluginConfig};
 use crate::registry::Registry;

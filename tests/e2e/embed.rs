@@ -148,7 +148,10 @@ fn a_legacy_wasip1_wasi_nn_program_runs_unchanged() {
     let model = format!("minilm={}", minilm_dir().display());
     let legacy = guest("legacy-nn");
     let cache = tempfile::tempdir().unwrap();
-    let out = crate::common::eir(&["run", "--model", &model, legacy.to_str().unwrap(), "minilm", &ids.join(",")], cache.path());
+    let out = crate::common::eir(
+        &["run", "--model", &model, legacy.to_str().unwrap(), "minilm", &ids.join(",")],
+        cache.path(),
+    );
     let (stdout, stderr) = crate::common::text(&out);
     assert!(out.status.success(), "{stderr}");
     let got: Vec<f32> = stdout.trim().split(',').map(|x| x.parse().unwrap()).collect();
@@ -177,7 +180,8 @@ fn eir_run_prints_embeddings_from_the_command_line() {
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["outputs"][0]["name"], "embedding");
     assert_eq!(json["outputs"][0]["shape"], serde_json::json!([1, 384]));
-    let got: Vec<f32> = json["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let got: Vec<f32> =
+        json["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let case = reference.cases.iter().find(|c| c.text == "A man is eating food.").unwrap();
     assert!(cosine(&got, &case.embedding) >= reference.tolerance.cosine_min);
 }

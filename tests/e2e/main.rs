@@ -8,4 +8,5 @@ mod common;
 mod embed;
 mod grants;
 mod limits;
+mod nn;
 mod plugins;

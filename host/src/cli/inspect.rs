@@ -34,7 +34,10 @@ pub async fn inspect(args: InspectArgs, global: &GlobalOptions) -> anyhow::Resul
     let (kind, interface) = match &artifact {
         Artifact::Module(module) => {
             let interface = Interface::of_module(module);
-            (if interface.kind().is_some() { "command (core module, WASI preview 1)" } else { "core module" }, interface)
+            (
+                if interface.kind().is_some() { "command (core module, WASI preview 1)" } else { "core module" },
+                interface,
+            )
         }
         Artifact::Component(component) => {
             let interface = Interface::of(component, runtime.engine().wasmtime());

@@ -15,6 +15,7 @@ use super::bindings::{errors, graph, inference, tensor};
 use super::error::NnError;
 use super::graph::{HostContext, HostGraph};
 use super::tensor::HostTensor;
+use crate::limits::HostLimitExceeded;
 
 /// The [`HasData`] marker the linker uses to reach [`NnView`].
 pub struct Nn;
@@ -43,10 +44,11 @@ impl NnView<'_> {
 
     fn count_resource(&mut self) -> wasmtime::Result<()> {
         if self.ctx.resources >= self.ctx.grants.max_resources {
-            wasmtime::bail!(
-                "wasi-nn: more than {} live resources (drop tensors and contexts you no longer need)",
-                self.ctx.grants.max_resources
-            );
+            return Err(wasmtime::Error::new(HostLimitExceeded {
+                what: "live wasi-nn resources",
+                requested: u64::from(self.ctx.resources) + 1,
+                limit: u64::from(self.ctx.grants.max_resources),
+            }));
         }
         self.ctx.resources += 1;
         Ok(())
@@ -57,20 +59,18 @@ impl NnView<'_> {
     }
 
     /// Accounts for `bytes` more tensor data held in the host.
-    fn reserve_bytes(&mut self, bytes: usize) -> Result<(), NnError> {
-        let cap = self.ctx.grants.max_tensor_bytes.as_u64();
-        let total = self.ctx.tensor_bytes.saturating_add(bytes as u64);
-        if total > cap {
-            return Err(NnError::too_large(format!(
-                "tensors held in the host would reach {total} bytes, over this plugin's cap of {cap}"
-            )));
+    fn reserve_bytes(&mut self, bytes: usize) -> Result<(), HostLimitExceeded> {
+        let limit = self.ctx.grants.max_tensor_bytes.as_u64();
+        let requested = self.ctx.tensor_bytes.saturating_add(bytes as u64);
+        if requested > limit {
+            return Err(HostLimitExceeded { what: "wasi-nn tensor bytes held in the host", requested, limit });
         }
-        self.ctx.tensor_bytes = total;
+        self.ctx.tensor_bytes = requested;
         Ok(())
     }
 
     fn push_tensor(&mut self, t: HostTensor) -> wasmtime::Result<Resource<HostTensor>> {
-        self.reserve_bytes(t.byte_len()).map_err(|e| wasmtime::format_err!("wasi-nn: {e}"))?;
+        self.reserve_bytes(t.byte_len()).map_err(wasmtime::Error::new)?;
         self.count_resource()?;
         Ok(self.table.push(t)?)
     }

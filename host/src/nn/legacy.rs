@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use wiggle::{GuestMemory, GuestPtr};
 
+use super::NnCtx;
 use super::backend::{self, Source, Target};
 use super::bindings::errors::ErrorCode;
 use super::bindings::tensor::TensorType;
 use super::error::NnError;
 use super::graph::HostGraph;
 use super::tensor::HostTensor;
-use super::NnCtx;
 
 wiggle::from_witx!({
     witx: ["../wit/legacy/wasi-nn.witx"],
@@ -23,8 +23,8 @@ wiggle::from_witx!({
     errors: { nn_errno => trappable Error },
 });
 
-pub use self::wasi_ephemeral_nn::add_to_linker;
 use self::types::{Error, NnErrno};
+pub use self::wasi_ephemeral_nn::add_to_linker;
 
 impl wiggle::GuestErrorType for NnErrno {
     fn success() -> Self {
@@ -190,7 +190,11 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         Ok(())
     }
 
-    async fn compute(&mut self, _memory: &mut GuestMemory<'_>, context: types::GraphExecutionContext) -> Result<(), Error> {
+    async fn compute(
+        &mut self,
+        _memory: &mut GuestMemory<'_>,
+        context: types::GraphExecutionContext,
+    ) -> Result<(), Error> {
         let deadline = self.deadline;
         let pool = self.registry.pool().clone();
         let ctx = self.context(context)?;
@@ -219,11 +223,15 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         let ctx = self.context(context)?;
         let count = ctx.outputs.len();
         let t = ctx.outputs.get(index as usize).ok_or_else(|| {
-            fail(NnError::invalid_argument(format!("output index {index} out of range ({count} outputs; compute first)")))
+            fail(NnError::invalid_argument(format!(
+                "output index {index} out of range ({count} outputs; compute first)"
+            )))
         })?;
         let len = u32::try_from(t.byte_len()).map_err(|_| fail(NnError::too_large("output over 4 GiB")))?;
         if len > out_buffer_max_size {
-            return Err(fail(NnError::too_large(format!("output needs {len} bytes, the buffer holds {out_buffer_max_size}"))));
+            return Err(fail(NnError::too_large(format!(
+                "output needs {len} bytes, the buffer holds {out_buffer_max_size}"
+            ))));
         }
         memory.copy_from_slice(t.data(), out_buffer.as_array(len)).map_err(guest)?;
         Ok(len)

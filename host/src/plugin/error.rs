@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::grants::OutputTail;
-use crate::limits::{LimitKind, Refusal, StoreLimiter};
+use crate::limits::{HostLimitExceeded, LimitKind, Refusal, StoreLimiter};
 
 use super::bindings::types::ErrorCode;
 
@@ -94,7 +94,8 @@ pub enum CallError {
     },
     /// Growth past a cap was refused and the plugin could not continue.
     #[error(
-        "plugin `{plugin}` hit its {what} limit: asked for {requested}, limit {limit} (raise it, e.g. --max-memory){}",
+        "plugin `{plugin}` hit its memory limit ({what}): asked for {requested}, limit {limit}{}{}",
+        if *what == "memory" { " (raise it, e.g. --max-memory)" } else { "" },
         detail.as_deref().map(|d| format!("; then: {d}")).unwrap_or_default()
     )]
     MemoryLimit {
@@ -264,6 +265,10 @@ impl Classifier<'_> {
                 return CallError::StackOverflow { plugin, backtrace };
             }
             _ => {}
+        }
+        if let Some(host) = err.downcast_ref::<HostLimitExceeded>() {
+            let HostLimitExceeded { what, requested, limit } = host.clone();
+            return CallError::MemoryLimit { plugin, what, requested, limit, detail: None };
         }
         if let Some(refusal) = self.count_refusal(&err) {
             let Refusal { what, requested, limit } = refusal;

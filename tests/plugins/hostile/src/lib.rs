@@ -92,6 +92,18 @@ impl Plugin for Hostile {
                 let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 Ok(Response::new().with_param("calls", n.to_string()))
             }
+            "nn-name" => {
+                let model = request.param("model").unwrap_or("minilm");
+                Ok(Response::new().with(Tensor::strings("nn", [nn_probe::load_by_name(model)])))
+            }
+            "nn-bytes" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::load_bytes()]))),
+            "nn-bad-input" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::bad_input()]))),
+            "nn-gpu" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::gpu()]))),
+            "nn-busy" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::busy()]))),
+            "nn-hoard" => {
+                nn_probe::hoard();
+                Ok(Response::new())
+            }
             "log" => {
                 println!("line on stdout");
                 eprintln!("line on stderr");
@@ -104,3 +116,85 @@ impl Plugin for Hostile {
 }
 
 eir_guest::export_plugin!(Hostile);
+
+/// Raw wasi-nn calls, reporting the exact error code the host answers with.
+mod nn_probe {
+    use eir_guest::bindings::wasi::nn::{errors, graph, tensor};
+
+    fn describe(e: errors::Error) -> String {
+        format!("{:?}: {}", e.code(), e.data())
+    }
+
+    fn ids(values: &[i64]) -> tensor::Tensor {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensor::Tensor::new(&[1, values.len() as u32], tensor::TensorType::I64, &bytes)
+    }
+
+    fn run(g: &graph::Graph, values: &[i64]) -> String {
+        let ctx = match g.init_execution_context() {
+            Ok(ctx) => ctx,
+            Err(e) => return describe(e),
+        };
+        match ctx.compute(vec![("input_ids".to_string(), ids(values))]) {
+            Ok(outputs) => outputs.iter().map(|(n, t)| format!("{n}: {:?} {:?}", t.ty(), t.dimensions())).collect(),
+            Err(e) => describe(e),
+        }
+    }
+
+    pub fn load_by_name(model: &str) -> String {
+        match graph::load_by_name(model) {
+            Ok(g) => format!("ok: {}", run(&g, &[101, 7592, 2088, 102])),
+            Err(e) => describe(e),
+        }
+    }
+
+    pub fn load_bytes() -> String {
+        let (Ok(config), Ok(weights)) =
+            (std::fs::read("/model/config.json"), std::fs::read("/model/model.safetensors"))
+        else {
+            return "cannot read /model".into();
+        };
+        match graph::load(&[config, weights], graph::GraphEncoding::Autodetect, graph::ExecutionTarget::Cpu) {
+            Ok(g) => format!("ok: {}", run(&g, &[101, 102])),
+            Err(e) => describe(e),
+        }
+    }
+
+    pub fn bad_input() -> String {
+        match graph::load_by_name("minilm") {
+            Ok(g) => run(&g, &[101, 999_999, 102]),
+            Err(e) => describe(e),
+        }
+    }
+
+    pub fn gpu() -> String {
+        match graph::load(&[b"{}".to_vec()], graph::GraphEncoding::Autodetect, graph::ExecutionTarget::Gpu) {
+            Ok(_) => "ok".into(),
+            Err(e) => describe(e),
+        }
+    }
+
+    /// Computes on ever longer inputs until the host says stop (the deadline).
+    pub fn busy() -> String {
+        let g = match graph::load_by_name("minilm") {
+            Ok(g) => g,
+            Err(e) => return describe(e),
+        };
+        let long: Vec<i64> = std::iter::once(101).chain(std::iter::repeat_n(2088, 510)).chain([102]).collect();
+        loop {
+            let answer = run(&g, &long);
+            if !answer.starts_with("last_hidden_state") {
+                return answer;
+            }
+        }
+    }
+
+    /// Keeps tensors alive in the host until it refuses.
+    pub fn hoard() {
+        let chunk = vec![0u8; 1 << 20];
+        let mut kept = Vec::new();
+        loop {
+            kept.push(tensor::Tensor::new(&[1 << 18], tensor::TensorType::Fp32, &chunk));
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The wasi-nn host's answers: grants, error codes, caps, deadlines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use eir::Runtime;
+use eir::engine::EngineConfig;
+use eir::grants::{DirGrant, Grants};
+use eir::limits::Limits;
+use eir::nn::{ComputePool, NnGrants};
+use eir::plugin::{ErrorKind, Plugin, PluginConfig};
+use eir::registry::{ModelDecl, Registry};
+
+use crate::common::{guest, request, strings};
+use crate::embed::minilm_dir;
+
+fn hostile(nn: NnGrants, limits: Limits) -> (Plugin, tempfile::TempDir) {
+    let dir = minilm_dir();
+    let cache = tempfile::tempdir().unwrap();
+    let registry = Registry::new(
+        [("minilm".to_string(), ModelDecl { path: dir.clone(), family: None, target: Default::default() })],
+        ComputePool::new(1),
+    );
+    let rt = Runtime::with_registry(
+        EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },
+        Arc::new(registry),
+    )
+    .unwrap();
+    let grants = Grants {
+        dirs: vec![DirGrant { host: dir, guest: "/model".into(), writable: false }],
+        nn,
+        ..Default::default()
+    };
+    let plugin = rt
+        .load_plugin("hostile", &guest("hostile"), PluginConfig { grants, limits, ..Default::default() }, false)
+        .unwrap();
+    (plugin, cache)
+}
+
+fn granted() -> NnGrants {
+    NnGrants { models: vec!["minilm".into()], ..Default::default() }
+}
+
+async fn answer(plugin: &Plugin, params: &[(&str, &str)]) -> String {
+    let response = plugin.handle(&request(params, vec![])).await.unwrap_or_else(|e| panic!("{e}"));
+    strings(&response.outputs[0]).remove(0)
+}
+
+#[tokio::test]
+async fn load_by_name_needs_a_grant_and_a_registered_model() {
+    let (plugin, _c) = hostile(granted(), Limits::default());
+    assert_eq!(answer(&plugin, &[("attack", "nn-name")]).await, "ok: last_hidden_state: TensorType::Fp32 [1, 4, 384]");
+    let got = answer(&plugin, &[("attack", "nn-name"), ("model", "other")]).await;
+    assert!(got.starts_with("ErrorCode::Security"), "{got}");
+
+    let (all, _c) = hostile(NnGrants { models: vec!["*".into()], ..Default::default() }, Limits::default());
+    let got = answer(&all, &[("attack", "nn-name"), ("model", "other")]).await;
+    assert!(got.starts_with("ErrorCode::NotFound"), "{got}");
+
+    let (none, _c) = hostile(NnGrants::default(), Limits::default());
+    let got = answer(&none, &[("attack", "nn-name")]).await;
+    assert!(got.starts_with("ErrorCode::Security"), "{got}");
+}
+
+#[tokio::test]
+async fn load_from_bytes_is_a_separate_capped_grant() {
+    let (plugin, _c) = hostile(granted(), Limits::default());
+    let got = answer(&plugin, &[("attack", "nn-bytes")]).await;
+    assert!(got.starts_with("ErrorCode::Security"), "{got}");
+
+    let small = NnGrants { load_from_bytes: Some(ByteSize::mib(1)), ..granted() };
+    let (plugin, _c) = hostile(small, Limits::default());
+    let got = answer(&plugin, &[("attack", "nn-bytes")]).await;
+    assert!(got.starts_with("ErrorCode::TooLarge"), "{got}");
+
+    let enough = NnGrants { load_from_bytes: Some(ByteSize::mib(200)), ..granted() };
+    let (plugin, _c) = hostile(enough, Limits::default());
+    assert_eq!(answer(&plugin, &[("attack", "nn-bytes")]).await, "ok: last_hidden_state: TensorType::Fp32 [1, 2, 384]");
+}
+
+#[tokio::test]
+async fn bad_inputs_and_targets_get_spec_error_codes() {
+    let (plugin, _c) = hostile(granted(), Limits::default());
+    let got = answer(&plugin, &[("attack", "nn-bad-input")]).await;
+    assert!(got.starts_with("ErrorCode::InvalidArgument") && got.contains("999999"), "{got}");
+    let enough = NnGrants { load_from_bytes: Some(ByteSize::mib(1)), ..granted() };
+    let (plugin, _c) = hostile(enough, Limits::default());
+    let got = answer(&plugin, &[("attack", "nn-gpu")]).await;
+    assert!(got.starts_with("ErrorCode::UnsupportedOperation") && got.contains("cuda"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_cuts_a_compute_wait_and_the_host_carries_on() {
+    let limits = Limits { timeout: Duration::from_millis(500), ..Limits::default() };
+    let (plugin, _c) = hostile(granted(), limits);
+    let busy = request(&[("attack", "nn-busy")], vec![]);
+    let call = plugin.handle(&busy);
+    let outcome = tokio::time::timeout(Duration::from_secs(120), call).await.expect("the deadline must end the call");
+    match outcome {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{e}"),
+        Ok(r) => {
+            let got = strings(&r.outputs[0]).remove(0);
+            assert!(got.starts_with("ErrorCode::Timeout"), "the guest may see a timeout error instead: {got}");
+        }
+    }
+    assert!(answer(&plugin, &[("attack", "nn-name")]).await.starts_with("ok"));
+}
+
+#[tokio::test]
+async fn tensors_parked_in_the_host_are_capped() {
+    let nn = NnGrants { max_tensor_bytes: ByteSize::mib(8), ..granted() };
+    let (plugin, _c) = hostile(nn, Limits::default());
+    let err = plugin.handle(&request(&[("attack", "nn-hoard")], vec![])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MemoryLimit, "{err}");
+    assert!(err.to_string().contains("wasi-nn tensor bytes"), "{err}");
+    assert!(answer(&plugin, &[("attack", "nn-name")]).await.starts_with("ok"));
+}
