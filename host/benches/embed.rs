@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor as CTensor};
 use eir::Runtime;
 use eir::engine::EngineConfig;
-use eir::grants::{DirGrant, Grants};
+use eir::grants::Grants;
 use eir::nn::backends::bert::Bert;
 use eir::nn::{ComputePool, NnGrants};
 use eir::plugin::{Plugin, PluginConfig};
@@ -80,11 +80,7 @@ fn main() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let rt =
         Runtime::with_registry(EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() }, registry)?;
-    let grants = Grants {
-        dirs: vec![DirGrant { host: dir.clone(), guest: "/model".into(), writable: false }],
-        nn: NnGrants { models: vec!["minilm".into()], ..Default::default() },
-        ..Default::default()
-    };
+    let grants = Grants { nn: NnGrants { models: vec!["minilm".into()], ..Default::default() }, ..Default::default() };
     // Warm instances (the parsed tokenizer survives between calls), as a server runs it; and
     // a fresh instance per call, the strictest isolation.
     let plugin: Plugin = rt.load_plugin(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use eir::Runtime;
 use eir::engine::EngineConfig;
-use eir::grants::{DirGrant, Grants};
+use eir::grants::Grants;
 use eir::nn::{ComputePool, NnGrants};
 use eir::plugin::{Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
@@ -62,11 +62,8 @@ pub fn embed_plugin() -> (Plugin, tempfile::TempDir) {
         Arc::new(registry),
     )
     .unwrap();
-    let grants = Grants {
-        dirs: vec![DirGrant { host: dir, guest: "/model".into(), writable: false }],
-        nn: NnGrants { models: vec!["minilm".into()], ..Default::default() },
-        ..Default::default()
-    };
+    // No directory grant: the model's files come with the model grant, at /models/minilm.
+    let grants = Grants { nn: NnGrants { models: vec!["minilm".into()], ..Default::default() }, ..Default::default() };
     let plugin = rt
         .load_plugin("text-embed", &guest("text-embed"), PluginConfig { grants, ..Default::default() }, false)
         .unwrap();
@@ -168,11 +165,10 @@ fn a_legacy_wasip1_wasi_nn_program_runs_unchanged() {
 fn eir_run_prints_embeddings_from_the_command_line() {
     let reference = reference();
     let model = format!("minilm={}", minilm_dir().display());
-    let dir = format!("{}::/model", minilm_dir().display());
     let plugin = guest("text-embed");
     let cache = tempfile::tempdir().unwrap();
     let out = crate::common::eir(
-        &["run", plugin.to_str().unwrap(), "--model", &model, "--dir", &dir, "--input", "text=A man is eating food."],
+        &["run", plugin.to_str().unwrap(), "--model", &model, "--input", "text=A man is eating food."],
         cache.path(),
     );
     let (stdout, stderr) = crate::common::text(&out);

@@ -22,7 +22,7 @@ pub use linker::Linkers;
 pub use store::StoreState;
 
 use crate::engine::{Artifact, Engine, LoadError};
-use crate::grants::{GrantError, Grants};
+use crate::grants::{DirGrant, GrantError, Grants};
 use crate::limits::Limits;
 use crate::nn::NnGrants;
 use crate::registry::Registry;
@@ -196,8 +196,19 @@ impl Plugin {
         name: &str,
         registry: &Arc<Registry>,
         artifact: Artifact,
-        config: PluginConfig,
+        mut config: PluginConfig,
     ) -> Result<Self, LoadPluginError> {
+        // A granted model's files (a tokenizer, labels) come with it: read-only, at /models/NAME.
+        for model in &config.grants.nn.models {
+            if let Some(decl) = registry.decl(model)
+                && decl.path.is_dir()
+            {
+                let guest = format!("/models/{model}");
+                if !config.grants.dirs.iter().any(|d| d.guest == guest) {
+                    config.grants.dirs.push(DirGrant { host: decl.path.clone(), guest, writable: false });
+                }
+            }
+        }
         config.grants.check()?;
         let pool_max = engine.config().max_memory_per_instance;
         if engine.config().pooling && config.limits.max_memory.as_u64() > pool_max {

@@ -7,8 +7,8 @@
 //! and with `return_tokens=true` also `token_ids` (INT64 `[n, seq]`, 0-padded) and
 //! `token_counts` (INT64 `[n]`).
 //!
-//! Parameters: `model` (default `minilm`), `tokenizer` (default `/model/tokenizer.json`, in a
-//! directory granted read-only), `max_tokens` (default 256, sentence-transformers'
+//! Parameters: `model` (default `minilm`), `tokenizer` (default `/models/<model>/tokenizer.json`:
+//! the host shows a granted model's directory there, read-only), `max_tokens` (default 256, sentence-transformers'
 //! `max_seq_length` for all-MiniLM-L6-v2; longer sentences are truncated), `batch_size`
 //! (default 32), `normalize` (default `true`).
 
@@ -131,9 +131,11 @@ impl Plugin for TextEmbed {
         if max_tokens < 2 {
             return Err(Error::invalid_input("max_tokens must leave room for [CLS] and [SEP]"));
         }
-        let tok = tokenizer(request.param("tokenizer").unwrap_or("/model/tokenizer.json"), max_tokens)?;
 
         let graph = Graph::load_by_name(model)?;
+        // A granted model's directory is readable at /models/NAME.
+        let default_tokenizer = format!("/models/{model}/tokenizer.json");
+        let tok = tokenizer(request.param("tokenizer").unwrap_or(&default_tokenizer), max_tokens)?;
         let session = graph.session()?;
         let mut embeddings = Vec::new();
         let mut dim = 0;

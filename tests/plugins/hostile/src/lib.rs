@@ -150,9 +150,9 @@ mod nn_probe {
 
     pub fn load_bytes() -> String {
         let (Ok(config), Ok(weights)) =
-            (std::fs::read("/model/config.json"), std::fs::read("/model/model.safetensors"))
+            (std::fs::read("/models/minilm/config.json"), std::fs::read("/models/minilm/model.safetensors"))
         else {
-            return "cannot read /model".into();
+            return "cannot read /models/minilm".into();
         };
         match graph::load(&[config, weights], graph::GraphEncoding::Autodetect, graph::ExecutionTarget::Cpu) {
             Ok(g) => format!("ok: {}", run(&g, &[101, 102])),
