@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The main job on its built-in default: builds what is missing, then runs the shipped
-# text-normalisation plugin on a sample text (or on the texts given as arguments).
+# The main job on its built-in default: builds what is missing, fetches the pinned model if it
+# is missing, then embeds a sample sentence (or the sentences given as arguments) with the
+# shipped text-embedding plugin and MiniLM, configured by plugins/eir.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-if [ ! -x "$CARGO_TARGET_DIR/debug/eir" ] || [ ! -f plugins/dist/text_normalize.wasm ]; then
+if [ ! -x "$CARGO_TARGET_DIR/debug/eir" ] || [ ! -f plugins/dist/text_embed.wasm ]; then
     scripts/build.sh
 fi
-if [ $# -eq 0 ]; then set -- "  Ｅｄｇｅ   Inference ﬁrst:  Crème BRÛLÉE  "; fi
+"$CARGO_TARGET_DIR/debug/eir" models fetch minilm --dir models
+if [ $# -eq 0 ]; then set -- "EIR runs inference plugins at the edge."; fi
 inputs=()
 for text in "$@"; do inputs+=(--input "text=$text"); done
-exec "$CARGO_TARGET_DIR/debug/eir" run plugins/dist/text_normalize.wasm "${inputs[@]}" \
-    --param strip_accents=true --pretty
+exec "$CARGO_TARGET_DIR/debug/eir" run --config plugins/eir.toml text-embed "${inputs[@]}"

@@ -11,10 +11,13 @@
 //!   compute pool.
 //! - [`registry`]: models by name, loaded once and shared; pinned model packages.
 //! - [`tensor`]: the tensors plugins exchange, and their KServe v2 JSON form.
+//! - [`config`]: the TOML configuration (models, plugins, limits, grants), validated with
+//!   file and line in every error.
 //! - [`runtime`]: one engine + linker from which plugins are loaded.
 //! - [`cli`]: the `eir` command, a thin layer over the above.
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod grants;
 pub mod limits;

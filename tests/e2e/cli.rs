@@ -175,3 +175,29 @@ fn bad_files_get_clear_errors() {
         assert!(stderr.contains(words), "{file} should say {words:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_shipped_config_runs_a_plugin_by_name() {
+    crate::embed::minilm_dir();
+    let cache = tempfile::tempdir().unwrap();
+    let config = crate::common::repo().join("plugins/eir.toml");
+    let out =
+        eir(&["run", "--config", config.to_str().unwrap(), "text-embed", "--input", "text=Hello world"], cache.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["model_name"], "text-embed");
+    assert_eq!(json["outputs"][0]["shape"], serde_json::json!([1, 384]));
+}
+
+#[test]
+fn a_bad_config_names_its_file_and_line() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[plugins.x]\npath = \"x.wasm\"\nlimits = { fuel = \"lots\" }\n").unwrap();
+    let out = eir(&["run", "--config", config.to_str().unwrap(), "x"], cache.path());
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains(&format!("{}:3:", config.display())), "{stderr}");
+}

@@ -12,10 +12,11 @@ use clap::Args;
 use super::GlobalOptions;
 use super::inputs::{parse_env, parse_inputs, parse_param};
 use crate::Runtime;
+use crate::config::Config;
 use crate::engine::Artifact;
-use crate::grants::{DirGrant, Grants, Stdio};
+use crate::grants::{DirGrant, Stdio};
 use crate::limits::Limits;
-use crate::nn::{ComputePool, NnGrants};
+use crate::nn::ComputePool;
 use crate::plugin::{CallError, Interface, PluginConfig, PluginKind};
 use crate::registry::{NamedModel, Registry};
 use crate::tensor::{self, Request};
@@ -23,9 +24,14 @@ use crate::tensor::{self, Request};
 /// Arguments of `eir run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The plugin: a component (.wasm), WAT text, or with --allow-precompiled an `eir compile` artifact.
+    /// The plugin: a component (.wasm), a core wasip1 module, WAT text, or with
+    /// --allow-precompiled an `eir compile` artifact; or, with --config, a plugin's name there.
     #[arg(value_name = "PLUGIN")]
     plugin: PathBuf,
+    /// A configuration file: its models are registered, and PLUGIN may name one of its plugins
+    /// (whose limits and grants apply; flags given here add to or override them).
+    #[arg(short, long, value_name = "FILE", env = "EIR_CONFIG")]
+    config: Option<PathBuf>,
     /// Arguments passed to a command component (its argv after the program name).
     #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
@@ -88,8 +94,8 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    fn limits(&self) -> Limits {
-        let mut limits = Limits::default();
+    fn limits(&self, base: Limits) -> Limits {
+        let mut limits = base;
         if let Some(fuel) = self.fuel {
             limits.fuel = fuel;
         }
@@ -134,27 +140,31 @@ impl RunArgs {
 
 /// Runs `eir run`.
 pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
-    let registry =
-        Registry::new(args.models.iter().map(|m| (m.name.clone(), m.decl.clone())), ComputePool::for_this_machine());
+    let file = args.config.as_deref().map(Config::load).transpose()?;
+    let mut models = file.as_ref().map(|c| c.models.clone()).unwrap_or_default();
+    models.extend(args.models.iter().map(|m| (m.name.clone(), m.decl.clone())));
+    let registry = Registry::new(models, ComputePool::for_this_machine());
     let runtime = Runtime::with_registry(global.engine_config(), Arc::new(registry))?;
-    let name = args.plugin_name();
+
+    // PLUGIN names a configured plugin, or is a path.
+    let declared = file.as_ref().and_then(|c| c.plugins.get(&*args.plugin.to_string_lossy()));
+    let (name, path, base) = match declared {
+        Some(decl) => (args.plugin.to_string_lossy().into_owned(), decl.path.clone(), decl.config.clone()),
+        None => (args.plugin_name(), args.plugin.clone(), PluginConfig::default()),
+    };
     let mut argv = vec![name.clone()];
     argv.extend(args.args.iter().cloned());
-    let grants = Grants {
-        dirs: args.dirs.clone(),
-        env: args.env.clone(),
-        args: argv,
-        network: args.allow_network,
-        stdio: Stdio::Log,
-        stdin: false,
-        nn: NnGrants {
-            models: args.models.iter().map(|m| m.name.clone()).collect(),
-            load_from_bytes: args.allow_load_bytes,
-            ..NnGrants::default()
-        },
-    };
-    let mut config = PluginConfig { reuse: 1, limits: args.limits(), grants };
-    let artifact = runtime.engine().load_file(&args.plugin, args.allow_precompiled)?;
+    let mut grants = base.grants;
+    grants.dirs.extend(args.dirs.iter().cloned());
+    grants.env.extend(args.env.iter().cloned());
+    grants.args = argv;
+    grants.network |= args.allow_network;
+    grants.nn.models.extend(args.models.iter().map(|m| m.name.clone()));
+    if args.allow_load_bytes.is_some() {
+        grants.nn.load_from_bytes = args.allow_load_bytes;
+    }
+    let mut config = PluginConfig { reuse: 1, limits: args.limits(base.limits), grants };
+    let artifact = runtime.engine().load_file(&path, args.allow_precompiled)?;
     // A command's stdio passes straight through; a pipeline plugin's goes to the log.
     let interface = match &artifact {
         Artifact::Component(component) => Interface::of(component, runtime.engine().wasmtime()),
