@@ -9,4 +9,5 @@ mod embed;
 mod grants;
 mod limits;
 mod nn;
+mod onnx;
 mod plugins;

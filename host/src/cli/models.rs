@@ -39,11 +39,12 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
                     Ok(()) => "present, verified".to_string(),
                     Err(why) => format!("missing ({why})"),
                 };
+                let packages: Vec<String> =
+                    pkg.sources.iter().map(|s| format!("{}=={}", s.package, s.version)).collect();
                 println!(
-                    "{name}: {} [{}=={}]\n    {}: {status}",
+                    "{name}: {} [{}]\n    {}: {status}",
                     pkg.description,
-                    pkg.package,
-                    pkg.version,
+                    packages.join(", "),
                     dir.join(&name).display()
                 );
             }

@@ -70,6 +70,26 @@ pub enum Source<'a> {
 pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnError> {
     let device = target.device()?;
     match source {
+        Source::Path(path) if path.is_dir() && !path.join("config.json").exists() => {
+            // A directory holding one ONNX graph (and its assets: labels, tokenizers).
+            let onnx: Vec<_> = std::fs::read_dir(path)
+                .map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+                .collect();
+            match onnx.as_slice() {
+                [one] => load(Source::Path(one), target),
+                [] => Err(NnError::not_found(format!(
+                    "{}: a model directory needs config.json (safetensors models) or one .onnx file",
+                    path.display()
+                ))),
+                _ => Err(NnError::invalid_argument(format!(
+                    "{}: several .onnx files; declare the model by its file instead",
+                    path.display()
+                ))),
+            }
+        }
         Source::Path(path) if path.is_dir() => {
             let config = path.join("config.json");
             let text = std::fs::read_to_string(&config).map_err(|e| {
@@ -85,15 +105,20 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
             }
         }
         Source::Path(path) => {
-            let mut head = [0u8; 16];
-            let n = std::fs::File::open(path)
-                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-                .map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?;
-            Err(NnError::unsupported(format!(
-                "{}: a single {} file has no backend in this build yet",
-                path.display(),
-                sniff_file(&head[..n])
-            )))
+            let bytes = std::fs::read(path).map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?;
+            match sniff_file(&bytes) {
+                "onnx" => Ok(Arc::new(
+                    backends::onnx::Onnx::from_bytes(&bytes, &device)
+                        .map_err(|e| NnError { message: format!("{}: {}", path.display(), e.message), ..e })?,
+                )),
+                other => Err(NnError::unsupported(format!(
+                    "{}: a single {other} file has no backend in this build (supported: ONNX files, BERT directories)",
+                    path.display()
+                ))),
+            }
+        }
+        Source::Bytes([one]) if sniff_file(one) == "onnx" => {
+            Ok(Arc::new(backends::onnx::Onnx::from_bytes(one, &device)?))
         }
         Source::Bytes(parts) => {
             let config = parts.iter().find(|p| p.first() == Some(&b'{'));
@@ -110,7 +135,7 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
                     }
                 }
                 _ => Err(NnError::invalid_encoding(format!(
-                    "cannot tell the model's format from {} buffer(s) ({}); give [config.json, model.safetensors]",
+                    "cannot tell the model's format from {} buffer(s) ({}); give one ONNX file or [config.json, model.safetensors]",
                     parts.len(),
                     parts.iter().map(|p| sniff_file(p)).collect::<Vec<_>>().join(", ")
                 ))),

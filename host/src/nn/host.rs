@@ -137,12 +137,12 @@ impl graph::Host for NnView<'_> {
         use graph::GraphEncoding as E;
         match encoding {
             E::Autodetect => {}
-            E::Onnx | E::Ggml => {
-                return self.fail(NnError::unsupported(format!(
-                    "{encoding:?} models have no backend in this build yet (supported from bytes: autodetect of \
-                     [config.json, model.safetensors])"
-                )));
+            E::Onnx => {
+                if builder.len() != 1 || backend::sniff_file(&builder[0]) != "onnx" {
+                    return self.fail(NnError::invalid_encoding("an ONNX graph is one buffer holding a ModelProto"));
+                }
             }
+            E::Ggml => return self.fail(NnError::unsupported("GGML/GGUF models have no backend in this build yet")),
             other => {
                 return self.fail(NnError::unsupported(format!("EIR has no {other:?} backend")));
             }

@@ -111,7 +111,7 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
             }
             parts.push(memory.to_vec(builder).map_err(guest)?);
         }
-        if encoding != types::GraphEncoding::Autodetect {
+        if !matches!(encoding, types::GraphEncoding::Autodetect | types::GraphEncoding::Onnx) {
             return Err(fail(NnError::unsupported(format!("{encoding:?} models have no backend in this build"))));
         }
         let target = match target {

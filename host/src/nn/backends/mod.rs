@@ -1,3 +1,4 @@
 //! One module per model family.
 
 pub mod bert;
+pub mod onnx;

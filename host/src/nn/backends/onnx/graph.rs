@@ -1,0 +1,637 @@
+//! Compiling an ONNX graph once, at load: names resolved to constant or value slots, nodes in
+//! topological order, initializers converted once, constants folded (including `If` on a
+//! constant condition), Conv+BatchNormalization and zero-Pad+Conv fused, and each value freed
+//! right after its last consumer. Running is then a walk over the compiled steps.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Tensor};
+
+use super::ops::{self, Node, Op, constant_value};
+use super::proto::{GraphProto, NodeProto, ValueInfoProto};
+use super::tensor::{dtype_of, from_proto};
+use crate::nn::error::NnError;
+
+/// Where a value lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Src {
+    /// A constant (initializer, Constant node or folded result), shared by every run.
+    Const(usize),
+    /// A per-run value slot.
+    Slot(usize),
+}
+
+enum Kind {
+    Op(Box<dyn Op>),
+    If { then_block: Block, else_block: Block },
+}
+
+struct Step {
+    kind: Kind,
+    name: String,
+    inputs: Vec<Option<Src>>,
+    outputs: Vec<usize>,
+    /// Slots whose last reader is this step.
+    free: Vec<usize>,
+}
+
+/// A sequence of steps and the values it yields (a graph's or a branch's outputs).
+pub(super) struct Block {
+    steps: Vec<Step>,
+    outputs: Vec<Src>,
+}
+
+/// Declared dimensions (`None` for symbolic ones).
+type DeclaredShape = Vec<Option<usize>>;
+
+/// A declared graph input.
+pub(super) struct InputSpec {
+    pub name: String,
+    pub slot: usize,
+    pub dtype: DType,
+    /// Fixed dimensions (`None` for symbolic ones); `None` when the rank is not declared.
+    pub shape: Option<DeclaredShape>,
+}
+
+/// A compiled model.
+pub(super) struct Program {
+    consts: Vec<Tensor>,
+    slots: usize,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<(String, Src)>,
+    body: Block,
+}
+
+struct Compiler {
+    consts: Vec<Tensor>,
+    slots: usize,
+    opset: i64,
+    unsupported: Vec<String>,
+}
+
+/// Names visible while compiling a (sub)graph: its own, then its parents'.
+struct Scope<'p> {
+    names: HashMap<String, Src>,
+    parent: Option<&'p Scope<'p>>,
+}
+
+impl Scope<'_> {
+    fn get(&self, name: &str) -> Option<Src> {
+        self.names.get(name).copied().or_else(|| self.parent.and_then(|p| p.get(name)))
+    }
+}
+
+/// Most nested `If` levels accepted (a hostile model could nest without end).
+const MAX_DEPTH: usize = 32;
+
+impl Program {
+    /// Compiles the main graph of a model with default-domain opset `opset`.
+    pub fn compile(graph: &GraphProto, opset: i64) -> Result<Self, NnError> {
+        let mut c = Compiler { consts: Vec::new(), slots: 0, opset, unsupported: Vec::new() };
+        let mut scope = Scope { names: HashMap::new(), parent: None };
+        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let mut inputs = Vec::new();
+        for vi in &graph.input {
+            if initializers.contains(vi.name.as_str()) {
+                continue;
+            }
+            let slot = c.slot();
+            let (dtype, shape) = value_type(vi)?;
+            scope.names.insert(vi.name.clone(), Src::Slot(slot));
+            inputs.push(InputSpec { name: vi.name.clone(), slot, dtype, shape });
+        }
+        let mut steps = Vec::new();
+        let outputs = c.graph(graph, &mut scope, &mut steps, 0)?;
+        if !c.unsupported.is_empty() {
+            let mut counts: Vec<(String, usize)> = Vec::new();
+            for op in &c.unsupported {
+                match counts.iter_mut().find(|(o, _)| o == op) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((op.clone(), 1)),
+                }
+            }
+            let list: Vec<String> =
+                counts.iter().map(|(o, n)| format!("{o} ({n} node{})", if *n > 1 { "s" } else { "" })).collect();
+            return Err(NnError::unsupported(format!(
+                "the model uses operators EIR does not support: {}",
+                list.join(", ")
+            )));
+        }
+        let outputs: Vec<(String, Src)> = graph.output.iter().map(|o| o.name.clone()).zip(outputs).collect();
+        let mut body = Block { steps, outputs: outputs.iter().map(|(_, s)| *s).collect() };
+        let input_slots: HashSet<usize> = inputs.iter().map(|i| i.slot).collect();
+        plan_frees(&mut body, &input_slots);
+        Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, body })
+    }
+
+    /// Number of compiled steps (for logs).
+    pub fn steps(&self) -> usize {
+        fn count(b: &Block) -> usize {
+            b.steps
+                .iter()
+                .map(|s| match &s.kind {
+                    Kind::Op(_) => 1,
+                    Kind::If { then_block, else_block } => 1 + count(then_block) + count(else_block),
+                })
+                .sum()
+        }
+        count(&self.body)
+    }
+
+    /// Number of constants held.
+    pub fn constants(&self) -> usize {
+        self.consts.len()
+    }
+
+    /// Runs the program with the given input values (by input index).
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, NnError> {
+        let mut env: Vec<Option<Tensor>> = vec![None; self.slots];
+        for (spec, value) in self.inputs.iter().zip(inputs) {
+            env[spec.slot] = Some(value);
+        }
+        let values = self.exec(&self.body, &mut env)?;
+        Ok(values)
+    }
+
+    fn value<'a>(&'a self, env: &'a [Option<Tensor>], src: Src, step: &str) -> Result<&'a Tensor, NnError> {
+        match src {
+            Src::Const(i) => Ok(&self.consts[i]),
+            Src::Slot(s) => env[s]
+                .as_ref()
+                .ok_or_else(|| NnError::runtime(format!("node `{step}` reads a value that was not computed"))),
+        }
+    }
+
+    fn exec(&self, block: &Block, env: &mut Vec<Option<Tensor>>) -> Result<Vec<Tensor>, NnError> {
+        for step in &block.steps {
+            let outs = match &step.kind {
+                Kind::Op(op) => {
+                    let ins = step
+                        .inputs
+                        .iter()
+                        .map(|s| s.map(|s| self.value(env, s, &step.name)).transpose())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    op.run(&ins)
+                        .map_err(|e| NnError { message: format!("node `{}`: {}", step.name, e.message), ..e })?
+                }
+                Kind::If { then_block, else_block } => {
+                    let cond = match step.inputs.first().copied().flatten() {
+                        Some(src) => truthy(self.value(env, src, &step.name)?)?,
+                        None => {
+                            return Err(NnError::invalid_argument(format!("If `{}` without a condition", step.name)));
+                        }
+                    };
+                    self.exec(if cond { then_block } else { else_block }, env)?
+                }
+            };
+            if outs.len() < step.outputs.len() {
+                return Err(NnError::runtime(format!(
+                    "node `{}` produced {} of {} outputs",
+                    step.name,
+                    outs.len(),
+                    step.outputs.len()
+                )));
+            }
+            for (slot, value) in step.outputs.iter().zip(outs) {
+                env[*slot] = Some(value);
+            }
+            for &slot in &step.free {
+                env[slot] = None;
+            }
+        }
+        block.outputs.iter().map(|&src| self.value(env, src, "output").cloned()).collect()
+    }
+}
+
+fn truthy(t: &Tensor) -> Result<bool, NnError> {
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(v.first().is_some_and(|&x| x != 0.0))
+}
+
+/// The element type and declared shape of a graph input.
+fn value_type(vi: &ValueInfoProto) -> Result<(DType, Option<DeclaredShape>), NnError> {
+    use super::proto::type_proto::Value;
+    let tensor = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(Value::TensorType(t)) => t,
+        _ => return Err(NnError::unsupported(format!("input `{}` is not a tensor", vi.name))),
+    };
+    let dtype = dtype_of(tensor.elem_type)?;
+    let shape = tensor.shape.as_ref().map(|s| {
+        s.dim
+            .iter()
+            .map(|d| match d.value {
+                Some(super::proto::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v as usize),
+                _ => None,
+            })
+            .collect()
+    });
+    Ok((dtype, shape))
+}
+
+impl Compiler {
+    fn slot(&mut self) -> usize {
+        self.slots += 1;
+        self.slots - 1
+    }
+
+    fn constant(&mut self, t: Tensor) -> Src {
+        self.consts.push(t);
+        Src::Const(self.consts.len() - 1)
+    }
+
+    fn const_value(&self, src: Option<Src>) -> Option<&Tensor> {
+        match src {
+            Some(Src::Const(i)) => Some(&self.consts[i]),
+            _ => None,
+        }
+    }
+
+    /// Compiles `g`'s nodes into `steps`, returning where its outputs are.
+    fn graph(
+        &mut self,
+        g: &GraphProto,
+        scope: &mut Scope<'_>,
+        steps: &mut Vec<Step>,
+        depth: usize,
+    ) -> Result<Vec<Src>, NnError> {
+        if depth > MAX_DEPTH {
+            return Err(NnError::invalid_encoding("If branches nested too deeply"));
+        }
+        for init in &g.initializer {
+            let t = from_proto(init)?;
+            let src = self.constant(t);
+            scope.names.insert(init.name.clone(), src);
+        }
+        let consumers = consumer_counts(g);
+        let pad_folds = self.pad_folds(g, scope, &consumers);
+        // Producer step of each value name in this block, for fusing BatchNormalization.
+        let mut producer: HashMap<String, usize> = HashMap::new();
+
+        for (k, node) in g.node.iter().enumerate() {
+            if pad_folds.values().any(|f| f.pad_node == k) {
+                continue; // folded into its Conv
+            }
+            let mut node_owned;
+            let mut node = node;
+            if let Some(fold) = pad_folds.get(&k) {
+                node_owned = node.clone();
+                fold.apply(&mut node_owned);
+                node = &node_owned;
+            }
+            let inputs = node
+                .input
+                .iter()
+                .map(|name| {
+                    if name.is_empty() {
+                        Ok(None)
+                    } else {
+                        scope.get(name).map(Some).ok_or_else(|| {
+                            NnError::invalid_encoding(format!(
+                                "node `{}` ({}) uses `{name}` before it is defined",
+                                node.name, node.op_type
+                            ))
+                        })
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let view = Node { proto: node, opset: self.opset };
+            match node.op_type.as_str() {
+                "Constant" => {
+                    let src = self.constant(constant_value(&view)?);
+                    if let Some(out) = node.output.first() {
+                        scope.names.insert(out.clone(), src);
+                    }
+                }
+                "If" => self.if_node(node, &inputs, scope, steps, depth)?,
+                "BatchNormalization" if self.fold_batch_norm(node, &inputs, &producer, &consumers, steps)? => {
+                    // The preceding Conv now computes this node's output.
+                    let conv = producer[&node.input[0]];
+                    if let (Some(out), Some(&slot)) = (node.output.first(), steps[conv].outputs.first()) {
+                        scope.names.insert(out.clone(), Src::Slot(slot));
+                    }
+                }
+                _ => {
+                    let op = match ops::build(&view) {
+                        Ok(op) => op,
+                        Err(e) if e.code == crate::nn::bindings::errors::ErrorCode::UnsupportedOperation => {
+                            self.unsupported.push(node.op_type.clone());
+                            for out in &node.output {
+                                let slot = self.slot();
+                                scope.names.insert(out.clone(), Src::Slot(slot));
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let all_const = inputs.iter().all(|s| matches!(s, None | Some(Src::Const(_))));
+                    if all_const && !inputs.is_empty() {
+                        // Constant folding: run it now, once.
+                        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|s| self.const_value(*s)).collect();
+                        let outs = op.run(&ins).map_err(|e| NnError {
+                            message: format!("folding node `{}` ({}): {}", node.name, node.op_type, e.message),
+                            ..e
+                        })?;
+                        for (name, value) in node.output.iter().zip(outs) {
+                            if !name.is_empty() {
+                                let src = self.constant(value);
+                                scope.names.insert(name.clone(), src);
+                            }
+                        }
+                        continue;
+                    }
+                    let outputs: Vec<usize> = node.output.iter().map(|_| self.slot()).collect();
+                    for (name, &slot) in node.output.iter().zip(&outputs) {
+                        if !name.is_empty() {
+                            scope.names.insert(name.clone(), Src::Slot(slot));
+                            producer.insert(name.clone(), steps.len());
+                        }
+                    }
+                    steps.push(Step { kind: Kind::Op(op), name: step_name(node), inputs, outputs, free: Vec::new() });
+                }
+            }
+        }
+        g.output
+            .iter()
+            .map(|o| {
+                scope
+                    .get(&o.name)
+                    .ok_or_else(|| NnError::invalid_encoding(format!("graph output `{}` is never produced", o.name)))
+            })
+            .collect()
+    }
+
+    fn if_node(
+        &mut self,
+        node: &NodeProto,
+        inputs: &[Option<Src>],
+        scope: &mut Scope<'_>,
+        steps: &mut Vec<Step>,
+        depth: usize,
+    ) -> Result<(), NnError> {
+        let branch = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .and_then(|a| a.g.as_ref())
+                .ok_or_else(|| NnError::invalid_encoding(format!("If `{}` has no {name}", node.name)))
+        };
+        let (then_g, else_g) = (branch("then_branch")?, branch("else_branch")?);
+        let cond = inputs.first().copied().flatten();
+        if let Some(c) = self.const_value(cond) {
+            // A constant condition: inline the chosen branch.
+            let chosen = if truthy(c)? { then_g } else { else_g };
+            let outs = {
+                let mut child = Scope { names: HashMap::new(), parent: Some(scope) };
+                self.graph(chosen, &mut child, steps, depth + 1)?
+            };
+            for (name, src) in node.output.iter().zip(outs) {
+                scope.names.insert(name.clone(), src);
+            }
+            return Ok(());
+        }
+        let mut compile = |g: &GraphProto| -> Result<Block, NnError> {
+            let mut child = Scope { names: HashMap::new(), parent: Some(scope) };
+            let mut branch_steps = Vec::new();
+            let outputs = self.graph(g, &mut child, &mut branch_steps, depth + 1)?;
+            Ok(Block { steps: branch_steps, outputs })
+        };
+        let then_block = compile(then_g)?;
+        let else_block = compile(else_g)?;
+        if then_block.outputs.len() != node.output.len() || else_block.outputs.len() != node.output.len() {
+            return Err(NnError::invalid_encoding(format!(
+                "If `{}`: branch outputs do not match the node's",
+                node.name
+            )));
+        }
+        let outputs: Vec<usize> = node.output.iter().map(|_| self.slot()).collect();
+        for (name, &slot) in node.output.iter().zip(&outputs) {
+            scope.names.insert(name.clone(), Src::Slot(slot));
+        }
+        steps.push(Step {
+            kind: Kind::If { then_block, else_block },
+            name: step_name(node),
+            inputs: inputs.to_vec(),
+            outputs,
+            free: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Folds an inference BatchNormalization into the Conv that feeds only it:
+    /// `W' = W * a`, `b' = (b - mean) * a + beta` with `a = gamma / sqrt(var + eps)`.
+    fn fold_batch_norm(
+        &mut self,
+        node: &NodeProto,
+        inputs: &[Option<Src>],
+        producer: &HashMap<String, usize>,
+        consumers: &HashMap<&str, usize>,
+        steps: &mut [Step],
+    ) -> Result<bool, NnError> {
+        let Some(&conv) = node.input.first().and_then(|x| producer.get(x)) else { return Ok(false) };
+        if steps[conv].name_op() != "Conv" || consumers.get(node.input[0].as_str()) != Some(&1) || node.output.len() > 1
+        {
+            return Ok(false);
+        }
+        let params: Vec<&Tensor> = inputs.iter().skip(1).filter_map(|s| self.const_value(*s)).collect();
+        let weight = self.const_value(steps[conv].inputs.get(1).copied().flatten());
+        let (Some(weight), [gamma, beta, mean, var]) = (weight, params.as_slice()) else { return Ok(false) };
+        if weight.dtype() != DType::F32 {
+            return Ok(false);
+        }
+        let eps = node.attribute.iter().find(|a| a.name == "epsilon").map(|a| f64::from(a.f)).unwrap_or(1e-5);
+        let a = gamma.broadcast_div(&(*var + eps)?.sqrt()?)?;
+        let c_out = weight.dims()[0];
+        if a.elem_count() != c_out {
+            return Ok(false);
+        }
+        let mut wdims = vec![1usize; weight.rank()];
+        wdims[0] = c_out;
+        let new_w = weight.broadcast_mul(&a.reshape(wdims)?)?;
+        let bias = match self.const_value(steps[conv].inputs.get(2).copied().flatten()) {
+            Some(b) => b.clone(),
+            None if steps[conv].inputs.get(2).copied().flatten().is_some() => return Ok(false),
+            None => Tensor::zeros(c_out, DType::F32, weight.device())?,
+        };
+        let new_b = ((bias - *mean)?.broadcast_mul(&a)? + *beta)?;
+        let (w_src, b_src) = (self.constant(new_w), self.constant(new_b));
+        let step = &mut steps[conv];
+        step.inputs.resize(3, None);
+        step.inputs[1] = Some(w_src);
+        step.inputs[2] = Some(b_src);
+        step.name = format!("{}+{}", step.name, step_name(node));
+        Ok(true)
+    }
+
+    /// Zero `Pad`s over spatial axes whose only consumer is a `Conv`: the Conv pads instead
+    /// (the direct kernels read padding for free). Keyed by the Conv's node index.
+    fn pad_folds(
+        &self,
+        g: &GraphProto,
+        scope: &Scope<'_>,
+        consumers: &HashMap<&str, usize>,
+    ) -> HashMap<usize, PadFold> {
+        let mut folds = HashMap::new();
+        for (k, pad) in g.node.iter().enumerate() {
+            if pad.op_type != "Pad" || pad.output.len() != 1 || consumers.get(pad.output[0].as_str()) != Some(&1) {
+                continue;
+            }
+            let mode = pad.attribute.iter().find(|a| a.name == "mode").map(|a| a.s.as_slice()).unwrap_or(b"constant");
+            if mode != b"constant" {
+                continue;
+            }
+            let constant =
+                |i: usize| pad.input.get(i).filter(|n| !n.is_empty()).map(|n| self.const_value(scope.get(n)));
+            let pads = match constant(1) {
+                Some(Some(t)) => t.to_dtype(DType::I64).and_then(|t| t.to_vec1::<i64>()).ok(),
+                _ => pad.attribute.iter().find(|a| a.name == "pads").map(|a| a.ints.clone()),
+            };
+            let zero = match constant(2) {
+                None => true,
+                Some(Some(v)) => v
+                    .flatten_all()
+                    .and_then(|v| v.to_dtype(DType::F64))
+                    .and_then(|v| v.to_vec1::<f64>())
+                    .is_ok_and(|v| v.iter().all(|&x| x == 0.0)),
+                Some(None) => false,
+            };
+            if !zero || pad.input.get(3).is_some_and(|a| !a.is_empty()) {
+                continue;
+            }
+            let Some(pads) = pads else { continue };
+            let Some((c, conv)) = g.node.iter().enumerate().find(|(_, n)| n.input.first() == Some(&pad.output[0]))
+            else {
+                continue;
+            };
+            let rank = pads.len() / 2;
+            let spatial_only = rank >= 3 && pads[..2].iter().chain(&pads[rank..rank + 2]).all(|&p| p == 0);
+            let conv_ok = conv.op_type == "Conv"
+                && conv.attribute.iter().all(|a| a.name != "auto_pad" || a.s == b"NOTSET")
+                && pads.iter().all(|&p| p >= 0);
+            if spatial_only && conv_ok {
+                let spatial = rank - 2;
+                let begin = pads[2..rank].to_vec();
+                let end = pads[rank + 2..].to_vec();
+                debug_assert_eq!(begin.len(), spatial);
+                folds.insert(c, PadFold { pad_node: k, input: pad.input[0].clone(), begin, end });
+            }
+        }
+        folds
+    }
+}
+
+/// A zero Pad merged into the Conv after it.
+struct PadFold {
+    pad_node: usize,
+    input: String,
+    begin: Vec<i64>,
+    end: Vec<i64>,
+}
+
+impl PadFold {
+    fn apply(&self, conv: &mut NodeProto) {
+        conv.input[0] = self.input.clone();
+        let spatial = self.begin.len();
+        let existing = conv
+            .attribute
+            .iter()
+            .find(|a| a.name == "pads")
+            .map(|a| a.ints.clone())
+            .unwrap_or_else(|| vec![0; 2 * spatial]);
+        let mut pads = existing;
+        pads.resize(2 * spatial, 0);
+        for d in 0..spatial {
+            pads[d] += self.begin[d];
+            pads[d + spatial] += self.end[d];
+        }
+        conv.attribute.retain(|a| a.name != "pads");
+        conv.attribute.push(super::proto::AttributeProto {
+            name: "pads".into(),
+            r#type: super::proto::attribute_proto::AttributeType::Ints as i32,
+            ints: pads,
+            ..Default::default()
+        });
+    }
+}
+
+impl Step {
+    fn name_op(&self) -> &str {
+        self.name.rsplit('(').next().map(|s| s.trim_end_matches(')')).unwrap_or("")
+    }
+}
+
+fn step_name(node: &NodeProto) -> String {
+    format!(
+        "{}({})",
+        if node.name.is_empty() { node.output.first().map(String::as_str).unwrap_or("?") } else { &node.name },
+        node.op_type
+    )
+}
+
+/// How many nodes (here or in nested branches) read each name.
+fn consumer_counts(g: &GraphProto) -> HashMap<&str, usize> {
+    fn walk<'a>(g: &'a GraphProto, counts: &mut HashMap<&'a str, usize>) {
+        for n in &g.node {
+            for i in &n.input {
+                *counts.entry(i.as_str()).or_default() += 1;
+            }
+            for a in &n.attribute {
+                if let Some(sub) = &a.g {
+                    walk(sub, counts);
+                }
+            }
+        }
+        for o in &g.output {
+            *counts.entry(o.name.as_str()).or_default() += 1;
+        }
+    }
+    let mut counts = HashMap::new();
+    walk(g, &mut counts);
+    counts
+}
+
+/// Frees each slot defined in a block right after its last reader in that block.
+fn plan_frees(block: &mut Block, defined_outside: &HashSet<usize>) {
+    fn reads(step: &Step, out: &mut Vec<usize>) {
+        out.extend(step.inputs.iter().flatten().filter_map(|s| match s {
+            Src::Slot(x) => Some(*x),
+            Src::Const(_) => None,
+        }));
+        if let Kind::If { then_block, else_block } = &step.kind {
+            for b in [then_block, else_block] {
+                for s in &b.steps {
+                    reads(s, out);
+                }
+                out.extend(b.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }));
+            }
+        }
+    }
+    let kept: HashSet<usize> =
+        block.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }).collect();
+    let mut defined: HashSet<usize> = defined_outside.clone();
+    for s in &block.steps {
+        defined.extend(s.outputs.iter().copied());
+    }
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for (k, s) in block.steps.iter().enumerate() {
+        let mut r = Vec::new();
+        reads(s, &mut r);
+        for x in r {
+            last.insert(x, k);
+        }
+        // An output nobody reads is dropped at once.
+        for &o in &s.outputs {
+            last.entry(o).or_insert(k);
+        }
+    }
+    for (slot, k) in last {
+        if defined.contains(&slot) && !kept.contains(&slot) {
+            block.steps[k].free.push(slot);
+        }
+    }
+    for s in &mut block.steps {
+        if let Kind::If { then_block, else_block } = &mut s.kind {
+            plan_frees(then_block, &HashSet::new());
+            plan_frees(else_block, &HashSet::new());
+        }
+    }
+}

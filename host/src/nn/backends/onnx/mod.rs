@@ -1,0 +1,141 @@
+//! ONNX graphs on candle, compiled once at load (see [`graph`]): the `onnx` graph encoding.
+//!
+//! Loading parses the protobuf, checks the opset, converts every initializer to a candle
+//! tensor once, folds constants, fuses Conv+BatchNormalization and zero-Pad+Conv, and reports
+//! every unsupported operator by name. A compute only walks the compiled steps. Inputs and
+//! outputs keep the graph's names.
+
+mod graph;
+mod ops;
+#[allow(clippy::all, missing_docs)]
+mod proto;
+mod tensor;
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use prost::Message;
+
+use crate::nn::backend::{Model, Named};
+use crate::nn::error::NnError;
+use crate::nn::tensor::{HostTensor, type_of};
+
+/// Default-domain opsets EIR implements.
+pub const OPSETS: std::ops::RangeInclusive<i64> = 7..=22;
+
+/// A compiled ONNX model.
+pub struct Onnx {
+    program: graph::Program,
+    name: String,
+}
+
+impl Onnx {
+    /// Parses and compiles a serialized `ModelProto`.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self, NnError> {
+        if !device.is_cpu() {
+            return Err(NnError::unsupported("ONNX graphs run on the cpu target only"));
+        }
+        let started = Instant::now();
+        let model = proto::ModelProto::decode(bytes)
+            .map_err(|e| NnError::invalid_encoding(format!("not an ONNX model (protobuf: {e})")))?;
+        let opset = model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map(|o| o.version)
+            .ok_or_else(|| NnError::invalid_encoding("the model imports no default-domain opset"))?;
+        if !OPSETS.contains(&opset) {
+            return Err(NnError::unsupported(format!(
+                "opset {opset} is outside the supported {}..={}",
+                OPSETS.start(),
+                OPSETS.end()
+            )));
+        }
+        let graph = model.graph.as_ref().ok_or_else(|| NnError::invalid_encoding("the model has no graph"))?;
+        let program = graph::Program::compile(graph, opset)?;
+        tracing::debug!(
+            graph = %graph.name,
+            opset,
+            steps = program.steps(),
+            constants = program.constants(),
+            elapsed = ?started.elapsed(),
+            "compiled ONNX graph"
+        );
+        Ok(Self { program, name: graph.name.clone() })
+    }
+
+    /// The graph's name.
+    pub fn graph_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Model for Onnx {
+    fn family(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn input_names(&self) -> Vec<String> {
+        self.program.inputs.iter().map(|i| i.name.clone()).collect()
+    }
+
+    fn compute(&self, inputs: Named) -> Result<Named, NnError> {
+        let mut by_name: Vec<Option<HostTensor>> = vec![None; self.program.inputs.len()];
+        for (name, t) in inputs {
+            let k = self.program.inputs.iter().position(|i| i.name == name).ok_or_else(|| {
+                NnError::invalid_argument(format!(
+                    "unknown input `{name}` (the graph takes {})",
+                    self.input_names().join(", ")
+                ))
+            })?;
+            by_name[k] = Some(t);
+        }
+        let mut values = Vec::with_capacity(by_name.len());
+        for (spec, t) in self.program.inputs.iter().zip(by_name) {
+            let t = t.ok_or_else(|| NnError::invalid_argument(format!("missing input `{}`", spec.name)))?;
+            let value = t.to_candle(&Device::Cpu)?;
+            if let Some(shape) = &spec.shape {
+                let fits = shape.len() == value.rank()
+                    && shape.iter().zip(value.dims()).all(|(want, &got)| want.is_none_or(|w| w == got));
+                if !fits {
+                    return Err(NnError::invalid_argument(format!(
+                        "input `{}` must have shape {:?} (None = any), got {:?}",
+                        spec.name,
+                        shape,
+                        value.dims()
+                    )));
+                }
+            }
+            let value = if value.dtype() == spec.dtype {
+                value
+            } else if value.dtype().is_float() == spec.dtype.is_float() || spec.dtype == DType::U8 {
+                value.to_dtype(spec.dtype)?
+            } else {
+                return Err(NnError::invalid_argument(format!(
+                    "input `{}` must be {:?}, got {:?}",
+                    spec.name,
+                    spec.dtype,
+                    value.dtype()
+                )));
+            };
+            values.push(value);
+        }
+        let outputs = self.program.run(values)?;
+        self.program
+            .outputs
+            .iter()
+            .zip(outputs)
+            .map(|((name, _), t)| {
+                // wasi-nn has no I16/U32: widen to I64 (floats to F32 likewise).
+                let t = if type_of(t.dtype()).is_some() {
+                    t
+                } else if t.dtype().is_float() {
+                    t.to_dtype(DType::F32)?
+                } else {
+                    t.to_dtype(DType::I64)?
+                };
+                Ok((name.clone(), HostTensor::from_candle(&t)?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,135 @@
+//! ONNX operators. Each is built once at load time from its node (attributes parsed and
+//! checked then), and run many times on candle tensors.
+
+mod control;
+mod elementwise;
+mod nn;
+mod reduce;
+mod rnn;
+mod shape;
+
+use candle_core::{DType, Tensor};
+
+use super::proto::{AttributeProto, NodeProto, attribute_proto::AttributeType};
+use super::tensor::from_proto;
+use crate::nn::error::NnError;
+
+pub(super) use control::constant_value;
+
+/// A compiled operator.
+pub(super) trait Op: Send + Sync {
+    /// Runs on `inputs` (`None` for an omitted optional input).
+    fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError>;
+}
+
+/// What an operator builder sees of its node.
+pub(super) struct Node<'a> {
+    pub proto: &'a NodeProto,
+    pub opset: i64,
+}
+
+type Built = Result<Box<dyn Op>, NnError>;
+
+/// Builds the operator for `node`, or says why it is not supported. `If` and `Constant` are
+/// handled by the graph compiler.
+pub(super) fn build(node: &Node<'_>) -> Built {
+    let op = node.proto.op_type.as_str();
+    if !node.proto.domain.is_empty() && node.proto.domain != "ai.onnx" {
+        return Err(NnError::unsupported(format!(
+            "operator {}::{op} (node `{}`): only the default ONNX domain is supported",
+            node.proto.domain, node.proto.name
+        )));
+    }
+    elementwise::build(op, node)
+        .or_else(|| nn::build(op, node))
+        .or_else(|| shape::build(op, node))
+        .or_else(|| reduce::build(op, node))
+        .or_else(|| rnn::build(op, node))
+        .unwrap_or_else(|| {
+            Err(NnError::unsupported(format!("unsupported ONNX operator `{op}` (node `{}`)", node.proto.name)))
+        })
+}
+
+impl Node<'_> {
+    pub fn attr(&self, name: &str) -> Option<&AttributeProto> {
+        self.proto.attribute.iter().find(|a| a.name == name)
+    }
+
+    fn bad(&self, what: impl std::fmt::Display) -> NnError {
+        NnError::invalid_encoding(format!("{} node `{}`: {what}", self.proto.op_type, self.proto.name))
+    }
+
+    pub fn int(&self, name: &str) -> Option<i64> {
+        self.attr(name).filter(|a| a.r#type == AttributeType::Int as i32).map(|a| a.i)
+    }
+
+    pub fn int_or(&self, name: &str, default: i64) -> i64 {
+        self.int(name).unwrap_or(default)
+    }
+
+    pub fn float_or(&self, name: &str, default: f32) -> f32 {
+        self.attr(name).filter(|a| a.r#type == AttributeType::Float as i32).map(|a| a.f).unwrap_or(default)
+    }
+
+    pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.attr(name).filter(|a| a.r#type == AttributeType::Ints as i32).map(|a| a.ints.clone())
+    }
+
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.attr(name)
+            .filter(|a| a.r#type == AttributeType::String as i32)
+            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+
+    pub fn strings(&self, name: &str) -> Option<Vec<String>> {
+        self.attr(name)
+            .filter(|a| a.r#type == AttributeType::Strings as i32)
+            .map(|a| a.strings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<Result<Tensor, NnError>> {
+        self.attr(name).filter(|a| a.r#type == AttributeType::Tensor as i32).and_then(|a| a.t.as_ref()).map(from_proto)
+    }
+}
+
+/// The `i`-th input, required.
+fn input<'a>(inputs: &[Option<&'a Tensor>], i: usize, op: &str) -> Result<&'a Tensor, NnError> {
+    inputs.get(i).copied().flatten().ok_or_else(|| NnError::invalid_argument(format!("{op}: missing input {i}")))
+}
+
+/// Resolves a possibly negative axis against `rank`.
+fn axis(a: i64, rank: usize) -> Result<usize, NnError> {
+    let r = rank as i64;
+    let a = if a < 0 { a + r } else { a };
+    if a < 0 || a >= r.max(1) {
+        return Err(NnError::invalid_argument(format!("axis {a} out of range for rank {rank}")));
+    }
+    Ok(a as usize)
+}
+
+/// Reads a small integer tensor (shapes, axes, pads) as i64 values.
+fn i64s(t: &Tensor) -> Result<Vec<i64>, NnError> {
+    Ok(t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?)
+}
+
+/// Reads a scalar as f64.
+fn scalar_f64(t: &Tensor) -> Result<f64, NnError> {
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    v.first().copied().ok_or_else(|| NnError::invalid_argument("expected a scalar, got an empty tensor"))
+}
+
+/// A boxed operator from a closure.
+struct FnOp<F>(F);
+
+impl<F> Op for FnOp<F>
+where
+    F: Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync,
+{
+    fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        (self.0)(inputs)
+    }
+}
+
+fn op(f: impl Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync + 'static) -> Built {
+    Ok(Box::new(FnOp(f)))
+}
