@@ -117,3 +117,156 @@ fn silero_probabilities_match_onnx_runtime() {
     eprintln!("silero: worst |EIR - ONNX Runtime| over {} chunks = {worst:e}", reference.silero.probabilities.len());
     assert!(worst <= reference.tolerance.absolute, "worst difference {worst}");
 }
+
+#[test]
+fn unsupported_operators_are_named_at_load_and_garbage_is_an_error() {
+    let path = repo().join("tests/fixtures/unsupported_ops.onnx");
+    let err = backend::load(Source::Path(&path), Target::Cpu).err().expect("must not load");
+    assert_eq!(eir::nn::code_name(err.code), "unsupported-operation", "{err}");
+    assert!(err.message.contains("Hardmax (2 nodes)") && err.message.contains("Det (1 node)"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(model_dir("silero-vad").join("silero_vad.onnx")).unwrap();
+    for (name, data) in [("truncated.onnx", bytes[..bytes.len() / 3].to_vec()), ("noise.onnx", vec![0x08; 4096])] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        let err = backend::load(Source::Path(&p), Target::Cpu).err().unwrap_or_else(|| panic!("{name} loaded"));
+        assert_eq!(eir::nn::code_name(err.code), "invalid-encoding", "{name}: {err}");
+    }
+    // ONNX on the GPU target is refused clearly, not attempted.
+    assert!(backend::load(Source::Path(&model_dir("silero-vad")), Target::Gpu).is_err());
+}
+
+#[test]
+fn wrong_inputs_are_invalid_arguments() {
+    let model = load("efficientnet-lite0");
+    let err =
+        model.compute(vec![("input".into(), f32_tensor(vec![1, 3, 32, 32], &vec![0.0; 3 * 32 * 32]))]).unwrap_err();
+    assert_eq!(eir::nn::code_name(err.code), "invalid-argument", "{err}");
+    assert!(err.message.contains("input"), "{err}");
+    let err = model.compute(vec![("pixels".into(), f32_tensor(vec![1], &[0.0]))]).unwrap_err();
+    assert!(err.message.contains("unknown input `pixels`"), "{err}");
+}
+
+mod plugins {
+    use std::sync::Arc;
+
+    use eir::Runtime;
+    use eir::engine::EngineConfig;
+    use eir::grants::Grants;
+    use eir::nn::{ComputePool, NnGrants};
+    use eir::plugin::{ErrorKind, Plugin, PluginConfig};
+    use eir::registry::{ModelDecl, Registry};
+    use eir::tensor::{ErrorCode, Tensor, TensorData};
+
+    use super::{model_dir, reference};
+    use crate::common::{guest, repo, request, strings};
+
+    fn plugin(name: &str, model: &str) -> (Plugin, tempfile::TempDir) {
+        let cache = tempfile::tempdir().unwrap();
+        let registry = Registry::new(
+            [(model.to_string(), ModelDecl { path: model_dir(model), family: None, target: Default::default() })],
+            ComputePool::for_this_machine(),
+        );
+        let rt = Runtime::with_registry(
+            EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },
+            Arc::new(registry),
+        )
+        .unwrap();
+        let grants = Grants { nn: NnGrants { models: vec![model.into()], ..Default::default() }, ..Default::default() };
+        (rt.load_plugin(name, &guest(name), PluginConfig { grants, ..Default::default() }, false).unwrap(), cache)
+    }
+
+    fn bytes(name: &str, files: &[Vec<u8>]) -> Tensor {
+        Tensor { name: name.into(), shape: vec![files.len() as u64], data: TensorData::Bytes(files.to_vec()) }
+    }
+
+    fn f32s(t: &Tensor) -> &[f32] {
+        match &t.data {
+            TensorData::Fp32(v) => v,
+            other => panic!("expected FP32, got {:?}", other.datatype()),
+        }
+    }
+
+    fn out<'a>(outputs: &'a [Tensor], name: &str) -> &'a Tensor {
+        outputs.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no output {name}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vad_finds_the_speech_and_not_the_silence() {
+        let reference = reference();
+        let (vad, _c) = plugin("vad", "silero-vad");
+        let wav = std::fs::read(repo().join("tests/fixtures/speech.wav")).unwrap();
+        let response = vad.handle(&request(&[], vec![bytes("audio", &[wav])])).await.unwrap_or_else(|e| panic!("{e}"));
+        let probs = f32s(out(&response.outputs, "probabilities"));
+        assert_eq!(probs.len(), reference.silero.probabilities.len());
+        let worst = probs.iter().zip(&reference.silero.probabilities).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= reference.tolerance.absolute, "per-chunk probabilities differ by {worst}");
+
+        // The recording: 1 s silence, speech to ~4.0 s, 1.2 s silence, speech to ~7.65 s, 1 s silence.
+        let seg = out(&response.outputs, "segments");
+        assert_eq!(seg.shape, vec![2, 2], "two utterances: {:?}", f32s(seg));
+        let s = f32s(seg);
+        let (first, second) = ((s[0], s[1]), (s[2], s[3]));
+        assert!(first.0 > 0.8 && first.0 < 1.5 && first.1 > 3.5 && first.1 < 4.3, "first segment {first:?}");
+        assert!(second.0 > 4.9 && second.0 < 5.6 && second.1 > 7.0 && second.1 < 7.9, "second segment {second:?}");
+    }
+
+    #[tokio::test]
+    async fn vad_rejects_what_it_cannot_hear() {
+        let (vad, _c) = plugin("vad", "silero-vad");
+        let err = vad.handle(&request(&[], vec![bytes("audio", &[b"RIFF....not a wav".to_vec()])])).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Plugin(ErrorCode::InvalidInput), "{err}");
+        // 44.1 kHz: refused with the rate named.
+        let mut wav = std::fs::read(repo().join("tests/fixtures/speech.wav")).unwrap();
+        wav[24..28].copy_from_slice(&44100u32.to_le_bytes());
+        wav[28..32].copy_from_slice(&(44100u32 * 2).to_le_bytes());
+        let err = vad.handle(&request(&[], vec![bytes("audio", &[wav])])).await.unwrap_err();
+        assert!(err.to_string().contains("44100 Hz"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn image_classify_agrees_with_onnx_runtime_on_real_photos() {
+        let reference = reference();
+        let (classify, _c) = plugin("image-classify", "efficientnet-lite0");
+        let photos = model_dir("test-photos");
+        let names = ["coffee.png", "rocket.jpg", "chelsea.png"];
+        let files: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(photos.join(n)).unwrap()).collect();
+        let response = classify
+            .handle(&request(&[("k", "3")], vec![bytes("image", &files)]))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let labels = strings(out(&response.outputs, "labels"));
+        let probs = f32s(out(&response.outputs, "probabilities"));
+        let TensorData::Int64(indices) = &out(&response.outputs, "indices").data else { panic!("indices") };
+        for (i, name) in names.iter().enumerate() {
+            let want = &reference.efficientnet.photos[*name];
+            let got = indices[i * 3] as usize;
+            if *name == "chelsea.png" {
+                // ORT's top two are a near tie (0.383 vs 0.370); resizing differs slightly from PIL's.
+                assert!(want[..2].iter().any(|t| t.index == got), "{name}: top-1 {got} not in ORT's top 2");
+            } else {
+                assert_eq!(got, want[0].index, "{name}: top-1 {} vs ONNX Runtime's {}", labels[i * 3], want[0].label);
+                assert!(
+                    (probs[i * 3] - want[0].probability).abs() < 0.03,
+                    "{name}: {} vs {}",
+                    probs[i * 3],
+                    want[0].probability
+                );
+            }
+            assert_eq!(
+                labels[i * 3],
+                reference.efficientnet.photos[*name].iter().find(|t| t.index == got).map(|t| t.label.clone()).unwrap()
+            );
+        }
+        assert_eq!(labels[0], "espresso");
+    }
+
+    #[tokio::test]
+    async fn image_classify_rejects_non_images() {
+        let (classify, _c) = plugin("image-classify", "efficientnet-lite0");
+        let err = classify.handle(&request(&[], vec![bytes("image", &[b"GIF89a-nope".to_vec()])])).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Plugin(ErrorCode::InvalidInput), "{err}");
+        assert!(err.to_string().contains("image 0"), "{err}");
+    }
+}
