@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 
-use super::ops::{self, Node, Op, constant_value};
+use super::ops::{self, Clamp, Node, Op, constant_value};
 use super::proto::{GraphProto, NodeProto, ValueInfoProto};
 use super::tensor::{dtype_of, from_proto};
 use crate::nn::error::NnError;
@@ -143,13 +143,23 @@ impl Program {
         self.consts.len()
     }
 
-    /// Runs the program with the given input values (by input index).
+    /// Runs the program with the given input values (by input index). With
+    /// `EIR_ONNX_PROFILE=1` in the environment, logs where the time went, by operator.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, NnError> {
         let mut env: Vec<Option<Tensor>> = vec![None; self.slots];
         for (spec, value) in self.inputs.iter().zip(inputs) {
             env[spec.slot] = Some(value);
         }
-        let values = self.exec(&self.body, &mut env)?;
+        let mut profile = profiling().then(HashMap::new);
+        let values = self.exec(&self.body, &mut env, &mut profile)?;
+        if let Some(p) = profile {
+            let mut rows: Vec<(String, (std::time::Duration, usize))> = p.into_iter().collect();
+            rows.sort_by_key(|r| std::cmp::Reverse(r.1.0));
+            let total: std::time::Duration = rows.iter().map(|r| r.1.0).sum();
+            let summary: Vec<String> =
+                rows.iter().map(|(op, (t, n))| format!("{op} {:.2}ms/{n}", t.as_secs_f64() * 1e3)).collect();
+            tracing::info!(total_ms = total.as_secs_f64() * 1e3, "ONNX profile: {}", summary.join(", "));
+        }
         Ok(values)
     }
 
@@ -162,8 +172,14 @@ impl Program {
         }
     }
 
-    fn exec(&self, block: &Block, env: &mut Vec<Option<Tensor>>) -> Result<Vec<Tensor>, NnError> {
+    fn exec(
+        &self,
+        block: &Block,
+        env: &mut Vec<Option<Tensor>>,
+        profile: &mut Profile,
+    ) -> Result<Vec<Tensor>, NnError> {
         for step in &block.steps {
+            let started = profile.is_some().then(std::time::Instant::now);
             let outs = match &step.kind {
                 Kind::Op(op) => {
                     let ins = step
@@ -181,7 +197,7 @@ impl Program {
                             return Err(NnError::invalid_argument(format!("If `{}` without a condition", step.name)));
                         }
                     };
-                    self.exec(if cond { then_block } else { else_block }, env)?
+                    self.exec(if cond { then_block } else { else_block }, env, profile)?
                 }
             };
             if outs.len() < step.outputs.len() {
@@ -195,12 +211,25 @@ impl Program {
             for (slot, value) in step.outputs.iter().zip(outs) {
                 env[*slot] = Some(value);
             }
+            if let (Some(p), Some(t), Kind::Op(_)) = (profile.as_mut(), started, &step.kind) {
+                let e = p.entry(step.name_op().to_string()).or_default();
+                e.0 += t.elapsed();
+                e.1 += 1;
+            }
             for &slot in &step.free {
                 env[slot] = None;
             }
         }
         block.outputs.iter().map(|&src| self.value(env, src, "output").cloned()).collect()
     }
+}
+
+/// Time and count per operator, when profiling.
+type Profile = Option<HashMap<String, (std::time::Duration, usize)>>;
+
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EIR_ONNX_PROFILE").is_ok_and(|v| v == "1"))
 }
 
 fn truthy(t: &Tensor) -> Result<bool, NnError> {
@@ -303,11 +332,19 @@ impl Compiler {
                     }
                 }
                 "If" => self.if_node(node, &inputs, scope, steps, depth)?,
+                "Relu" | "Clip" if self.fuse_clamp(node, &inputs, &producer, &consumers, steps)? => {
+                    let idx = producer[&node.input[0]];
+                    if let (Some(out), Some(&slot)) = (node.output.first(), steps[idx].outputs.first()) {
+                        scope.names.insert(out.clone(), Src::Slot(slot));
+                        producer.insert(out.clone(), idx);
+                    }
+                }
                 "BatchNormalization" if self.fold_batch_norm(node, &inputs, &producer, &consumers, steps)? => {
                     // The preceding Conv now computes this node's output.
                     let conv = producer[&node.input[0]];
                     if let (Some(out), Some(&slot)) = (node.output.first(), steps[conv].outputs.first()) {
                         scope.names.insert(out.clone(), Src::Slot(slot));
+                        producer.insert(out.clone(), conv);
                     }
                 }
                 _ => {
@@ -415,6 +452,44 @@ impl Compiler {
             free: Vec::new(),
         });
         Ok(())
+    }
+
+    /// Moves a Relu or a Clip with constant bounds into the step that feeds only it (a
+    /// convolution applies it while writing its output).
+    fn fuse_clamp(
+        &mut self,
+        node: &NodeProto,
+        inputs: &[Option<Src>],
+        producer: &HashMap<String, usize>,
+        consumers: &HashMap<&str, usize>,
+        steps: &mut [Step],
+    ) -> Result<bool, NnError> {
+        let Some(&idx) = node.input.first().and_then(|x| producer.get(x)) else { return Ok(false) };
+        if consumers.get(node.input[0].as_str()) != Some(&1) || node.output.len() != 1 {
+            return Ok(false);
+        }
+        let clamp = if node.op_type == "Relu" {
+            Clamp { lo: 0.0, hi: f32::INFINITY }
+        } else {
+            let bound = |i: usize, attr: &str, default: f32| -> Option<f32> {
+                match inputs.get(i).copied().flatten() {
+                    Some(src) => self.const_value(Some(src)).and_then(|t| {
+                        t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
+                    }),
+                    None => Some(node.attribute.iter().find(|a| a.name == attr).map(|a| a.f).unwrap_or(default)),
+                }
+            };
+            match (bound(1, "min", f32::NEG_INFINITY), bound(2, "max", f32::INFINITY)) {
+                (Some(lo), Some(hi)) => Clamp { lo, hi },
+                _ => return Ok(false),
+            }
+        };
+        let Kind::Op(op) = &mut steps[idx].kind else { return Ok(false) };
+        if !op.fuse_clamp(clamp) {
+            return Ok(false);
+        }
+        steps[idx].name = format!("{}+{}", steps[idx].name, step_name(node));
+        Ok(true)
     }
 
     /// Folds an inference BatchNormalization into the Conv that feeds only it:

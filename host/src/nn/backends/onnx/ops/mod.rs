@@ -2,6 +2,7 @@
 //! checked then), and run many times on candle tensors.
 
 mod control;
+mod conv;
 mod elementwise;
 mod nn;
 mod reduce;
@@ -15,11 +16,17 @@ use super::tensor::from_proto;
 use crate::nn::error::NnError;
 
 pub(super) use control::constant_value;
+pub(super) use conv::Clamp;
 
 /// A compiled operator.
 pub(super) trait Op: Send + Sync {
     /// Runs on `inputs` (`None` for an omitted optional input).
     fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError>;
+
+    /// Takes over a clamp (Relu, Clip) applied to its only output; false if it cannot.
+    fn fuse_clamp(&mut self, _clamp: Clamp) -> bool {
+        false
+    }
 }
 
 /// What an operator builder sees of its node.

@@ -4,6 +4,7 @@
 use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
+use super::conv::{self, Clamp};
 use super::{Built, Node, axis, input, op};
 use crate::nn::error::NnError;
 
@@ -217,6 +218,7 @@ struct Conv {
     strides: Option<Vec<usize>>,
     dilations: Option<Vec<usize>>,
     group: usize,
+    clamp: Option<Clamp>,
 }
 
 impl Conv {
@@ -225,11 +227,26 @@ impl Conv {
         let strides = node.ints("strides").map(|_| ints_or(node, "strides", 0, 1)).transpose()?;
         let dilations = node.ints("dilations").map(|_| ints_or(node, "dilations", 0, 1)).transpose()?;
         let pads = node.ints("pads").map(|_| ints_or(node, "pads", 0, 0)).transpose()?;
-        Ok(Box::new(Conv { auto_pad: AutoPad::parse(node)?, pads, strides, dilations, group: group.max(1) }))
+        Ok(Box::new(Conv {
+            auto_pad: AutoPad::parse(node)?,
+            pads,
+            strides,
+            dilations,
+            group: group.max(1),
+            clamp: None,
+        }))
     }
 }
 
 impl super::Op for Conv {
+    fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
+        self.clamp = Some(match self.clamp {
+            Some(c) => Clamp { lo: c.lo.max(clamp.lo), hi: c.hi.min(clamp.hi) },
+            None => clamp,
+        });
+        true
+    }
+
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         let x = input(i, 0, "Conv")?;
         let w = input(i, 1, "Conv")?;
@@ -259,17 +276,41 @@ impl super::Op for Conv {
                 self.auto_pad.pads((explicit[d], explicit[d + spatial]), x.dims()[2 + d], ks[d], strides[d], dil[d])
             })
             .collect();
-        let y = conv(x, w, &pads, &strides, &dil, self.group)?;
-        let y = match bias {
-            Some(b) => y.broadcast_add(&channel_view(b, y.rank())?)?,
-            None => y,
-        };
+        if x.dtype() == DType::F32 {
+            // 1-D convolutions run as 2-D ones with a height of 1.
+            let (x2, w2, g) = if spatial == 1 {
+                let g = conv::Geometry {
+                    pads: [(0, 0), pads[0]],
+                    strides: [1, strides[0]],
+                    dilations: [1, dil[0]],
+                    group: self.group,
+                };
+                (x.unsqueeze(2)?, w.unsqueeze(2)?, g)
+            } else {
+                let g = conv::Geometry {
+                    pads: [pads[0], pads[1]],
+                    strides: [strides[0], strides[1]],
+                    dilations: [dil[0], dil[1]],
+                    group: self.group,
+                };
+                (x.clone(), w.clone(), g)
+            };
+            let y = conv::conv2d(&x2, &w2, bias, &g, self.clamp)?;
+            return Ok(vec![if spatial == 1 { y.squeeze(2)? } else { y }]);
+        }
+        // 1-D (STFT-style) and non-f32 convolutions: candle, on a padded copy if needed.
+        let mut y = conv_candle(x, w, &pads, &strides, &dil, self.group)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&channel_view(b, y.rank())?)?;
+        }
+        if let Some(Clamp { lo, hi }) = self.clamp {
+            y = y.clamp(lo, hi)?;
+        }
         Ok(vec![y])
     }
 }
 
-/// A convolution with per-side padding.
-pub(super) fn conv(
+fn conv_candle(
     x: &Tensor,
     w: &Tensor,
     pads: &[(usize, usize)],
@@ -277,15 +318,13 @@ pub(super) fn conv(
     dil: &[usize],
     group: usize,
 ) -> Result<Tensor, NnError> {
-    let spatial = pads.len();
-    let (c_in, c_out) = (x.dims()[1], w.dims()[0]);
-    if group == 0 || c_in % group != 0 || w.dims()[1] * group != c_in {
+    let c_in = x.dims()[1];
+    if group == 0 || !c_in.is_multiple_of(group) || w.dims()[1] * group != c_in {
         return Err(NnError::invalid_argument(format!(
             "Conv: weight {:?} and group {group} do not fit {c_in} channels",
             w.dims()
         )));
     }
-    // Symmetric padding goes to candle; anything else is applied to the input first.
     let symmetric = pads.iter().all(|&(a, b)| a == b) && pads.iter().all(|p| p.0 == pads[0].0);
     let (x, pad) = if symmetric {
         (x.clone(), pads[0].0)
@@ -296,65 +335,14 @@ pub(super) fn conv(
         }
         (x, 0)
     };
-    if spatial == 2 && group == c_in && group == c_out && w.dims()[1] == 1 && x.dtype() == DType::F32 {
-        return depthwise2d(&x, w, pad, strides, dil);
-    }
-    if spatial == 2 && group == 1 && w.dims()[2..] == [1, 1] && pad == 0 && strides == [1, 1] {
-        // A 1x1 convolution is a matrix product over the pixels: no im2col copy.
-        let (n, h, wd) = (x.dims()[0], x.dims()[2], x.dims()[3]);
-        let w2 = w.reshape((c_out, c_in))?;
-        let y = w2.broadcast_matmul(&x.reshape((n, c_in, h * wd))?)?;
-        return Ok(y.reshape((n, c_out, h, wd))?);
-    }
     let same = |v: &[usize]| v.iter().all(|&s| s == v[0]);
     if !same(strides) || !same(dil) {
         return Err(NnError::unsupported("Conv with different strides or dilations per axis"));
     }
-    Ok(match spatial {
+    Ok(match pads.len() {
         1 => x.conv1d(w, pad, strides[0], dil[0], group)?,
         _ => x.contiguous()?.conv2d(&w.contiguous()?, pad, strides[0], dil[0], group)?,
     })
-}
-
-/// Depthwise 2-D convolution (one filter per channel), direct, parallel over channels: far
-/// faster than splitting into per-channel convolutions.
-fn depthwise2d(x: &Tensor, w: &Tensor, pad: usize, strides: &[usize], dil: &[usize]) -> Result<Tensor, NnError> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (kh, kw) = (w.dims()[2], w.dims()[3]);
-    let (sh, sw, dh, dw) = (strides[0], strides[1], dil[0], dil[1]);
-    let span =
-        |len: usize, k: usize, s: usize, d: usize| (len + 2 * pad).checked_sub((k - 1) * d + 1).map(|r| r / s + 1);
-    let (Some(oh), Some(ow)) = (span(h, kh, sh, dh), span(wd, kw, sw, dw)) else {
-        return Err(NnError::invalid_argument("Conv: kernel larger than the padded input"));
-    };
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let ws = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; n * c * oh * ow];
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
-        let ch = plane % c;
-        let src = &xs[plane * h * wd..(plane + 1) * h * wd];
-        let k = &ws[ch * kh * kw..(ch + 1) * kh * kw];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut acc = 0f32;
-                for ky in 0..kh {
-                    let iy = (oy * sh + ky * dh) as isize - pad as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let row = &src[iy as usize * wd..(iy as usize + 1) * wd];
-                    for kx in 0..kw {
-                        let ix = (ox * sw + kx * dw) as isize - pad as isize;
-                        if ix >= 0 && ix < wd as isize {
-                            acc += row[ix as usize] * k[ky * kw + kx];
-                        }
-                    }
-                }
-                dst[oy * ow + ox] = acc;
-            }
-        }
-    });
-    Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
 }
 
 /// Average or max pooling over 1 or 2 spatial dimensions.

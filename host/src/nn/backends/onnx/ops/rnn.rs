@@ -1,6 +1,6 @@
 //! `LSTM` (forward, reverse, bidirectional; default activations; ONNX gate order i, o, f, c).
 
-use candle_core::{D, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::{Built, Node, input};
 use crate::nn::error::NnError;
@@ -63,51 +63,89 @@ impl super::Op for Lstm {
             )));
         }
         let dtype = x.dtype();
-        let zeros = Tensor::zeros((dirs, batch, h), dtype, x.device())?;
-        let h0 = i.get(5).copied().flatten().cloned().unwrap_or_else(|| zeros.clone());
-        let c0 = i.get(6).copied().flatten().cloned().unwrap_or(zeros);
+        let vec =
+            |t: &Tensor| -> Result<Vec<f32>, NnError> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let xs = vec(&x)?;
+        let (ws, rs) = (vec(w)?, vec(r)?);
+        let bs = i.get(3).copied().flatten().map(vec).transpose()?;
+        let state = |k: usize| -> Result<Vec<f32>, NnError> {
+            match i.get(k).copied().flatten() {
+                Some(t) if t.elem_count() == dirs * batch * h => vec(t),
+                Some(t) => Err(NnError::invalid_argument(format!(
+                    "LSTM initial state {:?} is not [{dirs}, {batch}, {h}]",
+                    t.dims()
+                ))),
+                None => Ok(vec![0.0; dirs * batch * h]),
+            }
+        };
+        let (h0, c0) = (state(5)?, state(6)?);
 
-        let mut ys = Vec::with_capacity(dirs);
-        let (mut hs, mut cs) = (Vec::with_capacity(dirs), Vec::with_capacity(dirs));
+        // y: [seq, dirs, batch, h]; final h and c: [dirs, batch, h].
+        let mut y = vec![0f32; seq * dirs * batch * h];
+        let (mut hn, mut cn) = (h0.clone(), c0.clone());
+        let mut gates = vec![0f32; 4 * h];
         for (d, &reverse) in self.directions.iter().enumerate() {
-            let wd = w.get(d)?; // [4h, features]
-            let rd = r.get(d)?.t()?.contiguous()?; // [h, 4h]
-            // All input projections at once: [seq * batch, 4h].
-            let mut xw = x.reshape((seq * batch, features))?.matmul(&wd.t()?)?;
-            if let Some(b) = i.get(3).copied().flatten() {
-                let b = b.get(d)?;
-                xw = xw.broadcast_add(&(b.narrow(0, 0, 4 * h)? + b.narrow(0, 4 * h, 4 * h)?)?)?;
-            }
-            let xw = xw.reshape((seq, batch, 4 * h))?;
-            let (mut ht, mut ct) = (h0.get(d)?, c0.get(d)?);
-            let mut outs = vec![None; seq];
-            let steps: Box<dyn Iterator<Item = usize>> =
-                if reverse { Box::new((0..seq).rev()) } else { Box::new(0..seq) };
-            for t in steps {
-                let mut gates = (xw.get(t)? + ht.matmul(&rd)?)?;
-                if let Some(c) = self.clip {
-                    gates = gates.clamp(-c, c)?;
+            let wd = &ws[d * 4 * h * features..(d + 1) * 4 * h * features];
+            let rd = &rs[d * 4 * h * h..(d + 1) * 4 * h * h];
+            let bias: Vec<f32> = match &bs {
+                Some(b) => (0..4 * h).map(|g| b[d * 8 * h + g] + b[d * 8 * h + 4 * h + g]).collect(),
+                None => vec![0.0; 4 * h],
+            };
+            for b in 0..batch {
+                let hs = &mut hn[(d * batch + b) * h..(d * batch + b + 1) * h];
+                let cs = &mut cn[(d * batch + b) * h..(d * batch + b + 1) * h];
+                for step in 0..seq {
+                    let t = if reverse { seq - 1 - step } else { step };
+                    let xt = &xs[(t * batch + b) * features..(t * batch + b + 1) * features];
+                    for (g, out) in gates.iter_mut().enumerate() {
+                        let wrow = &wd[g * features..(g + 1) * features];
+                        let rrow = &rd[g * h..(g + 1) * h];
+                        let mut acc = bias[g] + dot(wrow, xt) + dot(rrow, hs);
+                        if let Some(c) = self.clip {
+                            acc = acc.clamp(-(c as f32), c as f32);
+                        }
+                        *out = acc;
+                    }
+                    // ONNX gate order: input, output, forget, cell.
+                    for k in 0..h {
+                        let ig = sigmoid(gates[k]);
+                        let og = sigmoid(gates[h + k]);
+                        let fg = sigmoid(gates[2 * h + k]);
+                        let cg = gates[3 * h + k].tanh();
+                        cs[k] = fg * cs[k] + ig * cg;
+                        hs[k] = og * cs[k].tanh();
+                    }
+                    let at = ((t * dirs + d) * batch + b) * h;
+                    y[at..at + h].copy_from_slice(hs);
                 }
-                let gate = |k: usize| gates.narrow(D::Minus1, k * h, h);
-                let (ig, og, fg, cg) = (
-                    candle_nn::ops::sigmoid(&gate(0)?)?,
-                    candle_nn::ops::sigmoid(&gate(1)?)?,
-                    candle_nn::ops::sigmoid(&gate(2)?)?,
-                    gate(3)?.tanh()?,
-                );
-                ct = ((fg * &ct)? + (ig * cg)?)?;
-                ht = (og * ct.tanh()?)?;
-                outs[t] = Some(ht.clone());
             }
-            let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
-            ys.push(Tensor::stack(&outs, 0)?); // [seq, batch, h]
-            hs.push(ht);
-            cs.push(ct);
         }
-        let y = Tensor::stack(&ys, 1)?; // [seq, dirs, batch, h]
+        let dev = x.device();
+        let y = Tensor::from_vec(y, (seq, dirs, batch, h), dev)?.to_dtype(dtype)?;
+        let yh = Tensor::from_vec(hn, (dirs, batch, h), dev)?.to_dtype(dtype)?;
+        let yc = Tensor::from_vec(cn, (dirs, batch, h), dev)?.to_dtype(dtype)?;
         let y = if self.batch_first { y.permute((2, 0, 1, 3))? } else { y };
-        let (yh, yc) = (Tensor::stack(&hs, 0)?, Tensor::stack(&cs, 0)?);
         let (yh, yc) = if self.batch_first { (yh.transpose(0, 1)?, yc.transpose(0, 1)?) } else { (yh, yc) };
         Ok(vec![y, yh, yc])
     }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// A dot product in eight independent lanes, which the compiler vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for k in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[k * 8 + l] * b[k * 8 + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for k in chunks * 8..a.len() {
+        sum += a[k] * b[k];
+    }
+    sum
 }

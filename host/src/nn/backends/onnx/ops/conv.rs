@@ -1,0 +1,459 @@
+//! Convolution: EIR's own f32 kernels, because the shapes of mobile vision models (depthwise
+//! 3x3/5x5, 1x1 projections, asymmetric "same" padding) are where generic paths lose most.
+//!
+//! - depthwise: direct, per channel plane, padding read as zeros (never copied), vectorisable
+//!   inner loops over output columns;
+//! - 1x1, stride 1, no padding: one GEMM per image (`W · X`), no im2col;
+//! - anything else: im2col (padding as zeros) + GEMM per image and group;
+//!
+//! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip), written in the
+//! same pass. Other dtypes and 1-D convolutions fall back to candle.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use crate::nn::error::NnError;
+
+/// An activation fused into a convolution's output pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Clamp {
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// Geometry of a 2-D convolution.
+pub(crate) struct Geometry {
+    pub pads: [(usize, usize); 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub group: usize,
+}
+
+/// Below this many elements a pass runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// `dst = (accumulate ? dst : 0) + lhs · rhs`, row-major `m×k · k×n`.
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    dst: &mut [f32],
+    accumulate: bool,
+) -> Result<(), NnError> {
+    if lhs.len() < m * k || rhs.len() < k * n || dst.len() < m * n {
+        return Err(NnError::runtime("gemm: operand sizes do not match"));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return Ok(());
+    }
+    // Waking the other threads costs tens of microseconds: not worth it for small products.
+    let parallelism = if m * n * k >= 1 << 20 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked above), all
+    // row-major with the strides given; dst does not alias lhs or rhs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on the contiguous f32 contents of `t`: borrowed from its storage when it is a
+/// contiguous f32 CPU tensor, copied otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
+    use candle_core::{CpuStorage, Storage};
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let owned = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&owned))
+}
+
+/// Applies bias (per output channel) and clamp to `out` laid out `[channels, plane]`.
+fn epilogue(out: &mut [f32], plane: usize, bias: Option<&[f32]>, clamp: Option<Clamp>) {
+    if bias.is_none() && clamp.is_none() {
+        return;
+    }
+    let apply = |(c, row): (usize, &mut [f32])| {
+        let b = bias.map(|b| b[c % b.len()]).unwrap_or(0.0);
+        match clamp {
+            Some(Clamp { lo, hi }) => row.iter_mut().for_each(|v| *v = (*v + b).max(lo).min(hi)),
+            None => row.iter_mut().for_each(|v| *v += b),
+        }
+    };
+    if out.len() < PARALLEL_MIN {
+        out.chunks_mut(plane.max(1)).enumerate().for_each(apply);
+    } else {
+        out.par_chunks_mut(plane.max(1)).enumerate().for_each(apply);
+    }
+}
+
+fn out_len(len: usize, pad: (usize, usize), k: usize, s: usize, d: usize) -> Option<usize> {
+    (len + pad.0 + pad.1).checked_sub((k - 1) * d + 1).map(|r| r / s + 1)
+}
+
+/// Output columns `ox` for which input column `ox*s + off` lies in `0..len` (`off` may be
+/// negative): the valid range, so the inner loops need no bounds branches.
+fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
+    let lo = if off < 0 { ((-off) as usize).div_ceil(s) } else { 0 };
+    let last = len as isize - 1 - off;
+    let hi = if last < 0 { 0 } else { (last as usize / s + 1).min(ow) };
+    (lo.min(hi), hi)
+}
+
+/// A 2-D convolution of `x` `[n, c, h, w]` with `w` `[m, c/group, kh, kw]`, plus bias and clamp.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: &Geometry,
+    clamp: Option<Clamp>,
+) -> Result<Tensor, NnError> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (m, cg, kh, kw) = w.dims4()?;
+    if g.group == 0 || c % g.group != 0 || cg * g.group != c || m % g.group != 0 {
+        return Err(NnError::invalid_argument(format!(
+            "Conv: weight {:?} and group {} do not fit {c} channels",
+            w.dims(),
+            g.group
+        )));
+    }
+    let (Some(oh), Some(ow)) = (
+        out_len(h, g.pads[0], kh, g.strides[0], g.dilations[0]),
+        out_len(wd, g.pads[1], kw, g.strides[1], g.dilations[1]),
+    ) else {
+        return Err(NnError::invalid_argument("Conv: kernel larger than the padded input"));
+    };
+    let bias = bias.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
+    if let Some(b) = &bias
+        && b.len() != m
+    {
+        return Err(NnError::invalid_argument(format!("Conv: bias of {} for {m} output channels", b.len())));
+    }
+    let mut out = vec![0f32; n * m * oh * ow];
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            if g.group == c && m == c && cg == 1 {
+                depthwise(xs, ws, &mut out, [n, c, h, wd], [kh, kw], [oh, ow], g);
+                Ok(())
+            } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
+                for i in 0..n {
+                    let src = &xs[i * c * h * wd..(i + 1) * c * h * wd];
+                    sgemm(m, h * wd, c, ws, src, &mut out[i * m * h * wd..(i + 1) * m * h * wd], false)?;
+                }
+                Ok(())
+            } else {
+                im2col_gemm(xs, ws, &mut out, [n, c, h, wd], [m, kh, kw], [oh, ow], g)
+            }
+        })
+    })???; // the two borrows, then the kernel's own result
+    epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
+    Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
+}
+
+fn depthwise(
+    xs: &[f32],
+    ws: &[f32],
+    out: &mut [f32],
+    [_, c, h, w]: [usize; 4],
+    [kh, kw]: [usize; 2],
+    [oh, ow]: [usize; 2],
+    g: &Geometry,
+) {
+    let [sh, sw] = g.strides;
+    let [dh, dw] = g.dilations;
+    let (pt, pl) = (g.pads[0].0, g.pads[1].0);
+    // Each plane is copied once into a zero-bordered buffer sized for the kernel's reach, so
+    // the tap loops below run over whole rows without bounds logic.
+    let ph = ((oh - 1) * sh + (kh - 1) * dh + 1).max(h + pt);
+    let pw = ((ow - 1) * sw + (kw - 1) * dw + 1).max(w + pl);
+    // With stride 2, each padded row is stored as its even columns then its odd columns, so
+    // every tap reads a contiguous run (vectorisable) instead of every other element.
+    let split = sw == 2;
+    let half = pw.div_ceil(2);
+    let row_len = if split { 2 * half } else { pw };
+    let min_planes = (32_768 / (oh * ow * kh * kw).max(1)).max(1);
+    let avx2 = simd::available();
+    out.par_chunks_mut(oh * ow).with_min_len(min_planes).enumerate().for_each_init(
+        || vec![0f32; ph * row_len],
+        |padded, (p, dst)| {
+            let ch = p % c;
+            let src = &xs[p * h * w..(p + 1) * h * w];
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let out_row = &mut padded[(y + pt) * row_len..(y + pt + 1) * row_len];
+                if split {
+                    for (x, &v) in row.iter().enumerate() {
+                        let col = x + pl;
+                        out_row[(col % 2) * half + col / 2] = v;
+                    }
+                } else {
+                    out_row[pl..pl + w].copy_from_slice(row);
+                }
+            }
+            let k = &ws[ch * kh * kw..(ch + 1) * kh * kw];
+            let plane = Plane { padded, pw: row_len, half, k, kh, kw, sh, sw, dh, dw, oh, ow };
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
+                unsafe { plane.taps_avx2(dst) }
+            } else {
+                plane.taps::<false>(dst);
+            }
+        },
+    );
+}
+
+/// One depthwise plane: a zero-bordered input copy and its kernel.
+struct Plane<'a> {
+    padded: &'a [f32],
+    /// Length of one stored row.
+    pw: usize,
+    /// With stride 2: where a row's odd columns start.
+    half: usize,
+    k: &'a [f32],
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Plane<'_> {
+    /// Accumulates every tap into `dst` (`[oh, ow]`, holding zeros). With `FMA`, each step
+    /// is one fused multiply-add (only where the CPU has it: see `taps_avx2`).
+    #[inline(always)]
+    fn taps<const FMA: bool>(&self, dst: &mut [f32]) {
+        let ow = self.ow;
+        for oy in 0..self.oh {
+            let row = &mut dst[oy * ow..(oy + 1) * ow];
+            for ky in 0..self.kh {
+                let base = (oy * self.sh + ky * self.dh) * self.pw;
+                for kx in 0..self.kw {
+                    let wv = self.k[ky * self.kw + kx];
+                    let start = base + kx * self.dw;
+                    if self.sw == 1 {
+                        for (o, &i) in row.iter_mut().zip(&self.padded[start..start + ow]) {
+                            *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                        }
+                    } else if self.sw == 2 {
+                        let col = kx * self.dw;
+                        let at = base + (col % 2) * self.half + col / 2;
+                        for (o, &i) in row.iter_mut().zip(&self.padded[at..at + ow]) {
+                            *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                        }
+                    } else {
+                        for (o, &i) in row.iter_mut().zip(self.padded[start..].iter().step_by(self.sw)) {
+                            *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Plane::taps`] compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn taps_avx2(&self, dst: &mut [f32]) {
+        self.taps::<true>(dst)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn taps_avx2(&self, dst: &mut [f32]) {
+        self.taps::<false>(dst)
+    }
+}
+
+/// Runtime detection of the AVX2 + FMA code paths (functions compiled with those features, so
+/// LLVM vectorises their loops 8-wide with fused multiply-adds).
+mod simd {
+    /// Whether this CPU can run the AVX2 + FMA paths.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+fn im2col_gemm(
+    xs: &[f32],
+    ws: &[f32],
+    out: &mut [f32],
+    [n, c, h, w]: [usize; 4],
+    [m, kh, kw]: [usize; 3],
+    [oh, ow]: [usize; 2],
+    g: &Geometry,
+) -> Result<(), NnError> {
+    let [sh, sw] = g.strides;
+    let [dh, dw] = g.dilations;
+    let (pt, pl) = (g.pads[0].0 as isize, g.pads[1].0 as isize);
+    let (cg, mg) = (c / g.group, m / g.group);
+    let kdim = cg * kh * kw;
+    let cols = oh * ow;
+    let mut col = vec![0f32; kdim * cols];
+    for i in 0..n {
+        for grp in 0..g.group {
+            let src = &xs[(i * c + grp * cg) * h * w..(i * c + (grp + 1) * cg) * h * w];
+            // Each row of `col` is one (channel, ky, kx) tap over all output positions.
+            let fill = |(r, dst): (usize, &mut [f32])| {
+                let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                let plane = &src[ci * h * w..(ci + 1) * h * w];
+                let off = (kx * dw) as isize - pl;
+                let (lo, hi) = valid(ow, w, sw, off);
+                for oy in 0..oh {
+                    let drow = &mut dst[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * sh + ky * dh) as isize - pt;
+                    if iy < 0 || iy >= h as isize || lo >= hi {
+                        drow.fill(0.0);
+                        continue;
+                    }
+                    let irow = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    drow[..lo].fill(0.0);
+                    drow[hi..].fill(0.0);
+                    for (j, d) in drow[lo..hi].iter_mut().enumerate() {
+                        *d = irow[(((lo + j) * sw) as isize + off) as usize];
+                    }
+                }
+            };
+            if col.len() < PARALLEL_MIN {
+                col.chunks_mut(cols).enumerate().for_each(fill);
+            } else {
+                col.par_chunks_mut(cols).enumerate().for_each(fill);
+            }
+            let wg = &ws[grp * mg * kdim..(grp + 1) * mg * kdim];
+            let dst = &mut out[(i * m + grp * mg) * cols..(i * m + (grp + 1) * mg) * cols];
+            sgemm(mg, cols, kdim, wg, &col, dst, false)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// candle's own convolution on an explicitly padded input, as the reference.
+    fn reference(x: &Tensor, w: &Tensor, g: &Geometry) -> Tensor {
+        let mut xp = x.clone();
+        for d in 0..2 {
+            xp = xp.pad_with_zeros(2 + d, g.pads[d].0, g.pads[d].1).unwrap();
+        }
+        xp.conv2d(w, 0, g.strides[0], g.dilations[0], g.group).unwrap()
+    }
+
+    fn check(c: usize, m: usize, group: usize, k: usize, stride: usize, pads: [(usize, usize); 2]) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, c, 11, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (m, c / group, k, k), &dev).unwrap();
+        let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
+        let got = conv2d(&x, &w, None, &g, None).unwrap();
+        let want = reference(&x, &w, &g);
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "c={c} m={m} group={group} k={k} stride={stride} pads={pads:?}: {diff}");
+    }
+
+    #[test]
+    fn kernels_match_candle() {
+        // depthwise, stride 1 and 2, symmetric and asymmetric padding
+        check(6, 6, 6, 3, 1, [(1, 1), (1, 1)]);
+        check(6, 6, 6, 5, 2, [(1, 2), (2, 1)]);
+        check(6, 6, 6, 3, 2, [(0, 1), (0, 1)]);
+        // pointwise
+        check(5, 7, 1, 1, 1, [(0, 0), (0, 0)]);
+        // general and grouped
+        check(3, 8, 1, 3, 2, [(0, 1), (0, 1)]);
+        check(4, 6, 2, 3, 1, [(1, 1), (1, 1)]);
+        check(4, 4, 1, 1, 2, [(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn epilogue_adds_bias_and_clamps() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[[1f32, -2.], [3., 9.]]]], &dev).unwrap();
+        let w = Tensor::new(&[[[[1f32]]]], &dev).unwrap();
+        let b = Tensor::new(&[0.5f32], &dev).unwrap();
+        let g = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
+        let y = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 })).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.5, 0.0, 3.5, 6.0]);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use candle_core::Device;
+
+    /// Not a test: `cargo test -p eir --lib conv::timing -- --ignored --nocapture` prints
+    /// the kernels' time on EfficientNet-Lite0's typical layers.
+    #[test]
+    #[ignore]
+    fn layer_timings() {
+        let dev = Device::Cpu;
+        type Case = (&'static str, [usize; 4], [usize; 4], usize, usize, [(usize, usize); 2]);
+        let cases: [Case; 6] = [
+            ("stem 3->32 k3 s2", [1, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
+            ("dw 96 k3 s2 @112", [1, 96, 112, 112], [96, 1, 3, 3], 96, 2, [(0, 1), (0, 1)]),
+            ("dw 144 k3 s1 @56", [1, 144, 56, 56], [144, 1, 3, 3], 144, 1, [(1, 1), (1, 1)]),
+            ("dw 1152 k5 s1 @7", [1, 1152, 7, 7], [1152, 1, 5, 5], 1152, 1, [(2, 2), (2, 2)]),
+            ("pw 16->96 @112", [1, 16, 112, 112], [96, 16, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("pw 144->24 @56", [1, 144, 56, 56], [24, 144, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+        ];
+        for (name, xs, ws, group, stride, pads) in cases {
+            let x = Tensor::randn(0f32, 1.0, xs.to_vec(), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, ws.to_vec(), &dev).unwrap();
+            let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
+            let clamp = Some(Clamp { lo: 0.0, hi: 6.0 });
+            conv2d(&x, &w, None, &g, clamp).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                conv2d(&x, &w, None, &g, clamp).unwrap();
+            }
+            eprintln!("{name:>20}: {:?}", t.elapsed() / 20);
+        }
+    }
+}
