@@ -332,19 +332,14 @@ impl Compiler {
                     }
                 }
                 "If" => self.if_node(node, &inputs, scope, steps, depth)?,
-                "Relu" | "Clip" if self.fuse_clamp(node, &inputs, &producer, &consumers, steps)? => {
-                    let idx = producer[&node.input[0]];
+                "Relu" | "Clip" | "BatchNormalization"
+                    if let Some(idx) = sole_producer(node, &producer, &consumers)
+                        && self.fuse_into(node, &inputs, &mut steps[idx])? =>
+                {
+                    // The producing step now computes this node's output too.
                     if let (Some(out), Some(&slot)) = (node.output.first(), steps[idx].outputs.first()) {
                         scope.names.insert(out.clone(), Src::Slot(slot));
                         producer.insert(out.clone(), idx);
-                    }
-                }
-                "BatchNormalization" if self.fold_batch_norm(node, &inputs, &producer, &consumers, steps)? => {
-                    // The preceding Conv now computes this node's output.
-                    let conv = producer[&node.input[0]];
-                    if let (Some(out), Some(&slot)) = (node.output.first(), steps[conv].outputs.first()) {
-                        scope.names.insert(out.clone(), Src::Slot(slot));
-                        producer.insert(out.clone(), conv);
                     }
                 }
                 _ => {
@@ -456,18 +451,7 @@ impl Compiler {
 
     /// Moves a Relu or a Clip with constant bounds into the step that feeds only it (a
     /// convolution applies it while writing its output).
-    fn fuse_clamp(
-        &mut self,
-        node: &NodeProto,
-        inputs: &[Option<Src>],
-        producer: &HashMap<String, usize>,
-        consumers: &HashMap<&str, usize>,
-        steps: &mut [Step],
-    ) -> Result<bool, NnError> {
-        let Some(&idx) = node.input.first().and_then(|x| producer.get(x)) else { return Ok(false) };
-        if consumers.get(node.input[0].as_str()) != Some(&1) || node.output.len() != 1 {
-            return Ok(false);
-        }
+    fn fuse_clamp(&mut self, node: &NodeProto, inputs: &[Option<Src>], step: &mut Step) -> Result<bool, NnError> {
         let clamp = if node.op_type == "Relu" {
             Clamp { lo: 0.0, hi: f32::INFINITY }
         } else {
@@ -484,31 +468,30 @@ impl Compiler {
                 _ => return Ok(false),
             }
         };
-        let Kind::Op(op) = &mut steps[idx].kind else { return Ok(false) };
+        let Kind::Op(op) = &mut step.kind else { return Ok(false) };
         if !op.fuse_clamp(clamp) {
             return Ok(false);
         }
-        steps[idx].name = format!("{}+{}", steps[idx].name, step_name(node));
+        step.name = format!("{}+{}", step.name, step_name(node));
         Ok(true)
+    }
+
+    /// Fuses `node` (an activation or a batch norm) into the step producing its input.
+    fn fuse_into(&mut self, node: &NodeProto, inputs: &[Option<Src>], step: &mut Step) -> Result<bool, NnError> {
+        match node.op_type.as_str() {
+            "BatchNormalization" => self.fold_batch_norm(node, inputs, step),
+            _ => self.fuse_clamp(node, inputs, step),
+        }
     }
 
     /// Folds an inference BatchNormalization into the Conv that feeds only it:
     /// `W' = W * a`, `b' = (b - mean) * a + beta` with `a = gamma / sqrt(var + eps)`.
-    fn fold_batch_norm(
-        &mut self,
-        node: &NodeProto,
-        inputs: &[Option<Src>],
-        producer: &HashMap<String, usize>,
-        consumers: &HashMap<&str, usize>,
-        steps: &mut [Step],
-    ) -> Result<bool, NnError> {
-        let Some(&conv) = node.input.first().and_then(|x| producer.get(x)) else { return Ok(false) };
-        if steps[conv].name_op() != "Conv" || consumers.get(node.input[0].as_str()) != Some(&1) || node.output.len() > 1
-        {
+    fn fold_batch_norm(&mut self, node: &NodeProto, inputs: &[Option<Src>], step: &mut Step) -> Result<bool, NnError> {
+        if step.name_op() != "Conv" {
             return Ok(false);
         }
         let params: Vec<&Tensor> = inputs.iter().skip(1).filter_map(|s| self.const_value(*s)).collect();
-        let weight = self.const_value(steps[conv].inputs.get(1).copied().flatten());
+        let weight = self.const_value(step.inputs.get(1).copied().flatten());
         let (Some(weight), [gamma, beta, mean, var]) = (weight, params.as_slice()) else { return Ok(false) };
         if weight.dtype() != DType::F32 {
             return Ok(false);
@@ -522,14 +505,13 @@ impl Compiler {
         let mut wdims = vec![1usize; weight.rank()];
         wdims[0] = c_out;
         let new_w = weight.broadcast_mul(&a.reshape(wdims)?)?;
-        let bias = match self.const_value(steps[conv].inputs.get(2).copied().flatten()) {
+        let bias = match self.const_value(step.inputs.get(2).copied().flatten()) {
             Some(b) => b.clone(),
-            None if steps[conv].inputs.get(2).copied().flatten().is_some() => return Ok(false),
+            None if step.inputs.get(2).copied().flatten().is_some() => return Ok(false),
             None => Tensor::zeros(c_out, DType::F32, weight.device())?,
         };
         let new_b = ((bias - *mean)?.broadcast_mul(&a)? + *beta)?;
         let (w_src, b_src) = (self.constant(new_w), self.constant(new_b));
-        let step = &mut steps[conv];
         step.inputs.resize(3, None);
         step.inputs[1] = Some(w_src);
         step.inputs[2] = Some(b_src);
@@ -592,6 +574,18 @@ impl Compiler {
         }
         folds
     }
+}
+
+/// The step producing `node`'s first input, when `node` is that value's only reader and has
+/// one output: the condition for fusing `node` into the step.
+fn sole_producer(
+    node: &NodeProto,
+    producer: &HashMap<String, usize>,
+    consumers: &HashMap<&str, usize>,
+) -> Option<usize> {
+    let input = node.input.first()?;
+    let &idx = producer.get(input)?;
+    (consumers.get(input.as_str()) == Some(&1) && node.output.len() == 1).then_some(idx)
 }
 
 /// A zero Pad merged into the Conv after it.
