@@ -291,6 +291,13 @@ impl Compiler {
             let src = self.constant(t);
             scope.names.insert(init.name.clone(), src);
         }
+        let sorted;
+        let g = if is_topological(g, scope) {
+            g
+        } else {
+            sorted = topological(g, scope)?;
+            &sorted
+        };
         let consumers = consumer_counts(g);
         let pad_folds = self.pad_folds(g, scope, &consumers);
         // Producer step of each value name in this block, for fusing BatchNormalization.
@@ -634,6 +641,83 @@ fn step_name(node: &NodeProto) -> String {
         if node.name.is_empty() { node.output.first().map(String::as_str).unwrap_or("?") } else { &node.name },
         node.op_type
     )
+}
+
+/// Names a node reads, its subgraphs' outer references included.
+fn reads(node: &NodeProto) -> Vec<&str> {
+    fn sub<'a>(g: &'a GraphProto, out: &mut Vec<&'a str>) {
+        for n in &g.node {
+            out.extend(n.input.iter().filter(|i| !i.is_empty()).map(String::as_str));
+            for a in &n.attribute {
+                if let Some(s) = &a.g {
+                    sub(s, out);
+                }
+            }
+        }
+    }
+    let mut out: Vec<&str> = node.input.iter().filter(|i| !i.is_empty()).map(String::as_str).collect();
+    for a in &node.attribute {
+        if let Some(g) = &a.g {
+            sub(g, &mut out);
+        }
+    }
+    out
+}
+
+/// Whether every node's direct inputs are defined before it (the ONNX rule, usually kept).
+fn is_topological(g: &GraphProto, scope: &Scope<'_>) -> bool {
+    let mut defined: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    for n in &g.node {
+        if n.input.iter().any(|i| !i.is_empty() && !defined.contains(i.as_str()) && scope.get(i).is_none()) {
+            return false;
+        }
+        defined.extend(n.output.iter().map(String::as_str));
+    }
+    true
+}
+
+/// The graph with its nodes in a topological order (stable: a ready node keeps its place), or
+/// an error naming a value nothing produces (or a cycle).
+fn topological(g: &GraphProto, scope: &Scope<'_>) -> Result<GraphProto, NnError> {
+    let produced: HashMap<&str, usize> =
+        g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
+    let initial: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut deps: Vec<HashSet<usize>> = Vec::with_capacity(g.node.len());
+    for n in &g.node {
+        let mut d = HashSet::new();
+        for name in reads(n) {
+            match produced.get(name) {
+                Some(&k) => {
+                    d.insert(k);
+                }
+                None if initial.contains(name) || scope.get(name).is_some() => {}
+                None => {
+                    return Err(NnError::invalid_encoding(format!(
+                        "node `{}` ({}) reads `{name}`, which nothing produces",
+                        n.name, n.op_type
+                    )));
+                }
+            }
+        }
+        deps.push(d);
+    }
+    let mut done = vec![false; g.node.len()];
+    let mut order = Vec::with_capacity(g.node.len());
+    while order.len() < g.node.len() {
+        let before = order.len();
+        for k in 0..g.node.len() {
+            if !done[k] && deps[k].iter().all(|&d| done[d]) {
+                done[k] = true;
+                order.push(k);
+            }
+        }
+        if order.len() == before {
+            return Err(NnError::invalid_encoding("the graph has a cycle"));
+        }
+    }
+    let mut sorted = g.clone();
+    sorted.node = order.into_iter().map(|k| g.node[k].clone()).collect();
+    Ok(sorted)
 }
 
 /// How many nodes (here or in nested branches) read each name.

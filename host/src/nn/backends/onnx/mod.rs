@@ -10,6 +10,8 @@ mod ops;
 #[allow(clippy::all, missing_docs)]
 mod proto;
 mod tensor;
+#[cfg(test)]
+mod tests;
 
 use std::time::Instant;
 

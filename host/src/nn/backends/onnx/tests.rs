@@ -1,0 +1,209 @@
+//! Operator and compiler tests on small graphs built here, with expected values worked out
+//! by hand (the two real models are checked against ONNX Runtime in `tests/e2e/onnx.rs`).
+
+use candle_core::Device;
+use prost::Message;
+
+use super::Onnx;
+use super::proto::attribute_proto::AttributeType;
+use super::proto::tensor_proto::DataType;
+use super::proto::type_proto::{self, Value};
+use super::proto::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_shape_proto,
+};
+use crate::nn::Model;
+use crate::nn::bindings::tensor::TensorType;
+use crate::nn::tensor::HostTensor;
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
+}
+
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
+}
+
+fn node(op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{}", outputs.join("_")),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|&d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn model(nodes: Vec<NodeProto>, inputs: &[(&str, &[i64])], outputs: &[&str], opset: i64) -> Onnx {
+    let graph = GraphProto {
+        node: nodes,
+        name: "test".into(),
+        input: inputs.iter().map(|(n, d)| value(n, d)).collect(),
+        output: outputs.iter().map(|n| ValueInfoProto { name: n.to_string(), ..Default::default() }).collect(),
+        ..Default::default()
+    };
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opset }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    Onnx::from_bytes(&proto.encode_to_vec(), &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(m: &Onnx, inputs: &[(&str, &[u32], &[f32])]) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let named = inputs
+        .iter()
+        .map(|(n, d, v)| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n.to_string(), HostTensor::new(d.to_vec(), TensorType::Fp32, bytes).unwrap())
+        })
+        .collect();
+    m.compute(named)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|(_, t)| {
+            (t.dims().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        })
+        .collect()
+}
+
+fn close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn nodes_out_of_order_are_sorted() {
+    let m = model(
+        vec![node("Relu", &["a"], &["y"], vec![]), node("Neg", &["x"], &["a"], vec![])],
+        &[("x", &[3])],
+        &["y"],
+        13,
+    );
+    close(&run(&m, &[("x", &[3], &[-1.0, 2.0, -3.0])])[0].1, &[1.0, 0.0, 3.0]);
+}
+
+#[test]
+fn pooling_handles_padding_ceil_mode_and_count_include_pad() {
+    // x = 1..16 as [1,1,4,4]; 3x3 windows, stride 2, pads 1.
+    let x: Vec<f32> = (1..=16).map(|v| v as f32).collect();
+    let pool = |op: &str, extra: Vec<AttributeProto>| {
+        let mut attrs =
+            vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2]), attr_ints("pads", &[1, 1, 1, 1])];
+        attrs.extend(extra);
+        let m = model(vec![node(op, &["x"], &["y"], attrs)], &[("x", &[1, 1, 4, 4])], &["y"], 13);
+        run(&m, &[("x", &[1, 1, 4, 4], &x)]).remove(0)
+    };
+    let (dims, max) = pool("MaxPool", vec![]);
+    assert_eq!(dims, vec![1, 1, 2, 2]);
+    close(&max, &[6.0, 8.0, 14.0, 16.0]);
+    // Average without the padding: the top-left window covers 1,2,5,6.
+    let (_, avg) = pool("AveragePool", vec![]);
+    close(&avg, &[3.5, 5.0, 9.5, 11.0]);
+    // With the padding counted, the same window is divided by 9.
+    let (_, avg) = pool("AveragePool", vec![attr_int("count_include_pad", 1)]);
+    assert!((avg[0] - 14.0 / 9.0).abs() < 1e-5, "{avg:?}");
+    // ceil_mode on a 5-wide input with k=2, s=2: three columns, the last one partial.
+    let m = model(
+        vec![node(
+            "MaxPool",
+            &["x"],
+            &["y"],
+            vec![attr_ints("kernel_shape", &[1, 2]), attr_ints("strides", &[1, 2]), attr_int("ceil_mode", 1)],
+        )],
+        &[("x", &[1, 1, 1, 5])],
+        &["y"],
+        13,
+    );
+    let (dims, y) = run(&m, &[("x", &[1, 1, 1, 5], &[1.0, 5.0, 2.0, 4.0, 3.0])]).remove(0);
+    assert_eq!(dims, vec![1, 1, 1, 3]);
+    close(&y, &[5.0, 4.0, 3.0]);
+}
+
+#[test]
+fn softmax_follows_its_opset() {
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let e = |v: &[f32]| -> Vec<f32> {
+        let s: f32 = v.iter().map(|x| x.exp()).sum();
+        v.iter().map(|x| x.exp() / s).collect()
+    };
+    // Opset 13: along the last axis, rows of two.
+    let m = model(vec![node("Softmax", &["x"], &["y"], vec![])], &[("x", &[2, 2])], &["y"], 13);
+    let y = run(&m, &[("x", &[2, 2], &x)]).remove(0).1;
+    close(&y, &[e(&x[..2]), e(&x[2..])].concat());
+    // Opset 11, axis 0: the whole tensor flattened into one row.
+    let m = model(vec![node("Softmax", &["x"], &["y"], vec![attr_int("axis", 0)])], &[("x", &[2, 2])], &["y"], 11);
+    close(&run(&m, &[("x", &[2, 2], &x)]).remove(0).1, &e(&x));
+}
+
+#[test]
+fn layer_norm_normalises_the_trailing_axes() {
+    let m = model(
+        vec![node("LayerNormalization", &["x", "s", "b"], &["y"], vec![attr_int("axis", -1)])],
+        &[("x", &[1, 4]), ("s", &[4]), ("b", &[4])],
+        &["y"],
+        17,
+    );
+    let y = run(
+        &m,
+        &[
+            ("x", &[1, 4], &[1.0, 2.0, 3.0, 4.0]),
+            ("s", &[4], &[1.0, 1.0, 2.0, 2.0]),
+            ("b", &[4], &[0.0, 0.0, 0.0, 1.0]),
+        ],
+    )
+    .remove(0)
+    .1;
+    let sd = (1.25f32 + 1e-5).sqrt();
+    close(&y, &[-1.5 / sd, -0.5 / sd, 2.0 * 0.5 / sd, 2.0 * 1.5 / sd + 1.0]);
+}
+
+#[test]
+fn reads_of_nothing_and_cycles_are_load_errors() {
+    let proto = |nodes: Vec<NodeProto>| ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(GraphProto {
+            node: nodes,
+            input: vec![value("x", &[1])],
+            output: vec![ValueInfoProto { name: "y".into(), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dangling = proto(vec![node("Add", &["x", "ghost"], &["y"], vec![])]);
+    let err = Onnx::from_bytes(&dangling.encode_to_vec(), &Device::Cpu).err().unwrap();
+    assert!(err.message.contains("ghost"), "{err}");
+    let cycle = proto(vec![
+        node("Neg", &["b"], &["a"], vec![]),
+        node("Neg", &["a"], &["b"], vec![]),
+        node("Neg", &["a"], &["y"], vec![]),
+    ]);
+    let err = Onnx::from_bytes(&cycle.encode_to_vec(), &Device::Cpu).err().unwrap();
+    assert!(err.message.contains("cycle"), "{err}");
+}
