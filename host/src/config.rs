@@ -13,6 +13,14 @@
 //! env = { LANG = "C" }
 //! reuse = 1000                       # calls per instance (1 = fresh every call)
 //! limits = { fuel = 5_000_000_000, timeout = "10s", max_memory = "256MiB" }
+//!
+//! [tenants.acme]
+//! keys_sha256 = ["<sha256 of the key, hex>"]   # `eir key new` makes a key and its hash
+//! plugins = ["embed"]
+//! max_concurrent = 8
+//! rps = 50
+//! burst = 100
+//! ceilings = { timeout = "5s" }
 //! ```
 
 use std::collections::BTreeMap;
@@ -46,10 +54,14 @@ pub struct ConfigError {
 pub struct Config {
     /// Where it was read from.
     pub file: PathBuf,
+    /// Gateway settings.
+    pub server: ServerDecl,
     /// Models by name.
     pub models: BTreeMap<String, ModelDecl>,
     /// Plugins by name.
     pub plugins: BTreeMap<String, PluginDecl>,
+    /// Tenants by name.
+    pub tenants: BTreeMap<String, TenantDecl>,
 }
 
 /// One plugin of the configuration.
@@ -57,17 +69,128 @@ pub struct Config {
 pub struct PluginDecl {
     /// The component (resolved against the file's directory).
     pub path: PathBuf,
+    /// Its version, as the gateway serves it (`/v2/models/NAME/versions/VERSION`).
+    pub version: String,
     /// How it runs.
     pub config: PluginConfig,
+    /// Calls it runs at once in the gateway.
+    pub concurrency: usize,
+    /// Calls that may wait for a free slot; more are refused (503).
+    pub queue: usize,
+}
+
+/// Gateway settings (`[server]`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerDecl {
+    /// Address to listen on.
+    pub listen: String,
+    /// SHA-256 (hex) of the admin key that may use the repository API (load/unload).
+    pub admin_key_sha256: Option<String>,
+    /// Largest request body accepted from anyone.
+    pub max_body: ByteSize,
+}
+
+impl Default for ServerDecl {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8080".into(), admin_key_sha256: None, max_body: ByteSize::mib(64) }
+    }
+}
+
+/// One tenant (`[tenants.NAME]`): who it is, what it may call, how much.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantDecl {
+    /// SHA-256 (hex, lower case) of each API key that authenticates as this tenant.
+    pub keys_sha256: Vec<String>,
+    /// Plugins it may see and call (`"*"` for all).
+    pub plugins: Vec<String>,
+    /// Requests it may have in flight at once.
+    pub max_concurrent: usize,
+    /// Sustained requests per second.
+    pub rps: f64,
+    /// Requests it may send at once above the sustained rate.
+    pub burst: u32,
+    /// Largest request body it may send.
+    pub max_body: ByteSize,
+    /// Per-request ceilings: a plugin's limits are lowered to these for this tenant.
+    pub ceilings: Ceilings,
+}
+
+impl TenantDecl {
+    /// Whether the tenant may use `plugin`.
+    pub fn may_use(&self, plugin: &str) -> bool {
+        self.plugins.iter().any(|p| p == "*" || p == plugin)
+    }
+}
+
+/// Per-request ceilings of a tenant.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ceilings {
+    /// Fuel per request.
+    pub fuel: Option<u64>,
+    /// Time per request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<std::time::Duration>,
+    /// Linear memory per request.
+    pub max_memory: Option<ByteSize>,
+}
+
+impl Ceilings {
+    /// `limits` lowered to these ceilings.
+    pub fn apply(&self, limits: &Limits) -> Limits {
+        let mut l = limits.clone();
+        if let Some(f) = self.fuel {
+            l.fuel = l.fuel.min(f);
+        }
+        if let Some(t) = self.timeout {
+            l.timeout = l.timeout.min(t);
+        }
+        if let Some(m) = self.max_memory {
+            l.max_memory = l.max_memory.min(m);
+        }
+        l
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
+    server: ServerDecl,
+    #[serde(default)]
     models: BTreeMap<String, Spanned<RawModel>>,
     #[serde(default)]
     plugins: BTreeMap<String, Spanned<RawPlugin>>,
+    #[serde(default)]
+    tenants: BTreeMap<String, Spanned<RawTenant>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    #[serde(default)]
+    keys_sha256: Vec<Spanned<String>>,
+    #[serde(default)]
+    plugins: Vec<Spanned<String>>,
+    #[serde(default = "default_concurrent")]
+    max_concurrent: usize,
+    #[serde(default = "default_rps")]
+    rps: f64,
+    #[serde(default)]
+    burst: Option<u32>,
+    #[serde(default)]
+    max_body: Option<ByteSize>,
+    #[serde(default)]
+    ceilings: Ceilings,
+}
+
+fn default_concurrent() -> usize {
+    16
+}
+
+fn default_rps() -> f64 {
+    100.0
 }
 
 #[derive(Deserialize)]
@@ -98,6 +221,12 @@ struct RawPlugin {
     reuse: Option<u32>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    concurrency: Option<usize>,
+    #[serde(default)]
+    queue: Option<usize>,
 }
 
 impl Config {
@@ -195,9 +324,74 @@ impl Config {
                 },
             };
             let config = PluginConfig { limits: plugin.limits, grants, reuse: plugin.reuse.unwrap_or(1).max(1) };
-            plugins.insert(name, PluginDecl { path, config });
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            plugins.insert(
+                name,
+                PluginDecl {
+                    path,
+                    version: plugin.version.unwrap_or_else(|| "1".into()),
+                    config,
+                    concurrency: plugin.concurrency.unwrap_or(2 * cores).max(1),
+                    queue: plugin.queue.unwrap_or(64),
+                },
+            );
         }
-        Ok(Self { file: file.to_path_buf(), models, plugins })
+
+        let mut tenants = BTreeMap::new();
+        let mut seen_keys = std::collections::HashSet::new();
+        for (name, tenant) in raw.tenants {
+            let span = tenant.span();
+            let tenant = tenant.into_inner();
+            let mut keys = Vec::new();
+            for key in &tenant.keys_sha256 {
+                let k = key.get_ref().to_ascii_lowercase();
+                if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(err(
+                        Some(key.span()),
+                        format!("tenant `{name}`: a key hash must be 64 hex digits (see `eir key new`)"),
+                    ));
+                }
+                if !seen_keys.insert(k.clone()) {
+                    return Err(err(
+                        Some(key.span()),
+                        format!("tenant `{name}`: this key already belongs to another tenant"),
+                    ));
+                }
+                keys.push(k);
+            }
+            if keys.is_empty() {
+                return Err(err(Some(span), format!("tenant `{name}` has no keys_sha256")));
+            }
+            for p in &tenant.plugins {
+                if p.get_ref() != "*" && !plugins.contains_key(p.get_ref()) {
+                    return Err(err(
+                        Some(p.span()),
+                        format!("tenant `{name}` may use plugin `{}`, which is not declared", p.get_ref()),
+                    ));
+                }
+            }
+            if !tenant.rps.is_finite() || tenant.rps <= 0.0 {
+                return Err(err(Some(span), format!("tenant `{name}`: rps must be positive")));
+            }
+            tenants.insert(
+                name,
+                TenantDecl {
+                    keys_sha256: keys,
+                    plugins: tenant.plugins.into_iter().map(Spanned::into_inner).collect(),
+                    max_concurrent: tenant.max_concurrent.max(1),
+                    rps: tenant.rps,
+                    burst: tenant.burst.unwrap_or(tenant.rps.ceil().max(1.0) as u32).max(1),
+                    max_body: tenant.max_body.unwrap_or(raw.server.max_body).min(raw.server.max_body),
+                    ceilings: tenant.ceilings,
+                },
+            );
+        }
+        if let Some(k) = &raw.server.admin_key_sha256
+            && (k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(err(None, "server.admin_key_sha256 must be 64 hex digits".into()));
+        }
+        Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, tenants })
     }
 
     /// A registry of the configured models, computing on `pool`.

@@ -14,11 +14,13 @@
 //! - [`config`]: the TOML configuration (models, plugins, limits, grants), validated with
 //!   file and line in every error.
 //! - [`runtime`]: one engine + linker from which plugins are loaded.
+//! - [`gateway`]: `eir serve`, the multi-tenant KServe v2 gateway.
 //! - [`cli`]: the `eir` command, a thin layer over the above.
 
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod gateway;
 pub mod grants;
 pub mod limits;
 pub mod nn;

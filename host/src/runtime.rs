@@ -29,6 +29,12 @@ impl Runtime {
         Ok(Self { engine, linkers, registry })
     }
 
+    /// A runtime on the same engine and linkers serving the models of `registry` (a gateway
+    /// reload: compiled components and warm slots are kept).
+    pub fn with_models(&self, registry: Arc<Registry>) -> Self {
+        Self { engine: self.engine.clone(), linkers: self.linkers.clone(), registry }
+    }
+
     /// The model registry.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry

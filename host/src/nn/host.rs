@@ -215,6 +215,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 return self.fail(e);
             }
         };
+        self.ctx.compute_time += started.elapsed();
         tracing::debug!(model = %graph.name, elapsed = ?started.elapsed(), "compute");
         let mut out = Vec::with_capacity(outputs.len());
         for (name, t) in outputs {

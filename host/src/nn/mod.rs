@@ -71,11 +71,21 @@ pub struct NnCtx {
     pub(crate) tensor_bytes: u64,
     pub(crate) resources: u32,
     pub(crate) legacy: legacy::LegacyState,
+    /// Time spent in model computations (waiting for the pool included) during this call.
+    pub(crate) compute_time: std::time::Duration,
 }
 
 impl NnCtx {
     /// State for one call that must finish by `deadline`.
     pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
-        Self { registry, grants, deadline, tensor_bytes: 0, resources: 0, legacy: Default::default() }
+        Self {
+            registry,
+            grants,
+            deadline,
+            tensor_bytes: 0,
+            resources: 0,
+            legacy: Default::default(),
+            compute_time: std::time::Duration::ZERO,
+        }
     }
 }

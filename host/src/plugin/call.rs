@@ -29,6 +29,8 @@ pub struct CallStats {
     pub memory_bytes: u64,
     /// Wall-clock time of the call, instantiation included.
     pub elapsed: Duration,
+    /// Part of `elapsed` spent in wasi-nn computations.
+    pub compute: Duration,
 }
 
 /// A store, and the pipeline instance in it once instantiated.
@@ -220,6 +222,7 @@ impl Plugin {
             fuel_used: limits.fuel.saturating_sub(fuel_left),
             memory_bytes: state.limiter.memory_in_use(),
             elapsed: started.elapsed(),
+            compute: state.compute_time(),
         };
         let classifier = Classifier {
             plugin: &self.name,

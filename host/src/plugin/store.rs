@@ -52,6 +52,12 @@ impl StoreState {
     pub(crate) fn begin_call(&mut self, deadline: Instant) {
         self.deadline = deadline;
         self.nn.deadline = deadline;
+        self.nn.compute_time = std::time::Duration::ZERO;
+    }
+
+    /// Time the current call spent in model computations.
+    pub(crate) fn compute_time(&self) -> std::time::Duration {
+        self.nn.compute_time
     }
 
     /// When the current call must end.

@@ -77,6 +77,20 @@ impl Registry {
         Self::new([], ComputePool::for_this_machine())
     }
 
+    /// A registry of `decls` that keeps the models `previous` already loaded for unchanged
+    /// declarations (a configuration reload does not reload them).
+    pub fn carrying_over(decls: impl IntoIterator<Item = (String, ModelDecl)>, previous: &Registry) -> Self {
+        let next = Self::new(decls, previous.pool.clone());
+        if let (Ok(old), Ok(mut new)) = (previous.loaded.lock(), next.loaded.lock()) {
+            for (name, slot) in old.iter() {
+                if previous.decls.get(name) == next.decls.get(name) {
+                    new.insert(name.clone(), slot.clone());
+                }
+            }
+        }
+        next
+    }
+
     /// The compute pool models run on.
     pub fn pool(&self) -> &ComputePool {
         &self.pool

@@ -1,0 +1,147 @@
+//! Prometheus metrics (`GET /metrics`, text format): requests, errors by kind, latency by
+//! phase (queue, plugin, compute), in-flight, fuel used, memory high-water, refusals.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Model {
+    tenant: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Code {
+    tenant: String,
+    model: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    tenant: String,
+    model: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Phase {
+    tenant: String,
+    model: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refusal {
+    tenant: String,
+    reason: String,
+}
+
+/// The gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Code, Counter>,
+    errors: Family<Kind, Counter>,
+    latency: Family<Phase, Histogram, fn() -> Histogram>,
+    in_flight: Family<Model, Gauge>,
+    fuel: Family<Model, Counter>,
+    memory: Family<Model, Gauge>,
+    refused: Family<Refusal, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("eir");
+        let requests = Family::<Code, Counter>::default();
+        let errors = Family::<Kind, Counter>::default();
+        let latency =
+            Family::<Phase, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let in_flight = Family::<Model, Gauge>::default();
+        let fuel = Family::<Model, Counter>::default();
+        let memory = Family::<Model, Gauge>::default();
+        let refused = Family::<Refusal, Counter>::default();
+        registry.register("requests", "Inference requests answered, by HTTP status", requests.clone());
+        registry.register("errors", "Failed plugin calls, by error kind", errors.clone());
+        registry.register(
+            "latency_seconds",
+            "Time per request phase: queue, plugin (whole call), compute (wasi-nn)",
+            latency.clone(),
+        );
+        registry.register("in_flight", "Requests being served", in_flight.clone());
+        registry.register("fuel_used", "Fuel burnt by plugin calls", fuel.clone());
+        registry.register("memory_high_water_bytes", "Largest linear memory a call of the plugin held", memory.clone());
+        registry.register("refused", "Requests refused before running: rate, concurrency, queue", refused.clone());
+        Self { registry, requests, errors, latency, in_flight, fuel, memory, refused }
+    }
+}
+
+fn model(tenant: &str, model: &str) -> Model {
+    Model { tenant: tenant.into(), model: model.into() }
+}
+
+impl Metrics {
+    /// Counts an answered request.
+    pub fn request(&self, tenant: &str, m: &str, code: u16) {
+        self.requests.get_or_create(&Code { tenant: tenant.into(), model: m.into(), code }).inc();
+    }
+
+    /// Counts a failed call.
+    pub fn error(&self, tenant: &str, m: &str, kind: &str) {
+        self.errors.get_or_create(&Kind { tenant: tenant.into(), model: m.into(), kind: kind.into() }).inc();
+    }
+
+    /// Records the time of a phase.
+    pub fn latency(&self, tenant: &str, m: &str, phase: &str, seconds: f64) {
+        self.latency
+            .get_or_create(&Phase { tenant: tenant.into(), model: m.into(), phase: phase.into() })
+            .observe(seconds);
+    }
+
+    /// Records what a call consumed.
+    pub fn usage(&self, tenant: &str, m: &str, fuel: u64, memory: u64) {
+        let key = model(tenant, m);
+        self.fuel.get_or_create(&key).inc_by(fuel);
+        let g = self.memory.get_or_create(&key);
+        let memory = i64::try_from(memory).unwrap_or(i64::MAX);
+        if memory > g.get() {
+            g.set(memory);
+        }
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, tenant: &str, reason: &str) {
+        self.refused.get_or_create(&Refusal { tenant: tenant.into(), reason: reason.into() }).inc();
+    }
+
+    /// Marks a request as in flight until the guard drops.
+    pub fn in_flight(&self, tenant: &str, m: &str) -> InFlight {
+        let g = self.in_flight.get_or_create(&model(tenant, m)).clone();
+        g.inc();
+        InFlight(g)
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

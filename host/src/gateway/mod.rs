@@ -1,0 +1,304 @@
+//! `eir serve`: the multi-tenant inference gateway.
+//!
+//! One process serves the pipeline plugins of many tenants over the KServe v2 REST protocol
+//! ([`kserve`]), each plugin a "model". A request is authenticated (bearer key, stored as a
+//! SHA-256 hash) to a tenant, admitted by the tenant's quotas ([`quota`]), queued for the
+//! plugin (bounded), and run under the plugin's limits lowered to the tenant's ceilings, in
+//! instances that are never shared between tenants. Everything a request needs is taken from
+//! one immutable [`Snapshot`]; a reload (SIGHUP or the repository API) builds the next one
+//! beside it and swaps it in atomically, so requests in flight finish on the old version.
+
+pub mod kserve;
+pub mod metrics;
+pub mod quota;
+mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::Runtime;
+use crate::config::{Ceilings, Config, PluginDecl};
+use crate::nn::ComputePool;
+use crate::plugin::{Plugin, PluginConfig};
+use crate::registry::Registry;
+use crate::tensor::Metadata;
+
+pub use metrics::Metrics;
+pub use quota::TenantState;
+
+/// One version of a plugin, as served.
+pub struct Served {
+    /// The plugin's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its declaration.
+    pub decl: PluginDecl,
+    /// What it accepts and returns.
+    pub metadata: Metadata,
+    /// One loaded plugin per tenant allowed to call it: limits lowered to the tenant's
+    /// ceilings, and warm instances never shared across tenants.
+    pub per_tenant: HashMap<String, Arc<Plugin>>,
+    /// The tenants (and their ceilings) it was built for, to tell when a reload can keep it.
+    tenants: Vec<(String, Ceilings)>,
+    /// Calls running or queued; at most `concurrency + queue`.
+    pub slots: Arc<Semaphore>,
+    /// Calls running; at most `concurrency`.
+    pub running: Arc<Semaphore>,
+}
+
+/// All versions of one plugin.
+#[derive(Clone)]
+pub struct ModelEntry {
+    /// By version.
+    pub versions: BTreeMap<String, Arc<Served>>,
+    /// The version served when none is named.
+    pub latest: String,
+}
+
+/// Everything the gateway serves at one moment.
+#[derive(Clone)]
+pub struct Snapshot {
+    /// The runtime (shared engine; this configuration's models).
+    pub runtime: Runtime,
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Plugins by name.
+    pub models: BTreeMap<String, ModelEntry>,
+    /// Tenants by the SHA-256 of their keys.
+    pub by_key: HashMap<String, Arc<TenantState>>,
+    /// Tenants by name.
+    pub tenants: BTreeMap<String, Arc<TenantState>>,
+}
+
+impl Snapshot {
+    /// The version `version` (or the latest) of `name`, if `tenant` may see it.
+    pub fn resolve(&self, tenant: &TenantState, name: &str, version: Option<&str>) -> Option<Arc<Served>> {
+        if !tenant.decl.may_use(name) {
+            return None;
+        }
+        let entry = self.models.get(name)?;
+        entry.versions.get(version.unwrap_or(&entry.latest)).cloned()
+    }
+}
+
+/// The SHA-256 (hex) of an API key, as configurations store it.
+pub fn key_hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The gateway: the current snapshot, and what outlives reloads.
+pub struct Gateway {
+    state: ArcSwap<Snapshot>,
+    base: Runtime,
+    config_path: PathBuf,
+    metrics: Metrics,
+    reloading: tokio::sync::Mutex<()>,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// Loads `config` (models preloaded, plugins compiled) and returns a gateway ready to serve.
+    pub async fn start(base: Runtime, config_path: &Path, config: Config) -> anyhow::Result<Self> {
+        let snapshot = build(&base, config, None).await?;
+        Ok(Self {
+            state: ArcSwap::from_pointee(snapshot),
+            base,
+            config_path: config_path.to_path_buf(),
+            metrics: Metrics::default(),
+            reloading: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.load_full()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Re-reads the configuration file and swaps in what it describes. A configuration that
+    /// does not validate or load is refused and the running one is kept.
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let config = Config::load(&self.config_path)?;
+        let current = self.snapshot();
+        let next = build(&self.base, config, Some(&current)).await?;
+        let summary: Vec<String> = next.models.iter().map(|(n, m)| format!("{n}@{}", m.latest)).collect();
+        self.state.store(Arc::new(next));
+        tracing::info!(models = %summary.join(", "), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops serving `name` (new requests get 404; requests in flight finish).
+    pub fn unload(&self, name: &str) -> bool {
+        let mut next = (*self.snapshot()).clone();
+        let found = next.models.remove(name).is_some();
+        if found {
+            self.state.store(Arc::new(next));
+            tracing::info!(model = name, "unloaded");
+        }
+        found
+    }
+
+    /// Whether the gateway is shutting down (readiness turns false).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Builds a snapshot for `config`, keeping from `previous` whatever did not change: loaded
+/// models, tenants' admission state, and served plugins (with their warm instances).
+async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+    let registry = match previous {
+        Some(p) => Registry::carrying_over(config.models.clone(), p.runtime.registry()),
+        None => Registry::new(config.models.clone(), ComputePool::for_this_machine()),
+    };
+    let runtime = base.with_models(Arc::new(registry));
+    runtime.registry().preload().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let mut tenants = BTreeMap::new();
+    let mut by_key = HashMap::new();
+    for (name, decl) in &config.tenants {
+        let state = match previous.and_then(|p| p.tenants.get(name)) {
+            Some(old) if old.same_quotas(decl) && old.decl == *decl => old.clone(),
+            _ => Arc::new(TenantState::new(name, decl)),
+        };
+        for key in &decl.keys_sha256 {
+            by_key.insert(key.clone(), state.clone());
+        }
+        tenants.insert(name.clone(), state);
+    }
+
+    let mut models = BTreeMap::new();
+    for (name, decl) in &config.plugins {
+        let audience: Vec<(String, Ceilings)> = config
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.may_use(name))
+            .map(|(t, d)| (t.clone(), d.ceilings.clone()))
+            .collect();
+        let kept = previous
+            .and_then(|p| p.models.get(name))
+            .and_then(|m| m.versions.get(&decl.version))
+            .filter(|s| s.decl == *decl && s.tenants == audience && same_models(&s.decl, previous, &config))
+            .cloned();
+        let served = match kept {
+            Some(s) => s,
+            None => Arc::new(serve_plugin(&runtime, name, decl, audience).await?),
+        };
+        let mut versions = BTreeMap::new();
+        versions.insert(decl.version.clone(), served);
+        models.insert(name.clone(), ModelEntry { versions, latest: decl.version.clone() });
+    }
+    Ok(Snapshot { runtime, config, models, by_key, tenants })
+}
+
+/// Whether the models a plugin uses are declared the same way as before (a plugin bound to a
+/// replaced model must be rebuilt on the new registry).
+fn same_models(decl: &PluginDecl, previous: Option<&Snapshot>, config: &Config) -> bool {
+    let Some(prev) = previous else { return false };
+    decl.config.grants.nn.models.iter().all(|m| prev.config.models.get(m) == config.models.get(m))
+        && !decl.config.grants.nn.models.iter().any(|m| m == "*")
+}
+
+async fn serve_plugin(
+    runtime: &Runtime,
+    name: &str,
+    decl: &PluginDecl,
+    audience: Vec<(String, Ceilings)>,
+) -> anyhow::Result<Served> {
+    let artifact = runtime.engine().load_file(&decl.path, false).with_context(|| format!("loading plugin `{name}`"))?;
+    let describe = runtime.plugin(name, artifact.clone(), decl.config.clone())?;
+    if describe.kind() != crate::plugin::PluginKind::Pipeline {
+        anyhow::bail!("plugin `{name}` ({}) is a command, not a pipeline plugin", decl.path.display());
+    }
+    let metadata = describe.metadata().await.with_context(|| format!("asking plugin `{name}` to describe itself"))?;
+    let mut per_tenant = HashMap::new();
+    for (tenant, ceilings) in &audience {
+        let config = PluginConfig { limits: ceilings.apply(&decl.config.limits), ..decl.config.clone() };
+        per_tenant.insert(tenant.clone(), Arc::new(runtime.plugin(name, artifact.clone(), config)?));
+    }
+    tracing::info!(plugin = name, version = %decl.version, tenants = audience.len(), "plugin ready");
+    Ok(Served {
+        name: name.to_string(),
+        version: decl.version.clone(),
+        decl: decl.clone(),
+        metadata,
+        per_tenant,
+        tenants: audience,
+        slots: Arc::new(Semaphore::new(decl.concurrency + decl.queue)),
+        running: Arc::new(Semaphore::new(decl.concurrency)),
+    })
+}
+
+/// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and finishes what is in
+/// flight. SIGHUP reloads the configuration.
+pub async fn serve(runtime: Runtime, config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let addr = listen.unwrap_or_else(|| config.server.listen.clone());
+    let max_body = config.server.max_body;
+    tracing::info!(config = %config_path.display(), "loading models and plugins");
+    let gateway = Arc::new(Gateway::start(runtime, config_path, config).await?);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "serving");
+    // A line on stdout that scripts (and the tests) wait for.
+    println!("eir serving on http://{local}");
+
+    #[cfg(unix)]
+    {
+        let gw = gateway.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                if let Err(e) = gw.reload().await {
+                    tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+                }
+            }
+        });
+    }
+    let gw = gateway.clone();
+    axum::serve(listener, routes::router(gateway, max_body))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            gw.draining.store(true, Ordering::Relaxed);
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let term = async {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,394 @@
+//! The HTTP surface: KServe v2 REST endpoints, the repository extension, `/metrics`. Every
+//! non-200 answer carries `{"error": "..."}`; every answer carries `x-request-id`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use super::kserve::{self, HEADER_LENGTH};
+use super::quota::{Refused, TenantState};
+use super::{Gateway, Served, key_hash};
+use crate::plugin::{CallError, ErrorKind};
+use crate::tensor::{ErrorCode, metadata_to_json};
+
+type Gw = State<Arc<Gateway>>;
+
+/// An error answer: status, message, and what helps the caller.
+pub(super) struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind: None, retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(kind) = self.kind {
+            body["kind"] = json!(kind);
+        }
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        resp
+    }
+}
+
+/// The HTTP status of each way a plugin call fails (the one place that decides it).
+fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidRequest
+        | ErrorKind::Plugin(ErrorCode::InvalidInput)
+        | ErrorKind::Plugin(ErrorCode::Unsupported) => StatusCode::BAD_REQUEST,
+        ErrorKind::Plugin(ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+        ErrorKind::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let kind = e.kind();
+        // Backtraces stay in the server log; the caller gets the first line.
+        let message = e.to_string().lines().next().unwrap_or_default().to_string();
+        Self { status: status_of(kind), message, kind: Some(kind.as_str()), retry_after: None }
+    }
+}
+
+pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
+    let limit = usize::try_from(max_body.as_u64()).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
+        .route("/v2/repository/models/{name}/unload", post(repository_unload))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(request_id))
+        .with_state(gw)
+}
+
+/// Gives every request an id (the caller's `x-request-id`, or a new one), a tracing span,
+/// and the id back on the response.
+async fn request_id(req: Request, next: Next) -> Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!("{:x}-{:x}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        });
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+fn tenant(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<TenantState>, ApiError> {
+    let key = bearer(headers)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing API key (Authorization: Bearer <key>)"))?;
+    gw.snapshot()
+        .by_key
+        .get(&key_hash(key))
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
+}
+
+fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let snapshot = gw.snapshot();
+    let Some(want) = &snapshot.config.server.admin_key_sha256 else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the repository API is off: configure server.admin_key_sha256",
+        ));
+    };
+    match bearer(headers) {
+        Some(key) if key_hash(key).eq_ignore_ascii_case(want) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "this endpoint needs the admin key")),
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    // The same answer for "no such model" and "not yours", so names do not leak.
+    ApiError::new(StatusCode::NOT_FOUND, format!("no model `{name}`"))
+}
+
+fn served(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    name: &str,
+    version: Option<&str>,
+) -> Result<(Arc<TenantState>, Arc<Served>), ApiError> {
+    let t = tenant(gw, headers)?;
+    let s = gw.snapshot().resolve(&t, name, version).ok_or_else(|| not_found(name))?;
+    Ok((t, s))
+}
+
+async fn live() -> axum::Json<Value> {
+    axum::Json(json!({ "live": true }))
+}
+
+async fn ready(State(gw): Gw) -> Response {
+    if gw.draining() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    axum::Json(json!({ "ready": true })).into_response()
+}
+
+async fn server_metadata() -> axum::Json<Value> {
+    axum::Json(json!({
+        "name": "eir",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }))
+}
+
+fn metadata_json(s: &Served) -> Value {
+    let mut m = metadata_to_json(&s.name, &s.metadata);
+    m["versions"] = json!([s.version]);
+    m["platform"] = json!("eir_wasm");
+    m
+}
+
+async fn model_metadata(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, s) = served(&gw, &headers, &name, None)?;
+    Ok(axum::Json(metadata_json(&s)))
+}
+
+async fn model_metadata_v(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, s) = served(&gw, &headers, &name, Some(&version))?;
+    Ok(axum::Json(metadata_json(&s)))
+}
+
+async fn model_ready(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, s) = served(&gw, &headers, &name, None)?;
+    Ok(axum::Json(json!({ "name": s.name, "version": s.version, "ready": true })))
+}
+
+async fn model_ready_v(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (_, s) = served(&gw, &headers, &name, Some(&version))?;
+    Ok(axum::Json(json!({ "name": s.name, "version": s.version, "ready": true })))
+}
+
+async fn infer(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(gw, headers, name, None, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_v(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(gw, headers, name, Some(version), body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run_infer(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    name: String,
+    version: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (t, s) = served(&gw, &headers, &name, version.as_deref())?;
+    let m = gw.metrics();
+    let answer = |code: StatusCode| m.request(&t.name, &name, code.as_u16());
+    let body = body.map_err(|e| {
+        answer(e.status());
+        ApiError::new(e.status(), e.body_text())
+    })?;
+    if body.len() as u64 > t.decl.max_body.as_u64() {
+        answer(StatusCode::PAYLOAD_TOO_LARGE);
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {} bytes is over your limit of {}", body.len(), t.decl.max_body),
+        ));
+    }
+    // Admission: the tenant's rate and concurrency, then the plugin's bounded queue.
+    let _tenant_slot = t.admit().map_err(|r| {
+        answer(StatusCode::TOO_MANY_REQUESTS);
+        let (reason, retry) = match r {
+            Refused::Rate(wait) => ("rate", wait.as_secs_f64().ceil() as u64),
+            Refused::Concurrency => ("concurrency", 1),
+        };
+        m.refused(&t.name, reason);
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("over your {reason} quota; retry later"),
+            kind: Some("quota"),
+            retry_after: Some(retry),
+        }
+    })?;
+    let _queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+        answer(StatusCode::SERVICE_UNAVAILABLE);
+        m.refused(&t.name, "queue");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("model `{name}` is at capacity; retry later"),
+            kind: Some("queue_full"),
+            retry_after: Some(1),
+        }
+    })?;
+    let header_len = headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or("bad Inference-Header-Content-Length")
+        })
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let decoded = kserve::decode(&body, header_len).map_err(|e| {
+        answer(StatusCode::BAD_REQUEST);
+        ApiError::new(StatusCode::BAD_REQUEST, e)
+    })?;
+    let plugin = s.per_tenant.get(&t.name).ok_or_else(|| not_found(&name))?;
+
+    let queued_at = Instant::now();
+    let _running = s
+        .running
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unloading"))?;
+    m.latency(&t.name, &name, "queue", queued_at.elapsed().as_secs_f64());
+    let _in_flight = m.in_flight(&t.name, &name);
+    let (result, stats) = plugin.handle_with_stats(&decoded.request).await;
+    m.latency(&t.name, &name, "plugin", stats.elapsed.as_secs_f64());
+    if !stats.compute.is_zero() {
+        m.latency(&t.name, &name, "compute", stats.compute.as_secs_f64());
+    }
+    m.usage(&t.name, &name, stats.fuel_used, stats.memory_bytes);
+    match result {
+        Ok(response) => {
+            answer(StatusCode::OK);
+            let (bytes, header) = kserve::encode(&s.name, &s.version, &decoded.request.id, &response, &decoded.binary);
+            let mut resp = Response::new(axum::body::Body::from(bytes));
+            let headers = resp.headers_mut();
+            match header {
+                Some(n) => {
+                    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                    headers.insert(HEADER_LENGTH, HeaderValue::from(n));
+                }
+                None => {
+                    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            tracing::info!(tenant = %t.name, model = %name, kind = e.kind().as_str(), error = %e, "inference failed");
+            m.error(&t.name, &name, e.kind().as_str());
+            let err = ApiError::from(e);
+            answer(err.status);
+            Err(err)
+        }
+    }
+}
+
+async fn metrics(State(gw): Gw, headers: HeaderMap) -> Result<Response, ApiError> {
+    // With an admin key configured, metrics (which name tenants) need it too.
+    if gw.snapshot().config.server.admin_key_sha256.is_some() {
+        admin(&gw, &headers)?;
+    }
+    let mut resp = Response::new(axum::body::Body::from(gw.metrics().encode()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+async fn repository_index(State(gw): Gw, headers: HeaderMap) -> Result<axum::Json<Value>, ApiError> {
+    admin(&gw, &headers)?;
+    let snapshot = gw.snapshot();
+    let index: Vec<Value> = snapshot
+        .models
+        .iter()
+        .flat_map(|(name, m)| m.versions.keys().map(move |v| json!({ "name": name, "version": v, "state": "READY" })))
+        .collect();
+    Ok(axum::Json(Value::Array(index)))
+}
+
+async fn repository_load(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    admin(&gw, &headers)?;
+    gw.reload().await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reload refused: {e:#}")))?;
+    if !gw.snapshot().models.contains_key(&name) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("the configuration declares no plugin `{name}`")));
+    }
+    Ok(axum::Json(json!({ "name": name, "state": "READY" })))
+}
+
+async fn repository_unload(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    admin(&gw, &headers)?;
+    if !gw.unload(&name) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no model `{name}` is loaded")));
+    }
+    Ok(axum::Json(json!({ "name": name, "state": "UNAVAILABLE" })))
+}
