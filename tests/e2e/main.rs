@@ -6,6 +6,7 @@
 mod cli;
 mod common;
 mod embed;
+mod gateway;
 mod grants;
 mod limits;
 mod nn;

@@ -16,7 +16,7 @@ pub use load::{Artifact, LoadError};
 
 /// How often the engine's epoch advances. Deadlines are checked on each tick, so this is
 /// also the granularity of the wall-clock limit and of cooperative yielding.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Settings of the shared wasmtime engine (they apply to every plugin it runs).
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -102,12 +102,32 @@ pub struct Gateway {
     metrics: Metrics,
     reloading: tokio::sync::Mutex<()>,
     draining: AtomicBool,
+    /// Plugin calls run on their own threads, so busy plugins never delay accepting and
+    /// parsing other tenants' requests on the I/O threads.
+    exec: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(rt) = self.exec.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Gateway {
     /// Loads `config` (models preloaded, plugins compiled) and returns a gateway ready to serve.
     pub async fn start(base: Runtime, config_path: &Path, config: Config) -> anyhow::Result<Self> {
         let snapshot = build(&base, config, None).await?;
+        // More threads than cores: a tenant's busy calls then share the cores with other
+        // tenants' calls through the OS scheduler, instead of making them wait for a thread.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let exec = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads((2 * cores).max(4))
+            .thread_name("eir-plugin")
+            .enable_all()
+            .build()
+            .context("starting the plugin threads")?;
         Ok(Self {
             state: ArcSwap::from_pointee(snapshot),
             base,
@@ -115,7 +135,30 @@ impl Gateway {
             metrics: Metrics::default(),
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            exec: Some(exec),
         })
+    }
+
+    /// Runs a plugin call on the plugin threads. If the caller goes away (the client hung up),
+    /// the call is cancelled.
+    pub async fn call(
+        &self,
+        plugin: Arc<Plugin>,
+        request: crate::tensor::Request,
+    ) -> (Result<crate::tensor::Response, crate::plugin::CallError>, crate::plugin::CallStats) {
+        let task = async move { plugin.handle_with_stats(&request).await };
+        let Some(exec) = &self.exec else { return task.await };
+        let mut handle = AbortOnDrop(exec.spawn(task));
+        match (&mut handle.0).await {
+            Ok(answer) => answer,
+            Err(e) => (
+                Err(crate::plugin::CallError::Internal {
+                    plugin: String::new(),
+                    message: format!("plugin task failed: {e}"),
+                }),
+                Default::default(),
+            ),
+        }
     }
 
     /// The current snapshot.
@@ -203,6 +246,15 @@ async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> a
         models.insert(name.clone(), ModelEntry { versions, latest: decl.version.clone() });
     }
     Ok(Snapshot { runtime, config, models, by_key, tenants })
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether the models a plugin uses are declared the same way as before (a plugin bound to a

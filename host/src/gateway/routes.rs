@@ -311,7 +311,8 @@ async fn run_infer(
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unloading"))?;
     m.latency(&t.name, &name, "queue", queued_at.elapsed().as_secs_f64());
     let _in_flight = m.in_flight(&t.name, &name);
-    let (result, stats) = plugin.handle_with_stats(&decoded.request).await;
+    let id = decoded.request.id.clone();
+    let (result, stats) = gw.call(plugin.clone(), decoded.request).await;
     m.latency(&t.name, &name, "plugin", stats.elapsed.as_secs_f64());
     if !stats.compute.is_zero() {
         m.latency(&t.name, &name, "compute", stats.compute.as_secs_f64());
@@ -320,7 +321,7 @@ async fn run_infer(
     match result {
         Ok(response) => {
             answer(StatusCode::OK);
-            let (bytes, header) = kserve::encode(&s.name, &s.version, &decoded.request.id, &response, &decoded.binary);
+            let (bytes, header) = kserve::encode(&s.name, &s.version, &id, &response, &decoded.binary);
             let mut resp = Response::new(axum::body::Body::from(bytes));
             let headers = resp.headers_mut();
             match header {

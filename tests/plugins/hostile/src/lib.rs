@@ -86,6 +86,16 @@ impl Plugin for Hostile {
                 let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
                 Ok(Response::new().with(Tensor::strings("env", vars)))
             }
+            "busy" => {
+                // Computes for `ms` milliseconds, then answers normally.
+                let ms: u64 = request.param_or("ms", 500)?;
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+                let mut x = 0u64;
+                while std::time::Instant::now() < until {
+                    x = black_box(x.wrapping_add(1));
+                }
+                Ok(Response::new().with_param("spins", x.to_string()))
+            }
             "count" => {
                 // Instance state: shows whether calls share an instance.
                 static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

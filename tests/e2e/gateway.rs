@@ -1,0 +1,520 @@
+//! `eir serve` over HTTP: the real binary on a loopback port with a test configuration.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{guest, repo};
+use crate::embed::minilm_dir;
+
+/// A running gateway; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+    _cache: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hash(key: &str) -> String {
+    eir::gateway::key_hash(key)
+}
+
+/// The test configuration; `text_normalize_version` lets a test change it and reload.
+fn config(text_normalize_version: &str) -> String {
+    let p = |name: &str| guest(name).display().to_string();
+    format!(
+        r#"
+[server]
+admin_key_sha256 = "{admin}"
+max_body = "8MiB"
+
+[models.minilm]
+path = "{minilm}"
+
+[plugins.text-normalize]
+path = "{tn}"
+version = "{text_normalize_version}"
+reuse = 1000
+concurrency = 4
+queue = 256
+
+[plugins.text-embed]
+path = "{te}"
+models = ["minilm"]
+reuse = 100
+
+[plugins.topk]
+path = "{topk}"
+
+[plugins.hostile]
+path = "{hostile}"
+concurrency = 4
+limits = {{ timeout = "2s", fuel = 100_000_000_000 }}
+
+# alpha may keep one call running at a time: on a 2-core machine that leaves a core to others.
+[tenants.alpha]
+keys_sha256 = ["{alpha}"]
+plugins = ["*"]
+max_concurrent = 2
+rps = 100000
+
+[tenants.beta]
+keys_sha256 = ["{beta}"]
+plugins = ["text-normalize"]
+rps = 100000
+
+[tenants.slowpoke]
+keys_sha256 = ["{slow}"]
+plugins = ["text-normalize"]
+rps = 1
+burst = 2
+
+[tenants.narrow]
+keys_sha256 = ["{narrow}"]
+plugins = ["hostile", "text-normalize"]
+max_concurrent = 1
+max_body = "1KiB"
+ceilings = {{ timeout = "300ms" }}
+"#,
+        admin = hash("admin-key"),
+        minilm = minilm_dir().display(),
+        tn = p("text-normalize"),
+        te = p("text-embed"),
+        hostile = p("hostile"),
+        topk = p("topk"),
+        alpha = hash("alpha-key"),
+        beta = hash("beta-key"),
+        slow = hash("slow-key"),
+        narrow = hash("narrow-key"),
+    )
+}
+
+impl Server {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("eir.toml"), config("1")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_eir"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("eir.toml"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("EIR_CACHE_DIR", cache.path())
+            .env("EIR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting eir serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("eir serving on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, url, dir, _cache: cache }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("eir.toml")
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+async fn get(s: &Server, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = client().get(format!("{}{path}", s.url));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn text_request(texts: &[&str]) -> Value {
+    json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [texts.len()], "data": texts}]})
+}
+
+async fn infer(s: &Server, model: &str, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp =
+        client().post(format!("{}/v2/models/{model}/infer", s.url)).bearer_auth(key).json(body).send().await.unwrap();
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metadata_auth_and_isolation() {
+    let s = Server::start();
+    assert_eq!(get(&s, "/v2/health/live", None).await, (200, json!({"live": true})));
+    assert_eq!(get(&s, "/v2/health/ready", None).await, (200, json!({"ready": true})));
+    let (code, meta) = get(&s, "/v2", None).await;
+    assert_eq!(code, 200);
+    assert!(meta["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")));
+
+    let (code, body) = get(&s, "/v2/models/text-normalize", None).await;
+    assert_eq!(code, 401);
+    assert!(body["error"].as_str().unwrap().contains("API key"));
+    assert_eq!(get(&s, "/v2/models/text-normalize", Some("wrong")).await.0, 401);
+
+    let (code, meta) = get(&s, "/v2/models/text-normalize", Some("beta-key")).await;
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(meta["inputs"][0], json!({"name": "text", "datatype": "BYTES", "shape": [-1]}));
+    assert_eq!(meta["versions"], json!(["1"]));
+    assert_eq!(get(&s, "/v2/models/text-normalize/versions/1", Some("beta-key")).await.0, 200);
+    assert_eq!(get(&s, "/v2/models/text-normalize/versions/9", Some("beta-key")).await.0, 404);
+    assert_eq!(get(&s, "/v2/models/text-normalize/ready", Some("beta-key")).await.1["ready"], true);
+    // Another tenant's plugin and a missing one look the same: names do not leak.
+    let hidden = get(&s, "/v2/models/hostile", Some("beta-key")).await;
+    let missing = get(&s, "/v2/models/ghost", Some("beta-key")).await;
+    assert_eq!(hidden.0, 404);
+    assert_eq!(missing.0, 404);
+    assert_eq!(
+        hidden.1["error"].as_str().unwrap().replace("hostile", "X"),
+        missing.1["error"].as_str().unwrap().replace("ghost", "X")
+    );
+    let (code, body) = get(&s, "/no/such/endpoint", None).await;
+    assert_eq!((code, body["error"].is_string()), (404, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_binary_inference() {
+    let s = Server::start();
+    let mut body = text_request(&["  HeLLo ", "ﬁne"]);
+    body["id"] = json!("req-7");
+    body["outputs"] = json!([{"name": "text"}]);
+    let (code, headers, out) = infer(&s, "text-normalize", "beta-key", &body).await;
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["id"], "req-7");
+    assert_eq!(out["model_version"], "1");
+    assert_eq!(out["outputs"][0]["data"], json!(["hello", "fine"]));
+    assert!(headers.contains_key("x-request-id"));
+
+    // The binary extension: BYTES input in the binary section, all outputs back in binary.
+    let header = json!({
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}],
+        "parameters": {"binary_data_output": true}
+    })
+    .to_string();
+    let mut raw = header.as_bytes().to_vec();
+    raw.extend(5u32.to_le_bytes());
+    raw.extend(b"ABCDE");
+    let resp = client()
+        .post(format!("{}/v2/models/text-normalize/infer", s.url))
+        .bearer_auth("beta-key")
+        .header("Inference-Header-Content-Length", header.len())
+        .header("content-type", "application/octet-stream")
+        .header("x-request-id", "mine-1")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "mine-1");
+    let json_len: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let bytes = resp.bytes().await.unwrap();
+    let head: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 9);
+    assert_eq!(&bytes[json_len..], [5, 0, 0, 0, b'a', b'b', b'c', b'd', b'e']);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_become_statuses_with_json_bodies() {
+    let s = Server::start();
+    let attack = |a: &str| json!({"inputs": [], "parameters": {"attack": a}});
+    let cases = [
+        ("trap", 500, "trap"),
+        ("panic", 500, "trap"),
+        ("loop", 504, "deadline_exceeded"),
+        ("bad-output", 500, "invalid_output"),
+    ];
+    for (a, status, kind) in cases {
+        let (code, _, body) = infer(&s, "hostile", "alpha-key", &attack(a)).await;
+        assert_eq!(code, status, "{a}: {body}");
+        assert_eq!(body["kind"], kind, "{a}: {body}");
+        assert!(body["error"].is_string());
+    }
+    let (code, _, body) = infer(&s, "hostile", "alpha-key", &attack("no-such")).await;
+    assert_eq!((code, body["kind"].as_str()), (400, Some("invalid_input")), "{body}");
+    // The gateway still answers, and the plugin too.
+    let (code, _, _) = infer(&s, "hostile", "alpha-key", &json!({"inputs": []})).await;
+    assert_eq!(code, 200);
+
+    let resp = client()
+        .post(format!("{}/v2/models/text-normalize/infer", s.url))
+        .bearer_auth("beta-key")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("JSON"));
+    // The tenant's ceiling (300 ms) lowers the plugin's 2 s timeout.
+    let (code, _, body) =
+        infer(&s, "hostile", "narrow-key", &json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1000}})).await;
+    assert_eq!((code, body["kind"].as_str()), (504, Some("deadline_exceeded")), "{body}");
+    // The tenant's body cap.
+    let big = text_request(&[&"x".repeat(4096)]);
+    let (code, _, body) = infer(&s, "text-normalize", "narrow-key", &big).await;
+    assert_eq!(code, 413, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_answer_429_with_retry_after() {
+    let s = Server::start();
+    let body = text_request(&["x"]);
+    let mut codes = Vec::new();
+    let mut retry = None;
+    for _ in 0..4 {
+        let (code, headers, _) = infer(&s, "text-normalize", "slow-key", &body).await;
+        codes.push(code);
+        if code == 429 {
+            retry = headers.get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        }
+    }
+    assert_eq!(&codes[..2], &[200, 200], "the burst is admitted");
+    assert!(codes[2..].contains(&429), "{codes:?}");
+    assert!(retry.is_some_and(|r| r >= 1), "Retry-After: {retry:?}");
+
+    // max_concurrent = 1: a second request while one runs is refused at once.
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 250}});
+    let url = s.url.clone();
+    let first = tokio::spawn(async move {
+        client()
+            .post(format!("{url}/v2/models/hostile/infer"))
+            .bearer_auth("narrow-key")
+            .json(&slow)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let (code, headers, body) = infer(&s, "text-normalize", "narrow-key", &body).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(first.await.unwrap(), 200);
+
+    let (code, metrics) = {
+        let resp = client().get(format!("{}/metrics", s.url)).bearer_auth("admin-key").send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(code, 200);
+    assert!(metrics.contains(r#"eir_refused_total{tenant="slowpoke",reason="rate"}"#), "{metrics}");
+    assert!(metrics.contains(r#"eir_refused_total{tenant="narrow",reason="concurrency"}"#));
+    assert!(metrics.contains(r#"eir_requests_total{tenant="slowpoke",model="text-normalize",code="200"} 2"#));
+    assert!(metrics.contains("eir_fuel_used_total"));
+    assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_flooding_does_not_starve_another() {
+    let s = Server::start();
+    let body = text_request(&["A short sentence to normalise."]);
+    let measure = |n: usize| {
+        let (url, body) = (s.url.clone(), body.clone());
+        async move {
+            let mut times = Vec::new();
+            for _ in 0..n {
+                let t = Instant::now();
+                let code = client()
+                    .post(format!("{url}/v2/models/text-normalize/infer"))
+                    .bearer_auth("beta-key")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(code, 200, "beta must never be refused");
+                times.push(t.elapsed());
+            }
+            median(times)
+        }
+    };
+    let alone = measure(30).await;
+
+    // alpha floods: 16 clients, as fast as they can (backing off 5 ms when refused).
+    let stop = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..16 {
+        let (url, stop, refused) = (s.url.clone(), stop.clone(), refused.clone());
+        let body = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 20}});
+        flood.push(tokio::spawn(async move {
+            while stop.load(Ordering::Relaxed) == 0 {
+                let r = client()
+                    .post(format!("{url}/v2/models/hostile/infer"))
+                    .bearer_auth("alpha-key")
+                    .json(&body)
+                    .send()
+                    .await;
+                if r.map(|r| r.status() == 429).unwrap_or(false) {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = measure(30).await;
+    stop.store(1, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    let factor = during.as_secs_f64() / alone.as_secs_f64();
+    eprintln!(
+        "beta median latency: alone {alone:?}, while alpha floods {during:?} ({factor:.1}x); alpha refused {} times",
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(refused.load(Ordering::Relaxed) > 0, "alpha's concurrency quota must bite");
+    // alpha keeps at most 2 calls running (its quota), each spinning a core for 20 ms on a
+    // 2-core machine: beta shares the cores with them, it never queues behind alpha's backlog.
+    assert!(factor < 6.0, "beta slowed down {factor:.1}x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_request_and_bad_configs_are_refused() {
+    let s = Server::start();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (url, failures, served, stop) = (s.url.clone(), failures.clone(), served.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let body = text_request(&["Reload me"]);
+            while stop.load(Ordering::Relaxed) == 0 {
+                match client()
+                    .post(format!("{url}/v2/models/text-normalize/infer"))
+                    .bearer_auth("beta-key")
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => served.fetch_add(1, Ordering::Relaxed),
+                    _ => failures.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let admin_post = |path: &str| client().post(format!("{}{path}", s.url)).bearer_auth("admin-key").send();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 1. Through the repository API.
+    std::fs::write(s.config_path(), config("2")).unwrap();
+    let resp = admin_post("/v2/repository/models/text-normalize/load").await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(get(&s, "/v2/models/text-normalize", Some("alpha-key")).await.1["versions"], json!(["2"]));
+
+    // 2. By SIGHUP.
+    std::fs::write(s.config_path(), config("3")).unwrap();
+    let status = Command::new("kill").args(["-HUP", &s.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&s, "/v2/models/text-normalize", Some("alpha-key")).await.1["versions"] != json!(["3"]) {
+        assert!(Instant::now() < deadline, "SIGHUP reload did not happen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 3. A broken configuration is refused with its location; version 3 keeps serving.
+    std::fs::write(s.config_path(), "[plugins.text-normalize]\npath = \"/nowhere.wasm\"\n").unwrap();
+    let resp = admin_post("/v2/repository/models/text-normalize/load").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let err = resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(err.contains("eir.toml:2"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(1, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(get(&s, "/v2/models/text-normalize", Some("alpha-key")).await.1["versions"], json!(["3"]));
+    eprintln!("served {} requests across two reloads", served.load(Ordering::Relaxed));
+    assert!(served.load(Ordering::Relaxed) > 10);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request may fail during a reload");
+
+    // Unload, and the repository API's own checks.
+    assert_eq!(
+        client().post(format!("{}/v2/repository/index", s.url)).bearer_auth("alpha-key").send().await.unwrap().status(),
+        401
+    );
+    let index: Value = admin_post("/v2/repository/index").await.unwrap().json().await.unwrap();
+    assert!(index.as_array().unwrap().iter().any(|m| m["name"] == "text-normalize"));
+    assert_eq!(admin_post("/v2/repository/models/text-normalize/unload").await.unwrap().status(), 200);
+    assert_eq!(get(&s, "/v2/models/text-normalize", Some("alpha-key")).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight() {
+    let mut s = Server::start();
+    let url = s.url.clone();
+    let slow = tokio::spawn(async move {
+        let body = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 700}});
+        client()
+            .post(format!("{url}/v2/models/hostile/infer"))
+            .bearer_auth("alpha-key")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap().success());
+    assert_eq!(slow.await.unwrap(), 200, "the request in flight completes");
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = s.child.wait().unwrap();
+        (status, s)
+    })
+    .await
+    .unwrap();
+    assert!(exit.0.success(), "eir serve exits cleanly: {:?}", exit.0);
+}
+
+#[test]
+fn a_stock_tritonclient_works_unchanged() {
+    let python = std::env::var_os("EIR_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/.venv/bin/python"));
+    let ok = Command::new(&python).args(["-c", "import tritonclient.http"]).status().is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import tritonclient: run scripts/test.sh (it installs tritonclient[http] into models/.venv), \
+         or set EIR_TEST_PYTHON to a Python with tritonclient[http]",
+        python.display()
+    );
+    let s = Server::start();
+    let out = Command::new(&python)
+        .arg(repo().join("tests/clients/tritonclient_check.py"))
+        .arg(s.url.trim_start_matches("http://"))
+        .arg("alpha-key")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["embedding_shape"], json!([2, 384]));
+    assert_eq!(seen["norms"], json!([1.0, 1.0]));
+    assert_eq!(seen["first"], json!([-0.034477, 0.031023, 0.006735]), "the reference embedding of \"Hello world\"");
+    assert_eq!(seen["request_id"], "tc-1");
+    assert_eq!(seen["topk_indices"], json!([[1, 3]]));
+    assert!(seen["missing_model_error"].as_str().unwrap().contains("no model"));
+}
