@@ -12,4 +12,6 @@ models_dir="${EIR_MODELS_DIR:-models}"
 "$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0"
 export EIR_TEST_PYTHON="${EIR_TEST_PYTHON:-$PWD/$models_dir/.venv/bin/python}"
 echo "==> host unit and end-to-end tests"
-cargo test --workspace --locked
+cargo test --workspace --locked -- --skip alone_
+echo "==> tests that measure latency, one at a time"
+cargo test --locked -p eir --test e2e alone_ -- --test-threads 1

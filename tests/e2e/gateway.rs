@@ -326,8 +326,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Measures latency, so it must not share the CPU with other tests: scripts/test.sh runs it
+/// on its own after the rest (`cargo test --test e2e alone_ -- --test-threads 1`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_tenant_flooding_does_not_starve_another() {
+async fn alone_one_tenant_flooding_does_not_starve_another() {
     let s = Server::start();
     let body = text_request(&["A short sentence to normalise."]);
     let measure = |n: usize| {
