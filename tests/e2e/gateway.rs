@@ -81,6 +81,11 @@ plugins = ["text-normalize"]
 rps = 1
 burst = 2
 
+[tenants.single]
+keys_sha256 = ["{single}"]
+plugins = ["hostile", "text-normalize"]
+max_concurrent = 1
+
 [tenants.narrow]
 keys_sha256 = ["{narrow}"]
 plugins = ["hostile", "text-normalize"]
@@ -98,6 +103,7 @@ ceilings = {{ timeout = "300ms" }}
         beta = hash("beta-key"),
         slow = hash("slow-key"),
         narrow = hash("narrow-key"),
+        single = hash("single-key"),
     )
 }
 
@@ -289,13 +295,14 @@ async fn quotas_answer_429_with_retry_after() {
     assert!(codes[2..].contains(&429), "{codes:?}");
     assert!(retry.is_some_and(|r| r >= 1), "Retry-After: {retry:?}");
 
-    // max_concurrent = 1: a second request while one runs is refused at once.
-    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 250}});
+    // max_concurrent = 1: a second request while one runs is refused at once. (Polled, so a
+    // slow machine that admits the first request late cannot fool the test.)
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1500}});
     let url = s.url.clone();
     let first = tokio::spawn(async move {
         client()
             .post(format!("{url}/v2/models/hostile/infer"))
-            .bearer_auth("narrow-key")
+            .bearer_auth("single-key")
             .json(&slow)
             .send()
             .await
@@ -303,10 +310,16 @@ async fn quotas_answer_429_with_retry_after() {
             .status()
             .as_u16()
     });
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    let (code, headers, body) = infer(&s, "text-normalize", "narrow-key", &body).await;
-    assert_eq!(code, 429, "{body}");
-    assert!(headers.contains_key("retry-after"));
+    let mut refused = None;
+    for _ in 0..100 {
+        let (code, headers, _) = infer(&s, "text-normalize", "single-key", &body).await;
+        if code == 429 {
+            refused = Some(headers.contains_key("retry-after"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(refused, Some(true), "a second request while one runs gets 429 with Retry-After");
     assert_eq!(first.await.unwrap(), 200);
 
     let (code, metrics) = {
@@ -315,7 +328,7 @@ async fn quotas_answer_429_with_retry_after() {
     };
     assert_eq!(code, 200);
     assert!(metrics.contains(r#"eir_refused_total{tenant="slowpoke",reason="rate"}"#), "{metrics}");
-    assert!(metrics.contains(r#"eir_refused_total{tenant="narrow",reason="concurrency"}"#));
+    assert!(metrics.contains(r#"eir_refused_total{tenant="single",reason="concurrency"}"#));
     assert!(metrics.contains(r#"eir_requests_total{tenant="slowpoke",model="text-normalize",code="200"} 2"#));
     assert!(metrics.contains("eir_fuel_used_total"));
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
