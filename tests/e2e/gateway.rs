@@ -482,7 +482,7 @@ async fn sigterm_finishes_requests_in_flight() {
     let mut s = Server::start();
     let url = s.url.clone();
     let slow = tokio::spawn(async move {
-        let body = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 700}});
+        let body = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1500}});
         client()
             .post(format!("{url}/v2/models/hostile/infer"))
             .bearer_auth("alpha-key")
@@ -493,7 +493,24 @@ async fn sigterm_finishes_requests_in_flight() {
             .status()
             .as_u16()
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until the gateway reports the request in flight, then ask it to stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = client()
+            .get(format!("{}/metrics", s.url))
+            .bearer_auth("admin-key")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(r#"eir_in_flight{tenant="alpha",model="hostile"} 1"#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap().success());
     assert_eq!(slow.await.unwrap(), 200, "the request in flight completes");
     let exit = tokio::task::spawn_blocking(move || {
