@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Builds everything: the guest components (wasm32-wasip2) and the host with the `eir` binary.
-# Guests land in plugins/dist (shipped plugins) and tests/plugins/dist (test guests).
+# Builds everything: the guest components (Rust for wasm32-wasip2, and the Python, JavaScript
+# and C plugins with their toolchains) and the host with the `eir` binary. Guests land in
+# plugins/dist (shipped plugins) and tests/plugins/dist (test guests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 
-for target in wasm32-wasip2 wasm32-wasip1; do
-    if ! rustup target list --installed | grep -qx "$target"; then
-        echo "==> adding the $target target"
-        rustup target add "$target"
-    fi
-done
+scripts/toolchains.sh
+tools="${EIR_TOOLS:-$HOME/.cache/eir/tools}"
 
 echo "==> building guest components (wasm32-wasip2, release)"
 # Everything is a component, except the one test guest that stands for legacy wasip1 programs.
@@ -30,6 +27,16 @@ for crate in tests/plugins/*/Cargo.toml; do
     src="$out/$name.wasm"; [ -f "$src" ] || src="$out/$(echo "$name" | tr - _).wasm"
     cp "$src" "tests/plugins/dist/$(echo "$name" | tr - _).wasm"
 done
+
+echo "==> building the Python plugin (componentize-py)"
+"$tools/py/bin/componentize-py" -d wit -w eir:plugin/pipeline componentize app -p plugins/py-embed \
+    -o plugins/dist/py_embed.wasm >/dev/null
+rm -rf plugins/py-embed/__pycache__
+echo "==> building the JavaScript plugin (componentize-js)"
+(cd plugins/js-rank && PATH="$tools/js/node_modules/.bin:$PATH" npm run --silent build >/dev/null)
+echo "==> building the C plugin (clang, wit-bindgen c, wasm-component-ld)"
+make --no-print-directory -s -C plugins/c-vad WIT_BINDGEN="$tools/bin/wit-bindgen" \
+    COMPONENT_LD="$tools/bin/wasm-component-ld" BUILD="$CARGO_TARGET_DIR/c-vad" OUT="$PWD/plugins/dist/c_vad.wasm"
 
 echo "==> building the host (eir)"
 cargo build --workspace --all-targets --locked

@@ -16,25 +16,26 @@ use serde::Deserialize;
 use crate::common::{guest, repo, request, texts};
 
 #[derive(Deserialize)]
-struct Reference {
-    max_seq_length: usize,
-    tolerance: Tolerance,
-    cases: Vec<Case>,
+pub struct Reference {
+    pub max_seq_length: usize,
+    pub tolerance: Tolerance,
+    pub cases: Vec<Case>,
 }
 
 #[derive(Deserialize)]
-struct Tolerance {
-    cosine_min: f64,
+pub struct Tolerance {
+    pub cosine_min: f64,
 }
 
 #[derive(Deserialize)]
-struct Case {
-    text: String,
-    token_ids: Vec<i64>,
-    embedding: Vec<f32>,
+pub struct Case {
+    pub text: String,
+    pub token_ids: Vec<i64>,
+    pub embedding: Vec<f32>,
 }
 
-fn reference() -> Reference {
+/// The MiniLM reference fixture.
+pub fn reference() -> Reference {
     let path = repo().join("tests/fixtures/minilm_reference.json");
     serde_json::from_str(&std::fs::read_to_string(&path).expect("reading the reference fixture"))
         .expect("fixture parses")
@@ -70,14 +71,16 @@ pub fn embed_plugin() -> (Plugin, tempfile::TempDir) {
     (plugin, cache)
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
+/// Cosine similarity, in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
 
-fn output<'a>(outputs: &'a [Tensor], name: &str) -> &'a Tensor {
+/// The output called `name`.
+pub fn output<'a>(outputs: &'a [Tensor], name: &str) -> &'a Tensor {
     outputs.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no output {name}"))
 }
 

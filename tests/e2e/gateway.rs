@@ -13,11 +13,11 @@ use crate::common::{guest, repo};
 use crate::embed::minilm_dir;
 
 /// A running gateway; killed when dropped.
-struct Server {
+pub struct Server {
     child: Child,
-    url: String,
+    pub url: String,
     dir: tempfile::TempDir,
-    _cache: tempfile::TempDir,
+    _cache: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -27,7 +27,8 @@ impl Drop for Server {
     }
 }
 
-fn hash(key: &str) -> String {
+/// The SHA-256 a configuration stores for an API key.
+pub fn hash(key: &str) -> String {
     eir::gateway::key_hash(key)
 }
 
@@ -109,14 +110,21 @@ ceilings = {{ timeout = "300ms" }}
 
 impl Server {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("eir.toml"), config("1")).unwrap();
+        let mut server = Self::start_with(&config("1"), cache.path());
+        server._cache = Some(cache);
+        server
+    }
+
+    /// Serves `config` on a free loopback port, compiling into `cache`.
+    pub fn start_with(config: &str, cache: &std::path::Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("eir.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_eir"))
             .args(["serve", "--config"])
             .arg(dir.path().join("eir.toml"))
             .args(["--listen", "127.0.0.1:0"])
-            .env("EIR_CACHE_DIR", cache.path())
+            .env("EIR_CACHE_DIR", cache)
             .env("EIR_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -129,7 +137,7 @@ impl Server {
             .strip_prefix("eir serving on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Server { child, url, dir, _cache: cache }
+        Server { child, url, dir, _cache: None }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -141,7 +149,8 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
 }
 
-async fn get(s: &Server, path: &str, key: Option<&str>) -> (u16, Value) {
+/// GET `path`, with `key` as the bearer token; the status and JSON body.
+pub async fn get(s: &Server, path: &str, key: Option<&str>) -> (u16, Value) {
     let mut req = client().get(format!("{}{path}", s.url));
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -155,7 +164,8 @@ fn text_request(texts: &[&str]) -> Value {
     json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [texts.len()], "data": texts}]})
 }
 
-async fn infer(s: &Server, model: &str, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+/// POSTs an inference request for `model`; the status, headers and JSON body.
+pub async fn infer(s: &Server, model: &str, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
     let resp =
         client().post(format!("{}/v2/models/{model}/infer", s.url)).bearer_auth(key).json(body).send().await.unwrap();
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());

@@ -8,6 +8,7 @@ mod common;
 mod embed;
 mod gateway;
 mod grants;
+mod languages;
 mod limits;
 mod nn;
 mod onnx;
