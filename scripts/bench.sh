@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs a benchmark (default: all) in the same profile the tests use, so nothing is rebuilt.
+# Runs benchmarks by name (default: call; also embed, onnx, languages), in the profile the tests
+# use, so nothing is rebuilt.
 # Benchmarks report ratios against a baseline measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
