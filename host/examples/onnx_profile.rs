@@ -1,6 +1,6 @@
 //! Runs an ONNX model on a synthetic input and logs where the time goes, per operator.
 //! Usage: `EIR_ONNX_PROFILE=1 cargo run -p eir --example onnx_profile -- MODEL DIMS...`
-//! (e.g. `models/efficientnet-lite0 1 3 224 224`).
+//! (e.g. `models/efficientnet-lite0 1 3 224 224`). `EIR_PROFILE_RUNS=N` runs it N times (3).
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
@@ -22,7 +22,8 @@ fn main() -> anyhow::Result<()> {
         let i64t = eir::nn::bindings::tensor::TensorType::I64;
         inputs.push(("sr".into(), eir::nn::tensor::HostTensor::new(vec![], i64t, 16000i64.to_le_bytes().to_vec())?));
     }
-    for _ in 0..3 {
+    let runs = std::env::var("EIR_PROFILE_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    for _ in 0..runs {
         let t = std::time::Instant::now();
         model.compute(inputs.clone())?;
         eprintln!("compute: {:?}", t.elapsed());

@@ -6,12 +6,17 @@
 //! - 1x1, stride 1, no padding: one GEMM per image (`W · X`), no im2col;
 //! - anything else: im2col (padding as zeros) + GEMM per image and group;
 //!
-//! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip), written in the
-//! same pass. Other dtypes and 1-D convolutions fall back to candle.
+//! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip); the GEMMs
+//! (`sgemm`) apply it as they store each tile. Other dtypes and 1-D convolutions fall back to candle.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use std::sync::{Arc, Mutex};
+
+use candle_core::TensorId;
+
+use super::sgemm::{Packed, epilogue, gemm};
 use crate::nn::error::NnError;
 
 /// An activation fused into a convolution's output pass.
@@ -29,64 +34,28 @@ pub(crate) struct Geometry {
     pub group: usize,
 }
 
+/// A convolution's weights packed for the GEMM kernel (one per group), kept between runs for
+/// as long as the weight tensor is the same one: initializers are, so each model packs once.
+#[derive(Default)]
+pub(crate) struct PackedWeights(Mutex<Option<(TensorId, Arc<Vec<Packed>>)>>);
+
+impl PackedWeights {
+    fn get(&self, key: TensorId, pack: impl FnOnce() -> Vec<Packed>) -> Arc<Vec<Packed>> {
+        // A poisoned lock only means a panic elsewhere mid-update; the slot is replaced whole.
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((id, packed)) if *id == key => packed.clone(),
+            _ => {
+                let packed = Arc::new(pack());
+                *slot = Some((key, packed.clone()));
+                packed
+            }
+        }
+    }
+}
+
 /// Below this many elements a pass runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
-
-/// `dst = (accumulate ? dst : 0) + lhs · rhs`, row-major `m×k · k×n`.
-fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    dst: &mut [f32],
-    accumulate: bool,
-) -> Result<(), NnError> {
-    if lhs.len() < m * k || rhs.len() < k * n || dst.len() < m * n {
-        return Err(NnError::runtime("gemm: operand sizes do not match"));
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return Ok(());
-    }
-    // Waking the other threads costs tens of microseconds: not worth it for small products.
-    let parallelism = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked above), all
-    // row-major with the strides given; dst does not alias lhs or rhs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
-}
 
 /// Runs `f` on the contiguous f32 contents of `t`: borrowed from its storage when it is a
 /// contiguous f32 CPU tensor, copied otherwise.
@@ -100,25 +69,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
     }
     let owned = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(f(&owned))
-}
-
-/// Applies bias (per output channel) and clamp to `out` laid out `[channels, plane]`.
-fn epilogue(out: &mut [f32], plane: usize, bias: Option<&[f32]>, clamp: Option<Clamp>) {
-    if bias.is_none() && clamp.is_none() {
-        return;
-    }
-    let apply = |(c, row): (usize, &mut [f32])| {
-        let b = bias.map(|b| b[c % b.len()]).unwrap_or(0.0);
-        match clamp {
-            Some(Clamp { lo, hi }) => row.iter_mut().for_each(|v| *v = (*v + b).max(lo).min(hi)),
-            None => row.iter_mut().for_each(|v| *v += b),
-        }
-    };
-    if out.len() < PARALLEL_MIN {
-        out.chunks_mut(plane.max(1)).enumerate().for_each(apply);
-    } else {
-        out.par_chunks_mut(plane.max(1)).enumerate().for_each(apply);
-    }
 }
 
 fn out_len(len: usize, pad: (usize, usize), k: usize, s: usize, d: usize) -> Option<usize> {
@@ -135,12 +85,14 @@ fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
 }
 
 /// A 2-D convolution of `x` `[n, c, h, w]` with `w` `[m, c/group, kh, kw]`, plus bias and clamp.
+/// `cache` keeps `w` packed between runs, under the id of the weight tensor it came from.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     g: &Geometry,
     clamp: Option<Clamp>,
+    cache: Option<(&PackedWeights, TensorId)>,
 ) -> Result<Tensor, NnError> {
     let (n, c, h, wd) = x.dims4()?;
     let (m, cg, kh, kw) = w.dims4()?;
@@ -166,21 +118,45 @@ pub(crate) fn conv2d(
     let mut out = vec![0f32; n * m * oh * ow];
     with_f32(x, |xs| {
         with_f32(w, |ws| {
+            let kdim = cg * kh * kw;
+            let mg = m / g.group;
+            let packed = |grp: usize| {
+                let (cache, key) = cache?;
+                let all = cache.get(key, || {
+                    (0..g.group)
+                        .filter_map(|i| Packed::new(mg, kdim, &ws[i * mg * kdim..(i + 1) * mg * kdim]))
+                        .collect()
+                });
+                all.get(grp).is_some().then_some(all)
+            };
             if g.group == c && m == c && cg == 1 {
                 depthwise(xs, ws, &mut out, [n, c, h, wd], [kh, kw], [oh, ow], g);
+                epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
                 Ok(())
             } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
+                let packed = packed(0);
                 for i in 0..n {
                     let src = &xs[i * c * h * wd..(i + 1) * c * h * wd];
-                    sgemm(m, h * wd, c, ws, src, &mut out[i * m * h * wd..(i + 1) * m * h * wd], false)?;
+                    let dst = &mut out[i * m * h * wd..(i + 1) * m * h * wd];
+                    gemm([m, h * wd, c], ws, packed.as_ref().map(|p| &p[0]), src, dst, bias.as_deref(), clamp)?;
                 }
                 Ok(())
             } else {
-                im2col_gemm(xs, ws, &mut out, [n, c, h, wd], [m, kh, kw], [oh, ow], g)
+                let epi = (bias.as_deref(), clamp);
+                let packed = packed(g.group - 1);
+                im2col_gemm(
+                    xs,
+                    (ws, packed.as_ref().map(|p| p.as_slice())),
+                    &mut out,
+                    [n, c, h, wd],
+                    [m, kh, kw],
+                    [oh, ow],
+                    g,
+                    epi,
+                )
             }
         })
     })???; // the two borrows, then the kernel's own result
-    epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
 
@@ -320,12 +296,13 @@ mod simd {
 
 fn im2col_gemm(
     xs: &[f32],
-    ws: &[f32],
+    (ws, packed): (&[f32], Option<&[Packed]>),
     out: &mut [f32],
     [n, c, h, w]: [usize; 4],
     [m, kh, kw]: [usize; 3],
     [oh, ow]: [usize; 2],
     g: &Geometry,
+    (bias, clamp): (Option<&[f32]>, Option<Clamp>),
 ) -> Result<(), NnError> {
     let [sh, sw] = g.strides;
     let [dh, dw] = g.dilations;
@@ -365,7 +342,8 @@ fn im2col_gemm(
             }
             let wg = &ws[grp * mg * kdim..(grp + 1) * mg * kdim];
             let dst = &mut out[(i * m + grp * mg) * cols..(i * m + (grp + 1) * mg) * cols];
-            sgemm(mg, cols, kdim, wg, &col, dst, false)?;
+            let bias = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
+            gemm([mg, cols, kdim], wg, packed.map(|p| &p[grp]), &col, dst, bias, clamp)?;
         }
     }
     Ok(())
@@ -390,7 +368,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, c, 11, 9), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (m, c / group, k, k), &dev).unwrap();
         let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
-        let got = conv2d(&x, &w, None, &g, None).unwrap();
+        let got = conv2d(&x, &w, None, &g, None, None).unwrap();
         let want = reference(&x, &w, &g);
         assert_eq!(got.dims(), want.dims());
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -418,7 +396,7 @@ mod tests {
         let w = Tensor::new(&[[[[1f32]]]], &dev).unwrap();
         let b = Tensor::new(&[0.5f32], &dev).unwrap();
         let g = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
-        let y = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 })).unwrap();
+        let y = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), None).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.5, 0.0, 3.5, 6.0]);
     }
 }
@@ -448,10 +426,11 @@ mod timing {
             let w = Tensor::randn(0f32, 1.0, ws.to_vec(), &dev).unwrap();
             let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
             let clamp = Some(Clamp { lo: 0.0, hi: 6.0 });
-            conv2d(&x, &w, None, &g, clamp).unwrap();
+            let cache = PackedWeights::default();
+            conv2d(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                conv2d(&x, &w, None, &g, clamp).unwrap();
+                conv2d(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
             }
             eprintln!("{name:>20}: {:?}", t.elapsed() / 20);
         }

@@ -7,6 +7,7 @@ mod elementwise;
 mod nn;
 mod reduce;
 mod rnn;
+mod sgemm;
 mod shape;
 
 use candle_core::{DType, Tensor};

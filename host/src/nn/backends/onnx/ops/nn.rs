@@ -219,6 +219,7 @@ struct Conv {
     dilations: Option<Vec<usize>>,
     group: usize,
     clamp: Option<Clamp>,
+    packed: conv::PackedWeights,
 }
 
 impl Conv {
@@ -234,6 +235,7 @@ impl Conv {
             dilations,
             group: group.max(1),
             clamp: None,
+            packed: conv::PackedWeights::default(),
         }))
     }
 }
@@ -295,7 +297,7 @@ impl super::Op for Conv {
                 };
                 (x.clone(), w.clone(), g)
             };
-            let y = conv::conv2d(&x2, &w2, bias, &g, self.clamp)?;
+            let y = conv::conv2d(&x2, &w2, bias, &g, self.clamp, Some((&self.packed, w.id())))?;
             return Ok(vec![if spatial == 1 { y.squeeze(2)? } else { y }]);
         }
         // 1-D (STFT-style) and non-f32 convolutions: candle, on a padded copy if needed.

@@ -1,0 +1,342 @@
+//! The f32 GEMM behind convolutions, `dst = clamp(A · B + bias)`, with the epilogue fused.
+//!
+//! A convolution's product has a shape generic GEMMs handle poorly: `A` (weights, `m×k`) is
+//! small, `B` (activations, `k×n`) is wide, and `n` ranges from 50 000 columns to 49. The
+//! AVX-512 kernel here keeps an 8-row × 32-column tile of `C` in 16 registers for the whole of
+//! `k`, reads `B` in place (its rows are already contiguous in `n`, so there is nothing to pack),
+//! packs only `A`, and writes each tile once with bias and clamp applied, so there is no second
+//! pass over the output. Work is split into (row tile, column chunk) units across threads; each
+//! output element is computed by one unit in a fixed order, so results do not depend on the
+//! thread count. CPUs without AVX-512 use the `gemm` crate and a separate epilogue pass.
+
+use rayon::prelude::*;
+
+use super::conv::Clamp;
+use crate::nn::error::NnError;
+
+/// Rows of `C` per tile (channel counts of vision models are multiples of 8).
+const MR: usize = 8;
+/// Columns of `C` per tile: two 16-lane registers.
+const NR: usize = 32;
+/// Columns per unit of parallel work: a multiple of `NR`, small enough that `B`'s panel for
+/// short `k` stays in L1.
+const NC: usize = 256;
+/// Below this many multiply-adds the product runs on the calling thread: waking the pool
+/// costs tens of microseconds.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// `A` (`m×k`) laid out for the AVX-512 kernel, `[tile][k][MR]` with rows past `m` zero.
+/// Convolution weights are packed once and kept (see `conv::PackedWeights`).
+pub(crate) struct Packed {
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    /// Packs `a` (`m×k`, row-major); `None` where the AVX-512 kernel does not run (the CPU lacks
+    /// it, or `k` is 0) or `a` is too short.
+    pub(crate) fn new(m: usize, k: usize, a: &[f32]) -> Option<Packed> {
+        if k == 0 || a.len() < m * k || !avx512::available() {
+            return None;
+        }
+        let tiles = m.div_ceil(MR);
+        let mut data = vec![0f32; tiles * k * MR];
+        for (t, panel) in data.chunks_exact_mut(k * MR).enumerate() {
+            for r in 0..MR.min(m - t * MR) {
+                let row = &a[(t * MR + r) * k..(t * MR + r + 1) * k];
+                for (slot, &v) in panel[r..].iter_mut().step_by(MR).zip(row) {
+                    *slot = v;
+                }
+            }
+        }
+        Some(Packed { m, k, data })
+    }
+}
+
+/// `dst[m×n] = clamp(a[m×k] · b[k×n] + bias[m])`, all row-major and dense. `packed`, when
+/// given for the same `m×k`, is `a` already packed.
+pub(crate) fn gemm(
+    [m, n, k]: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [f32],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    if a.len() < m * k || b.len() < k * n || dst.len() < m * n || bias.is_some_and(|b| b.len() < m) {
+        return Err(NnError::runtime("gemm: operand sizes do not match"));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let packed_here;
+    let packed = match packed {
+        Some(p) if p.m == m && p.k == k => Some(p),
+        _ if n < NR / 2 => None,
+        _ => {
+            packed_here = Packed::new(m, k, a);
+            packed_here.as_ref()
+        }
+    };
+    // Narrower products (short sequences) would leave most of each 32-column tile masked off.
+    if let Some(packed) = packed.filter(|_| n >= NR / 2) {
+        avx512::gemm([m, n, k], packed, b, &mut dst[..m * n], bias, clamp);
+        return Ok(());
+    }
+    portable([m, n, k], a, b, &mut dst[..m * n])?;
+    epilogue(&mut dst[..m * n], n, bias, clamp);
+    Ok(())
+}
+
+/// The `gemm` crate's product (`dst = a · b`), for CPUs without AVX-512.
+fn portable([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) -> Result<(), NnError> {
+    if k == 0 {
+        dst.fill(0.0);
+        return Ok(());
+    }
+    let parallelism = if m * n * k >= PARALLEL_MIN {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked by the caller), all
+    // row-major with the strides given; dst does not alias a or b (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// Applies bias (per row of `plane` elements) and clamp to `out`, in place.
+pub(crate) fn epilogue(out: &mut [f32], plane: usize, bias: Option<&[f32]>, clamp: Option<Clamp>) {
+    if bias.is_none() && clamp.is_none() {
+        return;
+    }
+    let apply = |(c, row): (usize, &mut [f32])| {
+        let b = bias.map(|b| b[c % b.len()]).unwrap_or(0.0);
+        match clamp {
+            Some(Clamp { lo, hi }) => row.iter_mut().for_each(|v| *v = (*v + b).max(lo).min(hi)),
+            None => row.iter_mut().for_each(|v| *v += b),
+        }
+    };
+    if out.len() < 1 << 16 {
+        out.chunks_mut(plane.max(1)).enumerate().for_each(apply);
+    } else {
+        out.par_chunks_mut(plane.max(1)).enumerate().for_each(apply);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{Clamp, MR, NC, NR, PARALLEL_MIN, Packed};
+
+    /// Whether this CPU has AVX-512F.
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+    }
+
+    /// The output pointer, shared by units that write disjoint tiles.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: every unit writes only its own (row tile, column chunk) of the output.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        /// The element at `offset` (a method, so closures capture the whole `Out`).
+        fn at(self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+
+    pub fn gemm(
+        [m, n, k]: [usize; 3],
+        packed: &Packed,
+        b: &[f32],
+        dst: &mut [f32],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+    ) {
+        let (tiles, packed) = (m.div_ceil(MR), &packed.data);
+        let mut bias_padded = vec![0f32; tiles * MR];
+        if let Some(bias) = bias {
+            bias_padded[..m].copy_from_slice(&bias[..m]);
+        }
+        let chunks = n.div_ceil(NC);
+        let out = Out(dst.as_mut_ptr());
+        let unit = |u: usize| {
+            // Chunk-major: neighbouring units (one thread's range) share B's columns.
+            let (chunk, t) = (u / tiles, u % tiles);
+            let rows = MR.min(m - t * MR);
+            let panel = &packed[t * k * MR..(t + 1) * k * MR];
+            let bias = &bias_padded[t * MR..(t + 1) * MR];
+            let mut j = chunk * NC;
+            while j < n.min((chunk + 1) * NC) {
+                let cols = NR.min(n - j);
+                // SAFETY: AVX-512F is available (checked by the caller); the panel holds k*MR
+                // values; B's rows 0..k hold columns j..j+cols; the tile's rows t*MR..+rows and
+                // columns j..j+cols lie inside dst (m×n), and no other unit writes them.
+                unsafe { tile(k, panel, b.as_ptr().add(j), n, out.at(t * MR * n + j), rows, cols, bias, clamp) }
+                j += NR;
+            }
+        };
+        let units = tiles * chunks;
+        if m * n * k < PARALLEL_MIN {
+            (0..units).for_each(unit);
+        } else {
+            (0..units).into_par_iter().for_each(unit);
+        }
+    }
+
+    /// One `MR × cols` tile of C (`cols ≤ NR`): the whole of `k` in registers, then bias and
+    /// clamp, stored once. `b` points at column `j` of B's row 0 (row stride `ldb`), `c` at the
+    /// tile's corner in C (row stride `ldb` too: C and B have `n` columns).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `b` must be readable for `k` rows of `cols` columns and `c`
+    /// writable for `rows` rows of `cols` columns, with row stride `ldb`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile(
+        k: usize,
+        panel: &[f32],
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        rows: usize,
+        cols: usize,
+        bias: &[f32],
+        clamp: Option<Clamp>,
+    ) {
+        let full = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 } };
+        let (m0, m1) = (full(cols), full(cols.saturating_sub(16)));
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let a = panel.as_ptr();
+        for p in 0..k {
+            // SAFETY: row p of B at this tile's columns; masked lanes are not read.
+            let (b0, b1) = unsafe {
+                let row = b.add(p * ldb);
+                (_mm512_maskz_loadu_ps(m0, row), _mm512_maskz_loadu_ps(m1, row.add(16)))
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the panel holds k*MR values.
+                let av = _mm512_set1_ps(unsafe { *a.add(p * MR + r) });
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            let bv = _mm512_set1_ps(bias[r]);
+            let (mut v0, mut v1) = (_mm512_add_ps(acc[0], bv), _mm512_add_ps(acc[1], bv));
+            if let Some(Clamp { lo, hi }) = clamp {
+                let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+                v0 = _mm512_min_ps(_mm512_max_ps(v0, lo), hi);
+                v1 = _mm512_min_ps(_mm512_max_ps(v1, lo), hi);
+            }
+            // SAFETY: row r of the tile, masked to its columns.
+            unsafe {
+                let row = c.add(r * ldb);
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    use super::{Clamp, Packed};
+
+    pub fn available() -> bool {
+        false
+    }
+
+    pub fn gemm(_: [usize; 3], _: &Packed, _: &[f32], _: &mut [f32], _: Option<&[f32]>, _: Option<Clamp>) {
+        unreachable!("available() is false off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain triple loop in f64, the reference.
+    fn reference([m, n, k]: [usize; 3], a: &[f32], b: &[f32], bias: &[f32], clamp: Option<Clamp>) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() + bias[i] as f64;
+                out[i * n + j] = match clamp {
+                    Some(Clamp { lo, hi }) => (s as f32).max(lo).min(hi),
+                    None => s as f32,
+                };
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_a_reference_on_ragged_shapes() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        // Edges in every direction: rows not a multiple of 8, columns around 16/32/256, k = 0.
+        for [m, n, k] in [[8, 32, 16], [5, 7, 3], [9, 16, 5], [13, 49, 96], [24, 300, 40], [96, 1000, 16], [3, 17, 0], [40, 529, 9]]
+        {
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+            let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
+            for clamp in [None, Some(Clamp { lo: 0.0, hi: 6.0 })] {
+                let mut got = vec![f32::NAN; m * n];
+                gemm([m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+                if let Some(packed) = Packed::new(m, k, &a) {
+                    let mut again = vec![f32::NAN; m * n];
+                    gemm([m, n, k], &a, Some(&packed), &b, &mut again, Some(&bias), clamp).unwrap();
+                    assert_eq!(got, again, "prepacked");
+                }
+                let want = reference([m, n, k], &a, &b, &bias, clamp);
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{m}x{n}x{k} {clamp:?}: {worst}");
+                if avx512::available() {
+                    // The portable path agrees too.
+                    let mut other = vec![f32::NAN; m * n];
+                    portable([m, n, k], &a, &b, &mut other).unwrap();
+                    epilogue(&mut other, n, Some(&bias), clamp);
+                    let worst = other.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "portable {m}x{n}x{k}: {worst}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_sizes_are_an_error() {
+        let mut dst = vec![0f32; 4];
+        assert!(gemm([2, 2, 3], &[0.0; 5], None, &[0.0; 6], &mut dst, None, None).is_err());
+        assert!(gemm([2, 2, 1], &[0.0; 2], None, &[0.0; 2], &mut dst, Some(&[0.0]), None).is_err());
+    }
+}
