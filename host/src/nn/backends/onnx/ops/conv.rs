@@ -142,18 +142,9 @@ pub(crate) fn conv2d(
                 }
                 Ok(())
             } else {
-                let epi = (bias.as_deref(), clamp);
                 let packed = packed(g.group - 1);
-                im2col_gemm(
-                    xs,
-                    (ws, packed.as_ref().map(|p| p.as_slice())),
-                    &mut out,
-                    [n, c, h, wd],
-                    [m, kh, kw],
-                    [oh, ow],
-                    g,
-                    epi,
-                )
+                let w = GemmWeights { ws, packed: packed.as_deref().map(Vec::as_slice), bias: bias.as_deref(), clamp };
+                im2col_gemm(xs, w, &mut out, [n, c, h, wd], [m, kh, kw], [oh, ow], g)
             }
         })
     })???; // the two borrows, then the kernel's own result
@@ -294,15 +285,23 @@ mod simd {
     }
 }
 
+/// A convolution's weights as its GEMMs take them, with the epilogue.
+struct GemmWeights<'a> {
+    ws: &'a [f32],
+    /// Packed per group, where the AVX-512 kernel runs.
+    packed: Option<&'a [Packed]>,
+    bias: Option<&'a [f32]>,
+    clamp: Option<Clamp>,
+}
+
 fn im2col_gemm(
     xs: &[f32],
-    (ws, packed): (&[f32], Option<&[Packed]>),
+    GemmWeights { ws, packed, bias, clamp }: GemmWeights<'_>,
     out: &mut [f32],
     [n, c, h, w]: [usize; 4],
     [m, kh, kw]: [usize; 3],
     [oh, ow]: [usize; 2],
     g: &Geometry,
-    (bias, clamp): (Option<&[f32]>, Option<Clamp>),
 ) -> Result<(), NnError> {
     let [sh, sw] = g.strides;
     let [dh, dw] = g.dilations;

@@ -305,7 +305,8 @@ mod tests {
     fn matches_a_reference_on_ragged_shapes() {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         // Edges in every direction: rows not a multiple of 8, columns around 16/32/256, k = 0.
-        for [m, n, k] in [[8, 32, 16], [5, 7, 3], [9, 16, 5], [13, 49, 96], [24, 300, 40], [96, 1000, 16], [3, 17, 0], [40, 529, 9]]
+        for [m, n, k] in
+            [[8, 32, 16], [5, 7, 3], [9, 16, 5], [13, 49, 96], [24, 300, 40], [96, 1000, 16], [3, 17, 0], [40, 529, 9]]
         {
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
