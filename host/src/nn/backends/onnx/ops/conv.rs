@@ -12,8 +12,6 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::TensorId;
 
 use super::sgemm::{Packed, epilogue, gemm};
@@ -34,25 +32,8 @@ pub(crate) struct Geometry {
     pub group: usize,
 }
 
-/// A convolution's weights packed for the GEMM kernel (one per group), kept between runs for
-/// as long as the weight tensor is the same one: initializers are, so each model packs once.
-#[derive(Default)]
-pub(crate) struct PackedWeights(Mutex<Option<(TensorId, Arc<Vec<Packed>>)>>);
-
-impl PackedWeights {
-    fn get(&self, key: TensorId, pack: impl FnOnce() -> Vec<Packed>) -> Arc<Vec<Packed>> {
-        // A poisoned lock only means a panic elsewhere mid-update; the slot is replaced whole.
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match &*slot {
-            Some((id, packed)) if *id == key => packed.clone(),
-            _ => {
-                let packed = Arc::new(pack());
-                *slot = Some((key, packed.clone()));
-                packed
-            }
-        }
-    }
-}
+/// A convolution's weights packed for the GEMM kernel, one per group.
+pub(crate) type PackedWeights = super::Derived<Vec<Packed>>;
 
 /// Below this many elements a pass runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
@@ -130,8 +111,12 @@ pub(crate) fn conv2d(
                 all.get(grp).is_some().then_some(all)
             };
             if g.group == c && m == c && cg == 1 {
-                depthwise(xs, ws, &mut out, [n, c, h, wd], [kh, kw], [oh, ow], g);
-                epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
+                if let Some(phases) = Phases::new([h, wd], [kh, kw], [oh, ow], g) {
+                    phases.depthwise(xs, ws, &mut out, bias.as_deref(), clamp);
+                } else {
+                    depthwise(xs, ws, &mut out, [n, c, h, wd], [kh, kw], [oh, ow], g);
+                    epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
+                }
                 Ok(())
             } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
                 let packed = packed(0);
@@ -151,6 +136,168 @@ pub(crate) fn conv2d(
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
 
+/// Depthwise convolution by phase planes, for strides 1 and 2 (undilated): the zero-padded
+/// input plane is split into `s×s` planes by row and column parity, so that every tap, for
+/// every output at once, is one contiguous multiply-add over a whole plane ("flat": an output
+/// row's columns past `ow` are computed and dropped). No inner loop is shorter than the plane,
+/// so 7x7 planes vectorise as well as 112x112 ones; bias and clamp are applied on the way out.
+struct Phases {
+    s: usize,
+    /// Rows (with one row of slack for the flat overrun) and columns of a phase plane.
+    qh: usize,
+    qw: usize,
+    pt: usize,
+    pl: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    d: [usize; 2],
+    oh: usize,
+    ow: usize,
+}
+
+impl Phases {
+    fn new([h, w]: [usize; 2], [kh, kw]: [usize; 2], [oh, ow]: [usize; 2], g: &Geometry) -> Option<Phases> {
+        let s = g.strides[0];
+        let fits = g.strides[1] == s && (s == 1 || (s == 2 && g.dilations == [1, 1]));
+        if !fits || oh == 0 || ow == 0 {
+            return None;
+        }
+        let d = g.dilations;
+        let (pt, pl) = (g.pads[0].0, g.pads[1].0);
+        let qh = (oh + (kh - 1) * d[0] / s).max((h + pt).div_ceil(s)) + 1;
+        let qw = (ow + (kw - 1) * d[1] / s).max((w + pl).div_ceil(s));
+        Some(Phases { s, qh, qw, pt, pl, h, w, kh, kw, d, oh, ow })
+    }
+
+    fn plane_len(&self) -> usize {
+        self.qh * self.qw
+    }
+
+    /// Runs every channel plane of `xs` into `out`, planes in parallel.
+    fn depthwise(&self, xs: &[f32], ws: &[f32], out: &mut [f32], bias: Option<&[f32]>, clamp: Option<Clamp>) {
+        let (planes, acc) = (self.s * self.s * self.plane_len(), self.oh * self.qw);
+        let c = ws.len() / (self.kh * self.kw).max(1);
+        let min_planes = (32_768 / (self.oh * self.ow * self.kh * self.kw).max(1)).max(1);
+        let avx2 = simd::available();
+        out.par_chunks_mut(self.oh * self.ow).with_min_len(min_planes).enumerate().for_each_init(
+            // Per thread: the phase planes (their borders stay zero: every plane writes the same
+            // interior) and the flat accumulator.
+            || vec![0f32; planes + acc],
+            |buf, (p, dst)| {
+                let ch = p % c;
+                let (planes, acc) = buf.split_at_mut(planes);
+                self.fill(&xs[p * self.h * self.w..(p + 1) * self.h * self.w], planes);
+                let k = &ws[ch * self.kh * self.kw..(ch + 1) * self.kh * self.kw];
+                let epi = (bias.map_or(0.0, |b| b[ch]), clamp);
+                if avx2 {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
+                    unsafe { self.taps_avx2(planes, k, acc, dst, epi) }
+                } else {
+                    self.taps::<false>(planes, k, acc, dst, epi);
+                }
+            },
+        );
+    }
+
+    /// Scatters one input plane into the phase planes' interiors.
+    fn fill(&self, src: &[f32], planes: &mut [f32]) {
+        let (s, qw, len) = (self.s, self.qw, self.plane_len());
+        for (y, row) in src.chunks_exact(self.w).enumerate() {
+            let (a, u) = ((y + self.pt) % s, (y + self.pt) / s);
+            if s == 1 {
+                let at = u * qw + self.pl;
+                planes[at..at + self.w].copy_from_slice(row);
+                continue;
+            }
+            if s == 2 {
+                // Column pairs split into the even and odd planes (a loop LLVM turns into shuffles).
+                let (even, odd) = planes[2 * a * len..(2 * a + 2) * len].split_at_mut(len);
+                let (even, odd) = (&mut even[u * qw..(u + 1) * qw], &mut odd[u * qw..(u + 1) * qw]);
+                let lead = self.pl % 2; // an odd pad puts input column 0 in the odd plane
+                if lead == 1 {
+                    odd[self.pl / 2] = row[0];
+                }
+                let from = (lead + self.pl) / 2;
+                let pairs = row[lead.min(row.len())..].chunks_exact(2);
+                let rest = pairs.remainder();
+                let n = pairs.len();
+                for ((e, o), p) in even[from..from + n].iter_mut().zip(&mut odd[from..from + n]).zip(pairs) {
+                    *e = p[0];
+                    *o = p[1];
+                }
+                if let [last] = rest {
+                    even[from + n] = *last;
+                }
+                continue;
+            }
+            for b in 0..s {
+                // Input columns x with (x + pl) % s == b land at column (x + pl) / s.
+                let x0 = (b + s - self.pl % s) % s;
+                if x0 >= self.w {
+                    continue;
+                }
+                let at = (a * s + b) * len + u * qw + (x0 + self.pl) / s;
+                let dst = &mut planes[at..at + (self.w - x0).div_ceil(s)];
+                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(s)) {
+                    *d = v;
+                }
+            }
+        }
+    }
+
+    /// Every tap as one flat multiply-add over the accumulator, then bias, clamp and the copy
+    /// of the valid columns into `dst` (`[oh, ow]`).
+    #[inline(always)]
+    fn taps<const FMA: bool>(
+        &self,
+        planes: &[f32],
+        k: &[f32],
+        acc: &mut [f32],
+        dst: &mut [f32],
+        (bias, clamp): (f32, Option<Clamp>),
+    ) {
+        let (s, qw, len) = (self.s, self.qw, self.plane_len());
+        acc.fill(bias);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let (ry, rx) = (ky * self.d[0], kx * self.d[1]);
+                let at = ((ry % s) * s + rx % s) * len + (ry / s) * qw + rx / s;
+                let wv = k[ky * self.kw + kx];
+                let n = acc.len();
+                for (o, &i) in acc.iter_mut().zip(&planes[at..at + n]) {
+                    *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                }
+            }
+        }
+        for (row, flat) in dst.chunks_exact_mut(self.ow).zip(acc.chunks_exact(qw)) {
+            match clamp {
+                Some(Clamp { lo, hi }) => {
+                    row.iter_mut().zip(flat).for_each(|(o, &v)| *o = v.max(lo).min(hi));
+                }
+                None => row.copy_from_slice(&flat[..self.ow]),
+            }
+        }
+    }
+
+    /// [`Phases::taps`] compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], acc: &mut [f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+        self.taps::<true>(planes, k, acc, dst, epi)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], acc: &mut [f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+        self.taps::<false>(planes, k, acc, dst, epi)
+    }
+}
+
+/// Depthwise convolution for the strides and dilations `Phases` does not take.
 fn depthwise(
     xs: &[f32],
     ws: &[f32],
@@ -363,15 +510,31 @@ mod tests {
     }
 
     fn check(c: usize, m: usize, group: usize, k: usize, stride: usize, pads: [(usize, usize); 2]) {
+        check_dilated(c, m, group, k, stride, 1, pads)
+    }
+
+    /// Compares with candle, plain and with a bias and a ReLU6 fused.
+    fn check_dilated(c: usize, m: usize, group: usize, k: usize, stride: usize, dil: usize, pads: [(usize, usize); 2]) {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, c, 11, 9), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (m, c / group, k, k), &dev).unwrap();
-        let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
-        let got = conv2d(&x, &w, None, &g, None, None).unwrap();
+        let b = Tensor::randn(0f32, 1.0, m, &dev).unwrap();
+        let g = Geometry { pads, strides: [stride, stride], dilations: [dil, dil], group };
         let want = reference(&x, &w, &g);
-        assert_eq!(got.dims(), want.dims());
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-4, "c={c} m={m} group={group} k={k} stride={stride} pads={pads:?}: {diff}");
+        let want_fused = want.broadcast_add(&b.reshape((1, m, 1, 1)).unwrap()).unwrap().clamp(0f32, 6f32).unwrap();
+        let cache = PackedWeights::default();
+        for run in 0..2 {
+            let got = conv2d(&x, &w, None, &g, None, None).unwrap();
+            let fused = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), Some((&cache, w.id()))).unwrap();
+            for (got, want) in [(got, &want), (fused, &want_fused)] {
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(
+                    diff < 1e-4,
+                    "c={c} m={m} group={group} k={k} stride={stride} dil={dil} pads={pads:?} run {run}: {diff}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -380,6 +543,15 @@ mod tests {
         check(6, 6, 6, 3, 1, [(1, 1), (1, 1)]);
         check(6, 6, 6, 5, 2, [(1, 2), (2, 1)]);
         check(6, 6, 6, 3, 2, [(0, 1), (0, 1)]);
+        check(6, 6, 6, 3, 2, [(1, 0), (0, 0)]);
+        check(6, 6, 6, 2, 2, [(0, 0), (1, 1)]);
+        check(6, 6, 6, 3, 3, [(1, 1), (1, 1)]);
+        check_dilated(6, 6, 6, 3, 1, 2, [(2, 2), (2, 2)]);
+        check_dilated(6, 6, 6, 3, 2, 2, [(2, 1), (1, 2)]);
+        check_dilated(3, 8, 1, 3, 1, 2, [(0, 0), (1, 1)]);
+        // wide enough for the AVX-512 GEMM
+        check(16, 24, 1, 1, 1, [(0, 0), (0, 0)]);
+        check(8, 16, 2, 3, 1, [(1, 1), (1, 1)]);
         // pointwise
         check(5, 7, 1, 1, 1, [(0, 0), (0, 0)]);
         // general and grouped

@@ -19,6 +19,32 @@ use crate::nn::error::NnError;
 pub(super) use control::constant_value;
 pub(super) use conv::Clamp;
 
+/// Data an operator derives from one of its inputs (packed or transposed weights), kept between
+/// runs for as long as that input is the same tensor: initializers are, so a model derives once.
+pub(super) struct Derived<T>(std::sync::Mutex<Option<(candle_core::TensorId, std::sync::Arc<T>)>>);
+
+impl<T> Default for Derived<T> {
+    fn default() -> Self {
+        Derived(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T> Derived<T> {
+    /// What was derived from the tensor `key`, made by `make` if it is not kept yet.
+    pub(super) fn get(&self, key: candle_core::TensorId, make: impl FnOnce() -> T) -> std::sync::Arc<T> {
+        // A poisoned lock only means a panic elsewhere mid-update; the slot is replaced whole.
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((id, kept)) if *id == key => kept.clone(),
+            _ => {
+                let kept = std::sync::Arc::new(make());
+                *slot = Some((key, kept.clone()));
+                kept
+            }
+        }
+    }
+}
+
 /// A compiled operator.
 pub(super) trait Op: Send + Sync {
     /// Runs on `inputs` (`None` for an omitted optional input).

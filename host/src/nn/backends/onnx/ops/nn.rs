@@ -15,25 +15,7 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             let eps = f64::from(node.float_or("epsilon", 1e-5));
             op(move |i| Ok(vec![batch_norm(i, eps)?]))
         }
-        "Gemm" => {
-            let (alpha, beta) = (f64::from(node.float_or("alpha", 1.0)), f64::from(node.float_or("beta", 1.0)));
-            let (ta, tb) = (node.int_or("transA", 0) != 0, node.int_or("transB", 0) != 0);
-            op(move |i| {
-                let a = input(i, 0, "Gemm")?;
-                let b = input(i, 1, "Gemm")?;
-                let a = if ta { a.t()? } else { a.clone() };
-                let b = if tb { b.t()? } else { b.clone() };
-                let mut y = a.matmul(&b)?;
-                if alpha != 1.0 {
-                    y = y.affine(alpha, 0.0)?;
-                }
-                if let Some(c) = i.get(2).copied().flatten() {
-                    let c = if beta != 1.0 { c.affine(beta, 0.0)? } else { c.clone() };
-                    y = y.broadcast_add(&c)?;
-                }
-                Ok(vec![y])
-            })
-        }
+        "Gemm" => Gemm::build(node),
         "MatMul" => op(|i| Ok(vec![matmul(input(i, 0, "MatMul")?, input(i, 1, "MatMul")?)?])),
         "Flatten" => {
             let ax = node.int_or("axis", 1);
@@ -46,6 +28,16 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         "GlobalAveragePool" => op(|i| {
             let x = input(i, 0, "GlobalAveragePool")?;
+            if x.dtype() == DType::F32 && x.rank() >= 3 {
+                // One pass over each plane (candle's reductions over trailing axes copy first).
+                let (nc, plane) = (x.dims()[0] * x.dims()[1], x.dims()[2..].iter().product::<usize>());
+                let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let means: Vec<f32> =
+                    v.chunks(plane.max(1)).take(nc).map(|p| p.iter().sum::<f32>() / plane as f32).collect();
+                let mut dims = x.dims()[..2].to_vec();
+                dims.resize(x.rank(), 1);
+                return Ok(vec![Tensor::from_vec(means, dims, x.device())?]);
+            }
             let mut y = x.clone();
             for d in (2..x.rank()).rev() {
                 y = y.mean_keepdim(d)?;
@@ -212,6 +204,75 @@ fn ints_or(node: &Node<'_>, name: &str, n: usize, default: usize) -> Result<Vec<
 }
 
 /// Convolution over 1 or 2 spatial dimensions.
+/// `Y = alpha·A'·B' + beta·C`. The common case (f32, `B` a weight matrix, alpha 1) runs on the
+/// convolution GEMM with `B'` laid out `[K, N]` once; everything else on candle's matmul.
+struct Gemm {
+    alpha: f64,
+    beta: f64,
+    ta: bool,
+    tb: bool,
+    /// `B'` contiguous `[K, N]` (transposed once when `transB`).
+    b_kn: super::Derived<Vec<f32>>,
+}
+
+impl Gemm {
+    fn build(node: &Node<'_>) -> Built {
+        Ok(Box::new(Gemm {
+            alpha: f64::from(node.float_or("alpha", 1.0)),
+            beta: f64::from(node.float_or("beta", 1.0)),
+            ta: node.int_or("transA", 0) != 0,
+            tb: node.int_or("transB", 0) != 0,
+            b_kn: Default::default(),
+        }))
+    }
+
+    /// `A'·B'` on the convolution GEMM, or `None` where it does not apply.
+    fn fast(&self, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 2 || b.rank() != 2 || self.ta {
+            return Ok(None);
+        }
+        let ((m, k), (b0, b1)) = (a.dims2()?, b.dims2()?);
+        let (kb, n) = if self.tb { (b1, b0) } else { (b0, b1) };
+        if kb != k || n < 16 {
+            return Ok(None);
+        }
+        let b_kn = self.b_kn.get(b.id(), || {
+            let b = if self.tb { b.t() } else { Ok(b.clone()) };
+            b.and_then(|b| b.flatten_all()?.to_vec1::<f32>()).unwrap_or_default()
+        });
+        if b_kn.len() != k * n {
+            return Ok(None);
+        }
+        let a_rows = a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; m * n];
+        super::sgemm::gemm([m, n, k], &a_rows, None, &b_kn, &mut y, None, None)?;
+        Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
+    }
+}
+
+impl super::Op for Gemm {
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let a = input(i, 0, "Gemm")?;
+        let b = input(i, 1, "Gemm")?;
+        let mut y = match self.fast(a, b)? {
+            Some(y) => y,
+            None => {
+                let a = if self.ta { a.t()? } else { a.clone() };
+                let b = if self.tb { b.t()? } else { b.clone() };
+                a.matmul(&b)?
+            }
+        };
+        if self.alpha != 1.0 {
+            y = y.affine(self.alpha, 0.0)?;
+        }
+        if let Some(c) = i.get(2).copied().flatten() {
+            let c = if self.beta != 1.0 { c.affine(self.beta, 0.0)? } else { c.clone() };
+            y = y.broadcast_add(&c)?;
+        }
+        Ok(vec![y])
+    }
+}
+
 struct Conv {
     auto_pad: AutoPad,
     pads: Option<Vec<usize>>,

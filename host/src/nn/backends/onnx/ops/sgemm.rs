@@ -71,6 +71,13 @@ pub(crate) fn gemm(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if m < 4 && n >= NR && k > 0 {
+        // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
+        // streamed once; tiles of 8 rows would waste most of their multiply-adds.
+        rows_of_b([m, n, k], a, b, &mut dst[..m * n]);
+        epilogue(&mut dst[..m * n], n, bias, clamp);
+        return Ok(());
+    }
     let packed_here;
     let packed = match packed {
         Some(p) if p.m == m && p.k == k => Some(p),
@@ -88,6 +95,56 @@ pub(crate) fn gemm(
     portable([m, n, k], a, b, &mut dst[..m * n])?;
     epilogue(&mut dst[..m * n], n, bias, clamp);
     Ok(())
+}
+
+/// `dst = a · b` as `dst[i] = Σ_p a[i][p] · b[p]` over B's rows, columns split across threads.
+fn rows_of_b([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) {
+    #[inline(always)]
+    fn axpys<const FMA: bool>([m, n, k]: [usize; 3], a: &[f32], b: &[f32], j0: usize, out: &mut [f32]) {
+        let w = out.len() / m;
+        for i in 0..m {
+            let o = &mut out[i * w..(i + 1) * w];
+            o.fill(0.0);
+            for p in 0..k {
+                let av = a[i * k + p];
+                let row = &b[p * n + j0..p * n + j0 + w];
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = if FMA { av.mul_add(v, *o) } else { *o + av * v };
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpys_fma(dims: [usize; 3], a: &[f32], b: &[f32], j0: usize, out: &mut [f32]) {
+        axpys::<true>(dims, a, b, j0, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    // Column blocks, each `[m][width]`, computed separately and then scattered into dst.
+    let width = NC * 4;
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
+        .into_par_iter()
+        .with_min_len(if m * n * k < PARALLEL_MIN { usize::MAX } else { 1 })
+        .map(|blk| {
+            let j0 = blk * width;
+            let mut out = vec![0f32; m * width.min(n - j0)];
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                unsafe { axpys_fma([m, n, k], a, b, j0, &mut out) };
+                return (j0, out);
+            }
+            axpys::<false>([m, n, k], a, b, j0, &mut out);
+            (j0, out)
+        })
+        .collect();
+    for (j0, out) in blocks {
+        let w = out.len() / m;
+        for i in 0..m {
+            dst[i * n + j0..i * n + j0 + w].copy_from_slice(&out[i * w..(i + 1) * w]);
+        }
+    }
 }
 
 /// The `gemm` crate's product (`dst = a · b`), for CPUs without AVX-512.
