@@ -90,6 +90,9 @@ pub(crate) fn conv2d(
     ) else {
         return Err(NnError::invalid_argument("Conv: kernel larger than the padded input"));
     };
+    if h == 0 || wd == 0 {
+        return Err(NnError::invalid_argument(format!("Conv: an input plane of {h}x{wd}")));
+    }
     let bias = bias.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
     if let Some(b) = &bias
         && b.len() != m
@@ -161,7 +164,7 @@ impl Phases {
     fn new([h, w]: [usize; 2], [kh, kw]: [usize; 2], [oh, ow]: [usize; 2], g: &Geometry) -> Option<Phases> {
         let s = g.strides[0];
         let fits = g.strides[1] == s && (s == 1 || (s == 2 && g.dilations == [1, 1]));
-        if !fits || oh == 0 || ow == 0 {
+        if !fits || oh == 0 || ow == 0 || h == 0 || w == 0 {
             return None;
         }
         let d = g.dilations;
@@ -211,38 +214,24 @@ impl Phases {
                 planes[at..at + self.w].copy_from_slice(row);
                 continue;
             }
-            if s == 2 {
-                // Column pairs split into the even and odd planes (a loop LLVM turns into shuffles).
-                let (even, odd) = planes[2 * a * len..(2 * a + 2) * len].split_at_mut(len);
-                let (even, odd) = (&mut even[u * qw..(u + 1) * qw], &mut odd[u * qw..(u + 1) * qw]);
-                let lead = self.pl % 2; // an odd pad puts input column 0 in the odd plane
-                if lead == 1 {
-                    odd[self.pl / 2] = row[0];
-                }
-                let from = (lead + self.pl) / 2;
-                let pairs = row[lead.min(row.len())..].chunks_exact(2);
-                let rest = pairs.remainder();
-                let n = pairs.len();
-                for ((e, o), p) in even[from..from + n].iter_mut().zip(&mut odd[from..from + n]).zip(pairs) {
-                    *e = p[0];
-                    *o = p[1];
-                }
-                if let [last] = rest {
-                    even[from + n] = *last;
-                }
-                continue;
+            // s == 2 (`Phases::new` takes no other): column pairs split into the even and odd
+            // planes (a loop LLVM turns into shuffles).
+            let (even, odd) = planes[2 * a * len..(2 * a + 2) * len].split_at_mut(len);
+            let (even, odd) = (&mut even[u * qw..(u + 1) * qw], &mut odd[u * qw..(u + 1) * qw]);
+            let lead = self.pl % 2; // an odd pad puts input column 0 in the odd plane
+            if lead == 1 {
+                odd[self.pl / 2] = row[0];
             }
-            for b in 0..s {
-                // Input columns x with (x + pl) % s == b land at column (x + pl) / s.
-                let x0 = (b + s - self.pl % s) % s;
-                if x0 >= self.w {
-                    continue;
-                }
-                let at = (a * s + b) * len + u * qw + (x0 + self.pl) / s;
-                let dst = &mut planes[at..at + (self.w - x0).div_ceil(s)];
-                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(s)) {
-                    *d = v;
-                }
+            let from = (lead + self.pl) / 2;
+            let pairs = row[lead..].chunks_exact(2);
+            let rest = pairs.remainder();
+            let n = pairs.len();
+            for ((e, o), p) in even[from..from + n].iter_mut().zip(&mut odd[from..from + n]).zip(pairs) {
+                *e = p[0];
+                *o = p[1];
+            }
+            if let [last] = rest {
+                even[from + n] = *last;
             }
         }
     }
@@ -259,17 +248,37 @@ impl Phases {
         (bias, clamp): (f32, Option<Clamp>),
     ) {
         let (s, qw, len) = (self.s, self.qw, self.plane_len());
-        acc.fill(bias);
-        for ky in 0..self.kh {
-            for kx in 0..self.kw {
-                let (ry, rx) = (ky * self.d[0], kx * self.d[1]);
-                let at = ((ry % s) * s + rx % s) * len + (ry / s) * qw + rx / s;
-                let wv = k[ky * self.kw + kx];
-                let n = acc.len();
-                for (o, &i) in acc.iter_mut().zip(&planes[at..at + n]) {
-                    *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+        // Each tap: where its reads start in the phase planes, and its weight.
+        let taps: Vec<(usize, f32)> = (0..self.kh * self.kw)
+            .map(|t| {
+                let (ry, rx) = ((t / self.kw) * self.d[0], (t % self.kw) * self.d[1]);
+                (((ry % s) * s + rx % s) * len + (ry / s) * qw + rx / s, k[t])
+            })
+            .collect();
+        // Blocks of the accumulator stay in registers across all taps: one load per
+        // multiply-add instead of two loads and a store.
+        const BLOCK: usize = 64;
+        let n = acc.len();
+        let mut i0 = 0;
+        while i0 < n {
+            let width = BLOCK.min(n - i0);
+            let mut block = [bias; BLOCK];
+            if width == BLOCK {
+                for &(at, wv) in &taps {
+                    let src: &[f32; BLOCK] = planes[at + i0..at + i0 + BLOCK].try_into().expect("a whole block");
+                    for (o, &i) in block.iter_mut().zip(src) {
+                        *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                    }
+                }
+            } else {
+                for &(at, wv) in &taps {
+                    for (o, &i) in block[..width].iter_mut().zip(&planes[at + i0..at + i0 + width]) {
+                        *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                    }
                 }
             }
+            acc[i0..i0 + width].copy_from_slice(&block[..width]);
+            i0 += width;
         }
         for (row, flat) in dst.chunks_exact_mut(self.ow).zip(acc.chunks_exact(qw)) {
             match clamp {
@@ -549,6 +558,11 @@ mod tests {
         check_dilated(6, 6, 6, 3, 1, 2, [(2, 2), (2, 2)]);
         check_dilated(6, 6, 6, 3, 2, 2, [(2, 1), (1, 2)]);
         check_dilated(3, 8, 1, 3, 1, 2, [(0, 0), (1, 1)]);
+        // an empty plane is an error, not a panic
+        let x = Tensor::zeros((1, 2, 0, 3), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((2, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 2 };
+        assert!(conv2d(&x, &w, None, &g, None, None).is_err());
         // wide enough for the AVX-512 GEMM
         check(16, 24, 1, 1, 1, [(0, 0), (0, 0)]);
         check(8, 16, 2, 3, 1, [(1, 1), (1, 1)]);
