@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use candle_core::TensorId;
 
-use super::sgemm::{Packed, epilogue, gemm};
+use super::sgemm::{Packed, epilogue, gemm, gemm_batch};
 use crate::nn::error::NnError;
 
 /// An activation fused into a convolution's output pass.
@@ -123,12 +123,8 @@ pub(crate) fn conv2d(
                 Ok(())
             } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
                 let packed = packed(0);
-                for i in 0..n {
-                    let src = &xs[i * c * h * wd..(i + 1) * c * h * wd];
-                    let dst = &mut out[i * m * h * wd..(i + 1) * m * h * wd];
-                    gemm([m, h * wd, c], ws, packed.as_ref().map(|p| &p[0]), src, dst, bias.as_deref(), clamp)?;
-                }
-                Ok(())
+                let packed = packed.as_ref().map(|p| &p[0]);
+                gemm_batch(n, [m, h * wd, c], ws, packed, xs, &mut out, bias.as_deref(), clamp)
             } else {
                 let packed = packed(g.group - 1);
                 let w = GemmWeights { ws, packed: packed.as_deref().map(Vec::as_slice), bias: bias.as_deref(), clamp };

@@ -57,6 +57,23 @@ impl Packed {
 /// `dst[m×n] = clamp(a[m×k] · b[k×n] + bias[m])`, all row-major and dense. `packed`, when
 /// given for the same `m×k`, is `a` already packed.
 pub(crate) fn gemm(
+    dims: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [f32],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    gemm_batch(1, dims, a, packed, b, dst, bias, clamp)
+}
+
+/// [`gemm`] for `batch` products with the same `a`: `b` holds `batch` `k×n` matrices and `dst`
+/// `batch` `m×n` ones, back to back (a 1x1 convolution over a batch of images), computed in one
+/// parallel pass.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_batch(
+    batch: usize,
     [m, n, k]: [usize; 3],
     a: &[f32],
     packed: Option<&Packed>,
@@ -65,17 +82,20 @@ pub(crate) fn gemm(
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
 ) -> Result<(), NnError> {
-    if a.len() < m * k || b.len() < k * n || dst.len() < m * n || bias.is_some_and(|b| b.len() < m) {
+    if a.len() < m * k || b.len() < batch * k * n || dst.len() < batch * m * n || bias.is_some_and(|b| b.len() < m) {
         return Err(NnError::runtime("gemm: operand sizes do not match"));
     }
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || batch == 0 {
         return Ok(());
     }
+    let dst = &mut dst[..batch * m * n];
     if m < 4 && n >= NR && k > 0 {
         // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
         // streamed once; tiles of 8 rows would waste most of their multiply-adds.
-        rows_of_b([m, n, k], a, b, &mut dst[..m * n]);
-        epilogue(&mut dst[..m * n], n, bias, clamp);
+        for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
+            rows_of_b([m, n, k], a, &b[i * k * n..(i + 1) * k * n], dst);
+        }
+        epilogue(dst, n, bias, clamp);
         return Ok(());
     }
     let packed_here;
@@ -89,11 +109,13 @@ pub(crate) fn gemm(
     };
     // Narrower products (short sequences) would leave most of each 32-column tile masked off.
     if let Some(packed) = packed.filter(|_| n >= NR / 2) {
-        avx512::gemm([m, n, k], packed, b, &mut dst[..m * n], bias, clamp);
+        avx512::gemm(batch, [m, n, k], packed, b, dst, bias, clamp);
         return Ok(());
     }
-    portable([m, n, k], a, b, &mut dst[..m * n])?;
-    epilogue(&mut dst[..m * n], n, bias, clamp);
+    for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
+        portable([m, n, k], a, &b[i * k * n..(i + 1) * k * n], dst)?;
+    }
+    epilogue(dst, n, bias, clamp);
     Ok(())
 }
 
@@ -233,6 +255,7 @@ mod avx512 {
     }
 
     pub fn gemm(
+        batch: usize,
         [m, n, k]: [usize; 3],
         packed: &Packed,
         b: &[f32],
@@ -248,8 +271,10 @@ mod avx512 {
         let chunks = n.div_ceil(NC);
         let out = Out(dst.as_mut_ptr());
         let unit = |u: usize| {
-            // Chunk-major: neighbouring units (one thread's range) share B's columns.
-            let (chunk, t) = (u / tiles, u % tiles);
+            // Image, then chunk, then tile: neighbouring units (one thread's range) share B's
+            // columns.
+            let (img, chunk, t) = (u / (tiles * chunks), (u / tiles) % chunks, u % tiles);
+            let (b, out_at) = (&b[img * k * n..(img + 1) * k * n], img * m * n);
             let rows = MR.min(m - t * MR);
             let panel = &packed[t * k * MR..(t + 1) * k * MR];
             let bias = &bias_padded[t * MR..(t + 1) * MR];
@@ -258,13 +283,15 @@ mod avx512 {
                 let cols = NR.min(n - j);
                 // SAFETY: AVX-512F is available (checked by the caller); the panel holds k*MR
                 // values; B's rows 0..k hold columns j..j+cols; the tile's rows t*MR..+rows and
-                // columns j..j+cols lie inside dst (m×n), and no other unit writes them.
-                unsafe { tile(k, panel, b.as_ptr().add(j), n, out.at(t * MR * n + j), rows, cols, bias, clamp) }
+                // columns j..j+cols lie inside the image's dst (m×n), and no other unit writes them.
+                unsafe {
+                    tile(k, panel, b.as_ptr().add(j), n, out.at(out_at + t * MR * n + j), rows, cols, bias, clamp)
+                }
                 j += NR;
             }
         };
-        let units = tiles * chunks;
-        if m * n * k < PARALLEL_MIN {
+        let units = batch * tiles * chunks;
+        if batch * m * n * k < PARALLEL_MIN {
             (0..units).for_each(unit);
         } else {
             (0..units).into_par_iter().for_each(unit);
@@ -334,7 +361,7 @@ mod avx512 {
         false
     }
 
-    pub fn gemm(_: [usize; 3], _: &Packed, _: &[f32], _: &mut [f32], _: Option<&[f32]>, _: Option<Clamp>) {
+    pub fn gemm(_: usize, _: [usize; 3], _: &Packed, _: &[f32], _: &mut [f32], _: Option<&[f32]>, _: Option<Clamp>) {
         unreachable!("available() is false off x86_64")
     }
 }
@@ -362,9 +389,18 @@ mod tests {
     fn matches_a_reference_on_ragged_shapes() {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         // Edges in every direction: rows not a multiple of 8, columns around 16/32/256, k = 0.
-        for [m, n, k] in
-            [[8, 32, 16], [5, 7, 3], [9, 16, 5], [13, 49, 96], [24, 300, 40], [96, 1000, 16], [3, 17, 0], [40, 529, 9]]
-        {
+        for [m, n, k] in [
+            [8, 32, 16],
+            [5, 7, 3],
+            [9, 16, 5],
+            [1, 1000, 64],
+            [3, 1500, 7],
+            [13, 49, 96],
+            [24, 300, 40],
+            [96, 1000, 16],
+            [3, 17, 0],
+            [40, 529, 9],
+        ] {
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
             let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
@@ -387,6 +423,26 @@ mod tests {
                     let worst = other.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                     assert!(worst < 1e-4, "portable {m}x{n}x{k}: {worst}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_is_each_image_on_its_own() {
+        let value = |i: usize| ((i * 4409 % 997) as f32 / 500.0) - 1.0;
+        for [m, n, k] in [[16, 200, 24], [2, 64, 5], [8, 9, 3]] {
+            let batch = 3;
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..batch * k * n).map(|i| value(i + 5)).collect();
+            let bias: Vec<f32> = (0..m).map(|i| value(i + 7)).collect();
+            let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
+            let mut got = vec![f32::NAN; batch * m * n];
+            gemm_batch(batch, [m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+            for i in 0..batch {
+                let want = reference([m, n, k], &a, &b[i * k * n..(i + 1) * k * n], &bias, clamp);
+                let worst =
+                    got[i * m * n..(i + 1) * m * n].iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{m}x{n}x{k} image {i}: {worst}");
             }
         }
     }
