@@ -127,11 +127,8 @@ impl Model for Onnx {
         // steal) instead of handing off from this thread and sleeping, twice per operator. A small
         // one (a 32 ms audio chunk) stays here: its one hand-off would cost more than it saves.
         let elements: usize = values.iter().map(candle_core::Tensor::elem_count).sum();
-        let outputs = if elements >= 1 << 14 {
-            rayon::scope(|_| self.program.run(values))?
-        } else {
-            self.program.run(values)?
-        };
+        let outputs =
+            if elements >= 1 << 14 { rayon::scope(|_| self.program.run(values))? } else { self.program.run(values)? };
         self.program
             .outputs
             .iter()

@@ -176,25 +176,24 @@ impl Phases {
 
     /// Runs every channel plane of `xs` into `out`, planes in parallel.
     fn depthwise(&self, xs: &[f32], ws: &[f32], out: &mut [f32], bias: Option<&[f32]>, clamp: Option<Clamp>) {
-        let (planes, acc) = (self.s * self.s * self.plane_len(), self.oh * self.qw);
+        let planes = self.s * self.s * self.plane_len();
         let c = ws.len() / (self.kh * self.kw).max(1);
         let min_planes = (32_768 / (self.oh * self.ow * self.kh * self.kw).max(1)).max(1);
         let avx2 = simd::available();
         out.par_chunks_mut(self.oh * self.ow).with_min_len(min_planes).enumerate().for_each_init(
             // Per thread: the phase planes (their borders stay zero: every plane writes the same
-            // interior) and the flat accumulator.
-            || vec![0f32; planes + acc],
-            |buf, (p, dst)| {
+            // interior).
+            || vec![0f32; planes],
+            |planes, (p, dst)| {
                 let ch = p % c;
-                let (planes, acc) = buf.split_at_mut(planes);
                 self.fill(&xs[p * self.h * self.w..(p + 1) * self.h * self.w], planes);
                 let k = &ws[ch * self.kh * self.kw..(ch + 1) * self.kh * self.kw];
                 let epi = (bias.map_or(0.0, |b| b[ch]), clamp);
                 if avx2 {
                     // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
-                    unsafe { self.taps_avx2(planes, k, acc, dst, epi) }
+                    unsafe { self.taps_avx2(planes, k, dst, epi) }
                 } else {
-                    self.taps::<false>(planes, k, acc, dst, epi);
+                    self.taps::<false>(planes, k, dst, epi);
                 }
             },
         );
@@ -232,17 +231,10 @@ impl Phases {
         }
     }
 
-    /// Every tap as one flat multiply-add over the accumulator, then bias, clamp and the copy
-    /// of the valid columns into `dst` (`[oh, ow]`).
+    /// Every tap as one flat multiply-add over the flat output (`oh` rows of `qw`), a block of
+    /// it at a time; each block's valid columns go to `dst` (`[oh, ow]`) with bias and clamp.
     #[inline(always)]
-    fn taps<const FMA: bool>(
-        &self,
-        planes: &[f32],
-        k: &[f32],
-        acc: &mut [f32],
-        dst: &mut [f32],
-        (bias, clamp): (f32, Option<Clamp>),
-    ) {
+    fn taps<const FMA: bool>(&self, planes: &[f32], k: &[f32], dst: &mut [f32], (bias, clamp): (f32, Option<Clamp>)) {
         let (s, qw, len) = (self.s, self.qw, self.plane_len());
         // Each tap: where its reads start in the phase planes, and its weight.
         let taps: Vec<(usize, f32)> = (0..self.kh * self.kw)
@@ -254,7 +246,7 @@ impl Phases {
         // Blocks of the accumulator stay in registers across all taps: one load per
         // multiply-add instead of two loads and a store.
         const BLOCK: usize = 64;
-        let n = acc.len();
+        let n = self.oh * qw; // the flat accumulator: oh rows of qw
         let mut i0 = 0;
         while i0 < n {
             let width = BLOCK.min(n - i0);
@@ -273,16 +265,23 @@ impl Phases {
                     }
                 }
             }
-            acc[i0..i0 + width].copy_from_slice(&block[..width]);
-            i0 += width;
-        }
-        for (row, flat) in dst.chunks_exact_mut(self.ow).zip(acc.chunks_exact(qw)) {
-            match clamp {
-                Some(Clamp { lo, hi }) => {
-                    row.iter_mut().zip(flat).for_each(|(o, &v)| *o = v.max(lo).min(hi));
+            // The block's valid columns go straight to dst, clamped.
+            let mut i = i0;
+            while i < i0 + width {
+                let (oy, ox) = (i / qw, i % qw);
+                let end = (i0 + width).min((oy + 1) * qw);
+                let valid = (end - oy * qw).min(self.ow).saturating_sub(ox);
+                if valid > 0 {
+                    let (src, out) =
+                        (&block[i - i0..i - i0 + valid], &mut dst[oy * self.ow + ox..oy * self.ow + ox + valid]);
+                    match clamp {
+                        Some(Clamp { lo, hi }) => out.iter_mut().zip(src).for_each(|(o, &v)| *o = v.max(lo).min(hi)),
+                        None => out.copy_from_slice(src),
+                    }
                 }
-                None => row.copy_from_slice(&flat[..self.ow]),
+                i = end;
             }
+            i0 += width;
         }
     }
 
@@ -292,13 +291,13 @@ impl Phases {
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], acc: &mut [f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
-        self.taps::<true>(planes, k, acc, dst, epi)
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+        self.taps::<true>(planes, k, dst, epi)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], acc: &mut [f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
-        self.taps::<false>(planes, k, acc, dst, epi)
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+        self.taps::<false>(planes, k, dst, epi)
     }
 }
 
