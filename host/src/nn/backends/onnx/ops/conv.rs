@@ -14,7 +14,9 @@ use rayon::prelude::*;
 
 use candle_core::TensorId;
 
-use super::sgemm::{Packed, epilogue, gemm, gemm_batch};
+use std::mem::MaybeUninit;
+
+use super::sgemm::{Packed, epilogue, gemm, gemm_into, zeroed};
 use crate::nn::error::NnError;
 
 /// An activation fused into a convolution's output pass.
@@ -99,7 +101,11 @@ pub(crate) fn conv2d(
     {
         return Err(NnError::invalid_argument(format!("Conv: bias of {} for {m} output channels", b.len())));
     }
-    let mut out = vec![0f32; n * m * oh * ow];
+    // The output is not zeroed first: the fast paths write every element once, and the others
+    // zero it themselves (`zeroed`).
+    let len = n * m * oh * ow;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let buf = &mut out.spare_capacity_mut()[..len];
     with_f32(x, |xs| {
         with_f32(w, |ws| {
             let kdim = cg * kh * kw;
@@ -115,23 +121,27 @@ pub(crate) fn conv2d(
             };
             if g.group == c && m == c && cg == 1 {
                 if let Some(phases) = Phases::new([h, wd], [kh, kw], [oh, ow], g) {
-                    phases.depthwise(xs, ws, &mut out, bias.as_deref(), clamp);
+                    phases.depthwise(xs, ws, buf, bias.as_deref(), clamp);
                 } else {
-                    depthwise(xs, ws, &mut out, [n, c, h, wd], [kh, kw], [oh, ow], g);
-                    epilogue(&mut out, oh * ow, bias.as_deref(), clamp);
+                    let out = zeroed(buf);
+                    depthwise(xs, ws, out, [n, c, h, wd], [kh, kw], [oh, ow], g);
+                    epilogue(out, oh * ow, bias.as_deref(), clamp);
                 }
                 Ok(())
             } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
                 let packed = packed(0);
                 let packed = packed.as_ref().map(|p| &p[0]);
-                gemm_batch(n, [m, h * wd, c], ws, packed, xs, &mut out, bias.as_deref(), clamp)
+                gemm_into(n, [m, h * wd, c], ws, packed, xs, buf, bias.as_deref(), clamp)
             } else {
                 let packed = packed(g.group - 1);
                 let w = GemmWeights { ws, packed: packed.as_deref().map(Vec::as_slice), bias: bias.as_deref(), clamp };
-                im2col_gemm(xs, w, &mut out, [n, c, h, wd], [m, kh, kw], [oh, ow], g)
+                im2col_gemm(xs, w, zeroed(buf), [n, c, h, wd], [m, kh, kw], [oh, ow], g)
             }
         })
     })???; // the two borrows, then the kernel's own result
+    // SAFETY: the kernel above returned Ok, so it initialised all `len` elements (each path
+    // writes every output element, or zeroes the buffer before it accumulates).
+    unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
 
@@ -175,7 +185,15 @@ impl Phases {
     }
 
     /// Runs every channel plane of `xs` into `out`, planes in parallel.
-    fn depthwise(&self, xs: &[f32], ws: &[f32], out: &mut [f32], bias: Option<&[f32]>, clamp: Option<Clamp>) {
+    /// Writes every element of `out` (`[planes, oh, ow]`; it need not be initialised).
+    fn depthwise(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+    ) {
         let planes = self.s * self.s * self.plane_len();
         let c = ws.len() / (self.kh * self.kw).max(1);
         let min_planes = (32_768 / (self.oh * self.ow * self.kh * self.kw).max(1)).max(1);
@@ -234,7 +252,13 @@ impl Phases {
     /// Every tap as one flat multiply-add over the flat output (`oh` rows of `qw`), a block of
     /// it at a time; each block's valid columns go to `dst` (`[oh, ow]`) with bias and clamp.
     #[inline(always)]
-    fn taps<const FMA: bool>(&self, planes: &[f32], k: &[f32], dst: &mut [f32], (bias, clamp): (f32, Option<Clamp>)) {
+    fn taps<const FMA: bool>(
+        &self,
+        planes: &[f32],
+        k: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        (bias, clamp): (f32, Option<Clamp>),
+    ) {
         let (s, qw, len) = (self.s, self.qw, self.plane_len());
         // Each tap: where its reads start in the phase planes, and its weight.
         let taps: Vec<(usize, f32)> = (0..self.kh * self.kw)
@@ -275,8 +299,12 @@ impl Phases {
                     let (src, out) =
                         (&block[i - i0..i - i0 + valid], &mut dst[oy * self.ow + ox..oy * self.ow + ox + valid]);
                     match clamp {
-                        Some(Clamp { lo, hi }) => out.iter_mut().zip(src).for_each(|(o, &v)| *o = v.max(lo).min(hi)),
-                        None => out.copy_from_slice(src),
+                        Some(Clamp { lo, hi }) => out.iter_mut().zip(src).for_each(|(o, &v)| {
+                            o.write(v.max(lo).min(hi));
+                        }),
+                        None => out.iter_mut().zip(src).for_each(|(o, &v)| {
+                            o.write(v);
+                        }),
                     }
                 }
                 i = end;
@@ -291,12 +319,12 @@ impl Phases {
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [MaybeUninit<f32>], epi: (f32, Option<Clamp>)) {
         self.taps::<true>(planes, k, dst, epi)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [f32], epi: (f32, Option<Clamp>)) {
+    unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [MaybeUninit<f32>], epi: (f32, Option<Clamp>)) {
         self.taps::<false>(planes, k, dst, epi)
     }
 }

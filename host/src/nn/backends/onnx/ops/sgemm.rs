@@ -9,6 +9,8 @@
 //! output element is computed by one unit in a fixed order, so results do not depend on the
 //! thread count. CPUs without AVX-512 use the `gemm` crate and a separate epilogue pass.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::conv::Clamp;
@@ -68,17 +70,45 @@ pub(crate) fn gemm(
     gemm_batch(1, dims, a, packed, b, dst, bias, clamp)
 }
 
+/// `buf` as initialised floats, zeroed.
+pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in buf.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was just written, and MaybeUninit<f32> has f32's layout.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), buf.len()) }
+}
+
 /// [`gemm`] for `batch` products with the same `a`: `b` holds `batch` `k×n` matrices and `dst`
 /// `batch` `m×n` ones, back to back (a 1x1 convolution over a batch of images), computed in one
 /// parallel pass.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_batch(
     batch: usize,
-    [m, n, k]: [usize; 3],
+    dims: [usize; 3],
     a: &[f32],
     packed: Option<&Packed>,
     b: &[f32],
     dst: &mut [f32],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and what `gemm_into` writes is initialised.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<f32>>(), dst.len()) };
+    gemm_into(batch, dims, a, packed, b, dst, bias, clamp)
+}
+
+/// [`gemm_batch`] into a buffer that need not be initialised: every element of the first
+/// `batch·m·n` is written. (The AVX-512 kernel writes each exactly once, which spares the
+/// caller zeroing a fresh output.)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    batch: usize,
+    [m, n, k]: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [MaybeUninit<f32>],
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
 ) -> Result<(), NnError> {
@@ -89,27 +119,31 @@ pub(crate) fn gemm_batch(
         return Ok(());
     }
     let dst = &mut dst[..batch * m * n];
-    if m < 4 && n >= NR && k > 0 {
-        // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
-        // streamed once; tiles of 8 rows would waste most of their multiply-adds.
+    // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
+    // streamed once; tiles of 8 rows would waste most of their multiply-adds.
+    let few_rows = m < 4 && n >= NR && k > 0;
+    // Narrower products (short sequences) would leave most of each 32-column tile masked off.
+    if !few_rows && n >= NR / 2 {
+        let packed_here;
+        let packed = match packed {
+            Some(p) if p.m == m && p.k == k => Some(p),
+            _ => {
+                packed_here = Packed::new(m, k, a);
+                packed_here.as_ref()
+            }
+        };
+        if let Some(packed) = packed {
+            // SAFETY: dst holds batch·m·n elements (sliced above), all written by the kernel.
+            unsafe { avx512::gemm(batch, [m, n, k], packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp) };
+            return Ok(());
+        }
+    }
+    let dst = zeroed(dst);
+    if few_rows {
         for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
             rows_of_b([m, n, k], a, &b[i * k * n..(i + 1) * k * n], dst);
         }
         epilogue(dst, n, bias, clamp);
-        return Ok(());
-    }
-    let packed_here;
-    let packed = match packed {
-        Some(p) if p.m == m && p.k == k => Some(p),
-        _ if n < NR / 2 => None,
-        _ => {
-            packed_here = Packed::new(m, k, a);
-            packed_here.as_ref()
-        }
-    };
-    // Narrower products (short sequences) would leave most of each 32-column tile masked off.
-    if let Some(packed) = packed.filter(|_| n >= NR / 2) {
-        avx512::gemm(batch, [m, n, k], packed, b, dst, bias, clamp);
         return Ok(());
     }
     for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
@@ -254,12 +288,15 @@ mod avx512 {
         }
     }
 
-    pub fn gemm(
+    /// # Safety
+    /// `dst` must be valid for writes of `batch·m·n` floats (it need not be initialised) and
+    /// not alias `b`; `b` must hold `batch·k·n` floats; AVX-512F must be available.
+    pub unsafe fn gemm(
         batch: usize,
         [m, n, k]: [usize; 3],
         packed: &Packed,
         b: &[f32],
-        dst: &mut [f32],
+        dst: *mut f32,
         bias: Option<&[f32]>,
         clamp: Option<Clamp>,
     ) {
@@ -269,7 +306,7 @@ mod avx512 {
             bias_padded[..m].copy_from_slice(&bias[..m]);
         }
         let chunks = n.div_ceil(NC);
-        let out = Out(dst.as_mut_ptr());
+        let out = Out(dst);
         let unit = |u: usize| {
             // Image, then chunk, then tile: neighbouring units (one thread's range) share B's
             // columns.
@@ -361,7 +398,15 @@ mod avx512 {
         false
     }
 
-    pub fn gemm(_: usize, _: [usize; 3], _: &Packed, _: &[f32], _: &mut [f32], _: Option<&[f32]>, _: Option<Clamp>) {
+    pub unsafe fn gemm(
+        _: usize,
+        _: [usize; 3],
+        _: &Packed,
+        _: &[f32],
+        _: *mut f32,
+        _: Option<&[f32]>,
+        _: Option<Clamp>,
+    ) {
         unreachable!("available() is false off x86_64")
     }
 }
