@@ -197,7 +197,7 @@ impl Phases {
         let planes = self.s * self.s * self.plane_len();
         let c = ws.len() / (self.kh * self.kw).max(1);
         let min_planes = (32_768 / (self.oh * self.ow * self.kh * self.kw).max(1)).max(1);
-        let avx2 = simd::available();
+        let (avx2, avx512) = (simd::available(), simd::avx512());
         out.par_chunks_mut(self.oh * self.ow).with_min_len(min_planes).enumerate().for_each_init(
             // Per thread: the phase planes (their borders stay zero: every plane writes the same
             // interior).
@@ -207,7 +207,10 @@ impl Phases {
                 self.fill(&xs[p * self.h * self.w..(p + 1) * self.h * self.w], planes);
                 let k = &ws[ch * self.kh * self.kw..(ch + 1) * self.kh * self.kw];
                 let epi = (bias.map_or(0.0, |b| b[ch]), clamp);
-                if avx2 {
+                if avx512 {
+                    // SAFETY: the CPU supports AVX-512F (checked by `simd::avx512`).
+                    unsafe { self.taps_avx512(planes, k, dst, epi) }
+                } else if avx2 {
                     // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
                     unsafe { self.taps_avx2(planes, k, dst, epi) }
                 } else {
@@ -325,6 +328,21 @@ impl Phases {
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn taps_avx2(&self, planes: &[f32], k: &[f32], dst: &mut [MaybeUninit<f32>], epi: (f32, Option<Clamp>)) {
+        self.taps::<false>(planes, k, dst, epi)
+    }
+
+    /// [`Phases::taps`] compiled for AVX-512 (16 lanes: a block is four registers).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn taps_avx512(&self, planes: &[f32], k: &[f32], dst: &mut [MaybeUninit<f32>], epi: (f32, Option<Clamp>)) {
+        self.taps::<true>(planes, k, dst, epi)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn taps_avx512(&self, planes: &[f32], k: &[f32], dst: &mut [MaybeUninit<f32>], epi: (f32, Option<Clamp>)) {
         self.taps::<false>(planes, k, dst, epi)
     }
 }
@@ -456,6 +474,18 @@ mod simd {
         #[cfg(target_arch = "x86_64")]
         {
             std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Whether this CPU can run the AVX-512 paths (AVX-512F includes FMA).
+    pub fn avx512() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
