@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::sgemm::dot;
 use super::{Built, Node, input};
 use crate::nn::error::NnError;
 
@@ -132,20 +133,4 @@ impl super::Op for Lstm {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
-}
-
-/// A dot product in eight independent lanes, which the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for k in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[k * 8 + l] * b[k * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for k in chunks * 8..a.len() {
-        sum += a[k] * b[k];
-    }
-    sum
 }

@@ -147,10 +147,57 @@ pub(crate) fn gemm_into(
         return Ok(());
     }
     for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
-        portable([m, n, k], a, &b[i * k * n..(i + 1) * k * n], dst)?;
+        let b = &b[i * k * n..(i + 1) * k * n];
+        if n < NR / 2 { narrow([m, n, k], a, b, dst) } else { portable([m, n, k], a, b, dst)? }
     }
     epilogue(dst, n, bias, clamp);
     Ok(())
+}
+
+/// `dst = a · b` for a narrow B (a convolution over a short sequence, n < 16): B's columns are
+/// gathered once, then each output is one dot product of contiguous rows.
+fn narrow([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) {
+    if k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    let mut bt = vec![0f32; n * k];
+    for (p, row) in b.chunks_exact(n).take(k).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            bt[j * k + p] = v;
+        }
+    }
+    let rows = |(i, out): (usize, &mut [f32])| {
+        let arow = &a[i * k..(i + 1) * k];
+        for (o, col) in out.iter_mut().zip(bt.chunks_exact(k)) {
+            *o = dot(arow, col);
+        }
+    };
+    if m * n * k < PARALLEL_MIN {
+        dst.chunks_exact_mut(n).enumerate().for_each(rows);
+    } else {
+        dst.par_chunks_exact_mut(n).enumerate().for_each(rows);
+    }
+}
+
+/// `Σ a[i]·b[i]` over the shorter of the two, vectorised for the CPU at hand.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    if avx512::available() {
+        // SAFETY: AVX-512F is available; the slices have the same length.
+        return unsafe { avx512::dot(a, b) };
+    }
+    // Eight independent lanes, which the compiler vectorises.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `dst = a · b` as `dst[i] = Σ_p a[i][p] · b[p]` over B's rows, columns split across threads.
@@ -335,6 +382,37 @@ mod avx512 {
         }
     }
 
+    /// `Σ a[i]·b[i]` in two 16-lane accumulators, the tail masked.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: elements i..i+32 of both slices exist.
+            unsafe {
+                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
+            }
+            i += 32;
+        }
+        while i < n {
+            let left = (n - i).min(16);
+            let mask = ((1u32 << left) - 1) as __mmask16;
+            // SAFETY: masked to the `left` elements that exist from i on.
+            unsafe {
+                let (x, y) = (_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)));
+                s0 = _mm512_fmadd_ps(x, y, s0);
+            }
+            i += left;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+
     /// One `MR × cols` tile of C (`cols ≤ NR`): the whole of `k` in registers, then bias and
     /// clamp, stored once. `b` points at column `j` of B's row 0 (row stride `ldb`), `c` at the
     /// tile's corner in C (row stride `ldb` too: C and B have `n` columns).
@@ -398,6 +476,10 @@ mod avx512 {
         false
     }
 
+    pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
+        unreachable!("available() is false off x86_64")
+    }
+
     pub unsafe fn gemm(
         _: usize,
         _: [usize; 3],
@@ -437,6 +519,8 @@ mod tests {
         for [m, n, k] in [
             [8, 32, 16],
             [5, 7, 3],
+            [4, 5, 0],
+            [258, 4, 256],
             [9, 16, 5],
             [1, 1000, 64],
             [3, 1500, 7],
@@ -489,6 +573,16 @@ mod tests {
                     got[i * m * n..(i + 1) * m * n].iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{m}x{n}x{k} image {i}: {worst}");
             }
+        }
+    }
+
+    #[test]
+    fn dot_matches_a_plain_sum_at_every_length() {
+        for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
         }
     }
 
