@@ -121,6 +121,7 @@ impl Program {
         let mut body = Block { steps, outputs: outputs.iter().map(|(_, s)| *s).collect() };
         let input_slots: HashSet<usize> = inputs.iter().map(|i| i.slot).collect();
         plan_frees(&mut body, &input_slots);
+        prepare(&body, &c.consts);
         Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, body })
     }
 
@@ -743,6 +744,30 @@ fn consumer_counts(g: &GraphProto) -> HashMap<&str, usize> {
 }
 
 /// Frees each slot defined in a block right after its last reader in that block.
+/// Lets each operator derive what it keeps from its constant inputs (packed weights) now, at
+/// load, rather than on the first request.
+fn prepare(block: &Block, consts: &[Tensor]) {
+    for step in &block.steps {
+        match &step.kind {
+            Kind::Op(op) => {
+                let inputs: Vec<Option<&Tensor>> = step
+                    .inputs
+                    .iter()
+                    .map(|s| match s {
+                        Some(Src::Const(k)) => consts.get(*k),
+                        _ => None,
+                    })
+                    .collect();
+                op.prepare(&inputs);
+            }
+            Kind::If { then_block, else_block } => {
+                prepare(then_block, consts);
+                prepare(else_block, consts);
+            }
+        }
+    }
+}
+
 fn plan_frees(block: &mut Block, defined_outside: &HashSet<usize>) {
     fn reads(step: &Step, out: &mut Vec<usize>) {
         out.extend(step.inputs.iter().flatten().filter_map(|s| match s {

@@ -37,6 +37,28 @@ pub(crate) struct Geometry {
 /// A convolution's weights packed for the GEMM kernel, one per group.
 pub(crate) type PackedWeights = super::Derived<Vec<Packed>>;
 
+/// `ws` (`[m, kdim]`) packed for the GEMM kernel, one per group; empty where it does not run.
+fn pack_groups(ws: &[f32], m: usize, kdim: usize, group: usize) -> Vec<Packed> {
+    let mg = m / group.max(1);
+    (0..group)
+        .filter_map(|i| ws.get(i * mg * kdim..(i + 1) * mg * kdim).and_then(|w| Packed::new(mg, kdim, w)))
+        .collect()
+}
+
+/// Packs a constant weight `w` (`[m, c/group, k...]`) into `cache` ahead of the first run, for
+/// the convolutions that take the GEMM paths (not depthwise ones).
+pub(crate) fn prepack(cache: &PackedWeights, w: &Tensor, group: usize) {
+    let (m, cg) = match w.dims() {
+        [m, cg, ..] => (*m, *cg),
+        _ => return,
+    };
+    if group == 0 || m % group != 0 || (cg == 1 && group == m) {
+        return;
+    }
+    let kdim = w.elem_count() / m.max(1);
+    let _ = with_f32(w, |ws| cache.get(w.id(), || pack_groups(ws, m, kdim, group)));
+}
+
 /// Below this many elements a pass runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 
@@ -108,15 +130,9 @@ pub(crate) fn conv2d(
     let buf = &mut out.spare_capacity_mut()[..len];
     with_f32(x, |xs| {
         with_f32(w, |ws| {
-            let kdim = cg * kh * kw;
-            let mg = m / g.group;
             let packed = |grp: usize| {
                 let (cache, key) = cache?;
-                let all = cache.get(key, || {
-                    (0..g.group)
-                        .filter_map(|i| Packed::new(mg, kdim, &ws[i * mg * kdim..(i + 1) * mg * kdim]))
-                        .collect()
-                });
+                let all = cache.get(key, || pack_groups(ws, m, cg * kh * kw, g.group));
                 all.get(grp).is_some().then_some(all)
             };
             if g.group == c && m == c && cg == 1 {

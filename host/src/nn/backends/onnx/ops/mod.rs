@@ -54,6 +54,9 @@ pub(super) trait Op: Send + Sync {
     fn fuse_clamp(&mut self, _clamp: Clamp) -> bool {
         false
     }
+
+    /// Derives at load what it keeps from its constant inputs (`None`: not constant).
+    fn prepare(&self, _constants: &[Option<&Tensor>]) {}
 }
 
 /// What an operator builder sees of its node.

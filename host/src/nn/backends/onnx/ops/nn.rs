@@ -226,6 +226,12 @@ impl Gemm {
         }))
     }
 
+    /// `B'` as `[K, N]` row-major floats (empty if `b` cannot be read so).
+    fn b_kn(b: &Tensor, tb: bool) -> Vec<f32> {
+        let b = if tb { b.t() } else { Ok(b.clone()) };
+        b.and_then(|b| b.flatten_all()?.to_vec1::<f32>()).unwrap_or_default()
+    }
+
     /// `A'·B'` on the convolution GEMM, or `None` where it does not apply.
     fn fast(&self, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
         if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 2 || b.rank() != 2 || self.ta {
@@ -236,10 +242,7 @@ impl Gemm {
         if kb != k || n < 16 {
             return Ok(None);
         }
-        let b_kn = self.b_kn.get(b.id(), || {
-            let b = if self.tb { b.t() } else { Ok(b.clone()) };
-            b.and_then(|b| b.flatten_all()?.to_vec1::<f32>()).unwrap_or_default()
-        });
+        let b_kn = self.b_kn.get(b.id(), || Self::b_kn(b, self.tb));
         if b_kn.len() != k * n {
             return Ok(None);
         }
@@ -251,6 +254,16 @@ impl Gemm {
 }
 
 impl super::Op for Gemm {
+    fn prepare(&self, constants: &[Option<&Tensor>]) {
+        if let Some(Some(b)) = constants.get(1)
+            && b.dtype() == DType::F32
+            && b.rank() == 2
+            && b.dims()[if self.tb { 0 } else { 1 }] >= 16
+        {
+            let _ = self.b_kn.get(b.id(), || Self::b_kn(b, self.tb));
+        }
+    }
+
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         let a = input(i, 0, "Gemm")?;
         let b = input(i, 1, "Gemm")?;
@@ -302,6 +315,14 @@ impl Conv {
 }
 
 impl super::Op for Conv {
+    fn prepare(&self, constants: &[Option<&Tensor>]) {
+        if let Some(Some(w)) = constants.get(1)
+            && w.dtype() == DType::F32
+        {
+            conv::prepack(&self.packed, w, self.group);
+        }
+    }
+
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
         self.clamp = Some(match self.clamp {
             Some(c) => Clamp { lo: c.lo.max(clamp.lo), hi: c.hi.min(clamp.hi) },
