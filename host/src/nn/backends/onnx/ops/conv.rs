@@ -1,22 +1,23 @@
 //! Convolution: EIR's own f32 kernels, because the shapes of mobile vision models (depthwise
 //! 3x3/5x5, 1x1 projections, asymmetric "same" padding) are where generic paths lose most.
 //!
-//! - depthwise: direct, per channel plane, padding read as zeros (never copied), vectorisable
-//!   inner loops over output columns;
-//! - 1x1, stride 1, no padding: one GEMM per image (`W · X`), no im2col;
+//! - depthwise: by phase planes (`Phases`: each tap one contiguous multiply-add over a whole
+//!   plane), or, for strides above 2 and dilated stride 2, per output row (`Plane`);
+//! - 1x1, stride 1, no padding: one GEMM over the batch (`W · X`), no im2col;
 //! - anything else: im2col (padding as zeros) + GEMM per image and group;
 //!
-//! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip); the GEMMs
-//! (`sgemm`) apply it as they store each tile. Other dtypes and 1-D convolutions fall back to candle.
-
-use candle_core::{DType, Tensor};
-use rayon::prelude::*;
-
-use candle_core::TensorId;
+//! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip), applied as the
+//! output is written. Outputs are not zeroed first: each path writes every element (or zeroes
+//! before it accumulates). Other dtypes
+//! fall back to candle (1-D convolutions come here as 2-D ones with a height of 1).
 
 use std::mem::MaybeUninit;
 
-use super::sgemm::{Packed, epilogue, gemm, gemm_into, zeroed};
+use candle_core::{Tensor, TensorId};
+use rayon::prelude::*;
+
+use super::sgemm::{Packed, epilogue, gemm_into, zeroed};
+use super::{simd, with_f32};
 use crate::nn::error::NnError;
 
 /// An activation fused into a convolution's output pass.
@@ -61,20 +62,6 @@ pub(crate) fn prepack(cache: &PackedWeights, w: &Tensor, group: usize) {
 
 /// Below this many elements a pass runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
-
-/// Runs `f` on the contiguous f32 contents of `t`: borrowed from its storage when it is a
-/// contiguous f32 CPU tensor, copied otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
-    use candle_core::{CpuStorage, Storage};
-    if t.dtype() == DType::F32 {
-        let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
-            return Ok(f(&v[a..b]));
-        }
-    }
-    let owned = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f(&owned))
-}
 
 fn out_len(len: usize, pad: (usize, usize), k: usize, s: usize, d: usize) -> Option<usize> {
     (len + pad.0 + pad.1).checked_sub((k - 1) * d + 1).map(|r| r / s + 1)
@@ -151,7 +138,7 @@ pub(crate) fn conv2d(
             } else {
                 let packed = packed(g.group - 1);
                 let w = GemmWeights { ws, packed: packed.as_deref().map(Vec::as_slice), bias: bias.as_deref(), clamp };
-                im2col_gemm(xs, w, zeroed(buf), [n, c, h, wd], [m, kh, kw], [oh, ow], g)
+                im2col_gemm(xs, w, buf, [n, c, h, wd], [m, kh, kw], [oh, ow], g)
             }
         })
     })???; // the two borrows, then the kernel's own result
@@ -177,9 +164,10 @@ struct Phases {
     w: usize,
     kh: usize,
     kw: usize,
-    d: [usize; 2],
     oh: usize,
     ow: usize,
+    /// Per tap (row-major over the kernel): where its reads start in the phase planes.
+    offsets: Vec<usize>,
 }
 
 impl Phases {
@@ -193,7 +181,13 @@ impl Phases {
         let (pt, pl) = (g.pads[0].0, g.pads[1].0);
         let qh = (oh + (kh - 1) * d[0] / s).max((h + pt).div_ceil(s)) + 1;
         let qw = (ow + (kw - 1) * d[1] / s).max((w + pl).div_ceil(s));
-        Some(Phases { s, qh, qw, pt, pl, h, w, kh, kw, d, oh, ow })
+        let offsets = (0..kh * kw)
+            .map(|t| {
+                let (ry, rx) = ((t / kw) * d[0], (t % kw) * d[1]);
+                ((ry % s) * s + rx % s) * qh * qw + (ry / s) * qw + rx / s
+            })
+            .collect();
+        Some(Phases { s, qh, qw, pt, pl, h, w, kh, kw, oh, ow, offsets })
     }
 
     fn plane_len(&self) -> usize {
@@ -213,7 +207,7 @@ impl Phases {
         let planes = self.s * self.s * self.plane_len();
         let c = ws.len() / (self.kh * self.kw).max(1);
         let min_planes = (32_768 / (self.oh * self.ow * self.kh * self.kw).max(1)).max(1);
-        let (avx2, avx512) = (simd::available(), simd::avx512());
+        let (avx2, avx512) = (simd::fma(), simd::avx512());
         out.par_chunks_mut(self.oh * self.ow).with_min_len(min_planes).enumerate().for_each_init(
             // Per thread: the phase planes (their borders stay zero: every plane writes the same
             // interior).
@@ -227,7 +221,7 @@ impl Phases {
                     // SAFETY: the CPU supports AVX-512F (checked by `simd::avx512`).
                     unsafe { self.taps_avx512(planes, k, dst, epi) }
                 } else if avx2 {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
+                    // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::fma`).
                     unsafe { self.taps_avx2(planes, k, dst, epi) }
                 } else {
                     self.taps::<false>(planes, k, dst, epi);
@@ -278,14 +272,8 @@ impl Phases {
         dst: &mut [MaybeUninit<f32>],
         (bias, clamp): (f32, Option<Clamp>),
     ) {
-        let (s, qw, len) = (self.s, self.qw, self.plane_len());
-        // Each tap: where its reads start in the phase planes, and its weight.
-        let taps: Vec<(usize, f32)> = (0..self.kh * self.kw)
-            .map(|t| {
-                let (ry, rx) = ((t / self.kw) * self.d[0], (t % self.kw) * self.d[1]);
-                (((ry % s) * s + rx % s) * len + (ry / s) * qw + rx / s, k[t])
-            })
-            .collect();
+        let qw = self.qw;
+        let taps = || self.offsets.iter().copied().zip(k.iter().copied());
         // Blocks of the accumulator stay in registers across all taps: one load per
         // multiply-add instead of two loads and a store.
         const BLOCK: usize = 64;
@@ -295,14 +283,14 @@ impl Phases {
             let width = BLOCK.min(n - i0);
             let mut block = [bias; BLOCK];
             if width == BLOCK {
-                for &(at, wv) in &taps {
+                for (at, wv) in taps() {
                     let src: &[f32; BLOCK] = planes[at + i0..at + i0 + BLOCK].try_into().expect("a whole block");
                     for (o, &i) in block.iter_mut().zip(src) {
                         *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
                     }
                 }
             } else {
-                for &(at, wv) in &taps {
+                for (at, wv) in taps() {
                     for (o, &i) in block[..width].iter_mut().zip(&planes[at + i0..at + i0 + width]) {
                         *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
                     }
@@ -386,7 +374,7 @@ fn depthwise(
     let half = pw.div_ceil(2);
     let row_len = if split { 2 * half } else { pw };
     let min_planes = (32_768 / (oh * ow * kh * kw).max(1)).max(1);
-    let avx2 = simd::available();
+    let avx2 = simd::fma();
     out.par_chunks_mut(oh * ow).with_min_len(min_planes).enumerate().for_each_init(
         || vec![0f32; ph * row_len],
         |padded, (p, dst)| {
@@ -406,7 +394,7 @@ fn depthwise(
             let k = &ws[ch * kh * kw..(ch + 1) * kh * kw];
             let plane = Plane { padded, pw: row_len, half, k, kh, kw, sh, sw, dh, dw, oh, ow };
             if avx2 {
-                // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::available`).
+                // SAFETY: the CPU supports AVX2 and FMA (checked by `simd::fma`).
                 unsafe { plane.taps_avx2(dst) }
             } else {
                 plane.taps::<false>(dst);
@@ -482,34 +470,6 @@ impl Plane<'_> {
     }
 }
 
-/// Runtime detection of the AVX2 + FMA code paths (functions compiled with those features, so
-/// LLVM vectorises their loops 8-wide with fused multiply-adds).
-mod simd {
-    /// Whether this CPU can run the AVX2 + FMA paths.
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
-    /// Whether this CPU can run the AVX-512 paths (AVX-512F includes FMA).
-    pub fn avx512() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-}
-
 /// A convolution's weights as its GEMMs take them, with the epilogue.
 struct GemmWeights<'a> {
     ws: &'a [f32],
@@ -519,10 +479,12 @@ struct GemmWeights<'a> {
     clamp: Option<Clamp>,
 }
 
+/// im2col + GEMM per image and group; writes every element of `out` (it need not be
+/// initialised).
 fn im2col_gemm(
     xs: &[f32],
     GemmWeights { ws, packed, bias, clamp }: GemmWeights<'_>,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     [n, c, h, w]: [usize; 4],
     [m, kh, kw]: [usize; 3],
     [oh, ow]: [usize; 2],
@@ -567,7 +529,7 @@ fn im2col_gemm(
             let wg = &ws[grp * mg * kdim..(grp + 1) * mg * kdim];
             let dst = &mut out[(i * m + grp * mg) * cols..(i * m + (grp + 1) * mg) * cols];
             let bias = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
-            gemm([mg, cols, kdim], wg, packed.map(|p| &p[grp]), &col, dst, bias, clamp)?;
+            gemm_into(1, [mg, cols, kdim], wg, packed.map(|p| &p[grp]), &col, dst, bias, clamp)?;
         }
     }
     Ok(())
@@ -576,7 +538,7 @@ fn im2col_gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// candle's own convolution on an explicitly padded input, as the reference.
     fn reference(x: &Tensor, w: &Tensor, g: &Geometry) -> Tensor {

@@ -9,6 +9,7 @@ mod reduce;
 mod rnn;
 mod sgemm;
 mod shape;
+mod simd;
 
 use candle_core::{DType, Tensor};
 
@@ -43,6 +44,20 @@ impl<T> Derived<T> {
             }
         }
     }
+}
+
+/// Runs `f` on the contiguous f32 contents of `t`: borrowed from its storage when it is a
+/// contiguous f32 CPU tensor, copied otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
+    use candle_core::{CpuStorage, Storage};
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let owned = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&owned))
 }
 
 /// A compiled operator.

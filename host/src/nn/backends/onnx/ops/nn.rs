@@ -31,9 +31,9 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             if x.dtype() == DType::F32 && x.rank() >= 3 {
                 // One pass over each plane (candle's reductions over trailing axes copy first).
                 let (nc, plane) = (x.dims()[0] * x.dims()[1], x.dims()[2..].iter().product::<usize>());
-                let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let means: Vec<f32> =
-                    v.chunks(plane.max(1)).take(nc).map(|p| p.iter().sum::<f32>() / plane as f32).collect();
+                let means: Vec<f32> = super::with_f32(x, |v| {
+                    v.chunks(plane.max(1)).take(nc).map(|p| p.iter().sum::<f32>() / plane as f32).collect()
+                })?;
                 let mut dims = x.dims()[..2].to_vec();
                 dims.resize(x.rank(), 1);
                 return Ok(vec![Tensor::from_vec(means, dims, x.device())?]);
@@ -246,9 +246,8 @@ impl Gemm {
         if b_kn.len() != k * n {
             return Ok(None);
         }
-        let a_rows = a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; m * n];
-        super::sgemm::gemm([m, n, k], &a_rows, None, &b_kn, &mut y, None, None)?;
+        super::with_f32(a, |a_rows| super::sgemm::gemm([m, n, k], a_rows, None, &b_kn, &mut y, None, None))??;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
 }

@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::conv::Clamp;
+use super::simd;
 use crate::nn::error::NnError;
 
 /// Rows of `C` per tile (channel counts of vision models are multiples of 8).
@@ -39,7 +40,7 @@ impl Packed {
     /// Packs `a` (`m×k`, row-major); `None` where the AVX-512 kernel does not run (the CPU lacks
     /// it, or `k` is 0) or `a` is too short.
     pub(crate) fn new(m: usize, k: usize, a: &[f32]) -> Option<Packed> {
-        if k == 0 || a.len() < m * k || !avx512::available() {
+        if k == 0 || a.len() < m * k || !simd::avx512() {
             return None;
         }
         let tiles = m.div_ceil(MR);
@@ -67,7 +68,9 @@ pub(crate) fn gemm(
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
 ) -> Result<(), NnError> {
-    gemm_batch(1, dims, a, packed, b, dst, bias, clamp)
+    // SAFETY: MaybeUninit<f32> has f32's layout, and `gemm_into` writes only initialised values.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<f32>>(), dst.len()) };
+    gemm_into(1, dims, a, packed, b, dst, bias, clamp)
 }
 
 /// `buf` as initialised floats, zeroed.
@@ -79,28 +82,11 @@ pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), buf.len()) }
 }
 
-/// [`gemm`] for `batch` products with the same `a`: `b` holds `batch` `k×n` matrices and `dst`
-/// `batch` `m×n` ones, back to back (a 1x1 convolution over a batch of images), computed in one
-/// parallel pass.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_batch(
-    batch: usize,
-    dims: [usize; 3],
-    a: &[f32],
-    packed: Option<&Packed>,
-    b: &[f32],
-    dst: &mut [f32],
-    bias: Option<&[f32]>,
-    clamp: Option<Clamp>,
-) -> Result<(), NnError> {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and what `gemm_into` writes is initialised.
-    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<f32>>(), dst.len()) };
-    gemm_into(batch, dims, a, packed, b, dst, bias, clamp)
-}
-
-/// [`gemm_batch`] into a buffer that need not be initialised: every element of the first
-/// `batch·m·n` is written. (The AVX-512 kernel writes each exactly once, which spares the
-/// caller zeroing a fresh output.)
+/// [`gemm`] for `batch` products with the same `a`, into a buffer that need not be initialised:
+/// `b` holds `batch` `k×n` matrices and `dst` `batch` `m×n` ones, back to back (a 1x1
+/// convolution over a batch of images), computed in one parallel pass. Every element of the
+/// first `batch·m·n` is written; the AVX-512 kernel writes each exactly once, which spares the
+/// caller zeroing a fresh output.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     batch: usize,
@@ -184,7 +170,7 @@ fn narrow([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) {
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    if avx512::available() {
+    if simd::avx512() {
         // SAFETY: AVX-512F is available; the slices have the same length.
         return unsafe { avx512::dot(a, b) };
     }
@@ -223,7 +209,7 @@ fn rows_of_b([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) {
         axpys::<true>(dims, a, b, j0, out)
     }
     #[cfg(target_arch = "x86_64")]
-    let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    let fma = simd::fma();
     // Column blocks, each `[m][width]`, computed separately and then scattered into dst.
     let width = NC * 4;
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
@@ -315,11 +301,6 @@ mod avx512 {
     use rayon::prelude::*;
 
     use super::{Clamp, MR, NC, NR, PARALLEL_MIN, Packed};
-
-    /// Whether this CPU has AVX-512F.
-    pub fn available() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-    }
 
     /// The output pointer, shared by units that write disjoint tiles.
     #[derive(Clone, Copy)]
@@ -472,12 +453,8 @@ mod avx512 {
 mod avx512 {
     use super::{Clamp, Packed};
 
-    pub fn available() -> bool {
-        false
-    }
-
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
-        unreachable!("available() is false off x86_64")
+        unreachable!("simd::avx512() is false off x86_64")
     }
 
     pub unsafe fn gemm(
@@ -489,7 +466,7 @@ mod avx512 {
         _: Option<&[f32]>,
         _: Option<Clamp>,
     ) {
-        unreachable!("available() is false off x86_64")
+        unreachable!("simd::avx512() is false off x86_64")
     }
 }
 
@@ -544,7 +521,7 @@ mod tests {
                 let want = reference([m, n, k], &a, &b, &bias, clamp);
                 let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{m}x{n}x{k} {clamp:?}: {worst}");
-                if avx512::available() {
+                if simd::avx512() {
                     // The portable path agrees too.
                     let mut other = vec![f32::NAN; m * n];
                     portable([m, n, k], &a, &b, &mut other).unwrap();
@@ -565,8 +542,10 @@ mod tests {
             let b: Vec<f32> = (0..batch * k * n).map(|i| value(i + 5)).collect();
             let bias: Vec<f32> = (0..m).map(|i| value(i + 7)).collect();
             let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
-            let mut got = vec![f32::NAN; batch * m * n];
-            gemm_batch(batch, [m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+            let mut got = vec![MaybeUninit::new(f32::NAN); batch * m * n];
+            gemm_into(batch, [m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+            // SAFETY: initialised above (to NaN, then by gemm_into).
+            let got: Vec<f32> = got.into_iter().map(|v| unsafe { v.assume_init() }).collect();
             for i in 0..batch {
                 let want = reference([m, n, k], &a, &b[i * k * n..(i + 1) * k * n], &bias, clamp);
                 let worst =
