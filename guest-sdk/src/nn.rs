@@ -55,6 +55,17 @@ impl Session {
         let outputs = self.ctx.compute(named).map_err(|e| nn_error("running the model", e))?;
         outputs.into_iter().map(|(name, t)| from_nn(name, &t)).collect()
     }
+
+    /// [`compute`](Self::compute), but `Ok(None)` when the host refuses the computation as
+    /// over its memory budget (wasi-nn `too-large`): the caller can then send a smaller batch.
+    pub fn compute_if_fits(&self, inputs: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
+        let named = inputs.iter().map(|t| Ok((t.name.clone(), to_nn(t)?))).collect::<Result<Vec<_>>>()?;
+        match self.ctx.compute(named) {
+            Ok(outputs) => outputs.into_iter().map(|(name, t)| from_nn(name, &t)).collect::<Result<_>>().map(Some),
+            Err(e) if e.code() == errors::ErrorCode::TooLarge => Ok(None),
+            Err(e) => Err(nn_error("running the model", e)),
+        }
+    }
 }
 
 /// Picks the output called `name` from a [`Session::compute`] result.
@@ -68,6 +79,8 @@ pub fn output<'a>(outputs: &'a [Tensor], name: &str) -> Result<&'a Tensor> {
 fn nn_error(doing: &str, e: errors::Error) -> Error {
     let code = match e.code() {
         errors::ErrorCode::NotFound => ErrorCode::NotFound,
+        // Over the host's budget for this request: the request is too big (400), not a broken model.
+        errors::ErrorCode::TooLarge => ErrorCode::InvalidInput,
         _ => ErrorCode::ModelError,
     };
     Error::new(code, format!("{doing}: wasi-nn {:?}: {}", e.code(), e.data()))

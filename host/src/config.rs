@@ -134,6 +134,8 @@ pub struct Ceilings {
     pub timeout: Option<std::time::Duration>,
     /// Linear memory per request.
     pub max_memory: Option<ByteSize>,
+    /// Intermediate values per model computation.
+    pub max_compute_memory: Option<ByteSize>,
 }
 
 impl Ceilings {
@@ -148,6 +150,9 @@ impl Ceilings {
         }
         if let Some(m) = self.max_memory {
             l.max_memory = l.max_memory.min(m);
+        }
+        if let Some(m) = self.max_compute_memory {
+            l.max_compute_memory = l.max_compute_memory.min(m);
         }
         l
     }

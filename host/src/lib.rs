@@ -20,6 +20,8 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod grants;
 pub mod limits;

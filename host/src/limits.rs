@@ -34,6 +34,10 @@ pub struct Limits {
     pub max_request: ByteSize,
     /// Largest response a plugin may return.
     pub max_response: ByteSize,
+    /// Most memory one model computation (a wasi-nn `compute`) may hold in intermediate values
+    /// (activations, attention scores, scratch), reserved before it is allocated; over it, the
+    /// guest gets a wasi-nn `too-large` error and may send a smaller batch.
+    pub max_compute_memory: ByteSize,
 }
 
 impl Default for Limits {
@@ -48,6 +52,7 @@ impl Default for Limits {
             max_memories: 8,
             max_request: ByteSize::mib(64),
             max_response: ByteSize::mib(64),
+            max_compute_memory: ByteSize::b(crate::nn::backend::DEFAULT_COMPUTE_BUDGET),
         }
     }
 }

@@ -140,6 +140,11 @@ impl Server {
         Server { child, url, dir, _cache: None }
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("eir.toml")
     }

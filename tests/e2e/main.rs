@@ -13,3 +13,4 @@ mod limits;
 mod nn;
 mod onnx;
 mod plugins;
+mod safety;

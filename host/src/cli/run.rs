@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// Largest response accepted from the plugin.
     #[arg(long, value_name = "SIZE")]
     max_response: Option<ByteSize>,
+    /// Most memory one model computation may hold in intermediate values, e.g. 2GiB.
+    #[arg(long, value_name = "SIZE")]
+    max_compute_memory: Option<ByteSize>,
 }
 
 impl RunArgs {
@@ -110,6 +113,9 @@ impl RunArgs {
         }
         if let Some(max) = self.max_response {
             limits.max_response = max;
+        }
+        if let Some(max) = self.max_compute_memory {
+            limits.max_compute_memory = max;
         }
         limits
     }

@@ -11,10 +11,26 @@ use serde::{Deserialize, Serialize};
 
 use super::backends;
 use super::error::NnError;
+use super::meter::Meter;
 use super::tensor::HostTensor;
 
 /// Named tensors in and out of a model.
 pub type Named = Vec<(String, HostTensor)>;
+
+/// Intermediate values one compute may hold at once unless its plugin's limits say otherwise
+/// (`max_compute_memory`).
+pub const DEFAULT_COMPUTE_BUDGET: u64 = 1 << 30;
+
+/// What a model load may allocate beyond the model's own bytes (converted and folded
+/// constants, packed weights): this much plus [`LOAD_OVERHEAD_FACTOR`] times the model's size.
+pub const LOAD_OVERHEAD: u64 = 256 << 20;
+/// See [`LOAD_OVERHEAD`].
+pub const LOAD_OVERHEAD_FACTOR: u64 = 4;
+
+/// The load budget for a model of `bytes`.
+pub fn load_budget(bytes: u64) -> u64 {
+    bytes.saturating_mul(LOAD_OVERHEAD_FACTOR).saturating_add(LOAD_OVERHEAD)
+}
 
 /// A loaded model. `compute` is blocking and runs on the compute pool; several calls may run
 /// at once on the same model.
@@ -25,8 +41,15 @@ pub trait Model: Send + Sync + 'static {
     /// Names of the inputs the model accepts.
     fn input_names(&self) -> Vec<String>;
 
-    /// Runs one forward pass.
-    fn compute(&self, inputs: Named) -> Result<Named, NnError>;
+    /// Runs one forward pass under `meter`: every intermediate value is reserved on it before
+    /// it is allocated (over budget: `too-large`), and the pass stops at the next operator or
+    /// layer once the meter's deadline passes or its caller cancels (`timeout`).
+    fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError>;
+
+    /// [`compute_with`](Self::compute_with) under [`DEFAULT_COMPUTE_BUDGET`], no deadline.
+    fn compute(&self, inputs: Named) -> Result<Named, NnError> {
+        self.compute_with(inputs, &Meter::with_budget(DEFAULT_COMPUTE_BUDGET))
+    }
 }
 
 /// Where a model runs (the spec's `execution-target`).
@@ -66,8 +89,29 @@ pub enum Source<'a> {
     Bytes(&'a [Vec<u8>]),
 }
 
-/// Loads a model, choosing the family from what the source contains.
+/// Loads a model, choosing the family from what the source contains, under the default load
+/// budget for its size ([`load_budget`]).
 pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnError> {
+    let size = match &source {
+        Source::Bytes(parts) => parts.iter().map(|p| p.len() as u64).sum(),
+        Source::Path(p) => dir_size(p),
+    };
+    load_with(source, target, &Meter::for_load(load_budget(size), Default::default(), None))
+}
+
+/// Bytes of a model file, or of the files directly inside a model directory.
+fn dir_size(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|entries| entries.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// [`load`] under `meter` (a load budget, the caller's deadline and cancellation).
+pub fn load_with(source: Source<'_>, target: Target, meter: &Meter) -> Result<Arc<dyn Model>, NnError> {
     let device = target.device()?;
     match source {
         Source::Path(path) if path.is_dir() && !path.join("config.json").exists() => {
@@ -79,7 +123,7 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
                 .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
                 .collect();
             match onnx.as_slice() {
-                [one] => load(Source::Path(one), target),
+                [one] => load_with(Source::Path(one), target, meter),
                 [] => Err(NnError::not_found(format!(
                     "{}: a model directory needs config.json (safetensors models) or one .onnx file",
                     path.display()
@@ -108,7 +152,7 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
             let bytes = std::fs::read(path).map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?;
             match sniff_file(&bytes) {
                 "onnx" => Ok(Arc::new(
-                    backends::onnx::Onnx::from_bytes(&bytes, &device)
+                    backends::onnx::Onnx::from_bytes_with(&bytes, &device, meter)
                         .map_err(|e| NnError { message: format!("{}: {}", path.display(), e.message), ..e })?,
                 )),
                 other => Err(NnError::unsupported(format!(
@@ -118,7 +162,7 @@ pub fn load(source: Source<'_>, target: Target) -> Result<Arc<dyn Model>, NnErro
             }
         }
         Source::Bytes([one]) if sniff_file(one) == "onnx" => {
-            Ok(Arc::new(backends::onnx::Onnx::from_bytes(one, &device)?))
+            Ok(Arc::new(backends::onnx::Onnx::from_bytes_with(one, &device, meter)?))
         }
         Source::Bytes(parts) => {
             let config = parts.iter().find(|p| p.first() == Some(&b'{'));

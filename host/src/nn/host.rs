@@ -5,13 +5,12 @@
 //! resources with the spec's codes; a malformed tensor constructor (which cannot return an
 //! error in the WIT) traps with a message instead.
 
-use std::sync::Arc;
-
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 use super::NnCtx;
-use super::backend::{self, Source, Target};
+use super::backend::Target;
 use super::bindings::{errors, graph, inference, tensor};
+use super::core::Encoding;
 use super::error::NnError;
 use super::graph::{HostContext, HostGraph};
 use super::tensor::HostTensor;
@@ -58,26 +57,15 @@ impl NnView<'_> {
         self.ctx.resources = self.ctx.resources.saturating_sub(1);
     }
 
-    /// Accounts for `bytes` more tensor data held in the host.
-    fn reserve_bytes(&mut self, bytes: usize) -> Result<(), HostLimitExceeded> {
-        let limit = self.ctx.grants.max_tensor_bytes.as_u64();
-        let requested = self.ctx.tensor_bytes.saturating_add(bytes as u64);
-        if requested > limit {
-            return Err(HostLimitExceeded { what: "wasi-nn tensor bytes held in the host", requested, limit });
-        }
-        self.ctx.tensor_bytes = requested;
-        Ok(())
-    }
-
     fn push_tensor(&mut self, t: HostTensor) -> wasmtime::Result<Resource<HostTensor>> {
-        self.reserve_bytes(t.byte_len()).map_err(wasmtime::Error::new)?;
+        self.ctx.hold_tensor_bytes(t.byte_len() as u64).map_err(wasmtime::Error::new)?;
         self.count_resource()?;
         Ok(self.table.push(t)?)
     }
 
     fn take_tensor(&mut self, r: Resource<HostTensor>) -> wasmtime::Result<HostTensor> {
         let t = self.table.delete(r)?;
-        self.ctx.tensor_bytes = self.ctx.tensor_bytes.saturating_sub(t.byte_len() as u64);
+        self.ctx.release_tensor_bytes(t.byte_len() as u64);
         self.release_resource();
         Ok(t)
     }
@@ -125,52 +113,35 @@ impl graph::Host for NnView<'_> {
         encoding: graph::GraphEncoding,
         target: graph::ExecutionTarget,
     ) -> Answer<HostGraph> {
-        let Some(cap) = self.ctx.grants.load_from_bytes else {
-            return self.fail(NnError::security(
-                "this plugin may not load models from bytes (grant `load_from_bytes`); use load-by-name",
-            ));
-        };
         let size: u64 = builder.iter().map(|b| b.len() as u64).sum();
-        if size > cap.as_u64() {
-            return self.fail(NnError::too_large(format!("model of {size} bytes is over this plugin's cap of {cap}")));
+        if let Err(e) = self.ctx.check_load_size(size) {
+            return self.fail(e);
         }
         use graph::GraphEncoding as E;
-        match encoding {
-            E::Autodetect => {}
-            E::Onnx => {
-                if builder.len() != 1 || backend::sniff_file(&builder[0]) != "onnx" {
-                    return self.fail(NnError::invalid_encoding("an ONNX graph is one buffer holding a ModelProto"));
-                }
-            }
-            E::Ggml => return self.fail(NnError::unsupported("GGML/GGUF models have no backend in this build yet")),
-            other => {
-                return self.fail(NnError::unsupported(format!("EIR has no {other:?} backend")));
-            }
-        }
+        let encoding = match encoding {
+            E::Autodetect => Encoding::Autodetect,
+            E::Onnx => Encoding::Onnx,
+            E::Ggml => Encoding::Ggml,
+            E::Openvino => Encoding::Other("OpenVINO"),
+            E::Tensorflow => Encoding::Other("TensorFlow"),
+            E::Pytorch => Encoding::Other("PyTorch"),
+            E::Tensorflowlite => Encoding::Other("TensorFlow Lite"),
+        };
         let target = match target {
             graph::ExecutionTarget::Cpu => Target::Cpu,
             graph::ExecutionTarget::Gpu => Target::Gpu,
             graph::ExecutionTarget::Tpu => Target::Tpu,
         };
-        let pool = self.ctx.registry.pool().clone();
-        let deadline = self.ctx.deadline;
-        let job = pool.run(move || backend::load(Source::Bytes(&builder), target));
-        match tokio::time::timeout_at(deadline.into(), job).await {
-            Ok(Ok(model)) => self.push_graph(HostGraph { name: "<bytes>".into(), model }),
-            Ok(Err(e)) => self.fail(e),
-            Err(_) => self.fail(NnError::timeout("the deadline passed while loading the model")),
+        match self.ctx.load_bytes(builder, encoding, target).await {
+            Ok(g) => self.push_graph(g),
+            Err(e) => self.fail(e),
         }
     }
 
     async fn load_by_name(&mut self, name: String) -> Answer<HostGraph> {
-        if !self.ctx.grants.allows(&name) {
-            return self.fail(NnError::security(format!("model `{name}` is not granted to this plugin")));
-        }
-        let registry = self.ctx.registry.clone();
-        match tokio::time::timeout_at(self.ctx.deadline.into(), registry.get(&name)).await {
-            Ok(Ok(model)) => self.push_graph(HostGraph { name: Arc::from(name.as_str()), model }),
-            Ok(Err(e)) => self.fail(e),
-            Err(_) => self.fail(NnError::timeout(format!("the deadline passed while loading model `{name}`"))),
+        match self.ctx.load_by_name(&name).await {
+            Ok(g) => self.push_graph(g),
+            Err(e) => self.fail(e),
         }
     }
 }
@@ -203,20 +174,10 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         for (name, t) in inputs {
             named.push((name, self.take_tensor(t)?));
         }
-        let model = graph.model.clone();
-        let pool = self.ctx.registry.pool().clone();
-        let job = pool.run(move || model.compute(named));
-        let started = std::time::Instant::now();
-        let outputs = match tokio::time::timeout_at(self.ctx.deadline.into(), job).await {
-            Ok(Ok(outputs)) => outputs,
-            Ok(Err(e)) => return self.fail(e),
-            Err(_) => {
-                let e = NnError::timeout(format!("the deadline passed while `{}` was computing", graph.name));
-                return self.fail(e);
-            }
+        let outputs = match self.ctx.compute(&graph, named).await {
+            Ok(outputs) => outputs,
+            Err(e) => return self.fail(e),
         };
-        self.ctx.compute_time += started.elapsed();
-        tracing::debug!(model = %graph.name, elapsed = ?started.elapsed(), "compute");
         let mut out = Vec::with_capacity(outputs.len());
         for (name, t) in outputs {
             match self.push_tensor(t) {

@@ -1,18 +1,17 @@
 //! The legacy witx ABI, `wasi_ephemeral_nn`, for core-module guests (the `wasi-nn` 0.6 crate
-//! built for `wasm32-wasip1`), over the same registry, grants, backends and compute pool as
-//! the component interface.
+//! built for `wasm32-wasip1`): a thin adapter over the same core (`super::core`) as the
+//! component interface, so grants, caps, budgets and deadlines are the same.
 //!
 //! The witx API addresses tensors by index and writes outputs into guest buffers: input `i`
 //! is the model's `i`-th input name, output `i` its `i`-th output.
 
-use std::sync::Arc;
-
 use wiggle::{GuestMemory, GuestPtr};
 
 use super::NnCtx;
-use super::backend::{self, Source, Target};
+use super::backend::Target;
 use super::bindings::errors::ErrorCode;
 use super::bindings::tensor::TensorType;
+use super::core::Encoding;
 use super::error::NnError;
 use super::graph::HostGraph;
 use super::tensor::HostTensor;
@@ -98,49 +97,38 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         encoding: types::GraphEncoding,
         target: types::ExecutionTarget,
     ) -> Result<types::Graph, Error> {
-        let Some(cap) = self.grants.load_from_bytes else {
-            return Err(fail(NnError::security("this module may not load models from bytes")));
-        };
         let mut parts = Vec::new();
         let mut size = 0u64;
         for builder in builders.iter() {
             let builder = memory.read(builder.map_err(guest)?).map_err(guest)?;
             size += u64::from(builder.len());
-            if size > cap.as_u64() {
-                return Err(fail(NnError::too_large(format!("model over this module's cap of {cap}"))));
-            }
+            // Checked before each copy, so an over-cap model is never copied whole.
+            self.check_load_size(size).map_err(fail)?;
             parts.push(memory.to_vec(builder).map_err(guest)?);
         }
-        if !matches!(encoding, types::GraphEncoding::Autodetect | types::GraphEncoding::Onnx) {
-            return Err(fail(NnError::unsupported(format!("{encoding:?} models have no backend in this build"))));
-        }
+        let encoding = match encoding {
+            types::GraphEncoding::Autodetect => Encoding::Autodetect,
+            types::GraphEncoding::Onnx => Encoding::Onnx,
+            other => Encoding::Other(match other {
+                types::GraphEncoding::Openvino => "OpenVINO",
+                types::GraphEncoding::Tensorflow => "TensorFlow",
+                types::GraphEncoding::Pytorch => "PyTorch",
+                _ => "TensorFlow Lite",
+            }),
+        };
         let target = match target {
             types::ExecutionTarget::Cpu => Target::Cpu,
             types::ExecutionTarget::Gpu => Target::Gpu,
             types::ExecutionTarget::Tpu => Target::Tpu,
         };
-        let job = self.registry.pool().clone();
-        let job = job.run(move || backend::load(Source::Bytes(&parts), target));
-        let model = match tokio::time::timeout_at(self.deadline.into(), job).await {
-            Ok(Ok(model)) => model,
-            Ok(Err(e)) => return Err(fail(e)),
-            Err(_) => return Err(fail(NnError::timeout("the deadline passed while loading"))),
-        };
-        self.add_graph(HostGraph { name: "<bytes>".into(), model })
+        let graph = self.load_bytes(parts, encoding, target).await.map_err(fail)?;
+        self.add_graph(graph)
     }
 
     async fn load_by_name(&mut self, memory: &mut GuestMemory<'_>, name: GuestPtr<str>) -> Result<types::Graph, Error> {
         let name = memory.as_cow_str(name).map_err(guest)?.into_owned();
-        if !self.grants.allows(&name) {
-            return Err(fail(NnError::security(format!("model `{name}` is not granted to this module"))));
-        }
-        let registry = self.registry.clone();
-        let model = match tokio::time::timeout_at(self.deadline.into(), registry.get(&name)).await {
-            Ok(Ok(model)) => model,
-            Ok(Err(e)) => return Err(fail(e)),
-            Err(_) => return Err(fail(NnError::timeout("the deadline passed while loading"))),
-        };
-        self.add_graph(HostGraph { name: Arc::from(name.as_str()), model })
+        let graph = NnCtx::load_by_name(self, &name).await.map_err(fail)?;
+        self.add_graph(graph)
     }
 
     async fn init_execution_context(
@@ -174,19 +162,24 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         };
         let dims = memory.to_vec(tensor.dimensions).map_err(guest)?;
         let bytes = u64::from(tensor.data.len());
-        let cap = self.grants.max_tensor_bytes.as_u64();
-        if self.tensor_bytes.saturating_add(bytes) > cap {
-            return Err(fail(NnError::too_large(format!("tensors held in the host would exceed {cap} bytes"))));
+        let slots = self.context(context)?.inputs.len();
+        if index as usize >= slots {
+            return Err(fail(NnError::invalid_argument(format!(
+                "input index {index} out of range (the model has {slots})"
+            ))));
         }
-        let data = memory.to_vec(tensor.data).map_err(guest)?;
-        let t = HostTensor::new(dims, ty, data).map_err(fail)?;
-        let ctx = self.context(context)?;
-        let slots = ctx.inputs.len();
-        let slot = ctx.inputs.get_mut(index as usize).ok_or_else(|| {
-            fail(NnError::invalid_argument(format!("input index {index} out of range (the model has {slots})")))
-        })?;
-        let old = slot.replace(t).map(|t| t.byte_len() as u64).unwrap_or(0);
-        self.tensor_bytes = self.tensor_bytes.saturating_add(bytes).saturating_sub(old);
+        self.hold_tensor_bytes(bytes).map_err(|e| fail(NnError::too_large(e.to_string())))?;
+        let t =
+            memory.to_vec(tensor.data).map_err(guest).and_then(|data| HostTensor::new(dims, ty, data).map_err(fail));
+        let t = match t {
+            Ok(t) => t,
+            Err(e) => {
+                self.release_tensor_bytes(bytes);
+                return Err(e);
+            }
+        };
+        let old = self.context(context)?.inputs[index as usize].replace(t).map_or(0, |t| t.byte_len() as u64);
+        self.release_tensor_bytes(old);
         Ok(())
     }
 
@@ -195,20 +188,19 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         _memory: &mut GuestMemory<'_>,
         context: types::GraphExecutionContext,
     ) -> Result<(), Error> {
-        let deadline = self.deadline;
-        let pool = self.registry.pool().clone();
         let ctx = self.context(context)?;
-        let names = ctx.graph.model.input_names();
+        let graph = ctx.graph.clone();
+        let names = graph.model.input_names();
         let named: Vec<(String, HostTensor)> =
             names.into_iter().zip(ctx.inputs.iter()).filter_map(|(n, t)| t.clone().map(|t| (n, t))).collect();
-        let model = ctx.graph.model.clone();
-        let outputs = match tokio::time::timeout_at(deadline.into(), pool.run(move || model.compute(named))).await {
-            Ok(Ok(outputs)) => outputs,
-            Ok(Err(e)) => return Err(fail(e)),
-            Err(_) => return Err(fail(NnError::timeout("the deadline passed while computing"))),
-        };
+        let outputs = NnCtx::compute(self, &graph, named).await.map_err(fail)?;
+        // Outputs are held in the host until read, like the component path's tensors.
+        let bytes: u64 = outputs.iter().map(|(_, t)| t.byte_len() as u64).sum();
         let ctx = self.context(context)?;
-        ctx.outputs = outputs.into_iter().map(|(_, t)| t).collect();
+        let old: u64 = ctx.outputs.drain(..).map(|t| t.byte_len() as u64).sum();
+        self.release_tensor_bytes(old);
+        self.hold_tensor_bytes(bytes).map_err(|e| fail(NnError::too_large(e.to_string())))?;
+        self.context(context)?.outputs = outputs.into_iter().map(|(_, t)| t).collect();
         Ok(())
     }
 

@@ -5,8 +5,10 @@
 //! - [`backend`]: the [`Model`] trait each family implements, and format detection;
 //!   [`backends`] holds one module per family.
 //! - [`scheduler`]: the bounded compute pool forward passes run on.
-//! - [`host`]: the interface implementations, enforcing the plugin's [`NnGrants`].
-//! - [`legacy`]: the witx ABI `wasi_ephemeral_nn` for core-module (wasip1) guests.
+//! - [`meter`]: the memory budget, deadline and cancellation a compute or load runs under.
+//! - `core`: grants, caps, budgets and deadlines, once for both ABIs;
+//!   [`host`] (the WIT interfaces) and [`legacy`] (the witx ABI `wasi_ephemeral_nn` for
+//!   core-module wasip1 guests) are thin adapters over it.
 //!
 //! Models are loaded once per registry and shared (`Arc`) across instances, plugins and
 //! tenants; loading by name needs a grant, loading from bytes a separate one with a size cap.
@@ -14,10 +16,12 @@
 pub mod backend;
 pub mod backends;
 pub mod bindings;
+mod core;
 mod error;
 mod graph;
 mod host;
 pub mod legacy;
+pub mod meter;
 pub mod scheduler;
 pub mod tensor;
 
@@ -31,6 +35,7 @@ pub use backend::{Model, Target};
 pub use error::{NnError, code_name};
 pub use graph::{HostContext, HostGraph};
 pub use host::{Nn, NnView};
+pub use meter::{CancelToken, Meter};
 pub use scheduler::ComputePool;
 
 use crate::registry::Registry;
@@ -73,6 +78,10 @@ pub struct NnCtx {
     pub(crate) legacy: legacy::LegacyState,
     /// Time spent in model computations (waiting for the pool included) during this call.
     pub(crate) compute_time: std::time::Duration,
+    /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
+    pub(crate) compute_budget: u64,
+    /// Bytes of models loaded from bytes so far (counted against `load_from_bytes`).
+    pub(crate) loaded_bytes: u64,
 }
 
 impl NnCtx {
@@ -86,6 +95,14 @@ impl NnCtx {
             resources: 0,
             legacy: Default::default(),
             compute_time: std::time::Duration::ZERO,
+            compute_budget: backend::DEFAULT_COMPUTE_BUDGET,
+            loaded_bytes: 0,
         }
+    }
+
+    /// The same state with each compute limited to `bytes` of intermediate values.
+    pub fn with_compute_budget(mut self, bytes: u64) -> Self {
+        self.compute_budget = bytes;
+        self
     }
 }

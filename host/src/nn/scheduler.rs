@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use super::error::NnError;
+use super::meter::CancelToken;
 
 /// Runs blocking compute with bounded concurrency. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -32,36 +33,46 @@ impl ComputePool {
         self.concurrency
     }
 
-    /// Runs `job` on a blocking thread once a slot is free. Dropping the returned future
-    /// stops waiting (a job already running finishes, and only then frees its slot). A panic
-    /// in the job becomes a `runtime-error`, never a crashed host.
-    pub async fn run<T: Send + 'static>(
+    /// Runs `job` on a blocking thread once a slot is free. A panic in the job becomes a
+    /// `runtime-error`, never a crashed host.
+    ///
+    /// Dropping the returned future (the caller timed out or went away) cancels `token`: a job
+    /// still queued then never starts, and a running one stops at its next checkpoint (see
+    /// [`Meter::checkpoint`](super::Meter::checkpoint)), which frees its slot.
+    pub fn run<T: Send + 'static>(
         &self,
+        token: &CancelToken,
         job: impl FnOnce() -> Result<T, NnError> + Send + 'static,
-    ) -> Result<T, NnError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| NnError::runtime("the compute pool is shut down"))?;
-        let task = tokio::task::spawn_blocking(move || {
-            let _slot = permit;
-            job()
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => {
-                let what = e.into_panic();
-                let message = what
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| what.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(%message, "a backend panicked; the request failed, the host carries on");
-                Err(NnError::runtime(format!("the backend failed unexpectedly: {message}")))
+    ) -> impl Future<Output = Result<T, NnError>> + Send + 'static {
+        // Armed now, not at the first poll: a future dropped unpolled cancels too.
+        let guard = token.cancel_on_drop();
+        let (permits, token) = (self.permits.clone(), token.clone());
+        async move {
+            let permit =
+                permits.acquire_owned().await.map_err(|_| NnError::runtime("the compute pool is shut down"))?;
+            let task = tokio::task::spawn_blocking(move || {
+                let _slot = permit;
+                if token.is_cancelled() {
+                    return Err(NnError::timeout("the caller stopped waiting before the job started"));
+                }
+                job()
+            });
+            let result = task.await;
+            guard.disarm();
+            match result {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => {
+                    let what = e.into_panic();
+                    let message = what
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| what.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(%message, "a backend panicked; the request failed, the host carries on");
+                    Err(NnError::runtime(format!("the backend failed unexpectedly: {message}")))
+                }
+                Err(_) => Err(NnError::runtime("the compute job was cancelled")),
             }
-            Err(_) => Err(NnError::runtime("the compute job was cancelled")),
         }
     }
 }
@@ -74,9 +85,9 @@ mod tests {
     #[tokio::test]
     async fn panics_become_errors() {
         let pool = ComputePool::new(1);
-        let err = pool.run::<()>(|| panic!("kaboom")).await.unwrap_err();
+        let err = pool.run::<()>(&CancelToken::new(), || panic!("kaboom")).await.unwrap_err();
         assert!(err.message.contains("kaboom"), "{err}");
-        assert_eq!(pool.run(|| Ok(7)).await.unwrap(), 7);
+        assert_eq!(pool.run(&CancelToken::new(), || Ok(7)).await.unwrap(), 7);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +98,7 @@ mod tests {
         let jobs = (0..8).map(|_| {
             let (pool, running, peak) = (pool.clone(), running.clone(), peak.clone());
             tokio::spawn(async move {
-                pool.run(move || {
+                pool.run(&CancelToken::new(), move || {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(now, Ordering::SeqCst);
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -101,5 +112,34 @@ mod tests {
             job.await.unwrap().unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_wait_cancels_queued_and_running_jobs() {
+        let pool = ComputePool::new(1);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let running = CancelToken::new();
+        let seen = running.clone();
+        let r = ran.clone();
+        // A job that runs until it is cancelled, as a forward pass between its checkpoints.
+        let first = pool.run(&running, move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            while !seen.is_cancelled() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), first).await.is_err());
+        assert!(running.is_cancelled(), "the timed-out wait cancelled its job");
+        // The slot comes back once the job saw the cancellation.
+        let queued = CancelToken::new();
+        let r = ran.clone();
+        drop(pool.run(&queued, move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }));
+        assert!(queued.is_cancelled());
+        assert_eq!(pool.run(&CancelToken::new(), || Ok(5)).await.unwrap(), 5);
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "the dropped job never ran");
     }
 }

@@ -124,7 +124,10 @@ impl Registry {
                 let name = name.to_string();
                 tracing::info!(model = %name, path = %path.display(), "loading model");
                 let started = Instant::now();
-                let model = self.pool.run(move || backend::load(Source::Path(&path), decl.target)).await?;
+                // A shared load: no caller's deadline applies, and a caller that stops waiting
+                // cancels only its own wait (`get_or_try_init` keeps the load for the next).
+                let model =
+                    self.pool.run(&Default::default(), move || backend::load(Source::Path(&path), decl.target)).await?;
                 if let Some(family) = &decl.family
                     && family != model.family()
                 {

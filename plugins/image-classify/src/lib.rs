@@ -20,6 +20,11 @@ struct ImageClassify;
 
 const SIZE: u32 = 224;
 const RESIZE: u32 = 256;
+/// Most pixels an image may have, read from its header before it is decoded (a 20-megapixel
+/// photo; a decompression bomb declares far more).
+pub const MAX_PIXELS: u64 = 40_000_000;
+/// Most images per request.
+pub const MAX_IMAGES: usize = 64;
 
 /// Class names, read once per instance.
 static LABELS: OnceLock<(String, Vec<String>)> = OnceLock::new();
@@ -39,7 +44,22 @@ fn labels(path: &str) -> Result<&'static [String]> {
 
 /// One image as normalised CHW floats.
 fn preprocess(bytes: &[u8], k: usize) -> Result<Vec<f32>> {
-    let img = image::load_from_memory(bytes).map_err(|e| Error::invalid_input(format!("image {k}: {e}")))?;
+    let bad = |e: image::ImageError| Error::invalid_input(format!("image {k}: {e}"));
+    let reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(e.into()))?;
+    let (w, h) = reader.into_dimensions().map_err(bad)?;
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(Error::invalid_input(format!("image {k} is {w}x{h}: over the {MAX_PIXELS}-pixel cap")));
+    }
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(e.into()))?;
+    // The decoder's own allocation cap too, for formats whose header understates the work.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(MAX_PIXELS * 4 * 2);
+    reader.limits(limits);
+    let img = reader.decode().map_err(bad)?;
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 {
         return Err(Error::invalid_input(format!("image {k} is empty")));
@@ -84,6 +104,12 @@ impl Plugin for ImageClassify {
         let images = request.blobs("image")?;
         if images.is_empty() {
             return Err(Error::invalid_input("`image` holds no images"));
+        }
+        if images.len() > MAX_IMAGES {
+            return Err(Error::invalid_input(format!(
+                "`image` holds {} images; at most {MAX_IMAGES} per request",
+                images.len()
+            )));
         }
         let model = request.param("model").unwrap_or("efficientnet-lite0");
         let k: usize = request.param_or("k", 5)?;

@@ -11,6 +11,11 @@
 //! the host shows a granted model's directory there, read-only), `max_tokens` (default 256, sentence-transformers'
 //! `max_seq_length` for all-MiniLM-L6-v2; longer sentences are truncated), `batch_size`
 //! (default 32), `normalize` (default `true`).
+//!
+//! Bounds on what a request may ask (each an `invalid-input` error naming it): at most
+//! [`MAX_TEXTS`] texts, `batch_size` at most [`MAX_BATCH`], `max_tokens` at most
+//! [`MAX_TOKENS`] (the model's positions). A batch the host refuses as over its compute budget
+//! (wasi-nn `too-large`) is split in halves and retried, down to one text.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -20,6 +25,13 @@ use eir_guest::{Datatype, Error, Metadata, Plugin, Request, Response, Result, Te
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 struct TextEmbed;
+
+/// Most texts one request may carry.
+pub const MAX_TEXTS: usize = 1024;
+/// Largest `batch_size`.
+pub const MAX_BATCH: usize = 256;
+/// Largest `max_tokens` (BERT's 512 positions).
+pub const MAX_TOKENS: usize = 512;
 
 /// The parsed tokenizer, set up for one `max_tokens`, kept for the life of the instance: an
 /// instance that serves several requests parses and configures it once.
@@ -124,8 +136,20 @@ impl Plugin for TextEmbed {
             return Err(Error::invalid_input("`text` has no sentences"));
         }
         let model = request.param("model").unwrap_or("minilm");
+        if texts.len() > MAX_TEXTS {
+            return Err(Error::invalid_input(format!(
+                "`text` holds {} texts; at most {MAX_TEXTS} per request (send several requests)",
+                texts.len()
+            )));
+        }
         let max_tokens: usize = request.param_or("max_tokens", 256)?;
         let batch_size: usize = request.param_or::<usize>("batch_size", 32)?.max(1);
+        if max_tokens > MAX_TOKENS {
+            return Err(Error::invalid_input(format!("max_tokens {max_tokens} is over {MAX_TOKENS}")));
+        }
+        if batch_size > MAX_BATCH {
+            return Err(Error::invalid_input(format!("batch_size {batch_size} is over {MAX_BATCH}")));
+        }
         let normalize: bool = request.param_or("normalize", true)?;
         let return_tokens: bool = request.param_or("return_tokens", false)?;
         if max_tokens < 2 {
@@ -141,13 +165,26 @@ impl Plugin for TextEmbed {
         let mut dim = 0;
         let mut all_ids: Vec<Vec<i64>> = Vec::new();
         let mut counts = Vec::new();
-        for chunk in texts.chunks(batch_size) {
+        // Batches still to run; one the host finds too large for its budget comes back halved.
+        let mut pending: std::collections::VecDeque<&[&str]> = texts.chunks(batch_size).collect();
+        while let Some(chunk) = pending.pop_front() {
             let b = encode(&tok, chunk)?;
             let shape = [chunk.len() as u64, b.seq as u64];
             let ids = Tensor::new("input_ids", shape, b.ids.clone())?;
             let mask = Tensor::new("attention_mask", shape, b.mask.clone())?;
             let types = Tensor::new("token_type_ids", shape, b.types)?;
-            let outputs = session.compute(&[&ids, &mask, &types])?;
+            let Some(outputs) = session.compute_if_fits(&[&ids, &mask, &types])? else {
+                if chunk.len() == 1 {
+                    return Err(Error::invalid_input(format!(
+                        "a text of {} tokens is over the host's compute budget; lower max_tokens",
+                        b.seq
+                    )));
+                }
+                let (a, rest) = chunk.split_at(chunk.len() / 2);
+                pending.push_front(rest);
+                pending.push_front(a);
+                continue;
+            };
             let hidden = output(&outputs, "last_hidden_state")?;
             let [n, seq, d] = hidden.shape[..] else {
                 return Err(Error::model(format!("last_hidden_state has shape {:?}, expected 3-D", hidden.shape)));

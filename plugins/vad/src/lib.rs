@@ -11,17 +11,29 @@
 //!
 //! Parameters (defaults of Silero's `get_speech_timestamps`): `threshold` (0.5),
 //! `min_speech_ms` (250), `min_silence_ms` (100), `speech_pad_ms` (30); `model` (`silero-vad`).
+//!
+//! Audio longer than [`MAX_SECONDS`] is refused (`invalid-input`, from the WAV header, before
+//! it is decoded): a request's cost grows with its length, one model call per 32 ms.
 
 use eir_guest::nn::{Graph, output};
 use eir_guest::{Datatype, Error, Metadata, Plugin, Request, Response, Result, Tensor, TensorSpec};
 
 struct Vad;
 
+/// Longest audio one request may carry.
+pub const MAX_SECONDS: u32 = 600;
+
 /// Mono samples in [-1, 1) and their rate.
 fn decode(wav: &[u8]) -> Result<(Vec<f32>, u32)> {
     let reader = hound::WavReader::new(wav).map_err(|e| Error::invalid_input(format!("not a WAV file: {e}")))?;
     let spec = reader.spec();
     let channels = usize::from(spec.channels.max(1));
+    let seconds = reader.duration() / spec.sample_rate.max(1);
+    if seconds > MAX_SECONDS {
+        return Err(Error::invalid_input(format!(
+            "the audio is {seconds} s long; at most {MAX_SECONDS} s per request (split it)"
+        )));
+    }
     let interleaved: Vec<f32> = match (spec.sample_format, spec.bits_per_sample) {
         (hound::SampleFormat::Int, 16) => reader
             .into_samples::<i16>()
@@ -120,7 +132,7 @@ impl Plugin for Vad {
             other => return Err(Error::invalid_input(format!("{other} Hz audio: Silero VAD takes 16 kHz or 8 kHz"))),
         };
         let ms = |name: &str, default: usize| -> Result<usize> {
-            Ok(request.param_or::<usize>(name, default)? * rate as usize / 1000)
+            Ok(request.param_or::<usize>(name, default)?.saturating_mul(rate as usize) / 1000)
         };
         let segmenter = Segmenter {
             threshold: request.param_or("threshold", 0.5)?,

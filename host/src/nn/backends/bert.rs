@@ -1,21 +1,37 @@
 //! BERT encoders (`model_type: "bert"`) from `config.json` + `model.safetensors`, on
-//! candle-transformers' `BertModel`.
+//! candle-transformers' BERT layers.
 //!
 //! Inputs: `input_ids` (required), `attention_mask` (default all ones) and `token_type_ids`
 //! (default zeros), I64 or I32, shape `[batch, seq]`. Output: `last_hidden_state`, FP32
 //! `[batch, seq, hidden]`. Every input is checked (shapes, id ranges, sequence length) before
-//! candle sees it, so a bad request is an `invalid-argument` error, never a panic.
+//! candle sees it, so a bad request is an `invalid-argument` error, never a panic. What the
+//! forward pass will hold (the attention scores grow with batch × heads × seq²) is estimated
+//! and reserved on the compute's meter before it starts, and the meter's deadline and
+//! cancellation are checked between layers.
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_transformers::models::bert::{BertEncoder, Config};
 
 use crate::nn::backend::{Model, Named};
 use crate::nn::bindings::tensor::TensorType;
 use crate::nn::error::NnError;
+use crate::nn::meter::{Meter, mul};
 use crate::nn::tensor::HostTensor;
+
+/// Most layers, heads and hidden units a config may declare (checked before any weight is
+/// read, so an absurd config is a clear error rather than a division by zero or a huge loop).
+const MAX_LAYERS: usize = 256;
+const MAX_WIDTH: usize = 1 << 16;
+
+/// Tokens one step of a forward pass handles: a batch runs in chunks of whole rows holding
+/// about this many tokens, each chunk through every layer, with a checkpoint before each layer
+/// of each chunk. A cancelled pass then stops within one layer of one chunk (~2 GFLOP for
+/// MiniLM, tens of milliseconds), and only one chunk's attention scores are held at a time.
+/// Rows are independent in BERT, so chunking does not change the results.
+const TOKENS_PER_STEP: usize = 512;
 
 /// The inputs a BERT graph takes, in order of importance.
 pub const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
@@ -24,9 +40,66 @@ pub const OUTPUT: &str = "last_hidden_state";
 
 /// A loaded BERT encoder.
 pub struct Bert {
-    model: BertModel,
+    embeddings: Embeddings,
+    /// One single-layer encoder per layer (clones share the weights), so that a forward pass
+    /// can stop between layers.
+    layers: Vec<BertEncoder>,
     config: Config,
     device: Device,
+}
+
+/// Word + position + token-type embeddings, then a layer norm (as BERT's).
+struct Embeddings {
+    words: Embedding,
+    positions: Embedding,
+    types: Embedding,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Self> {
+        let e = |n: usize, name: &str| candle_nn::embedding(n, c.hidden_size, vb.pp(name));
+        Ok(Self {
+            words: e(c.vocab_size, "word_embeddings")?,
+            positions: e(c.max_position_embeddings, "position_embeddings")?,
+            types: e(c.type_vocab_size, "token_type_embeddings")?,
+            norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, types: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let x = (self.words.forward(ids)? + self.types.forward(types)?)?;
+        self.norm.forward(&x.broadcast_add(&self.positions.forward(&positions)?)?)
+    }
+}
+
+/// Checks the numbers of a config before they size anything.
+fn check_config(c: &Config) -> Result<(), NnError> {
+    let bad = |what: String| Err(NnError::invalid_encoding(format!("config.json: {what}")));
+    if c.num_hidden_layers == 0 || c.num_hidden_layers > MAX_LAYERS {
+        return bad(format!("num_hidden_layers is {}, outside 1..={MAX_LAYERS}", c.num_hidden_layers));
+    }
+    for (name, v) in [
+        ("hidden_size", c.hidden_size),
+        ("num_attention_heads", c.num_attention_heads),
+        ("intermediate_size", c.intermediate_size),
+    ] {
+        if v == 0 || v > MAX_WIDTH {
+            return bad(format!("{name} is {v}, outside 1..={MAX_WIDTH}"));
+        }
+    }
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return bad(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size, c.num_attention_heads
+        ));
+    }
+    if c.max_position_embeddings == 0 || c.vocab_size == 0 || c.type_vocab_size == 0 {
+        return bad("vocab_size, type_vocab_size and max_position_embeddings must be at least 1".into());
+    }
+    Ok(())
 }
 
 impl Bert {
@@ -41,11 +114,38 @@ impl Bert {
     pub fn from_bytes(config: &str, weights: &[u8], device: &Device) -> Result<Self, NnError> {
         let config: Config = serde_json::from_str(config)
             .map_err(|e| NnError::invalid_encoding(format!("config.json is not a BERT config: {e}")))?;
+        check_config(&config)?;
         let vb = VarBuilder::from_buffered_safetensors(weights.to_vec(), DType::F32, device)
             .map_err(|e| NnError::invalid_encoding(format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(vb, &config)
-            .map_err(|e| NnError::invalid_encoding(format!("the weights do not match config.json: {e}")))?;
-        Ok(Self { model, config, device: device.clone() })
+        // Weights are named `embeddings.*` or `bert.embeddings.*` (as candle-transformers reads them).
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        let mismatch =
+            |e: candle_core::Error| NnError::invalid_encoding(format!("the weights do not match config.json: {e}"));
+        let embeddings = Embeddings::load(vb.pp("embeddings"), &config).map_err(mismatch)?;
+        let encoder = BertEncoder::load(vb.pp("encoder"), &config).map_err(mismatch)?;
+        let layers = encoder
+            .layers
+            .iter()
+            .map(|layer| {
+                let mut one = encoder.clone();
+                one.layers = vec![layer.clone()];
+                one
+            })
+            .collect();
+        Ok(Self { embeddings, layers, config, device: device.clone() })
+    }
+
+    /// The most bytes a forward pass over `batch × seq` tokens holds at once: per layer the
+    /// attention scores and their softmax (`batch × heads × seq²`, three copies), a dozen
+    /// `hidden`-wide and two `intermediate`-wide activations per token, all f32.
+    pub fn forward_bytes(&self, batch: usize, seq: usize) -> Result<u64, NnError> {
+        let c = &self.config;
+        let what = &"the BERT forward pass";
+        let tokens = mul(batch as u64, seq as u64, what)?;
+        let scores = mul(mul(tokens, seq as u64, what)?, c.num_attention_heads as u64, what)?;
+        let per_token = 12 * c.hidden_size as u64 + 2 * c.intermediate_size as u64;
+        let floats = mul(scores, 3, what)?.checked_add(mul(tokens, per_token, what)?);
+        mul(floats.ok_or_else(|| NnError::too_large("the BERT forward pass overflows"))?, 4, what)
     }
 
     /// The hidden size.
@@ -54,9 +154,36 @@ impl Bert {
     }
 
     /// Runs the encoder on token ids already on this model's device (for benchmarks and
-    /// direct callers; plugins go through [`Model::compute`]).
+    /// direct callers; plugins go through [`Model::compute`]), with no budget or deadline.
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor, NnError> {
-        Ok(self.model.forward(ids, types, Some(mask))?)
+        self.forward_with(ids, types, mask, &Meter::with_budget(u64::MAX))
+    }
+
+    /// [`forward`](Self::forward) under `meter`: its estimated memory reserved first, its
+    /// deadline and cancellation checked between layers.
+    pub fn forward_with(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, meter: &Meter) -> Result<Tensor, NnError> {
+        let (batch, seq) = ids.dims2()?;
+        let what = format!("a BERT pass over {batch}x{seq} tokens");
+        let output = mul(mul(batch as u64, seq as u64, &what)?, 4 * self.config.hidden_size as u64, &what)?;
+        // The finished rows, then one chunk's working set at a time.
+        let _output = meter.reserve(output.saturating_mul(2), &what)?;
+        let rows = (TOKENS_PER_STEP / seq.max(1)).clamp(1, batch.max(1));
+        let _step = meter.reserve(self.forward_bytes(rows, seq)?, &what)?;
+        let mut done = Vec::with_capacity(batch.div_ceil(rows));
+        for start in (0..batch).step_by(rows) {
+            let n = rows.min(batch - start);
+            let (ids, types, mask) = (ids.narrow(0, start, n)?, types.narrow(0, start, n)?, mask.narrow(0, start, n)?);
+            let mut hidden = self.embeddings.forward(&ids, &types)?;
+            // 0 where attended, f32::MIN where masked, as [rows, 1, 1, seq].
+            let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
+            let mask = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
+            for (k, layer) in self.layers.iter().enumerate() {
+                meter.checkpoint(&format_args!("BERT layer {k} of rows {start}..{}", start + n))?;
+                hidden = layer.forward(&hidden, &mask)?;
+            }
+            done.push(hidden);
+        }
+        Ok(if done.len() == 1 { done.remove(0) } else { Tensor::cat(&done, 0)? })
     }
 }
 
@@ -95,7 +222,7 @@ impl Model for Bert {
         INPUTS.iter().map(|s| s.to_string()).collect()
     }
 
-    fn compute(&self, inputs: Named) -> Result<Named, NnError> {
+    fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError> {
         let mut by_name: [Option<HostTensor>; 3] = [None, None, None];
         for (name, t) in inputs {
             let slot = INPUTS.iter().position(|i| *i == name).ok_or_else(|| {
@@ -135,7 +262,7 @@ impl Model for Bert {
         let types_v = aux("token_type_ids", types, self.config.type_vocab_size, 0)?;
 
         let to_tensor = |v: Vec<i64>| Tensor::from_vec(v, (batch, seq), &self.device);
-        let hidden = self.forward(&to_tensor(ids_v)?, &to_tensor(types_v)?, &to_tensor(mask_v)?)?;
+        let hidden = self.forward_with(&to_tensor(ids_v)?, &to_tensor(types_v)?, &to_tensor(mask_v)?, meter)?;
         Ok(vec![(OUTPUT.to_string(), HostTensor::from_candle(&hidden)?)])
     }
 }

@@ -107,6 +107,11 @@ impl Plugin for Hostile {
                 Ok(Response::new().with(Tensor::strings("nn", [nn_probe::load_by_name(model)])))
             }
             "nn-bytes" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::load_bytes()]))),
+            "nn-onnx" => {
+                let file = request.param("file").unwrap_or("model.onnx");
+                let x: f32 = request.param_or("x", 1e15)?;
+                Ok(Response::new().with(Tensor::strings("nn", [nn_probe::onnx(&format!("/data/{file}"), x)])))
+            }
             "nn-bad-input" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::bad_input()]))),
             "nn-gpu" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::gpu()]))),
             "nn-busy" => Ok(Response::new().with(Tensor::strings("nn", [nn_probe::busy()]))),
@@ -167,6 +172,30 @@ mod nn_probe {
         match graph::load(&[config, weights], graph::GraphEncoding::Autodetect, graph::ExecutionTarget::Cpu) {
             Ok(g) => format!("ok: {}", run(&g, &[101, 102])),
             Err(e) => describe(e),
+        }
+    }
+
+    /// Loads an ONNX file from bytes and computes it on `x` = [value]: "load: ..." or
+    /// "compute: ..." with the host's answer.
+    pub fn onnx(path: &str, value: f32) -> String {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => return format!("cannot read {path}: {e}"),
+        };
+        let g = match graph::load(&[bytes], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu) {
+            Ok(g) => g,
+            Err(e) => return format!("load: {}", describe(e)),
+        };
+        let ctx = match g.init_execution_context() {
+            Ok(ctx) => ctx,
+            Err(e) => return format!("load: {}", describe(e)),
+        };
+        let x = tensor::Tensor::new(&[1], tensor::TensorType::Fp32, &value.to_le_bytes());
+        match ctx.compute(vec![("x".to_string(), x)]) {
+            Ok(outputs) => {
+                format!("ok: {}", outputs.iter().map(|(n, t)| format!("{n} {:?}", t.dimensions())).collect::<String>())
+            }
+            Err(e) => format!("compute: {}", describe(e)),
         }
     }
 

@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 
-use super::ops::{self, Clamp, Node, Op, constant_value};
+use super::ops::{self, Clamp, Node, Op, constant_value, tensor_bytes};
 use super::proto::{GraphProto, NodeProto, ValueInfoProto};
 use super::tensor::{dtype_of, from_proto};
 use crate::nn::error::NnError;
+use crate::nn::meter::{Charge, Meter};
 
 /// Where a value lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,11 +63,15 @@ pub(super) struct Program {
     body: Block,
 }
 
-struct Compiler {
+struct Compiler<'m> {
     consts: Vec<Tensor>,
     slots: usize,
     opset: i64,
     unsupported: Vec<String>,
+    /// The load budget: every constant (initializers, folded values) is charged to it.
+    meter: &'m Meter,
+    /// Nodes compiled so far, all subgraphs included.
+    nodes: usize,
 }
 
 /// Names visible while compiling a (sub)graph: its own, then its parents'.
@@ -81,13 +86,35 @@ impl Scope<'_> {
     }
 }
 
-/// Most nested `If` levels accepted (a hostile model could nest without end).
+/// Most nested `If` levels accepted (a hostile model could nest without end). Protobuf
+/// nesting itself is bounded by prost's decoder (100 levels).
 const MAX_DEPTH: usize = 32;
+/// Most nodes a model may have, subgraphs included (the largest real exports have ~10^5).
+pub(super) const MAX_NODES: usize = 1 << 20;
+
+/// The values of one run: a slot per value, and what each holds of the compute's budget.
+struct Env<'m> {
+    values: Vec<Option<Tensor>>,
+    charges: Vec<Option<Charge<'m>>>,
+}
+
+impl<'m> Env<'m> {
+    fn set(&mut self, slot: usize, value: Tensor, charge: Charge<'m>) {
+        self.values[slot] = Some(value);
+        self.charges[slot] = Some(charge);
+    }
+
+    fn free(&mut self, slot: usize) {
+        self.values[slot] = None;
+        self.charges[slot] = None;
+    }
+}
 
 impl Program {
-    /// Compiles the main graph of a model with default-domain opset `opset`.
-    pub fn compile(graph: &GraphProto, opset: i64) -> Result<Self, NnError> {
-        let mut c = Compiler { consts: Vec::new(), slots: 0, opset, unsupported: Vec::new() };
+    /// Compiles the main graph of a model with default-domain opset `opset`, charging every
+    /// constant it keeps (and every folding step) to `meter`, the load budget.
+    pub fn compile(graph: &GraphProto, opset: i64, meter: &Meter) -> Result<Self, NnError> {
+        let mut c = Compiler { consts: Vec::new(), slots: 0, opset, unsupported: Vec::new(), meter, nodes: 0 };
         let mut scope = Scope { names: HashMap::new(), parent: None };
         let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let mut inputs = Vec::new();
@@ -144,15 +171,19 @@ impl Program {
         self.consts.len()
     }
 
-    /// Runs the program with the given input values (by input index). With
+    /// Runs the program with the given input values (by input index) under `meter`: before
+    /// each operator runs, what it will allocate ([`Op::bound`], from the real input shapes) is
+    /// reserved on the meter, and each value holds its bytes until its last reader is done.
+    /// Between operators the meter's deadline and cancellation are checked. With
     /// `EIR_ONNX_PROFILE=1` in the environment, logs where the time went, by operator.
-    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, NnError> {
-        let mut env: Vec<Option<Tensor>> = vec![None; self.slots];
+    pub fn run(&self, inputs: Vec<Tensor>, meter: &Meter) -> Result<Vec<Tensor>, NnError> {
+        let mut env = Env { values: vec![None; self.slots], charges: (0..self.slots).map(|_| None).collect() };
         for (spec, value) in self.inputs.iter().zip(inputs) {
-            env[spec.slot] = Some(value);
+            let charge = meter.reserve(tensor_bytes(&value)?, &format!("input `{}`", spec.name))?;
+            env.set(spec.slot, value, charge);
         }
         let mut profile = profiling().then(HashMap::new);
-        let values = self.exec(&self.body, &mut env, &mut profile)?;
+        let values = self.exec(&self.body, &mut env, meter, &mut profile)?;
         if let Some(p) = profile {
             let mut rows: Vec<(String, (std::time::Duration, usize))> = p.into_iter().collect();
             rows.sort_by_key(|r| std::cmp::Reverse(r.1.0));
@@ -166,39 +197,44 @@ impl Program {
 
     fn value<'a>(&'a self, env: &'a [Option<Tensor>], src: Src, step: &str) -> Result<&'a Tensor, NnError> {
         match src {
-            Src::Const(i) => Ok(&self.consts[i]),
-            Src::Slot(s) => env[s]
-                .as_ref()
+            Src::Const(i) => {
+                self.consts.get(i).ok_or_else(|| NnError::runtime(format!("node `{step}` reads a missing constant")))
+            }
+            Src::Slot(s) => env
+                .get(s)
+                .and_then(Option::as_ref)
                 .ok_or_else(|| NnError::runtime(format!("node `{step}` reads a value that was not computed"))),
         }
     }
 
-    fn exec(
+    fn exec<'m>(
         &self,
         block: &Block,
-        env: &mut Vec<Option<Tensor>>,
+        env: &mut Env<'m>,
+        meter: &'m Meter,
         profile: &mut Profile,
     ) -> Result<Vec<Tensor>, NnError> {
         for step in &block.steps {
+            let at = NodeAt(&step.name);
+            meter.checkpoint(&at)?;
             let started = profile.is_some().then(std::time::Instant::now);
             let outs = match &step.kind {
                 Kind::Op(op) => {
                     let ins = step
                         .inputs
                         .iter()
-                        .map(|s| s.map(|s| self.value(env, s, &step.name)).transpose())
+                        .map(|s| s.map(|s| self.value(&env.values, s, &step.name)).transpose())
                         .collect::<Result<Vec<_>, _>>()?;
-                    op.run(&ins)
-                        .map_err(|e| NnError { message: format!("node `{}`: {}", step.name, e.message), ..e })?
+                    run_op(op.as_ref(), &ins, meter, &at)?
                 }
                 Kind::If { then_block, else_block } => {
                     let cond = match step.inputs.first().copied().flatten() {
-                        Some(src) => truthy(self.value(env, src, &step.name)?)?,
+                        Some(src) => truthy(self.value(&env.values, src, &step.name)?)?,
                         None => {
                             return Err(NnError::invalid_argument(format!("If `{}` without a condition", step.name)));
                         }
                     };
-                    self.exec(if cond { then_block } else { else_block }, env, profile)?
+                    self.exec(if cond { then_block } else { else_block }, env, meter, profile)?
                 }
             };
             if outs.len() < step.outputs.len() {
@@ -210,7 +246,8 @@ impl Program {
                 )));
             }
             for (slot, value) in step.outputs.iter().zip(outs) {
-                env[*slot] = Some(value);
+                let charge = meter.reserve(tensor_bytes(&value)?, &at)?;
+                env.set(*slot, value, charge);
             }
             if let (Some(p), Some(t), Kind::Op(_)) = (profile.as_mut(), started, &step.kind) {
                 let e = p.entry(step.name_op().to_string()).or_default();
@@ -218,11 +255,45 @@ impl Program {
                 e.1 += 1;
             }
             for &slot in &step.free {
-                env[slot] = None;
+                env.free(slot);
             }
         }
-        block.outputs.iter().map(|&src| self.value(env, src, "output").cloned()).collect()
+        block.outputs.iter().map(|&src| self.value(&env.values, src, "output").cloned()).collect()
     }
+}
+
+/// "node `name`", formatted only when a message needs it.
+struct NodeAt<'a>(&'a str);
+
+impl std::fmt::Display for NodeAt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node `{}`", self.0)
+    }
+}
+
+/// Runs `op` with what it will allocate reserved on `meter` first. Its outputs are then
+/// charged by the caller at their real size; an operator whose outputs exceed what it declared
+/// is a bug in its [`Op::bound`] (an error in debug and fuzzing builds, a warning otherwise).
+fn run_op(
+    op: &dyn Op,
+    ins: &[Option<&Tensor>],
+    meter: &Meter,
+    at: &dyn std::fmt::Display,
+) -> Result<Vec<Tensor>, NnError> {
+    let named = |e: NnError| NnError { message: format!("{at}: {}", e.message), ..e };
+    let bound = op.bound(ins).map_err(named)?;
+    let scratch = meter.reserve(bound, at)?;
+    let outs = op.run(ins).map_err(named)?;
+    drop(scratch);
+    let made = outs.iter().try_fold(0u64, |acc, t| Ok::<_, NnError>(acc.saturating_add(tensor_bytes(t)?)))?;
+    if made > bound {
+        let message = format!("{at}: produced {made} bytes but declared at most {bound}");
+        if cfg!(debug_assertions) {
+            return Err(NnError::runtime(format!("internal: {message}")));
+        }
+        tracing::warn!("{message}");
+    }
+    Ok(outs)
 }
 
 /// Time and count per operator, when profiling.
@@ -258,15 +329,17 @@ fn value_type(vi: &ValueInfoProto) -> Result<(DType, Option<DeclaredShape>), NnE
     Ok((dtype, shape))
 }
 
-impl Compiler {
+impl Compiler<'_> {
     fn slot(&mut self) -> usize {
         self.slots += 1;
         self.slots - 1
     }
 
-    fn constant(&mut self, t: Tensor) -> Src {
+    /// Keeps `t` as a constant, charged to the load budget for the model's life.
+    fn constant(&mut self, t: Tensor, what: &dyn std::fmt::Display) -> Result<Src, NnError> {
+        self.meter.reserve(tensor_bytes(&t)?, what)?.keep();
         self.consts.push(t);
-        Src::Const(self.consts.len() - 1)
+        Ok(Src::Const(self.consts.len() - 1))
     }
 
     fn const_value(&self, src: Option<Src>) -> Option<&Tensor> {
@@ -285,11 +358,16 @@ impl Compiler {
         depth: usize,
     ) -> Result<Vec<Src>, NnError> {
         if depth > MAX_DEPTH {
-            return Err(NnError::invalid_encoding("If branches nested too deeply"));
+            return Err(NnError::invalid_encoding(format!("If branches nested more than {MAX_DEPTH} deep")));
         }
+        self.nodes = self.nodes.saturating_add(g.node.len());
+        if self.nodes > MAX_NODES {
+            return Err(NnError::too_large(format!("the model has more than {MAX_NODES} nodes")));
+        }
+        self.meter.checkpoint(&"its initializers")?;
         for init in &g.initializer {
             let t = from_proto(init)?;
-            let src = self.constant(t);
+            let src = self.constant(t, &format!("initializer `{}`", init.name))?;
             scope.names.insert(init.name.clone(), src);
         }
         let sorted;
@@ -334,7 +412,7 @@ impl Compiler {
             let view = Node { proto: node, opset: self.opset };
             match node.op_type.as_str() {
                 "Constant" => {
-                    let src = self.constant(constant_value(&view)?);
+                    let src = self.constant(constant_value(&view)?, &format!("Constant `{}`", node.name))?;
                     if let Some(out) = node.output.first() {
                         scope.names.insert(out.clone(), src);
                     }
@@ -365,15 +443,14 @@ impl Compiler {
                     };
                     let all_const = inputs.iter().all(|s| matches!(s, None | Some(Src::Const(_))));
                     if all_const && !inputs.is_empty() {
-                        // Constant folding: run it now, once.
+                        // Constant folding: run it now, once, under the load budget.
+                        let at = format!("folding node `{}` ({})", node.name, node.op_type);
+                        self.meter.checkpoint(&at)?;
                         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|s| self.const_value(*s)).collect();
-                        let outs = op.run(&ins).map_err(|e| NnError {
-                            message: format!("folding node `{}` ({}): {}", node.name, node.op_type, e.message),
-                            ..e
-                        })?;
+                        let outs = run_op(op.as_ref(), &ins, self.meter, &at)?;
                         for (name, value) in node.output.iter().zip(outs) {
                             if !name.is_empty() {
-                                let src = self.constant(value);
+                                let src = self.constant(value, &at)?;
                                 scope.names.insert(name.clone(), src);
                             }
                         }
@@ -519,7 +596,8 @@ impl Compiler {
             None => Tensor::zeros(c_out, DType::F32, weight.device())?,
         };
         let new_b = ((bias - *mean)?.broadcast_mul(&a)? + *beta)?;
-        let (w_src, b_src) = (self.constant(new_w), self.constant(new_b));
+        let at = format!("folding BatchNormalization `{}`", node.name);
+        let (w_src, b_src) = (self.constant(new_w, &at)?, self.constant(new_b, &at)?);
         step.inputs.resize(3, None);
         step.inputs[1] = Some(w_src);
         step.inputs[2] = Some(b_src);
@@ -702,19 +780,28 @@ fn topological(g: &GraphProto, scope: &Scope<'_>) -> Result<GraphProto, NnError>
         }
         deps.push(d);
     }
-    let mut done = vec![false; g.node.len()];
+    // Kahn's algorithm, O(nodes + edges), taking ready nodes in their file order.
+    let mut waiting: Vec<usize> = deps.iter().map(HashSet::len).collect();
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); g.node.len()];
+    for (k, d) in deps.iter().enumerate() {
+        for &p in d {
+            readers[p].push(k);
+        }
+    }
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
+        (0..g.node.len()).filter(|&k| waiting[k] == 0).map(std::cmp::Reverse).collect();
     let mut order = Vec::with_capacity(g.node.len());
-    while order.len() < g.node.len() {
-        let before = order.len();
-        for k in 0..g.node.len() {
-            if !done[k] && deps[k].iter().all(|&d| done[d]) {
-                done[k] = true;
-                order.push(k);
+    while let Some(std::cmp::Reverse(k)) = ready.pop() {
+        order.push(k);
+        for &r in &readers[k] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.push(std::cmp::Reverse(r));
             }
         }
-        if order.len() == before {
-            return Err(NnError::invalid_encoding("the graph has a cycle"));
-        }
+    }
+    if order.len() < g.node.len() {
+        return Err(NnError::invalid_encoding("the graph has a cycle"));
     }
     let mut sorted = g.clone();
     sorted.node = order.into_iter().map(|k| g.node[k].clone()).collect();

@@ -18,8 +18,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use prost::Message;
 
-use crate::nn::backend::{Model, Named};
+use crate::nn::backend::{Model, Named, load_budget};
 use crate::nn::error::NnError;
+use crate::nn::meter::Meter;
 use crate::nn::tensor::{HostTensor, type_of};
 
 /// Default-domain opsets EIR implements.
@@ -32,8 +33,18 @@ pub struct Onnx {
 }
 
 impl Onnx {
-    /// Parses and compiles a serialized `ModelProto`.
+    /// Parses and compiles a serialized `ModelProto` under the default load budget for its size.
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self, NnError> {
+        Self::from_bytes_with(
+            bytes,
+            device,
+            &Meter::for_load(load_budget(bytes.len() as u64), Default::default(), None),
+        )
+    }
+
+    /// Parses and compiles a serialized `ModelProto`: everything the compiler keeps or folds is
+    /// charged to `meter` (the load budget), and it stops when the meter's caller cancels.
+    pub fn from_bytes_with(bytes: &[u8], device: &Device, meter: &Meter) -> Result<Self, NnError> {
         if !device.is_cpu() {
             return Err(NnError::unsupported("ONNX graphs run on the cpu target only"));
         }
@@ -54,7 +65,7 @@ impl Onnx {
             )));
         }
         let graph = model.graph.as_ref().ok_or_else(|| NnError::invalid_encoding("the model has no graph"))?;
-        let program = graph::Program::compile(graph, opset)?;
+        let program = graph::Program::compile(graph, opset, meter)?;
         tracing::debug!(
             graph = %graph.name,
             opset,
@@ -70,6 +81,22 @@ impl Onnx {
     pub fn graph_name(&self) -> &str {
         &self.name
     }
+
+    /// Each input's name, element type and a concrete shape for it (symbolic dimensions 2;
+    /// `[2]` where no rank is declared).
+    pub fn input_types(&self) -> Vec<(String, DType, Vec<usize>)> {
+        self.program
+            .inputs
+            .iter()
+            .map(|i| {
+                let dims = match &i.shape {
+                    Some(s) => s.iter().map(|d| d.unwrap_or(2)).collect(),
+                    None => vec![2],
+                };
+                (i.name.clone(), i.dtype, dims)
+            })
+            .collect()
+    }
 }
 
 impl Model for Onnx {
@@ -81,7 +108,7 @@ impl Model for Onnx {
         self.program.inputs.iter().map(|i| i.name.clone()).collect()
     }
 
-    fn compute(&self, inputs: Named) -> Result<Named, NnError> {
+    fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError> {
         let mut by_name: Vec<Option<HostTensor>> = vec![None; self.program.inputs.len()];
         for (name, t) in inputs {
             let k = self.program.inputs.iter().position(|i| i.name == name).ok_or_else(|| {
@@ -127,8 +154,11 @@ impl Model for Onnx {
         // steal) instead of handing off from this thread and sleeping, twice per operator. A small
         // one (a 32 ms audio chunk) stays here: its one hand-off would cost more than it saves.
         let elements: usize = values.iter().map(candle_core::Tensor::elem_count).sum();
-        let outputs =
-            if elements >= 1 << 14 { rayon::scope(|_| self.program.run(values))? } else { self.program.run(values)? };
+        let outputs = if elements >= 1 << 14 {
+            rayon::scope(|_| self.program.run(values, meter))?
+        } else {
+            self.program.run(values, meter)?
+        };
         self.program
             .outputs
             .iter()

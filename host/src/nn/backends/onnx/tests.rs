@@ -251,3 +251,90 @@ fn global_average_pool_averages_each_plane() {
     assert_eq!(dims, vec![2, 2, 1, 1]);
     close(&y, &[2.0, 1.0, 0.5, 9.0]);
 }
+
+/// The hostile fixtures (`tests/fixtures/make_hostile_onnx.py`), loaded and run directly on
+/// every kernel path: each ends as the error the manifest names, at the stage it names.
+#[test]
+fn hostile_models_end_as_errors_of_their_kind() {
+    use crate::nn::code_name;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hostile");
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("the hostile fixtures")).unwrap();
+    for level in super::ops::simd_levels() {
+        let _cap = super::ops::simd_cap(level);
+        for case in &manifest {
+            let file = case["file"].as_str().unwrap();
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let (stage, err) = match Onnx::from_bytes(&bytes, &Device::Cpu) {
+                Err(e) => ("load", e),
+                Ok(m) => {
+                    let x = HostTensor::new(vec![1], TensorType::Fp32, 1e15f32.to_le_bytes().to_vec()).unwrap();
+                    match m.compute(vec![("x".into(), x)]) {
+                        Err(e) => ("compute", e),
+                        Ok(out) => panic!("{file}: computed {} outputs", out.len()),
+                    }
+                }
+            };
+            assert_eq!(stage, case["stage"].as_str().unwrap(), "{file}: {err}");
+            assert_eq!(code_name(err.code), case["code"].as_str().unwrap(), "{file}: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_compute_over_its_budget_is_too_large_and_holds_nothing_after() {
+    use crate::nn::Meter;
+    // y = MatMul(x, x^T) for x [n, 1]: an n x n output from n inputs.
+    let m = model(
+        vec![node("Transpose", &["x"], &["t"], vec![]), node("MatMul", &["x", "t"], &["y"], vec![])],
+        &[("x", &[-1, 1])],
+        &["y"],
+        13,
+    );
+    let x = |n: u32| {
+        let v = vec![0u8; 4 * n as usize];
+        vec![("x".to_string(), HostTensor::new(vec![n, 1], TensorType::Fp32, v).unwrap())]
+    };
+    let meter = Meter::with_budget(1 << 20);
+    let err = m.compute_with(x(4096), &meter).unwrap_err();
+    assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{err}");
+    assert!(err.message.contains("MatMul"), "the error names the node: {err}");
+    assert_eq!(meter.live(), 0, "nothing stays reserved");
+    let out = m.compute_with(x(64), &meter).unwrap();
+    assert_eq!(out[0].1.dims(), &[64, 64]);
+    assert!(meter.peak() <= 1 << 20 && meter.peak() > 64 * 64 * 4, "peak {}", meter.peak());
+}
+
+#[test]
+fn a_cancelled_compute_stops_at_the_next_node() {
+    use crate::nn::{CancelToken, Meter};
+    let m = model(vec![node("Relu", &["x"], &["y"], vec![])], &[("x", &[1])], &["y"], 13);
+    let token = CancelToken::new();
+    token.cancel();
+    let meter = Meter::new(1 << 20, token, None);
+    let x = HostTensor::new(vec![1], TensorType::Fp32, vec![0; 4]).unwrap();
+    let err = m.compute_with(vec![("x".into(), x)], &meter).unwrap_err();
+    assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::Timeout, "{err}");
+    assert!(err.message.contains("Relu"), "{err}");
+}
+
+#[test]
+fn a_long_chain_out_of_order_sorts_in_linear_time() {
+    // 20,000 nodes in reverse order: Kahn's algorithm takes one pass.
+    let n = 20_000;
+    let names: Vec<String> = (0..=n)
+        .map(|k| {
+            if k == 0 {
+                "x".into()
+            } else if k == n {
+                "y".into()
+            } else {
+                format!("v{k}")
+            }
+        })
+        .collect();
+    let nodes: Vec<NodeProto> =
+        (0..n).rev().map(|k| node("Neg", &[names[k].as_str()], &[names[k + 1].as_str()], vec![])).collect();
+    let m = model(nodes, &[("x", &[1])], &["y"], 13);
+    close(&run(&m, &[("x", &[1], &[2.0])])[0].1, &[2.0]);
+}

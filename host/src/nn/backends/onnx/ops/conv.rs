@@ -63,8 +63,80 @@ pub(crate) fn prepack(cache: &PackedWeights, w: &Tensor, group: usize) {
 /// Below this many elements a pass runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 
+/// Output length along one axis, or `None` when the kernel's reach exceeds the padded input
+/// (or a size overflows). `k`, `s` and `d` are at least 1 (checked by [`ConvPlan::new`]).
 fn out_len(len: usize, pad: (usize, usize), k: usize, s: usize, d: usize) -> Option<usize> {
-    (len + pad.0 + pad.1).checked_sub((k - 1) * d + 1).map(|r| r / s + 1)
+    let padded = len.checked_add(pad.0)?.checked_add(pad.1)?;
+    let reach = (k - 1).checked_mul(d)?.checked_add(1)?;
+    padded.checked_sub(reach).map(|r| r / s + 1)
+}
+
+/// A 2-D convolution's sizes, proven consistent: `x` is `[n, c, h, w]` with `h, w >= 1`,
+/// `w` is `[m, c/group, kh, kw]` with `kh, kw >= 1`, `group` divides `c` and `m`, strides and
+/// dilations are at least 1, and the output `[n, m, oh, ow]` is not empty. Every buffer the
+/// kernels allocate (output, im2col columns, padded planes) is sized by [`ConvPlan::bytes`]
+/// with checked arithmetic, and the executor reserves that many bytes before the kernels run,
+/// so no size product inside them can overflow.
+pub(crate) struct ConvPlan {
+    dims: [usize; 4],
+    kernel: [usize; 4],
+    out: [usize; 2],
+    /// Floats of one thread's padded (phase) planes, for the depthwise kernels.
+    plane: u64,
+}
+
+impl ConvPlan {
+    /// Checks `x` (`[n, c, h, w]`) and `w` (`[m, c/group, kh, kw]`) against `g`.
+    pub(crate) fn new(x: &[usize], w: &[usize], g: &Geometry) -> Result<Self, NnError> {
+        let (&[n, c, h, wd], &[m, cg, kh, kw]) = (x, w) else {
+            return Err(NnError::invalid_argument(format!("Conv of {x:?} by {w:?}: both must be 4-D here")));
+        };
+        if g.group == 0 || c % g.group != 0 || cg * g.group != c || m % g.group != 0 {
+            return Err(NnError::invalid_argument(format!(
+                "Conv: weight {w:?} and group {} do not fit {c} channels",
+                g.group
+            )));
+        }
+        if kh == 0 || kw == 0 || g.strides.contains(&0) || g.dilations.contains(&0) {
+            return Err(NnError::invalid_argument("Conv: kernel, strides and dilations must be at least 1"));
+        }
+        if h == 0 || wd == 0 {
+            return Err(NnError::invalid_argument(format!("Conv: an input plane of {h}x{wd}")));
+        }
+        let (Some(oh), Some(ow)) = (
+            out_len(h, g.pads[0], kh, g.strides[0], g.dilations[0]),
+            out_len(wd, g.pads[1], kw, g.strides[1], g.dilations[1]),
+        ) else {
+            return Err(NnError::invalid_argument("Conv: kernel larger than the padded input"));
+        };
+        // A padded plane covers the kernel's reach from every output and the whole input.
+        let side = |o: usize, k: usize, d: usize, s: usize, len: usize, pad: usize| -> Option<u64> {
+            let reach = (o as u64 - 1).checked_mul(s as u64)?.checked_add(((k - 1) as u64).checked_mul(d as u64)?)?;
+            reach.checked_add(1)?.max((len as u64).checked_add(pad as u64)?).checked_add(2 * s as u64)
+        };
+        let plane = side(oh, kh, g.dilations[0], g.strides[0], h, g.pads[0].0)
+            .zip(side(ow, kw, g.dilations[1], g.strides[1], wd, g.pads[1].0))
+            .and_then(|(a, b)| a.checked_mul(b))
+            .ok_or_else(|| NnError::too_large("Conv: the padded input does not fit in memory"))?;
+        Ok(Self { dims: [n, c, h, wd], kernel: [m, cg, kh, kw], out: [oh, ow], plane })
+    }
+
+    /// The most bytes the kernels allocate: the output, one group's im2col columns, and
+    /// padded planes for every worker thread.
+    pub(crate) fn bytes(&self) -> Result<u64, NnError> {
+        let [n, _, _, _] = self.dims;
+        let [m, cg, kh, kw] = self.kernel;
+        let [oh, ow] = self.out;
+        let too_big =
+            || NnError::too_large(format!("Conv of {:?} by {:?}: does not fit in memory", self.dims, self.kernel));
+        let output = super::count(&[n, m, oh, ow])?;
+        let columns = super::count(&[cg, kh, kw, oh, ow])?;
+        let threads = rayon::current_num_threads() as u64 + 1;
+        let planes = self.plane.checked_mul(threads).ok_or_else(too_big)?;
+        let floats = output.checked_add(columns).and_then(|v| v.checked_add(planes)).ok_or_else(too_big)?;
+        // f32 values; the non-f32 path (candle) makes a padded copy and may widen: count 8 bytes.
+        floats.checked_mul(super::WIDE).ok_or_else(too_big)
+    }
 }
 
 /// Output columns `ox` for which input column `ox*s + off` lies in `0..len` (`off` may be
@@ -76,34 +148,24 @@ fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
-/// A 2-D convolution of `x` `[n, c, h, w]` with `w` `[m, c/group, kh, kw]`, plus bias and clamp.
-/// `cache` keeps `w` packed between runs, under the id of the weight tensor it came from.
+/// A 2-D convolution of `x` `[n, c, h, w]` with `w` `[m, c/group, kh, kw]`, plus bias and clamp,
+/// as `plan` (made from these shapes and `g`) says. `cache` keeps `w` packed between runs, under
+/// the id of the weight tensor it came from.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    plan: &ConvPlan,
     g: &Geometry,
     clamp: Option<Clamp>,
     cache: Option<(&PackedWeights, TensorId)>,
 ) -> Result<Tensor, NnError> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (m, cg, kh, kw) = w.dims4()?;
-    if g.group == 0 || c % g.group != 0 || cg * g.group != c || m % g.group != 0 {
-        return Err(NnError::invalid_argument(format!(
-            "Conv: weight {:?} and group {} do not fit {c} channels",
-            w.dims(),
-            g.group
-        )));
+    if x.dims() != plan.dims || w.dims() != plan.kernel {
+        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
     }
-    let (Some(oh), Some(ow)) = (
-        out_len(h, g.pads[0], kh, g.strides[0], g.dilations[0]),
-        out_len(wd, g.pads[1], kw, g.strides[1], g.dilations[1]),
-    ) else {
-        return Err(NnError::invalid_argument("Conv: kernel larger than the padded input"));
-    };
-    if h == 0 || wd == 0 {
-        return Err(NnError::invalid_argument(format!("Conv: an input plane of {h}x{wd}")));
-    }
+    let [n, c, h, wd] = plan.dims;
+    let [m, cg, kh, kw] = plan.kernel;
+    let [oh, ow] = plan.out;
     let bias = bias.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
     if let Some(b) = &bias
         && b.len() != m
@@ -538,6 +600,19 @@ fn im2col_gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`conv2d`] with its plan made here.
+    pub(super) fn planned(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &Geometry,
+        clamp: Option<Clamp>,
+        cache: Option<(&PackedWeights, TensorId)>,
+    ) -> Result<Tensor, NnError> {
+        let plan = ConvPlan::new(x.dims(), w.dims(), g)?;
+        conv2d(x, w, bias, &plan, g, clamp, cache)
+    }
     use candle_core::{DType, Device};
 
     /// candle's own convolution on an explicitly padded input, as the reference.
@@ -564,8 +639,9 @@ mod tests {
         let want_fused = want.broadcast_add(&b.reshape((1, m, 1, 1)).unwrap()).unwrap().clamp(0f32, 6f32).unwrap();
         let cache = PackedWeights::default();
         for run in 0..2 {
-            let got = conv2d(&x, &w, None, &g, None, None).unwrap();
-            let fused = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), Some((&cache, w.id()))).unwrap();
+            let got = planned(&x, &w, None, &g, None, None).unwrap();
+            let fused =
+                planned(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), Some((&cache, w.id()))).unwrap();
             for (got, want) in [(got, &want), (fused, &want_fused)] {
                 assert_eq!(got.dims(), want.dims());
                 let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -579,30 +655,33 @@ mod tests {
 
     #[test]
     fn kernels_match_candle() {
-        // depthwise, stride 1 and 2, symmetric and asymmetric padding
-        check(6, 6, 6, 3, 1, [(1, 1), (1, 1)]);
-        check(6, 6, 6, 5, 2, [(1, 2), (2, 1)]);
-        check(6, 6, 6, 3, 2, [(0, 1), (0, 1)]);
-        check(6, 6, 6, 3, 2, [(1, 0), (0, 0)]);
-        check(6, 6, 6, 2, 2, [(0, 0), (1, 1)]);
-        check(6, 6, 6, 3, 3, [(1, 1), (1, 1)]);
-        check_dilated(6, 6, 6, 3, 1, 2, [(2, 2), (2, 2)]);
-        check_dilated(6, 6, 6, 3, 2, 2, [(2, 1), (1, 2)]);
-        check_dilated(3, 8, 1, 3, 1, 2, [(0, 0), (1, 1)]);
-        // an empty plane is an error, not a panic
-        let x = Tensor::zeros((1, 2, 0, 3), DType::F32, &Device::Cpu).unwrap();
-        let w = Tensor::zeros((2, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
-        let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 2 };
-        assert!(conv2d(&x, &w, None, &g, None, None).is_err());
-        // wide enough for the AVX-512 GEMM
-        check(16, 24, 1, 1, 1, [(0, 0), (0, 0)]);
-        check(8, 16, 2, 3, 1, [(1, 1), (1, 1)]);
-        // pointwise
-        check(5, 7, 1, 1, 1, [(0, 0), (0, 0)]);
-        // general and grouped
-        check(3, 8, 1, 3, 2, [(0, 1), (0, 1)]);
-        check(4, 6, 2, 3, 1, [(1, 1), (1, 1)]);
-        check(4, 4, 1, 1, 2, [(0, 0), (0, 0)]);
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            // depthwise, stride 1 and 2, symmetric and asymmetric padding
+            check(6, 6, 6, 3, 1, [(1, 1), (1, 1)]);
+            check(6, 6, 6, 5, 2, [(1, 2), (2, 1)]);
+            check(6, 6, 6, 3, 2, [(0, 1), (0, 1)]);
+            check(6, 6, 6, 3, 2, [(1, 0), (0, 0)]);
+            check(6, 6, 6, 2, 2, [(0, 0), (1, 1)]);
+            check(6, 6, 6, 3, 3, [(1, 1), (1, 1)]);
+            check_dilated(6, 6, 6, 3, 1, 2, [(2, 2), (2, 2)]);
+            check_dilated(6, 6, 6, 3, 2, 2, [(2, 1), (1, 2)]);
+            check_dilated(3, 8, 1, 3, 1, 2, [(0, 0), (1, 1)]);
+            // an empty plane is an error, not a panic
+            let x = Tensor::zeros((1, 2, 0, 3), DType::F32, &Device::Cpu).unwrap();
+            let w = Tensor::zeros((2, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+            let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 2 };
+            assert!(planned(&x, &w, None, &g, None, None).is_err());
+            // wide enough for the AVX-512 GEMM
+            check(16, 24, 1, 1, 1, [(0, 0), (0, 0)]);
+            check(8, 16, 2, 3, 1, [(1, 1), (1, 1)]);
+            // pointwise
+            check(5, 7, 1, 1, 1, [(0, 0), (0, 0)]);
+            // general and grouped
+            check(3, 8, 1, 3, 2, [(0, 1), (0, 1)]);
+            check(4, 6, 2, 3, 1, [(1, 1), (1, 1)]);
+            check(4, 4, 1, 1, 2, [(0, 0), (0, 0)]);
+        }
     }
 
     #[test]
@@ -612,13 +691,14 @@ mod tests {
         let w = Tensor::new(&[[[[1f32]]]], &dev).unwrap();
         let b = Tensor::new(&[0.5f32], &dev).unwrap();
         let g = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
-        let y = conv2d(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), None).unwrap();
+        let y = planned(&x, &w, Some(&b), &g, Some(Clamp { lo: 0.0, hi: 6.0 }), None).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.5, 0.0, 3.5, 6.0]);
     }
 }
 
 #[cfg(test)]
 mod timing {
+    use super::tests::planned;
     use super::*;
     use candle_core::Device;
 
@@ -643,10 +723,10 @@ mod timing {
             let g = Geometry { pads, strides: [stride, stride], dilations: [1, 1], group };
             let clamp = Some(Clamp { lo: 0.0, hi: 6.0 });
             let cache = PackedWeights::default();
-            conv2d(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
+            planned(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                conv2d(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
+                planned(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
             }
             eprintln!("{name:>20}: {:?}", t.elapsed() / 20);
         }

@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use super::super::tensor::dtype_of;
-use super::{Built, Node, input, op, scalar_f64};
+use super::{Built, Node, count, input, op, op_sized, scalar_f64, wide};
 use crate::nn::error::NnError;
 
 type Binary = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
@@ -12,7 +12,7 @@ type Binary = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     let binary = |f: Binary| -> Built {
         let name = node.proto.op_type.clone();
-        op(move |i| Ok(vec![f(input(i, 0, &name)?, input(i, 1, &name)?)?]))
+        op_sized(broadcast_bound(2), move |i| Ok(vec![f(input(i, 0, &name)?, input(i, 1, &name)?)?]))
     };
     let unary = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> Built {
         let name = node.proto.op_type.clone();
@@ -34,13 +34,13 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         "Max" => variadic(Tensor::broadcast_maximum),
         "Min" => variadic(Tensor::broadcast_minimum),
         "Sum" => variadic(Tensor::broadcast_add),
-        "Mean" => op(|i| {
+        "Mean" => op_sized(broadcast_bound(3), |i| {
             let n = i.iter().flatten().count();
             let sum = fold(i, Tensor::broadcast_add)?;
             Ok(vec![sum.affine(1.0 / n.max(1) as f64, 0.0)?])
         }),
-        "Pow" => op(pow),
-        "Where" => op(|i| {
+        "Pow" => op_sized(broadcast_bound(4), pow),
+        "Where" => op_sized(broadcast_bound(4), |i| {
             let (c, a, b) = (input(i, 0, "Where")?, input(i, 1, "Where")?, input(i, 2, "Where")?);
             let shape = broadcast_shape(&[c.dims(), a.dims(), b.dims()])?;
             let c = c.to_dtype(DType::U8)?.broadcast_as(shape.as_slice())?;
@@ -148,7 +148,15 @@ fn fold(i: &[Option<&Tensor>], f: Binary) -> Result<Tensor, NnError> {
 }
 
 fn variadic(f: Binary) -> Built {
-    op(move |i| Ok(vec![fold(i, f)?]))
+    op_sized(broadcast_bound(3), move |i| Ok(vec![fold(i, f)?]))
+}
+
+/// The bound of an operator that writes `copies` tensors of its inputs' broadcast shape.
+pub(super) fn broadcast_bound(copies: u64) -> impl Fn(&[Option<&Tensor>]) -> Result<u64, NnError> + Send + Sync {
+    move |i| {
+        let shapes: Vec<&[usize]> = i.iter().flatten().map(|t| t.dims()).collect();
+        wide(count(&broadcast_shape(&shapes)?)?, copies)
+    }
 }
 
 /// `Pow`, exact for negative bases with integral exponents (x², common in STFT magnitudes).

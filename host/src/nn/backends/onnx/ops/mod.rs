@@ -16,9 +16,12 @@ use candle_core::{DType, Tensor};
 use super::proto::{AttributeProto, NodeProto, attribute_proto::AttributeType};
 use super::tensor::from_proto;
 use crate::nn::error::NnError;
+use crate::nn::meter::{bytes_of, mul};
 
 pub(super) use control::constant_value;
 pub(super) use conv::Clamp;
+#[cfg(test)]
+pub(super) use simd::{cap as simd_cap, levels as simd_levels};
 
 /// Data an operator derives from one of its inputs (packed or transposed weights), kept between
 /// runs for as long as that input is the same tensor: initializers are, so a model derives once.
@@ -60,10 +63,49 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
     Ok(f(&owned))
 }
 
+/// Bytes a tensor's elements take (views count at their full logical size).
+pub(super) fn tensor_bytes(t: &Tensor) -> Result<u64, NnError> {
+    bytes_of(t.dims(), t.dtype().size_in_bytes(), &"a value")
+}
+
+/// Widest element any operator writes (f64, i64): bounds are stated at this width, so that a
+/// cast or a float64 intermediate never exceeds them.
+pub(super) const WIDE: u64 = 8;
+
+/// The default [`Op::bound`]: every input element written twice more at [`WIDE`] bytes (the
+/// output and one temporary), for operators whose outputs are no larger than their inputs.
+fn inputs_bound(inputs: &[Option<&Tensor>]) -> Result<u64, NnError> {
+    let elements = inputs
+        .iter()
+        .flatten()
+        .try_fold(0u64, |acc, t| crate::nn::meter::elements(t.dims()).and_then(|n| acc.checked_add(n)).ok_or(()));
+    let elements = elements.map_err(|()| NnError::too_large("the inputs' sizes overflow"))?;
+    mul(elements, 2 * WIDE, &"the operator")
+}
+
+/// Bytes of `elements` values written `copies` times at [`WIDE`] bytes.
+pub(super) fn wide(elements: u64, copies: u64) -> Result<u64, NnError> {
+    mul(mul(elements, copies, &"the operator")?, WIDE, &"the operator")
+}
+
+/// Elements of a shape computed from a model's or request's numbers, checked.
+pub(super) fn count(dims: &[usize]) -> Result<u64, NnError> {
+    crate::nn::meter::elements(dims)
+        .ok_or_else(|| NnError::too_large(format!("a tensor of shape {dims:?} does not fit in memory")))
+}
+
 /// A compiled operator.
 pub(super) trait Op: Send + Sync {
     /// Runs on `inputs` (`None` for an omitted optional input).
     fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError>;
+
+    /// The most bytes [`run`](Self::run) allocates on `inputs` (outputs and scratch), from their
+    /// shapes (and small constant operands: shapes, repeats, pads) alone, with checked
+    /// arithmetic; the executor reserves them before the operator runs. An operator whose
+    /// output can outgrow its inputs (broadcasts, expands, products, padding) must override it.
+    fn bound(&self, inputs: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        inputs_bound(inputs)
+    }
 
     /// Takes over a clamp (Relu, Clip) applied to its only output; false if it cannot.
     fn fuse_clamp(&mut self, _clamp: Clamp) -> bool {
@@ -170,18 +212,35 @@ fn scalar_f64(t: &Tensor) -> Result<f64, NnError> {
     v.first().copied().ok_or_else(|| NnError::invalid_argument("expected a scalar, got an empty tensor"))
 }
 
-/// A boxed operator from a closure.
-struct FnOp<F>(F);
+/// A boxed operator from a closure, with the bound of its allocations.
+struct FnOp<F, B> {
+    run: F,
+    bound: B,
+}
 
-impl<F> Op for FnOp<F>
+impl<F, B> Op for FnOp<F, B>
 where
     F: Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync,
+    B: Fn(&[Option<&Tensor>]) -> Result<u64, NnError> + Send + Sync,
 {
     fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
-        (self.0)(inputs)
+        (self.run)(inputs)
+    }
+
+    fn bound(&self, inputs: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        (self.bound)(inputs)
     }
 }
 
+/// An operator whose outputs are no larger than its inputs (see [`Op::bound`]'s default).
 fn op(f: impl Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync + 'static) -> Built {
-    Ok(Box::new(FnOp(f)))
+    Ok(Box::new(FnOp { run: f, bound: inputs_bound }))
+}
+
+/// An operator that allocates at most `bound(inputs)` bytes.
+fn op_sized(
+    bound: impl Fn(&[Option<&Tensor>]) -> Result<u64, NnError> + Send + Sync + 'static,
+    f: impl Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync + 'static,
+) -> Built {
+    Ok(Box::new(FnOp { run: f, bound }))
 }

@@ -5,7 +5,8 @@ use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{self, Clamp};
-use super::{Built, Node, axis, input, op};
+use super::elementwise::{broadcast_bound, broadcast_shape};
+use super::{Built, Node, axis, count, input, op, op_sized, wide};
 use crate::nn::error::NnError;
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
@@ -13,10 +14,13 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         "Conv" => Conv::build(node),
         "BatchNormalization" => {
             let eps = f64::from(node.float_or("epsilon", 1e-5));
-            op(move |i| Ok(vec![batch_norm(i, eps)?]))
+            op_sized(channel_bound, move |i| Ok(vec![batch_norm(i, eps)?]))
         }
         "Gemm" => Gemm::build(node),
-        "MatMul" => op(|i| Ok(vec![matmul(input(i, 0, "MatMul")?, input(i, 1, "MatMul")?)?])),
+        "MatMul" => op_sized(
+            |i| matmul_bound(input(i, 0, "MatMul")?.dims(), input(i, 1, "MatMul")?.dims()),
+            |i| Ok(vec![matmul(input(i, 0, "MatMul")?, input(i, 1, "MatMul")?)?]),
+        ),
         "Flatten" => {
             let ax = node.int_or("axis", 1);
             op(move |i| {
@@ -66,7 +70,7 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         "DequantizeLinear" => {
             let ax = node.int_or("axis", 1);
-            op(move |i| {
+            op_sized(broadcast_bound(4), move |i| {
                 let x = input(i, 0, "DequantizeLinear")?.to_dtype(DType::F32)?;
                 let scale = input(i, 1, "DequantizeLinear")?.to_dtype(DType::F32)?;
                 let zp = i.get(2).copied().flatten().map(|z| z.to_dtype(DType::F32)).transpose()?;
@@ -90,6 +94,38 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         _ => return None,
     })
+}
+
+/// What [`matmul`] allocates: the output and both operands broadcast over the batch axes.
+fn matmul_bound(a: &[usize], b: &[usize]) -> Result<u64, NnError> {
+    let a: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
+    let b: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let (Some(&[m, k]), Some(&[k2, n])) =
+        (a.last_chunk::<2>().map(|c| c.as_slice()), b.last_chunk::<2>().map(|c| c.as_slice()))
+    else {
+        return Err(NnError::invalid_argument(format!("MatMul of {a:?} and {b:?}")));
+    };
+    if k != k2 {
+        return Err(NnError::invalid_argument(format!("MatMul of {a:?} and {b:?}: inner sizes differ")));
+    }
+    let batch = count(&broadcast_shape(&[&a[..a.len() - 2], &b[..b.len() - 2]])?)?;
+    let per = [m, n, m, k, k, n].chunks(2).try_fold(0u64, |acc, p| acc.checked_add(count(p).ok()?));
+    let per = per.ok_or_else(|| NnError::too_large("MatMul sizes overflow"))?;
+    wide(batch, 1).and_then(|b| crate::nn::meter::mul(b, per, &"MatMul"))
+}
+
+/// What a per-channel operator (BatchNormalization) writes: `x` with its channel axis
+/// broadcast against the parameters, twice.
+fn channel_bound(i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+    let x = input(i, 0, "BatchNormalization")?;
+    let mut dims = x.dims().to_vec();
+    let widest = i.iter().skip(1).flatten().map(|t| t.elem_count()).max().unwrap_or(1);
+    if let Some(c) = dims.get_mut(1)
+        && *c == 1
+    {
+        *c = widest;
+    }
+    wide(count(&dims)?, 3)
 }
 
 /// numpy `matmul`: 1-D operands are promoted and the added axis removed again.
@@ -181,26 +217,66 @@ impl AutoPad {
         })
     }
 
-    /// (begin, end) padding for input size `n`, kernel `k`, stride `s`, dilation `d`.
-    fn pads(self, explicit: (usize, usize), n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
-        match self {
+    /// (begin, end) padding for input size `n`, kernel `k`, stride `s`, dilation `d` (all
+    /// checked by the caller to be at least 1, except `n`).
+    fn pads(self, explicit: (usize, usize), n: usize, k: usize, s: usize, d: usize) -> Result<(usize, usize), NnError> {
+        Ok(match self {
             Self::NotSet => explicit,
             Self::Valid => (0, 0),
             Self::SameUpper | Self::SameLower => {
-                let out = n.div_ceil(s);
-                let total = ((out.saturating_sub(1)) * s + (k - 1) * d + 1).saturating_sub(n);
+                let out = n.div_ceil(s.max(1));
+                let reach = out
+                    .saturating_sub(1)
+                    .checked_mul(s)
+                    .and_then(|a| a.checked_add(k.saturating_sub(1).checked_mul(d)?))
+                    .and_then(|a| a.checked_add(1))
+                    .ok_or_else(|| NnError::too_large("auto_pad: the padding does not fit in memory"))?;
+                let total = reach.saturating_sub(n);
                 let small = total / 2;
                 if self == Self::SameUpper { (small, total - small) } else { (total - small, small) }
             }
-        }
+        })
     }
 }
 
-fn ints_or(node: &Node<'_>, name: &str, n: usize, default: usize) -> Result<Vec<usize>, NnError> {
-    match node.ints(name) {
-        None => Ok(vec![default; n]),
-        Some(v) => v.iter().map(|&x| usize::try_from(x).map_err(|_| node.bad(format!("negative {name}")))).collect(),
+/// Largest pad, stride, dilation or kernel extent accepted: far beyond any real model, and
+/// small enough that every size computed from them stays well inside 64 bits.
+pub(super) const MAX_GEOMETRY: i64 = 1 << 20;
+
+/// A geometry attribute (`strides`, `pads`, ...), each value in `min..=MAX_GEOMETRY`, with
+/// `per_axis` values per spatial axis when the rank is known. `None` when absent.
+fn geometry_ints(node: &Node<'_>, name: &str, min: i64) -> Result<Option<Vec<usize>>, NnError> {
+    let Some(v) = node.ints(name) else { return Ok(None) };
+    v.iter()
+        .map(|&x| {
+            if (min..=MAX_GEOMETRY).contains(&x) {
+                Ok(x as usize)
+            } else {
+                Err(node.bad(format!("attribute `{name}` holds {x}, outside {min}..={MAX_GEOMETRY}")))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// The spatial rank the geometry attributes agree on (`None` if none is given), or an error
+/// naming the attribute whose length does not fit.
+fn spatial_rank(node: &Node<'_>, attrs: &[(&str, &Option<Vec<usize>>, usize)]) -> Result<Option<usize>, NnError> {
+    let mut rank = None;
+    for &(name, values, per_axis) in attrs {
+        let Some(v) = values else { continue };
+        if v.is_empty() || v.len() % per_axis != 0 {
+            return Err(node.bad(format!("attribute `{name}` has {} values", v.len())));
+        }
+        let r = v.len() / per_axis;
+        match rank {
+            Some(prev) if prev != r => {
+                return Err(node.bad(format!("attribute `{name}` is for {r} spatial axes, others for {prev}")));
+            }
+            _ => rank = Some(r),
+        }
     }
+    Ok(rank)
 }
 
 /// Convolution over 1 or 2 spatial dimensions.
@@ -253,6 +329,23 @@ impl Gemm {
 }
 
 impl super::Op for Gemm {
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let (a, b) = (input(i, 0, "Gemm")?, input(i, 1, "Gemm")?);
+        let (Ok((a0, a1)), Ok((b0, b1))) = (a.dims2(), b.dims2()) else {
+            return Err(NnError::invalid_argument(format!(
+                "Gemm of {:?} and {:?}: both must be 2-D",
+                a.dims(),
+                b.dims()
+            )));
+        };
+        let (m, k) = if self.ta { (a1, a0) } else { (a0, a1) };
+        let n = if self.tb { b0 } else { b1 };
+        let c = i.get(2).copied().flatten().map_or(Ok(0), |c| count(c.dims()))?;
+        let out = count(&[m, n])?;
+        let all = [out, out, count(&[k, n])?, count(&[m, k])?, c].iter().try_fold(0u64, |acc, &x| acc.checked_add(x));
+        wide(all.ok_or_else(|| NnError::too_large("Gemm sizes overflow"))?, 1)
+    }
+
     fn prepare(&self, constants: &[Option<&Tensor>]) {
         if let Some(Some(b)) = constants.get(1)
             && b.dtype() == DType::F32
@@ -285,31 +378,103 @@ impl super::Op for Gemm {
     }
 }
 
+/// A convolution's checked 2-D geometry, its plan and the padding per spatial axis.
+type ConvSetup = (conv::Geometry, conv::ConvPlan, Vec<(usize, usize)>);
+
 struct Conv {
     auto_pad: AutoPad,
     pads: Option<Vec<usize>>,
     strides: Option<Vec<usize>>,
     dilations: Option<Vec<usize>>,
     group: usize,
+    /// The declared kernel, checked against the weight's.
+    kernel: Option<Vec<usize>>,
     clamp: Option<Clamp>,
     packed: conv::PackedWeights,
 }
 
 impl Conv {
     fn build(node: &Node<'_>) -> Built {
-        let group = usize::try_from(node.int_or("group", 1)).map_err(|_| node.bad("negative group"))?;
-        let strides = node.ints("strides").map(|_| ints_or(node, "strides", 0, 1)).transpose()?;
-        let dilations = node.ints("dilations").map(|_| ints_or(node, "dilations", 0, 1)).transpose()?;
-        let pads = node.ints("pads").map(|_| ints_or(node, "pads", 0, 0)).transpose()?;
+        let group = node.int_or("group", 1);
+        if !(1..=MAX_GEOMETRY).contains(&group) {
+            return Err(node.bad(format!("attribute `group` holds {group}; it must be at least 1")));
+        }
+        let strides = geometry_ints(node, "strides", 1)?;
+        let dilations = geometry_ints(node, "dilations", 1)?;
+        let pads = geometry_ints(node, "pads", 0)?;
+        let kernel = geometry_ints(node, "kernel_shape", 1)?;
+        spatial_rank(
+            node,
+            &[("strides", &strides, 1), ("dilations", &dilations, 1), ("pads", &pads, 2), ("kernel_shape", &kernel, 1)],
+        )?;
         Ok(Box::new(Conv {
             auto_pad: AutoPad::parse(node)?,
             pads,
             strides,
             dilations,
-            group: group.max(1),
+            kernel,
+            group: group as usize,
             clamp: None,
             packed: conv::PackedWeights::default(),
         }))
+    }
+
+    /// The convolution of `x` by `w` checked against the attributes: its 2-D geometry (1-D
+    /// convolutions as 2-D ones with a height of 1), its plan, and the per-axis padding.
+    fn plan(&self, x: &Tensor, w: &Tensor) -> Result<ConvSetup, NnError> {
+        let spatial = x.rank().checked_sub(2).filter(|s| (1..=2).contains(s)).ok_or_else(|| {
+            NnError::unsupported(format!(
+                "Conv on a rank-{} input: only 1-D and 2-D convolutions are supported",
+                x.rank()
+            ))
+        })?;
+        if w.rank() != x.rank() {
+            return Err(NnError::invalid_argument(format!(
+                "Conv weight {:?} does not match input {:?}",
+                w.dims(),
+                x.dims()
+            )));
+        }
+        let ks = &w.dims()[2..];
+        if let Some(k) = &self.kernel
+            && k.as_slice() != ks
+        {
+            return Err(NnError::invalid_argument(format!(
+                "Conv: kernel_shape {k:?} but the weight's kernel is {ks:?}"
+            )));
+        }
+        if ks.contains(&0) {
+            return Err(NnError::invalid_argument(format!("Conv: an empty kernel {ks:?}")));
+        }
+        let strides = self.strides.clone().unwrap_or_else(|| vec![1; spatial]);
+        let dil = self.dilations.clone().unwrap_or_else(|| vec![1; spatial]);
+        let explicit = self.pads.clone().unwrap_or_else(|| vec![0; 2 * spatial]);
+        if strides.len() != spatial || dil.len() != spatial || explicit.len() != 2 * spatial {
+            return Err(NnError::invalid_argument("Conv: strides/dilations/pads do not match the input rank"));
+        }
+        let pads: Vec<(usize, usize)> = (0..spatial)
+            .map(|d| {
+                self.auto_pad.pads((explicit[d], explicit[d + spatial]), x.dims()[2 + d], ks[d], strides[d], dil[d])
+            })
+            .collect::<Result<_, _>>()?;
+        let g = if spatial == 1 {
+            conv::Geometry {
+                pads: [(0, 0), pads[0]],
+                strides: [1, strides[0]],
+                dilations: [1, dil[0]],
+                group: self.group,
+            }
+        } else {
+            conv::Geometry {
+                pads: [pads[0], pads[1]],
+                strides: [strides[0], strides[1]],
+                dilations: [dil[0], dil[1]],
+                group: self.group,
+            }
+        };
+        let as2d = |d: &[usize]| if spatial == 1 { vec![d[0], d[1], 1, d[2]] } else { d.to_vec() };
+        let plan = conv::ConvPlan::new(&as2d(x.dims()), &as2d(w.dims()), &g)?;
+        Ok((g, plan, pads))
     }
 }
 
@@ -330,58 +495,26 @@ impl super::Op for Conv {
         true
     }
 
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let (x, w) = (input(i, 0, "Conv")?, input(i, 1, "Conv")?);
+        self.plan(x, w)?.1.bytes()
+    }
+
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         let x = input(i, 0, "Conv")?;
         let w = input(i, 1, "Conv")?;
         let bias = i.get(2).copied().flatten();
-        let spatial = x.rank().checked_sub(2).filter(|s| (1..=2).contains(s)).ok_or_else(|| {
-            NnError::unsupported(format!(
-                "Conv on a rank-{} input: only 1-D and 2-D convolutions are supported",
-                x.rank()
-            ))
-        })?;
-        if w.rank() != x.rank() {
-            return Err(NnError::invalid_argument(format!(
-                "Conv weight {:?} does not match input {:?}",
-                w.dims(),
-                x.dims()
-            )));
-        }
-        let strides = self.strides.clone().unwrap_or_else(|| vec![1; spatial]);
-        let dil = self.dilations.clone().unwrap_or_else(|| vec![1; spatial]);
-        let explicit = self.pads.clone().unwrap_or_else(|| vec![0; 2 * spatial]);
-        if strides.len() != spatial || dil.len() != spatial || explicit.len() != 2 * spatial {
-            return Err(NnError::invalid_argument("Conv: strides/dilations/pads do not match the input rank"));
-        }
-        let ks = &w.dims()[2..];
-        let pads: Vec<(usize, usize)> = (0..spatial)
-            .map(|d| {
-                self.auto_pad.pads((explicit[d], explicit[d + spatial]), x.dims()[2 + d], ks[d], strides[d], dil[d])
-            })
-            .collect();
+        let (g, plan, pads) = self.plan(x, w)?;
+        let spatial = pads.len();
         if x.dtype() == DType::F32 {
             // 1-D convolutions run as 2-D ones with a height of 1.
-            let (x2, w2, g) = if spatial == 1 {
-                let g = conv::Geometry {
-                    pads: [(0, 0), pads[0]],
-                    strides: [1, strides[0]],
-                    dilations: [1, dil[0]],
-                    group: self.group,
-                };
-                (x.unsqueeze(2)?, w.unsqueeze(2)?, g)
-            } else {
-                let g = conv::Geometry {
-                    pads: [pads[0], pads[1]],
-                    strides: [strides[0], strides[1]],
-                    dilations: [dil[0], dil[1]],
-                    group: self.group,
-                };
-                (x.clone(), w.clone(), g)
-            };
-            let y = conv::conv2d(&x2, &w2, bias, &g, self.clamp, Some((&self.packed, w.id())))?;
+            let (x2, w2) = if spatial == 1 { (x.unsqueeze(2)?, w.unsqueeze(2)?) } else { (x.clone(), w.clone()) };
+            let y = conv::conv2d(&x2, &w2, bias, &plan, &g, self.clamp, Some((&self.packed, w.id())))?;
             return Ok(vec![if spatial == 1 { y.squeeze(2)? } else { y }]);
         }
-        // 1-D (STFT-style) and non-f32 convolutions: candle, on a padded copy if needed.
+        // Non-f32 convolutions: candle, on a padded copy if needed.
+        let strides: Vec<usize> = g.strides[2 - spatial..].to_vec();
+        let dil: Vec<usize> = g.dilations[2 - spatial..].to_vec();
         let mut y = conv_candle(x, w, &pads, &strides, &dil, self.group)?;
         if let Some(b) = bias {
             y = y.broadcast_add(&channel_view(b, y.rank())?)?;
@@ -442,16 +575,29 @@ struct Pool {
 
 impl Pool {
     fn build(node: &Node<'_>, max: bool) -> Built {
-        let kernel = node.ints("kernel_shape").ok_or_else(|| node.bad("missing kernel_shape"))?;
-        let kernel: Vec<usize> = kernel.iter().map(|&k| k.max(1) as usize).collect();
+        let kernel = geometry_ints(node, "kernel_shape", 1)?.ok_or_else(|| node.bad("missing kernel_shape"))?;
         if kernel.is_empty() || kernel.len() > 2 {
             return Err(NnError::unsupported(format!("{}: only 1-D and 2-D pooling", node.proto.op_type)));
         }
+        let strides = geometry_ints(node, "strides", 1)?;
+        let pads = geometry_ints(node, "pads", 0)?;
+        let dilations = geometry_ints(node, "dilations", 1)?;
+        let kernel_attr = Some(kernel.clone());
+        let rank = spatial_rank(
+            node,
+            &[
+                ("kernel_shape", &kernel_attr, 1),
+                ("strides", &strides, 1),
+                ("pads", &pads, 2),
+                ("dilations", &dilations, 1),
+            ],
+        )?;
+        debug_assert_eq!(rank, Some(kernel.len()));
         Ok(Box::new(Pool {
             max,
-            strides: node.ints("strides").map(|_| ints_or(node, "strides", 0, 1)).transpose()?,
-            pads: node.ints("pads").map(|_| ints_or(node, "pads", 0, 0)).transpose()?,
-            dilations: node.ints("dilations").map(|_| ints_or(node, "dilations", 0, 1)).transpose()?,
+            strides,
+            pads,
+            dilations,
             auto_pad: AutoPad::parse(node)?,
             ceil: node.int_or("ceil_mode", 0) != 0,
             count_pad: node.int_or("count_include_pad", 0) != 0,
@@ -460,17 +606,24 @@ impl Pool {
     }
 }
 
-impl super::Op for Pool {
-    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
-        let x0 = input(i, 0, "Pool")?;
+/// A pooling's sizes, checked: `[n, c, h, w]` in, `[oh, ow]` out, and the 2-D geometry.
+struct PoolPlan {
+    dims: [usize; 4],
+    out: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dil: [usize; 2],
+    pads: [(usize, usize); 2],
+}
+
+impl Pool {
+    fn plan(&self, x: &Tensor) -> Result<PoolPlan, NnError> {
         let spatial = self.kernel.len();
-        if x0.rank() != spatial + 2 {
-            return Err(NnError::invalid_argument(format!("pooling input {:?} is not {}-D", x0.dims(), spatial)));
+        if x.rank() != spatial + 2 {
+            return Err(NnError::invalid_argument(format!("pooling input {:?} is not {}-D", x.dims(), spatial)));
         }
-        let dtype = x0.dtype();
-        // 1-D pools run as 2-D with a height of 1.
-        let x = if spatial == 1 { x0.unsqueeze(2)? } else { x0.clone() };
-        let (n, c, h, wd) = x.dims4()?;
+        let d = x.dims();
+        let (n, c, h, wd) = if spatial == 1 { (d[0], d[1], 1, d[2]) } else { (d[0], d[1], d[2], d[3]) };
         let k2 = |v: &[usize], one: usize| if spatial == 1 { [one, v[0]] } else { [v[0], v[1]] };
         let kernel = k2(&self.kernel, 1);
         let strides = k2(self.strides.as_deref().unwrap_or(&[1, 1]), 1);
@@ -487,18 +640,37 @@ impl super::Op for Pool {
             pads[d] = if spatial == 1 && d == 0 {
                 (0, 0)
             } else {
-                self.auto_pad.pads((pb[d], pe[d]), len, kernel[d], strides[d], dil[d])
+                self.auto_pad.pads((pb[d], pe[d]), len, kernel[d], strides[d], dil[d])?
             };
         }
-        let out_len = |d: usize| {
-            let len = [h, wd][d] + pads[d].0 + pads[d].1;
-            let eff = (kernel[d] - 1) * dil[d] + 1;
+        let too_big = || NnError::too_large("pooling: the window does not fit in memory");
+        let out_len = |d: usize| -> Result<usize, NnError> {
+            let len = [h, wd][d].checked_add(pads[d].0 + pads[d].1).ok_or_else(too_big)?;
+            let eff = (kernel[d] - 1).checked_mul(dil[d]).ok_or_else(too_big)? + 1;
             let span = len.saturating_sub(eff);
             let o = if self.ceil { span.div_ceil(strides[d]) } else { span / strides[d] } + 1;
             // With ceil_mode a last window may not start inside the padded input.
-            if self.ceil && (o - 1) * strides[d] >= [h, wd][d] + pads[d].0 { o - 1 } else { o }
+            Ok(if self.ceil && (o - 1) * strides[d] >= [h, wd][d] + pads[d].0 { o - 1 } else { o })
         };
-        let (oh, ow) = (out_len(0), out_len(1));
+        Ok(PoolPlan { dims: [n, c, h, wd], out: [out_len(0)?, out_len(1)?], kernel, strides, dil, pads })
+    }
+}
+
+impl super::Op for Pool {
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let p = self.plan(input(i, 0, "Pool")?)?;
+        let [n, c, h, w] = p.dims;
+        let [oh, ow] = p.out;
+        wide(count(&[n, c, oh, ow])?.saturating_add(count(&[n, c, h, w])?), 2)
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let x0 = input(i, 0, "Pool")?;
+        let spatial = self.kernel.len();
+        let PoolPlan { dims: [n, c, h, wd], out: [oh, ow], kernel, strides, dil, pads } = self.plan(x0)?;
+        let dtype = x0.dtype();
+        // 1-D pools run as 2-D with a height of 1.
+        let x = if spatial == 1 { x0.unsqueeze(2)? } else { x0.clone() };
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; n * c * oh * ow];
         let max = self.max;

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::sgemm::dot;
-use super::{Built, Node, input};
+use super::{Built, Node, count, input, wide};
 use crate::nn::error::NnError;
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
@@ -22,8 +22,11 @@ struct Lstm {
 
 impl Lstm {
     fn build(node: &Node<'_>) -> Built {
-        let hidden =
-            node.int("hidden_size").filter(|&h| h > 0).ok_or_else(|| node.bad("missing hidden_size"))? as usize;
+        let hidden = match node.int("hidden_size") {
+            Some(h) if (1..=1 << 20).contains(&h) => h as usize,
+            Some(h) => return Err(node.bad(format!("attribute `hidden_size` holds {h}, outside 1..=1048576"))),
+            None => return Err(node.bad("missing attribute `hidden_size`")),
+        };
         let directions = match node.string("direction").as_deref().unwrap_or("forward") {
             "forward" => vec![false],
             "reverse" => vec![true],
@@ -45,6 +48,20 @@ impl Lstm {
 }
 
 impl super::Op for Lstm {
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let x = input(i, 0, "LSTM")?;
+        let &[a, b, _] = x.dims() else {
+            return Err(NnError::invalid_argument(format!("LSTM input {:?} is not 3-D", x.dims())));
+        };
+        let (seq, batch) = if self.batch_first { (b, a) } else { (a, b) };
+        let dirs = self.directions.len();
+        // Y and the final states, plus an f32 copy of every input.
+        let outputs = count(&[seq, dirs, batch, self.hidden])?.saturating_add(count(&[2, dirs, batch, self.hidden])?);
+        let copies =
+            i.iter().flatten().try_fold(0u64, |acc, t| Ok::<_, NnError>(acc.saturating_add(count(t.dims())?)))?;
+        wide(outputs.saturating_add(copies), 2)
+    }
+
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         let x = input(i, 0, "LSTM")?;
         let (w, r) = (input(i, 1, "LSTM")?, input(i, 2, "LSTM")?);
@@ -69,6 +86,16 @@ impl super::Op for Lstm {
         let xs = vec(&x)?;
         let (ws, rs) = (vec(w)?, vec(r)?);
         let bs = i.get(3).copied().flatten().map(vec).transpose()?;
+        if let Some(b) = &bs
+            && b.len() != dirs * 8 * h
+        {
+            return Err(NnError::invalid_argument(format!(
+                "LSTM bias of {} values; it must be [{dirs}, {}]",
+                b.len(),
+                8 * h
+            )));
+        }
+
         let state = |k: usize| -> Result<Vec<f32>, NnError> {
             match i.get(k).copied().flatten() {
                 Some(t) if t.elem_count() == dirs * batch * h => vec(t),

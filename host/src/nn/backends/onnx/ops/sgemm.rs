@@ -40,7 +40,7 @@ impl Packed {
     /// Packs `a` (`m×k`, row-major); `None` where the AVX-512 kernel does not run (the CPU lacks
     /// it, or `k` is 0) or `a` is too short.
     pub(crate) fn new(m: usize, k: usize, a: &[f32]) -> Option<Packed> {
-        if k == 0 || a.len() < m * k || !simd::avx512() {
+        if k == 0 || m.checked_mul(k).is_none_or(|mk| a.len() < mk) || !simd::avx512() {
             return None;
         }
         let tiles = m.div_ceil(MR);
@@ -54,6 +54,38 @@ impl Packed {
             }
         }
         Some(Packed { m, k, data })
+    }
+}
+
+/// `batch` products `[m×k]·[k×n]` whose sizes were checked against the operands they were
+/// made for: `a` holds `m·k` floats, `b` `batch·k·n`, `dst` `batch·m·n` and `bias` (if any) `m`,
+/// every product computed without overflow. The AVX-512 kernel takes only this type.
+pub(crate) struct GemmShape {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl GemmShape {
+    fn new(
+        batch: usize,
+        [m, n, k]: [usize; 3],
+        a: usize,
+        b: usize,
+        dst: usize,
+        bias: Option<usize>,
+    ) -> Result<Self, NnError> {
+        let product = |x: &[usize]| x.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let fits = |need: Option<usize>, have: usize| need.is_some_and(|need| need <= have);
+        if !fits(product(&[m, k]), a)
+            || !fits(product(&[batch, k, n]), b)
+            || !fits(product(&[batch, m, n]), dst)
+            || bias.is_some_and(|len| len < m)
+        {
+            return Err(NnError::runtime("gemm: operand sizes do not match"));
+        }
+        Ok(Self { batch, m, n, k })
     }
 }
 
@@ -98,9 +130,7 @@ pub(crate) fn gemm_into(
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
 ) -> Result<(), NnError> {
-    if a.len() < m * k || b.len() < batch * k * n || dst.len() < batch * m * n || bias.is_some_and(|b| b.len() < m) {
-        return Err(NnError::runtime("gemm: operand sizes do not match"));
-    }
+    let shape = GemmShape::new(batch, [m, n, k], a.len(), b.len(), dst.len(), bias.map(<[f32]>::len))?;
     if m == 0 || n == 0 || batch == 0 {
         return Ok(());
     }
@@ -109,7 +139,7 @@ pub(crate) fn gemm_into(
     // streamed once; tiles of 8 rows would waste most of their multiply-adds.
     let few_rows = m < 4 && n >= NR && k > 0;
     // Narrower products (short sequences) would leave most of each 32-column tile masked off.
-    if !few_rows && n >= NR / 2 {
+    if !few_rows && n >= NR / 2 && simd::avx512() {
         let packed_here;
         let packed = match packed {
             Some(p) if p.m == m && p.k == k => Some(p),
@@ -119,8 +149,11 @@ pub(crate) fn gemm_into(
             }
         };
         if let Some(packed) = packed {
-            // SAFETY: dst holds batch·m·n elements (sliced above), all written by the kernel.
-            unsafe { avx512::gemm(batch, [m, n, k], packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp) };
+            // SAFETY: the CPU has AVX-512F (`simd::avx512()` above); `shape` (a GemmShape) proves
+            // b holds batch·k·n floats, bias m, and dst batch·m·n (sliced to exactly that above;
+            // the kernel writes all of it); `packed` is for this m×k (checked just above); dst is
+            // a distinct &mut, so it aliases nothing.
+            unsafe { avx512::gemm(&shape, packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp) };
             return Ok(());
         }
     }
@@ -247,7 +280,8 @@ fn portable([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) -> Res
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked by the caller), all
+    // SAFETY: the slices hold at least m*k, k*n and m*n elements (`gemm_into` checked them with
+    // a GemmShape and hands each image its own slices), all
     // row-major with the strides given; dst does not alias a or b (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -300,7 +334,7 @@ mod avx512 {
 
     use rayon::prelude::*;
 
-    use super::{Clamp, MR, NC, NR, PARALLEL_MIN, Packed};
+    use super::{Clamp, GemmShape, MR, NC, NR, PARALLEL_MIN, Packed};
 
     /// The output pointer, shared by units that write disjoint tiles.
     #[derive(Clone, Copy)]
@@ -318,16 +352,17 @@ mod avx512 {
 
     /// # Safety
     /// `dst` must be valid for writes of `batch·m·n` floats (it need not be initialised) and
-    /// not alias `b`; `b` must hold `batch·k·n` floats; AVX-512F must be available.
+    /// not alias `b`; `b` must be the operand `shape` was checked against; `packed` must be
+    /// `shape`'s `m×k`; AVX-512F must be available.
     pub unsafe fn gemm(
-        batch: usize,
-        [m, n, k]: [usize; 3],
+        shape: &GemmShape,
         packed: &Packed,
         b: &[f32],
         dst: *mut f32,
         bias: Option<&[f32]>,
         clamp: Option<Clamp>,
     ) {
+        let &GemmShape { batch, m, n, k } = shape;
         let (tiles, packed) = (m.div_ceil(MR), &packed.data);
         let mut bias_padded = vec![0f32; tiles * MR];
         if let Some(bias) = bias {
@@ -457,15 +492,7 @@ mod avx512 {
         unreachable!("simd::avx512() is false off x86_64")
     }
 
-    pub unsafe fn gemm(
-        _: usize,
-        _: [usize; 3],
-        _: &Packed,
-        _: &[f32],
-        _: *mut f32,
-        _: Option<&[f32]>,
-        _: Option<Clamp>,
-    ) {
+    pub unsafe fn gemm(_: &super::GemmShape, _: &Packed, _: &[f32], _: *mut f32, _: Option<&[f32]>, _: Option<Clamp>) {
         unreachable!("simd::avx512() is false off x86_64")
     }
 }
@@ -491,43 +518,46 @@ mod tests {
 
     #[test]
     fn matches_a_reference_on_ragged_shapes() {
-        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        // Edges in every direction: rows not a multiple of 8, columns around 16/32/256, k = 0.
-        for [m, n, k] in [
-            [8, 32, 16],
-            [5, 7, 3],
-            [4, 5, 0],
-            [258, 4, 256],
-            [9, 16, 5],
-            [1, 1000, 64],
-            [3, 1500, 7],
-            [13, 49, 96],
-            [24, 300, 40],
-            [96, 1000, 16],
-            [3, 17, 0],
-            [40, 529, 9],
-        ] {
-            let a: Vec<f32> = (0..m * k).map(value).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
-            let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
-            for clamp in [None, Some(Clamp { lo: 0.0, hi: 6.0 })] {
-                let mut got = vec![f32::NAN; m * n];
-                gemm([m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
-                if let Some(packed) = Packed::new(m, k, &a) {
-                    let mut again = vec![f32::NAN; m * n];
-                    gemm([m, n, k], &a, Some(&packed), &b, &mut again, Some(&bias), clamp).unwrap();
-                    assert_eq!(got, again, "prepacked");
-                }
-                let want = reference([m, n, k], &a, &b, &bias, clamp);
-                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-                assert!(worst < 1e-4, "{m}x{n}x{k} {clamp:?}: {worst}");
-                if simd::avx512() {
-                    // The portable path agrees too.
-                    let mut other = vec![f32::NAN; m * n];
-                    portable([m, n, k], &a, &b, &mut other).unwrap();
-                    epilogue(&mut other, n, Some(&bias), clamp);
-                    let worst = other.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-                    assert!(worst < 1e-4, "portable {m}x{n}x{k}: {worst}");
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+            // Edges in every direction: rows not a multiple of 8, columns around 16/32/256, k = 0.
+            for [m, n, k] in [
+                [8, 32, 16],
+                [5, 7, 3],
+                [4, 5, 0],
+                [258, 4, 256],
+                [9, 16, 5],
+                [1, 1000, 64],
+                [3, 1500, 7],
+                [13, 49, 96],
+                [24, 300, 40],
+                [96, 1000, 16],
+                [3, 17, 0],
+                [40, 529, 9],
+            ] {
+                let a: Vec<f32> = (0..m * k).map(value).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+                let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
+                for clamp in [None, Some(Clamp { lo: 0.0, hi: 6.0 })] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm([m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+                    if let Some(packed) = Packed::new(m, k, &a) {
+                        let mut again = vec![f32::NAN; m * n];
+                        gemm([m, n, k], &a, Some(&packed), &b, &mut again, Some(&bias), clamp).unwrap();
+                        assert_eq!(got, again, "prepacked");
+                    }
+                    let want = reference([m, n, k], &a, &b, &bias, clamp);
+                    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "{m}x{n}x{k} {clamp:?}: {worst}");
+                    if simd::avx512() {
+                        // The portable path agrees too.
+                        let mut other = vec![f32::NAN; m * n];
+                        portable([m, n, k], &a, &b, &mut other).unwrap();
+                        epilogue(&mut other, n, Some(&bias), clamp);
+                        let worst = other.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                        assert!(worst < 1e-4, "portable {m}x{n}x{k}: {worst}");
+                    }
                 }
             }
         }
@@ -535,33 +565,42 @@ mod tests {
 
     #[test]
     fn a_batch_is_each_image_on_its_own() {
-        let value = |i: usize| ((i * 4409 % 997) as f32 / 500.0) - 1.0;
-        for [m, n, k] in [[16, 200, 24], [2, 64, 5], [8, 9, 3]] {
-            let batch = 3;
-            let a: Vec<f32> = (0..m * k).map(value).collect();
-            let b: Vec<f32> = (0..batch * k * n).map(|i| value(i + 5)).collect();
-            let bias: Vec<f32> = (0..m).map(|i| value(i + 7)).collect();
-            let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
-            let mut got = vec![MaybeUninit::new(f32::NAN); batch * m * n];
-            gemm_into(batch, [m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
-            // SAFETY: initialised above (to NaN, then by gemm_into).
-            let got: Vec<f32> = got.into_iter().map(|v| unsafe { v.assume_init() }).collect();
-            for i in 0..batch {
-                let want = reference([m, n, k], &a, &b[i * k * n..(i + 1) * k * n], &bias, clamp);
-                let worst =
-                    got[i * m * n..(i + 1) * m * n].iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-                assert!(worst < 1e-4, "{m}x{n}x{k} image {i}: {worst}");
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let value = |i: usize| ((i * 4409 % 997) as f32 / 500.0) - 1.0;
+            for [m, n, k] in [[16, 200, 24], [2, 64, 5], [8, 9, 3]] {
+                let batch = 3;
+                let a: Vec<f32> = (0..m * k).map(value).collect();
+                let b: Vec<f32> = (0..batch * k * n).map(|i| value(i + 5)).collect();
+                let bias: Vec<f32> = (0..m).map(|i| value(i + 7)).collect();
+                let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
+                let mut got = vec![MaybeUninit::new(f32::NAN); batch * m * n];
+                gemm_into(batch, [m, n, k], &a, None, &b, &mut got, Some(&bias), clamp).unwrap();
+                // SAFETY: initialised above (to NaN, then by gemm_into).
+                let got: Vec<f32> = got.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+                for i in 0..batch {
+                    let want = reference([m, n, k], &a, &b[i * k * n..(i + 1) * k * n], &bias, clamp);
+                    let worst = got[i * m * n..(i + 1) * m * n]
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "{m}x{n}x{k} image {i}: {worst}");
+                }
             }
         }
     }
 
     #[test]
     fn dot_matches_a_plain_sum_at_every_length() {
-        for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            for n in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257] {
+                let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+                let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+                let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+                assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
+            }
         }
     }
 
@@ -570,5 +609,13 @@ mod tests {
         let mut dst = vec![0f32; 4];
         assert!(gemm([2, 2, 3], &[0.0; 5], None, &[0.0; 6], &mut dst, None, None).is_err());
         assert!(gemm([2, 2, 1], &[0.0; 2], None, &[0.0; 2], &mut dst, Some(&[0.0]), None).is_err());
+        // Sizes whose products overflow, over empty slices: refused, never handed to a kernel.
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let huge = 1usize << 60;
+            assert!(gemm_into(1, [1, huge, 0], &[], None, &[], &mut [], None, None).is_err());
+            assert!(gemm_into(huge, [huge, huge, huge], &[], None, &[], &mut [], None, None).is_err());
+            assert!(gemm_into(2, [16, huge / 8, 4], &[0.0; 64], None, &[], &mut [], None, None).is_err());
+        }
     }
 }

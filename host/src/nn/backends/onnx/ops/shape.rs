@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use super::super::tensor::from_proto;
 use super::elementwise::broadcast_shape;
-use super::{Built, Node, axis, i64s, input, op};
+use super::{Built, Node, axis, count, i64s, input, op, op_sized, wide};
 use crate::nn::error::NnError;
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
@@ -27,6 +27,13 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
                     Some(p) => p.iter().map(|&a| axis(a, x.rank())).collect::<Result<_, _>>()?,
                     None => (0..x.rank()).rev().collect(),
                 };
+                let mut seen = vec![false; x.rank()];
+                if perm.len() != x.rank() || perm.iter().any(|&a| std::mem::replace(&mut seen[a], true)) {
+                    return Err(NnError::invalid_argument(format!(
+                        "Transpose: perm {perm:?} is not a permutation of {} axes",
+                        x.rank()
+                    )));
+                }
                 Ok(vec![x.permute(perm)?])
             })
         }
@@ -77,11 +84,27 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         "Gather" => {
             let ax = node.int_or("axis", 0);
-            op(move |i| Ok(vec![gather(input(i, 0, "Gather")?, input(i, 1, "Gather")?, ax)?]))
+            op_sized(
+                move |i| {
+                    let (data, idx) = (input(i, 0, "Gather")?, input(i, 1, "Gather")?);
+                    let a = axis(ax, data.rank())?;
+                    let row = count(&data.dims()[a + 1..])?.saturating_mul(count(&data.dims()[..a])?);
+                    wide(count(idx.dims())?.saturating_mul(row.max(1)).saturating_add(count(idx.dims())?), 2)
+                },
+                move |i| Ok(vec![gather(input(i, 0, "Gather")?, input(i, 1, "Gather")?, ax)?]),
+            )
         }
         "GatherND" => {
             let batch = node.int_or("batch_dims", 0).max(0) as usize;
-            op(move |i| Ok(vec![gather_nd(input(i, 0, "GatherND")?, input(i, 1, "GatherND")?, batch)?]))
+            op_sized(
+                move |i| {
+                    let (data, idx) = (input(i, 0, "GatherND")?, input(i, 1, "GatherND")?);
+                    let k = idx.dims().last().copied().unwrap_or(0);
+                    let tail = data.dims().get(batch.saturating_add(k)..).map_or(Ok(1), count)?;
+                    wide(count(idx.dims())?.saturating_mul(tail.max(1)), 3)
+                },
+                move |i| Ok(vec![gather_nd(input(i, 0, "GatherND")?, input(i, 1, "GatherND")?, batch)?]),
+            )
         }
         "Shape" => {
             let (start, end) = (node.int("start"), node.int("end"));
@@ -96,12 +119,13 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             })
         }
         "Size" => op(|i| Ok(vec![Tensor::new(input(i, 0, "Size")?.elem_count() as i64, &Device::Cpu)?])),
-        "Expand" => op(|i| {
-            let x = input(i, 0, "Expand")?;
-            let want: Vec<usize> = i64s(input(i, 1, "Expand")?)?.iter().map(|&d| d.max(0) as usize).collect();
-            let shape = broadcast_shape(&[x.dims(), &want])?;
-            Ok(vec![x.broadcast_as(shape)?])
-        }),
+        "Expand" => op_sized(
+            |i| wide(count(&expand_shape(input(i, 0, "Expand")?, input(i, 1, "Expand")?)?)?, 1),
+            |i| {
+                let x = input(i, 0, "Expand")?;
+                Ok(vec![x.broadcast_as(expand_shape(x, input(i, 1, "Expand")?)?)?])
+            },
+        ),
         "ConstantOfShape" => {
             let value = node.tensor("value").transpose();
             match value {
@@ -111,28 +135,24 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
                         Ok(t) => t,
                         Err(e) => return Some(Err(e.into())),
                     });
-                    op(move |i| {
-                        let dims: Vec<usize> =
-                            i64s(input(i, 0, "ConstantOfShape")?)?.iter().map(|&d| d.max(0) as usize).collect();
-                        Ok(vec![value.flatten_all()?.reshape(())?.broadcast_as(dims)?.contiguous()?])
-                    })
+                    op_sized(
+                        |i| wide(count(&dims_of(input(i, 0, "ConstantOfShape")?)?)?, 1),
+                        move |i| {
+                            let dims = dims_of(input(i, 0, "ConstantOfShape")?)?;
+                            Ok(vec![value.flatten_all()?.reshape(())?.broadcast_as(dims)?.contiguous()?])
+                        },
+                    )
                 }
             }
         }
-        "Range" => op(|i| {
-            let start = input(i, 0, "Range")?;
-            let f = |t: &Tensor| -> Result<f64, NnError> { super::scalar_f64(t) };
-            let (s, l, d) = (f(start)?, f(input(i, 1, "Range")?)?, f(input(i, 2, "Range")?)?);
-            if d == 0.0 {
-                return Err(NnError::invalid_argument("Range with delta 0"));
-            }
-            let n = ((l - s) / d).ceil().max(0.0) as usize;
-            if n > 1 << 28 {
-                return Err(NnError::too_large(format!("Range of {n} elements")));
-            }
-            let v: Vec<f64> = (0..n).map(|k| s + k as f64 * d).collect();
-            Ok(vec![Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(start.dtype())?])
-        }),
+        "Range" => op_sized(
+            |i| wide(range(i)?.3 as u64, 2),
+            |i| {
+                let (start, s, d, n) = range(i)?;
+                let v: Vec<f64> = (0..n).map(|k| s + k as f64 * d).collect();
+                Ok(vec![Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(start.dtype())?])
+            },
+        ),
         "Split" => {
             let ax = node.int_or("axis", 0);
             let attr = node.ints("split");
@@ -149,7 +169,7 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
                         (0..outputs).map(|k| each.min(len.saturating_sub(k * each))).collect()
                     }
                 };
-                if sizes.iter().sum::<usize>() != len {
+                if sizes.iter().try_fold(0usize, |a, &s| a.checked_add(s)) != Some(len) {
                     return Err(NnError::invalid_argument(format!("Split sizes {sizes:?} do not add up to {len}")));
                 }
                 let mut start = 0;
@@ -161,19 +181,67 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
                 Ok(out)
             })
         }
-        "Tile" => op(|i| {
-            let x = input(i, 0, "Tile")?;
-            let reps: Vec<usize> = i64s(input(i, 1, "Tile")?)?.iter().map(|&r| r.max(0) as usize).collect();
-            Ok(vec![x.repeat(reps)?])
-        }),
+        "Tile" => op_sized(
+            |i| {
+                let x = input(i, 0, "Tile")?;
+                let reps = dims_of(input(i, 1, "Tile")?)?;
+                if reps.len() != x.rank() {
+                    return Err(NnError::invalid_argument(format!(
+                        "Tile: {} repeats for rank {}",
+                        reps.len(),
+                        x.rank()
+                    )));
+                }
+                wide(
+                    count(x.dims())?.checked_mul(count(&reps)?).ok_or_else(|| NnError::too_large("Tile overflows"))?,
+                    2,
+                )
+            },
+            |i| {
+                let x = input(i, 0, "Tile")?;
+                Ok(vec![x.repeat(dims_of(input(i, 1, "Tile")?)?)?])
+            },
+        ),
         "Pad" => Pad::build(node),
         _ => return None,
     })
 }
 
+/// A shape read from a tensor of a model's or request's numbers: negative dimensions are 0
+/// (ONNX's ConstantOfShape/Tile/Expand take none; exporters emit none).
+fn dims_of(t: &Tensor) -> Result<Vec<usize>, NnError> {
+    i64s(t)?
+        .iter()
+        .map(|&d| usize::try_from(d.max(0)).map_err(|_| NnError::too_large("a dimension over usize")))
+        .collect()
+}
+
+/// Expand's output shape: the broadcast of `x`'s shape and the requested one.
+fn expand_shape(x: &Tensor, want: &Tensor) -> Result<Vec<usize>, NnError> {
+    broadcast_shape(&[x.dims(), &dims_of(want)?])
+}
+
+/// Range's (start tensor, start, delta, length), the length checked to be finite and to fit.
+fn range<'a>(i: &[Option<&'a Tensor>]) -> Result<(&'a Tensor, f64, f64, usize), NnError> {
+    let start = input(i, 0, "Range")?;
+    let f = |t: &Tensor| -> Result<f64, NnError> { super::scalar_f64(t) };
+    let (s, l, d) = (f(start)?, f(input(i, 1, "Range")?)?, f(input(i, 2, "Range")?)?);
+    if d == 0.0 || !s.is_finite() || !l.is_finite() || !d.is_finite() {
+        return Err(NnError::invalid_argument(format!(
+            "Range({s}, {l}, {d}): needs finite bounds and a delta other than 0"
+        )));
+    }
+    let n = ((l - s) / d).ceil().max(0.0);
+    if n > (1u64 << 40) as f64 {
+        return Err(NnError::too_large(format!("Range of {n} elements")));
+    }
+    Ok((start, s, d, n as usize))
+}
+
 /// Reshape's target: 0 copies the input dimension (unless `allowzero`), -1 is inferred.
 fn infer_shape(dims: &[usize], spec: &[i64], allowzero: bool) -> Result<Vec<usize>, NnError> {
-    let total: usize = dims.iter().product();
+    let too_big = || NnError::too_large(format!("Reshape to {spec:?} does not fit in memory"));
+    let total = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
     let mut out = Vec::with_capacity(spec.len());
     let mut hole = None;
     for (k, &s) in spec.iter().enumerate() {
@@ -185,11 +253,11 @@ fn infer_shape(dims: &[usize], spec: &[i64], allowzero: bool) -> Result<Vec<usiz
             0 if !allowzero => {
                 out.push(*dims.get(k).ok_or_else(|| NnError::invalid_argument("Reshape: 0 beyond the input rank"))?)
             }
-            s if s >= 0 => out.push(s as usize),
+            s if s >= 0 => out.push(usize::try_from(s).map_err(|_| too_big())?),
             _ => return Err(NnError::invalid_argument(format!("Reshape: bad target {spec:?}"))),
         }
     }
-    let known: usize = out.iter().product();
+    let known = out.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
     if let Some(k) = hole {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(NnError::invalid_argument(format!("Reshape: cannot infer {spec:?} from {dims:?}")));
@@ -342,17 +410,25 @@ impl Pad {
     }
 }
 
-impl super::Op for Pad {
-    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+impl Pad {
+    /// The output shape, checked: each axis grows by its pads (negative pads crop).
+    fn out_shape(&self, i: &[Option<&Tensor>]) -> Result<Vec<usize>, NnError> {
+        let x = input(i, 0, "Pad")?;
+        let (pads, axes) = self.pads(i)?;
+        let mut dims = x.dims().to_vec();
+        for (k, &a) in axes.iter().enumerate() {
+            let grown = (dims[a] as i128) + i128::from(pads[k]) + i128::from(pads[k + axes.len()]);
+            dims[a] = usize::try_from(grown.max(0)).map_err(|_| NnError::too_large("Pad: the output does not fit"))?;
+        }
+        Ok(dims)
+    }
+
+    fn pads(&self, i: &[Option<&Tensor>]) -> Result<(Vec<i64>, Vec<usize>), NnError> {
         let x = input(i, 0, "Pad")?;
         let pads = match (i.get(1).copied().flatten(), &self.attr_pads) {
             (Some(t), _) => i64s(t)?,
             (None, Some(p)) => p.clone(),
             (None, None) => return Err(NnError::invalid_argument("Pad without pads")),
-        };
-        let value = match i.get(2).copied().flatten() {
-            Some(t) if t.elem_count() > 0 => super::scalar_f64(t)?,
-            _ => f64::from(self.attr_value),
         };
         let axes: Vec<usize> = match i.get(3).copied().flatten() {
             Some(t) => i64s(t)?.iter().map(|&a| axis(a, x.rank())).collect::<Result<_, _>>()?,
@@ -361,6 +437,25 @@ impl super::Op for Pad {
         if pads.len() != 2 * axes.len() {
             return Err(NnError::invalid_argument(format!("Pad: {} pads for {} axes", pads.len(), axes.len())));
         }
+        Ok((pads, axes))
+    }
+}
+
+impl super::Op for Pad {
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        // The output, and as much again for each axis's intermediate.
+        let out = count(&self.out_shape(i)?)?;
+        let x = count(input(i, 0, "Pad")?.dims())?;
+        wide(out.max(x), 3)
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let x = input(i, 0, "Pad")?;
+        let (pads, axes) = self.pads(i)?;
+        let value = match i.get(2).copied().flatten() {
+            Some(t) if t.elem_count() > 0 => super::scalar_f64(t)?,
+            _ => f64::from(self.attr_value),
+        };
         let mut y = x.clone();
         for (k, &a) in axes.iter().enumerate() {
             let (b, e) = (pads[k], pads[k + axes.len()]);
@@ -375,8 +470,8 @@ fn pad_axis(x: &Tensor, a: usize, before: i64, after: i64, mode: &str, value: f6
     // Negative pads crop first.
     if before < 0 || after < 0 {
         let len = x.dims()[a] as i64;
-        let (s, e) = ((-before).max(0), len - (-after).max(0));
-        x = x.narrow(a, s.min(len) as usize, (e - s).max(0) as usize)?;
+        let (s, e) = (before.saturating_neg().max(0), len.saturating_sub(after.saturating_neg().max(0)));
+        x = x.narrow(a, s.min(len) as usize, e.saturating_sub(s).clamp(0, len - s.min(len)) as usize)?;
     }
     let (b, e) = (before.max(0) as usize, after.max(0) as usize);
     if b == 0 && e == 0 {

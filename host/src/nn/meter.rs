@@ -1,0 +1,263 @@
+//! What one forward pass (or one model load) may use, and when it must stop.
+//!
+//! A [`Meter`] travels with every compute into the backend. Before an operator allocates, the
+//! backend asks it for the bytes the operator will need ([`Meter::reserve`]), computed from the
+//! real input shapes with checked arithmetic ([`bytes_of`]); a request over the budget is a
+//! `too-large` error before anything is allocated, never an aborted host. Between operators or
+//! layers the backend calls [`Meter::checkpoint`], which ends the work once the caller's
+//! deadline has passed or its [`CancelToken`] was cancelled (the caller timed out or went
+//! away), so abandoned work frees its compute slot within one operator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::error::NnError;
+
+/// A flag the waiting side sets when it no longer wants a job's result. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the work behind this token to stop at its next checkpoint.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// A guard that cancels this token when dropped, unless [`CancelOnDrop::disarm`]ed first:
+    /// held by a waiting future, it turns "the caller stopped waiting" into a cancellation.
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(Some(self.clone()))
+    }
+}
+
+/// See [`CancelToken::cancel_on_drop`].
+#[derive(Debug)]
+pub struct CancelOnDrop(Option<CancelToken>);
+
+impl CancelOnDrop {
+    /// The wait ended normally: dropping the guard no longer cancels.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
+}
+
+/// The memory budget, deadline and cancellation of one compute (or load).
+#[derive(Debug)]
+pub struct Meter {
+    budget: u64,
+    live: AtomicU64,
+    peak: AtomicU64,
+    token: CancelToken,
+    deadline: Option<Instant>,
+    /// "compute" or "load": named in errors.
+    what: &'static str,
+}
+
+impl Meter {
+    /// A compute that may hold `budget` bytes of intermediate values at once and must stop at
+    /// `deadline` or when `token` is cancelled.
+    pub fn new(budget: u64, token: CancelToken, deadline: Option<Instant>) -> Self {
+        Self { budget, live: AtomicU64::new(0), peak: AtomicU64::new(0), token, deadline, what: "compute" }
+    }
+
+    /// A model load under `budget` bytes (constant folding, converted weights).
+    pub fn for_load(budget: u64, token: CancelToken, deadline: Option<Instant>) -> Self {
+        Self { what: "load", ..Self::new(budget, token, deadline) }
+    }
+
+    /// No deadline and a budget of `budget` bytes (benchmarks, tests, direct callers).
+    pub fn with_budget(budget: u64) -> Self {
+        Self::new(budget, CancelToken::new(), None)
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes reserved right now.
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes reserved at once so far.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Ends the work if the deadline passed or the caller cancelled it. `at` names where
+    /// (a node, a layer) for the message.
+    pub fn checkpoint(&self, at: &dyn std::fmt::Display) -> Result<(), NnError> {
+        if self.token.is_cancelled() {
+            return Err(NnError::timeout(format!("the {} was cancelled (stopped before {at})", self.what)));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(NnError::timeout(format!(
+                "the deadline passed during the {} (stopped before {at})",
+                self.what
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reserves `bytes` for `what` until the returned charge is dropped (or
+    /// [`Charge::keep`] makes it permanent), or refuses with `too-large` when that would take
+    /// the reserved total past the budget. Nothing is reserved on refusal.
+    pub fn reserve(&self, bytes: u64, what: &dyn std::fmt::Display) -> Result<Charge<'_>, NnError> {
+        let mut live = self.live.load(Ordering::Relaxed);
+        loop {
+            let next = live.checked_add(bytes).filter(|&n| n <= self.budget).ok_or_else(|| {
+                NnError::too_large(format!(
+                    "{what} needs {} on top of {} in use, over this {}'s memory budget of {} \
+                     (send a smaller batch or input, or raise `max_compute_memory`)",
+                    human(bytes),
+                    human(live),
+                    self.what,
+                    human(self.budget)
+                ))
+            })?;
+            match self.live.compare_exchange_weak(live, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.peak.fetch_max(next, Ordering::Relaxed);
+                    return Ok(Charge { meter: self, bytes });
+                }
+                Err(now) => live = now,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes reserved on a [`Meter`], given back when dropped.
+#[derive(Debug)]
+#[must_use = "a charge is released when dropped"]
+pub struct Charge<'m> {
+    meter: &'m Meter,
+    bytes: u64,
+}
+
+impl Charge<'_> {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Keeps the bytes reserved for the rest of the meter's life.
+    pub fn keep(mut self) {
+        self.bytes = 0;
+    }
+
+    /// Gives back all but `bytes` of this charge (what was reserved for scratch is done with).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.meter.release(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.meter.release(self.bytes);
+    }
+}
+
+/// Elements of a tensor with `dims`, or `None` when the product overflows.
+pub fn elements(dims: &[usize]) -> Option<u64> {
+    dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+}
+
+/// Bytes of a tensor with `dims` and `elem` bytes per element, or a `too-large` error naming
+/// `what` when the size does not fit in 64 bits.
+pub fn bytes_of(dims: &[usize], elem: usize, what: &dyn std::fmt::Display) -> Result<u64, NnError> {
+    elements(dims)
+        .and_then(|n| n.checked_mul(elem as u64))
+        .ok_or_else(|| NnError::too_large(format!("{what}: a tensor of shape {dims:?} does not fit in memory")))
+}
+
+/// `a · b` for sizes, or `too-large` naming `what`.
+pub fn mul(a: u64, b: u64, what: &dyn std::fmt::Display) -> Result<u64, NnError> {
+    a.checked_mul(b).ok_or_else(|| NnError::too_large(format!("{what}: size overflows")))
+}
+
+/// Bytes in plain units for messages.
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_bounded_and_released() {
+        let m = Meter::with_budget(100);
+        let a = m.reserve(60, &"a").unwrap();
+        let err = m.reserve(41, &"b").unwrap_err();
+        assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::TooLarge);
+        assert!(err.message.contains("max_compute_memory"), "{err}");
+        assert_eq!(m.live(), 60, "a refusal reserves nothing");
+        drop(a);
+        assert_eq!(m.live(), 0);
+        m.reserve(100, &"c").unwrap().keep();
+        assert_eq!((m.live(), m.peak()), (100, 100));
+        assert!(m.reserve(u64::MAX, &"d").is_err(), "no overflow");
+    }
+
+    #[test]
+    fn shrinking_a_charge_gives_back_the_rest() {
+        let m = Meter::with_budget(100);
+        let mut c = m.reserve(80, &"x").unwrap();
+        c.shrink_to(30);
+        assert_eq!(m.live(), 30);
+        drop(c);
+        assert_eq!(m.live(), 0);
+    }
+
+    #[test]
+    fn checkpoints_stop_cancelled_and_late_work() {
+        let token = CancelToken::new();
+        let m = Meter::new(1, token.clone(), None);
+        m.checkpoint(&"layer 0").unwrap();
+        drop(token.cancel_on_drop());
+        let err = m.checkpoint(&"layer 1").unwrap_err();
+        assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::Timeout);
+        assert!(err.message.contains("layer 1"), "{err}");
+        let late = Meter::new(1, CancelToken::new(), Some(Instant::now()));
+        assert!(late.checkpoint(&"x").is_err());
+        let t = CancelToken::new();
+        t.cancel_on_drop().disarm();
+        assert!(!t.is_cancelled(), "a disarmed guard does not cancel");
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert_eq!(elements(&[2, 3, 4]), Some(24));
+        assert_eq!(elements(&[]), Some(1));
+        assert_eq!(elements(&[usize::MAX, 2]), None);
+        assert!(bytes_of(&[1 << 40, 1 << 30], 4, &"t").is_err());
+        assert_eq!(bytes_of(&[10], 8, &"t").unwrap(), 80);
+    }
+}
