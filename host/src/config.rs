@@ -89,11 +89,22 @@ pub struct ServerDecl {
     pub admin_key_sha256: Option<String>,
     /// Largest request body accepted from anyone.
     pub max_body: ByteSize,
+    /// Most connections held open at once; past it new ones wait to be accepted.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request body (slow senders hold a slot).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for ServerDecl {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), admin_key_sha256: None, max_body: ByteSize::mib(64) }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_key_sha256: None,
+            max_body: ByteSize::mib(64),
+            max_connections: 1024,
+            body_timeout: std::time::Duration::from_secs(30),
+        }
     }
 }
 
@@ -277,6 +288,8 @@ impl Config {
         }
 
         let mut plugins = BTreeMap::new();
+        // Where each plugin grants a writable directory, for the check across tenants below.
+        let mut writable: BTreeMap<String, std::ops::Range<usize>> = BTreeMap::new();
         for (name, plugin) in raw.plugins {
             let plugin = plugin.into_inner();
             let path = resolve(plugin.path.get_ref());
@@ -307,6 +320,9 @@ impl Config {
                     .parse()
                     .map_err(|e: String| err(Some(dir.span()), format!("plugin `{name}`: {e}")))?;
                 grant.host = resolve(&grant.host);
+                if grant.writable {
+                    writable.entry(name.clone()).or_insert_with(|| dir.span());
+                }
                 if !grant.host.is_dir() {
                     return Err(err(
                         Some(dir.span()),
@@ -391,6 +407,22 @@ impl Config {
                 },
             );
         }
+        // A writable directory is state: shared by two tenants, one could read or change what the
+        // other wrote.
+        for (plugin, span) in &writable {
+            let users: Vec<&str> = tenants.iter().filter(|(_, t)| t.may_use(plugin)).map(|(n, _)| n.as_str()).collect();
+            if users.len() > 1 {
+                return Err(err(
+                    Some(span.clone()),
+                    format!(
+                        "plugin `{plugin}` grants a writable directory and is served to tenants {}: one tenant \
+                         could read or change what another wrote; declare a plugin per tenant, each with its own \
+                         directory, or make it read-only",
+                        users.join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(k) = &raw.server.admin_key_sha256
             && (k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()))
         {
@@ -463,9 +495,16 @@ limits = { fuel = 1000, timeout = "2s", max_memory = "64MiB" }
             ("[plugins.x]\npath = \"p.wasm\"\ndirs = [\"data\"]\n", 3, "HOST::GUEST"),
             ("[plugins.x]\npath = \"missing.wasm\"\n", 2, "not a file"),
             ("[plugins.x\n", 1, ""),
+            (
+                "[plugins.x]\npath = \"p.wasm\"\ndirs = [\"data::/d:rw\"]\n[tenants.a]\nkeys_sha256 = [\"{a}\"]\nplugins = [\"*\"]\n[tenants.b]\nkeys_sha256 = [\"{b}\"]\nplugins = [\"x\"]\n",
+                3,
+                "tenants a, b",
+            ),
         ];
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
         for (text, line, words) in cases {
-            let e = Config::parse(&file, text).unwrap_err();
+            let text = text.replace("{a}", &a).replace("{b}", &b);
+            let e = Config::parse(&file, &text).unwrap_err();
             assert_eq!(e.line, line, "{text}: {e}");
             assert!(e.message.contains(words), "{text}: {e}");
             assert!(e.to_string().starts_with(&format!("{}:{line}: ", file.display())), "{e}");

@@ -62,6 +62,10 @@ impl Datatype {
     }
 }
 
+/// What each BYTES element counts against `max_request`/`max_response` on top of its bytes:
+/// a host vector header (24 bytes) plus the guest's list entry (8).
+pub const BYTES_ELEMENT_OVERHEAD: u64 = 32;
+
 impl TensorData {
     /// The datatype of these elements.
     pub fn datatype(&self) -> Datatype {
@@ -108,7 +112,9 @@ impl TensorData {
     /// Payload size in bytes (for `BYTES`, the sum of the element lengths).
     pub fn byte_size(&self) -> u64 {
         match self {
-            TensorData::Bytes(v) => v.iter().map(|b| b.len() as u64).sum(),
+            // Each element also costs its own allocation on both sides of the call: a
+            // million empty strings are not free.
+            TensorData::Bytes(v) => v.iter().map(|b| b.len() as u64 + BYTES_ELEMENT_OVERHEAD).sum(),
             other => other.len() as u64 * other.datatype().element_size().unwrap_or(1) as u64,
         }
     }

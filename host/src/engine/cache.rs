@@ -3,7 +3,9 @@
 //! Entries are keyed by the SHA-256 of the wasm bytes together with the engine's compatibility
 //! hash (wasmtime version, target, and every setting that changes generated code), so a cache
 //! shared by differently configured engines never serves an incompatible artifact.
-//! Deserialising an entry trusts it: the cache directory must be writable only by its owner.
+//! Deserialising an entry trusts it, so the cache trusts only what it wrote: the directory is
+//! created private (0700), and a directory or an entry owned by another user, or writable by
+//! group or others, is refused ([`CompileCache::open`] fails, [`CompileCache::trusted`] says no).
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -22,8 +24,19 @@ pub struct CompileCache {
 impl CompileCache {
     /// Opens (creating if needed) the cache at `dir` for artifacts of `engine`.
     pub fn open(dir: &Path, engine: &wasmtime::Engine) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the compile cache directory {}", dir.display()))?;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).with_context(|| format!("creating the compile cache directory {}", dir.display()))?;
+        let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        if let Err(why) = private(&meta) {
+            anyhow::bail!(
+                "the compile cache directory {} {why}; its artifacts would run as trusted code \
+                 (fix its owner or mode, e.g. chmod 700, or set EIR_CACHE_DIR elsewhere)",
+                dir.display()
+            );
+        }
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(Self { dir: dir.to_path_buf(), engine_hash: hasher.0.finalize().into() })
@@ -62,10 +75,44 @@ impl CompileCache {
         Ok(())
     }
 
+    /// Whether the entry at `path` may be deserialised: a regular file owned by this user and
+    /// writable by nobody else. An entry that is not is left alone and recompiled.
+    pub fn trusted(&self, path: &Path) -> bool {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => match private(&meta) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(cache = %path.display(), "refusing a compile cache entry that {why}");
+                    false
+                }
+            },
+            _ => false,
+        }
+    }
+
     /// Removes a (corrupt or stale) entry.
     pub fn remove(&self, key: &str) {
         let _ = std::fs::remove_file(self.path(key));
     }
+}
+
+/// Whether `meta` belongs to this user and is writable by no one else; else why not.
+fn private(meta: &std::fs::Metadata) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(format!("is owned by uid {} (this process runs as {me})", meta.uid()));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!("is writable by group or others (mode {:o})", meta.mode() & 0o7777));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    Ok(())
 }
 
 /// Feeds `Hash` impls into SHA-256 so the engine hash is stable across processes.
@@ -110,5 +157,22 @@ mod tests {
         assert_eq!(cache.get(&key).as_deref(), Some(&b"artifact"[..]));
         cache.remove(&key);
         assert!(cache.get(&key).is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn entries_and_directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path(), &wasmtime::Engine::default()).unwrap();
+        let key = cache.key(b"module");
+        cache.put(&key, b"artifact").unwrap();
+        assert!(cache.trusted(&cache.path(&key)));
+        std::fs::set_permissions(cache.path(&key), std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(!cache.trusted(&cache.path(&key)), "a world-writable entry may have been replaced");
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = CompileCache::open(shared.path(), &wasmtime::Engine::default()).unwrap_err();
+        assert!(err.to_string().contains("writable by group or others"), "{err}");
     }
 }

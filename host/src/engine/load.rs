@@ -127,7 +127,7 @@ impl Engine {
         };
         let key = cache.key(binary);
         let path = cache.path(&key);
-        if path.exists() {
+        if path.exists() && cache.trusted(&path) {
             match self.deserialize_file(&path, format) {
                 Ok(artifact) => {
                     tracing::debug!(plugin = name, cache = %path.display(), "loaded compiled artifact from cache");
@@ -167,8 +167,9 @@ impl Engine {
     }
 
     fn deserialize_file(&self, path: &Path, format: Format) -> wasmtime::Result<Artifact> {
-        // SAFETY: cache entries are written only by this process family through
-        // `CompileCache::put`, keyed by the engine's compatibility hash (see `cache`).
+        // SAFETY: the caller checked `CompileCache::trusted`: the entry lies in a private
+        // directory, is owned by this user and writable by no one else, so it was written by
+        // `CompileCache::put` (atomically), keyed by the engine's compatibility hash.
         unsafe {
             Ok(match format {
                 Format::Component => Artifact::Component(Component::deserialize_file(&self.inner, path)?),

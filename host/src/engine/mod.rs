@@ -63,6 +63,7 @@ pub struct Engine {
     inner: wasmtime::Engine,
     cache: Option<Arc<CompileCache>>,
     config: Arc<EngineConfig>,
+    idle: Arc<tokio::sync::Semaphore>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -87,7 +88,10 @@ impl Engine {
             None => None,
         };
         let ticker = EpochTicker::start(inner.clone());
-        Ok(Self { inner, cache, config: Arc::new(config), _ticker: Arc::new(ticker) })
+        // Half the instance pool may sit idle (warm, for reuse), across every plugin and tenant;
+        // the other half is always there for calls.
+        let idle = Arc::new(tokio::sync::Semaphore::new((config.max_concurrent_instances as usize / 2).max(1)));
+        Ok(Self { inner, cache, config: Arc::new(config), idle, _ticker: Arc::new(ticker) })
     }
 
     /// The underlying wasmtime engine.
@@ -103,6 +107,12 @@ impl Engine {
     /// The compile cache, when one is configured.
     pub fn cache(&self) -> Option<&CompileCache> {
         self.cache.as_deref()
+    }
+
+    /// A slot for keeping one idle instance warm, if the engine-wide budget has one: the idle
+    /// instances of all plugins share half the instance pool, so warm pools never exhaust it.
+    pub fn idle_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.idle.clone().try_acquire_owned().ok()
     }
 }
 

@@ -9,6 +9,7 @@
 //! beside it and swaps it in atomically, so requests in flight finish on the old version.
 
 pub mod kserve;
+pub mod listener;
 pub mod metrics;
 pub mod quota;
 mod routes;
@@ -300,11 +301,12 @@ async fn serve_plugin(
 pub async fn serve(runtime: Runtime, config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let max_body = config.server.max_body;
+    let (max_body, max_connections) = (config.server.max_body, config.server.max_connections);
     tracing::info!(config = %config_path.display(), "loading models and plugins");
     let gateway = Arc::new(Gateway::start(runtime, config_path, config).await?);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
+    let listener = listener::Limited::new(listener, max_connections);
     tracing::info!(%local, "serving");
     // A line on stdout that scripts (and the tests) wait for.
     println!("eir serving on http://{local}");

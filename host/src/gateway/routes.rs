@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -17,7 +16,7 @@ use tracing::Instrument;
 
 use super::kserve::{self, HEADER_LENGTH};
 use super::quota::{Refused, TenantState};
-use super::{Gateway, Served, key_hash};
+use super::{Gateway, Served, Snapshot, key_hash};
 use crate::plugin::{CallError, ErrorKind};
 use crate::tensor::{ErrorCode, metadata_to_json};
 
@@ -119,14 +118,17 @@ async fn request_id(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 7235).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn tenant(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<TenantState>, ApiError> {
+fn tenant(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<TenantState>, ApiError> {
     let key = bearer(headers)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing API key (Authorization: Bearer <key>)"))?;
-    gw.snapshot()
+    snapshot
         .by_key
         .get(&key_hash(key))
         .cloned()
@@ -138,7 +140,7 @@ fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &snapshot.config.server.admin_key_sha256 else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "the repository API is off: configure server.admin_key_sha256",
+            "the repository API and /metrics are off: configure server.admin_key_sha256",
         ));
     };
     match bearer(headers) {
@@ -152,14 +154,15 @@ fn not_found(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no model `{name}`"))
 }
 
+/// The caller's tenant and the plugin it names, both from one configuration snapshot.
 fn served(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     headers: &HeaderMap,
     name: &str,
     version: Option<&str>,
 ) -> Result<(Arc<TenantState>, Arc<Served>), ApiError> {
-    let t = tenant(gw, headers)?;
-    let s = gw.snapshot().resolve(&t, name, version).ok_or_else(|| not_found(name))?;
+    let t = tenant(snapshot, headers)?;
+    let s = snapshot.resolve(&t, name, version).ok_or_else(|| not_found(name))?;
     Ok((t, s))
 }
 
@@ -194,7 +197,7 @@ async fn model_metadata(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw, &headers, &name, None)?;
+    let (_, s) = served(&gw.snapshot(), &headers, &name, None)?;
     Ok(axum::Json(metadata_json(&s)))
 }
 
@@ -203,7 +206,7 @@ async fn model_metadata_v(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw, &headers, &name, Some(&version))?;
+    let (_, s) = served(&gw.snapshot(), &headers, &name, Some(&version))?;
     Ok(axum::Json(metadata_json(&s)))
 }
 
@@ -212,7 +215,7 @@ async fn model_ready(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw, &headers, &name, None)?;
+    let (_, s) = served(&gw.snapshot(), &headers, &name, None)?;
     Ok(axum::Json(json!({ "name": s.name, "version": s.version, "ready": true })))
 }
 
@@ -221,16 +224,11 @@ async fn model_ready_v(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw, &headers, &name, Some(&version))?;
+    let (_, s) = served(&gw.snapshot(), &headers, &name, Some(&version))?;
     Ok(axum::Json(json!({ "name": s.name, "version": s.version, "ready": true })))
 }
 
-async fn infer(
-    State(gw): Gw,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn infer(State(gw): Gw, headers: HeaderMap, Path(name): Path<String>, body: Body) -> Response {
     run_infer(gw, headers, name, None, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -238,9 +236,37 @@ async fn infer_v(
     State(gw): Gw,
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     run_infer(gw, headers, name, Some(version), body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Bodies at least this large are decoded on a blocking thread, off the I/O threads.
+const DECODE_OFF_THREAD: usize = 64 << 10;
+
+/// Reads a request body of at most `limit` bytes within `timeout`.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: bytesize::ByteSize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large =
+        || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over your limit of {limit}"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit.as_u64()) {
+        return Err(too_large());
+    }
+    let cap = usize::try_from(limit.as_u64()).unwrap_or(usize::MAX);
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, cap)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if e.to_string().contains("length limit") => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {}", humantime::format_duration(timeout)),
+        )),
+    }
 }
 
 async fn run_infer(
@@ -248,23 +274,16 @@ async fn run_infer(
     headers: HeaderMap,
     name: String,
     version: Option<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let (t, s) = served(&gw, &headers, &name, version.as_deref())?;
+    // One snapshot for the whole request: a reload in between cannot mix two configurations.
+    let snapshot = gw.snapshot();
+    // Authentication and the plugin's existence come first: nothing is read for a stranger.
+    let (t, s) = served(&snapshot, &headers, &name, version.as_deref())?;
     let m = gw.metrics();
     let answer = |code: StatusCode| m.request(&t.name, &name, code.as_u16());
-    let body = body.map_err(|e| {
-        answer(e.status());
-        ApiError::new(e.status(), e.body_text())
-    })?;
-    if body.len() as u64 > t.decl.max_body.as_u64() {
-        answer(StatusCode::PAYLOAD_TOO_LARGE);
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body of {} bytes is over your limit of {}", body.len(), t.decl.max_body),
-        ));
-    }
-    // Admission: the tenant's rate and concurrency, then the plugin's bounded queue.
+    // Admission: the tenant's rate and concurrency, then its body, then the plugin's bounded
+    // queue (a slow sender holds its own tenant's slot, never the plugin's queue).
     let _tenant_slot = t.admit().map_err(|r| {
         answer(StatusCode::TOO_MANY_REQUESTS);
         let (reason, retry) = match r {
@@ -278,6 +297,11 @@ async fn run_infer(
             kind: Some("quota"),
             retry_after: Some(retry),
         }
+    })?;
+    let limit = snapshot.config.server.max_body.min(t.decl.max_body);
+    let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout).await.map_err(|e| {
+        answer(e.status);
+        e
     })?;
     let _queued = s.slots.clone().try_acquire_owned().map_err(|_| {
         answer(StatusCode::SERVICE_UNAVAILABLE);
@@ -296,7 +320,14 @@ async fn run_infer(
         })
         .transpose()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let decoded = kserve::decode(&body, header_len).map_err(|e| {
+    let decoded = if body.len() >= DECODE_OFF_THREAD {
+        tokio::task::spawn_blocking(move || kserve::decode(&body, header_len))
+            .await
+            .unwrap_or_else(|e| Err(format!("decoding the request failed: {e}")))
+    } else {
+        kserve::decode(&body, header_len)
+    };
+    let decoded = decoded.map_err(|e| {
         answer(StatusCode::BAD_REQUEST);
         ApiError::new(StatusCode::BAD_REQUEST, e)
     })?;
@@ -346,10 +377,8 @@ async fn run_infer(
 }
 
 async fn metrics(State(gw): Gw, headers: HeaderMap) -> Result<Response, ApiError> {
-    // With an admin key configured, metrics (which name tenants) need it too.
-    if gw.snapshot().config.server.admin_key_sha256.is_some() {
-        admin(&gw, &headers)?;
-    }
+    // Metrics name tenants: only the admin may read them (off without an admin key).
+    admin(&gw, &headers)?;
     let mut resp = Response::new(axum::body::Body::from(gw.metrics().encode()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

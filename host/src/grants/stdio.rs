@@ -1,7 +1,11 @@
-//! A guest's stdout/stderr captured line by line into `tracing`, tagged with the plugin.
+//! A guest's stdout/stderr captured line by line into `tracing`, tagged with the plugin, at
+//! most [`LOG_RATE`] lines a second per plugin (bursts of [`LOG_BURST`]): a plugin that prints
+//! in a loop cannot flood the host's log or its disk. Lines over the rate are counted, and the
+//! count is logged with the next line that gets through.
 
+use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
@@ -12,6 +16,23 @@ const MAX_LINE: usize = 16 * 1024;
 
 /// How much of a guest's stderr is kept to explain a trap.
 const TAIL_BYTES: usize = 2048;
+
+/// Lines per second a plugin may log (stdout and stderr of all its instances together).
+pub const LOG_RATE: u32 = 200;
+/// Lines a plugin may log at once before the rate applies.
+pub const LOG_BURST: u32 = 2000;
+
+type Limiter = governor::DefaultKeyedRateLimiter<Arc<str>>;
+
+/// One token bucket per plugin name.
+fn limiter() -> &'static Limiter {
+    static LIMITER: OnceLock<Limiter> = OnceLock::new();
+    LIMITER.get_or_init(|| {
+        let rate = NonZeroU32::new(LOG_RATE).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(LOG_BURST).unwrap_or(NonZeroU32::MIN);
+        governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+    })
+}
 
 /// The last bytes a guest wrote to stderr (a Rust panic message, say), shared between the
 /// stream and the code that reports the call's failure.
@@ -65,17 +86,33 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineWriter { target: self.clone(), buf: Vec::new() })
+        Box::new(LineWriter { target: self.clone(), buf: Vec::new(), dropped: 0 })
     }
 }
 
 struct LineWriter {
     target: LogStream,
     buf: Vec<u8>,
+    /// Lines not logged since the last one that was (over the plugin's rate).
+    dropped: u64,
 }
 
 impl LineWriter {
-    fn emit(&self, line: &[u8]) {
+    fn emit(&mut self, line: &[u8]) {
+        if limiter().check_key(&self.target.plugin).is_err() {
+            self.dropped += 1;
+            return;
+        }
+        if self.dropped > 0 {
+            tracing::warn!(
+                target: "eir::plugin",
+                plugin = %self.target.plugin,
+                stream = self.target.stream,
+                dropped = self.dropped,
+                "the plugin logged faster than {LOG_RATE} lines/s; lines were dropped"
+            );
+            self.dropped = 0;
+        }
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
         tracing::info!(target: "eir::plugin", plugin = %self.target.plugin, stream = self.target.stream, "{text}");

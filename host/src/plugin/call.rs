@@ -39,7 +39,12 @@ pub(super) struct Session {
     stderr: Option<OutputTail>,
     pipeline: Option<Pipeline>,
     calls: u32,
+    /// While idle: its slot of the engine's idle budget, and since when it waits.
+    idle: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
 }
+
+/// How long an idle instance is kept for reuse; older ones are dropped (and free their slot).
+const IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Plugin {
     /// Handles one request (pipeline plugins).
@@ -170,27 +175,35 @@ impl Plugin {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        Ok(Session { store, stderr, pipeline: None, calls: 0 })
+        Ok(Session { store, stderr, pipeline: None, calls: 0, idle: None })
     }
 
     /// A warm instance if one is idle, else a new session.
     fn checkout(&self) -> Result<Session, CallError> {
         if self.config.reuse > 1
-            && let Some(session) = self.idle.lock().ok().and_then(|mut idle| idle.pop())
+            && let Some(mut session) = self.idle.lock().ok().and_then(|mut idle| {
+                expire(&mut idle);
+                idle.pop()
+            })
         {
+            session.idle = None; // gives its idle slot back
             return Ok(session);
         }
         self.new_session()
     }
 
-    /// Keeps a healthy instance for later calls, within the reuse budget.
-    fn checkin(&self, session: Session) {
+    /// Keeps a healthy instance for later calls, within the reuse count, this plugin's cap and
+    /// the engine's idle budget; otherwise it is dropped here.
+    fn checkin(&self, mut session: Session) {
         if session.calls >= self.config.reuse || session.pipeline.is_none() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < super::MAX_IDLE_INSTANCES
+        let Ok(mut idle) = self.idle.lock() else { return };
+        expire(&mut idle);
+        if idle.len() < super::MAX_IDLE_INSTANCES
+            && let Some(slot) = self.engine.idle_slot()
         {
+            session.idle = Some((slot, Instant::now()));
             idle.push(session);
         }
     }
@@ -266,4 +279,9 @@ impl Plugin {
 /// Awaits `fut` until `deadline`; `None` if the deadline came first.
 async fn bounded<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
     tokio::time::timeout_at(deadline.into(), fut).await.ok()
+}
+
+/// Drops idle instances older than [`IDLE_TTL`] (oldest first in the list).
+fn expire(idle: &mut Vec<Session>) {
+    idle.retain(|s| s.idle.as_ref().is_none_or(|(_, since)| since.elapsed() < IDLE_TTL));
 }

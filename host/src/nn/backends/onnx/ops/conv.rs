@@ -175,7 +175,8 @@ pub(crate) fn conv2d(
     // The output is not zeroed first: the fast paths write every element once, and the others
     // zero it themselves (`zeroed`).
     let len = n * m * oh * ow;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let mut out: Vec<f32> = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
     let buf = &mut out.spare_capacity_mut()[..len];
     with_f32(x, |xs| {
         with_f32(w, |ws| {
@@ -558,7 +559,7 @@ fn im2col_gemm(
     let (cg, mg) = (c / g.group, m / g.group);
     let kdim = cg * kh * kw;
     let cols = oh * ow;
-    let mut col = vec![0f32; kdim * cols];
+    let mut col = super::zeros_f32(kdim * cols)?;
     for i in 0..n {
         for grp in 0..g.group {
             let src = &xs[(i * c + grp * cg) * h * w..(i * c + (grp + 1) * cg) * h * w];

@@ -63,6 +63,15 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
     Ok(f(&owned))
 }
 
+/// `len` zeroed floats, or `too-large` when the allocator cannot supply them: the meter bounds
+/// `len` beforehand; this keeps a host short of memory from aborting on the allocation itself.
+pub(super) fn zeros_f32(len: usize) -> Result<Vec<f32>, NnError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("cannot allocate {len} floats")))?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
 /// Bytes a tensor's elements take (views count at their full logical size).
 pub(super) fn tensor_bytes(t: &Tensor) -> Result<u64, NnError> {
     bytes_of(t.dims(), t.dtype().size_in_bytes(), &"a value")

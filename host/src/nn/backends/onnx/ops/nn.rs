@@ -322,7 +322,7 @@ impl Gemm {
         if b_kn.len() != k * n {
             return Ok(None);
         }
-        let mut y = vec![0f32; m * n];
+        let mut y = super::zeros_f32(m * n)?;
         super::with_f32(a, |a_rows| super::sgemm::gemm([m, n, k], a_rows, None, &b_kn, &mut y, None, None))??;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
@@ -672,7 +672,7 @@ impl super::Op for Pool {
         // 1-D pools run as 2-D with a height of 1.
         let x = if spatial == 1 { x0.unsqueeze(2)? } else { x0.clone() };
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; n * c * oh * ow];
+        let mut out = super::zeros_f32(n * c * oh * ow)?;
         let max = self.max;
         let count_pad = self.count_pad;
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {

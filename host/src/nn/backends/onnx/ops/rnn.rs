@@ -109,7 +109,7 @@ impl super::Op for Lstm {
         let (h0, c0) = (state(5)?, state(6)?);
 
         // y: [seq, dirs, batch, h]; final h and c: [dirs, batch, h].
-        let mut y = vec![0f32; seq * dirs * batch * h];
+        let mut y = super::zeros_f32(seq * dirs * batch * h)?;
         let (mut hn, mut cn) = (h0.clone(), c0.clone());
         let mut gates = vec![0f32; 4 * h];
         for (d, &reverse) in self.directions.iter().enumerate() {
