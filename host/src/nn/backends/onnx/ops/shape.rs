@@ -417,8 +417,11 @@ impl Pad {
         let (pads, axes) = self.pads(i)?;
         let mut dims = x.dims().to_vec();
         for (k, &a) in axes.iter().enumerate() {
-            let grown = (dims[a] as i128) + i128::from(pads[k]) + i128::from(pads[k + axes.len()]);
-            dims[a] = usize::try_from(grown.max(0)).map_err(|_| NnError::too_large("Pad: the output does not fit"))?;
+            // As `pad_axis` does it: negative pads crop first, then positive ones grow.
+            let (before, after) = (i128::from(pads[k]), i128::from(pads[k + axes.len()]));
+            let cropped = (dims[a] as i128 - (-before).max(0) - (-after).max(0)).max(0);
+            let grown = cropped + before.max(0) + after.max(0);
+            dims[a] = usize::try_from(grown).map_err(|_| NnError::too_large("Pad: the output does not fit"))?;
         }
         Ok(dims)
     }
