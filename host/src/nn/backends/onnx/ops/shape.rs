@@ -199,7 +199,14 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             },
             |i| {
                 let x = input(i, 0, "Tile")?;
-                Ok(vec![x.repeat(dims_of(input(i, 1, "Tile")?)?)?])
+                let reps = dims_of(input(i, 1, "Tile")?)?;
+                let out: Vec<usize> = x.dims().iter().zip(&reps).map(|(&d, &r)| d.saturating_mul(r)).collect();
+                if out.contains(&0) {
+                    // An empty result: candle's repeat would still list every repetition, and
+                    // a repeat count is unbounded when another axis is empty.
+                    return Ok(vec![Tensor::zeros(out, x.dtype(), x.device())?]);
+                }
+                Ok(vec![x.repeat(reps)?])
             },
         ),
         "Pad" => Pad::build(node),
@@ -411,19 +418,22 @@ impl Pad {
 }
 
 impl Pad {
-    /// The output shape, checked: each axis grows by its pads (negative pads crop).
-    fn out_shape(&self, i: &[Option<&Tensor>]) -> Result<Vec<usize>, NnError> {
+    /// The most elements any tensor along the way holds: the axes are padded one after the
+    /// other (each cropped by its negative pads, then grown by its positive ones), so an axis
+    /// grown early can be huge even when a later axis crops the result to nothing.
+    fn largest(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let x = input(i, 0, "Pad")?;
         let (pads, axes) = self.pads(i)?;
         let mut dims = x.dims().to_vec();
+        let mut largest = count(&dims)?;
         for (k, &a) in axes.iter().enumerate() {
-            // As `pad_axis` does it: negative pads crop first, then positive ones grow.
             let (before, after) = (i128::from(pads[k]), i128::from(pads[k + axes.len()]));
             let cropped = (dims[a] as i128 - (-before).max(0) - (-after).max(0)).max(0);
             let grown = cropped + before.max(0) + after.max(0);
             dims[a] = usize::try_from(grown).map_err(|_| NnError::too_large("Pad: the output does not fit"))?;
+            largest = largest.max(count(&dims)?);
         }
-        Ok(dims)
+        Ok(largest)
     }
 
     fn pads(&self, i: &[Option<&Tensor>]) -> Result<(Vec<i64>, Vec<usize>), NnError> {
@@ -446,10 +456,8 @@ impl Pad {
 
 impl super::Op for Pad {
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
-        // The output, and as much again for each axis's intermediate.
-        let out = count(&self.out_shape(i)?)?;
-        let x = count(input(i, 0, "Pad")?.dims())?;
-        wide(out.max(x), 3)
+        // The largest step's result, its parts and the previous step's result.
+        wide(self.largest(i)?, 3)
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
