@@ -16,7 +16,15 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     };
     let unary = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> Built {
         let name = node.proto.op_type.clone();
-        op(move |i| Ok(vec![f(input(i, 0, &name)?)?]))
+        op(move |i| {
+            let x = input(i, 0, &name)?;
+            if x.dtype().is_float() {
+                return Ok(vec![f(x)?]);
+            }
+            // candle's element-wise functions have no integer kernels (they panic): integers go
+            // through f64 (exact to 2^53) and back.
+            Ok(vec![f(&x.to_dtype(DType::F64)?)?.to_dtype(x.dtype())?])
+        })
     };
     Some(match name {
         "Add" => binary(Tensor::broadcast_add),

@@ -143,14 +143,99 @@ pub(super) fn build(node: &Node<'_>) -> Built {
             node.proto.domain, node.proto.name
         )));
     }
-    elementwise::build(op, node)
+    let built = elementwise::build(op, node)
         .or_else(|| nn::build(op, node))
         .or_else(|| shape::build(op, node))
         .or_else(|| reduce::build(op, node))
         .or_else(|| rnn::build(op, node))
         .unwrap_or_else(|| {
             Err(NnError::unsupported(format!("unsupported ONNX operator `{op}` (node `{}`)", node.proto.name)))
-        })
+        })?;
+    Ok(if FLOAT_ONLY.contains(&op) { Box::new(FloatOnly { op: built, name: op.to_string() }) } else { built })
+}
+
+/// Operators ONNX defines on floating-point tensors only (candle has no integer kernels for
+/// them and would panic): an integer input is refused as ONNX Runtime refuses it.
+const FLOAT_ONLY: &[&str] = &[
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Sin",
+    "Cos",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Softplus",
+    "Gelu",
+    "LeakyRelu",
+    "Elu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softmax",
+    "LogSoftmax",
+    "LayerNormalization",
+    "BatchNormalization",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "AveragePool",
+    "MaxPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LSTM",
+    "Mean",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL2",
+];
+
+/// An operator of [`FLOAT_ONLY`]: its tensor inputs must be floats (LSTM's `sequence_lens`,
+/// input 4, is an integer by definition).
+struct FloatOnly {
+    op: Box<dyn Op>,
+    name: String,
+}
+
+impl FloatOnly {
+    fn check(&self, inputs: &[Option<&Tensor>]) -> Result<(), NnError> {
+        for (k, t) in inputs.iter().enumerate() {
+            if let Some(t) = t
+                && !t.dtype().is_float()
+                && !(self.name == "LSTM" && k == 4)
+            {
+                return Err(NnError::invalid_argument(format!(
+                    "{} takes floating-point tensors; input {k} is {:?}",
+                    self.name,
+                    t.dtype()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Op for FloatOnly {
+    fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        self.check(inputs)?;
+        self.op.run(inputs)
+    }
+
+    fn bound(&self, inputs: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        self.check(inputs)?;
+        self.op.bound(inputs)
+    }
+
+    fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
+        self.op.fuse_clamp(clamp)
+    }
+
+    fn prepare(&self, constants: &[Option<&Tensor>]) {
+        self.op.prepare(constants)
+    }
 }
 
 impl Node<'_> {
