@@ -299,10 +299,9 @@ async fn run_infer(
         }
     })?;
     let limit = snapshot.config.server.max_body.min(t.decl.max_body);
-    let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout).await.map_err(|e| {
-        answer(e.status);
-        e
-    })?;
+    let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout)
+        .await
+        .inspect_err(|e| answer(e.status))?;
     let _queued = s.slots.clone().try_acquire_owned().map_err(|_| {
         answer(StatusCode::SERVICE_UNAVAILABLE);
         m.refused(&t.name, "queue");
