@@ -16,7 +16,11 @@ use crate::nn::{Meter, Model};
 /// missed bound shows up as a failed allocation or an RSS limit, not as a slow run.
 const BUDGET: u64 = 64 << 20;
 
-/// An input tensor for `dtype` of `dims`, filled from `seed`.
+/// Most elements a harness input may have: a model may declare any input shape, and the
+/// harness itself must stay small.
+const MAX_INPUT: usize = 1 << 16;
+
+/// An input tensor for `dtype` of `dims`, filled from `seed` (`None` past [`MAX_INPUT`]).
 fn tensor_for(dtype: candle_core::DType, dims: &[usize], seed: &[u8]) -> Option<HostTensor> {
     let ty = match dtype {
         candle_core::DType::F32 => TensorType::Fp32,
@@ -28,7 +32,7 @@ fn tensor_for(dtype: candle_core::DType, dims: &[usize], seed: &[u8]) -> Option<
         _ => TensorType::I32,
     };
     let elem = crate::nn::tensor::element_size(ty);
-    let n: usize = dims.iter().product();
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_INPUT)?;
     let data: Vec<u8> = (0..n * elem).map(|i| seed.get(i % seed.len().max(1)).copied().unwrap_or(0)).collect();
     HostTensor::new(dims.iter().map(|&d| d as u32).collect(), ty, data).ok()
 }

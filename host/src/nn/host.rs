@@ -113,10 +113,7 @@ impl graph::Host for NnView<'_> {
         encoding: graph::GraphEncoding,
         target: graph::ExecutionTarget,
     ) -> Answer<HostGraph> {
-        let size: u64 = builder.iter().map(|b| b.len() as u64).sum();
-        if let Err(e) = self.ctx.check_load_size(size) {
-            return self.fail(e);
-        }
+        // The bytes are already lifted here; the core checks the grant and the cap.
         use graph::GraphEncoding as E;
         let encoding = match encoding {
             E::Autodetect => Encoding::Autodetect,

@@ -109,12 +109,10 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         let encoding = match encoding {
             types::GraphEncoding::Autodetect => Encoding::Autodetect,
             types::GraphEncoding::Onnx => Encoding::Onnx,
-            other => Encoding::Other(match other {
-                types::GraphEncoding::Openvino => "OpenVINO",
-                types::GraphEncoding::Tensorflow => "TensorFlow",
-                types::GraphEncoding::Pytorch => "PyTorch",
-                _ => "TensorFlow Lite",
-            }),
+            types::GraphEncoding::Openvino => Encoding::Other("OpenVINO"),
+            types::GraphEncoding::Tensorflow => Encoding::Other("TensorFlow"),
+            types::GraphEncoding::Pytorch => Encoding::Other("PyTorch"),
+            types::GraphEncoding::Tensorflowlite => Encoding::Other("TensorFlow Lite"),
         };
         let target = match target {
             types::ExecutionTarget::Cpu => Target::Cpu,

@@ -89,11 +89,6 @@ impl Meter {
         Self::new(budget, CancelToken::new(), None)
     }
 
-    /// The budget in bytes.
-    pub fn budget(&self) -> u64 {
-        self.budget
-    }
-
     /// Bytes reserved right now.
     pub fn live(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
@@ -159,22 +154,9 @@ pub struct Charge<'m> {
 }
 
 impl Charge<'_> {
-    /// The bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Keeps the bytes reserved for the rest of the meter's life.
     pub fn keep(mut self) {
         self.bytes = 0;
-    }
-
-    /// Gives back all but `bytes` of this charge (what was reserved for scratch is done with).
-    pub fn shrink_to(&mut self, bytes: u64) {
-        if bytes < self.bytes {
-            self.meter.release(self.bytes - bytes);
-            self.bytes = bytes;
-        }
     }
 }
 
@@ -224,16 +206,6 @@ mod tests {
         m.reserve(100, &"c").unwrap().keep();
         assert_eq!((m.live(), m.peak()), (100, 100));
         assert!(m.reserve(u64::MAX, &"d").is_err(), "no overflow");
-    }
-
-    #[test]
-    fn shrinking_a_charge_gives_back_the_rest() {
-        let m = Meter::with_budget(100);
-        let mut c = m.reserve(80, &"x").unwrap();
-        c.shrink_to(30);
-        assert_eq!(m.live(), 30);
-        drop(c);
-        assert_eq!(m.live(), 0);
     }
 
     #[test]

@@ -273,7 +273,8 @@ impl std::fmt::Display for NodeAt<'_> {
 
 /// Runs `op` with what it will allocate reserved on `meter` first. Its outputs are then
 /// charged by the caller at their real size; an operator whose outputs exceed what it declared
-/// is a bug in its [`Op::bound`] (an error in debug and fuzzing builds, a warning otherwise).
+/// is a bug in its [`Op::bound`] (a panic in tests and under the fuzzer, an error in debug
+/// builds, a warning otherwise).
 fn run_op(
     op: &dyn Op,
     ins: &[Option<&Tensor>],
