@@ -1,43 +1,65 @@
 #!/usr/bin/env bash
-# Builds everything: the guest components (Rust for wasm32-wasip2, and the Python, JavaScript
-# and C plugins with their toolchains) and the host with the `eir` binary. Guests land in
-# plugins/dist (shipped plugins) and tests/plugins/dist (test guests).
+# Builds EIR in parts; with no arguments, all of them:
+#   plugins  the Rust guest components (wasm32-wasip2, and the one wasip1 test guest), into
+#            plugins/dist (shipped plugins) and tests/plugins/dist (test guests)
+#   langs    the Python, JavaScript and C plugins, with their pinned toolchains
+#   host     the host with the `eir` binary and every test, bench and example target
+# scripts/serve.sh needs only `plugins` and the `eir` binary; scripts/test.sh needs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-
-scripts/toolchains.sh
+[ $# -gt 0 ] || set -- plugins langs host
 tools="${EIR_TOOLS:-$HOME/.cache/eir/tools}"
 
-echo "==> building guest components (wasm32-wasip2, release)"
-# Everything is a component, except the one test guest that stands for legacy wasip1 programs.
-cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --workspace --exclude legacy-nn --locked
-cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip1 --release -p legacy-nn --locked
-out="$CARGO_TARGET_DIR/wasm32-wasip2/release"
-mkdir -p plugins/dist tests/plugins/dist
-for crate in plugins/*/Cargo.toml; do
-    name=$(basename "$(dirname "$crate")" | tr - _)
-    cp "$out/$name.wasm" plugins/dist/
-done
-cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/legacy-nn.wasm" tests/plugins/dist/legacy_nn.wasm
-for crate in tests/plugins/*/Cargo.toml; do
-    name=$(basename "$(dirname "$crate")")
-    [ "$name" = legacy-nn ] && continue
-    # A bin crate keeps dashes in its file name; a cdylib turns them into underscores.
-    src="$out/$name.wasm"; [ -f "$src" ] || src="$out/$(echo "$name" | tr - _).wasm"
-    cp "$src" "tests/plugins/dist/$(echo "$name" | tr - _).wasm"
-done
+build_plugins() {
+    for target in wasm32-wasip2 wasm32-wasip1; do
+        rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+    done
+    echo "==> building the Rust guest components (wasm32-wasip2, release)"
+    # Everything is a component, except the one test guest that stands for legacy wasip1 programs.
+    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --workspace --exclude legacy-nn --locked
+    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip1 --release -p legacy-nn --locked
+    local out="$CARGO_TARGET_DIR/wasm32-wasip2/release" crate name src
+    mkdir -p plugins/dist tests/plugins/dist
+    for crate in plugins/*/Cargo.toml; do
+        name=$(basename "$(dirname "$crate")" | tr - _)
+        cp "$out/$name.wasm" plugins/dist/
+    done
+    cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/legacy-nn.wasm" tests/plugins/dist/legacy_nn.wasm
+    for crate in tests/plugins/*/Cargo.toml; do
+        name=$(basename "$(dirname "$crate")")
+        [ "$name" = legacy-nn ] && continue
+        # A bin crate keeps dashes in its file name; a cdylib turns them into underscores.
+        src="$out/$name.wasm"; [ -f "$src" ] || src="$out/$(echo "$name" | tr - _).wasm"
+        cp "$src" "tests/plugins/dist/$(echo "$name" | tr - _).wasm"
+    done
+}
 
-echo "==> building the Python plugin (componentize-py)"
-"$tools/py/bin/componentize-py" -d wit -w eir:plugin/pipeline componentize app -p plugins/py-embed \
-    -o plugins/dist/py_embed.wasm >/dev/null
-rm -rf plugins/py-embed/__pycache__
-echo "==> building the JavaScript plugin (componentize-js)"
-(cd plugins/js-rank && PATH="$tools/js/node_modules/.bin:$PATH" npm run --silent build >/dev/null)
-echo "==> building the C plugin (clang, wit-bindgen c, wasm-component-ld)"
-make --no-print-directory -s -C plugins/c-vad WIT_BINDGEN="$tools/bin/wit-bindgen" \
-    COMPONENT_LD="$tools/bin/wasm-component-ld" BUILD="$CARGO_TARGET_DIR/c-vad" OUT="$PWD/plugins/dist/c_vad.wasm"
+build_langs() {
+    scripts/toolchains.sh
+    mkdir -p plugins/dist
+    echo "==> building the Python plugin (componentize-py)"
+    "$tools/py/bin/componentize-py" -d wit -w eir:plugin/pipeline componentize app -p plugins/py-embed \
+        -o plugins/dist/py_embed.wasm >/dev/null
+    rm -rf plugins/py-embed/__pycache__
+    echo "==> building the JavaScript plugin (componentize-js)"
+    (cd plugins/js-rank && PATH="$tools/js/node_modules/.bin:$PATH" npm run --silent build >/dev/null)
+    echo "==> building the C plugin (clang, wit-bindgen c, wasm-component-ld)"
+    make --no-print-directory -s -C plugins/c-vad WIT_BINDGEN="$tools/bin/wit-bindgen" \
+        COMPONENT_LD="$tools/bin/wasm-component-ld" BUILD="$CARGO_TARGET_DIR/c-vad" OUT="$PWD/plugins/dist/c_vad.wasm"
+}
 
-echo "==> building the host (eir)"
-cargo build --workspace --all-targets --locked
-echo "==> done: $CARGO_TARGET_DIR/debug/eir; plugins in plugins/dist"
+build_host() {
+    echo "==> building the host (eir, with its tests, benches and examples)"
+    cargo build --workspace --all-targets --locked
+}
+
+for part in "$@"; do
+    case "$part" in
+        plugins) build_plugins ;;
+        langs) build_langs ;;
+        host) build_host ;;
+        *) echo "scripts/build.sh: unknown part '$part' (plugins, langs or host)" >&2; exit 2 ;;
+    esac
+done
+echo "==> built: $*"

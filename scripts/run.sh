@@ -5,9 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-if [ ! -x "$CARGO_TARGET_DIR/debug/eir" ] || [ ! -f plugins/dist/text_embed.wasm ]; then
-    scripts/build.sh
-fi
+[ -f plugins/dist/text_embed.wasm ] || scripts/build.sh plugins
+cargo build --locked --quiet -p eir --bin eir
 "$CARGO_TARGET_DIR/debug/eir" models fetch minilm --dir models
 if [ $# -eq 0 ]; then set -- "EIR runs inference plugins at the edge."; fi
 inputs=()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Installs the pinned guest toolchains, each only when missing or at another version:
-#   Rust      the wasm32-wasip2 and wasm32-wasip1 targets (rustup)
+# Installs the pinned toolchains of the non-Rust guests, each only when missing or at another
+# version (the Rust targets come with scripts/build.sh plugins):
 #   C         clang-19, lld-19, compiler-rt and wasi-libc (Debian packages), wit-bindgen-cli
 #             (C bindings) and wasm-component-ld (links and componentizes) from crates.io
 #   Python    componentize-py, in a virtual environment
 #   JS        @bytecodealliance/componentize-js, from the npm lockfile in plugins/js-rank
 # Everything but the Debian packages goes under $EIR_TOOLS (default ~/.cache/eir/tools), so
-# that fresh clones reuse it. Sourced by scripts/build.sh; runnable on its own.
+# that fresh clones reuse it. Run by scripts/build.sh langs; runnable on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,13 +16,6 @@ COMPONENTIZE_PY_VERSION=0.25.1
 DEBIAN_PACKAGES=(clang-19 lld-19 libclang-rt-19-dev-wasm32 wasi-libc)
 EIR_TOOLS="${EIR_TOOLS:-$HOME/.cache/eir/tools}"
 mkdir -p "$EIR_TOOLS"
-
-for target in wasm32-wasip2 wasm32-wasip1; do
-    if ! rustup target list --installed | grep -qx "$target"; then
-        echo "==> adding the $target target"
-        rustup target add "$target"
-    fi
-done
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -14,6 +14,10 @@
 //! reuse = 1000                       # calls per instance (1 = fresh every call)
 //! limits = { fuel = 5_000_000_000, timeout = "10s", max_memory = "256MiB" }
 //!
+//! [plugins.extra]
+//! path = "dist/extra.wasm"
+//! optional = true                    # not built yet: left out with a warning, served after a reload
+//!
 //! [tenants.acme]
 //! keys_sha256 = ["<sha256 of the key, hex>"]   # `eir key new` makes a key and its hash
 //! plugins = ["embed"]
@@ -60,6 +64,9 @@ pub struct Config {
     pub models: BTreeMap<String, ModelDecl>,
     /// Plugins by name.
     pub plugins: BTreeMap<String, PluginDecl>,
+    /// Plugins declared `optional` whose component does not exist yet, with the path it is
+    /// expected at: left out of what is served until a reload finds them built.
+    pub absent: BTreeMap<String, PathBuf>,
     /// Tenants by name.
     pub tenants: BTreeMap<String, TenantDecl>,
 }
@@ -223,6 +230,9 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct RawPlugin {
     path: Spanned<PathBuf>,
+    /// A missing component leaves the plugin out (with a warning) instead of failing the file.
+    #[serde(default)]
+    optional: bool,
     #[serde(default)]
     models: Vec<Spanned<String>>,
     #[serde(default)]
@@ -288,11 +298,16 @@ impl Config {
         }
 
         let mut plugins = BTreeMap::new();
+        let mut absent = BTreeMap::new();
         // Where each plugin grants a writable directory, for the check across tenants below.
         let mut writable: BTreeMap<String, std::ops::Range<usize>> = BTreeMap::new();
         for (name, plugin) in raw.plugins {
             let plugin = plugin.into_inner();
             let path = resolve(plugin.path.get_ref());
+            if plugin.optional && !path.exists() {
+                absent.insert(name, path);
+                continue;
+            }
             if !path.is_file() {
                 return Err(err(
                     Some(plugin.path.span()),
@@ -384,7 +399,7 @@ impl Config {
                 return Err(err(Some(span), format!("tenant `{name}` has no keys_sha256")));
             }
             for p in &tenant.plugins {
-                if p.get_ref() != "*" && !plugins.contains_key(p.get_ref()) {
+                if p.get_ref() != "*" && !plugins.contains_key(p.get_ref()) && !absent.contains_key(p.get_ref()) {
                     return Err(err(
                         Some(p.span()),
                         format!("tenant `{name}` may use plugin `{}`, which is not declared", p.get_ref()),
@@ -428,7 +443,7 @@ impl Config {
         {
             return Err(err(None, "server.admin_key_sha256 must be 64 hex digits".into()));
         }
-        Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, tenants })
+        Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, absent, tenants })
     }
 
     /// A registry of the configured models, computing on `pool`.
@@ -509,5 +524,24 @@ limits = { fuel = 1000, timeout = "2s", max_memory = "64MiB" }
             assert!(e.message.contains(words), "{text}: {e}");
             assert!(e.to_string().starts_with(&format!("{}:{line}: ", file.display())), "{e}");
         }
+    }
+
+    #[test]
+    fn an_optional_plugin_not_built_yet_is_left_out_not_an_error() {
+        let dir = setup();
+        let file = dir.path().join("eir.toml");
+        let text = format!(
+            "[plugins.built]\npath = \"p.wasm\"\noptional = true\n[plugins.later]\npath = \"later.wasm\"\noptional = true\n\
+             [tenants.a]\nkeys_sha256 = [\"{}\"]\nplugins = [\"later\"]\n",
+            "a".repeat(64)
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        assert!(config.plugins.contains_key("built"));
+        assert!(!config.plugins.contains_key("later"));
+        assert_eq!(config.absent["later"], dir.path().join("later.wasm"));
+        // Once built, the same file serves it.
+        std::fs::write(dir.path().join("later.wasm"), b"\0asm").unwrap();
+        let config = Config::parse(&file, &text).unwrap();
+        assert!(config.plugins.contains_key("later") && config.absent.is_empty());
     }
 }

@@ -225,6 +225,14 @@ async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> a
         tenants.insert(name.clone(), state);
     }
 
+    for (name, path) in &config.absent {
+        tracing::warn!(
+            plugin = %name,
+            "left out: {} is not built yet (it is optional; scripts/build.sh builds it, and a reload \
+             (SIGHUP) serves it)",
+            path.display()
+        );
+    }
     let mut models = BTreeMap::new();
     for (name, decl) in &config.plugins {
         let audience: Vec<(String, Ceilings)> = config
