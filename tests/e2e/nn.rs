@@ -77,6 +77,10 @@ async fn load_from_bytes_is_a_separate_capped_grant() {
     let enough = NnGrants { load_from_bytes: Some(ByteSize::mib(200)), ..granted() };
     let (plugin, _c) = hostile(enough, Limits::default());
     assert_eq!(answer(&plugin, &[("attack", "nn-bytes")]).await, "ok: last_hidden_state: TensorType::Fp32 [1, 2, 384]");
+    // The cap bounds what the plugin holds, not what it ever loaded: the graph went with its
+    // call, so the next call may load again.
+    assert_eq!(plugin.loaded_bytes(), 0);
+    assert_eq!(answer(&plugin, &[("attack", "nn-bytes")]).await, "ok: last_hidden_state: TensorType::Fp32 [1, 2, 384]");
 }
 
 #[tokio::test]

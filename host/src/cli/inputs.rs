@@ -8,10 +8,8 @@
 
 use std::io::Read;
 
+use crate::tensor::{Datatype, Tensor, TensorData, json};
 use anyhow::{Context, bail};
-use serde_json::Value;
-
-use crate::tensor::{Datatype, Tensor, TensorData, data_from_json};
 
 /// Builds the input tensors from `--input` values, in order of first appearance.
 pub fn parse_inputs(specs: &[String]) -> anyhow::Result<Vec<Tensor>> {
@@ -64,33 +62,35 @@ fn parse_one(spec: &str) -> anyhow::Result<Tensor> {
         let names: Vec<&str> = Datatype::ALL.iter().map(|d| d.as_str()).collect();
         format!("unknown datatype `{dtype_name}` (one of {})", names.join(", "))
     })?;
-    let values: Vec<Value> = if datatype == Datatype::Bytes {
-        value.split(',').map(|s| Value::String(s.to_string())).collect()
+    // The values as a JSON array, decoded like a request's `data`.
+    let items: Vec<String> = if datatype == Datatype::Bytes {
+        value.split(',').map(|s| serde_json::Value::String(s.to_string()).to_string()).collect()
     } else {
         value
             .split(',')
             .filter(|s| !s.trim().is_empty())
-            .map(|s| parse_scalar(s.trim()))
+            .map(|s| json_scalar(s.trim()))
             .collect::<anyhow::Result<_>>()?
     };
-    let refs: Vec<&Value> = values.iter().collect();
-    let data = data_from_json(datatype, &refs).map_err(anyhow::Error::msg)?;
+    let data = json::decode_data(datatype, format!("[{}]", items.join(",")).as_bytes()).map_err(anyhow::Error::msg)?;
     let shape = shape.unwrap_or_else(|| vec![data.len() as u64]);
     let tensor = Tensor { name: name.to_string(), shape, data };
     tensor.validate().map_err(anyhow::Error::msg)?;
     Ok(tensor)
 }
 
-fn parse_scalar(s: &str) -> anyhow::Result<Value> {
-    match s {
-        "true" => return Ok(Value::Bool(true)),
-        "false" => return Ok(Value::Bool(false)),
-        "nan" | "NaN" => return Ok(Value::String("NaN".into())),
-        "inf" | "Infinity" => return Ok(Value::String("Infinity".into())),
-        "-inf" | "-Infinity" => return Ok(Value::String("-Infinity".into())),
-        _ => {}
-    }
-    serde_json::from_str::<serde_json::Number>(s).map(Value::Number).with_context(|| format!("`{s}` is not a number"))
+/// One `--input` value as JSON: numbers and booleans as they are, NaN and infinities as the
+/// strings KServe JSON uses for them.
+fn json_scalar(s: &str) -> anyhow::Result<String> {
+    Ok(match s {
+        "true" | "false" => s.to_string(),
+        "nan" | "NaN" => "\"NaN\"".into(),
+        "inf" | "Infinity" => "\"Infinity\"".into(),
+        "-inf" | "-Infinity" => "\"-Infinity\"".into(),
+        _ => {
+            serde_json::from_str::<serde_json::Number>(s).with_context(|| format!("`{s}` is not a number"))?.to_string()
+        }
+    })
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {

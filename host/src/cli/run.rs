@@ -1,5 +1,6 @@
 //! `eir run`: one call of a pipeline plugin, or one run of a WASI command.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -128,12 +129,16 @@ impl RunArgs {
         let mut request = match &self.request {
             Some(path) => {
                 let text = if path.as_os_str() == "-" {
-                    std::io::read_to_string(std::io::stdin()).context("reading the request from stdin")?
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf).context("reading the request from stdin")?;
+                    buf
                 } else {
-                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
                 };
-                let json: serde_json::Value = serde_json::from_str(&text).context("the request is not JSON")?;
-                tensor::request_from_json(&json).map_err(anyhow::Error::msg).context("invalid request")?
+                tensor::json::decode_request(&text)
+                    .and_then(tensor::json::WireRequest::into_request)
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid request")?
             }
             None => Request { id: String::new(), inputs: vec![], outputs: vec![], parameters: vec![] },
         };
@@ -153,7 +158,14 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
     let runtime = Runtime::with_registry(global.engine_config(), Arc::new(registry))?;
 
     // PLUGIN names a configured plugin, or is a path.
-    let declared = file.as_ref().and_then(|c| c.plugins.get(&*args.plugin.to_string_lossy()));
+    let key = args.plugin.to_string_lossy();
+    if let Some(path) = file.as_ref().and_then(|c| c.absent.get(&*key)) {
+        anyhow::bail!(
+            "plugin `{key}` is not built yet: {} does not exist (scripts/build.sh builds it)",
+            path.display()
+        );
+    }
+    let declared = file.as_ref().and_then(|c| c.plugins.get(&*key));
     let (name, path, base) = match declared {
         Some(decl) => (args.plugin.to_string_lossy().into_owned(), decl.path.clone(), decl.config.clone()),
         None => (args.plugin_name(), args.plugin.clone(), PluginConfig::default()),
@@ -207,7 +219,14 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
             } else {
                 let request = args.request()?;
                 let response = plugin.handle(&request).await.map_err(report)?;
-                tensor::response_to_json(&name, &request.id, &response)
+                let json = tensor::json::ResponseJson {
+                    model: &name,
+                    version: None,
+                    id: &request.id,
+                    response: &response,
+                    binary_data_sizes: &[],
+                };
+                serde_json::to_value(&json)?
             };
             let text = if args.pretty { serde_json::to_string_pretty(&json) } else { serde_json::to_string(&json) }?;
             println!("{text}");

@@ -2,9 +2,8 @@
 //! data extension (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data` /
 //! `binary_data_output`) in both directions.
 
-use serde_json::{Map, Value, json};
-
-use crate::tensor::{self, Datatype, Request, Response, Tensor, TensorData};
+use crate::tensor::json;
+use crate::tensor::{Datatype, Request, Response, TensorData};
 
 /// The header that splits a JSON header from binary tensor data.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -46,80 +45,37 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Decoded, String>
         Some(n) => return Err(format!("{HEADER_LENGTH} is {n}, but the body has {} bytes", body.len())),
         None => (body, &[][..]),
     };
-    let json: Value = serde_json::from_slice(head).map_err(|e| format!("the request is not JSON: {e}"))?;
-    let obj = json.as_object().ok_or("the request must be a JSON object")?;
-    let id = obj.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
-    let params = obj.get("parameters").and_then(Value::as_object);
-    let mut inputs = Vec::new();
-    for input in obj.get("inputs").and_then(Value::as_array).ok_or("the request has no `inputs` array")? {
-        let size = input
-            .get("parameters")
-            .and_then(|p| p.get("binary_data_size"))
-            .map(|s| s.as_u64().ok_or("binary_data_size must be a non-negative integer"))
-            .transpose()?;
-        let t = match size {
-            None => tensor::tensor_from_json(input)?,
+    let wire = json::decode_request(head)?;
+    let mut inputs = Vec::with_capacity(wire.inputs.len());
+    for input in wire.inputs {
+        let data = match input.binary_data_size {
+            None => None,
             Some(size) => {
-                let size = usize::try_from(size).map_err(|_| "binary_data_size too large")?;
-                if size > binary.len() {
-                    return Err(format!("binary_data_size {size} runs past the end of the body"));
-                }
+                let size = usize::try_from(size).ok().filter(|&s| s <= binary.len()).ok_or_else(|| {
+                    format!("tensor `{}`: binary_data_size {size} runs past the end of the body", input.name)
+                })?;
                 let (chunk, rest) = binary.split_at(size);
                 binary = rest;
-                binary_tensor(input, chunk)?
+                Some(decode_binary(input.datatype, chunk).map_err(|e| format!("tensor `{}`: {e}", input.name))?)
             }
         };
-        inputs.push(t);
+        inputs.push(input.into_tensor(data)?);
     }
     if !binary.is_empty() {
         return Err(format!("{} bytes of binary data belong to no input", binary.len()));
     }
-    let mut outputs = Vec::new();
-    let mut binary_names = Vec::new();
-    if let Some(outs) = obj.get("outputs") {
-        for o in outs.as_array().ok_or("`outputs` must be an array")? {
-            let name = o.get("name").and_then(Value::as_str).ok_or("each requested output needs a `name`")?;
-            outputs.push(name.to_string());
-            if o.get("parameters").and_then(|p| p.get("binary_data")).and_then(Value::as_bool) == Some(true) {
-                binary_names.push(name.to_string());
-            }
-        }
-    }
-    let binary = if params.and_then(|p| p.get("binary_data_output")).and_then(Value::as_bool) == Some(true) {
+    let binary_names: Vec<String> = wire.outputs.iter().filter(|o| o.binary_data()).map(|o| o.name.clone()).collect();
+    let all_binary = wire.parameters.iter().any(|(k, v)| k == "binary_data_output" && v == "true");
+    let binary = if all_binary {
         BinaryOutputs::All
     } else if binary_names.is_empty() {
         BinaryOutputs::None
     } else {
         BinaryOutputs::Some(binary_names)
     };
-    let parameters = params
-        .map(|p| {
-            p.iter()
-                .filter(|(k, _)| k.as_str() != "binary_data_output")
-                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Decoded { request: Request { id, inputs, outputs, parameters }, binary })
-}
-
-/// A tensor whose elements come from the binary section.
-fn binary_tensor(meta: &Value, bytes: &[u8]) -> Result<Tensor, String> {
-    let name = meta.get("name").and_then(Value::as_str).ok_or("tensor without a string `name`")?.to_string();
-    let dt =
-        meta.get("datatype").and_then(Value::as_str).ok_or_else(|| format!("tensor `{name}`: missing `datatype`"))?;
-    let datatype = Datatype::parse(dt).ok_or_else(|| format!("tensor `{name}`: unknown datatype `{dt}`"))?;
-    let shape: Vec<u64> = meta
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("tensor `{name}`: missing `shape`"))?
-        .iter()
-        .map(|d| d.as_u64().ok_or_else(|| format!("tensor `{name}`: bad shape")))
-        .collect::<Result<_, _>>()?;
-    let data = decode_binary(datatype, bytes).map_err(|e| format!("tensor `{name}`: {e}"))?;
-    let t = Tensor { name, shape, data };
-    t.validate()?;
-    Ok(t)
+    let parameters = wire.parameters.into_iter().filter(|(k, _)| k != "binary_data_output").collect();
+    let outputs = wire.outputs.into_iter().map(|o| o.name).collect();
+    Ok(Decoded { request: Request { id: wire.id, inputs, outputs, parameters }, binary })
 }
 
 fn le<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Result<Vec<T>, String> {
@@ -170,34 +126,32 @@ pub fn decode_binary(datatype: Datatype, bytes: &[u8]) -> Result<TensorData, Str
     })
 }
 
-/// The binary form of tensor data.
-pub fn encode_binary(data: &TensorData) -> Vec<u8> {
-    fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(v.len() * N);
+/// Appends the binary form of tensor data to `out`.
+pub fn encode_binary(data: &TensorData, out: &mut Vec<u8>) {
+    fn le<T: Copy, const N: usize>(v: &[T], out: &mut Vec<u8>, f: impl Fn(T) -> [u8; N]) {
+        out.reserve(v.len() * N);
         for &x in v {
             out.extend_from_slice(&f(x));
         }
-        out
     }
     match data {
-        TensorData::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
-        TensorData::Uint8(v) => v.clone(),
-        TensorData::Int8(v) => v.iter().map(|&x| x as u8).collect(),
-        TensorData::Uint16(v) | TensorData::Fp16(v) => le(v, u16::to_le_bytes),
-        TensorData::Int16(v) => le(v, i16::to_le_bytes),
-        TensorData::Uint32(v) => le(v, u32::to_le_bytes),
-        TensorData::Int32(v) => le(v, i32::to_le_bytes),
-        TensorData::Fp32(v) => le(v, f32::to_le_bytes),
-        TensorData::Uint64(v) => le(v, u64::to_le_bytes),
-        TensorData::Int64(v) => le(v, i64::to_le_bytes),
-        TensorData::Fp64(v) => le(v, f64::to_le_bytes),
+        TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+        TensorData::Uint8(v) => out.extend_from_slice(v),
+        TensorData::Int8(v) => out.extend(v.iter().map(|&x| x as u8)),
+        TensorData::Uint16(v) | TensorData::Fp16(v) => le(v, out, u16::to_le_bytes),
+        TensorData::Int16(v) => le(v, out, i16::to_le_bytes),
+        TensorData::Uint32(v) => le(v, out, u32::to_le_bytes),
+        TensorData::Int32(v) => le(v, out, i32::to_le_bytes),
+        TensorData::Fp32(v) => le(v, out, f32::to_le_bytes),
+        TensorData::Uint64(v) => le(v, out, u64::to_le_bytes),
+        TensorData::Int64(v) => le(v, out, i64::to_le_bytes),
+        TensorData::Fp64(v) => le(v, out, f64::to_le_bytes),
         TensorData::Bytes(v) => {
-            let mut out = Vec::new();
             for b in v {
-                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                // An element over 4 GiB cannot be in a response: max_response is far below that.
+                out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes());
                 out.extend_from_slice(b);
             }
-            out
         }
     }
 }
@@ -212,39 +166,20 @@ pub fn encode(
     binary: &BinaryOutputs,
 ) -> (Vec<u8>, Option<usize>) {
     let mut blob = Vec::new();
-    let outputs: Vec<Value> = response
+    let sizes: Vec<Option<usize>> = response
         .outputs
         .iter()
         .map(|t| {
-            if binary.wants(&t.name) {
-                let bytes = encode_binary(&t.data);
-                let size = bytes.len();
-                blob.extend(bytes);
-                json!({
-                    "name": t.name,
-                    "datatype": t.data.datatype().as_str(),
-                    "shape": t.shape,
-                    "parameters": { "binary_data_size": size },
-                })
-            } else {
-                tensor::tensor_to_json(t)
-            }
+            binary.wants(&t.name).then(|| {
+                let start = blob.len();
+                encode_binary(&t.data, &mut blob);
+                blob.len() - start
+            })
         })
         .collect();
-    let mut out = Map::new();
-    out.insert("model_name".into(), json!(model));
-    out.insert("model_version".into(), json!(version));
-    if !id.is_empty() {
-        out.insert("id".into(), json!(id));
-    }
-    if !response.parameters.is_empty() {
-        out.insert(
-            "parameters".into(),
-            Value::Object(response.parameters.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
-        );
-    }
-    out.insert("outputs".into(), Value::Array(outputs));
-    let mut body = serde_json::to_vec(&Value::Object(out)).unwrap_or_default();
+    let json = json::ResponseJson { model, version: Some(version), id, response, binary_data_sizes: &sizes };
+    // Serialising plain data into a vector cannot fail.
+    let mut body = serde_json::to_vec(&json).unwrap_or_default();
     if blob.is_empty() {
         return (body, None);
     }
@@ -256,6 +191,8 @@ pub fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Tensor;
+    use serde_json::{Value, json};
 
     #[test]
     fn binary_inputs_follow_the_json_header() {

@@ -26,25 +26,28 @@ pub(crate) enum Encoding {
 
 impl NnCtx {
     /// Checks, before the guest's bytes are copied, that a model of `size` bytes may be loaded
-    /// from bytes: the grant exists and the plugin's total of loaded bytes stays within it.
+    /// from bytes: the grant exists and the plugin's graphs stay within it.
     pub(crate) fn check_load_size(&self, size: u64) -> Result<(), NnError> {
+        self.reserve_load(size).map(drop)
+    }
+
+    fn reserve_load(&self, size: u64) -> Result<super::LoadCharge, NnError> {
         let Some(cap) = self.grants.load_from_bytes else {
             return Err(NnError::security(
                 "this plugin may not load models from bytes (grant `load_from_bytes`); use load-by-name",
             ));
         };
-        let total = self.loaded_bytes.saturating_add(size);
-        if total > cap.as_u64() {
-            return Err(NnError::too_large(format!(
+        self.loaded.reserve(size, cap.as_u64()).map_err(|total| {
+            NnError::too_large(format!(
                 "loading {size} more bytes of models would bring this plugin to {total}, over its cap of {cap} \
-                 (the cap counts every graph it loads from bytes)"
-            )));
-        }
-        Ok(())
+                 (the cap counts every graph its instances hold that was loaded from bytes)"
+            ))
+        })
     }
 
     /// Loads a model from the guest's buffers on the compute pool, under the load budget for
-    /// its size and the call's deadline; the bytes count against the plugin's cap for good.
+    /// its size and the call's deadline; the bytes count against the plugin's cap until the
+    /// graph is dropped.
     pub(crate) async fn load_bytes(
         &mut self,
         parts: Vec<Vec<u8>>,
@@ -52,7 +55,7 @@ impl NnCtx {
         target: Target,
     ) -> Result<HostGraph, NnError> {
         let size: u64 = parts.iter().map(|b| b.len() as u64).sum();
-        self.check_load_size(size)?;
+        let charge = self.reserve_load(size)?;
         match encoding {
             Encoding::Autodetect => {}
             Encoding::Onnx => {
@@ -63,7 +66,6 @@ impl NnCtx {
             Encoding::Ggml => return Err(NnError::unsupported("GGML/GGUF models have no backend in this build yet")),
             Encoding::Other(name) => return Err(NnError::unsupported(format!("EIR has no {name} backend"))),
         }
-        self.loaded_bytes = self.loaded_bytes.saturating_add(size);
         let token = CancelToken::new();
         let meter = Meter::for_load(load_budget(size), token.clone(), Some(self.deadline));
         let job = self.registry.pool().run(&token, move || backend::load_with(Source::Bytes(&parts), target, &meter));
@@ -71,7 +73,7 @@ impl NnCtx {
             Ok(result) => result?,
             Err(_) => return Err(NnError::timeout("the deadline passed while loading the model")),
         };
-        Ok(HostGraph { name: "<bytes>".into(), model })
+        Ok(HostGraph { name: "<bytes>".into(), model, _charge: Some(Arc::new(charge)) })
     }
 
     /// A registry model by name, if granted, waiting at most until the call's deadline.
@@ -81,7 +83,7 @@ impl NnCtx {
         }
         let registry = self.registry.clone();
         match tokio::time::timeout_at(self.deadline.into(), registry.get(name)).await {
-            Ok(model) => Ok(HostGraph { name: Arc::from(name), model: model? }),
+            Ok(model) => Ok(HostGraph { name: Arc::from(name), model: model?, _charge: None }),
             Err(_) => Err(NnError::timeout(format!("the deadline passed while loading model `{name}`"))),
         }
     }

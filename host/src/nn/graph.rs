@@ -9,6 +9,9 @@ use super::backend::Model;
 pub struct HostGraph {
     pub(crate) name: Arc<str>,
     pub(crate) model: Arc<dyn Model>,
+    /// For a graph loaded from bytes, its reservation on the plugin's ledger: given back when
+    /// the last handle (graph or context) goes.
+    pub(crate) _charge: Option<Arc<super::LoadCharge>>,
 }
 
 /// A `wasi:nn/inference.graph-execution-context` resource. Contexts hold no mutable state

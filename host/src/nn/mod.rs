@@ -80,8 +80,49 @@ pub struct NnCtx {
     pub(crate) compute_time: std::time::Duration,
     /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
     pub(crate) compute_budget: u64,
-    /// Bytes of models loaded from bytes so far (counted against `load_from_bytes`).
-    pub(crate) loaded_bytes: u64,
+    /// The plugin's graphs loaded from bytes, held at once across all its instances (counted
+    /// against `load_from_bytes`).
+    pub(crate) loaded: Arc<LoadLedger>,
+}
+
+/// What a plugin's graphs loaded from bytes hold, across all its instances and calls: each
+/// graph reserves its size before it is loaded and gives it back when the guest drops the last
+/// handle on it, so the `load_from_bytes` cap bounds what the plugin holds at once however many
+/// instances run.
+#[derive(Debug, Default)]
+pub struct LoadLedger {
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl LoadLedger {
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reserves `size` bytes if the total stays within `cap`; else says what it would be.
+    pub(crate) fn reserve(self: &Arc<Self>, size: u64, cap: u64) -> Result<LoadCharge, u64> {
+        use std::sync::atomic::Ordering;
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(size).filter(|&total| total <= cap)
+            })
+            .map(|_| LoadCharge { ledger: self.clone(), bytes: size })
+            .map_err(|held| held.saturating_add(size))
+    }
+}
+
+/// Bytes reserved on a [`LoadLedger`], given back when dropped.
+#[derive(Debug)]
+pub struct LoadCharge {
+    ledger: Arc<LoadLedger>,
+    bytes: u64,
+}
+
+impl Drop for LoadCharge {
+    fn drop(&mut self) {
+        self.ledger.held.fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl NnCtx {
@@ -96,13 +137,41 @@ impl NnCtx {
             legacy: Default::default(),
             compute_time: std::time::Duration::ZERO,
             compute_budget: backend::DEFAULT_COMPUTE_BUDGET,
-            loaded_bytes: 0,
+            loaded: Arc::default(),
         }
+    }
+
+    /// The same state charging bytes-loaded graphs to `ledger` (shared by a plugin's instances).
+    pub fn with_load_ledger(mut self, ledger: Arc<LoadLedger>) -> Self {
+        self.loaded = ledger;
+        self
     }
 
     /// The same state with each compute limited to `bytes` of intermediate values.
     pub fn with_compute_budget(mut self, bytes: u64) -> Self {
         self.compute_budget = bytes;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_ledger_bounds_what_is_held_at_once_and_gives_back_on_drop() {
+        let ledger = Arc::new(LoadLedger::default());
+        let a = ledger.reserve(600, 1000).unwrap();
+        assert_eq!(ledger.reserve(500, 1000).unwrap_err(), 1100, "over the cap, with the total it would reach");
+        let b = ledger.reserve(400, 1000).unwrap();
+        assert_eq!(ledger.held(), 1000);
+        assert!(ledger.reserve(1, 1000).is_err());
+        drop(a);
+        assert_eq!(ledger.held(), 400);
+        let c = ledger.reserve(600, 1000).unwrap();
+        drop((b, c));
+        assert_eq!(ledger.held(), 0);
+        assert!(ledger.reserve(u64::MAX, u64::MAX).is_ok(), "no overflow at the top");
+        assert!(ledger.reserve(1, u64::MAX).is_ok());
     }
 }

@@ -185,6 +185,8 @@ pub struct Plugin {
     engine: Engine,
     registry: Arc<Registry>,
     nn_grants: Arc<NnGrants>,
+    /// Graphs its instances loaded from bytes (bounded by the `load_from_bytes` grant).
+    loaded: Arc<crate::nn::LoadLedger>,
     idle: Mutex<Vec<call::Session>>,
 }
 
@@ -255,6 +257,7 @@ impl Plugin {
             interface,
             pre,
             nn_grants: Arc::new(config.grants.nn.clone()),
+            loaded: Arc::default(),
             config,
             engine: engine.clone(),
             registry: registry.clone(),
@@ -265,6 +268,11 @@ impl Plugin {
     /// The plugin's name (used in logs and errors).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Bytes of graphs its instances loaded from bytes and still hold.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded.held()
     }
 
     /// Pipeline plugin or command.
