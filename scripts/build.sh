@@ -2,29 +2,39 @@
 # Builds EIR in parts; with no arguments, all of them:
 #   plugins  the Rust guest components (wasm32-wasip2, and the one wasip1 test guest), into
 #            plugins/dist (shipped plugins) and tests/plugins/dist (test guests)
+#   shipped  only the shipped Rust plugins (what scripts/serve.sh needs)
 #   langs    the Python, JavaScript and C plugins, with their pinned toolchains
 #   host     the host with the `eir` binary and every test, bench and example target
-# scripts/serve.sh needs only `plugins` and the `eir` binary; scripts/test.sh needs everything.
+# scripts/serve.sh needs only `shipped` and the `eir` binary; scripts/test.sh needs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 [ $# -gt 0 ] || set -- plugins langs host
 tools="${EIR_TOOLS:-$HOME/.cache/eir/tools}"
 
-build_plugins() {
-    for target in wasm32-wasip2 wasm32-wasip1; do
-        rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+out="$CARGO_TARGET_DIR/wasm32-wasip2/release"
+
+build_shipped() {
+    rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+    echo "==> building the shipped Rust plugins (wasm32-wasip2, release)"
+    local crate packages=()
+    for crate in plugins/*/Cargo.toml; do packages+=(-p "$(basename "$(dirname "$crate")")"); done
+    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --locked "${packages[@]}"
+    mkdir -p plugins/dist
+    for crate in plugins/*/Cargo.toml; do
+        cp "$out/$(basename "$(dirname "$crate")" | tr - _).wasm" plugins/dist/
     done
-    echo "==> building the Rust guest components (wasm32-wasip2, release)"
+}
+
+build_plugins() {
+    build_shipped
+    rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+    echo "==> building the test guests (wasm32-wasip2, and one wasip1 module)"
     # Everything is a component, except the one test guest that stands for legacy wasip1 programs.
     cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --workspace --exclude legacy-nn --locked
     cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip1 --release -p legacy-nn --locked
-    local out="$CARGO_TARGET_DIR/wasm32-wasip2/release" crate name src
-    mkdir -p plugins/dist tests/plugins/dist
-    for crate in plugins/*/Cargo.toml; do
-        name=$(basename "$(dirname "$crate")" | tr - _)
-        cp "$out/$name.wasm" plugins/dist/
-    done
+    local crate name src
+    mkdir -p tests/plugins/dist
     cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/legacy-nn.wasm" tests/plugins/dist/legacy_nn.wasm
     for crate in tests/plugins/*/Cargo.toml; do
         name=$(basename "$(dirname "$crate")")
@@ -57,9 +67,10 @@ build_host() {
 for part in "$@"; do
     case "$part" in
         plugins) build_plugins ;;
+        shipped) build_shipped ;;
         langs) build_langs ;;
         host) build_host ;;
-        *) echo "scripts/build.sh: unknown part '$part' (plugins, langs or host)" >&2; exit 2 ;;
+        *) echo "scripts/build.sh: unknown part '$part' (plugins, shipped, langs or host)" >&2; exit 2 ;;
     esac
 done
 echo "==> built: $*"

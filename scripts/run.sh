@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-[ -f plugins/dist/text_embed.wasm ] || scripts/build.sh plugins
+[ -f plugins/dist/text_embed.wasm ] || scripts/build.sh shipped
 cargo build --locked --quiet -p eir --bin eir
 "$CARGO_TARGET_DIR/debug/eir" models fetch minilm --dir models
 if [ $# -eq 0 ]; then set -- "EIR runs inference plugins at the edge."; fi

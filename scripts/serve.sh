@@ -31,7 +31,7 @@ phase() {
 # The Rust plugins build while the host does: their LTO step runs on one core, and the host's
 # build leaves a core idle often enough to take it.
 echo "==> [1/4] Rust plugins (wasm32-wasip2), in the background (about 3 min; log: $logs/plugins.log)"
-scripts/build.sh plugins >"$logs/plugins.log" 2>&1 &
+scripts/build.sh shipped >"$logs/plugins.log" 2>&1 &
 plugins=$!
 phase 2 "the eir binary" "13 min" "$logs/host.log" cargo build --locked -p eir --bin eir
 if ! wait "$plugins"; then

@@ -158,7 +158,13 @@ impl Request {
 
     /// Whether the caller wants output `name` (all outputs are wanted when none were named).
     pub fn wants(&self, name: &str) -> bool {
-        self.outputs.is_empty() || self.outputs.iter().any(|o| o == name)
+        self.outputs.is_empty() || self.asks_for(name)
+    }
+
+    /// Whether the caller named output `name` among the outputs it asked for: an optional
+    /// output asked for by name should be computed (or refused with a reason), not left out.
+    pub fn asks_for(&self, name: &str) -> bool {
+        self.outputs.iter().any(|o| o == name)
     }
 }
 

@@ -85,6 +85,20 @@ pub fn output<'a>(outputs: &'a [Tensor], name: &str) -> &'a Tensor {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_outputs_asked_for_by_name_are_computed() {
+    let reference = reference();
+    let (plugin, _cache) = embed_plugin();
+    let case = &reference.cases[0];
+    let mut req = request(&[], vec![texts("text", &[case.text.as_str()])]);
+    req.outputs = vec!["token_counts".into(), "token_ids".into()];
+    let response = plugin.handle(&req).await.unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = response.outputs.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["token_counts", "token_ids"], "exactly the outputs asked for, in order");
+    let TensorData::Int64(ids) = &output(&response.outputs, "token_ids").data else { panic!("token ids") };
+    assert_eq!(ids, &case.token_ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_match_sentence_transformers() {
     let reference = reference();
     assert_eq!(reference.max_seq_length, 256);

@@ -93,3 +93,19 @@ async fn topk_without_the_labels_grant_explains_itself() {
     assert_eq!(err.kind(), ErrorKind::Plugin(ErrorCode::InvalidInput), "{err}");
     assert!(err.to_string().contains("is its directory granted"), "{err}");
 }
+
+#[tokio::test]
+async fn topk_asked_for_labels_without_a_labels_file_says_what_is_missing() {
+    let (rt, _cache) = runtime();
+    let plugin = load(&rt, "topk", PluginConfig::default());
+    let logits = Tensor { name: "logits".into(), shape: vec![2], data: TensorData::Fp32(vec![1.0, 2.0]) };
+    let mut req = request(&[], vec![logits]);
+    req.outputs = vec!["scores".into(), "indices".into(), "labels".into()];
+    let err = plugin.handle(&req).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Plugin(ErrorCode::InvalidInput), "{err}");
+    assert!(err.to_string().contains("needs the `labels_file` parameter"), "{err}");
+    // Without `labels` among them, the same outputs are served.
+    req.outputs.pop();
+    let response = plugin.handle(&req).await.unwrap();
+    assert_eq!(response.outputs.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["scores", "indices"]);
+}

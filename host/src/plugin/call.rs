@@ -218,6 +218,8 @@ impl Plugin {
         let started = Instant::now();
         let limits = &self.config.limits;
         let deadline = started + limits.timeout;
+        // Epoch deadlines and yields need the ticker running while this store runs wasm.
+        let _ticking = self.engine.ticking();
         session.calls += 1;
         session.store.data_mut().begin_call(deadline);
         if let Some(tail) = &session.stderr {
@@ -262,16 +264,19 @@ impl Plugin {
             return Err(CallError::ResponseTooLarge { plugin: self.name.to_string(), size, limit });
         }
         if !request.outputs.is_empty() {
+            // Exactly the outputs asked for, in the order asked.
+            let mut asked = Vec::with_capacity(request.outputs.len());
             for wanted in &request.outputs {
-                if !response.outputs.iter().any(|t| &t.name == wanted) {
+                let Some(i) = response.outputs.iter().position(|t| &t.name == wanted) else {
                     return Err(CallError::Plugin {
                         plugin: self.name.to_string(),
                         code: tensor::ErrorCode::NotFound,
-                        message: format!("the plugin produced no output named `{wanted}`"),
+                        message: format!("the plugin produced no output named `{wanted}` (or it was asked for twice)"),
                     });
-                }
+                };
+                asked.push(response.outputs.swap_remove(i));
             }
-            response.outputs.retain(|t| request.outputs.contains(&t.name));
+            response.outputs = asked;
         }
         Ok(response)
     }

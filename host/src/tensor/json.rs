@@ -130,9 +130,13 @@ pub fn decode_tensor(json: &[u8]) -> Result<Tensor, String> {
 }
 
 fn parse<T>(json: &[u8], seed: impl for<'de> DeserializeSeed<'de, Value = T>) -> Result<T, String> {
+    let describe = |e: serde_json::Error| match e.classify() {
+        serde_json::error::Category::Data => e.to_string(),
+        _ => format!("the request is not valid JSON: {e}"),
+    };
     let mut de = serde_json::Deserializer::from_slice(json);
-    let value = seed.deserialize(&mut de).map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
+    let value = seed.deserialize(&mut de).map_err(describe)?;
+    de.end().map_err(describe)?;
     Ok(value)
 }
 
@@ -831,7 +835,8 @@ mod tests {
             (br#"{"inputs":[{"name":"x","datatype":"BOOL","shape":[1],"data":[1]}]}"#, "not a boolean"),
             (br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[null]}]}"#, "null is not a number"),
             (br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1],"data":[2]}]}"#, "twice"),
-            (br#"{"inputs":[]} trailing"#, "trailing"),
+            (br#"{"inputs":[]} trailing"#, "not valid JSON: trailing"),
+            (br#"{not json"#, "not valid JSON"),
         ] {
             let err = decode_request(body).and_then(WireRequest::into_request).unwrap_err();
             assert!(err.contains(want), "{}: {err}", String::from_utf8_lossy(body));

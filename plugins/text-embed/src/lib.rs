@@ -4,8 +4,8 @@
 //! the attention mask (padding never counts), and L2-normalise.
 //!
 //! Input `text` (BYTES, one sentence per element). Output `embedding` (FP32 `[n, hidden]`),
-//! and with `return_tokens=true` also `token_ids` (INT64 `[n, seq]`, 0-padded) and
-//! `token_counts` (INT64 `[n]`).
+//! and with `return_tokens=true` (or when requested by name) also `token_ids` (INT64
+//! `[n, seq]`, 0-padded) and `token_counts` (INT64 `[n]`).
 //!
 //! Parameters: `model` (default `minilm`), `tokenizer` (default `/models/<model>/tokenizer.json`:
 //! the host shows a granted model's directory there, read-only), `max_tokens` (default 256, sentence-transformers'
@@ -151,7 +151,11 @@ impl Plugin for TextEmbed {
             return Err(Error::invalid_input(format!("batch_size {batch_size} is over {MAX_BATCH}")));
         }
         let normalize: bool = request.param_or("normalize", true)?;
-        let return_tokens: bool = request.param_or("return_tokens", false)?;
+        // Token outputs are computed when asked for by parameter or by name (a KServe client
+        // that requests every declared output gets them all).
+        let return_tokens: bool = request.param_or("return_tokens", false)?
+            || request.asks_for("token_ids")
+            || request.asks_for("token_counts");
         if max_tokens < 2 {
             return Err(Error::invalid_input("max_tokens must leave room for [CLS] and [SEP]"));
         }

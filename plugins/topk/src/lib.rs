@@ -74,6 +74,12 @@ impl Plugin for TopK {
         let k = k.clamp(1, classes);
         let apply_softmax: bool = request.param_or("softmax", true)?;
         let labels = request.param("labels_file").map(read_labels).transpose()?;
+        if labels.is_none() && request.asks_for("labels") {
+            return Err(Error::invalid_input(
+                "output `labels` needs the `labels_file` parameter (a file of one label per line, in a directory \
+                 granted to this plugin)",
+            ));
+        }
         if let Some(labels) = &labels
             && labels.len() < classes
         {

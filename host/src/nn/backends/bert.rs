@@ -1,5 +1,7 @@
-//! BERT encoders (`model_type: "bert"`) from `config.json` + `model.safetensors`, on
-//! candle-transformers' BERT layers.
+//! BERT encoders (`model_type: "bert"`) from `config.json` + `model.safetensors`, on candle
+//! tensors: the layers are written here (as transformers' `BertLayer`, with Q, K and V as one
+//! matrix product), so that a forward pass can stop between its attention and feed-forward
+//! blocks.
 //!
 //! Inputs: `input_ids` (required), `attention_mask` (default all ones) and `token_type_ids`
 //! (default zeros), I64 or I32, shape `[batch, seq]`. Output: `last_hidden_state`, FP32
@@ -7,13 +9,13 @@
 //! candle sees it, so a bad request is an `invalid-argument` error, never a panic. What the
 //! forward pass will hold (the attention scores grow with batch × heads × seq²) is estimated
 //! and reserved on the compute's meter before it starts, and the meter's deadline and
-//! cancellation are checked between layers.
+//! cancellation are checked before each block of each layer.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
-use candle_transformers::models::bert::{BertEncoder, Config};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
 
 use crate::nn::backend::{Model, Named};
 use crate::nn::bindings::tensor::TensorType;
@@ -27,9 +29,10 @@ const MAX_LAYERS: usize = 256;
 const MAX_WIDTH: usize = 1 << 16;
 
 /// Tokens one step of a forward pass handles: a batch runs in chunks of whole rows holding
-/// about this many tokens, each chunk through every layer, with a checkpoint before each layer
-/// of each chunk. A cancelled pass then stops within one layer of one chunk (~2 GFLOP for
-/// MiniLM, tens of milliseconds), and only one chunk's attention scores are held at a time.
+/// about this many tokens, each chunk through every layer, with a checkpoint before each block
+/// (attention, feed-forward) of each layer of each chunk. A cancelled pass then stops within one
+/// block of one chunk (about 1 GFLOP for MiniLM, ~20 ms on 2 cores), and only one chunk's
+/// attention scores are held at a time.
 /// Rows are independent in BERT, so chunking does not change the results.
 const TOKENS_PER_STEP: usize = 512;
 
@@ -38,14 +41,123 @@ pub const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 /// The output it produces.
 pub const OUTPUT: &str = "last_hidden_state";
 
+/// What a BERT `config.json` says that the encoder needs (other keys are ignored).
+#[derive(Clone, Debug, Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default)]
+    hidden_act: Activation,
+    max_position_embeddings: usize,
+    type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    layer_norm_eps: f64,
+    /// Parsed only so that a kind other than absolute is refused.
+    #[serde(default, rename = "position_embedding_type")]
+    _positions: PositionEmbedding,
+}
+
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+
+/// The feed-forward activation (transformers' names).
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Activation {
+    /// GELU with the exact error function (`"gelu"`, BERT's default).
+    #[default]
+    Gelu,
+    /// GELU's tanh approximation.
+    #[serde(alias = "gelu_new", alias = "gelu_pytorch_tanh")]
+    GeluApproximate,
+    Relu,
+}
+
+/// Only absolute position embeddings are implemented; a config asking for relative ones
+/// is refused at load rather than computed wrongly.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum PositionEmbedding {
+    #[default]
+    Absolute,
+}
+
 /// A loaded BERT encoder.
 pub struct Bert {
     embeddings: Embeddings,
-    /// One single-layer encoder per layer (clones share the weights), so that a forward pass
-    /// can stop between layers.
-    layers: Vec<BertEncoder>,
+    layers: Vec<Layer>,
     config: Config,
     device: Device,
+}
+
+/// One encoder layer: self-attention, then the feed-forward block, each closed by a residual
+/// add and a layer norm (transformers' `BertLayer`, inference only: no dropout).
+struct Layer {
+    /// Query, key and value projections stacked into one `[3 × hidden, hidden]` matrix.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    activation: Activation,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: usize,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        let attn = vb.pp("attention");
+        let projection = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+            let vb = attn.pp("self").pp(name);
+            Ok((vb.get((h, h), "weight")?, vb.get(h, "bias")?))
+        };
+        let (q, k, v) = (projection("query")?, projection("key")?, projection("value")?);
+        let qkv = Linear::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Some(Tensor::cat(&[&q.1, &k.1, &v.1], 0)?));
+        let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("LayerNorm"));
+        Ok(Self {
+            qkv,
+            attention_out: candle_nn::linear(h, h, attn.pp("output").pp("dense"))?,
+            attention_norm: norm(attn.pp("output"))?,
+            intermediate: candle_nn::linear(h, c.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            activation: c.hidden_act,
+            output: candle_nn::linear(c.intermediate_size, h, vb.pp("output").pp("dense"))?,
+            output_norm: norm(vb.pp("output"))?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// Self-attention over `x` (`[rows, seq, hidden]`) with an additive `mask`
+    /// (`[rows, 1, 1, seq]`), then the residual and layer norm.
+    fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, seq, hidden) = x.dims3()?;
+        let head = hidden / self.heads;
+        let qkv = self.qkv.forward(x)?;
+        // [rows, heads, seq, head] for each of Q, K, V.
+        let split = |i: usize| {
+            qkv.narrow(2, i * hidden, hidden)?.reshape((rows, seq, self.heads, head))?.transpose(1, 2)?.contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let scores = (q.matmul(&k.t()?)? / (head as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((rows, seq, hidden))?;
+        self.attention_norm.forward(&(self.attention_out.forward(&context)? + x)?)
+    }
+
+    /// The feed-forward block on the attention's output, then the residual and layer norm.
+    fn feed_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let inner = self.intermediate.forward(x)?;
+        let inner = match self.activation {
+            Activation::Gelu => inner.gelu_erf()?,
+            Activation::GeluApproximate => inner.gelu()?,
+            Activation::Relu => inner.relu()?,
+        };
+        self.output_norm.forward(&(self.output.forward(&inner)? + x)?)
+    }
 }
 
 /// Word + position + token-type embeddings, then a layer norm (as BERT's).
@@ -122,16 +234,10 @@ impl Bert {
         let mismatch =
             |e: candle_core::Error| NnError::invalid_encoding(format!("the weights do not match config.json: {e}"));
         let embeddings = Embeddings::load(vb.pp("embeddings"), &config).map_err(mismatch)?;
-        let encoder = BertEncoder::load(vb.pp("encoder"), &config).map_err(mismatch)?;
-        let layers = encoder
-            .layers
-            .iter()
-            .map(|layer| {
-                let mut one = encoder.clone();
-                one.layers = vec![layer.clone()];
-                one
-            })
-            .collect();
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config))
+            .collect::<candle_core::Result<_>>()
+            .map_err(mismatch)?;
         Ok(Self { embeddings, layers, config, device: device.clone() })
     }
 
@@ -178,8 +284,10 @@ impl Bert {
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
             let mask = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
             for (k, layer) in self.layers.iter().enumerate() {
-                meter.checkpoint(&format_args!("BERT layer {k} of rows {start}..{}", start + n))?;
-                hidden = layer.forward(&hidden, &mask)?;
+                meter.checkpoint(&format_args!("BERT layer {k} (attention) of rows {start}..{}", start + n))?;
+                hidden = layer.attention(&hidden, &mask)?;
+                meter.checkpoint(&format_args!("BERT layer {k} (feed-forward) of rows {start}..{}", start + n))?;
+                hidden = layer.feed_forward(&hidden)?;
             }
             done.push(hidden);
         }
