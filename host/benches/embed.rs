@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let fresh: Plugin = rt.load_plugin("text-embed", &wasm, PluginConfig { grants, ..Default::default() }, false)?;
     let config = std::fs::read_to_string(dir.join("config.json"))?;
-    let bert = Bert::from_dir(&dir, &config, &Device::Cpu)?;
+    let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &eir::nn::Meter::with_budget(u64::MAX))?;
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
 
     println!("threads: {}  iterations: {iters}", std::thread::available_parallelism()?);

@@ -57,7 +57,8 @@ pub fn bert(data: &[u8]) {
     let (Ok(config), weights) = (std::str::from_utf8(&data[..split]), data.get(split + 1..).unwrap_or_default()) else {
         return;
     };
-    let Ok(model) = bert::Bert::from_bytes(config, weights, &Device::Cpu) else { return };
+    let meter = Meter::for_load(BUDGET, Default::default(), None);
+    let Ok(model) = bert::Bert::from_bytes(config, weights, &Device::Cpu, &meter) else { return };
     let ids = HostTensor::new(vec![1, 2], TensorType::I64, [1i64, 0].iter().flat_map(|v| v.to_le_bytes()).collect());
     if let Ok(ids) = ids {
         let _ = model.compute_with(vec![("input_ids".into(), ids)], &Meter::with_budget(BUDGET));

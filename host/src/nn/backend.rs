@@ -141,7 +141,7 @@ pub fn load_with(source: Source<'_>, target: Target, meter: &Meter) -> Result<Ar
             })?;
             let family = model_type(&text)?;
             match family.as_str() {
-                "bert" => Ok(Arc::new(backends::bert::Bert::from_dir(path, &text, &device)?)),
+                "bert" => Ok(Arc::new(backends::bert::Bert::from_dir(path, &text, &device, meter)?)),
                 other => Err(NnError::unsupported(format!(
                     "{}: model_type `{other}` has no backend (supported: bert)",
                     path.display()
@@ -172,7 +172,7 @@ pub fn load_with(source: Source<'_>, target: Target, meter: &Meter) -> Result<Ar
                     let text = std::str::from_utf8(config)
                         .map_err(|_| NnError::invalid_encoding("config.json is not UTF-8"))?;
                     match model_type(text)?.as_str() {
-                        "bert" => Ok(Arc::new(backends::bert::Bert::from_bytes(text, weights, &device)?)),
+                        "bert" => Ok(Arc::new(backends::bert::Bert::from_bytes(text, weights, &device, meter)?)),
                         other => {
                             Err(NnError::unsupported(format!("model_type `{other}` has no backend (supported: bert)")))
                         }

@@ -215,18 +215,22 @@ fn check_config(c: &Config) -> Result<(), NnError> {
 }
 
 impl Bert {
-    /// Loads `dir/model.safetensors` with the parsed `config.json` text.
-    pub fn from_dir(dir: &Path, config: &str, device: &Device) -> Result<Self, NnError> {
+    /// Loads `dir/model.safetensors` with the parsed `config.json` text, under `meter`.
+    pub fn from_dir(dir: &Path, config: &str, device: &Device, meter: &Meter) -> Result<Self, NnError> {
         let weights = dir.join("model.safetensors");
         let bytes = std::fs::read(&weights).map_err(|e| NnError::not_found(format!("{}: {e}", weights.display())))?;
-        Self::from_bytes(config, &bytes, device)
+        Self::from_bytes(config, &bytes, device, meter)
     }
 
-    /// Loads from a `config.json` text and the bytes of a safetensors file.
-    pub fn from_bytes(config: &str, weights: &[u8], device: &Device) -> Result<Self, NnError> {
+    /// Loads from a `config.json` text and the bytes of a safetensors file, under `meter`: what
+    /// loading holds (a copy of the file, and the weights converted to f32: at most twice the
+    /// file for 16-bit weights) is reserved first, and the deadline is checked between layers.
+    pub fn from_bytes(config: &str, weights: &[u8], device: &Device, meter: &Meter) -> Result<Self, NnError> {
         let config: Config = serde_json::from_str(config)
             .map_err(|e| NnError::invalid_encoding(format!("config.json is not a BERT config: {e}")))?;
         check_config(&config)?;
+        let what = format!("loading a BERT model of {} bytes", weights.len());
+        let _held = meter.reserve(mul(weights.len() as u64, 3, &what)?, &what)?;
         let vb = VarBuilder::from_buffered_safetensors(weights.to_vec(), DType::F32, device)
             .map_err(|e| NnError::invalid_encoding(format!("model.safetensors: {e}")))?;
         // Weights are named `embeddings.*` or `bert.embeddings.*` (as candle-transformers reads them).
@@ -234,10 +238,11 @@ impl Bert {
         let mismatch =
             |e: candle_core::Error| NnError::invalid_encoding(format!("the weights do not match config.json: {e}"));
         let embeddings = Embeddings::load(vb.pp("embeddings"), &config).map_err(mismatch)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config))
-            .collect::<candle_core::Result<_>>()
-            .map_err(mismatch)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            meter.checkpoint(&format_args!("loading BERT layer {i}"))?;
+            layers.push(Layer::load(vb.pp(format!("encoder.layer.{i}")), &config).map_err(mismatch)?);
+        }
         Ok(Self { embeddings, layers, config, device: device.clone() })
     }
 
@@ -372,5 +377,32 @@ impl Model for Bert {
         let to_tensor = |v: Vec<i64>| Tensor::from_vec(v, (batch, seq), &self.device);
         let hidden = self.forward_with(&to_tensor(ids_v)?, &to_tensor(types_v)?, &to_tensor(mask_v)?, meter)?;
         Ok(vec![(OUTPUT.to_string(), HostTensor::from_candle(&hidden)?)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny BERT of the fuzz corpus: `config.json`, a 0 byte, then a safetensors file.
+    fn tiny() -> (String, Vec<u8>) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/bert/tiny.bin");
+        let data = std::fs::read(path).expect("the tiny BERT of host/fuzz/corpus");
+        let split = data.iter().position(|&b| b == 0).expect("config, 0, weights");
+        (String::from_utf8(data[..split].to_vec()).expect("UTF-8 config"), data[split + 1..].to_vec())
+    }
+
+    #[test]
+    fn loading_is_charged_to_the_load_budget_before_anything_is_copied() {
+        let (config, weights) = tiny();
+        let roomy = Meter::with_budget(3 * weights.len() as u64);
+        Bert::from_bytes(&config, &weights, &Device::Cpu, &roomy).expect("fits in three times its size");
+        let tight = Meter::with_budget(3 * weights.len() as u64 - 1);
+        let err = Bert::from_bytes(&config, &weights, &Device::Cpu, &tight).err().expect("over the budget");
+        assert!(err.message.contains("loading a BERT model"), "{}", err.message);
+        let token = crate::nn::CancelToken::new();
+        let cancelled = Meter::for_load(u64::MAX, token.clone(), None);
+        token.cancel();
+        assert!(Bert::from_bytes(&config, &weights, &Device::Cpu, &cancelled).is_err(), "a cancelled load stops");
     }
 }
