@@ -120,15 +120,6 @@ pub fn decode_data(datatype: Datatype, json: &[u8]) -> Result<TensorData, String
     parse(json, DataSeed { datatype, name: None })
 }
 
-/// Decodes one KServe v2 JSON tensor (`name`, `datatype`, `shape`, `data`).
-pub fn decode_tensor(json: &[u8]) -> Result<Tensor, String> {
-    let wire = parse(json, TensorSeed { hint: None })?;
-    match (wire.deferred, wire.input.datatype) {
-        (false, _) => wire.input.into_tensor(None),
-        (true, dt) => parse(json, TensorSeed { hint: Some(dt) })?.input.into_tensor(None),
-    }
-}
-
 fn parse<T>(json: &[u8], seed: impl for<'de> DeserializeSeed<'de, Value = T>) -> Result<T, String> {
     let describe = |e: serde_json::Error| match e.classify() {
         serde_json::error::Category::Data => e.to_string(),
@@ -733,6 +724,12 @@ mod tests {
 
     fn to_json(t: &Tensor) -> Vec<u8> {
         serde_json::to_vec(&TensorJson { tensor: t, binary_data_size: None }).unwrap()
+    }
+
+    /// One tensor, decoded as the only input of a request.
+    fn decode_tensor(json: &[u8]) -> Result<Tensor, String> {
+        let request = [&b"{\"inputs\":["[..], json, b"]}"].concat();
+        Ok(decode_request(&request)?.into_request()?.inputs.remove(0))
     }
 
     #[test]
