@@ -1,56 +1,145 @@
 #!/usr/bin/env bash
-# Load benchmark of `eir serve` on loopback with wrk (Debian package `wrk`): requests/s and
-# latency percentiles for a trivial plugin (text-normalize) and the embedding plugin
-# (text-embed, MiniLM) at 1, 8 and 32 concurrent connections. The client runs on the same
-# machine as the server: on 2 cores the figures are a floor, not a ceiling.
-# Usage: scripts/bench-gateway.sh [SECONDS per run, default 10]
+# Load benchmarks of `eir serve` on loopback with wrk (Debian package `wrk`). The client runs on
+# the same machine as the server: on 2 cores the figures are a floor, not a ceiling.
+#
+#   scripts/bench-gateway.sh [SECONDS]          throughput: text-normalize (trivial), text-embed
+#                                               (MiniLM) and image-classify (EfficientNet-Lite0)
+#                                               at 1, 8, 32 connections, batched (the shipped
+#                                               configuration) and unbatched (max_batch = 1) in
+#                                               the same run, with the ratios the scheduler is
+#                                               judged by and the batch sizes it formed
+#   scripts/bench-gateway.sh fair [SECONDS]     fairness: tenant B's text-embed latency and
+#                                               throughput alone, while tenant A floods at its
+#                                               quota, and while A drops and resends requests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
+mode=throughput
+if [ "${1:-}" = fair ]; then mode=fair; shift; fi
 secs="${1:-10}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 [ -x "$CARGO_TARGET_DIR/debug/eir" ] && [ -f plugins/dist/text_embed.wasm ] || scripts/build.sh
-"$CARGO_TARGET_DIR/debug/eir" models fetch --dir models >/dev/null
+eir="$CARGO_TARGET_DIR/debug/eir"
+"$eir" models fetch --dir models >/dev/null
 
-# The default configuration plus a tenant without practical quotas.
-cfg=plugins/.bench.toml
-cp plugins/eir.toml "$cfg"
-cat >>"$cfg" <<TOML
-
-[tenants.bench]
-keys_sha256 = ["$("$CARGO_TARGET_DIR/debug/eir" key hash bench-key)"]
-plugins = ["*"]
-max_concurrent = 256
-rps = 1000000
-burst = 1000000
-TOML
+work=$(mktemp -d)
 port=18093
-EIR_LOG=warn "$CARGO_TARGET_DIR/debug/eir" serve --config "$cfg" --listen "127.0.0.1:$port" > /tmp/eir-bench-serve.out 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; rm -f "$cfg"' EXIT
-for _ in $(seq 1 240); do grep -q "serving on" /tmp/eir-bench-serve.out && break; sleep 0.5; done
+server=
+stop() { [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=; }
+trap 'stop; rm -rf "$work"' EXIT
 
-lua=$(mktemp --suffix .lua)
-run() { # model body connections
+# The shipped configuration (absolute paths) plus tenants without practical quotas; `$1` = 1
+# turns batching off. Extra TOML (tenants) comes on stdin.
+serve() {
+    local cfg="$work/eir.toml"
+    sed -e "s#\"\.\./models#\"$PWD/models#; s#\"dist/#\"$PWD/plugins/dist/#" plugins/eir.toml >"$cfg"
+    if [ "$1" = 1 ]; then sed -i 's/^max_batch = .*/max_batch = 1/' "$cfg"; fi
+    cat >>"$cfg"
+    stop
+    EIR_LOG=warn "$eir" serve --config "$cfg" --listen "127.0.0.1:$port" >"$work/serve.out" 2>&1 &
+    server=$!
+    for _ in $(seq 1 240); do grep -q "serving on" "$work/serve.out" && return; sleep 0.5; done
+    echo "the gateway did not start:" >&2; cat "$work/serve.out" >&2; exit 1
+}
+
+tenant() { # name key [extra toml lines]
+    printf '\n[tenants.%s]\nkeys_sha256 = ["%s"]\nplugins = ["*"]\nmax_concurrent = 256\nrps = 1000000\nburst = 1000000\n%s\n' \
+        "$1" "$("$eir" key hash "$2")" "${3:-}"
+}
+
+# run MODEL BODYFILE CONNECTIONS KEY [extra wrk args]: one wrk run; prints "req/s p50 p99 non2xx".
+run() {
+    local lua="$work/req.lua"
     cat >"$lua" <<LUA
 wrk.method = "POST"
-wrk.body = '$2'
-wrk.headers["Authorization"] = "Bearer bench-key"
+local f = io.open("$2", "rb"); wrk.body = f:read("*a"); f:close()
+wrk.headers["Authorization"] = "Bearer $4"
 wrk.headers["Content-Type"] = "application/json"
 LUA
-    out=$(wrk -t "$(( $3 < 2 ? 1 : 2 ))" -c "$3" -d "${secs}s" --latency -s "$lua" "http://127.0.0.1:$port/v2/models/$1/infer")
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
-    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-    errors=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-    printf "| %-14s | %3s | %9s | %9s | %9s | %s |\n" "$1" "$3" "$rps" "$p50" "$p99" "${errors:-0}"
+    local out
+    out=$(wrk -t "$(($3 < 2 ? 1 : 2))" -c "$3" -d "${secs}s" --latency "${@:5}" -s "$lua" \
+        "http://127.0.0.1:$port/v2/models/$1/infer")
+    echo "$(echo "$out" | awk '/Requests\/sec/ {print $2}') $(echo "$out" | awk '$1 == "50%" {print $2}') \
+$(echo "$out" | awk '$1 == "99%" {print $2}') $(echo "$out" | awk '/Non-2xx/ {print $NF}')"
 }
-echo "| plugin         |  c  |   req/s   |    p50    |    p99    | non-2xx |"
-echo "| --- | --- | --- | --- | --- | --- |"
-for c in 1 8 32; do
-    run text-normalize '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["  Hello, Ｗorld!  Crème brûlée  "]}]}' "$c"
-done
-for c in 1 8 32; do
-    run text-embed '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["A man is eating food."]}]}' "$c"
-done
-rm -f "$lua"
+
+# Milliseconds of a wrk latency ("1.23ms", "456.00us", "1.2s").
+ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) print v/1000; else if (v ~ /ms$/) print v+0; else if (v ~ /s$/) print v*1000; else print v }'; }
+
+metrics() { curl -s -H "Authorization: Bearer demo-admin-key" "http://127.0.0.1:$port/metrics"; }
+
+# Batch sizes and padding of model $1 since the gateway started, from /metrics.
+batches() {
+    metrics | awk -v m="model=\"$1\"" '
+        index($0, m) && /^eir_sched_batch_rows_bucket/ { match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); b[++n] = le; c[n] = $NF }
+        index($0, m) && /^eir_sched_batch_rows_count/ { passes = $NF }
+        index($0, m) && /^eir_sched_batch_rows_sum/ { rows = $NF }
+        index($0, m) && /^eir_sched_padding_tokens_total/ { pad = $NF }
+        index($0, m) && /^eir_sched_tokens_total/ { tok = $NF }
+        END {
+            if (passes == 0) { print "  (no passes)"; exit }
+            printf "  %s: %d passes, %d rows, mean batch %.1f; padding %.1f%% of computed tokens\n", m, passes, rows, rows / passes, 100 * pad / (pad + tok)
+            printf "  rows per pass <= le:"; prev = 0
+            for (i = 1; i <= n; i++) { printf " %s:%d", b[i], c[i] - prev; prev = c[i] }
+            printf "\n"
+        }'
+}
+
+printf '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["  Hello, Ｗorld!  Crème brûlée  "]}]}' >"$work/normalize.json"
+printf '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["A man is eating food."]}]}' >"$work/embed.json"
+printf '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"data":[{"b64":"%s"}]}],"parameters":{"k":"3"}}' \
+    "$(base64 -w0 models/test-photos/rocket.jpg)" >"$work/image.json"
+
+if [ "$mode" = throughput ]; then
+    declare -A rps p50
+    row() { printf "| %-14s | %-9s | %3s | %9s | %9s | %9s | %s |\n" "$@"; }
+    echo "| plugin         | scheduler |  c  |   req/s   |    p50    |    p99    | non-2xx |"
+    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    for batched in 1 0; do
+        label=$([ $batched = 1 ] && echo batched || echo unbatched)
+        tenant bench bench-key | serve $((1 - batched))
+        for spec in "text-normalize normalize" "text-embed embed" "image-classify image"; do
+            set -- $spec
+            [ $batched = 0 ] && [ "$1" = text-normalize ] && continue
+            for c in 1 8 32; do
+                read -r r p q e <<<"$(run "$1" "$work/$2.json" "$c" bench-key)"
+                rps[$1.$label.$c]=$r; p50[$1.$label.$c]=$p
+                row "$1" "$label" "$c" "$r" "$p" "$q" "${e:-0}"
+            done
+        done
+        if [ $batched = 1 ]; then
+            echo; echo "Batches formed (batched run, all connection counts):"
+            batches minilm; batches efficientnet-lite0; echo
+        fi
+    done
+    echo
+    for m in text-embed image-classify; do
+        awk -v m="$m" -v a="${rps[$m.batched.32]}" -v b="${rps[$m.batched.1]}" -v u="${rps[$m.unbatched.32]}" \
+            -v p="$(ms "${p50[$m.batched.1]}")" -v q="$(ms "${p50[$m.unbatched.1]}")" 'BEGIN {
+            printf "%s: 32 connections / 1 connection = %.2fx (batched), %.2fx (unbatched); 1-connection p50 batched / unbatched = %.2fx\n", m, a / b, u / b, p / q }'
+    done
+    exit 0
+fi
+
+# Fairness. A may run 8 requests at once (its quota); B is measured with 4 connections.
+{ tenant a a-key | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } | serve 0
+read -r r_alone p_alone _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+echo "B alone:                          $r_alone req/s, p50 $p_alone"
+# A floods with 64 connections at its quota of 8 in flight (the rest are refused 429).
+run text-embed "$work/embed.json" 64 a-key >"$work/flood.out" &
+flood=$!
+sleep 1
+read -r r_flood p_flood _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+wait $flood
+read -r fr fp _ fe <"$work/flood.out"
+echo "B while A floods at its quota:    $r_flood req/s, p50 $p_flood  (A: $fr req/s, $fe refused)"
+# A drops every request after 30 ms and sends it again (wrk's timeout closes the connection).
+run text-embed "$work/embed.json" 8 a-key --timeout 30ms >"$work/drop.out" &
+drop=$!
+sleep 1
+read -r r_drop p_drop _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+wait $drop
+echo "B while A drops and resends:      $r_drop req/s, p50 $p_drop"
+metrics | grep -E '^eir_sched_(compute_seconds_total|cancelled_total)' | sed 's/^/  /'
+awk -v a="$(ms "$p_alone")" -v f="$(ms "$p_flood")" -v ra="$r_alone" -v rd="$r_drop" 'BEGIN {
+    printf "B p50 while A floods / alone = %.2fx; B throughput lost to the drop-and-resend flood = %.0f%%\n", f / a, 100 * (1 - rd / ra) }'

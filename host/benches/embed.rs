@@ -13,10 +13,11 @@ use candle_core::{Device, Tensor as CTensor};
 use eir::Runtime;
 use eir::engine::EngineConfig;
 use eir::grants::Grants;
+use eir::nn::NnGrants;
 use eir::nn::backends::bert::Bert;
-use eir::nn::{ComputePool, NnGrants};
 use eir::plugin::{Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
+use eir::scheduler::Scheduler;
 use eir::tensor::{Request, Tensor, TensorData};
 
 const SENTENCES: [&str; 8] = [
@@ -74,8 +75,11 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(wasm.exists(), "{} is missing: run scripts/build.sh", wasm.display());
 
     let registry = Arc::new(Registry::new(
-        [("minilm".to_string(), ModelDecl { path: dir.clone(), family: None, target: Default::default() })],
-        ComputePool::for_this_machine(),
+        [(
+            "minilm".to_string(),
+            ModelDecl { path: dir.clone(), family: None, target: Default::default(), batch: Default::default() },
+        )],
+        Scheduler::for_this_machine(),
     ));
     let cache = tempfile::tempdir()?;
     let rt =

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use eir::Runtime;
 use eir::engine::{Engine, EngineConfig};
 use eir::grants::Grants;
-use eir::nn::{ComputePool, NnGrants};
+use eir::nn::NnGrants;
 use eir::plugin::{Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
+use eir::scheduler::Scheduler;
 use eir::tensor::{Request, Tensor, TensorData};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -127,10 +128,13 @@ fn main() -> anyhow::Result<()> {
     let models = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));
     let decl = |name: &str, family: Option<&str>| -> anyhow::Result<(String, ModelDecl)> {
         let path = eir::registry::fetch::locate(name, &models)?;
-        Ok((name.to_string(), ModelDecl { path, family: family.map(Into::into), target: Default::default() }))
+        Ok((
+            name.to_string(),
+            ModelDecl { path, family: family.map(Into::into), target: Default::default(), batch: Default::default() },
+        ))
     };
     let registry =
-        Registry::new([decl("minilm", Some("bert"))?, decl("silero-vad", None)?], ComputePool::for_this_machine());
+        Registry::new([decl("minilm", Some("bert"))?, decl("silero-vad", None)?], Scheduler::for_this_machine());
     let bench = Bench {
         runtime: Runtime::with_registry(EngineConfig { cache_dir: None, ..Default::default() }, Arc::new(registry))?,
         tokio: tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?,

@@ -37,9 +37,10 @@ use toml::Spanned;
 
 use crate::grants::{DirGrant, Grants, Stdio};
 use crate::limits::Limits;
-use crate::nn::{ComputePool, NnGrants, Target};
+use crate::nn::{NnGrants, Target};
 use crate::plugin::PluginConfig;
 use crate::registry::{ModelDecl, Registry};
+use crate::scheduler::{BatchPolicy, Scheduler};
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,9 @@ pub struct ServerDecl {
     /// Longest a client may take to send a request body (slow senders hold a slot).
     #[serde(with = "humantime_serde")]
     pub body_timeout: std::time::Duration,
+    /// Activation memory all running forward passes may hold together (the scheduler admits
+    /// a batch only if its estimate fits).
+    pub compute_memory: ByteSize,
 }
 
 impl Default for ServerDecl {
@@ -111,6 +115,7 @@ impl Default for ServerDecl {
             max_body: ByteSize::mib(64),
             max_connections: 1024,
             body_timeout: std::time::Duration::from_secs(30),
+            compute_memory: ByteSize::b(crate::scheduler::DEFAULT_MEMORY),
         }
     }
 }
@@ -132,6 +137,11 @@ pub struct TenantDecl {
     pub max_body: ByteSize,
     /// Per-request ceilings: a plugin's limits are lowered to these for this tenant.
     pub ceilings: Ceilings,
+    /// Its share of compute against other tenants' (weighted fair queuing).
+    pub weight: f64,
+    /// Core-seconds of compute it may use per minute (`None`: no quota); over it, requests
+    /// are answered 429 with `Retry-After`.
+    pub compute_quota: Option<f64>,
 }
 
 impl TenantDecl {
@@ -206,6 +216,14 @@ struct RawTenant {
     max_body: Option<ByteSize>,
     #[serde(default)]
     ceilings: Ceilings,
+    #[serde(default = "default_weight")]
+    weight: f64,
+    #[serde(default)]
+    compute_quota: Option<f64>,
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 fn default_concurrent() -> usize {
@@ -224,6 +242,10 @@ struct RawModel {
     family: Option<String>,
     #[serde(default)]
     target: Target,
+    #[serde(default)]
+    max_batch: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde")]
+    max_delay: Option<std::time::Duration>,
 }
 
 #[derive(Deserialize)]
@@ -294,7 +316,20 @@ impl Config {
             if name.is_empty() {
                 return Err(err(Some(span), "a model needs a name".into()));
             }
-            models.insert(name, ModelDecl { path, family: model.family, target: model.target });
+            let mut batch = BatchPolicy::default();
+            if let Some(n) = &model.max_batch {
+                if *n.get_ref() == 0 || *n.get_ref() > 4096 {
+                    return Err(err(Some(n.span()), format!("model `{name}`: max_batch must be 1..=4096")));
+                }
+                batch.max_batch = *n.get_ref();
+            }
+            if let Some(d) = model.max_delay {
+                if d > std::time::Duration::from_secs(1) {
+                    return Err(err(Some(span), format!("model `{name}`: max_delay over 1s would only add latency")));
+                }
+                batch.max_delay = d;
+            }
+            models.insert(name, ModelDecl { path, family: model.family, target: model.target, batch });
         }
 
         let mut plugins = BTreeMap::new();
@@ -409,6 +444,15 @@ impl Config {
             if !tenant.rps.is_finite() || tenant.rps <= 0.0 {
                 return Err(err(Some(span), format!("tenant `{name}`: rps must be positive")));
             }
+            if !tenant.weight.is_finite() || tenant.weight <= 0.0 {
+                return Err(err(Some(span), format!("tenant `{name}`: weight must be positive")));
+            }
+            if tenant.compute_quota.is_some_and(|q| !q.is_finite() || q <= 0.0) {
+                return Err(err(
+                    Some(span),
+                    format!("tenant `{name}`: compute_quota (core-seconds per minute) must be positive"),
+                ));
+            }
             tenants.insert(
                 name,
                 TenantDecl {
@@ -419,6 +463,8 @@ impl Config {
                     burst: tenant.burst.unwrap_or(tenant.rps.ceil().max(1.0) as u32).max(1),
                     max_body: tenant.max_body.unwrap_or(raw.server.max_body).min(raw.server.max_body),
                     ceilings: tenant.ceilings,
+                    weight: tenant.weight,
+                    compute_quota: tenant.compute_quota,
                 },
             );
         }
@@ -446,9 +492,17 @@ impl Config {
         Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, absent, tenants })
     }
 
-    /// A registry of the configured models, computing on `pool`.
-    pub fn registry(&self, pool: ComputePool) -> Arc<Registry> {
-        Arc::new(Registry::new(self.models.clone(), pool))
+    /// A registry of the configured models, computing through `scheduler`.
+    pub fn registry(&self, scheduler: Scheduler) -> Arc<Registry> {
+        Arc::new(Registry::new(self.models.clone(), scheduler))
+    }
+
+    /// The scheduler settings `[server]` asks for.
+    pub fn scheduler_settings(&self) -> crate::scheduler::Settings {
+        crate::scheduler::Settings {
+            memory: self.server.compute_memory.as_u64(),
+            ..crate::scheduler::Settings::for_this_machine()
+        }
     }
 }
 

@@ -7,8 +7,9 @@
 //! - [`limits`]: fuel, deadline, memory and size limits, and how a violation is named.
 //! - [`grants`]: what a plugin may touch (directories, environment, network, stdio).
 //! - [`plugin`]: loading a component and calling it under its limits and grants.
-//! - [`nn`]: the wasi-nn host on candle: tensors, the backend trait, model families, the
-//!   compute pool.
+//! - [`nn`]: the wasi-nn host on candle: tensors, the backend trait, model families.
+//! - [`scheduler`]: every forward pass: per-model queues, dynamic batching, fair share across
+//!   tenants, memory admission, cancellation, on one compute pool.
 //! - [`registry`]: models by name, loaded once and shared; pinned model packages.
 //! - [`tensor`]: the tensors plugins exchange, and their KServe v2 JSON form.
 //! - [`config`]: the TOML configuration (models, plugins, limits, grants), validated with
@@ -29,6 +30,7 @@ pub mod nn;
 pub mod plugin;
 pub mod registry;
 pub mod runtime;
+pub mod scheduler;
 pub mod tensor;
 
 pub use runtime::Runtime;

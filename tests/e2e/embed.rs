@@ -7,9 +7,10 @@ use std::sync::Arc;
 use eir::Runtime;
 use eir::engine::EngineConfig;
 use eir::grants::Grants;
-use eir::nn::{ComputePool, NnGrants};
+use eir::nn::NnGrants;
 use eir::plugin::{Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
+use eir::scheduler::Scheduler;
 use eir::tensor::{Tensor, TensorData};
 use serde::Deserialize;
 
@@ -54,9 +55,14 @@ pub fn embed_plugin() -> (Plugin, tempfile::TempDir) {
     let registry = Registry::new(
         [(
             "minilm".to_string(),
-            ModelDecl { path: dir.clone(), family: Some("bert".into()), target: Default::default() },
+            ModelDecl {
+                path: dir.clone(),
+                family: Some("bert".into()),
+                target: Default::default(),
+                batch: Default::default(),
+            },
         )],
-        ComputePool::for_this_machine(),
+        Scheduler::for_this_machine(),
     );
     let rt = Runtime::with_registry(
         EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },

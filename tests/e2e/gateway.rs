@@ -165,6 +165,12 @@ pub async fn get(s: &Server, path: &str, key: Option<&str>) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// GET `path` with `key`; the status and the body as text.
+pub async fn get_text(s: &Server, path: &str, key: &str) -> (u16, String) {
+    let resp = client().get(format!("{}{path}", s.url)).bearer_auth(key).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+}
+
 fn text_request(texts: &[&str]) -> Value {
     json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [texts.len()], "data": texts}]})
 }

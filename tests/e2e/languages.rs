@@ -9,9 +9,10 @@ use std::sync::Arc;
 use eir::Runtime;
 use eir::engine::EngineConfig;
 use eir::grants::Grants;
-use eir::nn::{ComputePool, NnGrants};
+use eir::nn::NnGrants;
 use eir::plugin::{ErrorKind, Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
+use eir::scheduler::Scheduler;
 use eir::tensor::{ErrorCode, Request, Tensor, TensorData};
 use serde_json::{Value, json};
 
@@ -32,10 +33,26 @@ fn cache_dir() -> PathBuf {
 /// A runtime with MiniLM and Silero VAD registered.
 fn runtime() -> Runtime {
     let models = [
-        ("minilm", ModelDecl { path: minilm_dir(), family: Some("bert".into()), target: Default::default() }),
-        ("silero-vad", ModelDecl { path: model_dir("silero-vad"), family: None, target: Default::default() }),
+        (
+            "minilm",
+            ModelDecl {
+                path: minilm_dir(),
+                family: Some("bert".into()),
+                target: Default::default(),
+                batch: Default::default(),
+            },
+        ),
+        (
+            "silero-vad",
+            ModelDecl {
+                path: model_dir("silero-vad"),
+                family: None,
+                target: Default::default(),
+                batch: Default::default(),
+            },
+        ),
     ];
-    let registry = Registry::new(models.map(|(n, d)| (n.to_string(), d)), ComputePool::for_this_machine());
+    let registry = Registry::new(models.map(|(n, d)| (n.to_string(), d)), Scheduler::for_this_machine());
     Runtime::with_registry(EngineConfig { cache_dir: Some(cache_dir()), ..Default::default() }, Arc::new(registry))
         .expect("runtime")
 }

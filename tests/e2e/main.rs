@@ -3,6 +3,7 @@
 //! The guests are built by `scripts/build.sh` (the README's test command runs it first);
 //! a missing component fails the test with that instruction, it is never skipped.
 
+mod batching;
 mod cli;
 mod common;
 mod embed;

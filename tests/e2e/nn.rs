@@ -8,9 +8,10 @@ use eir::Runtime;
 use eir::engine::EngineConfig;
 use eir::grants::Grants;
 use eir::limits::Limits;
-use eir::nn::{ComputePool, NnGrants};
+use eir::nn::NnGrants;
 use eir::plugin::{ErrorKind, Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
+use eir::scheduler::Scheduler;
 
 use crate::common::{guest, request, strings};
 use crate::embed::minilm_dir;
@@ -19,8 +20,11 @@ use crate::embed::minilm_dir;
 fn runtime() -> (Runtime, tempfile::TempDir) {
     let cache = tempfile::tempdir().unwrap();
     let registry = Registry::new(
-        [("minilm".to_string(), ModelDecl { path: minilm_dir(), family: None, target: Default::default() })],
-        ComputePool::new(1),
+        [(
+            "minilm".to_string(),
+            ModelDecl { path: minilm_dir(), family: None, target: Default::default(), batch: Default::default() },
+        )],
+        Scheduler::for_this_machine(),
     );
     let config = EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() };
     (Runtime::with_registry(config, Arc::new(registry)).unwrap(), cache)

@@ -154,9 +154,10 @@ mod plugins {
     use eir::Runtime;
     use eir::engine::EngineConfig;
     use eir::grants::Grants;
-    use eir::nn::{ComputePool, NnGrants};
+    use eir::nn::NnGrants;
     use eir::plugin::{ErrorKind, Plugin, PluginConfig};
     use eir::registry::{ModelDecl, Registry};
+    use eir::scheduler::Scheduler;
     use eir::tensor::{ErrorCode, Tensor, TensorData};
 
     use super::{model_dir, reference};
@@ -165,8 +166,16 @@ mod plugins {
     fn plugin(name: &str, model: &str) -> (Plugin, tempfile::TempDir) {
         let cache = tempfile::tempdir().unwrap();
         let registry = Registry::new(
-            [(model.to_string(), ModelDecl { path: model_dir(model), family: None, target: Default::default() })],
-            ComputePool::for_this_machine(),
+            [(
+                model.to_string(),
+                ModelDecl {
+                    path: model_dir(model),
+                    family: None,
+                    target: Default::default(),
+                    batch: Default::default(),
+                },
+            )],
+            Scheduler::for_this_machine(),
         );
         let rt = Runtime::with_registry(
             EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },

@@ -17,9 +17,9 @@ use crate::config::Config;
 use crate::engine::Artifact;
 use crate::grants::{DirGrant, Stdio};
 use crate::limits::Limits;
-use crate::nn::ComputePool;
 use crate::plugin::{CallError, Interface, PluginConfig, PluginKind};
 use crate::registry::{NamedModel, Registry};
+use crate::scheduler::Scheduler;
 use crate::tensor::{self, Request};
 
 /// Arguments of `eir run`.
@@ -154,7 +154,7 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
     let file = args.config.as_deref().map(Config::load).transpose()?;
     let mut models = file.as_ref().map(|c| c.models.clone()).unwrap_or_default();
     models.extend(args.models.iter().map(|m| (m.name.clone(), m.decl.clone())));
-    let registry = Registry::new(models, ComputePool::for_this_machine());
+    let registry = Registry::new(models, Scheduler::for_this_machine());
     let runtime = Runtime::with_registry(global.engine_config(), Arc::new(registry))?;
 
     // PLUGIN names a configured plugin, or is a path.

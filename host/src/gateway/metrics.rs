@@ -1,5 +1,6 @@
 //! Prometheus metrics (`GET /metrics`, text format): requests, errors by kind, latency by
-//! phase (queue, plugin, compute), in-flight, fuel used, memory high-water, refusals.
+//! phase (queue, plugin, compute), in-flight, fuel used, memory high-water, refusals; and the
+//! scheduler's (`eir_sched_*`: queues, batch sizes, padding, compute per tenant).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -89,6 +90,12 @@ fn model(tenant: &str, model: &str) -> Model {
 }
 
 impl Metrics {
+    /// The same metrics, also exposing the scheduler's (`eir_sched_*`).
+    pub fn with_scheduler(mut self, scheduler: &crate::scheduler::Metrics) -> Self {
+        scheduler.register(&mut self.registry);
+        self
+    }
+
     /// Counts an answered request.
     pub fn request(&self, tenant: &str, m: &str, code: u16) {
         self.requests.get_or_create(&Code { tenant: tenant.into(), model: m.into(), code }).inc();

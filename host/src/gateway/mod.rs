@@ -26,9 +26,9 @@ use tokio::sync::Semaphore;
 
 use crate::Runtime;
 use crate::config::{Ceilings, Config, PluginDecl};
-use crate::nn::ComputePool;
 use crate::plugin::{Plugin, PluginConfig};
 use crate::registry::Registry;
+use crate::scheduler::Scheduler;
 use crate::tensor::Metadata;
 
 pub use metrics::Metrics;
@@ -120,6 +120,7 @@ impl Gateway {
     /// Loads `config` (models preloaded, plugins compiled) and returns a gateway ready to serve.
     pub async fn start(base: Runtime, config_path: &Path, config: Config) -> anyhow::Result<Self> {
         let snapshot = build(&base, config, None).await?;
+        let metrics = Metrics::default().with_scheduler(snapshot.runtime.registry().scheduler().metrics());
         // More threads than cores: a tenant's busy calls then share the cores with other
         // tenants' calls through the OS scheduler, instead of making them wait for a thread.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -133,7 +134,7 @@ impl Gateway {
             state: ArcSwap::from_pointee(snapshot),
             base,
             config_path: config_path.to_path_buf(),
-            metrics: Metrics::default(),
+            metrics,
             reloading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             exec: Some(exec),
@@ -207,8 +208,9 @@ impl Gateway {
 async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
     let registry = match previous {
         Some(p) => Registry::carrying_over(config.models.clone(), p.runtime.registry()),
-        None => Registry::new(config.models.clone(), ComputePool::for_this_machine()),
+        None => Registry::new(config.models.clone(), Scheduler::new(config.scheduler_settings())),
     };
+    let scheduler = registry.scheduler().clone();
     let runtime = base.with_models(Arc::new(registry));
     runtime.registry().preload().await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -219,6 +221,7 @@ async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> a
             Some(old) if old.same_quotas(decl) && old.decl == *decl => old.clone(),
             _ => Arc::new(TenantState::new(name, decl)),
         };
+        scheduler.tenant(name).configure(decl.weight, decl.compute_quota);
         for key in &decl.keys_sha256 {
             by_key.insert(key.clone(), state.clone());
         }
@@ -289,7 +292,9 @@ async fn serve_plugin(
     let mut per_tenant = HashMap::new();
     for (tenant, ceilings) in &audience {
         let config = PluginConfig { limits: ceilings.apply(&decl.config.limits), ..decl.config.clone() };
-        per_tenant.insert(tenant.clone(), Arc::new(runtime.plugin(name, artifact.clone(), config)?));
+        let account = runtime.registry().scheduler().tenant(tenant);
+        per_tenant
+            .insert(tenant.clone(), Arc::new(runtime.plugin(name, artifact.clone(), config)?.with_tenant(account)));
     }
     tracing::info!(plugin = name, version = %decl.version, tenants = audience.len(), "plugin ready");
     Ok(Served {

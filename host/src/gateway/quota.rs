@@ -72,6 +72,8 @@ mod tests {
             burst,
             max_body: bytesize::ByteSize::mib(1),
             ceilings: Ceilings::default(),
+            weight: 1.0,
+            compute_quota: None,
         }
     }
 

@@ -185,10 +185,28 @@ async fn server_metadata() -> axum::Json<Value> {
     }))
 }
 
-fn metadata_json(s: &Served) -> Value {
+fn metadata_json(snapshot: &Snapshot, s: &Served) -> Value {
     let mut m = metadata_to_json(&s.name, &s.metadata);
     m["versions"] = json!([s.version]);
     m["platform"] = json!("eir_wasm");
+    // The models it computes on, and how the scheduler batches them.
+    let registry = snapshot.runtime.registry();
+    let models: serde_json::Map<String, Value> = s
+        .decl
+        .config
+        .grants
+        .nn
+        .models
+        .iter()
+        .filter_map(|name| registry.decl(name).map(|d| (name, d)))
+        .map(|(name, d)| {
+            let delay = humantime::format_duration(d.batch.max_delay).to_string();
+            (name.clone(), json!({ "max_batch": d.batch.max_batch, "max_delay": delay }))
+        })
+        .collect();
+    if !models.is_empty() {
+        m["models"] = Value::Object(models);
+    }
     m
 }
 
@@ -197,8 +215,9 @@ async fn model_metadata(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw.snapshot(), &headers, &name, None)?;
-    Ok(axum::Json(metadata_json(&s)))
+    let snapshot = gw.snapshot();
+    let (_, s) = served(&snapshot, &headers, &name, None)?;
+    Ok(axum::Json(metadata_json(&snapshot, &s)))
 }
 
 async fn model_metadata_v(
@@ -206,8 +225,9 @@ async fn model_metadata_v(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (_, s) = served(&gw.snapshot(), &headers, &name, Some(&version))?;
-    Ok(axum::Json(metadata_json(&s)))
+    let snapshot = gw.snapshot();
+    let (_, s) = served(&snapshot, &headers, &name, Some(&version))?;
+    Ok(axum::Json(metadata_json(&snapshot, &s)))
 }
 
 async fn model_ready(
@@ -298,6 +318,21 @@ async fn run_infer(
             retry_after: Some(retry),
         }
     })?;
+    // Compute quota: core-seconds per minute, charged by the scheduler for every pass the
+    // tenant's requests caused (abandoned ones included).
+    if let Some(wait) = snapshot.runtime.registry().scheduler().tenant(&t.name).over_quota() {
+        answer(StatusCode::TOO_MANY_REQUESTS);
+        m.refused(&t.name, "compute");
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "over your compute quota of {} core-seconds per minute; retry later",
+                t.decl.compute_quota.unwrap_or_default()
+            ),
+            kind: Some("quota"),
+            retry_after: Some(wait.as_secs_f64().ceil() as u64),
+        });
+    }
     let limit = snapshot.config.server.max_body.min(t.decl.max_body);
     let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout)
         .await

@@ -46,10 +46,39 @@ pub trait Model: Send + Sync + 'static {
     /// layer once the meter's deadline passes or its caller cancels (`timeout`).
     fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError>;
 
+    /// How several callers' inputs combine into one pass, if they can (the scheduler's
+    /// dynamic batching); `None` runs every compute alone.
+    fn batching(&self) -> Option<BatchSpec> {
+        None
+    }
+
+    /// The most bytes one pass over `rows` rows of `seq` tokens holds (`seq` is 0 for models
+    /// without sequence inputs), if the family can tell before running; the scheduler admits
+    /// batches by it. Without it the scheduler learns the figure from the passes it runs.
+    fn pass_bytes(&self, _rows: usize, _seq: usize) -> Option<u64> {
+        None
+    }
+
     /// [`compute_with`](Self::compute_with) under [`DEFAULT_COMPUTE_BUDGET`], no deadline.
     fn compute(&self, inputs: Named) -> Result<Named, NnError> {
         self.compute_with(inputs, &Meter::with_budget(DEFAULT_COMPUTE_BUDGET))
     }
+}
+
+/// How a model's inputs and outputs carry a batch: the scheduler stacks several callers'
+/// rows along dimension 0, pads sequence inputs to the longest row (with zeros), and cuts each
+/// caller's rows (and sequence length) back out of the outputs. It never looks further inside.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchSpec {
+    /// Inputs that carry rows along dimension 0; `true` where dimension 1 is a sequence
+    /// that may be padded.
+    pub inputs: Vec<(String, bool)>,
+    /// The attention-mask input that tells padding from tokens: where a caller did not send
+    /// one and its rows are padded, the scheduler writes ones over its tokens.
+    pub mask: Option<String>,
+    /// Outputs that carry rows along dimension 0; `true` where dimension 1 follows the input
+    /// sequence (cut back to each caller's length).
+    pub outputs: Vec<(String, bool)>,
 }
 
 /// Where a model runs (the spec's `execution-target`).

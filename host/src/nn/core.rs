@@ -10,6 +10,7 @@ use super::error::NnError;
 use super::graph::HostGraph;
 use super::meter::{CancelToken, Meter};
 use crate::limits::HostLimitExceeded;
+use crate::scheduler::Job;
 
 /// How a guest says its model bytes are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,12 +69,16 @@ impl NnCtx {
         }
         let token = CancelToken::new();
         let meter = Meter::for_load(load_budget(size), token.clone(), Some(self.deadline));
-        let job = self.registry.pool().run(&token, move || backend::load_with(Source::Bytes(&parts), target, &meter));
+        let job = self
+            .registry
+            .scheduler()
+            .loads()
+            .run(&token, move || backend::load_with(Source::Bytes(&parts), target, &meter));
         let model = match tokio::time::timeout_at(self.deadline.into(), job).await {
             Ok(result) => result?,
             Err(_) => return Err(NnError::timeout("the deadline passed while loading the model")),
         };
-        Ok(HostGraph { name: "<bytes>".into(), model, _charge: Some(Arc::new(charge)) })
+        Ok(HostGraph { name: "<bytes>".into(), model, policy: Default::default(), _charge: Some(Arc::new(charge)) })
     }
 
     /// A registry model by name, if granted, waiting at most until the call's deadline.
@@ -83,19 +88,30 @@ impl NnCtx {
         }
         let registry = self.registry.clone();
         match tokio::time::timeout_at(self.deadline.into(), registry.get(name)).await {
-            Ok(model) => Ok(HostGraph { name: Arc::from(name), model: model?, _charge: None }),
+            Ok(model) => Ok(HostGraph {
+                name: Arc::from(name),
+                model: model?,
+                policy: self.registry.batch_policy(name),
+                _charge: None,
+            }),
             Err(_) => Err(NnError::timeout(format!("the deadline passed while loading model `{name}`"))),
         }
     }
 
-    /// One forward pass of `graph` on the compute pool, under the call's compute budget and
-    /// deadline. When the deadline passes (or the guest's call is dropped), the pass is
-    /// cancelled and stops at its next operator or layer, freeing its compute slot.
+    /// One forward pass of `graph` through the scheduler (batched with other callers' where
+    /// the model allows), charged to this call's tenant, under the call's compute budget and
+    /// deadline. When the deadline passes (or the guest's call is dropped), the job is
+    /// cancelled: queued, it never runs; running, its rows stop at the next layer or operator.
     pub(crate) async fn compute(&mut self, graph: &HostGraph, inputs: Named) -> Result<Named, NnError> {
-        let model = graph.model.clone();
-        let token = CancelToken::new();
-        let meter = Meter::new(self.compute_budget, token.clone(), Some(self.deadline));
-        let job = self.registry.pool().run(&token, move || model.compute_with(inputs, &meter));
+        let job = self.registry.scheduler().submit(Job {
+            model: graph.model.clone(),
+            name: graph.name.clone(),
+            policy: graph.policy,
+            inputs,
+            tenant: self.tenant.clone(),
+            deadline: Some(self.deadline),
+            budget: self.compute_budget,
+        });
         let started = std::time::Instant::now();
         let outputs = match tokio::time::timeout_at(self.deadline.into(), job).await {
             Ok(outputs) => outputs?,

@@ -9,6 +9,8 @@ use super::backend::Model;
 pub struct HostGraph {
     pub(crate) name: Arc<str>,
     pub(crate) model: Arc<dyn Model>,
+    /// How its computes batch.
+    pub(crate) policy: crate::scheduler::BatchPolicy,
     /// For a graph loaded from bytes, its reservation on the plugin's ledger: given back when
     /// the last handle (graph or context) goes.
     pub(crate) _charge: Option<Arc<super::LoadCharge>>,

@@ -60,6 +60,24 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// One caller's share of a batched pass: its rows of the batch, and when it stops wanting
+/// them (its token is cancelled or its deadline passes).
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// Its rows of the batch.
+    pub rows: std::ops::Range<usize>,
+    /// Cancelled when the caller goes away.
+    pub token: CancelToken,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+}
+
+impl Part {
+    fn wanted(&self, now: Instant) -> bool {
+        !self.token.is_cancelled() && self.deadline.is_none_or(|d| now < d)
+    }
+}
+
 /// The memory budget, deadline and cancellation of one compute (or load).
 #[derive(Debug)]
 pub struct Meter {
@@ -68,6 +86,9 @@ pub struct Meter {
     peak: AtomicU64,
     token: CancelToken,
     deadline: Option<Instant>,
+    /// For a batched pass, each caller's rows: the pass goes on while any caller wants its
+    /// rows, and a backend may drop the rows nobody wants any more ([`Meter::row_wanted`]).
+    parts: Vec<Part>,
     /// "compute" or "load": named in errors.
     what: &'static str,
 }
@@ -76,7 +97,33 @@ impl Meter {
     /// A compute that may hold `budget` bytes of intermediate values at once and must stop at
     /// `deadline` or when `token` is cancelled.
     pub fn new(budget: u64, token: CancelToken, deadline: Option<Instant>) -> Self {
-        Self { budget, live: AtomicU64::new(0), peak: AtomicU64::new(0), token, deadline, what: "compute" }
+        Self {
+            budget,
+            live: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            token,
+            deadline,
+            parts: Vec::new(),
+            what: "compute",
+        }
+    }
+
+    /// A batched pass under `budget`, serving `parts` (each caller's rows, token and
+    /// deadline): it stops once no caller wants its rows.
+    pub fn for_batch(budget: u64, parts: Vec<Part>) -> Self {
+        Self { parts, ..Self::new(budget, CancelToken::new(), None) }
+    }
+
+    /// Whether row `row` of a batched pass is still wanted by its caller (always true outside
+    /// a batch). Backends that can drop rows between layers ask this at their checkpoints.
+    pub fn row_wanted(&self, row: usize) -> bool {
+        let now = Instant::now();
+        self.parts.iter().find(|p| p.rows.contains(&row)).is_none_or(|p| p.wanted(now))
+    }
+
+    /// Whether this meter serves several callers' rows (see [`Meter::for_batch`]).
+    pub fn is_batch(&self) -> bool {
+        self.parts.len() > 1
     }
 
     /// A model load under `budget` bytes (constant folding, converted weights).
@@ -108,6 +155,13 @@ impl Meter {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(NnError::timeout(format!(
                 "the deadline passed during the {} (stopped before {at})",
+                self.what
+            )));
+        }
+        let now = Instant::now();
+        if !self.parts.is_empty() && !self.parts.iter().any(|p| p.wanted(now)) {
+            return Err(NnError::timeout(format!(
+                "every caller of this batched {} stopped waiting (stopped before {at})",
                 self.what
             )));
         }
@@ -222,6 +276,25 @@ mod tests {
         let t = CancelToken::new();
         t.cancel_on_drop().disarm();
         assert!(!t.is_cancelled(), "a disarmed guard does not cancel");
+    }
+
+    #[test]
+    fn a_batch_runs_while_any_caller_wants_it() {
+        let (a, b) = (CancelToken::new(), CancelToken::new());
+        let parts = vec![
+            Part { rows: 0..2, token: a.clone(), deadline: None },
+            Part { rows: 2..3, token: b.clone(), deadline: None },
+        ];
+        let m = Meter::for_batch(1, parts);
+        assert!(m.is_batch());
+        a.cancel();
+        assert!(!m.row_wanted(0) && !m.row_wanted(1) && m.row_wanted(2));
+        m.checkpoint(&"layer 0").expect("b still waits");
+        b.cancel();
+        assert!(m.checkpoint(&"layer 1").unwrap_err().message.contains("every caller"));
+        let late =
+            Meter::for_batch(1, vec![Part { rows: 0..1, token: CancelToken::new(), deadline: Some(Instant::now()) }]);
+        assert!(late.checkpoint(&"x").is_err(), "a passed deadline counts as gone");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! - [`tensor`]: tensor validation and conversion to and from candle.
 //! - [`backend`]: the [`Model`] trait each family implements, and format detection;
 //!   [`backends`] holds one module per family.
-//! - [`scheduler`]: the bounded compute pool forward passes run on.
 //! - [`meter`]: the memory budget, deadline and cancellation a compute or load runs under.
 //! - `core`: grants, caps, budgets and deadlines, once for both ABIs;
 //!   [`host`] (the WIT interfaces) and [`legacy`] (the witx ABI `wasi_ephemeral_nn` for
@@ -22,7 +21,6 @@ mod graph;
 mod host;
 pub mod legacy;
 pub mod meter;
-pub mod scheduler;
 pub mod tensor;
 
 use std::sync::Arc;
@@ -36,7 +34,6 @@ pub use error::{NnError, code_name};
 pub use graph::{HostContext, HostGraph};
 pub use host::{Nn, NnView};
 pub use meter::{CancelToken, Meter};
-pub use scheduler::ComputePool;
 
 use crate::registry::Registry;
 
@@ -76,6 +73,8 @@ pub struct NnCtx {
     pub(crate) tensor_bytes: u64,
     pub(crate) resources: u32,
     pub(crate) legacy: legacy::LegacyState,
+    /// Who this call's compute is charged to.
+    pub(crate) tenant: Arc<crate::scheduler::Tenant>,
     /// Time spent in model computations (waiting for the pool included) during this call.
     pub(crate) compute_time: std::time::Duration,
     /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
@@ -128,7 +127,9 @@ impl Drop for LoadCharge {
 impl NnCtx {
     /// State for one call that must finish by `deadline`.
     pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
+        let tenant = registry.scheduler().tenant(crate::scheduler::LOCAL);
         Self {
+            tenant,
             registry,
             grants,
             deadline,
@@ -144,6 +145,12 @@ impl NnCtx {
     /// The same state charging bytes-loaded graphs to `ledger` (shared by a plugin's instances).
     pub fn with_load_ledger(mut self, ledger: Arc<LoadLedger>) -> Self {
         self.loaded = ledger;
+        self
+    }
+
+    /// The same state charging its compute to `tenant`.
+    pub fn with_tenant(mut self, tenant: Arc<crate::scheduler::Tenant>) -> Self {
+        self.tenant = tenant;
         self
     }
 

@@ -154,7 +154,8 @@ impl Plugin {
         let grants = &self.config.grants;
         let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), Instant::now() + limits.timeout)
             .with_compute_budget(limits.max_compute_memory.as_u64())
-            .with_load_ledger(self.loaded.clone());
+            .with_load_ledger(self.loaded.clone())
+            .with_tenant(self.tenant.clone());
         let (state, stderr) = if let Pre::Module(_) = self.pre {
             let (p1, stderr) = grants.wasi_p1_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
             let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();

@@ -187,6 +187,8 @@ pub struct Plugin {
     nn_grants: Arc<NnGrants>,
     /// Graphs its instances loaded from bytes (bounded by the `load_from_bytes` grant).
     loaded: Arc<crate::nn::LoadLedger>,
+    /// Who its compute is charged to (the gateway builds one plugin per tenant).
+    tenant: Arc<crate::scheduler::Tenant>,
     idle: Mutex<Vec<call::Session>>,
 }
 
@@ -258,11 +260,23 @@ impl Plugin {
             pre,
             nn_grants: Arc::new(config.grants.nn.clone()),
             loaded: Arc::default(),
+            tenant: registry.scheduler().tenant(crate::scheduler::LOCAL),
             config,
             engine: engine.clone(),
             registry: registry.clone(),
             idle: Mutex::default(),
         })
+    }
+
+    /// The same plugin charging its compute to `tenant` (by default the local tenant).
+    pub fn with_tenant(mut self, tenant: Arc<crate::scheduler::Tenant>) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
+    /// The tenant its compute is charged to.
+    pub fn tenant(&self) -> &Arc<crate::scheduler::Tenant> {
+        &self.tenant
     }
 
     /// The plugin's name (used in logs and errors).

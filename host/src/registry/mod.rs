@@ -13,8 +13,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
+use crate::nn::NnError;
 use crate::nn::backend::{self, Model, Source, Target};
-use crate::nn::{ComputePool, NnError};
+use crate::scheduler::{BatchPolicy, Scheduler};
 
 /// One declared model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,6 +29,9 @@ pub struct ModelDecl {
     /// Where it runs.
     #[serde(default)]
     pub target: Target,
+    /// How its computes batch (`max_batch`, `max_delay`).
+    #[serde(default)]
+    pub batch: BatchPolicy,
 }
 
 /// `NAME=PATH` (with an optional `@gpu` suffix), as given to `--model`.
@@ -52,7 +56,10 @@ impl FromStr for NamedModel {
         if name.is_empty() || path.is_empty() {
             return Err(format!("`{s}`: expected NAME=PATH"));
         }
-        Ok(Self { name: name.to_string(), decl: ModelDecl { path: path.into(), family: None, target } })
+        Ok(Self {
+            name: name.to_string(),
+            decl: ModelDecl { path: path.into(), family: None, target, batch: BatchPolicy::default() },
+        })
     }
 }
 
@@ -63,24 +70,24 @@ type Slot = Arc<OnceCell<Arc<dyn Model>>>;
 pub struct Registry {
     decls: HashMap<String, ModelDecl>,
     loaded: Mutex<HashMap<String, Slot>>,
-    pool: ComputePool,
+    scheduler: Scheduler,
 }
 
 impl Registry {
-    /// A registry of `decls`, computing on `pool`.
-    pub fn new(decls: impl IntoIterator<Item = (String, ModelDecl)>, pool: ComputePool) -> Self {
-        Self { decls: decls.into_iter().collect(), loaded: Mutex::default(), pool }
+    /// A registry of `decls`, computing through `scheduler`.
+    pub fn new(decls: impl IntoIterator<Item = (String, ModelDecl)>, scheduler: Scheduler) -> Self {
+        Self { decls: decls.into_iter().collect(), loaded: Mutex::default(), scheduler }
     }
 
     /// An empty registry.
     pub fn empty() -> Self {
-        Self::new([], ComputePool::for_this_machine())
+        Self::new([], Scheduler::for_this_machine())
     }
 
     /// A registry of `decls` that keeps the models `previous` already loaded for unchanged
     /// declarations (a configuration reload does not reload them).
     pub fn carrying_over(decls: impl IntoIterator<Item = (String, ModelDecl)>, previous: &Registry) -> Self {
-        let next = Self::new(decls, previous.pool.clone());
+        let next = Self::new(decls, previous.scheduler.clone());
         if let (Ok(old), Ok(mut new)) = (previous.loaded.lock(), next.loaded.lock()) {
             for (name, slot) in old.iter() {
                 if previous.decls.get(name) == next.decls.get(name) {
@@ -91,9 +98,14 @@ impl Registry {
         next
     }
 
-    /// The compute pool models run on.
-    pub fn pool(&self) -> &ComputePool {
-        &self.pool
+    /// The scheduler every compute on these models goes through.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// How the model called `name` batches (the default for undeclared names).
+    pub fn batch_policy(&self, name: &str) -> BatchPolicy {
+        self.decls.get(name).map(|d| d.batch).unwrap_or_default()
     }
 
     /// The declared names.
@@ -126,8 +138,11 @@ impl Registry {
                 let started = Instant::now();
                 // A shared load: no caller's deadline applies, and a caller that stops waiting
                 // cancels only its own wait (`get_or_try_init` keeps the load for the next).
-                let model =
-                    self.pool.run(&Default::default(), move || backend::load(Source::Path(&path), decl.target)).await?;
+                let model = self
+                    .scheduler
+                    .loads()
+                    .run(&Default::default(), move || backend::load(Source::Path(&path), decl.target))
+                    .await?;
                 if let Some(family) = &decl.family
                     && family != model.family()
                 {
@@ -175,8 +190,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"bert\"}").unwrap();
         let registry = Registry::new(
-            [("broken".to_string(), ModelDecl { path: dir.path().into(), family: None, target: Target::Cpu })],
-            ComputePool::new(1),
+            [(
+                "broken".to_string(),
+                ModelDecl { path: dir.path().into(), family: None, target: Target::Cpu, batch: BatchPolicy::default() },
+            )],
+            Scheduler::for_this_machine(),
         );
         let err = registry.get("nope").await.err().unwrap();
         assert_eq!(crate::nn::code_name(err.code), "not-found");

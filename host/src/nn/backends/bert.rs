@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::nn::backend::{Model, Named};
+use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::bindings::tensor::TensorType;
 use crate::nn::error::NnError;
 use crate::nn::meter::{Meter, mul};
@@ -287,12 +287,39 @@ impl Bert {
             let mut hidden = self.embeddings.forward(&ids, &types)?;
             // 0 where attended, f32::MIN where masked, as [rows, 1, 1, seq].
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
-            let mask = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
+            let mut mask = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
+            // The chunk's rows still computed: in a batch, rows whose caller went away are
+            // dropped between blocks (rows are independent), the rest go on.
+            let mut alive: Vec<usize> = (start..start + n).collect();
             for (k, layer) in self.layers.iter().enumerate() {
                 meter.checkpoint(&format_args!("BERT layer {k} (attention) of rows {start}..{}", start + n))?;
+                if meter.is_batch() {
+                    let keep: Vec<u32> =
+                        (0..alive.len()).filter(|&i| meter.row_wanted(alive[i])).map(|i| i as u32).collect();
+                    if keep.is_empty() {
+                        alive.clear();
+                        break;
+                    }
+                    if keep.len() < alive.len() {
+                        let index = Tensor::new(keep.as_slice(), &self.device)?;
+                        hidden = hidden.index_select(&index, 0)?;
+                        mask = mask.index_select(&index, 0)?;
+                        alive = keep.iter().map(|&i| alive[i as usize]).collect();
+                    }
+                }
                 hidden = layer.attention(&hidden, &mask)?;
                 meter.checkpoint(&format_args!("BERT layer {k} (feed-forward) of rows {start}..{}", start + n))?;
                 hidden = layer.feed_forward(&hidden)?;
+            }
+            if alive.len() < n {
+                // Rows nobody waits for come back as zeros (their callers are gone).
+                let full = Tensor::zeros((n, seq, self.config.hidden_size), DType::F32, &self.device)?;
+                hidden = if alive.is_empty() {
+                    full
+                } else {
+                    let at: Vec<u32> = alive.iter().map(|&r| (r - start) as u32).collect();
+                    full.index_add(&Tensor::new(at.as_slice(), &self.device)?, &hidden, 0)?
+                };
             }
             done.push(hidden);
         }
@@ -333,6 +360,21 @@ impl Model for Bert {
 
     fn input_names(&self) -> Vec<String> {
         INPUTS.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn batching(&self) -> Option<BatchSpec> {
+        Some(BatchSpec {
+            inputs: INPUTS.iter().map(|i| (i.to_string(), true)).collect(),
+            mask: Some(INPUTS[1].to_string()),
+            outputs: vec![(OUTPUT.to_string(), true)],
+        })
+    }
+
+    fn pass_bytes(&self, rows: usize, seq: usize) -> Option<u64> {
+        // What `forward_with` reserves: the output twice, and one chunk's working set.
+        let output = (rows as u64).checked_mul(seq as u64)?.checked_mul(4 * self.config.hidden_size as u64)?;
+        let chunk = (TOKENS_PER_STEP / seq.max(1)).clamp(1, rows.max(1));
+        output.checked_mul(2)?.checked_add(self.forward_bytes(chunk, seq).ok()?)
     }
 
     fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError> {

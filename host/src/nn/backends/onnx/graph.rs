@@ -60,6 +60,8 @@ pub(super) struct Program {
     slots: usize,
     pub inputs: Vec<InputSpec>,
     pub outputs: Vec<(String, Src)>,
+    /// Each output's declared dimensions (`None` where the graph declares none).
+    pub output_shapes: Vec<Option<DeclaredShape>>,
     body: Block,
 }
 
@@ -149,7 +151,8 @@ impl Program {
         let input_slots: HashSet<usize> = inputs.iter().map(|i| i.slot).collect();
         plan_frees(&mut body, &input_slots);
         prepare(&body, &c.consts);
-        Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, body })
+        let output_shapes = graph.output.iter().map(|o| value_type(o).ok().and_then(|(_, shape)| shape)).collect();
+        Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, output_shapes, body })
     }
 
     /// Number of compiled steps (for logs).

@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use prost::Message;
 
-use crate::nn::backend::{Model, Named, load_budget};
+use crate::nn::backend::{BatchSpec, Model, Named, load_budget};
 use crate::nn::error::NnError;
 use crate::nn::meter::Meter;
 use crate::nn::tensor::{HostTensor, type_of};
@@ -106,6 +106,20 @@ impl Model for Onnx {
 
     fn input_names(&self) -> Vec<String> {
         self.program.inputs.iter().map(|i| i.name.clone()).collect()
+    }
+
+    /// A graph batches when every input and every output declares a symbolic first
+    /// dimension (the free batch dimension of an export such as `[N, 224, 224, 3]`).
+    fn batching(&self) -> Option<BatchSpec> {
+        let free = |shape: &Option<Vec<Option<usize>>>| shape.as_ref().is_some_and(|s| s.first() == Some(&None));
+        let batchable = !self.program.inputs.is_empty()
+            && self.program.inputs.iter().all(|i| free(&i.shape))
+            && self.program.output_shapes.iter().all(free);
+        batchable.then(|| BatchSpec {
+            inputs: self.program.inputs.iter().map(|i| (i.name.clone(), false)).collect(),
+            mask: None,
+            outputs: self.program.outputs.iter().map(|(name, _)| (name.clone(), false)).collect(),
+        })
     }
 
     fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError> {

@@ -1,22 +1,21 @@
-//! The bounded compute pool: model forward passes run on blocking threads, at most
-//! `concurrency` at once, so a long inference never stalls the async executor that runs
-//! plugins, and the host never oversubscribes its cores.
+//! Blocking work that is not a forward pass (model loads): on blocking threads, at most
+//! `concurrency` at once, so a long load never stalls the async executor that runs plugins.
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::error::NnError;
-use super::meter::CancelToken;
+use crate::nn::NnError;
+use crate::nn::meter::CancelToken;
 
 /// Runs blocking compute with bounded concurrency. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct ComputePool {
+pub struct BlockingPool {
     permits: Arc<Semaphore>,
     concurrency: usize,
 }
 
-impl ComputePool {
+impl BlockingPool {
     /// A pool running at most `concurrency` jobs at once (at least one).
     pub fn new(concurrency: usize) -> Self {
         let concurrency = concurrency.max(1);
@@ -38,7 +37,7 @@ impl ComputePool {
     ///
     /// Dropping the returned future (the caller timed out or went away) cancels `token`: a job
     /// still queued then never starts, and a running one stops at its next checkpoint (see
-    /// [`Meter::checkpoint`](super::Meter::checkpoint)), which frees its slot.
+    /// [`Meter::checkpoint`](crate::nn::Meter::checkpoint)), which frees its slot.
     pub fn run<T: Send + 'static>(
         &self,
         token: &CancelToken,
@@ -84,7 +83,7 @@ mod tests {
 
     #[tokio::test]
     async fn panics_become_errors() {
-        let pool = ComputePool::new(1);
+        let pool = BlockingPool::new(1);
         let err = pool.run::<()>(&CancelToken::new(), || panic!("kaboom")).await.unwrap_err();
         assert!(err.message.contains("kaboom"), "{err}");
         assert_eq!(pool.run(&CancelToken::new(), || Ok(7)).await.unwrap(), 7);
@@ -92,7 +91,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrency_is_bounded() {
-        let pool = ComputePool::new(2);
+        let pool = BlockingPool::new(2);
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let jobs = (0..8).map(|_| {
@@ -116,7 +115,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_wait_cancels_queued_and_running_jobs() {
-        let pool = ComputePool::new(1);
+        let pool = BlockingPool::new(1);
         let ran = Arc::new(AtomicUsize::new(0));
         let running = CancelToken::new();
         let seen = running.clone();

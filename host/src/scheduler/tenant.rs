@@ -1,0 +1,126 @@
+//! A tenant as the scheduler sees it: its weight in the fair share, the compute it has used,
+//! and its optional compute quota (core-seconds per minute, a token bucket).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The tenant that plain `eir run` and tests compute as.
+pub const LOCAL: &str = "local";
+
+/// One tenant's account. Shared (`Arc`) by its plugins and the scheduler; kept across
+/// configuration reloads so that usage and quota carry over.
+#[derive(Debug)]
+pub struct Tenant {
+    name: std::sync::Arc<str>,
+    /// The weight, as f64 bits.
+    weight: AtomicU64,
+    /// Compute charged so far, in core-nanoseconds.
+    used: AtomicU64,
+    quota: Mutex<Bucket>,
+}
+
+/// Core-seconds a tenant may use per minute, as a token bucket holding one minute's worth.
+#[derive(Debug)]
+struct Bucket {
+    per_minute: Option<f64>,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        if let Some(cap) = self.per_minute {
+            let dt = now.saturating_duration_since(self.at).as_secs_f64();
+            self.level = (self.level + dt * cap / 60.0).min(cap);
+        }
+        self.at = now;
+    }
+}
+
+impl Tenant {
+    /// A tenant of weight 1 without a quota.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            weight: AtomicU64::new(1f64.to_bits()),
+            used: AtomicU64::new(0),
+            quota: Mutex::new(Bucket { per_minute: None, level: 0.0, at: Instant::now() }),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn name_arc(&self) -> std::sync::Arc<str> {
+        self.name.clone()
+    }
+
+    /// Its share of compute relative to other tenants (default 1).
+    pub fn weight(&self) -> f64 {
+        f64::from_bits(self.weight.load(Ordering::Relaxed))
+    }
+
+    /// Sets the weight (clamped to a small positive minimum) and the quota in core-seconds per
+    /// minute (`None`: unlimited). A changed quota starts with a full bucket.
+    pub fn configure(&self, weight: f64, per_minute: Option<f64>) {
+        let weight = if weight.is_finite() { weight.max(1e-3) } else { 1.0 };
+        self.weight.store(weight.to_bits(), Ordering::Relaxed);
+        if let Ok(mut q) = self.quota.lock()
+            && q.per_minute != per_minute
+        {
+            *q = Bucket { per_minute, level: per_minute.unwrap_or(0.0), at: Instant::now() };
+        }
+    }
+
+    /// Compute charged to it so far, in core-seconds.
+    pub fn used_seconds(&self) -> f64 {
+        self.used.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Charges `seconds` of compute (finished or abandoned work alike).
+    pub(super) fn charge(&self, seconds: f64) {
+        self.used.fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+        if let Ok(mut q) = self.quota.lock() {
+            q.refill(Instant::now());
+            if q.per_minute.is_some() {
+                q.level -= seconds;
+            }
+        }
+    }
+
+    /// When over its quota: how long until it may compute again.
+    pub fn over_quota(&self) -> Option<Duration> {
+        let mut q = self.quota.lock().ok()?;
+        q.refill(Instant::now());
+        let cap = q.per_minute?;
+        (q.level < 0.0).then(|| Duration::from_secs_f64(-q.level * 60.0 / cap.max(1e-9)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quota_is_a_bucket_of_core_seconds_per_minute() {
+        let t = Tenant::new("a");
+        assert_eq!(t.weight(), 1.0);
+        t.charge(100.0);
+        assert!(t.over_quota().is_none(), "no quota, no refusal");
+        t.configure(2.0, Some(6.0));
+        assert_eq!(t.weight(), 2.0);
+        t.charge(5.0);
+        assert!(t.over_quota().is_none(), "within the minute's 6 core-seconds");
+        t.charge(2.0);
+        let wait = t.over_quota().expect("1 core-second over");
+        // 1 core-second back at 6 per minute: about 10 s.
+        assert!(wait > Duration::from_secs(9) && wait <= Duration::from_secs(10), "{wait:?}");
+        assert!((t.used_seconds() - 107.0).abs() < 1e-6);
+        t.configure(f64::NAN, None);
+        assert_eq!(t.weight(), 1.0);
+        assert!(t.over_quota().is_none());
+    }
+}
