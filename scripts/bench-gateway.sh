@@ -28,13 +28,13 @@ server=
 stop() { [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=; }
 trap 'stop; rm -rf "$work"' EXIT
 
-# The shipped configuration (absolute paths) plus tenants without practical quotas; `$1` = 1
-# turns batching off. Extra TOML (tenants) comes on stdin.
+# The shipped configuration (absolute paths) plus the tenants in file $2; `$1` = 1 turns
+# batching off.
 serve() {
     local cfg="$work/eir.toml"
     sed -e "s#\"\.\./models#\"$PWD/models#; s#\"dist/#\"$PWD/plugins/dist/#" plugins/eir.toml >"$cfg"
     if [ "$1" = 1 ]; then sed -i 's/^max_batch = .*/max_batch = 1/' "$cfg"; fi
-    cat >>"$cfg"
+    cat "$2" >>"$cfg"
     stop
     EIR_LOG=warn "$eir" serve --config "$cfg" --listen "127.0.0.1:$port" >"$work/serve.out" 2>&1 &
     server=$!
@@ -97,7 +97,8 @@ if [ "$mode" = throughput ]; then
     echo "| --- | --- | --- | --- | --- | --- | --- |"
     for batched in 1 0; do
         label=$([ $batched = 1 ] && echo batched || echo unbatched)
-        tenant bench bench-key | serve $((1 - batched))
+        tenant bench bench-key >"$work/tenants.toml"
+        serve $((1 - batched)) "$work/tenants.toml"
         for spec in "text-normalize normalize" "text-embed embed" "image-classify image"; do
             set -- $spec
             [ $batched = 0 ] && [ "$1" = text-normalize ] && continue
@@ -121,25 +122,44 @@ if [ "$mode" = throughput ]; then
     exit 0
 fi
 
-# Fairness. A may run 8 requests at once (its quota); B is measured with 4 connections.
-{ tenant a a-key | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } | serve 0
+# Fairness. A may have 8 requests in flight (its quota); B is measured with 4 connections.
+{ tenant a a-key | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } >"$work/tenants.toml"
+serve 0 "$work/tenants.toml"
 read -r r_alone p_alone _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
 echo "B alone:                          $r_alone req/s, p50 $p_alone"
-# A floods with 64 connections at its quota of 8 in flight (the rest are refused 429).
-run text-embed "$work/embed.json" 64 a-key >"$work/flood.out" &
+# A floods at its quota: 8 connections, as many requests in flight as it may have.
+run text-embed "$work/embed.json" 8 a-key >"$work/flood.out" &
 flood=$!
 sleep 1
 read -r r_flood p_flood _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
 wait $flood
 read -r fr fp _ fe <"$work/flood.out"
-echo "B while A floods at its quota:    $r_flood req/s, p50 $p_flood  (A: $fr req/s, $fe refused)"
-# A drops every request after 30 ms and sends it again (wrk's timeout closes the connection).
-run text-embed "$work/embed.json" 8 a-key --timeout 30ms >"$work/drop.out" &
+echo "B while A floods at its quota:    $r_flood req/s, p50 $p_flood  (A: $fr req/s, ${fe:-0} refused)"
+# A drops and resends: 8 clients each send a request, hang up after 30 ms, and send it again.
+python3 - "$port" "$work/embed.json" "$((secs + 2))" >"$work/drop.out" <<'PYTHON' &
+import socket, sys, threading, time
+port, body, secs = int(sys.argv[1]), open(sys.argv[2], "rb").read(), float(sys.argv[3])
+request = (b"POST /v2/models/text-embed/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a-key\r\n"
+           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+sent = [0]
+def client():
+    end = time.time() + secs
+    while time.time() < end:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(request)
+        time.sleep(0.03)
+        s.close()
+        sent[0] += 1
+threads = [threading.Thread(target=client) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sent[0])
+PYTHON
 drop=$!
 sleep 1
 read -r r_drop p_drop _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
 wait $drop
-echo "B while A drops and resends:      $r_drop req/s, p50 $p_drop"
+echo "B while A drops and resends:      $r_drop req/s, p50 $p_drop  (A abandoned $(cat "$work/drop.out") requests)"
 metrics | grep -E '^eir_sched_(compute_seconds_total|cancelled_total)' | sed 's/^/  /'
 awk -v a="$(ms "$p_alone")" -v f="$(ms "$p_flood")" -v ra="$r_alone" -v rd="$r_drop" 'BEGIN {
     printf "B p50 while A floods / alone = %.2fx; B throughput lost to the drop-and-resend flood = %.0f%%\n", f / a, 100 * (1 - rd / ra) }'

@@ -113,7 +113,14 @@ impl NnCtx {
             budget: self.compute_budget,
         });
         let started = std::time::Instant::now();
-        let outputs = match tokio::time::timeout_at(self.deadline.into(), job).await {
+        // Other calls of the tenant run their plugin code while this one waits.
+        drop(self.turn.lock().ok().and_then(|mut t| t.take()));
+        let outcome = tokio::time::timeout_at(self.deadline.into(), job).await;
+        let turn = self.tenant.turn().await;
+        if let Ok(mut slot) = self.turn.lock() {
+            *slot = turn;
+        }
+        let outputs = match outcome {
             Ok(outputs) => outputs?,
             Err(_) => {
                 return Err(NnError::timeout(format!("the deadline passed while `{}` was computing", graph.name)));

@@ -75,6 +75,8 @@ pub struct NnCtx {
     pub(crate) legacy: legacy::LegacyState,
     /// Who this call's compute is charged to.
     pub(crate) tenant: Arc<crate::scheduler::Tenant>,
+    /// The call's turn at running plugin code: given up while it waits for a forward pass.
+    pub(crate) turn: crate::scheduler::TurnSlot,
     /// Time spent in model computations (waiting for the pool included) during this call.
     pub(crate) compute_time: std::time::Duration,
     /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
@@ -130,6 +132,7 @@ impl NnCtx {
         let tenant = registry.scheduler().tenant(crate::scheduler::LOCAL);
         Self {
             tenant,
+            turn: Default::default(),
             registry,
             grants,
             deadline,

@@ -169,13 +169,28 @@ impl Plugin {
         let mut store = Store::new(self.engine.wasmtime(), state);
         store.limiter(|s| &mut s.limiter);
         // Every epoch tick: trap once past this call's deadline, else yield so other calls on
-        // this executor thread make progress.
+        // this executor thread make progress; when another call of the same tenant waits for a
+        // turn at running plugin code, hand this call's turn on and queue for it again.
         store.epoch_deadline_callback(|ctx| {
             if Instant::now() >= ctx.data().deadline() {
-                Err(DeadlinePassed.into())
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+                return Err(DeadlinePassed.into());
             }
+            let (tenant, slot) = ctx.data().turns();
+            if tenant.contended()
+                && let Some(turn) = slot.lock().ok().and_then(|mut t| t.take())
+            {
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(async move {
+                        drop(turn);
+                        let next = tenant.turn().await;
+                        if let Ok(mut t) = slot.lock() {
+                            *t = next;
+                        }
+                    }),
+                ));
+            }
+            Ok(UpdateDeadline::Yield(1))
         });
         Ok(Session { store, stderr, pipeline: None, calls: 0, idle: None })
     }
@@ -232,8 +247,18 @@ impl Plugin {
         session.store.set_epoch_deadline(1);
 
         // The timeout also covers time the guest spends awaiting the host, where no epoch
-        // check can run.
-        let outcome = bounded(deadline, f(session)).await;
+        // check can run, and the wait for the tenant's turn at running plugin code.
+        let (tenant, slot) = session.store.data().turns();
+        let outcome = bounded(deadline, async {
+            let turn = tenant.turn().await;
+            if let Ok(mut t) = slot.lock() {
+                *t = turn;
+            }
+            f(session).await
+        })
+        .await;
+        // The turn goes back whether the call finished, failed or ran out of time.
+        drop(slot.lock().ok().and_then(|mut t| t.take()));
         let fuel_left = session.store.get_fuel().unwrap_or(0);
         let state = session.store.data();
         let stats = CallStats {

@@ -60,6 +60,11 @@ impl StoreState {
         self.nn.compute_time
     }
 
+    /// The tenant this store's calls are charged to, and the slot of the current call's turn.
+    pub(crate) fn turns(&self) -> (std::sync::Arc<crate::scheduler::Tenant>, crate::scheduler::TurnSlot) {
+        (self.nn.tenant.clone(), self.nn.turn.clone())
+    }
+
     /// When the current call must end.
     pub(crate) fn deadline(&self) -> Instant {
         self.deadline

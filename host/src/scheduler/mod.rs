@@ -40,7 +40,7 @@ use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::meter::{CancelToken, Meter, Part};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
-pub use tenant::{LOCAL, Tenant};
+pub use tenant::{LOCAL, Tenant, Turn, TurnSlot};
 
 /// How a model batches (`max_batch`, `max_delay` in its `[models.NAME]` section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

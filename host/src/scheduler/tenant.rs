@@ -1,9 +1,24 @@
 //! A tenant as the scheduler sees it: its weight in the fair share, the compute it has used,
-//! and its optional compute quota (core-seconds per minute, a token bucket).
+//! its optional compute quota (core-seconds per minute, a token bucket), and its turns at
+//! running plugin code.
+//!
+//! Turns: a tenant's plugin calls run WebAssembly on at most as many threads at once as the
+//! machine has cores. A call holds a turn while its wasm runs, gives it up while it waits for
+//! a forward pass, and hands it on at every epoch tick when another of the tenant's calls
+//! waits. So however many calls a tenant keeps in flight (or abandons and resends, each paying
+//! for a fresh instance), it competes for the cores as one party beside the other tenants.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A turn at running plugin code (see the module docs).
+pub type Turn = OwnedSemaphorePermit;
+
+/// Where a call keeps its turn, reachable from its store's epoch callback.
+pub type TurnSlot = Arc<Mutex<Option<Turn>>>;
 
 /// The tenant that plain `eir run` and tests compute as.
 pub const LOCAL: &str = "local";
@@ -18,6 +33,8 @@ pub struct Tenant {
     /// Compute charged so far, in core-nanoseconds.
     used: AtomicU64,
     quota: Mutex<Bucket>,
+    turns: Arc<Semaphore>,
+    waiting: AtomicUsize,
 }
 
 /// Core-seconds a tenant may use per minute, as a token bucket holding one minute's worth.
@@ -46,7 +63,28 @@ impl Tenant {
             weight: AtomicU64::new(1f64.to_bits()),
             used: AtomicU64::new(0),
             quota: Mutex::new(Bucket { per_minute: None, level: 0.0, at: Instant::now() }),
+            turns: Arc::new(Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))),
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// Waits for a turn at running plugin code (`None` only if turns were shut down, which
+    /// never happens: the call then runs without one).
+    pub async fn turn(&self) -> Option<Turn> {
+        struct Waiter<'a>(&'a AtomicUsize);
+        impl Drop for Waiter<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiter = Waiter(&self.waiting);
+        self.turns.clone().acquire_owned().await.ok()
+    }
+
+    /// Whether another of its calls waits for a turn (a running call then hands its turn on).
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// Its name.
@@ -103,6 +141,26 @@ impl Tenant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn turns_are_bounded_and_waiters_are_seen() {
+        let t = Arc::new(Tenant::new("a"));
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let mut held = Vec::new();
+        for _ in 0..cores {
+            held.push(t.turn().await.expect("a turn"));
+        }
+        assert!(!t.contended());
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.turn().await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(t.contended(), "a call waits");
+        held.pop();
+        assert!(waiter.await.unwrap(), "a given-up turn goes to the waiter");
+        assert!(!t.contended());
+    }
 
     #[test]
     fn the_quota_is_a_bucket_of_core_seconds_per_minute() {
