@@ -320,7 +320,8 @@ async fn run_infer(
     })?;
     // Compute quota: core-seconds per minute, charged by the scheduler for every pass the
     // tenant's requests caused (abandoned ones included).
-    if let Some(wait) = snapshot.runtime.registry().scheduler().tenant(&t.name).over_quota() {
+    let plugin = s.per_tenant.get(&t.name).ok_or_else(|| not_found(&name))?;
+    if let Some(wait) = plugin.tenant().over_quota() {
         answer(StatusCode::TOO_MANY_REQUESTS);
         m.refused(&t.name, "compute");
         return Err(ApiError {
@@ -365,7 +366,6 @@ async fn run_infer(
         answer(StatusCode::BAD_REQUEST);
         ApiError::new(StatusCode::BAD_REQUEST, e)
     })?;
-    let plugin = s.per_tenant.get(&t.name).ok_or_else(|| not_found(&name))?;
 
     let queued_at = Instant::now();
     let _running = s

@@ -127,9 +127,13 @@ impl Drop for LoadCharge {
 }
 
 impl NnCtx {
-    /// State for one call that must finish by `deadline`.
-    pub fn new(registry: Arc<Registry>, grants: Arc<NnGrants>, deadline: Instant) -> Self {
-        let tenant = registry.scheduler().tenant(crate::scheduler::LOCAL);
+    /// State for one call that must finish by `deadline`, its compute charged to `tenant`.
+    pub fn new(
+        registry: Arc<Registry>,
+        grants: Arc<NnGrants>,
+        deadline: Instant,
+        tenant: Arc<crate::scheduler::Tenant>,
+    ) -> Self {
         Self {
             tenant,
             turn: Default::default(),
@@ -148,12 +152,6 @@ impl NnCtx {
     /// The same state charging bytes-loaded graphs to `ledger` (shared by a plugin's instances).
     pub fn with_load_ledger(mut self, ledger: Arc<LoadLedger>) -> Self {
         self.loaded = ledger;
-        self
-    }
-
-    /// The same state charging its compute to `tenant`.
-    pub fn with_tenant(mut self, tenant: Arc<crate::scheduler::Tenant>) -> Self {
-        self.tenant = tenant;
         self
     }
 

@@ -152,10 +152,10 @@ impl Plugin {
     fn new_session(&self) -> Result<Session, CallError> {
         let limits = &self.config.limits;
         let grants = &self.config.grants;
-        let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), Instant::now() + limits.timeout)
+        let deadline = Instant::now() + limits.timeout;
+        let nn = NnCtx::new(self.registry.clone(), self.nn_grants.clone(), deadline, self.tenant.clone())
             .with_compute_budget(limits.max_compute_memory.as_u64())
-            .with_load_ledger(self.loaded.clone())
-            .with_tenant(self.tenant.clone());
+            .with_load_ledger(self.loaded.clone());
         let (state, stderr) = if let Pre::Module(_) = self.pre {
             let (p1, stderr) = grants.wasi_p1_ctx(&self.name).map_err(|e| self.internal(e.to_string()))?;
             let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
@@ -175,10 +175,11 @@ impl Plugin {
             if Instant::now() >= ctx.data().deadline() {
                 return Err(DeadlinePassed.into());
             }
+            if !ctx.data().turn_contended() {
+                return Ok(UpdateDeadline::Yield(1));
+            }
             let (tenant, slot) = ctx.data().turns();
-            if tenant.contended()
-                && let Some(turn) = slot.lock().ok().and_then(|mut t| t.take())
-            {
+            if let Some(turn) = slot.lock().ok().and_then(|mut t| t.take()) {
                 return Ok(UpdateDeadline::YieldCustom(
                     1,
                     Box::pin(async move {

@@ -65,6 +65,12 @@ impl StoreState {
         (self.nn.tenant.clone(), self.nn.turn.clone())
     }
 
+    /// Whether another call of this store's tenant waits for a turn (checked every epoch tick,
+    /// so without touching reference counts).
+    pub(crate) fn turn_contended(&self) -> bool {
+        self.nn.tenant.contended()
+    }
+
     /// When the current call must end.
     pub(crate) fn deadline(&self) -> Instant {
         self.deadline

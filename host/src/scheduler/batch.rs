@@ -120,7 +120,7 @@ impl Layout {
 }
 
 /// Merges callers' inputs (all with compatible [`Shape`]s under `spec`) into one pass.
-pub fn merge(spec: &BatchSpec, calls: Vec<(Named, Shape)>) -> Result<(Named, Layout), String> {
+pub fn merge(spec: &BatchSpec, calls: &[(&Named, &Shape)]) -> Result<(Named, Layout), String> {
     let seq = calls.iter().map(|(_, s)| s.seq).max().unwrap_or(0);
     let layout = Layout { parts: calls.iter().map(|(_, s)| (s.rows, s.seq)).collect(), seq };
     let rows = layout.rows();
@@ -146,7 +146,7 @@ pub fn merge(spec: &BatchSpec, calls: Vec<(Named, Shape)>) -> Result<(Named, Lay
         let elem = element_size(ty);
         let mut data = Vec::new();
         let mut inner_dims: Option<Vec<u32>> = None;
-        for (inputs, shape) in &calls {
+        for &(inputs, shape) in calls {
             let (dims, bytes) = match inputs.iter().find(|(n, _)| *n == name) {
                 Some((_, t)) => (t.dims().to_vec(), Some(t.data())),
                 None if write_mask.as_deref() == Some(name.as_str()) => {
@@ -261,7 +261,7 @@ mod tests {
         let (sa, sb) = (shape_of(&spec, &a).unwrap(), shape_of(&spec, &b).unwrap());
         assert!(sa.compatible(&sb), "3 and 5 tokens share the first bucket");
         assert_eq!((sb.rows, sb.seq, sb.units()), (2, 5, 10));
-        let (merged, layout) = merge(&spec, vec![(a, sa), (b, sb)]).unwrap();
+        let (merged, layout) = merge(&spec, &[(&a, &sa), (&b, &sb)]).unwrap();
         assert_eq!(layout.rows(), 3);
         assert_eq!(layout.padding(), 2);
         assert_eq!(layout.ranges(), vec![0..1, 1..3]);
@@ -302,11 +302,9 @@ mod tests {
     fn outputs_that_do_not_carry_the_rows_are_refused() {
         let spec = BatchSpec { inputs: vec![("x".into(), false)], mask: None, outputs: vec![("y".into(), false)] };
         let x = |n: u32| HostTensor::new(vec![n, 2], TensorType::Fp32, vec![0; n as usize * 8]).unwrap();
-        let calls = vec![
-            (vec![("x".to_string(), x(1))], shape_of(&spec, &vec![("x".to_string(), x(1))]).unwrap()),
-            (vec![("x".to_string(), x(2))], shape_of(&spec, &vec![("x".to_string(), x(2))]).unwrap()),
-        ];
-        let (merged, layout) = merge(&spec, calls).unwrap();
+        let (one, two) = (vec![("x".to_string(), x(1))], vec![("x".to_string(), x(2))]);
+        let (s1, s2) = (shape_of(&spec, &one).unwrap(), shape_of(&spec, &two).unwrap());
+        let (merged, layout) = merge(&spec, &[(&one, &s1), (&two, &s2)]).unwrap();
         assert_eq!(merged[0].1.dims(), &[3, 2]);
         assert_eq!(layout.seq, 0);
         let pooled = HostTensor::new(vec![1, 2], TensorType::Fp32, vec![0; 8]).unwrap();

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::NnError;
 use crate::nn::backend::{BatchSpec, Model, Named};
-use crate::nn::meter::{CancelToken, Meter, Part};
+use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Part};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
 pub use tenant::{LOCAL, Tenant, Turn, TurnSlot};
@@ -268,7 +268,12 @@ impl Scheduler {
     /// The account of tenant `name`, created (weight 1, no quota) on first use.
     pub fn tenant(&self, name: &str) -> Arc<Tenant> {
         let Ok(mut st) = self.handle.shared.state.lock() else { return Arc::new(Tenant::new(name)) };
-        st.tenants.entry(Arc::from(name)).or_insert_with(|| Arc::new(Tenant::new(name))).clone()
+        if let Some(t) = st.tenants.get(name) {
+            return t.clone();
+        }
+        let t = Arc::new(Tenant::new(name));
+        st.tenants.insert(t.name_arc(), t.clone());
+        t
     }
 
     /// Runs `job`, batched with others where its model allows. Dropping the returned future
@@ -278,7 +283,7 @@ impl Scheduler {
         let token = CancelToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = self.handle.shared.clone();
-        let waiting = Waiting { shared: shared.clone(), token: Some(token.clone()) };
+        let waiting = Waiting { shared: shared.clone(), cancel: Some(token.cancel_on_drop()) };
         shared.enqueue(job, token, tx);
         async move {
             let answer = rx.await;
@@ -300,23 +305,24 @@ impl Scheduler {
     }
 }
 
-/// Held by a waiting caller: dropping it early cancels the job and wakes the dispatcher, which
-/// takes a queued job out at once.
+/// Held by a waiting caller: dropping it early cancels the job (as [`CancelOnDrop`]) and wakes
+/// the dispatcher, which takes a queued job out at once.
 struct Waiting {
     shared: Arc<Shared>,
-    token: Option<CancelToken>,
+    cancel: Option<CancelOnDrop>,
 }
 
 impl Waiting {
     fn done(mut self) {
-        self.token = None;
+        if let Some(cancel) = self.cancel.take() {
+            cancel.disarm();
+        }
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Some(token) = self.token.take() {
-            token.cancel();
+        if self.cancel.take().is_some() {
             self.shared.wake.notify_all();
         }
     }
@@ -382,12 +388,12 @@ impl Shared {
         let name = job.tenant.name_arc();
         let vclock = st.vclock;
         let active = st.active.entry(name.clone()).or_insert(0);
-        if *active == 0 {
+        *active += 1;
+        if *active == 1 {
             // Back from idle: resume at the current virtual time, with no banked credit.
-            let v = st.vtime.entry(name.clone()).or_insert(vclock);
+            let v = st.vtime.entry(name).or_insert(vclock);
             *v = v.max(vclock);
         }
-        *st.active.entry(name).or_insert(0) += 1;
         st.next += 1;
         let id = st.next;
         self.metrics.depth(&job.name, 1);
@@ -599,6 +605,11 @@ impl Shared {
         learned.bytes = learned.bytes.max(peak as f64 / units as f64);
         if answers.batch_failed {
             learned.batches = false;
+            // Jobs already queued for it run alone too.
+            if let Some(q) = st.queues.iter_mut().find(|q| Arc::ptr_eq(&q.model, &pass.model)) {
+                q.spec = None;
+                q.jobs.iter_mut().for_each(|j| j.shape = None);
+            }
         }
         let mut replies = Vec::with_capacity(pass.jobs.len());
         for (job, answer) in pass.jobs.into_iter().zip(answers.each) {
@@ -640,12 +651,12 @@ impl Shared {
         let Some(spec) = &pass.spec else {
             return Answers { each: pass.jobs.iter_mut().map(|j| alone(j, peak)).collect(), batch_failed: false };
         };
-        let Some(calls) =
-            pass.jobs.iter().map(|j| Some((j.inputs.clone(), j.shape.clone()?))).collect::<Option<Vec<_>>>()
+        // The callers keep their inputs (a failed batch reruns them alone); the pass gets a copy.
+        let Some(calls) = pass.jobs.iter().map(|j| Some((&j.inputs, j.shape.as_ref()?))).collect::<Option<Vec<_>>>()
         else {
             return Answers { each: pass.jobs.iter_mut().map(|j| alone(j, peak)).collect(), batch_failed: false };
         };
-        let (merged, layout) = match batch::merge(spec, calls) {
+        let (merged, layout) = match batch::merge(spec, &calls) {
             Ok(m) => m,
             Err(why) => {
                 tracing::warn!(model = %pass.name, %why, "could not form a batch; running its jobs alone");

@@ -63,7 +63,7 @@ impl Tenant {
             weight: AtomicU64::new(1f64.to_bits()),
             used: AtomicU64::new(0),
             quota: Mutex::new(Bucket { per_minute: None, level: 0.0, at: Instant::now() }),
-            turns: Arc::new(Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))),
+            turns: Arc::new(Semaphore::new(super::cores())),
             waiting: AtomicUsize::new(0),
         }
     }
@@ -145,7 +145,7 @@ mod tests {
     #[tokio::test]
     async fn turns_are_bounded_and_waiters_are_seen() {
         let t = Arc::new(Tenant::new("a"));
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = super::super::cores();
         let mut held = Vec::new();
         for _ in 0..cores {
             held.push(t.turn().await.expect("a turn"));

@@ -259,6 +259,16 @@ impl Bert {
         mul(floats.ok_or_else(|| NnError::too_large("the BERT forward pass overflows"))?, 4, what)
     }
 
+    /// How a pass over `batch × seq` tokens runs and what it holds: the rows per chunk, the
+    /// bytes of the finished rows (kept twice: the chunks and their concatenation), and one
+    /// chunk's working set.
+    fn pass_plan(&self, batch: usize, seq: usize) -> Result<(usize, u64, u64), NnError> {
+        let what = &"the BERT forward pass";
+        let output = mul(mul(batch as u64, seq as u64, what)?, 4 * self.config.hidden_size as u64, what)?;
+        let rows = (TOKENS_PER_STEP / seq.max(1)).clamp(1, batch.max(1));
+        Ok((rows, mul(output, 2, what)?, self.forward_bytes(rows, seq)?))
+    }
+
     /// The hidden size.
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
@@ -275,11 +285,9 @@ impl Bert {
     pub fn forward_with(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, meter: &Meter) -> Result<Tensor, NnError> {
         let (batch, seq) = ids.dims2()?;
         let what = format!("a BERT pass over {batch}x{seq} tokens");
-        let output = mul(mul(batch as u64, seq as u64, &what)?, 4 * self.config.hidden_size as u64, &what)?;
-        // The finished rows, then one chunk's working set at a time.
-        let _output = meter.reserve(output.saturating_mul(2), &what)?;
-        let rows = (TOKENS_PER_STEP / seq.max(1)).clamp(1, batch.max(1));
-        let _step = meter.reserve(self.forward_bytes(rows, seq)?, &what)?;
+        let (rows, outputs, step) = self.pass_plan(batch, seq)?;
+        let _output = meter.reserve(outputs, &what)?;
+        let _step = meter.reserve(step, &what)?;
         let mut done = Vec::with_capacity(batch.div_ceil(rows));
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
@@ -371,10 +379,9 @@ impl Model for Bert {
     }
 
     fn pass_bytes(&self, rows: usize, seq: usize) -> Option<u64> {
-        // What `forward_with` reserves: the output twice, and one chunk's working set.
-        let output = (rows as u64).checked_mul(seq as u64)?.checked_mul(4 * self.config.hidden_size as u64)?;
-        let chunk = (TOKENS_PER_STEP / seq.max(1)).clamp(1, rows.max(1));
-        output.checked_mul(2)?.checked_add(self.forward_bytes(chunk, seq).ok()?)
+        // Exactly what `forward_with` reserves.
+        let (_, outputs, step) = self.pass_plan(rows, seq).ok()?;
+        outputs.checked_add(step)
     }
 
     fn compute_with(&self, inputs: Named, meter: &Meter) -> Result<Named, NnError> {
