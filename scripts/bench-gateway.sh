@@ -8,15 +8,18 @@
 #                                               configuration) and unbatched (max_batch = 1) in
 #                                               the same run, with the ratios the scheduler is
 #                                               judged by and the batch sizes it formed
-#   scripts/bench-gateway.sh fair [SECONDS]     fairness: tenant B's text-embed latency and
+#   scripts/bench-gateway.sh fair [SECONDS] [Q] fairness: tenant B's text-embed latency and
 #                                               throughput alone, while tenant A floods at its
 #                                               quota, and while A drops and resends requests
+#                                               (A: 8 requests in flight, and with Q a compute
+#                                               quota of Q core-seconds per minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 mode=throughput
 if [ "${1:-}" = fair ]; then mode=fair; shift; fi
 secs="${1:-10}"
+a_quota="${2:-}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 [ -x "$CARGO_TARGET_DIR/debug/eir" ] && [ -f plugins/dist/text_embed.wasm ] || scripts/build.sh
 eir="$CARGO_TARGET_DIR/debug/eir"
@@ -123,7 +126,7 @@ if [ "$mode" = throughput ]; then
 fi
 
 # Fairness. A may have 8 requests in flight (its quota); B is measured with 4 connections.
-{ tenant a a-key | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } >"$work/tenants.toml"
+{ tenant a a-key "${a_quota:+compute_quota = $a_quota}" | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } >"$work/tenants.toml"
 serve 0 "$work/tenants.toml"
 read -r r_alone p_alone _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
 echo "B alone:                          $r_alone req/s, p50 $p_alone"
@@ -160,6 +163,6 @@ sleep 1
 read -r r_drop p_drop _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
 wait $drop
 echo "B while A drops and resends:      $r_drop req/s, p50 $p_drop  (A abandoned $(cat "$work/drop.out") requests)"
-metrics | grep -E '^eir_sched_(compute_seconds_total|cancelled_total)' | sed 's/^/  /'
+metrics | grep -E '^eir_(sched_(compute_seconds_total|plugin_seconds_total|cancelled_total)|refused_total)' | sed 's/^/  /'
 awk -v a="$(ms "$p_alone")" -v f="$(ms "$p_flood")" -v ra="$r_alone" -v rd="$r_drop" 'BEGIN {
     printf "B p50 while A floods / alone = %.2fx; B throughput lost to the drop-and-resend flood = %.0f%%\n", f / a, 100 * (1 - rd / ra) }'

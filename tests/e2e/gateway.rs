@@ -365,6 +365,56 @@ async fn quotas_answer_429_with_retry_after() {
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
 }
 
+/// The value of the metric line starting with `series` (0 when absent).
+async fn metric(s: &Server, series: &str) -> f64 {
+    let (_, text) = get_text(s, "/metrics", "admin-key").await;
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
+    use std::io::Write;
+    let s = Server::start();
+    let running = r#"eir_in_flight{tenant="single",model="hostile"}"#;
+    let body = text_request(&["x"]);
+    assert_eq!(infer(&s, "text-normalize", "single-key", &body).await.0, 200);
+    // A request that spins for 1.5 s; its client hangs up once it runs.
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1500}}).to_string();
+    let mut conn = std::net::TcpStream::connect(s.url.trim_start_matches("http://")).unwrap();
+    write!(
+        conn,
+        "POST /v2/models/hostile/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer single-key\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{slow}",
+        slow.len()
+    )
+    .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while metric(&s, running).await < 1.0 {
+        assert!(Instant::now() < until, "the slow request never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(conn);
+    // Its call goes on for a short grace (plugin code is stopped, a forward pass would be
+    // cancelled), and until it has ended the tenant's one slot stays taken: hanging up and
+    // resending gains no concurrency. (Before, the slot was freed at the hang-up.)
+    let (code, headers, answer) = infer(&s, "text-normalize", "single-key", &body).await;
+    assert_eq!(code, 429, "{answer}");
+    assert!(headers.contains_key("retry-after"));
+    // Then the slot is free again.
+    let hung_up = Instant::now();
+    loop {
+        let (code, _, answer) = infer(&s, "text-normalize", "single-key", &body).await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 429, "{answer}");
+        assert!(hung_up.elapsed() < Duration::from_secs(30), "the slot was never given back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(metric(&s, running).await, 0.0);
+    eprintln!("the abandoned call held its slot for {:?} after the hang-up", hung_up.elapsed());
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

@@ -8,7 +8,7 @@ use eir::Runtime;
 use eir::engine::EngineConfig;
 use eir::grants::Grants;
 use eir::limits::Limits;
-use eir::nn::NnGrants;
+use eir::nn::{CancelToken, NnGrants};
 use eir::plugin::{ErrorKind, Plugin, PluginConfig};
 use eir::registry::{ModelDecl, Registry};
 use eir::scheduler::Scheduler;
@@ -126,4 +126,65 @@ async fn tensors_parked_in_the_host_are_capped() {
     assert_eq!(err.kind(), ErrorKind::MemoryLimit, "{err}");
     assert!(err.to_string().contains("wasi-nn tensor bytes"), "{err}");
     assert!(answer(&plugin, &[("attack", "nn-name")]).await.starts_with("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_stops_soon_keeps_its_instance_and_is_charged() {
+    let (rt, _cache) = runtime();
+    let grants = Grants { nn: granted(), ..Default::default() };
+    let config = PluginConfig { grants, reuse: 10, ..Default::default() };
+    let plugin = rt.load_plugin("hostile", &guest("hostile"), config, false).unwrap();
+    async fn count(plugin: &Plugin) -> u32 {
+        let r = plugin.handle(&request(&[("attack", "count")], vec![])).await.unwrap();
+        r.parameters.iter().find(|(k, _)| k == "calls").map(|(_, v)| v.parse::<u32>().unwrap()).unwrap()
+    }
+    // Abandoned after `after`, the call must end within a minute (not at its deadline, which
+    // the default limits put further out, nor never).
+    async fn abandon_after(
+        plugin: &Plugin,
+        params: &[(&str, &str)],
+        after: Duration,
+    ) -> Result<eir::tensor::Response, eir::plugin::CallError> {
+        let token = CancelToken::new();
+        let req = request(params, vec![]);
+        let call = plugin.handle_abandonable(&req, &token);
+        let cancel = async {
+            tokio::time::sleep(after).await;
+            token.cancel();
+        };
+        let ((result, _), ()) =
+            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(call, cancel) }).await.expect("it ends");
+        result
+    }
+    assert_eq!(count(&plugin).await, 1);
+
+    // Looping over forward passes: the pass running when the caller goes away stops, the guest
+    // sees a timeout error and returns, and its instance stays warm.
+    let r = abandon_after(&plugin, &[("attack", "nn-busy")], Duration::from_millis(500)).await.unwrap();
+    let got = strings(&r.outputs[0]).remove(0);
+    assert!(got.starts_with("ErrorCode::Timeout"), "{got}");
+    assert_eq!(count(&plugin).await, 2, "the same instance answers the next call");
+
+    // Gone before it starts: nothing runs, and the instance is kept.
+    let gone = CancelToken::new();
+    gone.cancel();
+    let (r, _) = plugin.handle_abandonable(&request(&[("attack", "count")], vec![]), &gone).await;
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Abandoned);
+    assert_eq!(count(&plugin).await, 3, "nothing ran");
+
+    // Plugin code that never calls the host is stopped after the grace, and the CPU it burnt
+    // is charged to its tenant (as the forward passes are).
+    let before = plugin.tenant().used_seconds();
+    let started = std::time::Instant::now();
+    let err =
+        abandon_after(&plugin, &[("attack", "busy"), ("ms", "60000")], Duration::from_millis(300)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Abandoned, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped long before its 30 s deadline: {:?}",
+        started.elapsed()
+    );
+    let charged = plugin.tenant().used_seconds() - before;
+    assert!(charged >= 0.1, "about 0.4 s of spinning was charged as {charged} s");
+    assert_eq!(count(&plugin).await, 1, "a fresh instance after one was stopped mid-run");
 }

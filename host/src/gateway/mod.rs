@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 
 use crate::Runtime;
 use crate::config::{Ceilings, Config, PluginDecl};
+use crate::nn::CancelToken;
 use crate::plugin::{Plugin, PluginConfig};
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
@@ -141,17 +142,29 @@ impl Gateway {
         })
     }
 
-    /// Runs a plugin call on the plugin threads. If the caller goes away (the client hung up),
-    /// the call is cancelled.
-    pub async fn call(
+    /// Runs a plugin call on the plugin threads, holding `held` (the request's admission
+    /// slots) until the call has really ended. If the caller goes away (the client hung up),
+    /// the call is told so rather than dropped: it stops within a short grace and keeps its
+    /// warm instance, and until then its slots stay taken, so a client that hangs up and
+    /// resends gains no extra concurrency.
+    pub async fn call<H: Send + 'static>(
         &self,
         plugin: Arc<Plugin>,
         request: crate::tensor::Request,
+        held: H,
     ) -> (Result<crate::tensor::Response, crate::plugin::CallError>, crate::plugin::CallStats) {
-        let task = async move { plugin.handle_with_stats(&request).await };
+        let abandoned = CancelToken::new();
+        let token = abandoned.clone();
+        let task = async move {
+            let answer = plugin.handle_abandonable(&request, &token).await;
+            drop(held);
+            answer
+        };
         let Some(exec) = &self.exec else { return task.await };
-        let mut handle = AbortOnDrop(exec.spawn(task));
-        match (&mut handle.0).await {
+        let gone = abandoned.cancel_on_drop();
+        let answer = exec.spawn(task).await;
+        gone.disarm();
+        match answer {
             Ok(answer) => answer,
             Err(e) => (
                 Err(crate::plugin::CallError::Internal {
@@ -261,14 +274,6 @@ async fn build(base: &Runtime, config: Config, previous: Option<&Snapshot>) -> a
 }
 
 /// Aborts a spawned task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Whether the models a plugin uses are declared the same way as before (a plugin bound to a
 /// replaced model must be rebuilt on the new registry).
 fn same_models(decl: &PluginDecl, previous: Option<&Snapshot>, config: &Config) -> bool {

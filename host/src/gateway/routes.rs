@@ -304,7 +304,7 @@ async fn run_infer(
     let answer = |code: StatusCode| m.request(&t.name, &name, code.as_u16());
     // Admission: the tenant's rate and concurrency, then its body, then the plugin's bounded
     // queue (a slow sender holds its own tenant's slot, never the plugin's queue).
-    let _tenant_slot = t.admit().map_err(|r| {
+    let tenant_slot = t.admit().map_err(|r| {
         answer(StatusCode::TOO_MANY_REQUESTS);
         let (reason, retry) = match r {
             Refused::Rate(wait) => ("rate", wait.as_secs_f64().ceil() as u64),
@@ -338,7 +338,7 @@ async fn run_infer(
     let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout)
         .await
         .inspect_err(|e| answer(e.status))?;
-    let _queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
         answer(StatusCode::SERVICE_UNAVAILABLE);
         m.refused(&t.name, "queue");
         ApiError {
@@ -368,16 +368,18 @@ async fn run_infer(
     })?;
 
     let queued_at = Instant::now();
-    let _running = s
+    let running = s
         .running
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unloading"))?;
     m.latency(&t.name, &name, "queue", queued_at.elapsed().as_secs_f64());
-    let _in_flight = m.in_flight(&t.name, &name);
+    let in_flight = m.in_flight(&t.name, &name);
     let id = decoded.request.id.clone();
-    let (result, stats) = gw.call(plugin.clone(), decoded.request).await;
+    // The slots stay taken until the call has ended, even if this client hangs up first.
+    let held = (tenant_slot, queued, running, in_flight);
+    let (result, stats) = gw.call(plugin.clone(), decoded.request, held).await;
     m.latency(&t.name, &name, "plugin", stats.elapsed.as_secs_f64());
     if !stats.compute.is_zero() {
         m.latency(&t.name, &name, "compute", stats.compute.as_secs_f64());

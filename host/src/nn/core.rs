@@ -103,6 +103,10 @@ impl NnCtx {
     /// deadline. When the deadline passes (or the guest's call is dropped), the job is
     /// cancelled: queued, it never runs; running, its rows stop at the next layer or operator.
     pub(crate) async fn compute(&mut self, graph: &HostGraph, inputs: Named) -> Result<Named, NnError> {
+        let gone = || NnError::timeout(format!("the caller went away; `{}` was not computed", graph.name));
+        if self.abandoned.is_cancelled() {
+            return Err(gone());
+        }
         let job = self.registry.scheduler().submit(Job {
             model: graph.model.clone(),
             name: graph.name.clone(),
@@ -115,14 +119,19 @@ impl NnCtx {
         let started = std::time::Instant::now();
         // Other calls of the tenant run their plugin code while this one waits.
         drop(self.turn.lock().ok().and_then(|mut t| t.take()));
-        let outcome = tokio::time::timeout_at(self.deadline.into(), job).await;
+        let abandoned = self.abandoned.clone();
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(self.deadline.into(), job) => Some(outcome),
+            () = abandoned.cancelled() => None, // drops (so cancels) the job
+        };
         let turn = self.tenant.turn().await;
         if let Ok(mut slot) = self.turn.lock() {
             *slot = turn;
         }
         let outputs = match outcome {
-            Ok(outputs) => outputs?,
-            Err(_) => {
+            None => return Err(gone()),
+            Some(Ok(outputs)) => outputs?,
+            Some(Err(_)) => {
                 return Err(NnError::timeout(format!("the deadline passed while `{}` was computing", graph.name)));
             }
         };

@@ -14,9 +14,16 @@ use std::time::Instant;
 
 use super::error::NnError;
 
-/// A flag the waiting side sets when it no longer wants a job's result. Cheap to clone.
+/// A flag the waiting side sets when it no longer wants a job's result; work checks it at
+/// its checkpoints, and async waiters can await it. Cheap to clone.
 #[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<TokenInner>);
+
+#[derive(Debug, Default)]
+struct TokenInner {
+    cancelled: AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
 impl CancelToken {
     /// A token not yet cancelled.
@@ -26,12 +33,25 @@ impl CancelToken {
 
     /// Asks the work behind this token to stop at its next checkpoint.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.cancelled.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
     }
 
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Completes once the token is cancelled (at once if it already is).
+    pub async fn cancelled(&self) {
+        loop {
+            // Registered before the check, so a cancel between the two still wakes it.
+            let notified = self.0.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A guard that cancels this token when dropped, unless [`CancelOnDrop::disarm`]ed first:
@@ -276,6 +296,21 @@ mod tests {
         let t = CancelToken::new();
         t.cancel_on_drop().disarm();
         assert!(!t.is_cancelled(), "a disarmed guard does not cancel");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_wakes_its_waiters() {
+        let token = CancelToken::new();
+        let waiter = tokio::spawn({
+            let token = token.clone();
+            async move { token.cancelled().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "nothing cancelled yet");
+        token.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        // Already cancelled: completes at once.
+        token.cancelled().await;
     }
 
     #[test]

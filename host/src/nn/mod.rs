@@ -77,6 +77,9 @@ pub struct NnCtx {
     pub(crate) tenant: Arc<crate::scheduler::Tenant>,
     /// The call's turn at running plugin code: given up while it waits for a forward pass.
     pub(crate) turn: crate::scheduler::TurnSlot,
+    /// Cancelled when the call's caller goes away: computes then end at once (queued or
+    /// running), so the guest returns soon and its instance stays usable.
+    pub(crate) abandoned: CancelToken,
     /// Time spent in model computations (waiting for the pool included) during this call.
     pub(crate) compute_time: std::time::Duration,
     /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
@@ -137,6 +140,7 @@ impl NnCtx {
         Self {
             tenant,
             turn: Default::default(),
+            abandoned: CancelToken::new(),
             registry,
             grants,
             deadline,

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::Pipeline;
-use super::error::{CallError, Classifier, DeadlinePassed};
+use super::error::{CallError, CallerGone, Classifier, DeadlinePassed};
 use super::store::StoreState;
 use super::{Plugin, PluginKind, Pre};
 use crate::grants::OutputTail;
 use crate::limits::StoreLimiter;
-use crate::nn::NnCtx;
+use crate::nn::{CancelToken, NnCtx};
+use crate::scheduler::on_cpu;
 use crate::tensor::{self, Metadata, Request, Response};
 
 /// What one call consumed.
@@ -39,6 +40,9 @@ pub(super) struct Session {
     stderr: Option<OutputTail>,
     pipeline: Option<Pipeline>,
     calls: u32,
+    /// Set when the current call stopped because its caller went away at a point where the
+    /// instance is intact (before running, or between instantiation and the call).
+    clean_stop: bool,
     /// While idle: its slot of the engine's idle budget, and since when it waits.
     idle: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
 }
@@ -54,6 +58,20 @@ impl Plugin {
 
     /// [`Plugin::handle`], also reporting what the call consumed.
     pub async fn handle_with_stats(&self, request: &Request) -> (Result<Response, CallError>, CallStats) {
+        self.handle_abandonable(request, &CancelToken::new()).await
+    }
+
+    /// [`Plugin::handle_with_stats`] for a caller that may go away (a client hanging up). It
+    /// cancels `abandoned` rather than dropping the call: the call then stops before it starts
+    /// more plugin code, its computes end at once (the guest sees a `timeout` error), and the
+    /// guest gets [`ABANDON_GRACE`](super::store::ABANDON_GRACE) to return. An instance that
+    /// returns stays warm for the next call; dropping a call mid-run would discard it, and
+    /// each resend would pay for a fresh one.
+    pub async fn handle_abandonable(
+        &self,
+        request: &Request,
+        abandoned: &CancelToken,
+    ) -> (Result<Response, CallError>, CallStats) {
         let Pre::Pipeline(pre) = &self.pre else {
             return (Err(self.wrong_kind()), CallStats::default());
         };
@@ -72,17 +90,24 @@ impl Plugin {
             Err(err) => return (Err(err), CallStats::default()),
         };
         let (result, stats) = self
-            .run(&mut session, async |s: &mut Session| {
-                let Session { store, pipeline, .. } = s;
+            .run(&mut session, abandoned, async |s: &mut Session| {
+                let Session { store, pipeline, clean_stop, .. } = s;
                 if pipeline.is_none() {
                     *pipeline = Some(pre.instantiate_async(&mut *store).await?);
+                }
+                // A fresh instance is kept for the next call even when this one is no longer
+                // wanted.
+                if store.data().abandoned() {
+                    *clean_stop = true;
+                    return Err(CallerGone.into());
                 }
                 let pipeline = pipeline.as_ref().ok_or_else(|| wasmtime::format_err!("instance missing"))?;
                 pipeline.eir_plugin_handler().call_handle(&mut *store, request).await
             })
             .await;
-        // Only an instance that returned normally (a typed plugin error included) is reused.
-        if result.is_ok() {
+        // Only an instance that returned normally (a typed plugin error included), or that
+        // stopped between calls because its caller went away, is reused.
+        if result.is_ok() || session.clean_stop {
             self.checkin(session);
         }
         let result = result.and_then(|answer| match answer {
@@ -98,7 +123,7 @@ impl Plugin {
             return Err(self.wrong_kind());
         };
         let mut session = self.new_session()?;
-        self.run(&mut session, async |s: &mut Session| {
+        self.run(&mut session, &CancelToken::new(), async |s: &mut Session| {
             let instance = pre.instantiate_async(&mut s.store).await?;
             instance.eir_plugin_handler().call_describe(&mut s.store).await
         })
@@ -112,14 +137,14 @@ impl Plugin {
         let mut session = self.new_session()?;
         let (result, _) = match &self.pre {
             Pre::Command(pre) => {
-                self.run(&mut session, async |s: &mut Session| {
+                self.run(&mut session, &CancelToken::new(), async |s: &mut Session| {
                     let command = pre.instantiate_async(&mut s.store).await?;
                     command.wasi_cli_run().call_run(&mut s.store).await
                 })
                 .await
             }
             Pre::Module(pre) => {
-                self.run(&mut session, async |s: &mut Session| {
+                self.run(&mut session, &CancelToken::new(), async |s: &mut Session| {
                     let instance = pre.instantiate_async(&mut s.store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut s.store, "_start")?;
                     start.call_async(&mut s.store, ()).await.map(Ok)
@@ -171,9 +196,9 @@ impl Plugin {
         // Every epoch tick: trap once past this call's deadline, else yield so other calls on
         // this executor thread make progress; when another call of the same tenant waits for a
         // turn at running plugin code, hand this call's turn on and queue for it again.
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline() {
-                return Err(DeadlinePassed.into());
+        store.epoch_deadline_callback(|mut ctx| {
+            if Instant::now() >= ctx.data_mut().deadline() {
+                return Err(if ctx.data().abandoned() { CallerGone.into() } else { DeadlinePassed.into() });
             }
             if !ctx.data().turn_contended() {
                 return Ok(UpdateDeadline::Yield(1));
@@ -193,7 +218,7 @@ impl Plugin {
             }
             Ok(UpdateDeadline::Yield(1))
         });
-        Ok(Session { store, stderr, pipeline: None, calls: 0, idle: None })
+        Ok(Session { store, stderr, pipeline: None, calls: 0, clean_stop: false, idle: None })
     }
 
     /// A warm instance if one is idle, else a new session.
@@ -230,6 +255,7 @@ impl Plugin {
     async fn run<T>(
         &self,
         session: &mut Session,
+        abandoned: &CancelToken,
         f: impl AsyncFnOnce(&mut Session) -> wasmtime::Result<T>,
     ) -> (Result<T, CallError>, CallStats) {
         let started = Instant::now();
@@ -238,7 +264,8 @@ impl Plugin {
         // Epoch deadlines and yields need the ticker running while this store runs wasm.
         let _ticking = self.engine.ticking();
         session.calls += 1;
-        session.store.data_mut().begin_call(deadline);
+        session.clean_stop = false;
+        session.store.data_mut().begin_call(deadline, abandoned.clone());
         if let Some(tail) = &session.stderr {
             tail.clear();
         }
@@ -249,17 +276,35 @@ impl Plugin {
 
         // The timeout also covers time the guest spends awaiting the host, where no epoch
         // check can run, and the wait for the tenant's turn at running plugin code.
+        // The CPU its polls take (instantiation, WebAssembly, inline host calls) is charged to
+        // the tenant, whether the call finishes, fails, or its caller went away.
         let (tenant, slot) = session.store.data().turns();
-        let outcome = bounded(deadline, async {
-            let turn = tenant.turn().await;
+        let (outcome, cpu) = on_cpu(bounded(deadline, async {
+            let turn = tokio::select! {
+                turn = tenant.turn() => turn,
+                () = abandoned.cancelled() => {
+                    session.clean_stop = true;
+                    return Err(CallerGone.into());
+                }
+            };
             if let Ok(mut t) = slot.lock() {
                 *t = turn;
             }
-            f(session).await
-        })
+            // Epoch ticks stop plugin code that runs on past the grace; this stops a guest
+            // parked in an async host call.
+            tokio::select! {
+                outcome = f(&mut *session) => outcome,
+                () = async {
+                    abandoned.cancelled().await;
+                    tokio::time::sleep(super::store::ABANDON_GRACE).await;
+                } => Err(CallerGone.into()),
+            }
+        }))
         .await;
+
         // The turn goes back whether the call finished, failed or ran out of time.
         drop(slot.lock().ok().and_then(|mut t| t.take()));
+        self.registry.scheduler().charge_plugin(&tenant, cpu.as_secs_f64());
         let fuel_left = session.store.get_fuel().unwrap_or(0);
         let state = session.store.data();
         let stats = CallStats {

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Plugin(ErrorCode),
     /// The plugin called `exit` instead of returning.
     Exited,
+    /// The caller went away before the plugin answered.
+    Abandoned,
     /// The plugin could not be instantiated or the host failed.
     Internal,
 }
@@ -56,6 +58,7 @@ impl ErrorKind {
             Self::Plugin(ErrorCode::ModelError) => "model_error",
             Self::Plugin(ErrorCode::Internal) => "plugin_internal",
             Self::Exited => "exited",
+            Self::Abandoned => "abandoned",
             Self::Internal => "internal",
         }
     }
@@ -183,6 +186,12 @@ pub enum CallError {
         /// The exit code.
         code: i32,
     },
+    /// The caller went away first; the call stopped (before running, or after a short grace).
+    #[error("the caller of plugin `{plugin}` went away before it answered")]
+    Abandoned {
+        /// The plugin.
+        plugin: String,
+    },
     /// Instantiation or a host-side failure.
     #[error("plugin `{plugin}`: {message}")]
     Internal {
@@ -215,10 +224,23 @@ impl CallError {
             Self::InvalidOutput { .. } => ErrorKind::InvalidOutput,
             Self::Plugin { code, .. } => ErrorKind::Plugin(*code),
             Self::Exited { .. } => ErrorKind::Exited,
+            Self::Abandoned { .. } => ErrorKind::Abandoned,
             Self::Internal { .. } => ErrorKind::Internal,
         }
     }
 }
+
+/// Marks the error a call raises when it stops because its caller went away.
+#[derive(Debug)]
+pub(crate) struct CallerGone;
+
+impl std::fmt::Display for CallerGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the caller went away")
+    }
+}
+
+impl std::error::Error for CallerGone {}
 
 /// Marks the error an epoch callback raises when the deadline has passed.
 #[derive(Debug)]
@@ -248,6 +270,9 @@ impl Classifier<'_> {
         let plugin = self.plugin.to_string();
         if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
             return CallError::Exited { plugin, code: exit.0 };
+        }
+        if err.downcast_ref::<CallerGone>().is_some() {
+            return CallError::Abandoned { plugin };
         }
         if err.downcast_ref::<DeadlinePassed>().is_some() {
             return CallError::DeadlineExceeded { plugin, timeout: self.timeout };

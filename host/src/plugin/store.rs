@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::limits::StoreLimiter;
-use crate::nn::{NnCtx, NnView};
+use crate::nn::{CancelToken, NnCtx, NnView};
 
 use super::bindings::log;
 
@@ -18,11 +18,18 @@ use super::bindings::log;
 /// host buffer unbounded text.
 const MAX_LOG_RECORD: usize = 8 * 1024;
 
+/// How long a call may go on running plugin code once its caller went away. Its computes end
+/// at once, so a guest normally returns well within this (and keeps its warm instance); one
+/// that keeps computing on its own is stopped, as at its deadline.
+pub(crate) const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The data of one plugin call's store.
 pub struct StoreState {
     pub(crate) plugin: Arc<str>,
     pub(crate) limiter: StoreLimiter,
     deadline: Instant,
+    /// Set once the current call is seen abandoned: when it must end now.
+    grace: Option<Instant>,
     nn: NnCtx,
     wasi: WasiCtx,
     p1: Option<WasiP1Ctx>,
@@ -37,6 +44,7 @@ impl StoreState {
             plugin,
             limiter,
             deadline: nn.deadline,
+            grace: None,
             nn,
             wasi,
             p1: None,
@@ -48,11 +56,19 @@ impl StoreState {
 }
 
 impl StoreState {
-    /// Starts a call that must end by `deadline`.
-    pub(crate) fn begin_call(&mut self, deadline: Instant) {
+    /// Starts a call that must end by `deadline`, whose caller cancels `abandoned` if it goes
+    /// away.
+    pub(crate) fn begin_call(&mut self, deadline: Instant, abandoned: CancelToken) {
         self.deadline = deadline;
         self.nn.deadline = deadline;
+        self.nn.abandoned = abandoned;
+        self.grace = None;
         self.nn.compute_time = std::time::Duration::ZERO;
+    }
+
+    /// Whether the current call's caller went away.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.nn.abandoned.is_cancelled()
     }
 
     /// Time the current call spent in model computations.
@@ -71,9 +87,13 @@ impl StoreState {
         self.nn.tenant.contended()
     }
 
-    /// When the current call must end.
-    pub(crate) fn deadline(&self) -> Instant {
-        self.deadline
+    /// When the current call must end: its deadline, pulled in to [`ABANDON_GRACE`] after
+    /// the moment (seen at an epoch tick) its caller went away.
+    pub(crate) fn deadline(&mut self) -> Instant {
+        if self.grace.is_none() && self.abandoned() {
+            self.grace = Some(Instant::now() + ABANDON_GRACE);
+        }
+        self.grace.map_or(self.deadline, |g| g.min(self.deadline))
     }
 
     /// Makes this a core module's store: WASI preview 1 with this context.

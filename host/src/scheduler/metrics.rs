@@ -1,6 +1,6 @@
 //! The scheduler's metrics, registered into the gateway's `/metrics` (prefix `eir_sched`):
 //! per model the queue (depth, wait), batch sizes and padding; per tenant compute seconds,
-//! cancellations and refusals.
+//! plugin-code seconds, cancellations and refusals.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -34,6 +34,7 @@ pub struct Metrics {
     tokens: Family<ModelLabel, Counter>,
     padding: Family<ModelLabel, Counter>,
     compute: Family<TenantLabel, Counter<f64>>,
+    plugin: Family<TenantLabel, Counter<f64>>,
     cancelled: Family<Reason, Counter>,
     refused: Family<Reason, Counter>,
 }
@@ -57,6 +58,7 @@ impl Default for Metrics {
             tokens: Family::default(),
             padding: Family::default(),
             compute: Family::default(),
+            plugin: Family::default(),
             cancelled: Family::default(),
             refused: Family::default(),
         }
@@ -81,6 +83,11 @@ impl Metrics {
             self.padding.clone(),
         );
         r.register("compute_seconds", "Core-seconds of compute charged, per tenant", self.compute.clone());
+        r.register(
+            "plugin_seconds",
+            "CPU-seconds of plugin code (WebAssembly and its inline host calls) charged, per tenant",
+            self.plugin.clone(),
+        );
         r.register("cancelled", "Compute jobs whose caller went away: queued or running", self.cancelled.clone());
         r.register("refused", "Compute jobs refused: memory (bigger than the budget)", self.refused.clone());
     }
@@ -102,6 +109,10 @@ impl Metrics {
 
     pub(super) fn charged(&self, tenant: &str, seconds: f64) {
         self.compute.get_or_create(&TenantLabel { tenant: tenant.into() }).inc_by(seconds.max(0.0));
+    }
+
+    pub(super) fn plugin_charged(&self, tenant: &str, seconds: f64) {
+        self.plugin.get_or_create(&TenantLabel { tenant: tenant.into() }).inc_by(seconds.max(0.0));
     }
 
     pub(super) fn cancelled(&self, tenant: &str, stage: &str) {

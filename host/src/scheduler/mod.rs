@@ -40,7 +40,7 @@ use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Part};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
-pub use tenant::{LOCAL, Tenant, Turn, TurnSlot};
+pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu};
 
 /// How a model batches (`max_batch`, `max_delay` in its `[models.NAME]` section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +274,22 @@ impl Scheduler {
         let t = Arc::new(Tenant::new(name));
         st.tenants.insert(t.name_arc(), t.clone());
         t
+    }
+
+    /// Charges `seconds` of CPU spent running `tenant`'s plugin code (abandoned calls
+    /// included): to its usage and compute quota, and to its place in the fair share, so that
+    /// a tenant burning the cores in WebAssembly waits longer for its forward passes.
+    pub fn charge_plugin(&self, tenant: &Tenant, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        if seconds == 0.0 {
+            return;
+        }
+        let shared = &self.handle.shared;
+        if let Some(v) = shared.lock().vtime.get_mut(tenant.name()) {
+            *v += seconds / tenant.weight();
+        }
+        tenant.charge(seconds);
+        shared.metrics.plugin_charged(tenant.name(), seconds);
     }
 
     /// Runs `job`, batched with others where its model allows. Dropping the returned future

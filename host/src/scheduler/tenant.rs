@@ -5,14 +5,43 @@
 //! Turns: a tenant's plugin calls run WebAssembly on at most as many threads at once as the
 //! machine has cores. A call holds a turn while its wasm runs, gives it up while it waits for
 //! a forward pass, and hands it on at every epoch tick when another of the tenant's calls
-//! waits. So however many calls a tenant keeps in flight (or abandons and resends, each paying
-//! for a fresh instance), it competes for the cores as one party beside the other tenants.
+//! waits. So however many calls a tenant keeps in flight, it competes for the cores as one
+//! party beside the other tenants. The CPU its plugin code uses ([`on_cpu`]) is charged to it
+//! like its forward passes.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// `fut`, measuring the CPU time its polls take on whichever threads poll it: what a plugin
+/// call's own code (WebAssembly and the host calls it makes inline) costs, to be charged to
+/// its tenant. Forward passes run on the compute pool, not in these polls, and are charged by
+/// the scheduler.
+pub fn on_cpu<F: Future>(fut: F) -> OnCpu<F> {
+    OnCpu { fut: Box::pin(fut), used: Duration::ZERO }
+}
+
+/// See [`on_cpu`]; resolves to the output and the CPU time used.
+pub struct OnCpu<F> {
+    fut: std::pin::Pin<Box<F>>,
+    used: Duration,
+}
+
+impl<F: Future> Future for OnCpu<F> {
+    type Output = (F::Output, Duration);
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let start = cpu_time::ThreadTime::try_now().ok();
+        let polled = self.fut.as_mut().poll(cx);
+        if let Some(start) = start {
+            self.used += start.try_elapsed().unwrap_or_default();
+        }
+        polled.map(|out| (out, self.used))
+    }
+}
 
 /// A turn at running plugin code (see the module docs).
 pub type Turn = OwnedSemaphorePermit;
