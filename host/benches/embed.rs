@@ -3,7 +3,11 @@
 //! normalisation in Rust on the host; plugin = `text-embed` (tokenise and pool in WASM,
 //! forward through wasi-nn on the same backend). Reports medians and the plugin/native ratio.
 //!
-//! Run: `scripts/bench.sh embed` (needs the guests and `eir models fetch minilm`).
+//! First, EIR's BERT forward pass against ONNX Runtime on the same weights (MiniLM as ONNX,
+//! built by `scripts/make_minilm_onnx.py`) and token ids, same threads, per shape.
+//!
+//! Run: `EIR_BENCH_PYTHON=<python with onnxruntime, onnx, numpy> scripts/bench.sh embed` (needs
+//! the guests and `eir models fetch minilm`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,6 +102,8 @@ fn main() -> anyhow::Result<()> {
     let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &eir::nn::Meter::with_budget(u64::MAX))?;
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
 
+    versus_onnx_runtime(&bert, &dir, iters)?;
+
     println!("threads: {}  iterations: {iters}", std::thread::available_parallelism()?);
     for batch in [1usize, 32] {
         let sentences = texts(batch);
@@ -134,5 +140,65 @@ fn main() -> anyhow::Result<()> {
             batch as f64 / c.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// The shapes (batch × tokens) EIR's BERT is compared with ONNX Runtime on.
+const ORT_SHAPES: [(usize, usize); 4] = [(1, 8), (1, 128), (32, 20), (8, 128)];
+
+/// `[CLS] t t ... [SEP]` per row, t = 1000 + (7919 k) mod 20000 over the flattened position k
+/// (the same ids as `ort_bert.py`).
+fn synthetic_ids(batch: usize, seq: usize) -> Vec<i64> {
+    (0..batch * seq)
+        .map(|k| match k % seq {
+            0 => 101,
+            j if j == seq - 1 => 102,
+            _ => 1000 + (7919 * k as i64) % 20000,
+        })
+        .collect()
+}
+
+/// EIR's BERT forward pass against ONNX Runtime's on MiniLM, per shape: medians and the ratio.
+fn versus_onnx_runtime(bert: &Bert, dir: &std::path::Path, iters: usize) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism()?.get();
+    let python = std::env::var("EIR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bert.py");
+    let shapes: Vec<String> = ORT_SHAPES.iter().map(|(b, s)| format!("{b}x{s}")).collect();
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(dir)
+        .arg(iters.to_string())
+        .arg(threads.to_string())
+        .args(&shapes)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ONNX Runtime side failed (set EIR_BENCH_PYTHON to a Python with onnxruntime, onnx and numpy): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ort: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    println!("EIR BERT vs ONNX Runtime {} (forward pass, {threads} threads, medians of {iters}):", ort["version"]);
+    let dev = Device::Cpu;
+    for ((batch, seq), name) in ORT_SHAPES.iter().zip(&shapes) {
+        let ids = CTensor::from_vec(synthetic_ids(*batch, *seq), (*batch, *seq), &dev)?;
+        let mask = CTensor::ones((*batch, *seq), candle_core::DType::I64, &dev)?;
+        let types = CTensor::zeros((*batch, *seq), candle_core::DType::I64, &dev)?;
+        bert.forward(&ids, &types, &mask)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            std::hint::black_box(bert.forward(&ids, &types, &mask)?);
+            times.push(t.elapsed());
+        }
+        let eir = median(times).as_secs_f64();
+        let o = ort[name].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  MiniLM {batch:>2} x {seq:>3}: EIR {:>8.2} ms | ONNX Runtime {:>8.2} ms | EIR / ORT = {:.2}x",
+            eir * 1e3,
+            o * 1e3,
+            eir / o
+        );
+    }
+    println!();
     Ok(())
 }

@@ -279,3 +279,68 @@ mod plugins {
         assert!(err.to_string().contains("image 0"), "{err}");
     }
 }
+
+/// MiniLM as a plain ONNX graph, built from the fetched safetensors weights by
+/// `scripts/make_minilm_onnx.py` (numpy and onnx, from the test Python).
+fn minilm_onnx(dir: &std::path::Path) -> PathBuf {
+    let python = std::env::var_os("EIR_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/.venv/bin/python"));
+    let out = dir.join("minilm.onnx");
+    let run = std::process::Command::new(&python)
+        .arg(repo().join("scripts/make_minilm_onnx.py"))
+        .arg(crate::embed::minilm_dir())
+        .arg(&out)
+        .output();
+    let ok = run.as_ref().is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} could not build MiniLM as ONNX (it needs numpy and onnx: scripts/test.sh installs them into \
+         models/.venv, or set EIR_TEST_PYTHON): {:?}",
+        python.display(),
+        run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+    );
+    out
+}
+
+/// A transformer graph, batched: attention's `Q · Kᵀ` hands MatMul a transposed operand, and
+/// three padded rows of different lengths must each match the sentence-transformers reference.
+#[test]
+fn a_batched_transformer_graph_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = backend::load(Source::Path(&minilm_onnx(dir.path())), Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let reference = crate::embed::reference();
+    let cases: Vec<_> = reference.cases.iter().filter(|c| c.token_ids.len() > 4).take(3).collect();
+    let seq = cases.iter().map(|c| c.token_ids.len()).max().unwrap();
+    let (mut ids, mut mask) = (vec![0i64; 3 * seq], vec![0i64; 3 * seq]);
+    for (row, case) in cases.iter().enumerate() {
+        ids[row * seq..][..case.token_ids.len()].copy_from_slice(&case.token_ids);
+        mask[row * seq..][..case.token_ids.len()].fill(1);
+    }
+    let ints = |v: &[i64]| {
+        HostTensor::new(vec![3, seq as u32], TensorType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()).unwrap()
+    };
+    let out = model
+        .compute(vec![
+            ("input_ids".into(), ints(&ids)),
+            ("attention_mask".into(), ints(&mask)),
+            ("token_type_ids".into(), ints(&vec![0; 3 * seq])),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out[0].1.dims(), &[3, seq as u32, 384]);
+    let hidden = f32s(&out[0].1);
+    for (row, case) in cases.iter().enumerate() {
+        let n = case.token_ids.len();
+        let mut e = vec![0f64; 384];
+        for t in 0..n {
+            for (d, v) in e.iter_mut().enumerate() {
+                *v += f64::from(hidden[(row * seq + t) * 384 + d]) / n as f64;
+            }
+        }
+        let norm = e.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let want_norm = case.embedding.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        let cos = e.iter().zip(&case.embedding).map(|(a, &b)| a * f64::from(b)).sum::<f64>() / (norm * want_norm);
+        eprintln!("row {row} ({n} tokens of {seq}): cosine {cos}");
+        assert!(cos >= reference.tolerance.cosine_min, "row {row} {:?}: cosine {cos}", case.text);
+    }
+}

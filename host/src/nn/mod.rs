@@ -19,6 +19,7 @@ mod core;
 mod error;
 mod graph;
 mod host;
+pub(crate) mod kernels;
 pub mod legacy;
 pub mod meter;
 pub mod tensor;

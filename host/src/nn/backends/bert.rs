@@ -14,12 +14,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::bindings::tensor::TensorType;
 use crate::nn::error::NnError;
+use crate::nn::kernels::act::{self, Act};
+use crate::nn::kernels::sgemm::{self, Packed};
 use crate::nn::meter::{Meter, mul};
 use crate::nn::tensor::HostTensor;
 
@@ -98,12 +100,12 @@ pub struct Bert {
 /// add and a layer norm (transformers' `BertLayer`, inference only: no dropout).
 struct Layer {
     /// Query, key and value projections stacked into one `[3 × hidden, hidden]` matrix.
-    qkv: Linear,
-    attention_out: Linear,
+    qkv: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
+    intermediate: Dense,
     activation: Activation,
-    output: Linear,
+    output: Dense,
     output_norm: LayerNorm,
     heads: usize,
 }
@@ -117,15 +119,17 @@ impl Layer {
             Ok((vb.get((h, h), "weight")?, vb.get(h, "bias")?))
         };
         let (q, k, v) = (projection("query")?, projection("key")?, projection("value")?);
-        let qkv = Linear::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Some(Tensor::cat(&[&q.1, &k.1, &v.1], 0)?));
+        let qkv = Dense::new(&Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, &Tensor::cat(&[&q.1, &k.1, &v.1], 0)?)?;
+        let dense =
+            |vb: VarBuilder, inp: usize, out: usize| Dense::new(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?);
         let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("LayerNorm"));
         Ok(Self {
             qkv,
-            attention_out: candle_nn::linear(h, h, attn.pp("output").pp("dense"))?,
+            attention_out: dense(attn.pp("output").pp("dense"), h, h)?,
             attention_norm: norm(attn.pp("output"))?,
-            intermediate: candle_nn::linear(h, c.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            intermediate: dense(vb.pp("intermediate").pp("dense"), h, c.intermediate_size)?,
             activation: c.hidden_act,
-            output: candle_nn::linear(c.intermediate_size, h, vb.pp("output").pp("dense"))?,
+            output: dense(vb.pp("output").pp("dense"), c.intermediate_size, h)?,
             output_norm: norm(vb.pp("output"))?,
             heads: c.num_attention_heads,
         })
@@ -136,7 +140,7 @@ impl Layer {
     fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, seq, hidden) = x.dims3()?;
         let head = hidden / self.heads;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward(x, None)?;
         // [rows, heads, seq, head] for each of Q, K, V.
         let split = |i: usize| {
             qkv.narrow(2, i * hidden, hidden)?.reshape((rows, seq, self.heads, head))?.transpose(1, 2)?.contiguous()
@@ -145,18 +149,92 @@ impl Layer {
         let scores = (q.matmul(&k.t()?)? / (head as f64).sqrt())?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((rows, seq, hidden))?;
-        self.attention_norm.forward(&(self.attention_out.forward(&context)? + x)?)
+        self.attention_norm.forward(&(self.attention_out.forward(&context, None)? + x)?)
     }
 
     /// The feed-forward block on the attention's output, then the residual and layer norm.
     fn feed_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let inner = self.intermediate.forward(x)?;
-        let inner = match self.activation {
-            Activation::Gelu => inner.gelu_erf()?,
-            Activation::GeluApproximate => inner.gelu()?,
-            Activation::Relu => inner.relu()?,
+        let act = match self.activation {
+            Activation::Gelu => Act::Gelu,
+            Activation::GeluApproximate => Act::GeluTanh,
+            Activation::Relu => Act::Relu,
         };
-        self.output_norm.forward(&(self.output.forward(&inner)? + x)?)
+        let out = self.intermediate.chain(x, Some(act), Some((&self.output, None)))?;
+        self.output_norm.forward(&(out + x)?)
+    }
+}
+
+/// A dense layer, `y = x·Wᵀ + b` (torch's `Linear`), on EIR's GEMM. It computes `yᵀ = W·xᵀ`:
+/// the weights are then the GEMM's left operand, packed once at load for its AVX-512 kernel,
+/// and the bias its per-row epilogue; the activation runs on the way out. (Candle's matmul
+/// goes through the `gemm` crate, whose stable build has no AVX-512 kernel: 35% of a MiniLM
+/// pass was its AVX2 micro-kernel.)
+struct Dense {
+    /// `[out][inp]`, row-major.
+    weight: Vec<f32>,
+    packed: Option<Packed>,
+    bias: Vec<f32>,
+    out: usize,
+    inp: usize,
+}
+
+impl Dense {
+    fn new(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
+        let (out, inp) = weight.dims2()?;
+        let weight: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        let bias: Vec<f32> = bias.to_vec1()?;
+        if bias.len() != out {
+            candle_core::bail!("bias of {} values for {out} outputs", bias.len());
+        }
+        Ok(Self { packed: Packed::new(out, inp, &weight), weight, bias, out, inp })
+    }
+
+    /// `x` (`[..., inp]`) through the layers `self` then `next` (if any), each followed by
+    /// its activation: `[..., out]`. Between two layers the values stay transposed
+    /// (`[out][tokens]`), the next layer's operand as it is.
+    fn forward(&self, x: &Tensor, act: Option<Act>) -> candle_core::Result<Tensor> {
+        self.chain(x, act, None)
+    }
+
+    fn chain(&self, x: &Tensor, act: Option<Act>, next: Option<(&Dense, Option<Act>)>) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&self.inp) || next.is_some_and(|(n, _)| n.inp != self.out) {
+            candle_core::bail!("a dense layer of {} inputs given {dims:?}", self.inp);
+        }
+        let tokens = x.elem_count() / self.inp.max(1);
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let short = || candle_core::Error::Msg("dense layer: operand sizes do not match".into());
+        let mut t = act::transpose(&xs, tokens, self.inp).ok_or_else(short)?;
+        drop(xs);
+        let mut out = self.out;
+        for (layer, act) in std::iter::once((self, act)).chain(next) {
+            t = layer.forward_t(&t, tokens, act)?;
+            out = layer.out;
+        }
+        let y = act::transpose(&t, out, tokens).ok_or_else(short)?;
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Tensor::from_vec(y, dims, x.device())
+    }
+
+    /// `yᵀ = act(W·xᵀ + b)` on transposed values (`xt`: `[inp][tokens]`).
+    fn forward_t(&self, xt: &[f32], tokens: usize, act: Option<Act>) -> candle_core::Result<Vec<f32>> {
+        let mut yt = vec![0f32; self.out * tokens];
+        sgemm::gemm(
+            [self.out, tokens, self.inp],
+            &self.weight,
+            self.packed.as_ref(),
+            xt,
+            &mut yt,
+            Some(&self.bias),
+            None,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.message))?;
+        if let Some(act) = act {
+            act::activate(&mut yt, act);
+        }
+        Ok(yt)
     }
 }
 
@@ -254,7 +332,9 @@ impl Bert {
         let what = &"the BERT forward pass";
         let tokens = mul(batch as u64, seq as u64, what)?;
         let scores = mul(mul(tokens, seq as u64, what)?, c.num_attention_heads as u64, what)?;
-        let per_token = 12 * c.hidden_size as u64 + 2 * c.intermediate_size as u64;
+        // (The dense layers' transposed copies of their input and output are the last four
+        // `intermediate`-wide and two of the `hidden`-wide.)
+        let per_token = 14 * c.hidden_size as u64 + 6 * c.intermediate_size as u64;
         let floats = mul(scores, 3, what)?.checked_add(mul(tokens, per_token, what)?);
         mul(floats.ok_or_else(|| NnError::too_large("the BERT forward pass overflows"))?, 4, what)
     }

@@ -16,16 +16,10 @@ use std::mem::MaybeUninit;
 use candle_core::{Tensor, TensorId};
 use rayon::prelude::*;
 
-use super::sgemm::{Packed, epilogue, gemm_into, zeroed};
-use super::{simd, with_f32};
+use super::with_f32;
 use crate::nn::error::NnError;
-
-/// An activation fused into a convolution's output pass.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Clamp {
-    pub lo: f32,
-    pub hi: f32,
-}
+use crate::nn::kernels::sgemm::{Clamp, Packed, epilogue, gemm_into, zeroed};
+use crate::nn::kernels::simd;
 
 /// Geometry of a 2-D convolution.
 pub(crate) struct Geometry {

@@ -7,9 +7,7 @@ mod elementwise;
 mod nn;
 mod reduce;
 mod rnn;
-mod sgemm;
 mod shape;
-mod simd;
 
 use candle_core::{DType, Tensor};
 
@@ -18,10 +16,10 @@ use super::tensor::from_proto;
 use crate::nn::error::NnError;
 use crate::nn::meter::{bytes_of, mul};
 
-pub(super) use control::constant_value;
-pub(super) use conv::Clamp;
+pub(super) use crate::nn::kernels::sgemm::Clamp;
 #[cfg(test)]
-pub(super) use simd::{cap as simd_cap, levels as simd_levels};
+pub(super) use crate::nn::kernels::simd::{cap as simd_cap, levels as simd_levels};
+pub(super) use control::constant_value;
 
 /// Data an operator derives from one of its inputs (packed or transposed weights), kept between
 /// runs for as long as that input is the same tensor: initializers are, so a model derives once.

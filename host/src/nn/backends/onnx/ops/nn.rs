@@ -4,10 +4,11 @@
 use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{self, Clamp};
+use super::conv;
 use super::elementwise::{broadcast_bound, broadcast_shape};
 use super::{Built, Node, axis, count, input, op, op_sized, wide};
 use crate::nn::error::NnError;
+use crate::nn::kernels::sgemm::{self, Clamp};
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     Some(match name {
@@ -131,8 +132,11 @@ fn channel_bound(i: &[Option<&Tensor>]) -> Result<u64, NnError> {
 /// numpy `matmul`: 1-D operands are promoted and the added axis removed again.
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, NnError> {
     let (a1, b1) = (a.rank() == 1, b.rank() == 1);
-    let a2 = if a1 { a.unsqueeze(0)? } else { a.clone() };
-    let b2 = if b1 { b.unsqueeze(1)? } else { b.clone() };
+    // Candle's kernel takes only operands whose batch axes collapse into one stride; a view
+    // out of a Transpose (attention's Q·Kᵀ over [batch, heads, seq, head]) is copied out
+    // first (`matmul_bound` reserves both operands' bytes).
+    let a2 = if a1 { a.unsqueeze(0)? } else { a.contiguous()? };
+    let b2 = if b1 { b.unsqueeze(1)? } else { b.contiguous()? };
     let mut y = if a2.rank() == 2 && b2.rank() == 2 { a2.matmul(&b2)? } else { a2.broadcast_matmul(&b2)? };
     if b1 {
         y = y.squeeze(D::Minus1)?;
@@ -323,7 +327,7 @@ impl Gemm {
             return Ok(None);
         }
         let mut y = super::zeros_f32(m * n)?;
-        super::with_f32(a, |a_rows| super::sgemm::gemm([m, n, k], a_rows, None, &b_kn, &mut y, None, None))??;
+        super::with_f32(a, |a_rows| sgemm::gemm([m, n, k], a_rows, None, &b_kn, &mut y, None, None))??;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
 }

@@ -2,9 +2,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::sgemm::dot;
 use super::{Built, Node, count, input, wide};
 use crate::nn::error::NnError;
+use crate::nn::kernels::sgemm::dot;
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     if name != "LSTM" {

@@ -13,9 +13,15 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::conv::Clamp;
 use super::simd;
 use crate::nn::error::NnError;
+
+/// An activation fused into a convolution's output pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Clamp {
+    pub lo: f32,
+    pub hi: f32,
+}
 
 /// Rows of `C` per tile (channel counts of vision models are multiples of 8).
 const MR: usize = 8;

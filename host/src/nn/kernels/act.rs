@@ -1,0 +1,186 @@
+//! Activations over f32 slices, in place, vectorised: GELU with the error function (BERT's
+//! `gelu`), its tanh approximation, ReLU; and a cache-blocked transpose. libm's scalar `erff`
+//! was 10% of a MiniLM pass; the rational approximation here is branch-free, so the compiler
+//! vectorises it 16-wide under AVX-512 and 8-wide under AVX2.
+
+use super::simd;
+
+/// An activation applied to a dense layer's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// `x · Φ(x)` with the exact error function.
+    Gelu,
+    /// GELU's tanh approximation.
+    GeluTanh,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// `erf(x)`, a rational approximation `x·P(x²)/Q(x²)` on `x` clamped to [-4, 4] (beyond which
+/// erf is ±1 in f32); within 1e-6 of the exact value (tested against libm).
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+    p = x2.mul_add(p, -2.101_024e-6);
+    p = x2.mul_add(p, -5.692_506_4e-5);
+    p = x2.mul_add(p, -7.349_906_3e-4);
+    p = x2.mul_add(p, -2.954_600_2e-3);
+    p = x2.mul_add(p, -1.609_603_3e-2);
+    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+    q = x2.mul_add(q, -1.682_827e-3);
+    q = x2.mul_add(q, -7.373_329e-3);
+    q = x2.mul_add(q, -1.426_474e-2);
+    x * p / q
+}
+
+#[inline(always)]
+fn apply(x: &mut [f32], act: Act) {
+    match act {
+        Act::Gelu => {
+            for v in x {
+                *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Act::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2/pi)
+            for v in x {
+                *v = 0.5 * *v * (1.0 + (C * (*v + 0.044_715 * *v * *v * *v)).tanh());
+            }
+        }
+        Act::Relu => {
+            for v in x {
+                *v = v.max(0.0);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn apply_avx512(x: &mut [f32], act: Act) {
+    apply(x, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_avx2(x: &mut [f32], act: Act) {
+    apply(x, act)
+}
+
+/// Applies `act` to every element of `x`, with the widest vectors this CPU has.
+pub(crate) fn activate(x: &mut [f32], act: Act) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::avx512() {
+            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
+            // reads and writes `x`.
+            return unsafe { apply_avx512(x, act) };
+        }
+        if simd::fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
+            return unsafe { apply_avx2(x, act) };
+        }
+    }
+    apply(x, act)
+}
+
+/// `src` (`rows × cols`, row-major) transposed into a new `cols × rows` buffer. Work goes by
+/// 16 destination rows: each reads one cache line of every source row and writes its 16 rows
+/// in order; large transposes split that work across the compute pool. `src` shorter than
+/// `rows·cols` is `None`.
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32>> {
+    const C: usize = 16;
+    if rows.checked_mul(cols)? > src.len() || rows == 0 || cols == 0 {
+        return (rows.checked_mul(cols)? <= src.len()).then(Vec::new);
+    }
+    let mut dst = vec![0f32; rows * cols];
+    let work = |(b, block): (usize, &mut [f32])| {
+        let (c0, n) = (b * C, block.len() / rows);
+        for (r, row) in src.chunks_exact(cols).take(rows).enumerate() {
+            for (j, &v) in row[c0..c0 + n].iter().enumerate() {
+                block[j * rows + r] = v;
+            }
+        }
+    };
+    if rows * cols >= 1 << 16 {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(rows * C).enumerate().for_each(work);
+    } else {
+        dst.chunks_mut(rows * C).enumerate().for_each(work);
+    }
+    Some(dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_is_within_1e6_of_libm_everywhere() {
+        let mut worst = 0f32;
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((erf(x) - libm_erf(x)).abs());
+        }
+        for x in [f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30] {
+            let y = erf(x);
+            assert!(y.is_finite() && (y.abs() - 1.0).abs() <= 1e-6 && y.signum() == x.signum(), "erf({x}) = {y}");
+        }
+        assert!(worst <= 1e-6, "worst |erf - libm erf| = {worst:e}");
+    }
+
+    /// The exact error function (candle's port of libm's, in f64).
+    fn libm_erf(x: f32) -> f32 {
+        candle_core::cpu::erf::erf_f64(f64::from(x)) as f32
+    }
+
+    #[test]
+    fn every_level_computes_the_same_activations() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
+        for act in [Act::Gelu, Act::GeluTanh, Act::Relu] {
+            let mut want = x.clone();
+            {
+                let _portable = simd::cap(simd::Level::Portable);
+                activate(&mut want, act);
+            }
+            for level in simd::levels() {
+                let _cap = simd::cap(level);
+                let mut got = x.clone();
+                activate(&mut got, act);
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-6, "{act:?} at {level:?}: {worst:e}");
+            }
+            let exact = |v: f32| match act {
+                Act::Gelu => 0.5 * f64::from(v) * (1.0 + f64::from(libm_erf(v * std::f32::consts::FRAC_1_SQRT_2))),
+                Act::GeluTanh => {
+                    let v = f64::from(v);
+                    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+                }
+                Act::Relu => f64::from(v.max(0.0)),
+            };
+            for (&v, &g) in x.iter().zip(&want) {
+                assert!((f64::from(g) - exact(v)).abs() <= 2e-6 * (1.0 + f64::from(v.abs())), "{act:?}({v}) = {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_handles_ragged_blocks() {
+        let (rows, cols) = (37, 70);
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let t = transpose(&src, rows, cols).unwrap();
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], src[r * cols + c]);
+            }
+        }
+        assert!(transpose(&src, rows + 1, cols).is_none(), "too short a source");
+        assert!(transpose(&src, usize::MAX, 2).is_none(), "overflow");
+        let (rows, cols) = (300, 517); // the parallel path
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let t = transpose(&src, rows, cols).unwrap();
+        assert!((0..rows * cols).all(|i| t[(i % cols) * rows + i / cols] == src[i]));
+    }
+}
