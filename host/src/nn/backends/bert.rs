@@ -136,20 +136,26 @@ impl Layer {
     }
 
     /// Self-attention over `x` (`[rows, seq, hidden]`) with an additive `mask`
-    /// (`[rows, 1, 1, seq]`), then the residual and layer norm.
+    /// (`[rows, 1, 1, seq]`), then the residual and layer norm. The projections, the attention
+    /// and the output layer run on transposed values (`[features][tokens]`): each head's Q, K
+    /// and V are then rows, and the output layer takes the context as it is.
     fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, seq, hidden) = x.dims3()?;
-        let head = hidden / self.heads;
-        let qkv = self.qkv.forward(x, None)?;
-        // [rows, heads, seq, head] for each of Q, K, V.
-        let split = |i: usize| {
-            qkv.narrow(2, i * hidden, hidden)?.reshape((rows, seq, self.heads, head))?.transpose(1, 2)?.contiguous()
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? / (head as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((rows, seq, hidden))?;
-        self.attention_norm.forward(&(self.attention_out.forward(&context, None)? + x)?)
+        let tokens = rows * seq;
+        let short = || candle_core::Error::Msg("attention: operand sizes do not match".into());
+        let xt = act::transpose(&x.flatten_all()?.to_vec1::<f32>()?, tokens, hidden).ok_or_else(short)?;
+        let qkvt = self.qkv.forward_t(&xt, tokens, None)?;
+        let mask: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+        if mask.len() != tokens || self.qkv.out != 3 * hidden {
+            return Err(short());
+        }
+        let ctxt = attend(&qkvt, [rows, seq, hidden, self.heads], &mask)?;
+        let mut outt = self.attention_out.forward_t(&ctxt, tokens, None)?;
+        for (o, &r) in outt.iter_mut().zip(&xt) {
+            *o += r; // the residual
+        }
+        let out = act::transpose(&outt, hidden, tokens).ok_or_else(short)?;
+        self.attention_norm.forward(&Tensor::from_vec(out, (rows, seq, hidden), x.device())?)
     }
 
     /// The feed-forward block on the attention's output, then the residual and layer norm.
@@ -192,10 +198,6 @@ impl Dense {
     /// `x` (`[..., inp]`) through the layers `self` then `next` (if any), each followed by
     /// its activation: `[..., out]`. Between two layers the values stay transposed
     /// (`[out][tokens]`), the next layer's operand as it is.
-    fn forward(&self, x: &Tensor, act: Option<Act>) -> candle_core::Result<Tensor> {
-        self.chain(x, act, None)
-    }
-
     fn chain(&self, x: &Tensor, act: Option<Act>, next: Option<(&Dense, Option<Act>)>) -> candle_core::Result<Tensor> {
         let mut dims = x.dims().to_vec();
         if dims.last() != Some(&self.inp) || next.is_some_and(|(n, _)| n.inp != self.out) {
@@ -236,6 +238,63 @@ impl Dense {
         }
         Ok(yt)
     }
+}
+
+/// Scaled dot-product attention on transposed projections: `qkvt` is `[3·hidden][tokens]`
+/// (Q, K, V stacked), `mask` the additive mask per token (`[rows][seq]`); the context comes
+/// back as `[hidden][tokens]`. Per row and head, `Sᵀ = Kᵀ·Q` (one `seq × seq` block at a time,
+/// never all of batch × heads × seq²), a softmax down each column, then `ctx = V·Sᵀ`: both
+/// products on the GEMM, with the mask as the first one's per-row bias. Rows and heads run in
+/// parallel when there is enough work.
+fn attend(qkvt: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) -> candle_core::Result<Vec<f32>> {
+    let tokens = rows * seq;
+    let head = hidden / heads.max(1);
+    if qkvt.len() != 3 * hidden * tokens || mask.len() != tokens || head * heads != hidden {
+        candle_core::bail!("attention: operand sizes do not match");
+    }
+    let scale = 1.0 / (head as f32).sqrt();
+    let gemm_err = |e: NnError| candle_core::Error::Msg(e.message);
+    let unit = |u: usize| -> candle_core::Result<Vec<f32>> {
+        let (b, h) = (u / heads, u % heads);
+        let block = |part: usize, d: usize| {
+            let at = (part * hidden + h * head + d) * tokens + b * seq;
+            &qkvt[at..at + seq]
+        };
+        let mut q = Vec::with_capacity(head * seq);
+        let mut kt = vec![0f32; seq * head];
+        let mut v = Vec::with_capacity(head * seq);
+        for d in 0..head {
+            q.extend(block(0, d).iter().map(|x| x * scale));
+            for (j, &x) in block(1, d).iter().enumerate() {
+                kt[j * head + d] = x;
+            }
+            v.extend_from_slice(block(2, d));
+        }
+        // Sᵀ[j][i]: key j against query i, plus key j's mask.
+        let mut s = vec![0f32; seq * seq];
+        sgemm::gemm([seq, seq, head], &kt, None, &q, &mut s, Some(&mask[b * seq..(b + 1) * seq]), None)
+            .map_err(gemm_err)?;
+        act::softmax_columns(&mut s, seq);
+        let mut ctx = vec![0f32; head * seq];
+        sgemm::gemm([head, seq, seq], &v, None, &s, &mut ctx, None, None).map_err(gemm_err)?;
+        Ok(ctx)
+    };
+    let units = rows * heads;
+    let blocks: Vec<Vec<f32>> = if units > 1 && tokens * seq * hidden >= 1 << 20 {
+        use rayon::prelude::*;
+        (0..units).into_par_iter().map(unit).collect::<candle_core::Result<_>>()?
+    } else {
+        (0..units).map(unit).collect::<candle_core::Result<_>>()?
+    };
+    let mut ctxt = vec![0f32; hidden * tokens];
+    for (u, ctx) in blocks.iter().enumerate() {
+        let (b, h) = (u / heads, u % heads);
+        for (d, row) in ctx.chunks_exact(seq).enumerate() {
+            let at = (h * head + d) * tokens + b * seq;
+            ctxt[at..at + seq].copy_from_slice(row);
+        }
+    }
+    Ok(ctxt)
 }
 
 /// Word + position + token-type embeddings, then a layer norm (as BERT's).
@@ -519,6 +578,57 @@ mod tests {
         let data = std::fs::read(path).expect("the tiny BERT of host/fuzz/corpus");
         let split = data.iter().position(|&b| b == 0).expect("config, 0, weights");
         (String::from_utf8(data[..split].to_vec()).expect("UTF-8 config"), data[split + 1..].to_vec())
+    }
+
+    /// Plain scaled dot-product attention, token-major, in f64.
+    fn naive_attention(qkv: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) -> Vec<f64> {
+        let head = hidden / heads;
+        let at = |b: usize, t: usize, part: usize, h: usize, d: usize| {
+            f64::from(qkv[(b * seq + t) * 3 * hidden + part * hidden + h * head + d])
+        };
+        let mut ctx = vec![0f64; rows * seq * hidden];
+        for b in 0..rows {
+            for h in 0..heads {
+                for i in 0..seq {
+                    let scores: Vec<f64> = (0..seq)
+                        .map(|j| {
+                            let dot: f64 = (0..head).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum();
+                            if mask[b * seq + j] < -1.0 { f64::NEG_INFINITY } else { dot / (head as f64).sqrt() }
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    for d in 0..head {
+                        ctx[(b * seq + i) * hidden + h * head + d] =
+                            (0..seq).map(|j| (scores[j] - max).exp() / total * at(b, j, 2, h, d)).sum();
+                    }
+                }
+            }
+        }
+        ctx
+    }
+
+    #[test]
+    fn attention_matches_a_plain_reference_on_ragged_shapes() {
+        for (rows, seq, hidden, heads) in [(1, 1, 4, 1), (2, 13, 12, 3), (3, 40, 64, 2), (1, 130, 96, 3)] {
+            let tokens = rows * seq;
+            let qkv: Vec<f32> = (0..tokens * 3 * hidden).map(|i| (((i * 7919) % 211) as f32 - 105.0) * 0.01).collect();
+            // The last two keys of every row but the first are padding.
+            let mask: Vec<f32> = (0..tokens)
+                .map(|t| if t / seq > 0 && t % seq + 2 >= seq && seq > 2 { f32::MIN } else { 0.0 })
+                .collect();
+            let shape = [rows, seq, hidden, heads];
+            let qkvt = act::transpose(&qkv, tokens, 3 * hidden).unwrap();
+            let ctxt = attend(&qkvt, shape, &mask).unwrap();
+            let want = naive_attention(&qkv, shape, &mask);
+            for t in 0..tokens {
+                for f in 0..hidden {
+                    let (got, want) = (f64::from(ctxt[f * tokens + t]), want[t * hidden + f]);
+                    assert!((got - want).abs() <= 1e-5, "{shape:?} token {t} feature {f}: {got} vs {want}");
+                }
+            }
+        }
+        assert!(attend(&[0.0; 10], [1, 2, 4, 2], &[0.0; 2]).is_err(), "sizes that do not match");
     }
 
     #[test]

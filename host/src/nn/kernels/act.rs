@@ -35,6 +35,85 @@ pub(crate) fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// `e^x`, branch-free: `2^n · e^r` with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2` and e^r by its
+/// Taylor series to r⁶ (relative error about 2e-7); `x` is clamped to where f32 stays
+/// finite and normal.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-0.693_145_75, x);
+    let r = n.mul_add(-1.428_606_8e-6, r);
+    let mut p = r.mul_add(1.0 / 720.0, 1.0 / 120.0);
+    p = r.mul_add(p, 1.0 / 24.0);
+    p = r.mul_add(p, 1.0 / 6.0);
+    p = r.mul_add(p, 0.5);
+    p = r.mul_add(p, 1.0);
+    p = r.mul_add(p, 1.0);
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Softmax down each column of `s` (`rows × cols`, row-major), in place: vectorised across
+/// columns, each column normalised on its own. Always inlined, so that each `target_feature`
+/// wrapper compiles it for its own vectors (else `mul_add` and `round` become libm calls).
+#[inline(always)]
+fn softmax_columns_body(s: &mut [f32], cols: usize) {
+    let mut max = vec![f32::MIN; cols];
+    for row in s.chunks_exact(cols) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            *m = m.max(v);
+        }
+    }
+    let mut sum = vec![0f32; cols];
+    for row in s.chunks_exact_mut(cols) {
+        for ((v, &m), acc) in row.iter_mut().zip(&max).zip(&mut sum) {
+            *v = exp(*v - m);
+            *acc += *v;
+        }
+    }
+    for v in sum.iter_mut() {
+        *v = 1.0 / *v;
+    }
+    for row in s.chunks_exact_mut(cols) {
+        for (v, &inv) in row.iter_mut().zip(&sum) {
+            *v *= inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_columns_avx512(s: &mut [f32], cols: usize) {
+    softmax_columns_body(s, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_columns_avx2(s: &mut [f32], cols: usize) {
+    softmax_columns_body(s, cols)
+}
+
+/// Softmax down each column of `s` (`rows × cols`, row-major), in place. Scores a column
+/// holds as `f32::MIN` (masked) get weight 0 unless the whole column is masked.
+pub(crate) fn softmax_columns(s: &mut [f32], cols: usize) {
+    if cols == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::avx512() {
+            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
+            // reads and writes `s`.
+            return unsafe { softmax_columns_avx512(s, cols) };
+        }
+        if simd::fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
+            return unsafe { softmax_columns_avx2(s, cols) };
+        }
+    }
+    softmax_columns_body(s, cols)
+}
+
 #[inline(always)]
 fn apply(x: &mut [f32], act: Act) {
     match act {
@@ -162,6 +241,37 @@ mod tests {
             };
             for (&v, &g) in x.iter().zip(&want) {
                 assert!((f64::from(g) - exact(v)).abs() <= 2e-6 * (1.0 + f64::from(v.abs())), "{act:?}({v}) = {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_and_column_softmax_match_the_exact_ones() {
+        let mut worst = 0f64;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let want = f64::from(x).exp();
+            worst = worst.max((f64::from(exp(x)) - want).abs() / want);
+        }
+        assert!(worst <= 1e-6, "worst relative error of exp: {worst:e}");
+        assert!(exp(-1e30) >= 0.0 && exp(1e30).is_finite() && exp(f32::MIN) >= 0.0);
+        let (rows, cols) = (37, 21);
+        let s: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 101) as f32 * 0.17 - 8.0).collect();
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let mut got = s.clone();
+            got[5 * cols + 3] = f32::MIN; // masked
+            softmax_columns(&mut got, cols);
+            for c in 0..cols {
+                let col: Vec<f64> = (0..rows)
+                    .map(|r| if (r, c) == (5, 3) { f64::NEG_INFINITY } else { f64::from(s[r * cols + c]) })
+                    .collect();
+                let max = col.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = col.iter().map(|v| (v - max).exp()).sum();
+                for r in 0..rows {
+                    let want = (col[r] - max).exp() / total;
+                    assert!((f64::from(got[r * cols + c]) - want).abs() <= 1e-6, "{level:?} ({r}, {c})");
+                }
             }
         }
     }
