@@ -98,6 +98,39 @@ async fn bert_rows_batched_across_tenants_match_unbatched_runs() {
     }
 }
 
+/// A batched BERT pass whose middle caller went away drops that caller's rows between blocks:
+/// they come back as zeros, and the other callers' rows are exactly what they would be alone.
+#[test]
+fn bert_drops_an_abandoned_callers_rows_and_keeps_the_others() {
+    use eir::nn::meter::{Meter, Part};
+    let model = eir::nn::backend::load(eir::nn::backend::Source::Path(&minilm_dir()), Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cases = reference().cases;
+    let texts: Vec<&[i64]> =
+        cases.iter().filter(|c| c.token_ids.len() >= 6).take(4).map(|c| &c.token_ids[..6]).collect();
+    let batch = |rows: &[&[i64]]| {
+        let data = rows.iter().flat_map(|r| r.iter().flat_map(|v| v.to_le_bytes())).collect();
+        vec![("input_ids".to_string(), HostTensor::new(vec![rows.len() as u32, 6], TensorType::I64, data).unwrap())]
+    };
+    // Three callers: rows 0, 1..3 (gone before the pass), 3.
+    let gone = eir::nn::CancelToken::new();
+    gone.cancel();
+    let part = |rows, token| Part { rows, token, deadline: None };
+    let meter = Meter::for_batch(
+        u64::MAX,
+        vec![part(0..1, eir::nn::CancelToken::new()), part(1..3, gone), part(3..4, eir::nn::CancelToken::new())],
+    );
+    let out = model.compute_with(batch(&texts), &meter).unwrap_or_else(|e| panic!("{e}"));
+    let hidden = f32s(&out[0].1);
+    let row = |r: usize| &hidden[r * 6 * 384..(r + 1) * 6 * 384];
+    assert!(row(1).iter().chain(row(2)).all(|&v| v == 0.0), "the abandoned rows were not computed");
+    for (r, text) in [(0, texts[0]), (3, texts[3])] {
+        let alone = f32s(&model.compute(batch(&[text])).unwrap()[0].1);
+        let worst = alone.iter().zip(row(r)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "row {r} differs from its run alone by {worst}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onnx_logits_batched_across_tenants_match_unbatched_runs() {
     let (registry, model) = batching("efficientnet-lite0", model_dir("efficientnet-lite0"), 4).await;

@@ -1,7 +1,10 @@
-//! BERT encoders (`model_type: "bert"`) from `config.json` + `model.safetensors`, on candle
-//! tensors: the layers are written here (as transformers' `BertLayer`, with Q, K and V as one
-//! matrix product), so that a forward pass can stop between its attention and feed-forward
-//! blocks.
+//! BERT encoders (`model_type: "bert"`) from `config.json` + `model.safetensors`. Candle loads
+//! the weights and holds the inputs and outputs; the layers are written here (as transformers'
+//! `BertLayer`, with Q, K and V as one matrix product) on EIR's own kernels
+//! ([`crate::nn::kernels`]): the hidden states are kept transposed (`[hidden][tokens]`) from
+//! the embeddings to the last layer, so every dense layer is one packed-weight GEMM with its
+//! bias fused, attention runs per row and head on the same GEMM, and the layer norms run
+//! across tokens. A forward pass can stop between its attention and feed-forward blocks.
 //!
 //! Inputs: `input_ids` (required), `attention_mask` (default all ones) and `token_type_ids`
 //! (default zeros), I64 or I32, shape `[batch, seq]`. Output: `last_hidden_state`, FP32
@@ -102,11 +105,11 @@ struct Layer {
     /// Query, key and value projections stacked into one `[3 × hidden, hidden]` matrix.
     qkv: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     intermediate: Dense,
     activation: Activation,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: Norm,
     heads: usize,
 }
 
@@ -122,7 +125,7 @@ impl Layer {
         let qkv = Dense::new(&Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, &Tensor::cat(&[&q.1, &k.1, &v.1], 0)?)?;
         let dense =
             |vb: VarBuilder, inp: usize, out: usize| Dense::new(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?);
-        let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("LayerNorm"));
+        let norm = |vb: VarBuilder| Norm::load(vb.pp("LayerNorm"), h, c.layer_norm_eps);
         Ok(Self {
             qkv,
             attention_out: dense(attn.pp("output").pp("dense"), h, h)?,
@@ -135,38 +138,66 @@ impl Layer {
         })
     }
 
-    /// Self-attention over `x` (`[rows, seq, hidden]`) with an additive `mask`
-    /// (`[rows, 1, 1, seq]`), then the residual and layer norm. The projections, the attention
-    /// and the output layer run on transposed values (`[features][tokens]`): each head's Q, K
-    /// and V are then rows, and the output layer takes the context as it is.
-    fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (rows, seq, hidden) = x.dims3()?;
+    /// Self-attention over `xt` (`[hidden][rows·seq]`: the hidden states transposed) with an
+    /// additive `mask` per token, then the residual and layer norm. In this layout each head's
+    /// Q, K and V are rows, every dense layer takes its operand as it is, and the layer norms
+    /// run across tokens, so a pass transposes only on its way in and out.
+    fn attention(&self, xt: &[f32], [rows, seq]: [usize; 2], mask: &[f32]) -> candle_core::Result<Vec<f32>> {
         let tokens = rows * seq;
-        let short = || candle_core::Error::Msg("attention: operand sizes do not match".into());
-        let xt = act::transpose(&x.flatten_all()?.to_vec1::<f32>()?, tokens, hidden).ok_or_else(short)?;
-        let qkvt = self.qkv.forward_t(&xt, tokens, None)?;
-        let mask: Vec<f32> = mask.flatten_all()?.to_vec1()?;
-        if mask.len() != tokens || self.qkv.out != 3 * hidden {
-            return Err(short());
+        let hidden = self.attention_out.out;
+        if mask.len() != tokens || self.qkv.out != 3 * hidden || xt.len() != hidden * tokens {
+            candle_core::bail!("attention: operand sizes do not match");
         }
-        let ctxt = attend(&qkvt, [rows, seq, hidden, self.heads], &mask)?;
+        let qkvt = self.qkv.forward_t(xt, tokens, None)?;
+        let ctxt = attend(&qkvt, [rows, seq, hidden, self.heads], mask)?;
+        drop(qkvt);
         let mut outt = self.attention_out.forward_t(&ctxt, tokens, None)?;
-        for (o, &r) in outt.iter_mut().zip(&xt) {
-            *o += r; // the residual
-        }
-        let out = act::transpose(&outt, hidden, tokens).ok_or_else(short)?;
-        self.attention_norm.forward(&Tensor::from_vec(out, (rows, seq, hidden), x.device())?)
+        self.attention_norm.residual(&mut outt, xt, tokens)?;
+        Ok(outt)
     }
 
-    /// The feed-forward block on the attention's output, then the residual and layer norm.
-    fn feed_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The feed-forward block on the attention's output (transposed, as above), then the
+    /// residual and layer norm.
+    fn feed_forward(&self, xt: &[f32], tokens: usize) -> candle_core::Result<Vec<f32>> {
         let act = match self.activation {
             Activation::Gelu => Act::Gelu,
             Activation::GeluApproximate => Act::GeluTanh,
             Activation::Relu => Act::Relu,
         };
-        let out = self.intermediate.chain(x, Some(act), Some((&self.output, None)))?;
-        self.output_norm.forward(&(out + x)?)
+        let inner = self.intermediate.forward_t(xt, tokens, Some(act))?;
+        let mut outt = self.output.forward_t(&inner, tokens, None)?;
+        drop(inner);
+        self.output_norm.residual(&mut outt, xt, tokens)?;
+        Ok(outt)
+    }
+}
+
+/// A layer norm over the features of transposed hidden states (each token a column).
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, hidden: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            gamma: vb.get(hidden, "weight")?.to_vec1()?,
+            beta: vb.get(hidden, "bias")?.to_vec1()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `xt = norm(xt + residual)`, both `[hidden][tokens]`.
+    fn residual(&self, xt: &mut [f32], residual: &[f32], tokens: usize) -> candle_core::Result<()> {
+        if residual.len() != xt.len() {
+            candle_core::bail!("layer norm: operand sizes do not match");
+        }
+        for (o, &r) in xt.iter_mut().zip(residual) {
+            *o += r;
+        }
+        act::layer_norm_columns(xt, tokens, &self.gamma, &self.beta, self.eps)
+            .ok_or_else(|| candle_core::Error::Msg("layer norm: operand sizes do not match".into()))
     }
 }
 
@@ -193,31 +224,6 @@ impl Dense {
             candle_core::bail!("bias of {} values for {out} outputs", bias.len());
         }
         Ok(Self { packed: Packed::new(out, inp, &weight), weight, bias, out, inp })
-    }
-
-    /// `x` (`[..., inp]`) through the layers `self` then `next` (if any), each followed by
-    /// its activation: `[..., out]`. Between two layers the values stay transposed
-    /// (`[out][tokens]`), the next layer's operand as it is.
-    fn chain(&self, x: &Tensor, act: Option<Act>, next: Option<(&Dense, Option<Act>)>) -> candle_core::Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&self.inp) || next.is_some_and(|(n, _)| n.inp != self.out) {
-            candle_core::bail!("a dense layer of {} inputs given {dims:?}", self.inp);
-        }
-        let tokens = x.elem_count() / self.inp.max(1);
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let short = || candle_core::Error::Msg("dense layer: operand sizes do not match".into());
-        let mut t = act::transpose(&xs, tokens, self.inp).ok_or_else(short)?;
-        drop(xs);
-        let mut out = self.out;
-        for (layer, act) in std::iter::once((self, act)).chain(next) {
-            t = layer.forward_t(&t, tokens, act)?;
-            out = layer.out;
-        }
-        let y = act::transpose(&t, out, tokens).ok_or_else(short)?;
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        Tensor::from_vec(y, dims, x.device())
     }
 
     /// `yᵀ = act(W·xᵀ + b)` on transposed values (`xt`: `[inp][tokens]`).
@@ -431,44 +437,56 @@ impl Bert {
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
             let (ids, types, mask) = (ids.narrow(0, start, n)?, types.narrow(0, start, n)?, mask.narrow(0, start, n)?);
-            let mut hidden = self.embeddings.forward(&ids, &types)?;
-            // 0 where attended, f32::MIN where masked, as [rows, 1, 1, seq].
-            let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
-            let mut mask = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
+            let h = self.config.hidden_size;
+            let short = || NnError::runtime("the BERT pass: operand sizes do not match");
+            // The hidden states, transposed ([hidden][rows·seq]) for the layers.
+            let embedded: Vec<f32> = self.embeddings.forward(&ids, &types)?.flatten_all()?.to_vec1()?;
+            let mut xt = act::transpose(&embedded, n * seq, h).ok_or_else(short)?;
+            drop(embedded);
+            // Per token: 0 where attended, f32::MIN where masked.
+            let mut mask: Vec<f32> = mask
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|m| if m == 0.0 { f32::MIN } else { 0.0 })
+                .collect();
             // The chunk's rows still computed: in a batch, rows whose caller went away are
             // dropped between blocks (rows are independent), the rest go on.
             let mut alive: Vec<usize> = (start..start + n).collect();
             for (k, layer) in self.layers.iter().enumerate() {
                 meter.checkpoint(&format_args!("BERT layer {k} (attention) of rows {start}..{}", start + n))?;
                 if meter.is_batch() {
-                    let keep: Vec<u32> =
-                        (0..alive.len()).filter(|&i| meter.row_wanted(alive[i])).map(|i| i as u32).collect();
+                    let keep: Vec<usize> = (0..alive.len()).filter(|&i| meter.row_wanted(alive[i])).collect();
                     if keep.is_empty() {
                         alive.clear();
                         break;
                     }
                     if keep.len() < alive.len() {
-                        let index = Tensor::new(keep.as_slice(), &self.device)?;
-                        hidden = hidden.index_select(&index, 0)?;
-                        mask = mask.index_select(&index, 0)?;
-                        alive = keep.iter().map(|&i| alive[i as usize]).collect();
+                        let mut kept = Vec::with_capacity(h * keep.len() * seq);
+                        for feature in xt.chunks_exact(alive.len() * seq) {
+                            for &i in &keep {
+                                kept.extend_from_slice(&feature[i * seq..(i + 1) * seq]);
+                            }
+                        }
+                        xt = kept;
+                        mask = keep.iter().flat_map(|&i| mask[i * seq..(i + 1) * seq].iter().copied()).collect();
+                        alive = keep.iter().map(|&i| alive[i]).collect();
                     }
                 }
-                hidden = layer.attention(&hidden, &mask)?;
+                xt = layer.attention(&xt, [alive.len(), seq], &mask)?;
                 meter.checkpoint(&format_args!("BERT layer {k} (feed-forward) of rows {start}..{}", start + n))?;
-                hidden = layer.feed_forward(&hidden)?;
+                xt = layer.feed_forward(&xt, alive.len() * seq)?;
             }
-            if alive.len() < n {
-                // Rows nobody waits for come back as zeros (their callers are gone).
-                let full = Tensor::zeros((n, seq, self.config.hidden_size), DType::F32, &self.device)?;
-                hidden = if alive.is_empty() {
-                    full
-                } else {
-                    let at: Vec<u32> = alive.iter().map(|&r| (r - start) as u32).collect();
-                    full.index_add(&Tensor::new(at.as_slice(), &self.device)?, &hidden, 0)?
-                };
+            // Rows nobody waits for come back as zeros (their callers are gone).
+            let mut out = vec![0f32; n * seq * h];
+            if !alive.is_empty() {
+                let rows_out = act::transpose(&xt, h, alive.len() * seq).ok_or_else(short)?;
+                for (row, &r) in rows_out.chunks_exact(seq * h).zip(&alive) {
+                    out[(r - start) * seq * h..(r - start + 1) * seq * h].copy_from_slice(row);
+                }
             }
-            done.push(hidden);
+            done.push(Tensor::from_vec(out, (n, seq, h), &self.device)?);
         }
         Ok(if done.len() == 1 { done.remove(0) } else { Tensor::cat(&done, 0)? })
     }

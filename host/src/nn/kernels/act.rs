@@ -114,6 +114,75 @@ pub(crate) fn softmax_columns(s: &mut [f32], cols: usize) {
     softmax_columns_body(s, cols)
 }
 
+/// Layer norm down each column of `x` (`rows × cols`, row-major: features × tokens), in
+/// place: each column normalised to mean 0 and variance 1 over its `rows` values, then row `f`
+/// scaled by `gamma[f]` and shifted by `beta[f]`. Vectorised across columns.
+#[inline(always)]
+fn layer_norm_columns_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    let rows = x.len() / cols;
+    let inv_n = 1.0 / rows as f32;
+    let mut mean = vec![0f32; cols];
+    for row in x.chunks_exact(cols) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m *= inv_n);
+    let mut var = vec![0f32; cols];
+    for row in x.chunks_exact(cols) {
+        for ((s, &v), &m) in var.iter_mut().zip(row).zip(&mean) {
+            let d = v - m;
+            *s = d.mul_add(d, *s);
+        }
+    }
+    var.iter_mut().for_each(|v| *v = 1.0 / (*v * inv_n + eps).sqrt());
+    for ((row, &g), &b) in x.chunks_exact_mut(cols).zip(gamma).zip(beta) {
+        for ((v, &m), &inv) in row.iter_mut().zip(&mean).zip(&var) {
+            *v = ((*v - m) * inv).mul_add(g, b);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn layer_norm_columns_avx512(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    layer_norm_columns_body(x, cols, gamma, beta, eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn layer_norm_columns_avx2(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    layer_norm_columns_body(x, cols, gamma, beta, eps)
+}
+
+/// Layer norm down each column of `x` (`features × tokens`), in place (see
+/// `layer_norm_columns_body`). `gamma` and `beta` must hold one value per row of `x`, and
+/// `x` whole rows; else `None`, untouched.
+pub(crate) fn layer_norm_columns(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Option<()> {
+    if cols == 0 || !x.len().is_multiple_of(cols) || gamma.len() != x.len() / cols || beta.len() != gamma.len() {
+        return None;
+    }
+    if x.is_empty() {
+        return Some(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::avx512() {
+            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
+            // touches the slices it is given.
+            unsafe { layer_norm_columns_avx512(x, cols, gamma, beta, eps) };
+            return Some(());
+        }
+        if simd::fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
+            unsafe { layer_norm_columns_avx2(x, cols, gamma, beta, eps) };
+            return Some(());
+        }
+    }
+    layer_norm_columns_body(x, cols, gamma, beta, eps);
+    Some(())
+}
+
 #[inline(always)]
 fn apply(x: &mut [f32], act: Act) {
     match act {
@@ -274,6 +343,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn column_layer_norm_matches_a_plain_one() {
+        let (rows, cols) = (45, 19);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 12.0).collect();
+        let gamma: Vec<f32> = (0..rows).map(|f| 0.5 + f as f32 * 0.01).collect();
+        let beta: Vec<f32> = (0..rows).map(|f| f as f32 * -0.02).collect();
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let mut got = x.clone();
+            layer_norm_columns(&mut got, cols, &gamma, &beta, 1e-12).unwrap();
+            for c in 0..cols {
+                let col: Vec<f64> = (0..rows).map(|r| f64::from(x[r * cols + c])).collect();
+                let mean = col.iter().sum::<f64>() / rows as f64;
+                let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
+                for r in 0..rows {
+                    let want = (col[r] - mean) / (var + 1e-12).sqrt() * f64::from(gamma[r]) + f64::from(beta[r]);
+                    assert!((f64::from(got[r * cols + c]) - want).abs() <= 1e-5, "{level:?} ({r}, {c})");
+                }
+            }
+        }
+        let mut y = x.clone();
+        assert!(layer_norm_columns(&mut y, cols, &gamma[1..], &beta, 1e-12).is_none(), "one gamma short");
+        assert_eq!(y, x, "untouched");
     }
 
     #[test]
