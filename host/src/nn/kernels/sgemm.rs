@@ -30,6 +30,9 @@ const NR: usize = 32;
 /// Columns per unit of parallel work: a multiple of `NR`, small enough that `B`'s panel for
 /// short `k` stays in L1.
 const NC: usize = 256;
+/// Fewest columns of C the AVX-512 tile kernel takes (fewer go to dot products): a tile of
+/// 8 columns does 64 multiply-adds per 8 FMAs and one load; dots do fewer per load.
+const NARROW_MIN: usize = 8;
 /// Below this many multiply-adds the product runs on the calling thread: waking the pool
 /// costs tens of microseconds.
 const PARALLEL_MIN: usize = 1 << 20;
@@ -144,8 +147,9 @@ pub(crate) fn gemm_into(
     // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
     // streamed once; tiles of 8 rows would waste most of their multiply-adds.
     let few_rows = m < 4 && n >= NR && k > 0;
-    // Narrower products (short sequences) would leave most of each 32-column tile masked off.
-    if !few_rows && n >= NR / 2 && simd::avx512() {
+    // Tiles of up to 16 columns use one register per row (see `avx512::tile`); below
+    // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
+    if !few_rows && n >= NARROW_MIN && simd::avx512() {
         let packed_here;
         let packed = match packed {
             Some(p) if p.m == m && p.k == k => Some(p),
@@ -457,8 +461,30 @@ mod avx512 {
     ) {
         let full = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 } };
         let (m0, m1) = (full(cols), full(cols.saturating_sub(16)));
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let a = panel.as_ptr();
+        if cols <= 16 {
+            // A narrow tile (a short sequence): one register per row, no FMAs on empty lanes.
+            let mut acc = [_mm512_setzero_ps(); MR];
+            for p in 0..k {
+                // SAFETY: row p of B at this tile's columns; masked lanes are not read.
+                let b0 = unsafe { _mm512_maskz_loadu_ps(m0, b.add(p * ldb)) };
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the panel holds k*MR values.
+                    let av = _mm512_set1_ps(unsafe { *a.add(p * MR + r) });
+                    *acc = _mm512_fmadd_ps(av, b0, *acc);
+                }
+            }
+            for (r, &acc) in acc.iter().enumerate().take(rows) {
+                let mut v = _mm512_add_ps(acc, _mm512_set1_ps(bias[r]));
+                if let Some(Clamp { lo, hi }) = clamp {
+                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                }
+                // SAFETY: row r of the tile, masked to its columns.
+                unsafe { _mm512_mask_storeu_ps(c.add(r * ldb), m0, v) };
+            }
+            return;
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..k {
             // SAFETY: row p of B at this tile's columns; masked lanes are not read.
             let (b0, b1) = unsafe {
@@ -541,6 +567,11 @@ mod tests {
                 [96, 1000, 16],
                 [3, 17, 0],
                 [40, 529, 9],
+                // Narrow tiles (8..16 columns: one register per row) and just below them.
+                [24, 8, 100],
+                [17, 12, 384],
+                [9, 16, 40],
+                [33, 7, 50],
             ] {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
