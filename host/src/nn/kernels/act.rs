@@ -37,11 +37,16 @@ pub(crate) fn erf(x: f32) -> f32 {
 
 /// `e^x`, branch-free: `2^n · e^r` with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2` and e^r by its
 /// Taylor series to r⁶ (relative error about 2e-7); `x` is clamped to where f32 stays
-/// finite and normal.
+/// finite and normal. `n` is rounded by adding 1.5·2²³ (its integer then sits in the low
+/// mantissa bits), not by `round` and `as i32`, whose saturating conversion kept the
+/// compiler from vectorising the loop.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2²³
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let t = x.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT;
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127) << 23);
     let r = n.mul_add(-0.693_145_75, x);
     let r = n.mul_add(-1.428_606_8e-6, r);
     let mut p = r.mul_add(1.0 / 720.0, 1.0 / 120.0);
@@ -50,7 +55,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = r.mul_add(p, 0.5);
     p = r.mul_add(p, 1.0);
     p = r.mul_add(p, 1.0);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * scale
 }
 
 /// Softmax down each column of `s` (`rows × cols`, row-major), in place: vectorised across
