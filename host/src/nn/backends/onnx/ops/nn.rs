@@ -129,8 +129,34 @@ fn channel_bound(i: &[Option<&Tensor>]) -> Result<u64, NnError> {
     wide(count(&dims)?, 3)
 }
 
+/// `a · b` on EIR's GEMM for the case of a transformer's dense layers: f32 activations of any
+/// rank against a 2-D `[K, N]` matrix (all leading axes of `a` are rows). `None` where it does
+/// not apply (candle then computes it).
+fn matmul_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || b.rank() != 2 || a.rank() < 2 {
+        return Ok(None);
+    }
+    let (k, n) = b.dims2()?;
+    let mut dims = a.dims().to_vec();
+    if dims.last() != Some(&k) || k == 0 || n == 0 {
+        return Ok(None);
+    }
+    let m = a.elem_count() / k;
+    let mut y = super::zeros_f32(m * n)?;
+    super::with_f32(a, |a_rows| {
+        super::with_f32(b, |b_kn| sgemm::gemm([m, n, k], a_rows, None, b_kn, &mut y, None, None))
+    })???;
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Some(Tensor::from_vec(y, dims, a.device())?))
+}
+
 /// numpy `matmul`: 1-D operands are promoted and the added axis removed again.
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, NnError> {
+    if let Some(y) = matmul_rows(a, b)? {
+        return Ok(y);
+    }
     let (a1, b1) = (a.rank() == 1, b.rank() == 1);
     // Candle's kernel takes only operands whose batch axes collapse into one stride; a view
     // out of a Transpose (attention's Q·Kᵀ over [batch, heads, seq, head]) is copied out
