@@ -16,8 +16,8 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::backend::{BatchSpec, Model, Named};
@@ -331,30 +331,61 @@ fn attend(qkvt: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) ->
     Ok(ctxt)
 }
 
-/// Word + position + token-type embeddings, then a layer norm (as BERT's).
+/// Word + position + token-type embeddings, then a layer norm (as BERT's), written straight
+/// into the transposed layout the layers take.
 struct Embeddings {
-    words: Embedding,
-    positions: Embedding,
-    types: Embedding,
-    norm: LayerNorm,
+    /// `[vocab][hidden]`, `[positions][hidden]`, `[types][hidden]`, row-major.
+    words: Vec<f32>,
+    positions: Vec<f32>,
+    types: Vec<f32>,
+    hidden: usize,
+    norm: Norm,
 }
 
 impl Embeddings {
     fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Self> {
-        let e = |n: usize, name: &str| candle_nn::embedding(n, c.hidden_size, vb.pp(name));
+        let h = c.hidden_size;
+        let table = |n: usize, name: &str| -> candle_core::Result<Vec<f32>> {
+            vb.pp(name).get((n, h), "weight")?.flatten_all()?.to_vec1()
+        };
         Ok(Self {
-            words: e(c.vocab_size, "word_embeddings")?,
-            positions: e(c.max_position_embeddings, "position_embeddings")?,
-            types: e(c.type_vocab_size, "token_type_embeddings")?,
-            norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"))?,
+            words: table(c.vocab_size, "word_embeddings")?,
+            positions: table(c.max_position_embeddings, "position_embeddings")?,
+            types: table(c.type_vocab_size, "token_type_embeddings")?,
+            hidden: h,
+            norm: Norm::load(vb.pp("LayerNorm"), h, c.layer_norm_eps)?,
         })
     }
 
-    fn forward(&self, ids: &Tensor, types: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, seq) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let x = (self.words.forward(ids)? + self.types.forward(types)?)?;
-        self.norm.forward(&x.broadcast_add(&self.positions.forward(&positions)?)?)
+    /// The embedded tokens of `ids` and `types` (`[rows][seq]`, flattened), transposed:
+    /// `[hidden][rows·seq]`. An id outside its table is an `invalid-argument` error.
+    fn forward_t(&self, ids: &[i64], types: &[i64], seq: usize) -> Result<Vec<f32>, NnError> {
+        let h = self.hidden;
+        let row = |table: &[f32], what: &str, i: i64| -> Result<std::ops::Range<usize>, NnError> {
+            usize::try_from(i)
+                .ok()
+                .filter(|&i| i < table.len() / h.max(1))
+                .map(|i| i * h..(i + 1) * h)
+                .ok_or_else(|| NnError::invalid_argument(format!("{what} {i} is outside the model's table")))
+        };
+        if types.len() != ids.len() || seq == 0 {
+            return Err(NnError::invalid_argument("token_type_ids and input_ids differ in shape"));
+        }
+        let mut x = Vec::with_capacity(ids.len() * h);
+        for (t, (&id, &ty)) in ids.iter().zip(types).enumerate() {
+            let (w, p, k) = (
+                row(&self.words, "token id", id)?,
+                row(&self.positions, "position", (t % seq) as i64)?,
+                row(&self.types, "token type", ty)?,
+            );
+            x.extend(self.words[w].iter().zip(&self.positions[p]).zip(&self.types[k]).map(|((a, b), c)| a + b + c));
+        }
+        let tokens = ids.len();
+        let mut xt = act::transpose(&x, tokens, h).ok_or_else(|| NnError::runtime("embedding sizes"))?;
+        drop(x);
+        act::layer_norm_columns(&mut xt, tokens, &self.norm.gamma, &self.norm.beta, self.norm.eps)
+            .ok_or_else(|| NnError::runtime("embedding sizes"))?;
+        Ok(xt)
     }
 }
 
@@ -468,9 +499,9 @@ impl Bert {
             let h = self.config.hidden_size;
             let short = || NnError::runtime("the BERT pass: operand sizes do not match");
             // The hidden states, transposed ([hidden][rows·seq]) for the layers.
-            let embedded: Vec<f32> = self.embeddings.forward(&ids, &types)?.flatten_all()?.to_vec1()?;
-            let mut xt = act::transpose(&embedded, n * seq, h).ok_or_else(short)?;
-            drop(embedded);
+            let values =
+                |t: &Tensor| -> Result<Vec<i64>, NnError> { Ok(t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?) };
+            let mut xt = self.embeddings.forward_t(&values(&ids)?, &values(&types)?, seq)?;
             // Per token: 0 where attended, f32::MIN where masked.
             let mut mask: Vec<f32> = mask
                 .to_dtype(DType::F32)?
