@@ -657,6 +657,22 @@ mod tests {
         (String::from_utf8(data[..split].to_vec()).expect("UTF-8 config"), data[split + 1..].to_vec())
     }
 
+    #[test]
+    fn ids_outside_the_tables_are_errors_not_panics() {
+        let (config, weights) = tiny();
+        let bert = Bert::from_bytes(&config, &weights, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
+        let t = |v: Vec<i64>| Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
+        let (types, mask) = (t(vec![0, 1, 0]), t(vec![1, 1, 1]));
+        let out = bert.forward(&t(vec![1, 2, 9]), &types, &mask).expect("ids within the vocabulary of 10");
+        assert_eq!(out.dims(), &[1, 3, 8]);
+        for (ids, types) in
+            [(vec![1, 10, 2], vec![0, 0, 0]), (vec![1, -1, 2], vec![0, 0, 0]), (vec![1, 2, 3], vec![0, 2, 0])]
+        {
+            let err = bert.forward(&t(ids.clone()), &t(types), &mask).expect_err("an id outside its table");
+            assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::InvalidArgument, "{ids:?}: {}", err.message);
+        }
+    }
+
     /// Plain scaled dot-product attention, token-major, in f64.
     fn naive_attention(qkv: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) -> Vec<f64> {
         let head = hidden / heads;
