@@ -394,15 +394,21 @@ impl Config {
                     ..NnGrants::default()
                 },
             };
-            let config = PluginConfig { limits: plugin.limits, grants, reuse: plugin.reuse.unwrap_or(1).max(1) };
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let concurrency = plugin.concurrency.unwrap_or(2 * cores).max(1);
+            let config = PluginConfig {
+                limits: plugin.limits,
+                grants,
+                reuse: plugin.reuse.unwrap_or(1).max(1),
+                warm: concurrency.max(PluginConfig::default().warm),
+            };
             plugins.insert(
                 name,
                 PluginDecl {
                     path,
                     version: plugin.version.unwrap_or_else(|| "1".into()),
                     config,
-                    concurrency: plugin.concurrency.unwrap_or(2 * cores).max(1),
+                    concurrency,
                     queue: plugin.queue.unwrap_or(64),
                 },
             );
@@ -538,6 +544,7 @@ models = ["minilm"]
 dirs = ["data::/data:rw"]
 env = { LANG = "C" }
 reuse = 100
+concurrency = 40
 limits = { fuel = 1000, timeout = "2s", max_memory = "64MiB" }
 "#;
         let config = Config::parse(&file, text).unwrap();
@@ -545,6 +552,7 @@ limits = { fuel = 1000, timeout = "2s", max_memory = "64MiB" }
         let embed = &config.plugins["embed"];
         assert_eq!(embed.path, dir.path().join("p.wasm"));
         assert_eq!(embed.config.reuse, 100);
+        assert_eq!((embed.concurrency, embed.config.warm), (40, 40), "as many stay warm as may run");
         assert_eq!(embed.config.limits.fuel, 1000);
         assert_eq!(embed.config.limits.timeout, std::time::Duration::from_secs(2));
         assert_eq!(embed.config.grants.nn.models, vec!["minilm".to_string()]);

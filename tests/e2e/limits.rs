@@ -153,3 +153,23 @@ async fn reused_instances_keep_state_but_never_survive_a_failure() {
     assert_eq!(count(&warm).await, 1, "a fresh instance after the failure");
     assert_eq!(count(&warm).await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_instances_stay_warm_than_configured() {
+    let (rt, _cache) = runtime();
+    let plugin = std::sync::Arc::new(load(&rt, "hostile", PluginConfig { reuse: 100, warm: 3, ..Default::default() }));
+    // Calls at once, ending close together (as the callers of one batched forward pass do).
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let plugin = plugin.clone();
+            tokio::spawn(async move { plugin.handle(&request(&[("attack", "busy"), ("ms", "20")], vec![])).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // How many instances the calls overlapped on depends on scheduling (11-16 of 20 here);
+    // at most 3 stay.
+    let kept = plugin.warm_instances();
+    assert!((1..=3).contains(&kept), "{kept} instances kept warm with warm = 3");
+}

@@ -181,7 +181,7 @@ pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCo
     if args.allow_load_bytes.is_some() {
         grants.nn.load_from_bytes = args.allow_load_bytes;
     }
-    let mut config = PluginConfig { reuse: 1, limits: args.limits(base.limits), grants };
+    let mut config = PluginConfig { reuse: 1, limits: args.limits(base.limits), grants, ..Default::default() };
     let artifact = runtime.engine().load_file(&path, args.allow_precompiled)?;
     // A command's stdio passes straight through; a pipeline plugin's goes to the log.
     let interface = match &artifact {

@@ -243,7 +243,7 @@ impl Plugin {
         }
         let Ok(mut idle) = self.idle.lock() else { return };
         expire(&mut idle);
-        if idle.len() < super::MAX_IDLE_INSTANCES
+        if idle.len() < self.config.warm
             && let Some(slot) = self.engine.idle_slot()
         {
             session.idle = Some((slot, Instant::now()));

@@ -55,7 +55,8 @@ impl PluginKind {
     }
 }
 
-/// Most idle instances a plugin keeps for reuse.
+/// Most idle instances a plugin keeps for reuse, unless configured otherwise
+/// ([`PluginConfig::warm`]).
 const MAX_IDLE_INSTANCES: usize = 16;
 
 /// How a plugin runs: its limits, what it may touch, and how long its instances live.
@@ -69,11 +70,15 @@ pub struct PluginConfig {
     /// a fresh instance; more keeps warm state (a parsed tokenizer, say) between calls of the
     /// same plugin. An instance that fails in any way is never reused.
     pub reuse: u32,
+    /// Most idle instances kept warm for reuse (with `reuse > 1`). A server sets it to the
+    /// plugin's concurrency: with fewer, a batch of calls that end together (one batched
+    /// forward pass) drops the surplus, and the next calls pay for fresh instances.
+    pub warm: usize,
 }
 
 impl Default for PluginConfig {
     fn default() -> Self {
-        Self { limits: Limits::default(), grants: Grants::default(), reuse: 1 }
+        Self { limits: Limits::default(), grants: Grants::default(), reuse: 1, warm: MAX_IDLE_INSTANCES }
     }
 }
 
@@ -297,6 +302,11 @@ impl Plugin {
     /// The component's imports and exports.
     pub fn interface(&self) -> &Interface {
         &self.interface
+    }
+
+    /// Idle instances kept warm for the next calls.
+    pub fn warm_instances(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
     }
 
     /// Its limits and grants.
