@@ -231,28 +231,14 @@ impl CallError {
 }
 
 /// Marks the error a call raises when it stops because its caller went away.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the caller went away")]
 pub(crate) struct CallerGone;
 
-impl std::fmt::Display for CallerGone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the caller went away")
-    }
-}
-
-impl std::error::Error for CallerGone {}
-
 /// Marks the error an epoch callback raises when the deadline has passed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("wall-clock deadline passed")]
 pub(crate) struct DeadlinePassed;
-
-impl std::fmt::Display for DeadlinePassed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("wall-clock deadline passed")
-    }
-}
-
-impl std::error::Error for DeadlinePassed {}
 
 /// Everything needed to turn a wasmtime error into a [`CallError`].
 pub(crate) struct Classifier<'a> {

@@ -5,6 +5,36 @@
 
 use super::simd;
 
+/// Runs `body(args)` built for the widest vectors this CPU has: AVX-512F, else AVX2 + FMA,
+/// else the baseline. `body` must be `#[inline(always)]` safe code, so that each
+/// `target_feature` build inlines (and vectorises) its own copy.
+macro_rules! widest {
+    ($body:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            if simd::avx512() {
+                // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the body is safe code.
+                unsafe { avx512($($arg),*) }
+            } else if simd::fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`); the body is safe code.
+                unsafe { avx2($($arg),*) }
+            } else {
+                $body($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        $body($($arg),*)
+    }};
+}
+
 /// An activation applied to a dense layer's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Act {
@@ -86,37 +116,13 @@ fn softmax_columns_body(s: &mut [f32], cols: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_columns_avx512(s: &mut [f32], cols: usize) {
-    softmax_columns_body(s, cols)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_columns_avx2(s: &mut [f32], cols: usize) {
-    softmax_columns_body(s, cols)
-}
-
 /// Softmax down each column of `s` (`rows × cols`, row-major), in place. Scores a column
 /// holds as `f32::MIN` (masked) get weight 0 unless the whole column is masked.
 pub(crate) fn softmax_columns(s: &mut [f32], cols: usize) {
     if cols == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd::avx512() {
-            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
-            // reads and writes `s`.
-            return unsafe { softmax_columns_avx512(s, cols) };
-        }
-        if simd::fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
-            return unsafe { softmax_columns_avx2(s, cols) };
-        }
-    }
-    softmax_columns_body(s, cols)
+    widest!(softmax_columns_body(s: &mut [f32], cols: usize))
 }
 
 /// Layer norm down each column of `x` (`rows × cols`, row-major: features × tokens), in
@@ -148,18 +154,6 @@ fn layer_norm_columns_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f3
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn layer_norm_columns_avx512(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
-    layer_norm_columns_body(x, cols, gamma, beta, eps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn layer_norm_columns_avx2(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
-    layer_norm_columns_body(x, cols, gamma, beta, eps)
-}
-
 /// Layer norm down each column of `x` (`features × tokens`), in place (see
 /// `layer_norm_columns_body`). `gamma` and `beta` must hold one value per row of `x`, and
 /// `x` whole rows; else `None`, untouched.
@@ -170,21 +164,7 @@ pub(crate) fn layer_norm_columns(x: &mut [f32], cols: usize, gamma: &[f32], beta
     if x.is_empty() {
         return Some(());
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd::avx512() {
-            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
-            // touches the slices it is given.
-            unsafe { layer_norm_columns_avx512(x, cols, gamma, beta, eps) };
-            return Some(());
-        }
-        if simd::fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
-            unsafe { layer_norm_columns_avx2(x, cols, gamma, beta, eps) };
-            return Some(());
-        }
-    }
-    layer_norm_columns_body(x, cols, gamma, beta, eps);
+    widest!(layer_norm_columns_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32));
     Some(())
 }
 
@@ -210,33 +190,9 @@ fn apply(x: &mut [f32], act: Act) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn apply_avx512(x: &mut [f32], act: Act) {
-    apply(x, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn apply_avx2(x: &mut [f32], act: Act) {
-    apply(x, act)
-}
-
 /// Applies `act` to every element of `x`, with the widest vectors this CPU has.
 pub(crate) fn activate(x: &mut [f32], act: Act) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd::avx512() {
-            // SAFETY: the CPU has AVX-512F (checked by `simd::avx512`); the function only
-            // reads and writes `x`.
-            return unsafe { apply_avx512(x, act) };
-        }
-        if simd::fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked by `simd::fma`).
-            return unsafe { apply_avx2(x, act) };
-        }
-    }
-    apply(x, act)
+    widest!(apply(x: &mut [f32], act: Act))
 }
 
 /// `src` (`rows × cols`, row-major) transposed into a new `cols × rows` buffer. Work goes by
