@@ -8,15 +8,14 @@ Usage: ort_bert.py MODEL_DIR ITERATIONS THREADS BATCHxSEQ...
 
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from ort_bench import median_time
 
 
 def ids(batch, seq):
@@ -46,13 +45,7 @@ def main():
         batch, seq = map(int, shape.split("x"))
         x = ids(batch, seq)
         feed = {"input_ids": x, "attention_mask": np.ones_like(x), "token_type_ids": np.zeros_like(x)}
-        session.run(None, feed)
-        samples = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            session.run(None, feed)
-            samples.append(time.perf_counter() - t)
-        out[shape] = statistics.median(samples)
+        out[shape] = median_time(lambda: session.run(None, feed), iters)
     print(json.dumps(out))
 
 

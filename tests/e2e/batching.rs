@@ -12,7 +12,7 @@ use eir::scheduler::{BatchPolicy, Job, Scheduler, Settings};
 use serde_json::{Value, json};
 
 use crate::embed::{cosine, minilm_dir, reference};
-use crate::gateway::{Server, hash, infer};
+use crate::gateway::{Server, hash, infer, metric};
 use crate::onnx::model_dir;
 
 /// A registry of `name` at `path` whose passes wait up to 300 ms for company, computing one
@@ -221,14 +221,6 @@ compute_quota = 0.001
 
 fn embedding(body: &Value) -> Vec<f32> {
     body["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
-}
-
-/// The sum of a metric's samples whose line contains `labels`.
-fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,12 @@ pub fn runtime() -> (Runtime, tempfile::TempDir) {
     (Runtime::new(config).expect("runtime"), cache)
 }
 
+/// The Python the tests run helpers with (`$EIR_TEST_PYTHON`, else `models/.venv`, which
+/// scripts/test.sh fills with tritonclient, onnx and numpy).
+pub fn test_python() -> PathBuf {
+    std::env::var_os("EIR_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join("models/.venv/bin/python"))
+}
+
 /// Loads guest `name` with `config`.
 pub fn load(runtime: &Runtime, name: &str, config: PluginConfig) -> Plugin {
     runtime.load_plugin(name, &guest(name), config, false).unwrap_or_else(|e| panic!("loading {name}: {e}"))

@@ -365,17 +365,21 @@ async fn quotas_answer_429_with_retry_after() {
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
 }
 
-/// The value of the metric line starting with `series` (0 when absent).
-async fn metric(s: &Server, series: &str) -> f64 {
-    let (_, text) = get_text(s, "/metrics", "admin-key").await;
-    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+/// The sum of a metric's samples whose line contains `labels`.
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
     use std::io::Write;
     let s = Server::start();
-    let running = r#"eir_in_flight{tenant="single",model="hostile"}"#;
+    let running = || async {
+        metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", r#"tenant="single",model="hostile""#)
+    };
     let body = text_request(&["x"]);
     assert_eq!(infer(&s, "text-normalize", "single-key", &body).await.0, 200);
     // A request that spins for 1.5 s; its client hangs up once it runs.
@@ -389,7 +393,7 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
     )
     .unwrap();
     let until = Instant::now() + Duration::from_secs(30);
-    while metric(&s, running).await < 1.0 {
+    while running().await < 1.0 {
         assert!(Instant::now() < until, "the slow request never ran");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -411,7 +415,7 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         assert!(hung_up.elapsed() < Duration::from_secs(30), "the slot was never given back");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(metric(&s, running).await, 0.0);
+    assert_eq!(running().await, 0.0);
     eprintln!("the abandoned call held its slot for {:?} after the hang-up", hung_up.elapsed());
 }
 
@@ -605,9 +609,7 @@ async fn sigterm_finishes_requests_in_flight() {
 
 #[test]
 fn a_stock_tritonclient_works_unchanged() {
-    let python = std::env::var_os("EIR_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/.venv/bin/python"));
+    let python = crate::common::test_python();
     let ok = Command::new(&python).args(["-c", "import tritonclient.http"]).status().is_ok_and(|s| s.success());
     assert!(
         ok,

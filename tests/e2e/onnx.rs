@@ -283,9 +283,7 @@ mod plugins {
 /// MiniLM as a plain ONNX graph, built from the fetched safetensors weights by
 /// `scripts/make_minilm_onnx.py` (numpy and onnx, from the test Python).
 fn minilm_onnx(dir: &std::path::Path) -> PathBuf {
-    let python = std::env::var_os("EIR_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/.venv/bin/python"));
+    let python = crate::common::test_python();
     let out = dir.join("minilm.onnx");
     let run = std::process::Command::new(&python)
         .arg(repo().join("scripts/make_minilm_onnx.py"))

@@ -47,6 +47,11 @@ pub(super) struct Session {
     idle: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
 }
 
+/// How long a call may go on running plugin code once its caller went away. Its computes end
+/// at once, so a guest normally returns well within this (and keeps its warm instance); one
+/// that runs on is dropped at its next yield (the epoch ticks make plugin code yield).
+const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long an idle instance is kept for reuse; older ones are dropped (and free their slot).
 const IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -64,9 +69,9 @@ impl Plugin {
     /// [`Plugin::handle_with_stats`] for a caller that may go away (a client hanging up). It
     /// cancels `abandoned` rather than dropping the call: the call then stops before it starts
     /// more plugin code, its computes end at once (the guest sees a `timeout` error), and the
-    /// guest gets [`ABANDON_GRACE`](super::store::ABANDON_GRACE) to return. An instance that
-    /// returns stays warm for the next call; dropping a call mid-run would discard it, and
-    /// each resend would pay for a fresh one.
+    /// guest gets a short grace (100 ms) to return. An instance that returns stays warm for
+    /// the next call; dropping a call mid-run would discard it, and each resend would pay for
+    /// a fresh one.
     pub async fn handle_abandonable(
         &self,
         request: &Request,
@@ -196,9 +201,9 @@ impl Plugin {
         // Every epoch tick: trap once past this call's deadline, else yield so other calls on
         // this executor thread make progress; when another call of the same tenant waits for a
         // turn at running plugin code, hand this call's turn on and queue for it again.
-        store.epoch_deadline_callback(|mut ctx| {
-            if Instant::now() >= ctx.data_mut().deadline() {
-                return Err(if ctx.data().abandoned() { CallerGone.into() } else { DeadlinePassed.into() });
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline() {
+                return Err(DeadlinePassed.into());
             }
             if !ctx.data().turn_contended() {
                 return Ok(UpdateDeadline::Yield(1));
@@ -290,13 +295,13 @@ impl Plugin {
             if let Ok(mut t) = slot.lock() {
                 *t = turn;
             }
-            // Epoch ticks stop plugin code that runs on past the grace; this stops a guest
-            // parked in an async host call.
+            // Past the grace the call is dropped at its next yield: plugin code yields at every
+            // epoch tick, a guest waiting on the host at once.
             tokio::select! {
                 outcome = f(&mut *session) => outcome,
                 () = async {
                     abandoned.cancelled().await;
-                    tokio::time::sleep(super::store::ABANDON_GRACE).await;
+                    tokio::time::sleep(ABANDON_GRACE).await;
                 } => Err(CallerGone.into()),
             }
         }))

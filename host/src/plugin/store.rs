@@ -18,18 +18,11 @@ use super::bindings::log;
 /// host buffer unbounded text.
 const MAX_LOG_RECORD: usize = 8 * 1024;
 
-/// How long a call may go on running plugin code once its caller went away. Its computes end
-/// at once, so a guest normally returns well within this (and keeps its warm instance); one
-/// that keeps computing on its own is stopped, as at its deadline.
-pub(crate) const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// The data of one plugin call's store.
 pub struct StoreState {
     pub(crate) plugin: Arc<str>,
     pub(crate) limiter: StoreLimiter,
     deadline: Instant,
-    /// Set once the current call is seen abandoned: when it must end now.
-    grace: Option<Instant>,
     nn: NnCtx,
     wasi: WasiCtx,
     p1: Option<WasiP1Ctx>,
@@ -44,7 +37,6 @@ impl StoreState {
             plugin,
             limiter,
             deadline: nn.deadline,
-            grace: None,
             nn,
             wasi,
             p1: None,
@@ -62,7 +54,6 @@ impl StoreState {
         self.deadline = deadline;
         self.nn.deadline = deadline;
         self.nn.abandoned = abandoned;
-        self.grace = None;
         self.nn.compute_time = std::time::Duration::ZERO;
     }
 
@@ -87,13 +78,9 @@ impl StoreState {
         self.nn.tenant.contended()
     }
 
-    /// When the current call must end: its deadline, pulled in to [`ABANDON_GRACE`] after
-    /// the moment (seen at an epoch tick) its caller went away.
-    pub(crate) fn deadline(&mut self) -> Instant {
-        if self.grace.is_none() && self.abandoned() {
-            self.grace = Some(Instant::now() + ABANDON_GRACE);
-        }
-        self.grace.map_or(self.deadline, |g| g.min(self.deadline))
+    /// When the current call must end.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// Makes this a core module's store: WASI preview 1 with this context.

@@ -456,8 +456,9 @@ impl Bert {
         let what = &"the BERT forward pass";
         let tokens = mul(batch as u64, seq as u64, what)?;
         let scores = mul(mul(tokens, seq as u64, what)?, c.num_attention_heads as u64, what)?;
-        // (The dense layers' transposed copies of their input and output are the last four
-        // `intermediate`-wide and two of the `hidden`-wide.)
+        // (An upper bound on what a layer holds per token: its input, Q/K/V, the context, the
+        // output and a partial sum, each `hidden`-wide, the feed-forward's inner values, and the
+        // embeddings' token-major copy; more than the layers hold at once.)
         let per_token = 14 * c.hidden_size as u64 + 6 * c.intermediate_size as u64;
         let floats = mul(scores, 3, what)?.checked_add(mul(tokens, per_token, what)?);
         mul(floats.ok_or_else(|| NnError::too_large("the BERT forward pass overflows"))?, 4, what)

@@ -117,7 +117,8 @@ fn softmax_columns_body(s: &mut [f32], cols: usize) {
 }
 
 /// Softmax down each column of `s` (`rows × cols`, row-major), in place. Scores a column
-/// holds as `f32::MIN` (masked) get weight 0 unless the whole column is masked.
+/// holds as `f32::MIN` (masked) get weight e⁻⁸⁷ (as good as 0) unless the whole column is
+/// masked.
 pub(crate) fn softmax_columns(s: &mut [f32], cols: usize) {
     if cols == 0 {
         return;
@@ -329,6 +330,16 @@ mod tests {
         let mut y = x.clone();
         assert!(layer_norm_columns(&mut y, cols, &gamma[1..], &beta, 1e-12).is_none(), "one gamma short");
         assert_eq!(y, x, "untouched");
+        // Empty and zero shapes, at every level.
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            assert!(layer_norm_columns(&mut [], 0, &[], &[], 1e-12).is_none(), "no columns");
+            assert_eq!(layer_norm_columns(&mut [], 5, &[], &[], 1e-12), Some(()), "no rows");
+            assert!(layer_norm_columns(&mut [1.0; 7], 5, &[1.0], &[0.0], 1e-12).is_none(), "ragged rows");
+            softmax_columns(&mut [], 0);
+            softmax_columns(&mut [], 4);
+            activate(&mut [], Act::Gelu);
+        }
     }
 
     #[test]
