@@ -1,8 +1,7 @@
 //! Which vector instructions this CPU has, for the kernels compiled with `target_feature` (their
 //! loops are vectorised 8-wide with AVX2 + FMA, or 16-wide with AVX-512). `std` caches the
 //! answers, so asking per call is cheap. Tests can cap the level ([`cap`]) so that every path
-//! runs on an AVX-512 machine; every path computes the same results, so a cap set by one test
-//! never changes another's outcome.
+//! runs on an AVX-512 machine.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -21,16 +20,20 @@ pub enum Level {
 /// The highest level the kernels may use (tests lower it).
 static CAP: AtomicU8 = AtomicU8::new(Level::Avx512 as u8);
 
-/// Lets the kernels use at most `level` until the returned guard is dropped.
+/// Lets the kernels use at most `level` until the returned guard is dropped. Tests that cap
+/// run one at a time (the guard holds a lock): paths agree only within a tolerance, so a cap
+/// set by one test must not change the level under another that compares two runs exactly.
 #[cfg(test)]
 pub fn cap(level: Level) -> impl Drop {
-    struct Restore(u8);
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    struct Restore(u8, #[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
     impl Drop for Restore {
         fn drop(&mut self) {
             CAP.store(self.0, Ordering::Relaxed);
         }
     }
-    Restore(CAP.swap(level as u8, Ordering::Relaxed))
+    let held = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Restore(CAP.swap(level as u8, Ordering::Relaxed), held)
 }
 
 fn allowed(level: Level) -> bool {
@@ -65,13 +68,15 @@ pub fn avx512() -> bool {
 /// The levels this CPU has, lowest first (for tests that run every path).
 #[cfg(test)]
 pub fn levels() -> Vec<Level> {
-    let _all = cap(Level::Avx512);
     let mut v = vec![Level::Portable];
-    if fma() {
-        v.push(Level::Avx2);
-    }
-    if avx512() {
-        v.push(Level::Avx512);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            v.push(Level::Avx2);
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            v.push(Level::Avx512);
+        }
     }
     v
 }
