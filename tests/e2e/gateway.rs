@@ -487,8 +487,12 @@ async fn alone_one_tenant_flooding_does_not_starve_another() {
     );
     assert!(refused.load(Ordering::Relaxed) > 0, "alpha's concurrency quota must bite");
     // alpha keeps at most 2 calls running (its quota), each spinning a core for 20 ms on a
-    // 2-core machine: beta shares the cores with them, it never queues behind alpha's backlog.
-    assert!(factor < 6.0, "beta slowed down {factor:.1}x");
+    // 2-core machine: beta shares the cores with them (a few time slices at worst), it never
+    // queues behind alpha's backlog. Queued behind the other 14 of alpha's clients, beta would
+    // wait at least 7 of alpha's 20 ms turns per core: 140 ms. The bound is half that, far
+    // from both, so a noisy machine (beta's alone figure is well under a millisecond, and one
+    // run here measured 7x of it) does not fail the test while a queue still would.
+    assert!(during < Duration::from_millis(70), "beta waited {during:?}: queued behind alpha ({factor:.1}x)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

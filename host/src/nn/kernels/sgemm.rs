@@ -150,9 +150,13 @@ pub(crate) fn gemm_into(
     let few_rows = m < 4 && n >= NR && k > 0;
     // Tiles of up to 16 columns use one register per row (see `avx512::tile`); below
     // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
+    // The AVX2 tile beats the `gemm` crate on wide products (`sgemm::timing`: 0.65–0.9x from
+    // 256 columns up) and on a single strip (8–24 columns: MiniLM at 1 × 8 tokens ran 1.7x ORT
+    // on it, 2.1x on the crate), not in between (1.05–1.4x on 7x7 and 14x14 planes, where the
+    // crate's blocking of deep `k` wins), which stays with the crate.
     let kernel = if simd::avx512() {
         Some(x86::Kernel::Avx512)
-    } else if simd::fma() {
+    } else if simd::fma() && (n >= NC || n <= x86::NR2) {
         Some(x86::Kernel::Avx2)
     } else {
         None
@@ -365,7 +369,7 @@ mod x86 {
     }
 
     /// Columns of one AVX2 tile: three 8-lane registers.
-    const NR2: usize = 24;
+    pub const NR2: usize = 24;
 
     /// The output pointer, shared by units that write disjoint tiles.
     #[derive(Clone, Copy)]
@@ -400,25 +404,32 @@ mod x86 {
         if let Some(bias) = bias {
             bias_padded[..m].copy_from_slice(&bias[..m]);
         }
-        let chunks = n.div_ceil(NC);
-        // Row tiles are grouped so that each column strip of B (k × one tile's width) is read
-        // from memory once per group and then from L1 for the group's other tiles: B's rows lie
-        // `n` floats apart, so re-reading them per tile stalled on memory. Enough groups that
-        // every thread gets work when there are few images and chunks.
-        let want = (4 * rayon::current_num_threads()).div_ceil(batch * chunks);
-        let per = (tiles / want.max(1)).max(1);
-        let groups = tiles.div_ceil(per);
         let width = match kernel {
             Kernel::Avx512 => NR,
             Kernel::Avx2 => NR2,
         };
+        // Row tiles are grouped so that each column strip of B (k × one tile's width) is read
+        // from memory once per group and then from L1 for the group's other tiles: B's rows lie
+        // `n` floats apart, so re-reading them per tile stalled on memory. About four units per
+        // thread; where few images and chunks would leave one tile per group, the chunks narrow
+        // instead (a 14x14 plane is one chunk of 256 columns), so groups keep two tiles.
+        let want = 4 * rayon::current_num_threads();
+        let pairs = (2 * want).div_ceil(tiles.max(1));
+        let nc = if batch * n.div_ceil(NC) >= pairs {
+            NC
+        } else {
+            n.div_ceil(pairs.div_ceil(batch)).next_multiple_of(width).clamp(width, NC)
+        };
+        let chunks = n.div_ceil(nc);
+        let per = (tiles / want.div_ceil(batch * chunks)).max(1);
+        let groups = tiles.div_ceil(per);
         let out = Out(dst);
         let unit = |u: usize| {
             // Image, then chunk, then group: neighbouring units (one thread's range) share B's
             // columns.
             let (img, chunk, g) = (u / (groups * chunks), (u / groups) % chunks, u % groups);
             let (b, out_at) = (&b[img * k * n..(img + 1) * k * n], img * m * n);
-            let (mut j, end) = (chunk * NC, n.min((chunk + 1) * NC));
+            let (mut j, end) = (chunk * nc, n.min((chunk + 1) * nc));
             // The AVX2 kernel reads B's strip packed (k × 24, zero-padded): rows `n` floats
             // apart map to a few L1 sets (at n = 1024 all to one), so read in place the strip
             // thrashes L1 while the 12 accumulators wait on it.
@@ -600,18 +611,51 @@ mod x86 {
         bias: &[f32],
         clamp: Option<Clamp>,
     ) {
+        // A partial strip (a 7x7 plane's 49th column) runs only the registers it needs.
+        // SAFETY: the caller's contract, unchanged; V registers cover at least `cols` columns.
+        unsafe {
+            match cols {
+                0..=8 => tile_avx2_v::<1>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
+                9..=16 => tile_avx2_v::<2>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
+                _ => tile_avx2_v::<3>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
+            }
+        }
+    }
+
+    /// [`tile_avx2`] with `V` registers (8 columns each) per row, `cols <= 8 * V`.
+    ///
+    /// # Safety
+    /// As [`tile_avx2`], and `V <= 3`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2_v<const V: usize>(
+        k: usize,
+        panel: &[f32],
+        strip: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        bias: &[f32],
+        clamp: Option<Clamp>,
+    ) {
         let (a, b) = (panel.as_ptr(), strip.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); 3]; 4];
+        let mut acc = [[_mm256_setzero_ps(); V]; 4];
         for p in 0..k {
-            // SAFETY: the strip holds k*24 values and the panel (p*MR + 4) (the contract).
+            // SAFETY: the strip holds k*24 values (8·V ≤ 24 read per row) and the panel
+            // (p*MR + 4) (the contract).
             unsafe {
                 let row = b.add(p * NR2);
-                let (b0, b1, b2) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)), _mm256_loadu_ps(row.add(16)));
+                let mut bv = [_mm256_setzero_ps(); V];
+                for (i, v) in bv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(row.add(8 * i));
+                }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm256_broadcast_ss(&*a.add(p * MR + r));
-                    acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
-                    acc[2] = _mm256_fmadd_ps(av, b2, acc[2]);
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm256_fmadd_ps(av, bv, *acc);
+                    }
                 }
             }
         }
@@ -622,18 +666,21 @@ mod x86 {
         };
         for (r, acc) in acc.iter().enumerate().take(rows) {
             let bv = _mm256_set1_ps(bias[r]);
-            let mut v = [_mm256_add_ps(acc[0], bv), _mm256_add_ps(acc[1], bv), _mm256_add_ps(acc[2], bv)];
+            let mut v = [_mm256_setzero_ps(); V];
+            for (v, &acc) in v.iter_mut().zip(acc) {
+                *v = _mm256_add_ps(acc, bv);
+            }
             if let Some(Clamp { lo, hi }) = clamp {
                 let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
                 for v in &mut v {
                     *v = _mm256_min_ps(_mm256_max_ps(*v, lo), hi);
                 }
             }
-            // SAFETY: row r of the tile; a full tile has 24 columns, a partial one is masked
+            // SAFETY: row r of the tile; a full tile has 8·V columns, a partial one is masked
             // (masked-off lanes are not touched, so the pointer may point past the row).
             unsafe {
                 let row = c.add(r * ldc);
-                if cols == NR2 {
+                if cols == 8 * V {
                     for (i, v) in v.iter().enumerate() {
                         _mm256_storeu_ps(row.add(8 * i), *v);
                     }
@@ -650,6 +697,8 @@ mod x86 {
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
     use super::{Clamp, Packed};
+
+    pub const NR2: usize = 24;
 
     pub enum Kernel {
         Avx512,
@@ -716,6 +765,11 @@ mod tests {
                 [17, 12, 384],
                 [9, 16, 40],
                 [33, 7, 50],
+                // Wide enough for the AVX2 tile: second halves of 1-3 rows, partial strips,
+                // narrowed chunks (a single row tile), k of 1.
+                [13, 300, 96],
+                [6, 257, 33],
+                [7, 270, 1],
             ] {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
