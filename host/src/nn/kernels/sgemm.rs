@@ -28,8 +28,8 @@ pub(crate) struct Clamp {
 const MR: usize = 8;
 /// Columns of `C` per tile: two 16-lane registers.
 const NR: usize = 32;
-/// Columns per unit of parallel work: a multiple of `NR`, small enough that `B`'s panel for
-/// short `k` stays in L1.
+/// Columns per unit of parallel work (rounded down to a multiple of the kernel's tile width),
+/// small enough that `B`'s panel for short `k` stays in L1.
 const NC: usize = 256;
 /// Fewest columns of C the AVX-512 tile kernel takes (fewer go to dot products): a tile of
 /// 8 columns does 64 multiply-adds per 8 FMAs and one load; dots do fewer per load.
@@ -38,7 +38,8 @@ const NARROW_MIN: usize = 8;
 /// costs tens of microseconds.
 const PARALLEL_MIN: usize = 1 << 20;
 
-/// `A` (`m×k`) laid out for the AVX-512 kernel, `[tile][k][MR]` with rows past `m` zero.
+/// `A` (`m×k`) laid out for the tile kernels (AVX-512 and AVX2 read the same layout),
+/// `[tile][k][MR]` with rows past `m` zero.
 /// Convolution weights are packed once and kept (see `conv::PackedWeights`).
 pub(crate) struct Packed {
     m: usize,
@@ -69,7 +70,7 @@ impl Packed {
 
 /// `batch` products `[m×k]·[k×n]` whose sizes were checked against the operands they were
 /// made for: `a` holds `m·k` floats, `b` `batch·k·n`, `dst` `batch·m·n` and `bias` (if any) `m`,
-/// every product computed without overflow. The AVX-512 kernel takes only this type.
+/// every product computed without overflow. The tile kernels take only this type.
 pub(crate) struct GemmShape {
     batch: usize,
     m: usize,
@@ -127,7 +128,7 @@ pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// [`gemm`] for `batch` products with the same `a`, into a buffer that need not be initialised:
 /// `b` holds `batch` `k×n` matrices and `dst` `batch` `m×n` ones, back to back (a 1x1
 /// convolution over a batch of images), computed in one parallel pass. Every element of the
-/// first `batch·m·n` is written; the AVX-512 kernel writes each exactly once, which spares the
+/// first `batch·m·n` is written; the tile kernels write each exactly once, which spares the
 /// caller zeroing a fresh output.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
@@ -148,7 +149,7 @@ pub(crate) fn gemm_into(
     // A few rows (a fully connected layer at batch 1): each output row is a sum of B's rows,
     // streamed once; tiles of 8 rows would waste most of their multiply-adds.
     let few_rows = m < 4 && n >= NR && k > 0;
-    // Tiles of up to 16 columns use one register per row (see `avx512::tile`); below
+    // Tiles of up to 16 columns use one register per row (see `x86::tile`); below
     // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
     // The AVX2 tile beats the `gemm` crate on wide products (`sgemm::timing`: 0.65–0.9x from
     // 256 columns up) and on a single strip (8–24 columns: MiniLM at 1 × 8 tokens ran 1.7x ORT
@@ -415,10 +416,11 @@ mod x86 {
         // instead (a 14x14 plane is one chunk of 256 columns), so groups keep two tiles.
         let want = 4 * rayon::current_num_threads();
         let pairs = (2 * want).div_ceil(tiles.max(1));
-        let nc = if batch * n.div_ceil(NC) >= pairs {
-            NC
+        let widest = NC / width * width;
+        let nc = if batch * n.div_ceil(widest) >= pairs {
+            widest
         } else {
-            n.div_ceil(pairs.div_ceil(batch)).next_multiple_of(width).clamp(width, NC)
+            n.div_ceil(pairs.div_ceil(batch)).next_multiple_of(width).clamp(width, widest)
         };
         let chunks = n.div_ceil(nc);
         let per = (tiles / want.div_ceil(batch * chunks)).max(1);
@@ -597,7 +599,8 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA must be available; `panel` must hold `(k-1)*MR + 4` values (or `k` be 0),
     /// `strip` `k*24` and `bias` 4; `c` must be writable for `rows` rows of `cols` columns with
-    /// row stride `ldc`.
+    /// row stride `ldc`. Results are right for `rows ≤ 4` and `1 ≤ cols ≤ 24` (more are not
+    /// stored: wrong, not unsound).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2(
@@ -677,7 +680,8 @@ mod x86 {
                 }
             }
             // SAFETY: row r of the tile; a full tile has 8·V columns, a partial one is masked
-            // (masked-off lanes are not touched, so the pointer may point past the row).
+            // (masked-off lanes are not touched; `tile_avx2` picks V so that every register
+            // has a live lane, and `wrapping_add` keeps even an all-masked one sound).
             unsafe {
                 let row = c.add(r * ldc);
                 if cols == 8 * V {
