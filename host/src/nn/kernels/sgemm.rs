@@ -116,6 +116,21 @@ pub(crate) fn gemm(
     gemm_into(1, dims, a, packed, b, dst, bias, clamp)
 }
 
+/// The tile kernel for products of `n` columns on this CPU, where it beats the `gemm` crate.
+/// The AVX2 tile does on wide products (`sgemm::timing`: 0.55–0.92x from 256 columns up), not
+/// on narrower ones (1.1–1.4x on 7x7 and 14x14 planes, where the crate's blocking of deep `k`
+/// wins; 1.5–1.65x at 8 tokens, where half-tiles of 4 rows load a broadcast per FMA), which stay
+/// with the crate.
+fn tile_kernel(n: usize) -> Option<x86::Kernel> {
+    if simd::avx512() {
+        Some(x86::Kernel::Avx512)
+    } else if simd::fma() && n >= NC {
+        Some(x86::Kernel::Avx2)
+    } else {
+        None
+    }
+}
+
 /// `buf` as initialised floats, zeroed.
 pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     for v in buf.iter_mut() {
@@ -151,18 +166,7 @@ pub(crate) fn gemm_into(
     let few_rows = m < 4 && n >= NR && k > 0;
     // Tiles of up to 16 columns use one register per row (see `x86::tile`); below
     // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
-    // The AVX2 tile beats the `gemm` crate on wide products (`sgemm::timing`: 0.65–0.9x from
-    // 256 columns up) and on a single strip (8–24 columns: MiniLM at 1 × 8 tokens ran 1.7x ORT
-    // on it, 2.1x on the crate), not in between (1.05–1.4x on 7x7 and 14x14 planes, where the
-    // crate's blocking of deep `k` wins), which stays with the crate.
-    let kernel = if simd::avx512() {
-        Some(x86::Kernel::Avx512)
-    } else if simd::fma() && (n >= NC || n <= x86::NR2) {
-        Some(x86::Kernel::Avx2)
-    } else {
-        None
-    };
-    if let Some(kernel) = kernel.filter(|_| !few_rows && n >= NARROW_MIN) {
+    if let Some(kernel) = tile_kernel(n).filter(|_| !few_rows && n >= NARROW_MIN) {
         let packed_here;
         let packed = match packed {
             Some(p) if p.m == m && p.k == k => Some(p),
@@ -360,7 +364,7 @@ mod x86 {
     use super::{Clamp, GemmShape, MR, NC, NR, PARALLEL_MIN, Packed};
 
     /// Which tile kernel runs (both read the same packed `A`).
-    #[derive(Clone, Copy)]
+    #[derive(Clone, Copy, Debug)]
     pub enum Kernel {
         /// 8 rows × 32 columns in 16 of AVX-512's 32 registers.
         Avx512,
@@ -370,7 +374,7 @@ mod x86 {
     }
 
     /// Columns of one AVX2 tile: three 8-lane registers.
-    pub const NR2: usize = 24;
+    const NR2: usize = 24;
 
     /// The output pointer, shared by units that write disjoint tiles.
     #[derive(Clone, Copy)]
@@ -456,20 +460,11 @@ mod x86 {
                     // panel holds k*MR values; B's rows 0..k hold columns j..j+cols; the tile's
                     // rows t*MR..+rows and columns j..j+cols lie inside the image's dst (m×n),
                     // and no other unit writes them (each (image, chunk, group) is one unit).
-                    // The AVX2 kernel reads the packed strip (k rows of 24) instead of B, and
-                    // its halves split the tile's rows at 4: the second half's panel view starts
-                    // 4 values in (k*MR - 4 long, read at p*MR + r for r < 4), and its rows start
-                    // 4 rows down (only `rows - 4` of them stored).
+                    // The AVX2 kernel reads the packed strip (k rows of 24) instead of B.
                     unsafe {
                         match kernel {
                             Kernel::Avx512 => tile(k, panel, b.as_ptr().add(j), n, c, rows, cols, bias, clamp),
-                            Kernel::Avx2 => {
-                                tile_avx2(k, panel, &strip, c, n, rows.min(4), cols, &bias[..4], clamp);
-                                if rows > 4 {
-                                    let (panel, c) = (&panel[4..], c.add(4 * n));
-                                    tile_avx2(k, panel, &strip, c, n, rows - 4, cols, &bias[4..], clamp);
-                                }
-                            }
+                            Kernel::Avx2 => tile_avx2(k, panel, &strip, c, n, rows, cols, bias, clamp),
                         }
                     }
                 }
@@ -591,16 +586,14 @@ mod x86 {
         }
     }
 
-    /// One `rows × cols` tile of C (`rows ≤ 4`, `cols ≤ 24`) with AVX2 + FMA: rows `0..4` of
-    /// the packed panel (`panel[p*MR + r]`) times the packed strip of B (`strip[p*24..]`, zero
-    /// past `cols`), the whole of `k` in 12 registers, then bias and clamp, stored once (through
-    /// lane masks for a partial tile).
+    /// One `MR × cols` tile of C (`cols ≤ 24`) with AVX2 + FMA, as two halves of 4 rows
+    /// ([`half_avx2`]) that each keep the whole of `k` in up to 12 registers; a partial strip
+    /// (a 7x7 plane's 49th column) runs only the registers it needs.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `panel` must hold `(k-1)*MR + 4` values (or `k` be 0),
-    /// `strip` `k*24` and `bias` 4; `c` must be writable for `rows` rows of `cols` columns with
-    /// row stride `ldc`. Results are right for `rows ≤ 4` and `1 ≤ cols ≤ 24` (more are not
-    /// stored: wrong, not unsound).
+    /// AVX2 and FMA must be available; `panel` must hold `k*MR` values, `strip` `k*24` (B's
+    /// strip, zero past `cols`) and `bias` `MR`; `c` must be writable for `rows` (≤ MR) rows of
+    /// `cols` (1..=24) columns with row stride `ldc`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2(
@@ -614,25 +607,33 @@ mod x86 {
         bias: &[f32],
         clamp: Option<Clamp>,
     ) {
-        // A partial strip (a 7x7 plane's 49th column) runs only the registers it needs.
-        // SAFETY: the caller's contract, unchanged; V registers cover at least `cols` columns.
+        let half = match cols {
+            0..=8 => half_avx2::<1>,
+            9..=16 => half_avx2::<2>,
+            _ => half_avx2::<3>,
+        };
+        // SAFETY: the contract above. The second half's panel view starts 4 values in (k*MR - 4
+        // long, read at p*MR + r for r < 4), its bias 4 in, and its rows 4 rows down (taken
+        // only when the tile has them); V registers cover `cols`.
         unsafe {
-            match cols {
-                0..=8 => tile_avx2_v::<1>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
-                9..=16 => tile_avx2_v::<2>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
-                _ => tile_avx2_v::<3>(k, panel, strip, c, ldc, rows, cols, bias, clamp),
+            half(k, panel, strip, c, ldc, rows.min(4), cols, &bias[..4], clamp);
+            if rows > 4 {
+                half(k, &panel[4..], strip, c.add(4 * ldc), ldc, rows - 4, cols, &bias[4..], clamp);
             }
         }
     }
 
-    /// [`tile_avx2`] with `V` registers (8 columns each) per row, `cols <= 8 * V`.
+    /// Rows `0..rows` (≤ 4) of the packed panel (`panel[p*MR + r]`) times the packed strip
+    /// (`strip[p*24..]`) in `4 × V` registers (8 columns each), then bias and clamp, stored
+    /// once (through lane masks for a partial strip).
     ///
     /// # Safety
-    /// As [`tile_avx2`], and `V <= 3`.
+    /// AVX2 and FMA must be available; `V ≤ 3` and `8·(V-1) < cols ≤ 8·V`; `panel` must hold
+    /// `(k-1)*MR + 4` values (or `k` be 0), `strip` `k*24` and `bias` 4; `c` must be writable
+    /// for `rows` rows of `cols` columns with row stride `ldc`.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2_v<const V: usize>(
+    unsafe fn half_avx2<const V: usize>(
         k: usize,
         panel: &[f32],
         strip: &[f32],
@@ -680,8 +681,8 @@ mod x86 {
                 }
             }
             // SAFETY: row r of the tile; a full tile has 8·V columns, a partial one is masked
-            // (masked-off lanes are not touched; `tile_avx2` picks V so that every register
-            // has a live lane, and `wrapping_add` keeps even an all-masked one sound).
+            // (masked-off lanes are not touched; V is such that every register has a live
+            // lane, and `wrapping_add` keeps even an all-masked one sound).
             unsafe {
                 let row = c.add(r * ldc);
                 if cols == 8 * V {
@@ -702,8 +703,7 @@ mod x86 {
 mod x86 {
     use super::{Clamp, Packed};
 
-    pub const NR2: usize = 24;
-
+    #[derive(Clone, Copy, Debug)]
     pub enum Kernel {
         Avx512,
         Avx2,
@@ -866,15 +866,17 @@ mod timing {
     /// Not a test: `cargo test -p eir --lib sgemm::timing -- --ignored --nocapture` prints the
     /// tile kernel (at this CPU's best level, A prepacked as models keep it) against the `gemm`
     /// crate plus the epilogue pass it replaces, on EfficientNet's 1x1 convolutions and
-    /// MiniLM's dense layers, as a ratio measured in the same run.
+    /// MiniLM's dense layers, as a ratio measured in the same run: the evidence for
+    /// `tile_kernel`'s choice.
     #[test]
     #[ignore]
     fn kernel_against_the_gemm_crate() {
-        let shapes: [(&str, [usize; 3]); 7] = [
+        let shapes: [(&str, [usize; 3]); 8] = [
             ("pw 16->96 @112", [96, 12544, 16]),
             ("pw 144->24 @56", [24, 3136, 144]),
             ("pw 240->80 @14", [80, 196, 240]),
             ("pw 1152->192 @7", [192, 49, 1152]),
+            ("bert qkv 384 x 8 tok", [1152, 8, 384]),
             ("bert qkv 384 x 128 tok", [1152, 128, 384]),
             ("bert ffn 384->1536 x 1024 tok", [1536, 1024, 384]),
             ("bert ffn 1536->384 x 160 tok", [384, 160, 512]),
@@ -896,20 +898,29 @@ mod timing {
             let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
             let bias = vec![0.5f32; m];
             let clamp = Some(Clamp { lo: 0.0, hi: 6.0 });
-            let packed = Packed::new(m, k, &a);
+            // The tile itself, also where `gemm` leaves the product to the crate (that choice
+            // is what this measures).
+            let kernel = if simd::avx512() {
+                x86::Kernel::Avx512
+            } else if simd::fma() {
+                x86::Kernel::Avx2
+            } else {
+                eprintln!("no tile kernel on this CPU");
+                return;
+            };
+            let packed = Packed::new(m, k, &a).unwrap();
+            let shape = GemmShape::new(1, [m, n, k], a.len(), b.len(), m * n, Some(m)).unwrap();
             let mut dst = vec![0f32; m * n];
-            let ours = time(&mut || gemm([m, n, k], &a, packed.as_ref(), &b, &mut dst, Some(&bias), clamp).unwrap());
+            let ours = time(&mut || {
+                // SAFETY: the CPU has `kernel`'s features (checked above); `shape` was checked
+                // against these operands; `packed` is this m×k; dst holds m·n floats.
+                unsafe { x86::gemm(kernel, &shape, &packed, &b, dst.as_mut_ptr(), Some(&bias), clamp) }
+            });
             let theirs = time(&mut || {
                 portable([m, n, k], &a, &b, &mut dst).unwrap();
                 epilogue(&mut dst, n, Some(&bias), clamp);
             });
-            let level = if simd::avx512() {
-                "avx512"
-            } else if simd::fma() {
-                "avx2"
-            } else {
-                "portable"
-            };
+            let level = format!("{kernel:?}{}", if tile_kernel(n).is_some() { "" } else { ", gemm uses the crate" });
             eprintln!(
                 "{name:>30} ({level}): EIR {:>8.3} ms | gemm crate {:>8.3} ms | EIR / crate = {:.2}x",
                 ours.as_secs_f64() * 1e3,
