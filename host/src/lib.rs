@@ -10,6 +10,8 @@
 //! - [`nn`]: the wasi-nn host on candle: tensors, the backend trait, model families.
 //! - [`scheduler`]: every forward pass: per-model queues, dynamic batching, fair share across
 //!   tenants, memory admission, cancellation, on one compute pool.
+//! - [`llm`]: text generation on GGUF models: chat templates, sampling, and the engine that
+//!   batches every sequence of a model continuously, per tenant.
 //! - [`registry`]: models by name, loaded once and shared; pinned model packages.
 //! - [`tensor`]: the tensors plugins exchange, and their KServe v2 JSON form.
 //! - [`config`]: the TOML configuration (models, plugins, limits, grants), validated with
@@ -26,6 +28,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod grants;
 pub mod limits;
+pub mod llm;
 pub mod nn;
 pub mod plugin;
 pub mod registry;

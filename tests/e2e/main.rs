@@ -11,6 +11,7 @@ mod gateway;
 mod grants;
 mod languages;
 mod limits;
+mod llm;
 mod nn;
 mod onnx;
 mod plugins;

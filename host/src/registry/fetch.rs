@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn the_catalog_parses_and_pins_everything() {
         let parsed: BTreeMap<String, Package> = toml::from_str(CATALOG).expect("catalog.toml parses");
-        for name in ["minilm", "silero-vad", "efficientnet-lite0", "test-photos"] {
+        for name in ["minilm", "silero-vad", "efficientnet-lite0", "test-photos", "smollm2"] {
             assert!(parsed.contains_key(name), "{name}");
         }
         for (name, pkg) in &parsed {

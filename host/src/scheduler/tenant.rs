@@ -148,7 +148,7 @@ impl Tenant {
     }
 
     /// Charges `seconds` of compute (finished or abandoned work alike).
-    pub(super) fn charge(&self, seconds: f64) {
+    pub(crate) fn charge(&self, seconds: f64) {
         self.used.fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
         if let Ok(mut q) = self.quota.lock() {
             q.refill(Instant::now());

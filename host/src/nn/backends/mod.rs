@@ -1,4 +1,5 @@
 //! One module per model family.
 
 pub mod bert;
+pub mod gguf;
 pub mod onnx;

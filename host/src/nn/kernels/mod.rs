@@ -3,5 +3,6 @@
 //! portable path and is tested against a plain reference on ragged shapes.
 
 pub(crate) mod act;
+pub(crate) mod quant;
 pub(crate) mod sgemm;
 pub(crate) mod simd;
