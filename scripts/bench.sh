@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs benchmarks by name (default: call; also embed, onnx, languages), in the profile the tests
+# Runs benchmarks by name (default: call; also embed, onnx, languages, llm), in the profile the tests
 # use, so nothing is rebuilt.
 # Benchmarks report ratios against a baseline measured in the same run.
 set -euo pipefail

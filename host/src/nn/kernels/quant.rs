@@ -190,16 +190,33 @@ impl QMatrix {
                 row = rest;
             }
         }
-        let work = |(c, outs): (usize, Vec<&mut [f32]>)| {
+        let work = |(c, mut outs): (usize, Vec<&mut [f32]>)| {
             let r0 = c * chunk;
-            for (t, out) in outs.into_iter().enumerate() {
-                let xt = x.token(t);
-                for (i, o) in out.iter_mut().enumerate() {
-                    let r = r0 + i;
-                    *o = match &self.blocks {
-                        Blocks::Q4_1(v) => kernel.dot_q4_1(&v[r * per..(r + 1) * per], xt),
-                        Blocks::Q8_0(v) => kernel.dot_q8_0(&v[r * per..(r + 1) * per], xt),
-                    };
+            let rows = outs.first().map_or(0, |o| o.len());
+            // Tiles of up to 2 rows x 4 tokens: each weight block is unpacked once per 4
+            // tokens, and each activation block loaded once per 2 rows.
+            for r in (0..rows).step_by(2) {
+                let nr = (rows - r).min(2);
+                for t in (0..x.n).step_by(4) {
+                    let nt = (x.n - t).min(4);
+                    let mut res = [[0f32; 4]; 2];
+                    let row = |i: usize| (r0 + r + i.min(nr - 1)) * per;
+                    let toks: [&[BlockQ8_1]; 4] = std::array::from_fn(|j| x.token(t + j.min(nt - 1)));
+                    match &self.blocks {
+                        Blocks::Q4_1(v) => {
+                            let ws: [&[BlockQ4_1]; 2] = std::array::from_fn(|i| &v[row(i)..row(i) + per]);
+                            kernel.q4_1(ws, toks, nr, nt, &mut res);
+                        }
+                        Blocks::Q8_0(v) => {
+                            let ws: [&[BlockQ8_0]; 2] = std::array::from_fn(|i| &v[row(i)..row(i) + per]);
+                            kernel.q8_0(ws, toks, nr, nt, &mut res);
+                        }
+                    }
+                    for (i, res) in res.iter().enumerate().take(nr) {
+                        for (j, &v) in res.iter().enumerate().take(nt) {
+                            outs[t + j][r + i] = v;
+                        }
+                    }
                 }
             }
         };
@@ -265,10 +282,10 @@ fn quantize_block(x: &[f32]) -> BlockQ8_1 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Scalar,
+    /// AVX2 + FMA + F16C, 256-bit.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
+    /// The same tiles with AVX-512 VNNI's one-instruction byte dot product (`vpdpbusd`).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
@@ -278,43 +295,57 @@ impl Kernel {
     pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if simd::fma() && std::is_x86_feature_detected!("f16c") {
-            if simd::avx512() && std::is_x86_feature_detected!("avx512bw") {
-                if std::is_x86_feature_detected!("avx512vnni") {
-                    return Kernel::Avx512Vnni;
-                }
-                return Kernel::Avx512;
+            if simd::avx512()
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                return Kernel::Avx512Vnni;
             }
             return Kernel::Avx2;
         }
         Kernel::Scalar
     }
 
-    /// `Σ w·x` over one row of Q4_1 weights and one token's Q8_1 activations.
-    fn dot_q4_1(self, w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        let n = w.len().min(x.len());
-        let (w, x) = (&w[..n], &x[..n]);
+    /// `out[i][j] = w[i] · x[j]` for `i < nr`, `j < nt` (Q4_1 weights); every slice in `w`
+    /// and `x` must have the same length (the blocks of one row).
+    fn q4_1(self, w: [&[BlockQ4_1]; 2], x: [&[BlockQ8_1]; 4], nr: usize, nt: usize, out: &mut [[f32; 4]; 2]) {
+        let n = w[0].len();
+        assert!(w.iter().all(|r| r.len() == n) && x.iter().all(|t| t.len() == n) && nr <= 2 && nt <= 4);
         match self {
-            Kernel::Scalar => scalar::dot_q4_1(w, x),
-            // SAFETY: `best()` chose these kernels only after detecting their features
-            // (AVX2, FMA, F16C; AVX-512F and BW; VNNI); `w` and `x` have equal lengths.
+            Kernel::Scalar => {
+                for i in 0..nr {
+                    for j in 0..nt {
+                        out[i][j] = scalar::dot_q4_1(w[i], x[j]);
+                    }
+                }
+            }
+            // SAFETY: `best()` chose these kernels only after detecting their features (AVX2,
+            // FMA, F16C; and AVX-512 VNNI + VL); the assert above proves the equal lengths
+            // the tile reads by.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::dot_q4_1_avx2(w, x) },
+            Kernel::Avx2 => unsafe { x86::tiles_q4_1::<false>(w, x, nr, nt, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::dot_q4_1_avx512(w, x) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { x86::dot_q4_1_avx512_vnni(w, x) },
+            Kernel::Avx512Vnni => unsafe { x86::tiles_q4_1::<true>(w, x, nr, nt, out) },
         }
     }
 
-    /// `Σ w·x` over one row of Q8_0 weights and one token's activations.
-    fn dot_q8_0(self, w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
-        let n = w.len().min(x.len());
-        let (w, x) = (&w[..n], &x[..n]);
+    /// As [`q4_1`](Self::q4_1) for Q8_0 weights.
+    fn q8_0(self, w: [&[BlockQ8_0]; 2], x: [&[BlockQ8_1]; 4], nr: usize, nt: usize, out: &mut [[f32; 4]; 2]) {
+        let n = w[0].len();
+        assert!(w.iter().all(|r| r.len() == n) && x.iter().all(|t| t.len() == n) && nr <= 2 && nt <= 4);
         match self {
-            Kernel::Scalar => scalar::dot_q8_0(w, x),
-            // SAFETY: as in `dot_q4_1`; the AVX-512 kernels need no more than AVX2 here.
+            Kernel::Scalar => {
+                for i in 0..nr {
+                    for j in 0..nt {
+                        out[i][j] = scalar::dot_q8_0(w[i], x[j]);
+                    }
+                }
+            }
+            // SAFETY: as in `q4_1`.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::Avx512 | Kernel::Avx512Vnni => unsafe { x86::dot_q8_0_avx2(w, x) },
+            Kernel::Avx2 => unsafe { x86::tiles_q8_0::<false>(w, x, nr, nt, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::tiles_q8_0::<true>(w, x, nr, nt, out) },
         }
     }
 }
@@ -384,117 +415,169 @@ mod x86 {
         }
     }
 
-    /// Q4_1 · Q8_1 with AVX2: per block, `maddubs` (unsigned nibbles × signed bytes, pairs
-    /// summed; at most 2·15·128 so no saturation), `madd` to 8 i32 lanes, one FMA by `d_w·d_x`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `w.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        debug_assert_eq!(w.len(), x.len());
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        for (b, y) in w.iter().zip(x) {
-            // SAFETY: features per the contract; `y.qs` is 32 readable bytes.
-            unsafe {
-                let (d, m) = scales(b);
-                let q = nibbles(b);
-                let v = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(p), acc);
-                offset += m * y.s;
-            }
-        }
-        // SAFETY: AVX per the contract.
-        unsafe { hsum(acc) + offset }
-    }
-
-    /// Q4_1 · Q8_1 with AVX-512 (F + BW): two blocks per 512-bit step.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, AVX-512BW, AVX2, FMA and F16C; `w.len() == x.len()`.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1_avx512(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        // SAFETY: the features the body needs are this function's.
-        unsafe { q4_1_avx512::<false>(w, x) }
-    }
-
-    /// [`dot_q4_1_avx512`] with VNNI's `dpbusd` in place of `maddubs` + `madd`.
-    ///
-    /// # Safety
-    /// As [`dot_q4_1_avx512`], and the CPU has AVX-512VNNI.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1_avx512_vnni(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        // SAFETY: the features the body needs are this function's.
-        unsafe { q4_1_avx512::<true>(w, x) }
-    }
-
-    /// The body of both AVX-512 kernels, inlined into each so each compiles with its own
-    /// features (the plain one must not pick up VNNI instructions).
+    /// `Σ u8·i8` of 32 byte pairs into 8 i32 lanes: VNNI's `dpbusd`, or `maddubs` (pairs
+    /// summed to i16: at most 2·15·127 for nibbles, 2·128·127 for sign-folded Q8_0, no
+    /// saturation) then `madd` by ones.
     #[inline(always)]
-    unsafe fn q4_1_avx512<const VNNI: bool>(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        debug_assert_eq!(w.len(), x.len());
-        // SAFETY (whole body): the caller's features (AVX-512F/BW, AVX2, FMA, F16C, and VNNI
-        // when `VNNI`); every load reads one block's array, and `w`, `x` have equal lengths.
+    unsafe fn dot_u8i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY (caller): AVX2, and AVX-512 VNNI + VL when `VNNI`.
         unsafe {
-            let ones = _mm512_set1_epi16(1);
-            let mut acc = _mm512_setzero_ps();
-            let mut offset = 0f32;
-            for i in 0..w.len() / 2 {
-                let (b0, b1, y0, y1) = (&w[2 * i], &w[2 * i + 1], &x[2 * i], &x[2 * i + 1]);
-                let (d0, m0) = scales(b0);
-                let (d1, m1) = scales(b1);
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(nibbles(b0)), nibbles(b1));
-                let v = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(y0.qs.as_ptr().cast())),
-                    _mm256_loadu_si256(y1.qs.as_ptr().cast()),
-                );
-                let p = if VNNI {
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, v)
-                } else {
-                    _mm512_madd_epi16(_mm512_maddubs_epi16(q, v), ones)
-                };
-                let scale = _mm512_insertf32x8::<1>(
-                    _mm512_castps256_ps512(_mm256_set1_ps(d0 * y0.d)),
-                    _mm256_set1_ps(d1 * y1.d),
-                );
-                acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc);
-                offset += m0 * y0.s + m1 * y1.s;
+            if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
             }
-            let mut sum = _mm512_reduce_add_ps(acc) + offset;
-            if w.len() % 2 == 1 {
-                let last = w.len() - 1;
-                sum += dot_q4_1_avx2(&w[last..], &x[last..]);
-            }
-            sum
         }
     }
 
-    /// Q8_0 · Q8_1 with AVX2: signed × signed via `sign` (|w| unsigned, x takes w's sign).
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `w.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0_avx2(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
-        debug_assert_eq!(w.len(), x.len());
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for (b, y) in w.iter().zip(x) {
-            // SAFETY: features per the contract; both arrays are 32 readable bytes.
-            unsafe {
-                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.d))));
-                let q = _mm256_loadu_si256(b.qs.as_ptr().cast());
-                let v = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                // |q| <= 128 fits an unsigned byte; -128·-128 pairs reach 32768 only if both
-                // are -128, and ggml's rounding never writes -128 (|q| <= 127).
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(v, q)), ones);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(p), acc);
+    /// One `R × T` tile of Q4_1 · Q8_1 dot products: per block, each row's nibbles are
+    /// unpacked once and each token's bytes loaded once; one FMA by `d_w·d_x` per pair.
+    #[inline(always)]
+    unsafe fn tile_q4_1<const R: usize, const T: usize, const VNNI: bool>(
+        w: [&[BlockQ4_1]; 2],
+        x: [&[BlockQ8_1]; 4],
+        out: &mut [[f32; 4]; 2],
+    ) {
+        // SAFETY (whole body; caller): AVX2, FMA, F16C (and VNNI + VL when `VNNI`); all
+        // slices have the same length `n`, so every index below is in bounds.
+        unsafe {
+            let n = w[0].len();
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let mut offset = [[0f32; T]; R];
+            for b in 0..n {
+                let mut ys = [_mm256_setzero_si256(); T];
+                for (t, y) in ys.iter_mut().enumerate() {
+                    *y = _mm256_loadu_si256(x[t].get_unchecked(b).qs.as_ptr().cast());
+                }
+                for r in 0..R {
+                    let blk = w[r].get_unchecked(b);
+                    let (d, m) = scales(blk);
+                    let q = nibbles(blk);
+                    for t in 0..T {
+                        let yb = x[t].get_unchecked(b);
+                        let p = dot_u8i8::<VNNI>(q, ys[t]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(d * yb.d), _mm256_cvtepi32_ps(p), acc[r][t]);
+                        offset[r][t] += m * yb.s;
+                    }
+                }
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = hsum(acc[r][t]) + offset[r][t];
+                }
             }
         }
-        // SAFETY: AVX per the contract.
-        unsafe { hsum(acc) }
     }
+
+    /// One `R × T` tile of Q8_0 · Q8_1: signed × signed through `sign` (|w| as unsigned, x
+    /// takes w's sign).
+    #[inline(always)]
+    unsafe fn tile_q8_0<const R: usize, const T: usize, const VNNI: bool>(
+        w: [&[BlockQ8_0]; 2],
+        x: [&[BlockQ8_1]; 4],
+        out: &mut [[f32; 4]; 2],
+    ) {
+        // SAFETY (whole body; caller): as `tile_q4_1`.
+        unsafe {
+            let n = w[0].len();
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for b in 0..n {
+                let mut ys = [_mm256_setzero_si256(); T];
+                for (t, y) in ys.iter_mut().enumerate() {
+                    *y = _mm256_loadu_si256(x[t].get_unchecked(b).qs.as_ptr().cast());
+                }
+                for r in 0..R {
+                    let blk = w[r].get_unchecked(b);
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(blk.d))));
+                    let q = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+                    let uq = _mm256_sign_epi8(q, q);
+                    for t in 0..T {
+                        let p = dot_u8i8::<VNNI>(uq, _mm256_sign_epi8(ys[t], q));
+                        let yd = x[t].get_unchecked(b).d;
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(d * yd), _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = hsum(acc[r][t]);
+                }
+            }
+        }
+    }
+
+    macro_rules! tiles {
+        ($name:ident, $tile:ident, $block:ty, $plain:literal, $vnni:literal) => {
+            /// Every tile shape up to 2 × 4 through one set of target features.
+            ///
+            /// # Safety
+            /// The CPU has the enabled features; all slices of `w` and `x` have one length.
+            #[target_feature(enable = $plain)]
+            unsafe fn plain(w: [&[$block]; 2], x: [&[BlockQ8_1]; 4], nr: usize, nt: usize, out: &mut [[f32; 4]; 2]) {
+                // SAFETY: this function's features; lengths per the contract.
+                unsafe { dispatch::<false>(w, x, nr, nt, out) }
+            }
+
+            /// [`plain`] with VNNI.
+            ///
+            /// # Safety
+            /// As `plain`, and the CPU has AVX-512 VNNI and VL.
+            #[target_feature(enable = $vnni)]
+            unsafe fn vnni(w: [&[$block]; 2], x: [&[BlockQ8_1]; 4], nr: usize, nt: usize, out: &mut [[f32; 4]; 2]) {
+                // SAFETY: this function's features; lengths per the contract.
+                unsafe { dispatch::<true>(w, x, nr, nt, out) }
+            }
+
+            #[inline(always)]
+            unsafe fn dispatch<const VNNI: bool>(
+                w: [&[$block]; 2],
+                x: [&[BlockQ8_1]; 4],
+                nr: usize,
+                nt: usize,
+                out: &mut [[f32; 4]; 2],
+            ) {
+                // SAFETY: the caller's features and lengths.
+                unsafe {
+                    match (nr, nt) {
+                        (1, 1) => $tile::<1, 1, VNNI>(w, x, out),
+                        (1, 2) => $tile::<1, 2, VNNI>(w, x, out),
+                        (1, 3) => $tile::<1, 3, VNNI>(w, x, out),
+                        (1, _) => $tile::<1, 4, VNNI>(w, x, out),
+                        (_, 1) => $tile::<2, 1, VNNI>(w, x, out),
+                        (_, 2) => $tile::<2, 2, VNNI>(w, x, out),
+                        (_, 3) => $tile::<2, 3, VNNI>(w, x, out),
+                        _ => $tile::<2, 4, VNNI>(w, x, out),
+                    }
+                }
+            }
+
+            /// The tile entry point: `VNNI` picks the feature set.
+            ///
+            /// # Safety
+            /// As [`plain`] (and [`vnni`] when `VNNI`).
+            pub(in crate::nn::kernels::quant) unsafe fn $name<const VNNI: bool>(
+                w: [&[$block]; 2],
+                x: [&[BlockQ8_1]; 4],
+                nr: usize,
+                nt: usize,
+                out: &mut [[f32; 4]; 2],
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { if VNNI { vnni(w, x, nr, nt, out) } else { plain(w, x, nr, nt, out) } }
+            }
+        };
+    }
+
+    mod q4 {
+        use super::*;
+        tiles!(tiles_q4_1, tile_q4_1, BlockQ4_1, "avx2,fma,f16c", "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+    }
+    mod q8 {
+        use super::*;
+        tiles!(tiles_q8_0, tile_q8_0, BlockQ8_0, "avx2,fma,f16c", "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+    }
+    pub(super) use q4::tiles_q4_1;
+    pub(super) use q8::tiles_q8_0;
 }
 
 #[cfg(test)]
@@ -606,39 +689,56 @@ mod tests {
         }
     }
 
-    /// Every kernel this CPU can run, against the scalar one, block by block (the level test
-    /// above reaches only the best kernel per level: on a VNNI CPU, not the plain AVX-512 one).
+    /// Every kernel this CPU can run, against the scalar one, on every tile shape (the level
+    /// test above reaches only the best kernel per level).
     #[test]
-    fn each_x86_kernel_matches_the_scalar_one() {
+    fn each_kernel_matches_the_scalar_one_on_every_tile_shape() {
         #[allow(unused_mut)]
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            let has = |f: &str| match f {
-                "avx2" => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
-                "avx512" => std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw"),
-                _ => std::is_x86_feature_detected!("avx512vnni"),
-            };
-            if has("avx2") && std::is_x86_feature_detected!("f16c") {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 kernels.push(Kernel::Avx2);
-                if has("avx512") {
-                    kernels.push(Kernel::Avx512);
-                    if has("vnni") {
-                        kernels.push(Kernel::Avx512Vnni);
-                    }
+                if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+                    kernels.push(Kernel::Avx512Vnni);
                 }
             }
         }
         for blocks in [1, 2, 3, 18, 48] {
-            let w4: Vec<BlockQ4_1> = typed(&q4_1_bytes(1, blocks * QK, blocks as u64));
-            let w8: Vec<BlockQ8_0> = typed(&q8_0_bytes(1, blocks * QK, 9));
+            let cols = blocks * QK;
+            let w4: Vec<BlockQ4_1> = typed(&q4_1_bytes(2, cols, blocks as u64));
+            let w8: Vec<BlockQ8_0> = typed(&q8_0_bytes(2, cols, 9));
             let mut x = Activations::default();
-            x.quantize(&noise(blocks * QK, 11), blocks * QK).unwrap();
-            let (want4, want8) = (scalar::dot_q4_1(&w4, &x.blocks), scalar::dot_q8_0(&w8, &x.blocks));
-            for k in &kernels {
-                let (got4, got8) = (k.dot_q4_1(&w4, &x.blocks), k.dot_q8_0(&w8, &x.blocks));
-                assert!((got4 - want4).abs() <= 1e-4 * (1.0 + want4.abs()), "{k:?} q4_1 x{blocks}: {got4} vs {want4}");
-                assert!((got8 - want8).abs() <= 1e-4 * (1.0 + want8.abs()), "{k:?} q8_0 x{blocks}: {got8} vs {want8}");
+            x.quantize(&noise(4 * cols, 11), cols).unwrap();
+            let rows4: [&[BlockQ4_1]; 2] = [&w4[..blocks], &w4[blocks..]];
+            let rows8: [&[BlockQ8_0]; 2] = [&w8[..blocks], &w8[blocks..]];
+            let toks: [&[BlockQ8_1]; 4] = std::array::from_fn(|t| x.token(t));
+            for nr in 1..=2 {
+                for nt in 1..=4 {
+                    for k in &kernels {
+                        let (mut got4, mut got8) = ([[f32::NAN; 4]; 2], [[f32::NAN; 4]; 2]);
+                        k.q4_1(rows4, toks, nr, nt, &mut got4);
+                        k.q8_0(rows8, toks, nr, nt, &mut got8);
+                        for i in 0..nr {
+                            for j in 0..nt {
+                                let (want4, want8) =
+                                    (scalar::dot_q4_1(rows4[i], toks[j]), scalar::dot_q8_0(rows8[i], toks[j]));
+                                let close = |g: f32, w: f32| (g - w).abs() <= 1e-4 * (1.0 + w.abs());
+                                assert!(
+                                    close(got4[i][j], want4),
+                                    "{k:?} q4_1 {nr}x{nt} [{i}][{j}] x{blocks}: {} vs {want4}",
+                                    got4[i][j]
+                                );
+                                assert!(
+                                    close(got8[i][j], want8),
+                                    "{k:?} q8_0 {nr}x{nt} [{i}][{j}] x{blocks}: {} vs {want8}",
+                                    got8[i][j]
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }
