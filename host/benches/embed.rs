@@ -81,7 +81,13 @@ fn main() -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(
         [(
             "minilm".to_string(),
-            ModelDecl { path: dir.clone(), family: None, target: Default::default(), batch: Default::default() },
+            ModelDecl {
+                path: dir.clone(),
+                family: None,
+                target: Default::default(),
+                batch: Default::default(),
+                llm: None,
+            },
         )],
         Scheduler::for_this_machine(),
     ));

@@ -130,7 +130,13 @@ fn main() -> anyhow::Result<()> {
         let path = eir::registry::fetch::locate(name, &models)?;
         Ok((
             name.to_string(),
-            ModelDecl { path, family: family.map(Into::into), target: Default::default(), batch: Default::default() },
+            ModelDecl {
+                path,
+                family: family.map(Into::into),
+                target: Default::default(),
+                batch: Default::default(),
+                llm: None,
+            },
         ))
     };
     let registry =

@@ -127,6 +127,8 @@ pub struct TenantDecl {
     pub keys_sha256: Vec<String>,
     /// Plugins it may see and call (`"*"` for all).
     pub plugins: Vec<String>,
+    /// Registry models it may call directly through the OpenAI-compatible API (`"*"` for all).
+    pub models: Vec<String>,
     /// Requests it may have in flight at once.
     pub max_concurrent: usize,
     /// Sustained requests per second.
@@ -148,6 +150,11 @@ impl TenantDecl {
     /// Whether the tenant may use `plugin`.
     pub fn may_use(&self, plugin: &str) -> bool {
         self.plugins.iter().any(|p| p == "*" || p == plugin)
+    }
+
+    /// Whether the tenant may call registry model `model` directly (`/v1` endpoints).
+    pub fn may_use_model(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
     }
 }
 
@@ -206,6 +213,8 @@ struct RawTenant {
     keys_sha256: Vec<Spanned<String>>,
     #[serde(default)]
     plugins: Vec<Spanned<String>>,
+    #[serde(default)]
+    models: Vec<Spanned<String>>,
     #[serde(default = "default_concurrent")]
     max_concurrent: usize,
     #[serde(default = "default_rps")]
@@ -246,6 +255,8 @@ struct RawModel {
     max_batch: Option<Spanned<usize>>,
     #[serde(default, with = "humantime_serde")]
     max_delay: Option<std::time::Duration>,
+    #[serde(default)]
+    llm: Option<crate::llm::Settings>,
 }
 
 #[derive(Deserialize)]
@@ -329,7 +340,7 @@ impl Config {
                 }
                 batch.max_delay = d;
             }
-            models.insert(name, ModelDecl { path, family: model.family, target: model.target, batch });
+            models.insert(name, ModelDecl { path, family: model.family, target: model.target, batch, llm: model.llm });
         }
 
         let mut plugins = BTreeMap::new();
@@ -447,6 +458,14 @@ impl Config {
                     ));
                 }
             }
+            for m in &tenant.models {
+                if m.get_ref() != "*" && !models.contains_key(m.get_ref()) {
+                    return Err(err(
+                        Some(m.span()),
+                        format!("tenant `{name}` may use model `{}`, which is not declared", m.get_ref()),
+                    ));
+                }
+            }
             if !tenant.rps.is_finite() || tenant.rps <= 0.0 {
                 return Err(err(Some(span), format!("tenant `{name}`: rps must be positive")));
             }
@@ -464,6 +483,7 @@ impl Config {
                 TenantDecl {
                     keys_sha256: keys,
                     plugins: tenant.plugins.into_iter().map(Spanned::into_inner).collect(),
+                    models: tenant.models.into_iter().map(Spanned::into_inner).collect(),
                     max_concurrent: tenant.max_concurrent.max(1),
                     rps: tenant.rps,
                     burst: tenant.burst.unwrap_or(tenant.rps.ceil().max(1.0) as u32).max(1),

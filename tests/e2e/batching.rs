@@ -20,7 +20,7 @@ use crate::onnx::model_dir;
 async fn batching(name: &str, path: std::path::PathBuf, max_batch: usize) -> (Registry, Arc<dyn Model>) {
     let batch = BatchPolicy { max_batch, max_delay: Duration::from_millis(300) };
     let registry = Registry::new(
-        [(name.to_string(), ModelDecl { path, family: None, target: Default::default(), batch })],
+        [(name.to_string(), ModelDecl { path, family: None, target: Default::default(), batch, llm: None })],
         Scheduler::new(Settings { max_running: 1, ..Settings::for_this_machine() }),
     );
     let model = registry.get(name).await.unwrap_or_else(|e| panic!("{e}"));

@@ -60,6 +60,7 @@ pub fn embed_plugin() -> (Plugin, tempfile::TempDir) {
                 family: Some("bert".into()),
                 target: Default::default(),
                 batch: Default::default(),
+                llm: None,
             },
         )],
         Scheduler::for_this_machine(),

@@ -40,6 +40,7 @@ fn runtime() -> Runtime {
                 family: Some("bert".into()),
                 target: Default::default(),
                 batch: Default::default(),
+                llm: None,
             },
         ),
         (
@@ -49,6 +50,7 @@ fn runtime() -> Runtime {
                 family: None,
                 target: Default::default(),
                 batch: Default::default(),
+                llm: None,
             },
         ),
     ];

@@ -298,3 +298,161 @@ fn dropping_a_generation_frees_its_slot() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The OpenAI-compatible API of `eir serve`: the answer to a reference prompt equals
+/// llama.cpp's greedy text, plain and streamed (role chunk, deltas, finish reason, usage,
+/// `[DONE]`), and bad requests get OpenAI-style errors of the right status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_and_completions_plain_and_streamed() {
+    use crate::gateway::{Server, hash};
+    let dir = smollm2_file().parent().unwrap().to_path_buf();
+    let config = format!(
+        r#"
+[models.smollm2]
+path = "{}"
+
+[tenants.alpha]
+keys_sha256 = ["{}"]
+models = ["smollm2"]
+
+[tenants.beta]
+keys_sha256 = ["{}"]
+"#,
+        dir.display(),
+        hash("alpha-key"),
+        hash("beta-key")
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&config, cache.path());
+    let client = reqwest::Client::new();
+    let post = |key: &str, path: &str, body: serde_json::Value| {
+        client.post(format!("{}{path}", server.url)).bearer_auth(key).json(&body).send()
+    };
+
+    // Models: what the tenant may use.
+    let list: serde_json::Value = client
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth("alpha-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], "smollm2", "{list}");
+    let list: serde_json::Value = client
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth("beta-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(0), "{list}");
+
+    // Plain: greedy, 16 tokens, must be llama.cpp's text for the same chat.
+    let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
+    let p = &fx.prompts[0];
+    let messages: Vec<serde_json::Value> =
+        p.messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+    let body = serde_json::json!({"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 16});
+    let resp = post("alpha-key", "/v1/chat/completions", body.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["content"], p.greedy_text.as_str(), "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(answer["usage"]["prompt_tokens"], p.ids.len());
+    assert_eq!(answer["usage"]["completion_tokens"], 16);
+
+    // Streamed, with usage.
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::json!(true);
+    streamed["stream_options"] = serde_json::json!({"include_usage": true});
+    let resp = post("alpha-key", "/v1/chat/completions", streamed).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> =
+        text.split("\n\n").filter(|e| !e.is_empty()).map(|e| e.strip_prefix("data: ").unwrap()).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<serde_json::Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, p.greedy_text);
+    assert!(chunks.len() > 4, "the answer came in several deltas");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"].as_array().map(Vec::len), Some(0));
+    assert_eq!(usage["usage"]["completion_tokens"], 16);
+
+    // Completions.
+    let resp = post("alpha-key", "/v1/completions", serde_json::json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["object"], "text_completion");
+    assert!(!answer["choices"][0]["text"].as_str().unwrap().is_empty(), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 4);
+
+    // Errors, by status and OpenAI's error shape.
+    let cases = [
+        ("beta-key", serde_json::json!({"model": "smollm2", "messages": messages}), 404u16),
+        ("alpha-key", serde_json::json!({"model": "gpt-9", "messages": messages}), 404),
+        ("alpha-key", serde_json::json!({"model": "smollm2", "messages": []}), 400),
+        ("alpha-key", serde_json::json!({"model": "smollm2", "messages": messages, "temperature": -1}), 400),
+        ("alpha-key", serde_json::json!({"model": "smollm2", "messages": messages, "max_tokens": 0}), 400),
+        ("alpha-key", serde_json::json!({"model": "smollm2"}), 400),
+        ("wrong-key", serde_json::json!({"model": "smollm2", "messages": messages}), 401),
+    ];
+    for (key, body, status) in cases {
+        let resp = post(key, "/v1/chat/completions", body.clone()).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{body}");
+        let err: serde_json::Value = resp.json().await.unwrap();
+        assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{err}");
+        assert!(err["error"]["type"].is_string(), "{err}");
+    }
+}
+
+/// The stock `openai` Python client (pinned, installed by scripts/test.sh) works unchanged,
+/// plain and streamed.
+#[test]
+fn a_stock_openai_client_works_unchanged() {
+    use crate::gateway::{Server, hash};
+    let python = crate::common::test_python();
+    let ok = std::process::Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import openai: run scripts/test.sh (it installs openai into models/.venv), or set \
+         EIR_TEST_PYTHON to a Python with openai==3.57.0",
+        python.display()
+    );
+    let dir = smollm2_file().parent().unwrap().to_path_buf();
+    let config = format!(
+        "[models.smollm2]\npath = \"{}\"\n\n[tenants.alpha]\nkeys_sha256 = [\"{}\"]\nmodels = [\"*\"]\n",
+        dir.display(),
+        hash("alpha-key")
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&config, cache.path());
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("tests/clients/openai_check.py"))
+        .args([&server.url, "alpha-key", "smollm2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
+    let want = &fx.prompts[0];
+    assert_eq!(want.messages[0].content, "Write a haiku about edge computing.");
+    assert_eq!(seen["models"], serde_json::json!(["smollm2"]));
+    assert_eq!(seen["plain"], want.greedy_text.as_str(), "{seen}");
+    assert_eq!(seen["streamed"], want.greedy_text.as_str(), "{seen}");
+    assert!(seen["stream_chunks"].as_u64().unwrap() > 4);
+    assert_eq!((seen["plain_finish"].as_str(), seen["stream_finish"].as_str()), (Some("length"), Some("length")));
+    assert_eq!((seen["plain_usage"].as_u64(), seen["stream_usage"].as_u64()), (Some(16), Some(16)));
+    assert_eq!(seen["completion_tokens"], 4);
+    assert_eq!((seen["missing_model"].as_u64(), seen["empty_messages"].as_u64()), (Some(404), Some(400)));
+}

@@ -22,7 +22,13 @@ fn runtime() -> (Runtime, tempfile::TempDir) {
     let registry = Registry::new(
         [(
             "minilm".to_string(),
-            ModelDecl { path: minilm_dir(), family: None, target: Default::default(), batch: Default::default() },
+            ModelDecl {
+                path: minilm_dir(),
+                family: None,
+                target: Default::default(),
+                batch: Default::default(),
+                llm: None,
+            },
         )],
         Scheduler::for_this_machine(),
     );

@@ -173,6 +173,7 @@ mod plugins {
                     family: None,
                     target: Default::default(),
                     batch: Default::default(),
+                    llm: None,
                 },
             )],
             Scheduler::for_this_machine(),

@@ -11,6 +11,7 @@
 pub mod kserve;
 pub mod listener;
 pub mod metrics;
+mod openai;
 pub mod quota;
 mod routes;
 

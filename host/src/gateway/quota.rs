@@ -67,6 +67,7 @@ mod tests {
         TenantDecl {
             keys_sha256: vec![],
             plugins: vec![],
+            models: vec![],
             max_concurrent,
             rps,
             burst,

@@ -88,6 +88,9 @@ pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
         .route("/v2/repository/models/{name}/load", post(repository_load))
         .route("/v2/repository/models/{name}/unload", post(repository_unload))
         .route("/metrics", get(metrics))
+        .route("/v1/models", get(super::openai::models))
+        .route("/v1/chat/completions", post(super::openai::chat))
+        .route("/v1/completions", post(super::openai::completions))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -119,7 +122,7 @@ async fn request_id(req: Request, next: Next) -> Response {
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 7235).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

@@ -9,10 +9,12 @@
 
 pub mod chat;
 pub mod engine;
+pub mod model;
 pub mod sample;
 
 pub use chat::{ChatTemplate, Message};
 pub use engine::{Engine, Event, Finish, GenerateRequest, Generation, Settings, Usage};
+pub use model::Llm;
 pub use sample::Sampling;
 
 /// What can go wrong with a generation request, by kind (the gateway maps kinds to statuses).

@@ -59,6 +59,11 @@ pub trait Model: Send + Sync + 'static {
         None
     }
 
+    /// The language model behind this one, for families that generate text (`gguf`).
+    fn llm(&self) -> Option<&crate::llm::Llm> {
+        None
+    }
+
     /// [`compute_with`](Self::compute_with) under [`DEFAULT_COMPUTE_BUDGET`], no deadline.
     fn compute(&self, inputs: Named) -> Result<Named, NnError> {
         self.compute_with(inputs, &Meter::with_budget(DEFAULT_COMPUTE_BUDGET))

@@ -32,6 +32,9 @@ pub struct ModelDecl {
     /// How its computes batch (`max_batch`, `max_delay`).
     #[serde(default)]
     pub batch: BatchPolicy,
+    /// How a language model (`gguf`) runs its sequences; `None`: the defaults.
+    #[serde(default)]
+    pub llm: Option<crate::llm::Settings>,
 }
 
 /// `NAME=PATH` (with an optional `@gpu` suffix), as given to `--model`.
@@ -58,7 +61,7 @@ impl FromStr for NamedModel {
         }
         Ok(Self {
             name: name.to_string(),
-            decl: ModelDecl { path: path.into(), family: None, target, batch: BatchPolicy::default() },
+            decl: ModelDecl { path: path.into(), family: None, target, batch: BatchPolicy::default(), llm: None },
         })
     }
 }
@@ -141,7 +144,20 @@ impl Registry {
                 let model = self
                     .scheduler
                     .loads()
-                    .run(&Default::default(), move || backend::load(Source::Path(&path), decl.target))
+                    .run(&Default::default(), move || -> Result<Arc<dyn Model>, NnError> {
+                        if crate::llm::model::is_gguf(&path) {
+                            let meter = crate::nn::meter::Meter::for_load(
+                                backend::load_budget(
+                                    std::fs::metadata(crate::llm::model::gguf_file(&path)?).map_or(0, |m| m.len()),
+                                ),
+                                Default::default(),
+                                None,
+                            );
+                            let llm = crate::llm::Llm::load(&path, decl.llm.clone().unwrap_or_default(), &meter)?;
+                            return Ok(Arc::new(llm));
+                        }
+                        backend::load(Source::Path(&path), decl.target)
+                    })
                     .await?;
                 if let Some(family) = &decl.family
                     && family != model.family()
@@ -192,7 +208,13 @@ mod tests {
         let registry = Registry::new(
             [(
                 "broken".to_string(),
-                ModelDecl { path: dir.path().into(), family: None, target: Target::Cpu, batch: BatchPolicy::default() },
+                ModelDecl {
+                    path: dir.path().into(),
+                    family: None,
+                    target: Target::Cpu,
+                    batch: BatchPolicy::default(),
+                    llm: None,
+                },
             )],
             Scheduler::for_this_machine(),
         );

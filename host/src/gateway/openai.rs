@@ -1,0 +1,479 @@
+//! The OpenAI-compatible face of the gateway: `GET /v1/models`, `POST /v1/chat/completions`
+//! and `POST /v1/completions`, plain or streamed as server-sent events. The same bearer keys,
+//! tenants, rate and concurrency quotas and compute quotas as the KServe routes; generation
+//! runs on the model's engine, charged to the tenant, and a client that hangs up cancels its
+//! generation (its KV cache is freed within one step).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Gateway;
+use super::quota::{Refused, TenantState};
+use crate::llm::{Event, Finish, GenerateRequest, Generation, LlmError, Message, Sampling, Usage};
+use crate::nn::Model;
+
+type Gw = State<Arc<Gateway>>;
+
+/// An OpenAI-style error answer.
+pub(super) struct OaiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl OaiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, retry_after: None }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+}
+
+impl IntoResponse for OaiError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": null } });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        resp
+    }
+}
+
+impl From<LlmError> for OaiError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::BadParameter(m) | LlmError::PromptTooLong(m) => Self::bad(m),
+            LlmError::Busy(m) => {
+                Self { retry_after: Some(1), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m) }
+            }
+            LlmError::Template(m) | LlmError::Compute(m) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
+            }
+        }
+    }
+}
+
+fn tenant(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<TenantState>, OaiError> {
+    let key = super::routes::bearer(headers).ok_or_else(|| {
+        OaiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing API key (Authorization: Bearer <key>)",
+        )
+    })?;
+    gw.snapshot()
+        .by_key
+        .get(&super::key_hash(key))
+        .cloned()
+        .ok_or_else(|| OaiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid API key"))
+}
+
+/// `GET /v1/models`: the language models the caller may use.
+pub(super) async fn models(State(gw): Gw, headers: HeaderMap) -> Result<axum::Json<Value>, OaiError> {
+    let t = tenant(&gw, &headers)?;
+    let snapshot = gw.snapshot();
+    let registry = snapshot.runtime.registry();
+    let mut data: Vec<Value> = registry
+        .names()
+        .filter(|n| t.decl.may_use_model(n))
+        .filter(|n| registry.decl(n).is_some_and(|d| crate::llm::model::is_gguf(&d.path)))
+        .map(|n| json!({ "id": n, "object": "model", "created": 0, "owned_by": "eir" }))
+        .collect();
+    data.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Ok(axum::Json(json!({ "object": "list", "data": data })))
+}
+
+/// A stop sequence: one string or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The request fields both endpoints share (unknown fields are ignored, as OpenAI's API
+/// tolerates client-specific extras).
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<ChatMessage>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Content,
+}
+
+/// Message content: a string, or OpenAI's list of parts (only text parts are accepted).
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Content {
+    #[default]
+    Null,
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+impl Content {
+    fn text(self) -> Result<String, OaiError> {
+        match self {
+            Content::Null => Ok(String::new()),
+            Content::Text(s) => Ok(s),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("text"), Some(t)) => Ok(t),
+                    _ => Err(OaiError::bad("only text content parts are supported")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.concat()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    prompt: Value,
+}
+
+/// Parses a JSON body into `T`, answering 400 with serde's reason.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
+    serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
+}
+
+/// What a request resolved to: its model, tenant accounts and generation parameters.
+struct Job {
+    llm_model: Arc<dyn Model>,
+    tenant: Arc<TenantState>,
+    model: String,
+    sampling: Sampling,
+    max_tokens: usize,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Job {
+    fn llm(&self) -> &crate::llm::Llm {
+        // `resolve` checked that the model is a language model.
+        self.llm_model.llm().expect("a language model")
+    }
+}
+
+/// Authenticates, admits and validates a request.
+async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usize) -> Result<Job, OaiError> {
+    let t = tenant(gw, headers)?;
+    let snapshot = gw.snapshot();
+    let registry = snapshot.runtime.registry().clone();
+    let unknown = || {
+        let mut e = OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no model `{}`", c.model));
+        e.param = Some("model");
+        e
+    };
+    if !t.decl.may_use_model(&c.model) || registry.decl(&c.model).is_none() {
+        return Err(unknown());
+    }
+    let slot = t.admit().map_err(|r| {
+        let (reason, retry) = match r {
+            Refused::Rate(wait) => ("rate", wait.as_secs_f64().ceil() as u64),
+            Refused::Concurrency => ("concurrency", 1),
+        };
+        gw.metrics().refused(&t.name, reason);
+        OaiError {
+            retry_after: Some(retry),
+            ..OaiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("over your {reason} quota; retry later"),
+            )
+        }
+    })?;
+    let account = registry.scheduler().tenant(&t.name);
+    if let Some(wait) = account.over_quota() {
+        gw.metrics().refused(&t.name, "compute");
+        return Err(OaiError {
+            retry_after: Some(wait.as_secs_f64().ceil() as u64),
+            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over your compute quota; retry later")
+        });
+    }
+    let model = registry
+        .get(&c.model)
+        .await
+        .map_err(|e| OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.message))?;
+    if model.llm().is_none() {
+        let mut e = OaiError::bad(format!("model `{}` is a `{}` model, not a language model", c.model, model.family()));
+        e.param = Some("model");
+        return Err(e);
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(OaiError::bad("n must be 1"));
+    }
+    let defaults = Sampling::default();
+    let sampling = Sampling {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p.unwrap_or(1.0),
+        top_k: c.top_k.unwrap_or(0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+        seed: c.seed,
+        ..defaults
+    };
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        Some(0) => return Err(OaiError::bad("max_tokens must be at least 1")),
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => default_max,
+    };
+    let stop = match c.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::Many(_)) => return Err(OaiError::bad("at most 4 stop sequences")),
+    };
+    Ok(Job {
+        llm_model: model,
+        tenant: t,
+        model: c.model,
+        sampling,
+        max_tokens,
+        stop,
+        stream: c.stream,
+        include_usage: c.stream_options.unwrap_or_default().include_usage,
+        _slot: slot,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length | Finish::ContextFull | Finish::Deadline | Finish::Cancelled | Finish::Error => "length",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens })
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
+    let req: ChatRequest = parse(&body)?;
+    if req.messages.is_empty() {
+        let mut e = OaiError::bad("messages must not be empty");
+        e.param = Some("messages");
+        return Err(e);
+    }
+    let messages: Vec<Message> = req
+        .messages
+        .into_iter()
+        .map(|m| Ok(Message { role: m.role, content: m.content.text()? }))
+        .collect::<Result<_, OaiError>>()?;
+    let job = resolve(&gw, &headers, req.common, usize::MAX).await?;
+    let prompt = job.llm().chat_prompt(&messages)?;
+    run(gw, job, prompt, Kind::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub(super) async fn completions(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
+    let req: CompletionRequest = parse(&body)?;
+    let text = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        _ => return Err(OaiError::bad("prompt must be one string")),
+    };
+    // OpenAI's default for completions is 16 tokens.
+    let job = resolve(&gw, &headers, req.common, 16).await?;
+    let prompt = job.llm().text_prompt(&text)?;
+    run(gw, job, prompt, Kind::Completion).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result<Response, OaiError> {
+    let llm = job.llm();
+    // "As many as fit": the context left after the prompt.
+    let max_tokens = job.max_tokens.min(llm.engine().context().saturating_sub(prompt.len()).max(1));
+    let account = gw.snapshot().runtime.registry().scheduler().tenant(&job.tenant.name);
+    let generation = llm.generate(GenerateRequest {
+        prompt,
+        sampling: job.sampling.clone(),
+        max_tokens,
+        stop: job.stop.clone(),
+        tenant: account,
+        deadline: None,
+    })?;
+    let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let created = now();
+    if job.stream {
+        return Ok(stream(job, generation, id, created, kind));
+    }
+    let mut g = generation;
+    let (mut text, mut done) = (String::new(), None);
+    while let Some(ev) = g.next().await {
+        match ev {
+            Event::Chunk { text: t, .. } => text.push_str(&t),
+            Event::Done { finish, usage, error } => done = Some((finish, usage, error)),
+        }
+    }
+    let (finish, usage, error) = done.ok_or_else(|| {
+        OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the generation ended early")
+    })?;
+    if let Some(e) = error {
+        return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e));
+    }
+    let choice = match kind {
+        Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text },
+                              "logprobs": null, "finish_reason": finish_reason(finish) }),
+        Kind::Completion => {
+            json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(finish) })
+        }
+    };
+    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    Ok(axum::Json(json!({ "id": id, "object": object, "created": created, "model": job.model,
+                          "choices": [choice], "usage": usage_json(&usage) }))
+    .into_response())
+}
+
+/// Server-sent events: (chat) a role chunk, content deltas as tokens are produced, a chunk
+/// with the finish reason, the usage if asked, then `[DONE]`. Dropping the body (the client
+/// went away) drops the generation, which cancels it.
+fn stream(job: Job, generation: Generation, id: String, created: u64, kind: Kind) -> Response {
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choice: Value| -> Value {
+        json!({ "id": id, "object": object, "created": created, "model": job.model, "choices": [choice] })
+    };
+    let include_usage = job.include_usage;
+    enum Phase {
+        Start,
+        Body,
+        Usage(Value),
+        Done,
+        End,
+    }
+    let state = (generation, Phase::Start, chunk, job._slot);
+    let events = futures_util::stream::unfold(state, move |(mut g, phase, chunk, slot)| async move {
+        let sse = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
+        match phase {
+            Phase::Start if kind == Kind::Chat => {
+                let first = chunk(
+                    json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }),
+                );
+                Some((Ok::<_, Infallible>(sse(&first)), (g, Phase::Body, chunk, slot)))
+            }
+            Phase::Start | Phase::Body => loop {
+                match g.next().await {
+                    Some(Event::Chunk { text, .. }) if text.is_empty() => continue,
+                    Some(Event::Chunk { text, .. }) => {
+                        let c = match kind {
+                            Kind::Chat => {
+                                json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null })
+                            }
+                            Kind::Completion => {
+                                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": null })
+                            }
+                        };
+                        break Some((Ok(sse(&chunk(c))), (g, Phase::Body, chunk, slot)));
+                    }
+                    Some(Event::Done { finish, usage, error }) => {
+                        if let Some(e) = error {
+                            let err = json!({ "error": { "message": e, "type": "server_error", "param": null, "code": null } });
+                            break Some((Ok(sse(&err)), (g, Phase::Done, chunk, slot)));
+                        }
+                        let c = match kind {
+                            Kind::Chat => {
+                                json!({ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(finish) })
+                            }
+                            Kind::Completion => {
+                                json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason(finish) })
+                            }
+                        };
+                        let next = if include_usage { Phase::Usage(usage_json(&usage)) } else { Phase::Done };
+                        break Some((Ok(sse(&chunk(c))), (g, next, chunk, slot)));
+                    }
+                    None => break Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (g, Phase::End, chunk, slot))),
+                }
+            },
+            Phase::Usage(u) => {
+                let mut c = chunk(Value::Null);
+                c["choices"] = json!([]);
+                c["usage"] = u;
+                Some((Ok(sse(&c)), (g, Phase::Done, chunk, slot)))
+            }
+            Phase::Done => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (g, Phase::End, chunk, slot))),
+            Phase::End => None,
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(events))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
