@@ -62,6 +62,9 @@ EIR is serving on $url ($(( $(date +%s) - t0 )) s after start). Demo key: demo-k
   curl -H 'Authorization: Bearer demo-key' $url/v2/models/text-embed/infer \\
        -d '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["Hello world"]}]}'
 
+  curl -N -H 'Authorization: Bearer demo-key' $url/v1/chat/completions \\
+       -d '{"model":"smollm2","stream":true,"messages":[{"role":"user","content":"What is edge computing?"}]}'
+
 Ctrl-C stops the gateway.
 
 EOF

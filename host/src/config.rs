@@ -129,6 +129,9 @@ pub struct TenantDecl {
     pub plugins: Vec<String>,
     /// Registry models it may call directly through the OpenAI-compatible API (`"*"` for all).
     pub models: Vec<String>,
+    /// Language-model tokens (prompt + generated) it may use per minute (`None`: no quota);
+    /// over it, generation requests are answered 429 with `Retry-After`.
+    pub tokens_per_minute: Option<u64>,
     /// Requests it may have in flight at once.
     pub max_concurrent: usize,
     /// Sustained requests per second.
@@ -215,6 +218,8 @@ struct RawTenant {
     plugins: Vec<Spanned<String>>,
     #[serde(default)]
     models: Vec<Spanned<String>>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
     #[serde(default = "default_concurrent")]
     max_concurrent: usize,
     #[serde(default = "default_rps")]
@@ -466,6 +471,9 @@ impl Config {
                     ));
                 }
             }
+            if tenant.tokens_per_minute == Some(0) {
+                return Err(err(Some(span), format!("tenant `{name}`: tokens_per_minute must be positive")));
+            }
             if !tenant.rps.is_finite() || tenant.rps <= 0.0 {
                 return Err(err(Some(span), format!("tenant `{name}`: rps must be positive")));
             }
@@ -484,6 +492,7 @@ impl Config {
                     keys_sha256: keys,
                     plugins: tenant.plugins.into_iter().map(Spanned::into_inner).collect(),
                     models: tenant.models.into_iter().map(Spanned::into_inner).collect(),
+                    tokens_per_minute: tenant.tokens_per_minute,
                     max_concurrent: tenant.max_concurrent.max(1),
                     rps: tenant.rps,
                     burst: tenant.burst.unwrap_or(tenant.rps.ceil().max(1.0) as u32).max(1),

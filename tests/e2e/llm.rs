@@ -308,6 +308,9 @@ async fn openai_chat_and_completions_plain_and_streamed() {
     let dir = smollm2_file().parent().unwrap().to_path_buf();
     let config = format!(
         r#"
+[server]
+admin_key_sha256 = "{}"
+
 [models.smollm2]
 path = "{}"
 
@@ -317,10 +320,17 @@ models = ["smollm2"]
 
 [tenants.beta]
 keys_sha256 = ["{}"]
+
+[tenants.gamma]
+keys_sha256 = ["{}"]
+models = ["*"]
+tokens_per_minute = 40
 "#,
+        hash("admin-key"),
         dir.display(),
         hash("alpha-key"),
-        hash("beta-key")
+        hash("beta-key"),
+        hash("gamma-key")
     );
     let cache = tempfile::tempdir().unwrap();
     let server = Server::start_with(&config, cache.path());
@@ -396,6 +406,40 @@ keys_sha256 = ["{}"]
     assert_eq!(answer["object"], "text_completion");
     assert!(!answer["choices"][0]["text"].as_str().unwrap().is_empty(), "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 4);
+
+    // Tokens per minute: gamma starts with 40 in its bucket; its first request (38 + 8 tokens)
+    // is admitted and leaves the bucket below zero, so the next waits.
+    let small = serde_json::json!({"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0});
+    assert_eq!(post("gamma-key", "/v1/chat/completions", small.clone()).await.unwrap().status(), 200);
+    let resp = post("gamma-key", "/v1/chat/completions", small).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // Metrics: tokens, time to first token and decode rate per tenant and model.
+    let metrics = client
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth("admin-key")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let completion = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("eir_llm_tokens_total{")
+                && l.contains("tenant=\"alpha\"")
+                && l.contains("kind=\"completion\"")
+        })
+        .unwrap_or_else(|| panic!("no completion tokens for alpha in:\n{metrics}"));
+    assert!(completion.ends_with(" 36"), "16 + 16 + 4 tokens: {completion}");
+    assert!(
+        metrics.contains("eir_llm_time_to_first_token_seconds_count{tenant=\"alpha\",model=\"smollm2\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("eir_refused_total{tenant=\"gamma\",reason=\"tokens\"} 1"), "{metrics}");
 
     // Errors, by status and OpenAI's error shape.
     let cases = [

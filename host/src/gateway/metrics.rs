@@ -52,6 +52,14 @@ pub struct Metrics {
     fuel: Family<Model, Counter>,
     memory: Family<Model, Gauge>,
     refused: Family<Refusal, Counter>,
+    llm_ttft: Family<Model, Histogram, fn() -> Histogram>,
+    llm_rate: Family<Model, Histogram, fn() -> Histogram>,
+    llm_tokens: Family<Kind, Counter>,
+}
+
+fn rate_histogram() -> Histogram {
+    // 1 .. ~4000 tokens/s
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
 }
 
 fn latency_histogram() -> Histogram {
@@ -70,6 +78,26 @@ impl Default for Metrics {
         let fuel = Family::<Model, Counter>::default();
         let memory = Family::<Model, Gauge>::default();
         let refused = Family::<Refusal, Counter>::default();
+        let llm_ttft =
+            Family::<Model, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let llm_rate =
+            Family::<Model, Histogram, fn() -> Histogram>::new_with_constructor(rate_histogram as fn() -> Histogram);
+        let llm_tokens = Family::<Kind, Counter>::default();
+        registry.register(
+            "llm_time_to_first_token_seconds",
+            "Generations: time from request to the first generated token",
+            llm_ttft.clone(),
+        );
+        registry.register(
+            "llm_decode_tokens_per_second",
+            "Generations: tokens per second after the first, per request",
+            llm_rate.clone(),
+        );
+        registry.register(
+            "llm_tokens",
+            "Language-model tokens by kind (prompt, completion), per tenant and model",
+            llm_tokens.clone(),
+        );
         registry.register("requests", "Inference requests answered, by HTTP status", requests.clone());
         registry.register("errors", "Failed plugin calls, by error kind", errors.clone());
         registry.register(
@@ -81,7 +109,7 @@ impl Default for Metrics {
         registry.register("fuel_used", "Fuel burnt by plugin calls", fuel.clone());
         registry.register("memory_high_water_bytes", "Largest linear memory a call of the plugin held", memory.clone());
         registry.register("refused", "Requests refused before running: rate, concurrency, queue", refused.clone());
-        Self { registry, requests, errors, latency, in_flight, fuel, memory, refused }
+        Self { registry, requests, errors, latency, in_flight, fuel, memory, refused, llm_ttft, llm_rate, llm_tokens }
     }
 }
 
@@ -127,6 +155,29 @@ impl Metrics {
     /// Counts a refusal.
     pub fn refused(&self, tenant: &str, reason: &str) {
         self.refused.get_or_create(&Refusal { tenant: tenant.into(), reason: reason.into() }).inc();
+    }
+
+    /// Records one finished generation: time to first token (if any token came), decode rate,
+    /// and its tokens.
+    pub fn generation(
+        &self,
+        tenant: &str,
+        m: &str,
+        ttft: Option<f64>,
+        rate: Option<f64>,
+        prompt: usize,
+        completion: usize,
+    ) {
+        let key = model(tenant, m);
+        if let Some(t) = ttft {
+            self.llm_ttft.get_or_create(&key).observe(t);
+        }
+        if let Some(r) = rate {
+            self.llm_rate.get_or_create(&key).observe(r);
+        }
+        let kind = |k: &str| Kind { tenant: tenant.into(), model: m.into(), kind: k.into() };
+        self.llm_tokens.get_or_create(&kind("prompt")).inc_by(prompt as u64);
+        self.llm_tokens.get_or_create(&kind("completion")).inc_by(completion as u64);
     }
 
     /// Marks a request as in flight until the guard drops.

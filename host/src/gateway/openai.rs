@@ -243,6 +243,17 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
             )
         }
     })?;
+    if let Some(wait) = t.tokens_wait() {
+        gw.metrics().refused(&t.name, "tokens");
+        return Err(OaiError {
+            retry_after: Some(wait.as_secs_f64().ceil() as u64),
+            ..OaiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "over your tokens-per-minute quota; retry later",
+            )
+        });
+    }
     let account = registry.scheduler().tenant(&t.name);
     if let Some(wait) = account.over_quota() {
         gw.metrics().refused(&t.name, "compute");
@@ -295,6 +306,40 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
         include_usage: c.stream_options.unwrap_or_default().include_usage,
         _slot: slot,
     })
+}
+
+/// What a generation is charged and measured by: the tenant's token quota, the metrics.
+struct Accounting {
+    gw: Arc<Gateway>,
+    tenant: Arc<TenantState>,
+    model: String,
+    start: std::time::Instant,
+    first: Option<std::time::Instant>,
+    _in_flight: super::metrics::InFlight,
+}
+
+impl Accounting {
+    fn new(gw: Arc<Gateway>, tenant: Arc<TenantState>, model: String) -> Self {
+        let in_flight = gw.metrics().in_flight(&tenant.name, &model);
+        Self { gw, tenant, model, start: std::time::Instant::now(), first: None, _in_flight: in_flight }
+    }
+
+    fn token(&mut self) {
+        self.first.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Charges the tokens and records the generation (once, when it ends).
+    fn done(&self, usage: &Usage, status: u16) {
+        let m = self.gw.metrics();
+        self.tenant.charge_tokens(usage.prompt_tokens + usage.completion_tokens);
+        let ttft = self.first.map(|f| f.duration_since(self.start).as_secs_f64());
+        let rate = self.first.and_then(|f| {
+            let s = f.elapsed().as_secs_f64();
+            (usage.completion_tokens > 1 && s > 0.0).then(|| (usage.completion_tokens - 1) as f64 / s)
+        });
+        m.generation(&self.tenant.name, &self.model, ttft, rate, usage.prompt_tokens, usage.completion_tokens);
+        m.request(&self.tenant.name, &self.model, status);
+    }
 }
 
 fn now() -> u64 {
@@ -372,14 +417,18 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
     })?;
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let created = now();
+    let mut acct = Accounting::new(gw.clone(), job.tenant.clone(), job.model.clone());
     if job.stream {
-        return Ok(stream(job, generation, id, created, kind));
+        return Ok(stream(job, generation, acct, id, created, kind));
     }
     let mut g = generation;
     let (mut text, mut done) = (String::new(), None);
     while let Some(ev) = g.next().await {
         match ev {
-            Event::Chunk { text: t, .. } => text.push_str(&t),
+            Event::Chunk { text: t, .. } => {
+                acct.token();
+                text.push_str(&t)
+            }
             Event::Done { finish, usage, error } => done = Some((finish, usage, error)),
         }
     }
@@ -387,8 +436,10 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
         OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the generation ended early")
     })?;
     if let Some(e) = error {
+        acct.done(&usage, 500);
         return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e));
     }
+    acct.done(&usage, 200);
     let choice = match kind {
         Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text },
                               "logprobs": null, "finish_reason": finish_reason(finish) }),
@@ -405,7 +456,7 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
 /// Server-sent events: (chat) a role chunk, content deltas as tokens are produced, a chunk
 /// with the finish reason, the usage if asked, then `[DONE]`. Dropping the body (the client
 /// went away) drops the generation, which cancels it.
-fn stream(job: Job, generation: Generation, id: String, created: u64, kind: Kind) -> Response {
+fn stream(job: Job, generation: Generation, acct: Accounting, id: String, created: u64, kind: Kind) -> Response {
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choice: Value| -> Value {
         json!({ "id": id, "object": object, "created": created, "model": job.model, "choices": [choice] })
@@ -418,20 +469,29 @@ fn stream(job: Job, generation: Generation, id: String, created: u64, kind: Kind
         Done,
         End,
     }
-    let state = (generation, Phase::Start, chunk, job._slot);
-    let events = futures_util::stream::unfold(state, move |(mut g, phase, chunk, slot)| async move {
+    struct St<C> {
+        g: Generation,
+        phase: Phase,
+        chunk: C,
+        acct: Accounting,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    }
+    let state = St { g: generation, phase: Phase::Start, chunk, acct, _slot: job._slot };
+    let events = futures_util::stream::unfold(state, move |mut st| async move {
         let sse = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
-        match phase {
+        match std::mem::replace(&mut st.phase, Phase::End) {
             Phase::Start if kind == Kind::Chat => {
-                let first = chunk(
+                let first = (st.chunk)(
                     json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }),
                 );
-                Some((Ok::<_, Infallible>(sse(&first)), (g, Phase::Body, chunk, slot)))
+                st.phase = Phase::Body;
+                Some((Ok::<_, Infallible>(sse(&first)), st))
             }
             Phase::Start | Phase::Body => loop {
-                match g.next().await {
+                match st.g.next().await {
                     Some(Event::Chunk { text, .. }) if text.is_empty() => continue,
                     Some(Event::Chunk { text, .. }) => {
+                        st.acct.token();
                         let c = match kind {
                             Kind::Chat => {
                                 json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null })
@@ -440,12 +500,15 @@ fn stream(job: Job, generation: Generation, id: String, created: u64, kind: Kind
                                 json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": null })
                             }
                         };
-                        break Some((Ok(sse(&chunk(c))), (g, Phase::Body, chunk, slot)));
+                        st.phase = Phase::Body;
+                        break Some((Ok(sse(&(st.chunk)(c))), st));
                     }
                     Some(Event::Done { finish, usage, error }) => {
+                        st.acct.done(&usage, if error.is_some() { 500 } else { 200 });
                         if let Some(e) = error {
                             let err = json!({ "error": { "message": e, "type": "server_error", "param": null, "code": null } });
-                            break Some((Ok(sse(&err)), (g, Phase::Done, chunk, slot)));
+                            st.phase = Phase::Done;
+                            break Some((Ok(sse(&err)), st));
                         }
                         let c = match kind {
                             Kind::Chat => {
@@ -455,19 +518,20 @@ fn stream(job: Job, generation: Generation, id: String, created: u64, kind: Kind
                                 json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason(finish) })
                             }
                         };
-                        let next = if include_usage { Phase::Usage(usage_json(&usage)) } else { Phase::Done };
-                        break Some((Ok(sse(&chunk(c))), (g, next, chunk, slot)));
+                        st.phase = if include_usage { Phase::Usage(usage_json(&usage)) } else { Phase::Done };
+                        break Some((Ok(sse(&(st.chunk)(c))), st));
                     }
-                    None => break Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (g, Phase::End, chunk, slot))),
+                    None => break Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), st)),
                 }
             },
             Phase::Usage(u) => {
-                let mut c = chunk(Value::Null);
+                let mut c = (st.chunk)(Value::Null);
                 c["choices"] = json!([]);
                 c["usage"] = u;
-                Some((Ok(sse(&c)), (g, Phase::Done, chunk, slot)))
+                st.phase = Phase::Done;
+                Some((Ok(sse(&c)), st))
             }
-            Phase::Done => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (g, Phase::End, chunk, slot))),
+            Phase::Done => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), st)),
             Phase::End => None,
         }
     });

@@ -19,6 +19,27 @@ pub struct TenantState {
     pub decl: TenantDecl,
     concurrency: Arc<Semaphore>,
     rate: DefaultDirectRateLimiter,
+    /// Language-model tokens (prompt + generated) per minute, as a bucket holding one
+    /// minute's worth; `None` without a `tokens_per_minute` quota.
+    tokens: Option<std::sync::Mutex<TokenBucket>>,
+}
+
+/// A bucket of tokens refilled at `per_minute`, holding at most a minute's worth. Usage is
+/// charged after a generation ends, so the level may go below zero by one request's tokens;
+/// new generations wait until it is back above zero.
+struct TokenBucket {
+    per_minute: f64,
+    level: f64,
+    at: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn refill(&mut self) {
+        let now = std::time::Instant::now();
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + dt * self.per_minute / 60.0).min(self.per_minute);
+        self.at = now;
+    }
 }
 
 /// Why a request was not admitted.
@@ -41,12 +62,35 @@ impl TenantState {
             decl: decl.clone(),
             concurrency: Arc::new(Semaphore::new(decl.max_concurrent)),
             rate: RateLimiter::direct(quota),
+            tokens: decl.tokens_per_minute.map(|per_minute| {
+                let per_minute = per_minute as f64;
+                std::sync::Mutex::new(TokenBucket { per_minute, level: per_minute, at: std::time::Instant::now() })
+            }),
+        }
+    }
+
+    /// When over its tokens-per-minute quota: how long until it may start a generation.
+    pub fn tokens_wait(&self) -> Option<Duration> {
+        let mut b = self.tokens.as_ref()?.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.refill();
+        (b.level < 0.0).then(|| Duration::from_secs_f64(-b.level * 60.0 / b.per_minute.max(1e-9)))
+    }
+
+    /// Charges `n` language-model tokens to the quota.
+    pub fn charge_tokens(&self, n: usize) {
+        if let Some(b) = &self.tokens {
+            let mut b = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.refill();
+            b.level -= n as f64;
         }
     }
 
     /// Whether the quotas match `decl` (then the state can be kept on reload).
     pub fn same_quotas(&self, decl: &TenantDecl) -> bool {
-        self.decl.max_concurrent == decl.max_concurrent && self.decl.rps == decl.rps && self.decl.burst == decl.burst
+        self.decl.max_concurrent == decl.max_concurrent
+            && self.decl.rps == decl.rps
+            && self.decl.burst == decl.burst
+            && self.decl.tokens_per_minute == decl.tokens_per_minute
     }
 
     /// Admits one request, or says why not. The permit is held until the response is sent.
@@ -60,6 +104,23 @@ impl TenantState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_token_quota_refuses_once_spent_and_refills() {
+        let mut d = decl(4, 100.0, 10);
+        d.tokens_per_minute = Some(600);
+        let t = TenantState::new("t", &d);
+        assert!(t.tokens_wait().is_none());
+        t.charge_tokens(500);
+        assert!(t.tokens_wait().is_none(), "100 tokens left");
+        t.charge_tokens(160);
+        let wait = t.tokens_wait().expect("60 tokens over");
+        // 60 tokens back at 10 per second: about 6 s.
+        assert!(wait > Duration::from_secs(5) && wait <= Duration::from_secs(6), "{wait:?}");
+        let free = TenantState::new("f", &decl(4, 100.0, 10));
+        free.charge_tokens(1_000_000);
+        assert!(free.tokens_wait().is_none(), "no quota, no refusal");
+    }
+
     use super::*;
     use crate::config::Ceilings;
 
@@ -68,6 +129,7 @@ mod tests {
             keys_sha256: vec![],
             plugins: vec![],
             models: vec![],
+            tokens_per_minute: None,
             max_concurrent,
             rps,
             burst,
