@@ -5,7 +5,7 @@ Nothing here knows about EIR beyond the base URL and the key: it calls the clien
 documentation shows, plain and streamed. Prints one JSON line of what it saw; exits non-zero on
 any failure.
 
-Usage: openai_check.py BASE_URL API_KEY MODEL
+Usage: openai_check.py BASE_URL API_KEY MODEL EMBEDDING_MODEL
 """
 
 import json
@@ -15,7 +15,7 @@ import openai
 
 
 def main():
-    base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+    base, key, model, embedder = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
     models = [m.id for m in client.models.list()]
     messages = [{"role": "user", "content": "Write a haiku about edge computing."}]
@@ -35,6 +35,9 @@ def main():
             if choice.finish_reason:
                 finish = choice.finish_reason
     completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    # The client asks for base64 by default and decodes it.
+    emb = client.embeddings.create(model=embedder, input=["Hello world", "Edge inference"])
+    vectors = [d.embedding for d in emb.data]
     try:
         client.chat.completions.create(model="no-such-model", messages=messages)
         missing = None
@@ -55,6 +58,9 @@ def main():
         "stream_finish": finish,
         "stream_usage": usage,
         "completion_tokens": completion.usage.completion_tokens,
+        "embedding_dims": [len(v) for v in vectors],
+        "embedding_norms": [round(sum(x * x for x in v) ** 0.5, 4) for v in vectors],
+        "embedding_first": [round(x, 6) for x in vectors[0][:3]],
         "missing_model": missing,
         "empty_messages": empty,
     }))

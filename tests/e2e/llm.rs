@@ -475,15 +475,18 @@ fn a_stock_openai_client_works_unchanged() {
     );
     let dir = smollm2_file().parent().unwrap().to_path_buf();
     let config = format!(
-        "[models.smollm2]\npath = \"{}\"\n\n[tenants.alpha]\nkeys_sha256 = [\"{}\"]\nmodels = [\"*\"]\n",
+        "[models.smollm2]\npath = \"{}\"\n\n[models.minilm]\npath = \"{}\"\n\n[plugins.text-embed]\npath = \"{}\"\nmodels = [\"minilm\"]\n\n\
+         [tenants.alpha]\nkeys_sha256 = [\"{}\"]\nmodels = [\"smollm2\"]\nplugins = [\"text-embed\"]\n",
         dir.display(),
+        crate::embed::minilm_dir().display(),
+        crate::common::guest("text-embed").display(),
         hash("alpha-key")
     );
     let cache = tempfile::tempdir().unwrap();
     let server = Server::start_with(&config, cache.path());
     let out = std::process::Command::new(&python)
         .arg(repo().join("tests/clients/openai_check.py"))
-        .args([&server.url, "alpha-key", "smollm2"])
+        .args([&server.url, "alpha-key", "smollm2", "text-embed"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -491,7 +494,14 @@ fn a_stock_openai_client_works_unchanged() {
     let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
     let want = &fx.prompts[0];
     assert_eq!(want.messages[0].content, "Write a haiku about edge computing.");
-    assert_eq!(seen["models"], serde_json::json!(["smollm2"]));
+    assert_eq!(seen["models"], serde_json::json!(["smollm2", "text-embed"]));
+    assert_eq!(seen["embedding_dims"], serde_json::json!([384, 384]));
+    assert_eq!(seen["embedding_norms"], serde_json::json!([1.0, 1.0]));
+    assert_eq!(
+        seen["embedding_first"],
+        serde_json::json!([-0.034477, 0.031023, 0.006735]),
+        "\"Hello world\" as in the reference"
+    );
     assert_eq!(seen["plain"], want.greedy_text.as_str(), "{seen}");
     assert_eq!(seen["streamed"], want.greedy_text.as_str(), "{seen}");
     assert!(seen["stream_chunks"].as_u64().unwrap() > 4);
@@ -499,4 +509,89 @@ fn a_stock_openai_client_works_unchanged() {
     assert_eq!((seen["plain_usage"].as_u64(), seen["stream_usage"].as_u64()), (Some(16), Some(16)));
     assert_eq!(seen["completion_tokens"], 4);
     assert_eq!((seen["missing_model"].as_u64(), seen["empty_messages"].as_u64()), (Some(404), Some(400)));
+}
+
+/// `/v1/embeddings` through the text-embed plugin: MiniLM embeddings equal
+/// sentence-transformers' (the embed fixture), as floats and as base64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_embeddings_through_the_text_embed_plugin() {
+    use crate::gateway::{Server, hash};
+    let config = format!(
+        r#"
+[models.minilm]
+path = "{}"
+
+[plugins.text-embed]
+path = "{}"
+models = ["minilm"]
+
+[tenants.alpha]
+keys_sha256 = ["{}"]
+plugins = ["text-embed"]
+"#,
+        crate::embed::minilm_dir().display(),
+        crate::common::guest("text-embed").display(),
+        hash("alpha-key")
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&config, cache.path());
+    let client = reqwest::Client::new();
+    let reference = crate::embed::reference();
+    let cases: Vec<_> = reference.cases.iter().take(3).collect();
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let list: serde_json::Value = client
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth("alpha-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], "text-embed", "{list}");
+    for format in ["float", "base64"] {
+        let resp = client
+            .post(format!("{}/v1/embeddings", server.url))
+            .bearer_auth("alpha-key")
+            .json(&serde_json::json!({"model": "text-embed", "input": texts, "encoding_format": format}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["object"], "list");
+        assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 3, "{}", body["usage"]);
+        for (i, case) in cases.iter().enumerate() {
+            assert_eq!(body["data"][i]["index"], i);
+            let got: Vec<f32> = if format == "float" {
+                serde_json::from_value(body["data"][i]["embedding"].clone()).unwrap()
+            } else {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(body["data"][i]["embedding"].as_str().unwrap())
+                    .unwrap();
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            };
+            let dot: f32 = got.iter().zip(&case.embedding).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let cosine = dot / (norm(&got) * norm(&case.embedding));
+            assert!(cosine as f64 >= reference.tolerance.cosine_min, "{format} {i}: cosine {cosine}");
+        }
+    }
+    let bad = client
+        .post(format!("{}/v1/embeddings", server.url))
+        .bearer_auth("alpha-key")
+        .json(&serde_json::json!({"model": "text-embed", "input": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let missing = client
+        .post(format!("{}/v1/embeddings", server.url))
+        .bearer_auth("alpha-key")
+        .json(&serde_json::json!({"model": "minilm", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404, "bare models are not embedding endpoints");
 }

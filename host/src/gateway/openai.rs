@@ -1,5 +1,6 @@
 //! The OpenAI-compatible face of the gateway: `GET /v1/models`, `POST /v1/chat/completions`
-//! and `POST /v1/completions`, plain or streamed as server-sent events. The same bearer keys,
+//! and `POST /v1/completions`, plain or streamed as server-sent events, and
+//! `POST /v1/embeddings` through an embedding plugin. The same bearer keys,
 //! tenants, rate and concurrency quotas and compute quotas as the KServe routes; generation
 //! runs on the model's engine, charged to the tenant, and a client that hangs up cancels its
 //! generation (its KV cache is freed within one step).
@@ -82,7 +83,7 @@ fn tenant(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<TenantState>, OaiErro
         .ok_or_else(|| OaiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid API key"))
 }
 
-/// `GET /v1/models`: the language models the caller may use.
+/// `GET /v1/models`: the language models and plugins the caller may use.
 pub(super) async fn models(State(gw): Gw, headers: HeaderMap) -> Result<axum::Json<Value>, OaiError> {
     let t = tenant(&gw, &headers)?;
     let snapshot = gw.snapshot();
@@ -93,6 +94,14 @@ pub(super) async fn models(State(gw): Gw, headers: HeaderMap) -> Result<axum::Js
         .filter(|n| registry.decl(n).is_some_and(|d| crate::llm::model::is_gguf(&d.path)))
         .map(|n| json!({ "id": n, "object": "model", "created": 0, "owned_by": "eir" }))
         .collect();
+    // Plugins are models too (e.g. `text-embed` on /v1/embeddings).
+    data.extend(
+        snapshot
+            .models
+            .keys()
+            .filter(|n| t.decl.may_use(n))
+            .map(|n| json!({ "id": n, "object": "model", "created": 0, "owned_by": "eir" })),
+    );
     data.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Ok(axum::Json(json!({ "object": "list", "data": data })))
 }
@@ -540,4 +549,149 @@ fn stream(job: Job, generation: Generation, acct: Accounting, id: String, create
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(events))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u64>,
+}
+
+/// Most texts one embeddings request may carry (the text-embed plugin's own cap).
+const MAX_EMBED_INPUTS: usize = 1024;
+
+/// `POST /v1/embeddings`: `model` names an embedding plugin (one taking `text`, BYTES `[n]`, and
+/// giving `embedding`, FP32 `[n, dim]`, like the shipped `text-embed` on MiniLM). The texts are
+/// tokenized and pooled inside the sandbox, as on `/v2`; the same admission applies (tenant
+/// quotas, the plugin's queue).
+pub(super) async fn embeddings(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
+    use crate::tensor::{Request, Tensor, TensorData};
+    let req: EmbeddingRequest = parse(&body)?;
+    let texts: Vec<String> = match req.input {
+        Value::String(s) => vec![s],
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_string) => {
+            a.into_iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect()
+        }
+        _ => {
+            return Err(OaiError::bad(
+                "input must be a string or a non-empty array of strings (token arrays are not supported)",
+            ));
+        }
+    };
+    if texts.len() > MAX_EMBED_INPUTS {
+        return Err(OaiError::bad(format!("at most {MAX_EMBED_INPUTS} inputs per request")));
+    }
+    if req.dimensions.is_some() {
+        return Err(OaiError::bad("dimensions is not supported: the model's embedding size is fixed"));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(OaiError::bad(format!("encoding_format `{other}` (float or base64)"))),
+    };
+    let t = tenant(&gw, &headers)?;
+    let snapshot = gw.snapshot();
+    let not_found =
+        || OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no model `{}`", req.model));
+    let s = snapshot.resolve(&t, &req.model, None).ok_or_else(not_found)?;
+    let plugin = s.per_tenant.get(&t.name).cloned().ok_or_else(not_found)?;
+    let m = gw.metrics();
+    let busy = |reason: &'static str, message: String, retry: u64| {
+        m.refused(&t.name, reason);
+        OaiError {
+            retry_after: Some(retry),
+            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    };
+    let tenant_slot = t.admit().map_err(|r| match r {
+        Refused::Rate(wait) => {
+            busy("rate", "over your rate quota; retry later".into(), wait.as_secs_f64().ceil() as u64)
+        }
+        Refused::Concurrency => busy("concurrency", "over your concurrency quota; retry later".into(), 1),
+    })?;
+    if let Some(wait) = plugin.tenant().over_quota() {
+        return Err(busy("compute", "over your compute quota; retry later".into(), wait.as_secs_f64().ceil() as u64));
+    }
+    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+        m.refused(&t.name, "queue");
+        OaiError {
+            retry_after: Some(1),
+            ..OaiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("model `{}` is at capacity", req.model),
+            )
+        }
+    })?;
+    let running = s
+        .running
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unloading"))?;
+    let in_flight = m.in_flight(&t.name, &req.model);
+    let n = texts.len();
+    let request = Request {
+        id: request_id("emb"),
+        inputs: vec![Tensor {
+            name: "text".into(),
+            shape: vec![n as u64],
+            data: TensorData::Bytes(texts.into_iter().map(String::into_bytes).collect()),
+        }],
+        outputs: vec!["embedding".into(), "token_counts".into()],
+        parameters: vec![],
+    };
+    let (result, _stats) = gw.call(plugin, request, (tenant_slot, queued, running, in_flight)).await;
+    let response = result.map_err(|e| {
+        let status = match e.kind() {
+            crate::plugin::ErrorKind::InvalidRequest
+            | crate::plugin::ErrorKind::Plugin(crate::tensor::ErrorCode::InvalidInput)
+            | crate::plugin::ErrorKind::Plugin(crate::tensor::ErrorCode::Unsupported) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        m.request(&t.name, &req.model, status.as_u16());
+        let kind = if status == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+        OaiError::new(status, kind, e.to_string().lines().next().unwrap_or_default().to_string())
+    })?;
+    let output = |name: &str| response.outputs.iter().find(|o| o.name == name);
+    let not_embedding = || {
+        OaiError::bad(format!(
+            "model `{}` is not an embedding plugin (it gave no FP32 `embedding` output of [{n}, dim])",
+            req.model
+        ))
+    };
+    let emb = output("embedding").ok_or_else(not_embedding)?;
+    let (TensorData::Fp32(values), [rows, dim]) = (&emb.data, emb.shape.as_slice()) else {
+        return Err(not_embedding());
+    };
+    let (rows, dim) = (*rows as usize, *dim as usize);
+    if rows != n || values.len() != rows * dim {
+        return Err(not_embedding());
+    }
+    let tokens: u64 = match output("token_counts").map(|o| &o.data) {
+        Some(TensorData::Int64(c)) => c.iter().map(|&c| c.max(0) as u64).sum(),
+        _ => 0,
+    };
+    let data: Vec<Value> = values
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    m.request(&t.name, &req.model, 200);
+    Ok(axum::Json(json!({ "object": "list", "data": data, "model": req.model,
+                          "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }))
+    .into_response())
 }

@@ -91,6 +91,7 @@ pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
         .route("/v1/models", get(super::openai::models))
         .route("/v1/chat/completions", post(super::openai::chat))
         .route("/v1/completions", post(super::openai::completions))
+        .route("/v1/embeddings", post(super::openai::embeddings))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
