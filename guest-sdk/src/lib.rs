@@ -26,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod llm;
 pub mod nn;
 mod tensor;
 

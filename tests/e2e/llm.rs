@@ -595,3 +595,76 @@ plugins = ["text-embed"]
         .unwrap();
     assert_eq!(missing.status(), 404, "bare models are not embedding endpoints");
 }
+
+/// A plugin with the model granted and its registry: (plugin, runtime's registry, cache dir).
+fn chat_plugin(granted: bool) -> (eir::plugin::Plugin, Arc<eir::registry::Registry>, tempfile::TempDir) {
+    use eir::engine::EngineConfig;
+    use eir::grants::Grants;
+    use eir::nn::NnGrants;
+    use eir::plugin::PluginConfig;
+    use eir::registry::{ModelDecl, Registry};
+    let cache = tempfile::tempdir().unwrap();
+    let decl = ModelDecl {
+        path: smollm2_file(),
+        family: None,
+        target: Default::default(),
+        batch: Default::default(),
+        llm: None,
+    };
+    let registry =
+        Arc::new(Registry::new([("smollm2".to_string(), decl)], eir::scheduler::Scheduler::for_this_machine()));
+    let rt = eir::Runtime::with_registry(
+        EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },
+        registry.clone(),
+    )
+    .unwrap();
+    let models = if granted { vec!["smollm2".into()] } else { vec![] };
+    let grants = Grants { nn: NnGrants { models, ..Default::default() }, ..Default::default() };
+    let plugin = rt
+        .load_plugin(
+            "llm-chat",
+            &crate::common::guest("llm-chat"),
+            PluginConfig { grants, ..Default::default() },
+            false,
+        )
+        .unwrap();
+    (plugin, registry, cache)
+}
+
+/// `eir:plugin/llm` from a sandboxed plugin: the streamed answer equals llama.cpp's greedy
+/// text, chunk by chunk; an ungranted model is refused; a generation the guest drops is
+/// cancelled and frees its KV cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_streams_a_generation_through_the_wit_interface() {
+    use crate::common::{request, strings, texts};
+    let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
+    let p = &fx.prompts[0];
+    let (plugin, registry, _cache) = chat_plugin(true);
+    let req = request(&[], vec![texts("prompt", &[p.messages[0].content.as_str()])]);
+    let resp = plugin.handle(&req).await.unwrap();
+    let out = |name: &str| resp.outputs.iter().find(|t| t.name == name).unwrap();
+    assert_eq!(strings(out("text")), vec![p.greedy_text.clone()]);
+    assert_eq!(out("tokens").data, eir::tensor::TensorData::Int64(p.greedy.iter().map(|&t| i64::from(t)).collect()));
+    assert_eq!(strings(out("finish")), vec![format!("length {} 16", p.ids.len())]);
+    let eir::tensor::TensorData::Int64(chunks) = &out("chunks").data else { panic!() };
+    assert!(chunks[0] > 4, "streamed in chunks: {chunks:?}");
+
+    // Dropped after 2 chunks: the generation is cancelled when the guest lets go of it.
+    let req = request(&[("max_tokens", "500"), ("drop_after", "2")], vec![texts("prompt", &["Tell me a long story."])]);
+    let resp = plugin.handle(&req).await.unwrap();
+    let finish = resp.outputs.iter().find(|t| t.name == "finish").unwrap();
+    assert_eq!(strings(finish), vec!["running".to_string()]);
+    let model = registry.get("smollm2").await.unwrap();
+    let engine = model.llm().unwrap().engine();
+    let t = Instant::now();
+    while engine.stats().active > 0 || engine.stats().kv_bytes > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "still held: {:?}", engine.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(engine.stats().generated < 100, "it stopped early: {:?}", engine.stats());
+
+    // Not granted: refused with the reason.
+    let (plugin, _registry, _cache) = chat_plugin(false);
+    let err = plugin.handle(&request(&[], vec![texts("prompt", &["hi"])])).await.unwrap_err();
+    assert!(err.to_string().contains("not granted"), "{err}");
+}

@@ -9,6 +9,7 @@
 
 pub mod chat;
 pub mod engine;
+pub mod host;
 pub mod model;
 pub mod sample;
 

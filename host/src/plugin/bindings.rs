@@ -16,8 +16,11 @@ wasmtime::component::bindgen!({
         "wasi:cli": wasmtime_wasi::p2::bindings::cli,
         "wasi:filesystem": wasmtime_wasi::p2::bindings::filesystem,
         "wasi:nn": crate::nn::bindings::wasi::nn,
+        "eir:plugin/llm.model": crate::llm::host::ModelHandle,
+        "eir:plugin/llm.generation": crate::llm::host::GenerationHandle,
     },
 });
 
+pub use self::eir::plugin::llm;
 pub use self::eir::plugin::log;
 pub use self::eir::plugin::types;

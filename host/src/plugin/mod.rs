@@ -9,7 +9,7 @@ pub mod bindings;
 mod call;
 mod error;
 mod linker;
-mod store;
+pub(crate) mod store;
 
 use std::sync::{Arc, Mutex};
 

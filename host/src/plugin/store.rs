@@ -99,6 +99,12 @@ impl StoreState {
         &mut self.nn
     }
 
+    /// The generation interface's view of this store: the call's wasi-nn state (grants,
+    /// registry, tenant, deadline) and the resource table.
+    pub(crate) fn llm_view(&mut self) -> (&mut NnCtx, &mut wasmtime::component::ResourceTable) {
+        (&mut self.nn, &mut self.table)
+    }
+
     /// The wasi-nn host's view of this store.
     pub(crate) fn nn_view(&mut self) -> NnView<'_> {
         NnView { ctx: &mut self.nn, table: &mut self.table }
