@@ -440,6 +440,7 @@ tokens_per_minute = 40
         "{metrics}"
     );
     assert!(metrics.contains("eir_refused_total{tenant=\"gamma\",reason=\"tokens\"} 1"), "{metrics}");
+    assert!(metrics.contains("eir_llm_waiting{tenant=\"*\",model=\"smollm2\"} 0"), "{metrics}");
 
     // Errors, by status and OpenAI's error shape.
     let cases = [

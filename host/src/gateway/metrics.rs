@@ -55,6 +55,9 @@ pub struct Metrics {
     llm_ttft: Family<Model, Histogram, fn() -> Histogram>,
     llm_rate: Family<Model, Histogram, fn() -> Histogram>,
     llm_tokens: Family<Kind, Counter>,
+    llm_sequences: Family<Model, Gauge>,
+    llm_kv: Family<Model, Gauge>,
+    llm_waiting: Family<Model, Gauge>,
 }
 
 fn rate_histogram() -> Histogram {
@@ -83,6 +86,20 @@ impl Default for Metrics {
         let llm_rate =
             Family::<Model, Histogram, fn() -> Histogram>::new_with_constructor(rate_histogram as fn() -> Histogram);
         let llm_tokens = Family::<Kind, Counter>::default();
+        let llm_sequences = Family::<Model, Gauge>::default();
+        let llm_kv = Family::<Model, Gauge>::default();
+        let llm_waiting = Family::<Model, Gauge>::default();
+        registry.register(
+            "llm_active_sequences",
+            "Sequences in a language model's running batch, per tenant",
+            llm_sequences.clone(),
+        );
+        registry.register("llm_kv_cache_bytes", "KV cache held by a tenant's sequences", llm_kv.clone());
+        registry.register(
+            "llm_waiting",
+            "Generations waiting for a slot or KV memory (tenant \"*\": all tenants)",
+            llm_waiting.clone(),
+        );
         registry.register(
             "llm_time_to_first_token_seconds",
             "Generations: time from request to the first generated token",
@@ -109,7 +126,22 @@ impl Default for Metrics {
         registry.register("fuel_used", "Fuel burnt by plugin calls", fuel.clone());
         registry.register("memory_high_water_bytes", "Largest linear memory a call of the plugin held", memory.clone());
         registry.register("refused", "Requests refused before running: rate, concurrency, queue", refused.clone());
-        Self { registry, requests, errors, latency, in_flight, fuel, memory, refused, llm_ttft, llm_rate, llm_tokens }
+        Self {
+            registry,
+            requests,
+            errors,
+            latency,
+            in_flight,
+            fuel,
+            memory,
+            refused,
+            llm_ttft,
+            llm_rate,
+            llm_tokens,
+            llm_sequences,
+            llm_kv,
+            llm_waiting,
+        }
     }
 }
 
@@ -178,6 +210,20 @@ impl Metrics {
         let kind = |k: &str| Kind { tenant: tenant.into(), model: m.into(), kind: k.into() };
         self.llm_tokens.get_or_create(&kind("prompt")).inc_by(prompt as u64);
         self.llm_tokens.get_or_create(&kind("completion")).inc_by(completion as u64);
+    }
+
+    /// Sets the language models' gauges from their engines' counters (at each scrape).
+    pub fn engines(&self, engines: &[(String, crate::llm::engine::Stats)]) {
+        // Tenants that left a batch disappear rather than keep their last value.
+        self.llm_sequences.clear();
+        self.llm_kv.clear();
+        for (m, stats) in engines {
+            for (tenant, (n, kv)) in &stats.by_tenant {
+                self.llm_sequences.get_or_create(&model(tenant, m)).set(*n as i64);
+                self.llm_kv.get_or_create(&model(tenant, m)).set(i64::try_from(*kv).unwrap_or(i64::MAX));
+            }
+            self.llm_waiting.get_or_create(&model("*", m)).set(stats.waiting as i64);
+        }
     }
 
     /// Marks a request as in flight until the guard drops.

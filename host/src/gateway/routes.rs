@@ -419,6 +419,13 @@ async fn run_infer(
 async fn metrics(State(gw): Gw, headers: HeaderMap) -> Result<Response, ApiError> {
     // Metrics name tenants: only the admin may read them (off without an admin key).
     admin(&gw, &headers)?;
+    let snapshot = gw.snapshot();
+    let registry = snapshot.runtime.registry();
+    let engines: Vec<_> = registry
+        .names()
+        .filter_map(|n| registry.loaded(n).and_then(|m| m.llm().map(|l| (n.to_string(), l.engine().stats()))))
+        .collect();
+    gw.metrics().engines(&engines);
     let mut resp = Response::new(axum::body::Body::from(gw.metrics().encode()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -167,6 +167,21 @@ pub struct Stats {
     pub generated: u64,
     /// Prompt tokens prefilled.
     pub prefilled: u64,
+    /// Per tenant with active sequences: (sequences, bytes of KV cache).
+    pub by_tenant: std::collections::BTreeMap<String, (usize, u64)>,
+}
+
+impl Stats {
+    fn set_active(&mut self, active: &[Seq], kv_used: u64) {
+        self.active = active.len();
+        self.kv_bytes = kv_used;
+        self.by_tenant.clear();
+        for s in active {
+            let e = self.by_tenant.entry(s.p.req.tenant.name().to_string()).or_default();
+            e.0 += 1;
+            e.1 += s.kv_bytes;
+        }
+    }
 }
 
 /// A request waiting for a slot.
@@ -397,8 +412,7 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
                 });
             }
             st.stats.waiting = st.waiting.len();
-            st.stats.active = active.len();
-            st.stats.kv_bytes = kv_used;
+            st.stats.set_active(&active, kv_used);
         }
         let before = active.len();
         active.retain(|s| match s.p.gone() {
@@ -411,8 +425,7 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
         });
         if active.len() != before {
             let mut st = shared.lock();
-            st.stats.active = active.len();
-            st.stats.kv_bytes = kv_used;
+            st.stats.set_active(&active, kv_used);
         }
         if active.is_empty() {
             continue;
@@ -528,8 +541,7 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
         st.stats.batched += plan.iter().filter(|p| p.1 > 0).count() as u64;
         st.stats.generated += generated;
         st.stats.prefilled += prefilled;
-        st.stats.active = active.len();
-        st.stats.kv_bytes = kv_used;
+        st.stats.set_active(&active, kv_used);
     }
 }
 

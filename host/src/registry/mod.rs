@@ -176,6 +176,11 @@ impl Registry {
 
     /// Loads every declared model now (a server does this at start, so the first request
     /// does not pay for it).
+    /// `name`'s model if it is loaded already (never loads it).
+    pub fn loaded(&self, name: &str) -> Option<Arc<dyn Model>> {
+        self.loaded.lock().ok()?.get(name)?.get().cloned()
+    }
+
     pub async fn preload(&self) -> Result<(), NnError> {
         let names: Vec<String> = self.decls.keys().cloned().collect();
         for name in names {
