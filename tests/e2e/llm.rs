@@ -669,3 +669,62 @@ async fn a_plugin_streams_a_generation_through_the_wit_interface() {
     let err = plugin.handle(&request(&[], vec![texts("prompt", &["hi"])])).await.unwrap_err();
     assert!(err.to_string().contains("not granted"), "{err}");
 }
+
+/// The shipped `rag-chat` plugin: MiniLM retrieval over its granted documents picks the passage
+/// that answers, and SmolLM2 answers from it (greedy, so the answer is the same every run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rag_chat_retrieves_the_right_passage_and_answers_from_it() {
+    use crate::common::{request, strings, texts};
+    use eir::engine::EngineConfig;
+    use eir::grants::{DirGrant, Grants};
+    use eir::nn::NnGrants;
+    use eir::plugin::PluginConfig;
+    use eir::registry::{ModelDecl, Registry};
+    let decl = |path: PathBuf| ModelDecl {
+        path,
+        family: None,
+        target: Default::default(),
+        batch: Default::default(),
+        llm: None,
+    };
+    let registry = Arc::new(Registry::new(
+        [("smollm2".to_string(), decl(smollm2_file())), ("minilm".to_string(), decl(crate::embed::minilm_dir()))],
+        eir::scheduler::Scheduler::for_this_machine(),
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let rt = eir::Runtime::with_registry(
+        EngineConfig { cache_dir: Some(cache.path().into()), ..Default::default() },
+        registry,
+    )
+    .unwrap();
+    let grants = Grants {
+        dirs: vec![
+            format!("{}::/docs:ro", repo().join("plugins/rag-chat/docs").display()).parse::<DirGrant>().unwrap(),
+        ],
+        nn: NnGrants { models: vec!["smollm2".into(), "minilm".into()], ..Default::default() },
+        ..Default::default()
+    };
+    let plugin = rt
+        .load_plugin(
+            "rag-chat",
+            &crate::common::guest("rag-chat"),
+            PluginConfig { grants, reuse: 10, ..Default::default() },
+            false,
+        )
+        .unwrap();
+    let ask = |q: &str| request(&[("k", "2"), ("max_tokens", "40")], vec![texts("question", &[q])]);
+    let resp = plugin.handle(&ask("What is the demo API key of the gateway?")).await.unwrap();
+    let out = |name: &str| strings(resp.outputs.iter().find(|t| t.name == name).unwrap());
+    assert_eq!(out("sources")[0], "deploy.md#0", "{:?}", out("sources"));
+    let answer = &out("answer")[0];
+    eprintln!("answer: {answer:?} ({:?})", out("finish"));
+    assert!(!answer.is_empty());
+    assert!(out("finish")[0].starts_with("stop ") || out("finish")[0].starts_with("length "), "{:?}", out("finish"));
+    // A second question on the same instance reuses the index and retrieves another passage.
+    let resp = plugin.handle(&ask("How are language model sequences batched?")).await.unwrap();
+    let sources = strings(resp.outputs.iter().find(|t| t.name == "sources").unwrap());
+    assert_eq!(sources[0], "models.md#0", "{sources:?}");
+    // Bad input is refused by kind.
+    let err = plugin.handle(&request(&[], vec![texts("question", &[" "])])).await.unwrap_err();
+    assert!(err.to_string().contains("question"), "{err}");
+}
