@@ -62,6 +62,27 @@ impl From<LlmError> for Error {
     }
 }
 
+impl FinishReason {
+    /// The reason as one lower-case word (`stop`, `length`, `context-full`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Deadline => "deadline",
+            FinishReason::ContextFull => "context-full",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+impl Finished {
+    /// `"REASON PROMPT_TOKENS COMPLETION_TOKENS"`, e.g. `"stop 41 12"`.
+    pub fn summary(&self) -> String {
+        format!("{} {} {}", self.reason.as_str(), self.usage.prompt_tokens, self.usage.completion_tokens)
+    }
+}
+
 /// Runs a generation to its end: the whole text and how it ended.
 pub fn complete(generation: &Generation) -> (String, Option<Finished>) {
     let mut text = String::new();

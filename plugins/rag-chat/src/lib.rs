@@ -13,7 +13,7 @@
 
 use std::sync::OnceLock;
 
-use eir_guest::llm::{self, FinishReason, Model, Options};
+use eir_guest::llm::{self, Model, Options};
 use eir_guest::{Datatype, Error, Metadata, Plugin, Request, Response, Result, Tensor, TensorSpec};
 use sentence_embed::{Embedded, embed};
 
@@ -175,20 +175,7 @@ impl Plugin for RagChat {
         };
         let generation = model.generate(&prompt, &options)?;
         let (answer, finished) = llm::complete(&generation);
-        let finish = match finished {
-            Some(f) => {
-                let reason = match f.reason {
-                    FinishReason::Stop => "stop",
-                    FinishReason::Length => "length",
-                    FinishReason::Cancelled => "cancelled",
-                    FinishReason::Deadline => "deadline",
-                    FinishReason::ContextFull => "context-full",
-                    FinishReason::Error => "error",
-                };
-                format!("{reason} {} {}", f.usage.prompt_tokens, f.usage.completion_tokens)
-            }
-            None => "unknown".into(),
-        };
+        let finish = finished.map_or_else(|| "unknown".into(), |f| f.summary());
         let sources: Vec<String> = ranked[..used].iter().map(|(p, _)| index.passages[*p].0.clone()).collect();
         let scores: Vec<f32> = ranked[..used].iter().map(|(_, s)| *s).collect();
         let n = sources.len() as u64;

@@ -4,7 +4,7 @@
 //! Outputs `text` (BYTES `[1]`), `tokens` (INT64), `chunks` (INT64 `[1]`, how many chunks came)
 //! and `finish` (BYTES `[1]`: reason, prompt tokens, completion tokens).
 
-use eir_guest::llm::{self, FinishReason, Model, Options};
+use eir_guest::llm::{self, Model, Options};
 use eir_guest::{Plugin, Request, Response, Result, Tensor};
 
 struct LlmChat;
@@ -34,20 +34,7 @@ impl Plugin for LlmChat {
                 break;
             }
         }
-        let finish = match generation.finished() {
-            Some(f) => {
-                let reason = match f.reason {
-                    FinishReason::Stop => "stop",
-                    FinishReason::Length => "length",
-                    FinishReason::Cancelled => "cancelled",
-                    FinishReason::Deadline => "deadline",
-                    FinishReason::ContextFull => "context-full",
-                    FinishReason::Error => "error",
-                };
-                format!("{reason} {} {}", f.usage.prompt_tokens, f.usage.completion_tokens)
-            }
-            None => "running".to_string(),
-        };
+        let finish = generation.finished().map_or_else(|| "running".to_string(), |f| f.summary());
         let n = tokens.len() as u64;
         Ok(Response::new()
             .with(Tensor::strings("text", [text]))
