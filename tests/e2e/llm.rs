@@ -325,12 +325,18 @@ keys_sha256 = ["{}"]
 keys_sha256 = ["{}"]
 models = ["*"]
 tokens_per_minute = 40
+
+[tenants.delta]
+keys_sha256 = ["{}"]
+models = ["*"]
+ceilings = {{ timeout = "500ms" }}
 "#,
         hash("admin-key"),
         dir.display(),
         hash("alpha-key"),
         hash("beta-key"),
-        hash("gamma-key")
+        hash("gamma-key"),
+        hash("delta-key")
     );
     let cache = tempfile::tempdir().unwrap();
     let server = Server::start_with(&config, cache.path());
@@ -415,6 +421,18 @@ tokens_per_minute = 40
     assert_eq!(resp.status(), 429);
     let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
+
+    // The tenant's time ceiling ends a long generation early, with what it has.
+    let started = Instant::now();
+    let long =
+        serde_json::json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0});
+    let resp = post("delta-key", "/v1/completions", long).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    let n = answer["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < 3000, "stopped by the 500 ms ceiling after {n} tokens");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
 
     // Metrics: tokens, time to first token and decode rate per tenant and model.
     let metrics = client

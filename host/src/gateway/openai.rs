@@ -422,7 +422,8 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
         max_tokens,
         stop: job.stop.clone(),
         tenant: account,
-        deadline: None,
+        // The tenant's per-request time ceiling bounds a generation as it bounds a plugin call.
+        deadline: job.tenant.decl.ceilings.timeout.map(|t| std::time::Instant::now() + t),
     })?;
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let created = now();

@@ -4,8 +4,9 @@
 //!
 //! Weights are validated once ([`QMatrix::new`]); activations are made only by
 //! [`Activations::quantize`]; the vector kernels take only those two types, whose lengths they
-//! check before the first load. The AVX2 (+FMA, F16C) and AVX-512 (F + BW, with VNNI where
-//! present) kernels are chosen at run time and tested against the scalar one.
+//! check before the first load. The AVX2 (+FMA, F16C) kernels, and the same tiles with AVX-512
+//! VNNI's byte dot product where present, are chosen at run time ([`Kernel::best`]) and tested
+//! against the scalar one.
 
 use bytemuck::Zeroable;
 use half::f16;
@@ -98,7 +99,7 @@ impl QMatrix {
     pub(crate) fn new(qtype: QType, rows: usize, cols: usize, bytes: &[u8]) -> Result<QMatrix, NnError> {
         if cols == 0 || !cols.is_multiple_of(QK) || rows == 0 {
             return Err(NnError::invalid_encoding(format!(
-                "a {qtype:?} matrix of {rows}x{cols}: rows must be a positive multiple of {QK} elements"
+                "a {qtype:?} matrix of {rows}x{cols}: a row's length must be a positive multiple of {QK}"
             )));
         }
         let n = rows
@@ -271,8 +272,9 @@ fn quantize_block(x: &[f32]) -> BlockQ8_1 {
     let mut qs = [0i8; 32];
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(x) {
-        // |v·id| <= 127 by construction of d, so the cast does not saturate.
-        *q = (v * id).round() as i8;
+        // |v·id| <= 127 by construction of d, except where 1/d overflows (amax below ~4e-37)
+        // or v is not finite: the clamp keeps -128 out, which the kernels' `sign` trick needs.
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
         sum += i32::from(*q);
     }
     BlockQ8_1 { d: f16::from_f32(d).to_f32(), s: f16::from_f32(d * sum as f32).to_f32(), qs }

@@ -1,9 +1,11 @@
 //! A checked reader of GGUF files (versions 2 and 3): header, metadata and tensor table.
 //!
 //! Everything is read from a byte slice already in memory, and every count or length the file
-//! states is checked against the bytes that remain before anything is allocated for it, so a
-//! hostile file costs at most its own size (candle's reader allocates what a length field says
-//! first). Tensor data stays in the slice; [`Gguf::tensor`] hands out checked views.
+//! states is checked against the bytes that remain before anything is allocated for it
+//! (candle's reader allocates what a length field says first). What the parsed metadata takes
+//! in memory is metered too: at most [`METADATA_FACTOR`] times the file's size, however the file
+//! packs its values (a one-byte array element becomes a whole [`Value`]). Tensor data stays in
+//! the slice; [`Gguf::tensor`] hands out checked views.
 
 use std::collections::BTreeMap;
 
@@ -111,7 +113,13 @@ fn bad(what: impl std::fmt::Display) -> NnError {
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Bytes the parsed values may still take.
+    budget: u64,
 }
+
+/// The parsed metadata may take this many times the file's size (plus [`METADATA_SLACK`]).
+pub const METADATA_FACTOR: u64 = 4;
+const METADATA_SLACK: u64 = 1 << 20;
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], NnError> {
@@ -155,7 +163,16 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
+    /// Charges `n` bytes of parsed values against the budget.
+    fn charge(&mut self, n: u64, what: &str) -> Result<(), NnError> {
+        self.budget = self.budget.checked_sub(n).ok_or_else(|| {
+            bad(format!("{what}: the metadata would take more than {METADATA_FACTOR}x the file's size in memory"))
+        })?;
+        Ok(())
+    }
+
     fn value(&mut self, ty: u32, depth: u32, what: &str) -> Result<Value, NnError> {
+        self.charge(size_of::<Value>() as u64, what)?;
         Ok(match ty {
             0 => Value::U64(u64::from(self.array::<1>(what)?[0])),
             1 => Value::I64(i64::from(self.array::<1>(what)?[0] as i8)),
@@ -176,6 +193,7 @@ impl<'a> Reader<'a> {
                 }
                 let elem = self.u32(what)?;
                 let n = self.count(min_size(elem), what)?;
+                self.charge((n as u64).saturating_mul(size_of::<Value>() as u64), what)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(elem, depth + 1, what)?);
@@ -204,7 +222,8 @@ fn min_size(ty: u32) -> u64 {
 impl<'a> Gguf<'a> {
     /// Parses `bytes`, checking every tensor's extent against the file.
     pub fn parse(bytes: &'a [u8]) -> Result<Gguf<'a>, NnError> {
-        let mut r = Reader { bytes, pos: 0 };
+        let budget = (bytes.len() as u64).saturating_mul(METADATA_FACTOR).saturating_add(METADATA_SLACK);
+        let mut r = Reader { bytes, pos: 0, budget };
         if r.take(4, "magic")? != b"GGUF" {
             return Err(bad("not a GGUF file (magic)"));
         }
@@ -241,10 +260,15 @@ impl<'a> Gguf<'a> {
         let alignment = match metadata.get("general.alignment") {
             None => 32,
             Some(Value::U64(a)) if a.is_power_of_two() && *a <= 1 << 16 => *a,
-            Some(v) => return Err(bad(format!("general.alignment {v:?}"))),
+            Some(v) => {
+                return Err(bad(format!("general.alignment is {}: expected a power of two up to 65536", describe(v))));
+            }
         };
         let data_start = (r.pos as u64).next_multiple_of(alignment);
-        let data_len = (bytes.len() as u64).saturating_sub(data_start);
+        // A file that ends before its (aligned) data starts has no data, even for empty tensors.
+        let data_len = (bytes.len() as u64).checked_sub(data_start).ok_or_else(|| {
+            bad(format!("the file ends at {} bytes, before its tensor data starts at {data_start}", bytes.len()))
+        })?;
         let mut table = BTreeMap::new();
         for (name, dims, dtype, offset) in infos {
             let (per_block, block_bytes) = dtype.block();
@@ -284,7 +308,7 @@ impl<'a> Gguf<'a> {
         match self.get(key)? {
             Value::U64(v) if (1..=max as u64).contains(v) => Ok(*v as usize),
             Value::I64(v) if (1..=max as i64).contains(v) => Ok(*v as usize),
-            v => Err(bad(format!("`{key}` is {v:?}; expected an integer in 1..={max}"))),
+            v => Err(bad(format!("`{key}` is {}; expected an integer in 1..={max}", describe(v)))),
         }
     }
 
@@ -302,7 +326,7 @@ impl<'a> Gguf<'a> {
     pub fn positive(&self, key: &str) -> Result<f64, NnError> {
         match self.get(key)? {
             Value::F64(v) if v.is_finite() && *v > 0.0 => Ok(*v),
-            v => Err(bad(format!("`{key}` is {v:?}; expected a positive number"))),
+            v => Err(bad(format!("`{key}` is {}; expected a positive number", describe(v)))),
         }
     }
 
@@ -310,7 +334,7 @@ impl<'a> Gguf<'a> {
     pub fn str(&self, key: &str) -> Result<&str, NnError> {
         match self.get(key)? {
             Value::Str(s) => Ok(s),
-            v => Err(bad(format!("`{key}` is {v:?}; expected a string"))),
+            v => Err(bad(format!("`{key}` is {}; expected a string", describe(v)))),
         }
     }
 
@@ -320,6 +344,19 @@ impl<'a> Gguf<'a> {
             Value::Array(a) => Ok(a),
             v => Err(bad(format!("`{key}` is a {}; expected an array", kind(v)))),
         }
+    }
+}
+
+/// A value for an error message: scalars as they are, strings and arrays by kind and size (a
+/// hostile file's huge value must not become a huge message).
+fn describe(v: &Value) -> String {
+    match v {
+        Value::U64(x) => x.to_string(),
+        Value::I64(x) => x.to_string(),
+        Value::F64(x) => x.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Str(s) => format!("a string of {} bytes", s.len()),
+        Value::Array(a) => format!("an array of {}", a.len()),
     }
 }
 
@@ -449,6 +486,35 @@ mod tests {
         let at = huge.windows(4).position(|w| w == b"list").unwrap() + 4 + 4 + 4;
         huge[at..at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
         assert!(Gguf::parse(&huge).unwrap_err().message.contains("cannot fit"));
+    }
+
+    #[test]
+    fn a_file_cut_before_its_data_is_an_error_even_for_empty_tensors() {
+        let bytes = write(&[], &[("empty", &[0], 0, &[])]);
+        // Header 24 bytes, then the entry: name 8 + 5, 1 dim (4 + 8), type 4, offset 8 = 61
+        // bytes; the data would start at 64.
+        let header_end = 24 + 13 + 12 + 4 + 8;
+        assert_eq!(bytes.len(), 64);
+        let err = Gguf::parse(&bytes[..header_end]).unwrap_err();
+        assert!(err.message.contains("before its tensor data"), "{err}");
+        assert!(Gguf::parse(&bytes).is_ok());
+    }
+
+    #[test]
+    fn metadata_that_would_swell_in_memory_is_refused() {
+        // A 1-byte-per-element array becomes 32 bytes per element parsed: over the budget.
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.push(b'a');
+        bytes.extend_from_slice(&9u32.to_le_bytes()); // array
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // of u8
+        let n = 4u64 << 20;
+        bytes.extend_from_slice(&n.to_le_bytes());
+        bytes.resize(bytes.len() + n as usize, 7);
+        assert!(Gguf::parse(&bytes).unwrap_err().message.contains("memory"));
     }
 
     #[test]
