@@ -346,25 +346,9 @@ ceilings = {{ timeout = "500ms" }}
     };
 
     // Models: what the tenant may use.
-    let list: serde_json::Value = client
-        .get(format!("{}/v1/models", server.url))
-        .bearer_auth("alpha-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = crate::gateway::get(&server, "/v1/models", Some("alpha-key")).await;
     assert_eq!(list["data"][0]["id"], "smollm2", "{list}");
-    let list: serde_json::Value = client
-        .get(format!("{}/v1/models", server.url))
-        .bearer_auth("beta-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = crate::gateway::get(&server, "/v1/models", Some("beta-key")).await;
     assert_eq!(list["data"].as_array().map(Vec::len), Some(0), "{list}");
 
     // Plain: greedy, 16 tokens, must be llama.cpp's text for the same chat.
@@ -558,15 +542,7 @@ plugins = ["text-embed"]
     let reference = crate::embed::reference();
     let cases: Vec<_> = reference.cases.iter().take(3).collect();
     let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
-    let list: serde_json::Value = client
-        .get(format!("{}/v1/models", server.url))
-        .bearer_auth("alpha-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = crate::gateway::get(&server, "/v1/models", Some("alpha-key")).await;
     assert_eq!(list["data"][0]["id"], "text-embed", "{list}");
     for format in ["float", "base64"] {
         let resp = client

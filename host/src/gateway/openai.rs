@@ -91,7 +91,8 @@ pub(super) async fn models(State(gw): Gw, headers: HeaderMap) -> Result<axum::Js
     let mut data: Vec<Value> = registry
         .names()
         .filter(|n| t.decl.may_use_model(n))
-        .filter(|n| registry.decl(n).is_some_and(|d| crate::llm::model::is_gguf(&d.path)))
+        // The gateway preloads every model, so this reads no files.
+        .filter(|n| registry.loaded(n).is_some_and(|m| m.llm().is_some()))
         .map(|n| json!({ "id": n, "object": "model", "created": 0, "owned_by": "eir" }))
         .collect();
     // Plugins are models too (e.g. `text-embed` on /v1/embeddings).

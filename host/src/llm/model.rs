@@ -27,11 +27,9 @@ const OPEN: char = '\u{F0000}';
 const CLOSE: char = '\u{F0001}';
 
 impl Llm {
-    /// Loads a GGUF file (or a directory holding exactly one) under `meter` and starts its
-    /// engine.
-    pub fn load(path: &Path, settings: Settings, meter: &Meter) -> Result<Llm, NnError> {
-        let file = gguf_file(path)?;
-        let bytes = std::fs::read(&file).map_err(|e| NnError::not_found(format!("{}: {e}", file.display())))?;
+    /// Loads a GGUF file (see [`gguf_at`]) under `meter` and starts its engine.
+    pub fn load(file: &Path, settings: Settings, meter: &Meter) -> Result<Llm, NnError> {
+        let bytes = std::fs::read(file).map_err(|e| NnError::not_found(format!("{}: {e}", file.display())))?;
         let gguf = GgufModel::from_bytes(&bytes, meter)
             .map_err(|e| NnError { message: format!("{}: {}", file.display(), e.message), ..e })?;
         Self::new(Arc::new(gguf), settings)
@@ -114,33 +112,20 @@ impl Llm {
     }
 }
 
-/// The GGUF file at `path`, or the one GGUF file directly inside the directory `path`.
-pub fn gguf_file(path: &Path) -> Result<std::path::PathBuf, NnError> {
-    if !path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let found: Vec<_> = std::fs::read_dir(path)
-        .map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(NnError::not_found(format!("{}: no .gguf file", path.display()))),
-        _ => Err(NnError::invalid_argument(format!("{}: several .gguf files; name one", path.display()))),
-    }
-}
-
-/// Whether `path` is (or holds) a GGUF model.
-pub fn is_gguf(path: &Path) -> bool {
-    let file = match gguf_file(path) {
-        Ok(f) => f,
-        Err(_) => return false,
+/// The GGUF file `path` is (or the one `.gguf` file directly inside the directory `path`), if
+/// it is one: its first bytes say so.
+pub fn gguf_at(path: &Path) -> Option<std::path::PathBuf> {
+    let file = if path.is_dir() {
+        match crate::nn::backend::files_with_extension(path, "gguf").ok()?.as_slice() {
+            [one] => one.clone(),
+            _ => return None,
+        }
+    } else {
+        path.to_path_buf()
     };
     let mut head = [0u8; 4];
-    std::fs::File::open(&file).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
-        && &head == b"GGUF"
+    std::fs::File::open(&file).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).ok()?;
+    (&head == b"GGUF").then_some(file)
 }
 
 impl Model for Llm {

@@ -144,18 +144,23 @@ fn dir_size(path: &Path) -> u64 {
     }
 }
 
+/// The files directly inside `dir` whose extension is `ext` (a model directory holds one).
+pub fn files_with_extension(dir: &Path, ext: &str) -> Result<Vec<std::path::PathBuf>, NnError> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| NnError::not_found(format!("{}: {e}", dir.display())))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect())
+}
+
 /// [`load`] under `meter` (a load budget, the caller's deadline and cancellation).
 pub fn load_with(source: Source<'_>, target: Target, meter: &Meter) -> Result<Arc<dyn Model>, NnError> {
     let device = target.device()?;
     match source {
         Source::Path(path) if path.is_dir() && !path.join("config.json").exists() => {
             // A directory holding one ONNX graph (and its assets: labels, tokenizers).
-            let onnx: Vec<_> = std::fs::read_dir(path)
-                .map_err(|e| NnError::not_found(format!("{}: {e}", path.display())))?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
-                .collect();
+            let onnx = files_with_extension(path, "onnx")?;
             match onnx.as_slice() {
                 [one] => load_with(Source::Path(one), target, meter),
                 [] => Err(NnError::not_found(format!(

@@ -145,15 +145,11 @@ impl Registry {
                     .scheduler
                     .loads()
                     .run(&Default::default(), move || -> Result<Arc<dyn Model>, NnError> {
-                        if crate::llm::model::is_gguf(&path) {
-                            let meter = crate::nn::meter::Meter::for_load(
-                                backend::load_budget(
-                                    std::fs::metadata(crate::llm::model::gguf_file(&path)?).map_or(0, |m| m.len()),
-                                ),
-                                Default::default(),
-                                None,
-                            );
-                            let llm = crate::llm::Llm::load(&path, decl.llm.clone().unwrap_or_default(), &meter)?;
+                        if let Some(file) = crate::llm::model::gguf_at(&path) {
+                            let size = std::fs::metadata(&file).map_or(0, |m| m.len());
+                            let meter =
+                                crate::nn::meter::Meter::for_load(backend::load_budget(size), Default::default(), None);
+                            let llm = crate::llm::Llm::load(&file, decl.llm.clone().unwrap_or_default(), &meter)?;
                             return Ok(Arc::new(llm));
                         }
                         backend::load(Source::Path(&path), decl.target)
