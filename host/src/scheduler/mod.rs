@@ -925,7 +925,12 @@ mod tests {
         let t = s.tenant("dropper");
         let running = s.submit(job(&m, &t, 1.0, BatchPolicy { max_batch: 1, ..Default::default() }));
         let running = tokio::spawn(running);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Abandon it only once its pass has run for a while (on a loaded machine the pass may
+        // start well after the submit), so that there is work to charge.
+        while s.passes().0 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let queued = s.submit(job(&m, &t, 2.0, BatchPolicy { max_batch: 1, ..Default::default() }));
         drop(queued);
         running.abort();
