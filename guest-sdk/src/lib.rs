@@ -28,6 +28,7 @@
 
 pub mod llm;
 pub mod nn;
+pub mod reply;
 mod tensor;
 
 /// The raw bindings generated from `wit/` (the `eir:plugin/pipeline` world), for what the
@@ -146,6 +147,12 @@ impl Request {
     /// The parameter `name`, if given.
     pub fn param(&self, name: &str) -> Option<&str> {
         self.parameters.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of parameter `name`, in order (a parameter may be given more than once,
+    /// e.g. `stop`).
+    pub fn params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.parameters.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The parameter `name` parsed as `T`, or `default` when absent; a value that does not

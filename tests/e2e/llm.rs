@@ -722,3 +722,138 @@ async fn rag_chat_retrieves_the_right_passage_and_answers_from_it() {
     let err = plugin.handle(&request(&[], vec![texts("question", &[" "])])).await.unwrap_err();
     assert!(err.to_string().contains("question"), "{err}");
 }
+
+/// The SSE events of a streamed chat answer, `[DONE]` last: the JSON chunks before it.
+fn sse_chunks(text: &str) -> Vec<serde_json::Value> {
+    let events: Vec<&str> =
+        text.split("\n\n").filter(|e| !e.is_empty()).map(|e| e.strip_prefix("data: ").unwrap()).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+}
+
+/// A plugin named as `model` on `/v1/chat/completions` (the chat convention of
+/// `eir:plugin/reply`): rag-chat answers the same as on `/v2` with `question`, plain and
+/// streamed part by part; a client that hangs up mid-stream ends the plugin's generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_answer_openai_chat_streaming_their_parts_as_they_generate() {
+    use crate::gateway::{Server, hash};
+    let config = format!(
+        r#"
+[server]
+admin_key_sha256 = "{admin}"
+
+[models.smollm2]
+path = "{smollm2}"
+
+[models.minilm]
+path = "{minilm}"
+
+[plugins.rag-chat]
+path = "{rag}"
+models = ["minilm", "smollm2"]
+dirs = ["{docs}::/docs:ro"]
+reuse = 10
+limits = {{ timeout = "120s", max_memory = "512MiB" }}
+
+[plugins.llm-chat]
+path = "{llm_chat}"
+models = ["smollm2"]
+limits = {{ timeout = "120s" }}
+
+[tenants.alpha]
+keys_sha256 = ["{alpha}"]
+plugins = ["rag-chat", "llm-chat"]
+"#,
+        admin = hash("admin-key"),
+        smollm2 = smollm2_file().parent().unwrap().display(),
+        minilm = crate::embed::minilm_dir().display(),
+        rag = crate::common::guest("rag-chat").display(),
+        docs = repo().join("plugins/rag-chat/docs").display(),
+        llm_chat = crate::common::guest("llm-chat").display(),
+        alpha = hash("alpha-key"),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&config, cache.path());
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        client.post(format!("{}{path}", server.url)).bearer_auth("alpha-key").json(&body).send()
+    };
+    let question = "What is the demo API key of the gateway?";
+
+    // Plain: the same greedy answer as the KServe route gives for `question`.
+    let body = serde_json::json!({"model": "rag-chat", "messages": [{"role": "user", "content": question}],
+                                  "temperature": 0, "max_tokens": 40});
+    let resp = post("/v1/chat/completions", body.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain: serde_json::Value = resp.json().await.unwrap();
+    let content = plain["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!content.is_empty(), "{plain}");
+    let completion = plain["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=40).contains(&completion), "{plain}");
+    assert!(plain["usage"]["prompt_tokens"].as_u64().unwrap() > 20, "the prompt holds the passages: {plain}");
+    let finish = plain["choices"][0]["finish_reason"].as_str().unwrap();
+    assert_eq!(finish, if completion == 40 { "length" } else { "stop" }, "{plain}");
+    let v2 = serde_json::json!({"inputs": [{"name": "question", "datatype": "BYTES", "shape": [1], "data": [question]}],
+                                "parameters": {"max_tokens": "40"}});
+    let resp = post("/v2/models/rag-chat/infer", v2).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v2: serde_json::Value = resp.json().await.unwrap();
+    let answer = v2["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "answer").unwrap();
+    assert_eq!(answer["data"][0].as_str(), Some(content.as_str()), "{v2}");
+
+    // Streamed: the deltas are the plugin's parts and add up to the plain answer.
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::json!(true);
+    streamed["stream_options"] = serde_json::json!({"include_usage": true});
+    let resp = post("/v1/chat/completions", streamed).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let chunks = sse_chunks(&resp.text().await.unwrap());
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let deltas: Vec<&str> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(deltas.concat(), content);
+    assert!(deltas.len() > 3, "streamed in parts, not as one answer: {deltas:?}");
+    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], finish);
+    assert_eq!(chunks[chunks.len() - 1]["usage"], plain["usage"]);
+
+    // A long generation: the first part reaches the client while the plugin's sequence still
+    // runs, and hanging up ends it (3000 tokens would take minutes).
+    // `raw` (the plugin's own parameter, as an OpenAI client's `extra_body`) continues the text.
+    let long = serde_json::json!({"model": "llm-chat", "messages": [{"role": "user", "content": "Once upon a time"}],
+                                  "max_tokens": 3000, "temperature": 0, "stream": true, "raw": true});
+    let mut resp = post("/v1/chat/completions", long).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut seen = String::new();
+    // The role chunk's empty content, then the first part.
+    while seen.matches("\"content\":").count() < 2 {
+        let part = resp.chunk().await.unwrap().expect("the stream ended early");
+        seen.push_str(&String::from_utf8_lossy(&part));
+    }
+    let active = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("eir_llm_active_sequences{") && l.contains("tenant=\"alpha\""))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+    };
+    let (_, metrics) = crate::gateway::get_text(&server, "/metrics", "admin-key").await;
+    assert_eq!(active(&metrics).as_deref(), Some("1"), "still generating after the first part:\n{metrics}");
+    drop(resp);
+    let hung_up = Instant::now();
+    loop {
+        let (_, metrics) = crate::gateway::get_text(&server, "/metrics", "admin-key").await;
+        if active(&metrics).is_none_or(|n| n == "0") {
+            break;
+        }
+        assert!(hung_up.elapsed() < Duration::from_secs(10), "the generation outlived its client:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Plugins answer chats only; bad chats are the client's fault.
+    let resp = post("/v1/completions", serde_json::json!({"model": "rag-chat", "prompt": "x"})).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let last_not_user = serde_json::json!({"model": "rag-chat", "messages": [{"role": "assistant", "content": "hi"}]});
+    let resp = post("/v1/chat/completions", last_not_user).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("user question"), "{err}");
+}

@@ -154,10 +154,25 @@ impl Gateway {
         request: crate::tensor::Request,
         held: H,
     ) -> (Result<crate::tensor::Response, crate::plugin::CallError>, crate::plugin::CallStats) {
+        self.call_with(plugin, request, held, None).await
+    }
+
+    /// [`Gateway::call`], streaming the parts of the answer the plugin sends into `reply`.
+    /// Dropping the returned future (a client that hung up) cancels the call.
+    pub async fn call_with<H: Send + 'static>(
+        &self,
+        plugin: Arc<Plugin>,
+        request: crate::tensor::Request,
+        held: H,
+        reply: Option<crate::plugin::ReplySink>,
+    ) -> (Result<crate::tensor::Response, crate::plugin::CallError>, crate::plugin::CallStats) {
         let abandoned = CancelToken::new();
         let token = abandoned.clone();
         let task = async move {
-            let answer = plugin.handle_abandonable(&request, &token).await;
+            let answer = match reply {
+                Some(reply) => plugin.handle_streaming(&request, &token, reply).await,
+                None => plugin.handle_abandonable(&request, &token).await,
+            };
             drop(held);
             answer
         };

@@ -387,6 +387,11 @@ pub(super) async fn chat(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Resu
         .into_iter()
         .map(|m| Ok(Message { role: m.role, content: m.content.text()? }))
         .collect::<Result<_, OaiError>>()?;
+    let t = tenant(&gw, &headers)?;
+    if let Some(call) = admit_plugin(&gw, &t, &req.common.model)? {
+        let extra = extra_parameters(&body);
+        return chat_plugin(gw, t, call, req.common, messages, extra).await;
+    }
     let job = resolve(&gw, &headers, req.common, usize::MAX).await?;
     let prompt = job.llm().chat_prompt(&messages)?;
     run(gw, job, prompt, Kind::Chat).await
@@ -400,6 +405,15 @@ pub(super) async fn completions(State(gw): Gw, headers: HeaderMap, body: Bytes) 
         Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
         _ => return Err(OaiError::bad("prompt must be one string")),
     };
+    let t = tenant(&gw, &headers)?;
+    if gw.snapshot().resolve(&t, &req.common.model, None).is_some() {
+        let mut e = OaiError::bad(format!(
+            "`{}` is a plugin: plugins answer on /v1/chat/completions (and /v1/embeddings)",
+            req.common.model
+        ));
+        e.param = Some("model");
+        return Err(e);
+    }
     // OpenAI's default for completions is 16 tokens.
     let job = resolve(&gw, &headers, req.common, 16).await?;
     let prompt = job.llm().text_prompt(&text)?;
@@ -546,10 +560,353 @@ fn stream(job: Job, generation: Generation, acct: Accounting, id: String, create
             Phase::End => None,
         }
     });
+    sse_response(Body::from_stream(events))
+}
+
+fn no_model(model: &str) -> OaiError {
+    let mut e = OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no model `{model}`"));
+    e.param = Some("model");
+    e
+}
+
+/// A plugin call admitted past the tenant's quotas into the plugin's queue. Held until the
+/// call has ended.
+struct PluginCall {
+    plugin: Arc<crate::plugin::Plugin>,
+    running: Arc<tokio::sync::Semaphore>,
+    _tenant_slot: tokio::sync::OwnedSemaphorePermit,
+    _queued: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PluginCall {
+    /// Waits for the plugin's turn to run (its concurrency).
+    async fn run(&self) -> Result<tokio::sync::OwnedSemaphorePermit, OaiError> {
+        self.running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unloading"))
+    }
+}
+
+/// Admits a call to the plugin `model` as the KServe routes do (the tenant's rate,
+/// concurrency and compute quotas, the plugin's queue); `None` when the tenant has no such
+/// plugin.
+fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Option<PluginCall>, OaiError> {
+    let snapshot = gw.snapshot();
+    let Some(s) = snapshot.resolve(t, model, None) else { return Ok(None) };
+    let Some(plugin) = s.per_tenant.get(&t.name).cloned() else { return Ok(None) };
+    let m = gw.metrics();
+    let busy = |reason: &'static str, message: String, retry: u64| {
+        m.refused(&t.name, reason);
+        OaiError {
+            retry_after: Some(retry),
+            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    };
+    let tenant_slot = t.admit().map_err(|r| match r {
+        Refused::Rate(wait) => {
+            busy("rate", "over your rate quota; retry later".into(), wait.as_secs_f64().ceil() as u64)
+        }
+        Refused::Concurrency => busy("concurrency", "over your concurrency quota; retry later".into(), 1),
+    })?;
+    if let Some(wait) = plugin.tenant().over_quota() {
+        return Err(busy("compute", "over your compute quota; retry later".into(), wait.as_secs_f64().ceil() as u64));
+    }
+    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+        m.refused(&t.name, "queue");
+        OaiError {
+            retry_after: Some(1),
+            ..OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("model `{model}` is at capacity"))
+        }
+    })?;
+    Ok(Some(PluginCall { plugin, running: s.running.clone(), _tenant_slot: tenant_slot, _queued: queued }))
+}
+
+/// A failed plugin call as an OpenAI error: the request's fault (400) or the server's (500).
+fn call_error(e: &crate::plugin::CallError) -> OaiError {
+    use crate::plugin::ErrorKind;
+    use crate::tensor::ErrorCode;
+    let status = match e.kind() {
+        ErrorKind::InvalidRequest
+        | ErrorKind::Plugin(ErrorCode::InvalidInput)
+        | ErrorKind::Plugin(ErrorCode::Unsupported) => StatusCode::BAD_REQUEST,
+        ErrorKind::Plugin(ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
+    OaiError::new(status, kind, e.to_string().lines().next().unwrap_or_default().to_string())
+}
+
+/// What a chat plugin answered (the `eir:plugin/reply` chat convention).
+struct PluginAnswer {
+    text: String,
+    finish: &'static str,
+    usage: Usage,
+}
+
+impl PluginAnswer {
+    fn of(plugin: &str, response: &crate::tensor::Response) -> Result<Self, OaiError> {
+        use crate::tensor::TensorData;
+        let not_chat = || {
+            OaiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("plugin `{plugin}` gave no `answer` output (BYTES [1] of UTF-8 text)"),
+            )
+        };
+        let answer = response.outputs.iter().find(|o| o.name == "answer").ok_or_else(not_chat)?;
+        let TensorData::Bytes(texts) = &answer.data else { return Err(not_chat()) };
+        let [text] = texts.as_slice() else { return Err(not_chat()) };
+        let text = String::from_utf8(text.clone()).map_err(|_| not_chat())?;
+        let param = |name: &str| response.parameters.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let count = |name: &str| param(name).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
+        let finish = if param("finish_reason") == Some("length") { "length" } else { "stop" };
+        let usage = Usage { prompt_tokens: count("prompt_tokens"), completion_tokens: count("completion_tokens") };
+        Ok(Self { text, finish, usage })
+    }
+}
+
+/// The fields of OpenAI's chat request; any other top-level field is the plugin's own.
+const OPENAI_CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "metadata",
+    "store",
+    "service_tier",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "functions",
+    "function_call",
+    "web_search_options",
+];
+
+/// Most extra parameters passed on to a plugin.
+const MAX_EXTRA_PARAMETERS: usize = 32;
+
+/// A chat request's other top-level fields with a string, number or boolean value (what an
+/// OpenAI client sends as `extra_body`), as plugin parameters.
+fn extra_parameters(body: &Bytes) -> Vec<(String, String)> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else { return vec![] };
+    fields
+        .into_iter()
+        .filter(|(k, _)| !OPENAI_CHAT_FIELDS.contains(&k.as_str()))
+        .filter_map(|(k, v)| match v {
+            Value::String(s) => Some((k, s)),
+            Value::Number(n) => Some((k, n.to_string())),
+            Value::Bool(b) => Some((k, b.to_string())),
+            _ => None,
+        })
+        .take(MAX_EXTRA_PARAMETERS)
+        .collect()
+}
+
+/// `/v1/chat/completions` answered by a plugin: the messages go in as `role` and `content`,
+/// the parameters the client set as request parameters (see `eir:plugin/reply` in
+/// `wit/eir.wit`); streamed, each part the plugin sends is one content delta.
+async fn chat_plugin(
+    gw: Arc<Gateway>,
+    t: Arc<TenantState>,
+    call: PluginCall,
+    c: Common,
+    messages: Vec<Message>,
+    extra: Vec<(String, String)>,
+) -> Result<Response, OaiError> {
+    use crate::tensor::{Request, Tensor, TensorData};
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(OaiError::bad("n must be 1"));
+    }
+    if let Some(wait) = t.tokens_wait() {
+        gw.metrics().refused(&t.name, "tokens");
+        return Err(OaiError {
+            retry_after: Some(wait.as_secs_f64().ceil() as u64),
+            ..OaiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "over your tokens-per-minute quota; retry later",
+            )
+        });
+    }
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(OaiError::bad("max_tokens must be at least 1"));
+    }
+    let stop = match c.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::Many(_)) => return Err(OaiError::bad("at most 4 stop sequences")),
+    };
+    let mut parameters: Vec<(String, String)> = [
+        ("max_tokens", max_tokens.map(|v| v.to_string())),
+        ("temperature", c.temperature.map(|v| v.to_string())),
+        ("top_p", c.top_p.map(|v| v.to_string())),
+        ("top_k", c.top_k.map(|v| v.to_string())),
+        ("min_p", c.min_p.map(|v| v.to_string())),
+        ("repeat_penalty", c.repeat_penalty.map(|v| v.to_string())),
+        ("seed", c.seed.map(|v| v.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?)))
+    .collect();
+    parameters.extend(stop.into_iter().map(|s| ("stop".to_string(), s)));
+    parameters.extend(extra);
+    let n = messages.len() as u64;
+    let (roles, contents) = messages.into_iter().map(|m| (m.role.into_bytes(), m.content.into_bytes())).unzip();
+    let request = Request {
+        id: request_id("chatcmpl"),
+        inputs: vec![
+            Tensor { name: "role".into(), shape: vec![n], data: TensorData::Bytes(roles) },
+            Tensor { name: "content".into(), shape: vec![n], data: TensorData::Bytes(contents) },
+        ],
+        outputs: vec![],
+        parameters,
+    };
+    let (id, created, model) = (request.id.clone(), now(), c.model.clone());
+    let running = call.run().await?;
+    let acct = Accounting::new(gw.clone(), t, model.clone());
+    let plugin = call.plugin.clone();
+    if !c.stream {
+        let (result, _stats) = gw.call(plugin, request, (call, running)).await;
+        let answer = result.map_err(|e| call_error(&e)).and_then(|r| PluginAnswer::of(&model, &r));
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                acct.done(&Usage::default(), e.status.as_u16());
+                return Err(e);
+            }
+        };
+        acct.done(&answer.usage, 200);
+        let choice = json!({ "index": 0, "message": { "role": "assistant", "content": answer.text },
+                             "logprobs": null, "finish_reason": answer.finish });
+        return Ok(axum::Json(json!({ "id": id, "object": "chat.completion", "created": created, "model": model,
+                                     "choices": [choice], "usage": usage_json(&answer.usage) }))
+        .into_response());
+    }
+
+    let (sink, parts) = crate::plugin::reply_channel();
+    let include_usage = c.stream_options.unwrap_or_default().include_usage;
+    // Dropping the body (the client hung up) drops this future, which cancels the call.
+    let g = gw.clone();
+    let answer: CallFuture = Box::pin(async move { g.call_with(plugin, request, (call, running), Some(sink)).await });
+    let chunk = move |choice: Value| -> Value {
+        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice] })
+    };
+    let delta =
+        |text: &str| json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null });
+    struct St<C> {
+        parts: tokio::sync::mpsc::Receiver<String>,
+        answer: CallFuture,
+        started: bool,
+        streamed: bool,
+        /// The events left once the call has ended.
+        tail: Option<std::collections::VecDeque<Bytes>>,
+        chunk: C,
+        acct: Accounting,
+    }
+    let sse = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
+    let state = St { parts, answer, started: false, streamed: false, tail: None, chunk, acct };
+    let events = futures_util::stream::unfold(state, move |mut st| async move {
+        if !st.started {
+            st.started = true;
+            let first = (st.chunk)(
+                json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }),
+            );
+            return Some((Ok::<_, Infallible>(sse(&first)), st));
+        }
+        loop {
+            if let Some(tail) = &mut st.tail {
+                let event = tail.pop_front()?;
+                return Some((Ok(event), st));
+            }
+            let (result, _stats) = tokio::select! {
+                biased;
+                Some(part) = st.parts.recv() => {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    st.acct.token();
+                    st.streamed = true;
+                    return Some((Ok(sse(&(st.chunk)(delta(&part)))), st));
+                }
+                ended = &mut st.answer => ended,
+            };
+            // The call has ended: what it sent last, then its end.
+            let mut tail = std::collections::VecDeque::new();
+            while let Ok(part) = st.parts.try_recv() {
+                if !part.is_empty() {
+                    st.streamed = true;
+                    tail.push_back(sse(&(st.chunk)(delta(&part))));
+                }
+            }
+            match result.map_err(|e| call_error(&e)).and_then(|r| PluginAnswer::of(&st.acct.model, &r)) {
+                Ok(answer) => {
+                    if !st.streamed && !answer.text.is_empty() {
+                        st.acct.token();
+                        tail.push_back(sse(&(st.chunk)(delta(&answer.text))));
+                    }
+                    st.acct.done(&answer.usage, 200);
+                    tail.push_back(sse(&(st.chunk)(
+                        json!({ "index": 0, "delta": {}, "logprobs": null, "finish_reason": answer.finish }),
+                    )));
+                    if include_usage {
+                        let mut c = (st.chunk)(Value::Null);
+                        c["choices"] = json!([]);
+                        c["usage"] = usage_json(&answer.usage);
+                        tail.push_back(sse(&c));
+                    }
+                }
+                Err(e) => {
+                    st.acct.done(&Usage::default(), e.status.as_u16());
+                    tail.push_back(sse(
+                        &json!({ "error": { "message": e.message, "type": e.kind, "param": null, "code": null } }),
+                    ));
+                }
+            }
+            tail.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            st.tail = Some(tail);
+        }
+    });
+    Ok(sse_response(Body::from_stream(events)))
+}
+
+type CallFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (Result<crate::tensor::Response, crate::plugin::CallError>, crate::plugin::CallStats),
+            > + Send,
+    >,
+>;
+
+fn sse_response(body: Body) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(events))
+        .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
@@ -596,46 +953,9 @@ pub(super) async fn embeddings(State(gw): Gw, headers: HeaderMap, body: Bytes) -
         Some(other) => return Err(OaiError::bad(format!("encoding_format `{other}` (float or base64)"))),
     };
     let t = tenant(&gw, &headers)?;
-    let snapshot = gw.snapshot();
-    let not_found =
-        || OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no model `{}`", req.model));
-    let s = snapshot.resolve(&t, &req.model, None).ok_or_else(not_found)?;
-    let plugin = s.per_tenant.get(&t.name).cloned().ok_or_else(not_found)?;
-    let m = gw.metrics();
-    let busy = |reason: &'static str, message: String, retry: u64| {
-        m.refused(&t.name, reason);
-        OaiError {
-            retry_after: Some(retry),
-            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-        }
-    };
-    let tenant_slot = t.admit().map_err(|r| match r {
-        Refused::Rate(wait) => {
-            busy("rate", "over your rate quota; retry later".into(), wait.as_secs_f64().ceil() as u64)
-        }
-        Refused::Concurrency => busy("concurrency", "over your concurrency quota; retry later".into(), 1),
-    })?;
-    if let Some(wait) = plugin.tenant().over_quota() {
-        return Err(busy("compute", "over your compute quota; retry later".into(), wait.as_secs_f64().ceil() as u64));
-    }
-    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
-        m.refused(&t.name, "queue");
-        OaiError {
-            retry_after: Some(1),
-            ..OaiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                format!("model `{}` is at capacity", req.model),
-            )
-        }
-    })?;
-    let running = s
-        .running
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unloading"))?;
-    let in_flight = m.in_flight(&t.name, &req.model);
+    let admitted = admit_plugin(&gw, &t, &req.model)?.ok_or_else(|| no_model(&req.model))?;
+    let running = admitted.run().await?;
+    let in_flight = gw.metrics().in_flight(&t.name, &req.model);
     let n = texts.len();
     let request = Request {
         id: request_id("emb"),
@@ -647,17 +967,12 @@ pub(super) async fn embeddings(State(gw): Gw, headers: HeaderMap, body: Bytes) -
         outputs: vec!["embedding".into(), "token_counts".into()],
         parameters: vec![],
     };
-    let (result, _stats) = gw.call(plugin, request, (tenant_slot, queued, running, in_flight)).await;
+    let m = gw.metrics();
+    let (result, _stats) = gw.call(admitted.plugin.clone(), request, (admitted, running, in_flight)).await;
     let response = result.map_err(|e| {
-        let status = match e.kind() {
-            crate::plugin::ErrorKind::InvalidRequest
-            | crate::plugin::ErrorKind::Plugin(crate::tensor::ErrorCode::InvalidInput)
-            | crate::plugin::ErrorKind::Plugin(crate::tensor::ErrorCode::Unsupported) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        m.request(&t.name, &req.model, status.as_u16());
-        let kind = if status == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
-        OaiError::new(status, kind, e.to_string().lines().next().unwrap_or_default().to_string())
+        let e = call_error(&e);
+        m.request(&t.name, &req.model, e.status.as_u16());
+        e
     })?;
     let output = |name: &str| response.outputs.iter().find(|o| o.name == name);
     let not_embedding = || {

@@ -414,18 +414,10 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
             st.stats.waiting = st.waiting.len();
             st.stats.set_active(&active, kv_used);
         }
-        let before = active.len();
-        active.retain(|s| match s.p.gone() {
-            Some(finish) => {
-                s.p.done(finish, s.generated, None);
-                kv_used -= s.kv_bytes;
-                false
-            }
-            None => true,
-        });
-        if active.len() != before {
-            let mut st = shared.lock();
-            st.stats.set_active(&active, kv_used);
+        let gone: Vec<Option<(Finish, Option<String>)>> =
+            active.iter().map(|s| s.p.gone().map(|f| (f, None))).collect();
+        if gone.iter().any(Option::is_some) {
+            retire(&mut active, gone, &mut kv_used, shared, |_| {});
         }
         if active.is_empty() {
             continue;
@@ -474,15 +466,13 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for s in active.drain(..) {
-                    s.p.done(Finish::Error, s.generated, Some(e.message.clone()));
-                }
-                kv_used = 0;
+                let failed = active.iter().map(|_| Some((Finish::Error, Some(e.message.clone())))).collect();
+                retire(&mut active, failed, &mut kv_used, shared, |_| {});
                 continue;
             }
         };
         let mut logits = logits.into_iter();
-        let mut finished = vec![false; active.len()];
+        let mut finished: Vec<Option<(Finish, Option<String>)>> = vec![None; active.len()];
         let (mut generated, mut prefilled) = (0u64, 0u64);
         for ((s, &(_, n, wants)), done) in active.iter_mut().zip(&plan).zip(finished.iter_mut()) {
             if n == 0 {
@@ -500,8 +490,8 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
             let token = s.sampler.sample(&l, &s.history);
             generated += 1;
             if tok.ends_turn(token) {
-                finish(s, Finish::Stop, Vec::new());
-                *done = true;
+                flush(s, Finish::Stop, Vec::new());
+                *done = Some((Finish::Stop, None));
                 continue;
             }
             s.generated += 1;
@@ -512,8 +502,7 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
             if stopped {
                 // What followed the stop string (in this token or held) is dropped.
                 send_chunk(s, emit, vec![token]);
-                s.p.done(Finish::Stop, s.generated, None);
-                *done = true;
+                *done = Some((Finish::Stop, None));
             } else if s.generated >= s.p.req.max_tokens || s.cache.len() >= s.cache.capacity() {
                 send_chunk(s, emit, vec![token]);
                 let reason = if s.generated >= s.p.req.max_tokens { Finish::Length } else { Finish::ContextFull };
@@ -521,27 +510,51 @@ fn run(model: &GgufModel, settings: &Settings, shared: &Shared) {
                 let (mut rest, _) = s.stop.push(&tail);
                 rest.push_str(&s.stop.finish());
                 send_chunk(s, rest, Vec::new());
-                finish(s, reason, Vec::new());
-                *done = true;
+                flush(s, reason, Vec::new());
+                *done = Some((reason, None));
             } else {
                 send_chunk(s, emit, vec![token]);
             }
         }
-        let mut i = 0;
-        active.retain(|s| {
-            let keep = !finished[i];
-            i += 1;
-            if !keep {
-                kv_used -= s.kv_bytes;
-            }
-            keep
+        let batched = plan.iter().filter(|p| p.1 > 0).count() as u64;
+        retire(&mut active, finished, &mut kv_used, shared, |stats| {
+            stats.steps += 1;
+            stats.batched += batched;
+            stats.generated += generated;
+            stats.prefilled += prefilled;
         });
+    }
+}
+
+/// Takes the sequences with an end in `ends` (one entry per active sequence) out of the batch,
+/// publishes the stats (with `update`), and only then sends their `Done`: whoever sees a
+/// generation end sees its slot and KV cache already freed.
+fn retire(
+    active: &mut Vec<Seq>,
+    ends: Vec<Option<(Finish, Option<String>)>>,
+    kv_used: &mut u64,
+    shared: &Shared,
+    update: impl FnOnce(&mut Stats),
+) {
+    let mut ended = Vec::new();
+    let mut kept = Vec::with_capacity(active.len());
+    for (s, end) in active.drain(..).zip(ends) {
+        match end {
+            Some(end) => {
+                *kv_used -= s.kv_bytes;
+                ended.push((s, end));
+            }
+            None => kept.push(s),
+        }
+    }
+    *active = kept;
+    {
         let mut st = shared.lock();
-        st.stats.steps += 1;
-        st.stats.batched += plan.iter().filter(|p| p.1 > 0).count() as u64;
-        st.stats.generated += generated;
-        st.stats.prefilled += prefilled;
-        st.stats.set_active(&active, kv_used);
+        update(&mut st.stats);
+        st.stats.set_active(active, *kv_used);
+    }
+    for (s, (finish, error)) in ended {
+        s.p.done(finish, s.generated, error);
     }
 }
 
@@ -551,8 +564,9 @@ fn send_chunk(s: &Seq, text: String, tokens: Vec<Token>) {
     }
 }
 
-/// Ends `s` with `reason` after flushing any held text (when the model stopped on its own).
-fn finish(s: &mut Seq, reason: Finish, tokens: Vec<Token>) {
+/// Flushes the text `s` holds back before it ends with `reason` (when the model stopped on
+/// its own); its `Done` follows from [`retire`].
+fn flush(s: &mut Seq, reason: Finish, tokens: Vec<Token>) {
     if reason == Finish::Stop {
         let tail = s.text.finish();
         let (mut rest, stopped) = s.stop.push(&tail);
@@ -561,7 +575,6 @@ fn finish(s: &mut Seq, reason: Finish, tokens: Vec<Token>) {
         }
         send_chunk(s, rest, tokens);
     }
-    s.p.done(reason, s.generated, None);
 }
 
 /// Holds back text that may be the start of a stop string, and cuts the answer at one.

@@ -206,13 +206,8 @@ impl wit::HostGeneration for StoreState {
                 handle.finished = Some(wit::Finished { reason: wit::FinishReason::Deadline, usage: none });
                 return Ok(None);
             }
-            _ = async {
-                // The caller went away (the gateway's client hung up): checked often enough to
-                // free the slot well within a step.
-                while !abandoned.is_cancelled() {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            } => {
+            // The caller went away (the gateway's client hung up).
+            () = abandoned.cancelled() => {
                 handle.generation.cancel();
                 handle.finished = Some(wit::Finished { reason: wit::FinishReason::Cancelled, usage: none });
                 return Ok(None);

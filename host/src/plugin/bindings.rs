@@ -23,4 +23,5 @@ wasmtime::component::bindgen!({
 
 pub use self::eir::plugin::llm;
 pub use self::eir::plugin::log;
+pub use self::eir::plugin::reply;
 pub use self::eir::plugin::types;

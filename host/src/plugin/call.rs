@@ -77,6 +77,28 @@ impl Plugin {
         request: &Request,
         abandoned: &CancelToken,
     ) -> (Result<Response, CallError>, CallStats) {
+        self.handle_call(request, abandoned, None).await
+    }
+
+    /// [`Plugin::handle_abandonable`] for a caller that reads the answer as a stream: the
+    /// parts the plugin sends through `eir:plugin/reply` go to `reply` (its receiver) as they
+    /// are sent, together at most the plugin's response size limit.
+    pub async fn handle_streaming(
+        &self,
+        request: &Request,
+        abandoned: &CancelToken,
+        reply: super::ReplySink,
+    ) -> (Result<Response, CallError>, CallStats) {
+        let reply = reply.limit(self.config.limits.max_response.as_u64());
+        self.handle_call(request, abandoned, Some(reply)).await
+    }
+
+    async fn handle_call(
+        &self,
+        request: &Request,
+        abandoned: &CancelToken,
+        reply: Option<super::ReplySink>,
+    ) -> (Result<Response, CallError>, CallStats) {
         let Pre::Pipeline(pre) = &self.pre else {
             return (Err(self.wrong_kind()), CallStats::default());
         };
@@ -94,6 +116,7 @@ impl Plugin {
             Ok(session) => session,
             Err(err) => return (Err(err), CallStats::default()),
         };
+        session.store.data_mut().reply = reply;
         let (result, stats) = self
             .run(&mut session, abandoned, async |s: &mut Session| {
                 let Session { store, pipeline, clean_stop, .. } = s;
@@ -110,6 +133,8 @@ impl Plugin {
                 pipeline.eir_plugin_handler().call_handle(&mut *store, request).await
             })
             .await;
+        // The caller's end of the stream closes when the call does.
+        session.store.data_mut().reply = None;
         // Only an instance that returned normally (a typed plugin error included), or that
         // stopped between calls because its caller went away, is reused.
         if result.is_ok() || session.clean_stop {

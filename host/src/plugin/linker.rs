@@ -47,6 +47,8 @@ pub fn build(engine: &wasmtime::Engine) -> anyhow::Result<Linker<StoreState>> {
         .map_err(|e| anyhow::anyhow!("linking eir:plugin/log: {e:#}"))?;
     bindings::llm::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
         .map_err(|e| anyhow::anyhow!("linking eir:plugin/llm: {e:#}"))?;
+    bindings::reply::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
+        .map_err(|e| anyhow::anyhow!("linking eir:plugin/reply: {e:#}"))?;
     crate::nn::bindings::Ml::add_to_linker::<StoreState, Nn>(&mut linker, StoreState::nn_view)
         .map_err(|e| anyhow::anyhow!("linking wasi:nn: {e:#}"))?;
     Ok(linker)

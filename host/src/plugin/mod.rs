@@ -9,6 +9,7 @@ pub mod bindings;
 mod call;
 mod error;
 mod linker;
+mod reply;
 pub(crate) mod store;
 
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 pub use call::CallStats;
 pub use error::{CallError, ErrorKind};
 pub use linker::Linkers;
+pub use reply::{ReplySink, channel as reply_channel};
 pub use store::StoreState;
 
 use crate::engine::{Artifact, Engine, LoadError};

@@ -29,6 +29,8 @@ pub struct StoreState {
     http: WasiHttpCtx,
     http_hooks: DenyOutgoingHttp,
     table: ResourceTable,
+    /// Where the current call streams its answer, when its caller reads a stream.
+    pub(crate) reply: Option<super::ReplySink>,
 }
 
 impl StoreState {
@@ -43,6 +45,7 @@ impl StoreState {
             http: WasiHttpCtx::new(),
             http_hooks: DenyOutgoingHttp,
             table: ResourceTable::new(),
+            reply: None,
         }
     }
 }
@@ -55,6 +58,11 @@ impl StoreState {
         self.nn.deadline = deadline;
         self.nn.abandoned = abandoned;
         self.nn.compute_time = std::time::Duration::ZERO;
+    }
+
+    /// Cancelled when the current call's caller goes away.
+    pub(crate) fn abandoned_token(&self) -> CancelToken {
+        self.nn.abandoned.clone()
     }
 
     /// Whether the current call's caller went away.

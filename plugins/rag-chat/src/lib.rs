@@ -5,11 +5,15 @@
 //! The documents (`.md` and `.txt` files directly in the directory, split into passages at
 //! blank lines) are embedded once per instance and kept while the instance is reused.
 //!
-//! Input `question` (BYTES `[1]`). Parameters: `docs` (default `/docs`), `k` (default 3),
-//! `max_tokens` (default 128), `temperature` (default 0: greedy), `seed`, `embedder` (default
-//! `minilm`), `model` (default `smollm2`). Outputs: `answer` (BYTES `[1]`), `sources` (BYTES
-//! `[k]`, `file#passage`), `scores` (FP32 `[k]`, cosine), `finish` (BYTES `[1]`: reason, prompt
-//! and completion tokens).
+//! Input `question` (BYTES `[1]`), or a chat as `/v1/chat/completions` sends it (`role` and
+//! `content`, BYTES `[n]`: the last message is the question, earlier user and assistant turns
+//! are kept as history). Parameters: `docs` (default `/docs`), `k` (default 3), `embedder`
+//! (default `minilm`), `model` (default `smollm2`), and the generation parameters of
+//! `eir_guest::llm::options_from` (`max_tokens` default 128, `temperature` default 0: greedy).
+//! Outputs: `answer` (BYTES `[1]`), `sources` (BYTES `[k]`, `file#passage`), `scores` (FP32
+//! `[k]`, cosine), `finish` (BYTES `[1]`: reason, prompt and completion tokens), and the chat
+//! convention's response parameters. The answer streams to a caller that reads a stream
+//! (`eir:plugin/reply`).
 
 use std::sync::OnceLock;
 
@@ -107,17 +111,13 @@ impl Plugin for RagChat {
     }
 
     fn handle(request: Request) -> Result<Response> {
-        let question = match request.texts("question")?.as_slice() {
-            [q] if !q.trim().is_empty() => q.trim().to_string(),
-            _ => return Err(Error::invalid_input("`question` must hold one non-empty text")),
-        };
+        let (question, history) = question(&request)?;
         let docs: String = request.param_or("docs", "/docs".to_string())?;
         let embedder: String = request.param_or("embedder", "minilm".to_string())?;
         let model_name: String = request.param_or("model", "smollm2".to_string())?;
         let k: usize = request.param_or("k", 3)?;
-        let max_tokens: u32 = request.param_or("max_tokens", 128)?;
-        let temperature: f32 = request.param_or("temperature", 0.0)?;
-        let seed: u64 = request.param_or("seed", 1)?;
+        let options = llm::options_from(&request, Options::greedy(128))?;
+        let max_tokens = options.max_tokens;
         if !(1..=16).contains(&k) {
             return Err(Error::invalid_input("k must be 1 to 16"));
         }
@@ -162,28 +162,43 @@ impl Plugin for RagChat {
             let system = format!(
                 "Answer the question using only the context below. If the context does not answer it, say you do not know.\n\nContext:\n{context}"
             );
-            let ids = model.chat_prompt(&[llm::system(system), llm::user(question.clone())])?;
+            let mut messages = vec![llm::system(system)];
+            messages.extend(history.iter().cloned());
+            messages.push(llm::user(question.clone()));
+            let ids = model.chat_prompt(&messages)?;
             if ids.len() as u64 + u64::from(max_tokens) <= u64::from(model.context_length()) || used == 0 {
                 break ids;
             }
             used -= 1;
         };
-        let options = if temperature > 0.0 {
-            Options::sampled(temperature, max_tokens, Some(seed))
-        } else {
-            Options::greedy(max_tokens)
-        };
         let generation = model.generate(&prompt, &options)?;
-        let (answer, finished) = llm::complete(&generation);
-        let finish = finished.map_or_else(|| "unknown".into(), |f| f.summary());
+        let (answer, finished) = llm::stream_to_caller(&generation);
+        let finished = finished.ok_or_else(|| Error::internal("the caller went away"))?;
         let sources: Vec<String> = ranked[..used].iter().map(|(p, _)| index.passages[*p].0.clone()).collect();
         let scores: Vec<f32> = ranked[..used].iter().map(|(_, s)| *s).collect();
         let n = sources.len() as u64;
         Ok(Response::new()
-            .with(Tensor::strings("answer", [answer.trim().to_string()]))
+            .with(Tensor::strings("answer", [answer]))
             .with(Tensor::strings("sources", sources))
             .with(Tensor::new("scores", vec![n], scores)?)
-            .with(Tensor::strings("finish", [finish])))
+            .with(Tensor::strings("finish", [finished.summary()]))
+            .with_finished(&finished))
+    }
+}
+
+/// The question, and the earlier turns of a chat (user and assistant messages; the plugin
+/// writes its own system message).
+fn question(request: &Request) -> Result<(String, Vec<llm::Message>)> {
+    if request.inputs.iter().any(|t| t.name == "content") {
+        let mut messages = llm::chat_messages(request)?;
+        let last = messages.pop().filter(|m| m.role == "user" && !m.content.trim().is_empty());
+        let last = last.ok_or_else(|| Error::invalid_input("the last message must be a non-empty user question"))?;
+        messages.retain(|m| m.role == "user" || m.role == "assistant");
+        return Ok((last.content.trim().to_string(), messages));
+    }
+    match request.texts("question")?.as_slice() {
+        [q] if !q.trim().is_empty() => Ok((q.trim().to_string(), Vec::new())),
+        _ => Err(Error::invalid_input("`question` must hold one non-empty text")),
     }
 }
 
