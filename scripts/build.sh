@@ -30,15 +30,18 @@ build_plugins() {
     build_shipped
     rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
     echo "==> building the test guests (wasm32-wasip2, and one wasip1 module)"
-    # Everything is a component, except the one test guest that stands for legacy wasip1 programs.
-    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --workspace --exclude legacy-nn --locked
-    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip1 --release -p legacy-nn --locked
+    # Everything is a component, except the test guests that stand for wasip1 programs written
+    # for other hosts (the wasi-nn 0.6 crate; WasmEdge's GGML backend).
+    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --workspace \
+        --exclude legacy-nn --exclude wasmedge-ggml --locked
+    cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip1 --release -p legacy-nn -p wasmedge-ggml --locked
     local crate name src
     mkdir -p tests/plugins/dist
     cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/legacy-nn.wasm" tests/plugins/dist/legacy_nn.wasm
+    cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/wasmedge-ggml.wasm" tests/plugins/dist/wasmedge_ggml.wasm
     for crate in tests/plugins/*/Cargo.toml; do
         name=$(basename "$(dirname "$crate")")
-        [ "$name" = legacy-nn ] && continue
+        [ "$name" = legacy-nn ] || [ "$name" = wasmedge-ggml ] && continue
         # A bin crate keeps dashes in its file name; a cdylib turns them into underscores.
         src="$out/$name.wasm"; [ -f "$src" ] || src="$out/$(echo "$name" | tr - _).wasm"
         cp "$src" "tests/plugins/dist/$(echo "$name" | tr - _).wasm"

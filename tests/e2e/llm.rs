@@ -857,3 +857,90 @@ plugins = ["rag-chat", "llm-chat"]
     let err: serde_json::Value = resp.json().await.unwrap();
     assert!(err["error"]["message"].as_str().unwrap().contains("user question"), "{err}");
 }
+
+/// Runs the WasmEdge-style guest under `eir run --model default=SmolLM2`, returning its report.
+fn wasmedge_ggml(args: &[&str], cache: &std::path::Path) -> serde_json::Value {
+    let model = format!("default={}", smollm2_file().display());
+    let ghost = "ghost=/nonexistent/eir/ghost.gguf";
+    let guest = crate::common::guest("wasmedge-ggml");
+    let mut all = vec!["run", "--model", &model, "--model", ghost, "--timeout", "120s", guest.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = crate::common::eir(&all, cache);
+    let (stdout, stderr) = crate::common::text(&out);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// A `wasm32-wasip1` program written for WasmEdge's GGML backend (the `wasmedge-wasi-nn` 0.8
+/// crate, as LlamaEdge's examples) runs unchanged: `compute` and `compute_single` give
+/// llama.cpp's greedy text, output 1 carries the token counts, and the errors are WasmEdge's
+/// (100 end of sequence, 101 context full, 102 prompt too long, 103 model file missing, 8 a
+/// name never registered, 2 malformed options).
+#[test]
+fn wasmedge_ggml_programs_run_unchanged() {
+    let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let greedy = r#"{"n-predict": 16, "temp": 0.0, "ctx-size": 1024}"#;
+    for p in &fx.prompts[3..] {
+        let r = wasmedge_ggml(&["compute", "default", greedy, &p.text], cache.path());
+        assert_eq!(r["end"], "ok", "{r}");
+        assert_eq!(r["text"], p.greedy_text.as_str(), "{r}");
+        assert_eq!(r["metadata"]["input_tokens"], p.ids.len(), "{r}");
+        assert_eq!(r["metadata"]["output_tokens"], 16, "{r}");
+        let r = wasmedge_ggml(&["stream", "default", r#"{"temp": 0}"#, &p.text, "16"], cache.path());
+        assert_eq!(r["text"], p.greedy_text.as_str(), "{r}");
+        assert_eq!(r["pieces"], 16, "one token per compute_single: {r}");
+        assert_eq!(r["metadata"]["output_tokens"], 16, "{r}");
+        assert_eq!(r["after_fini"]["output_tokens"], 0, "fini_single clears: {r}");
+    }
+    // Streamed to the end of the turn: 100 once the model ends it.
+    let cpu = fx.prompts.iter().find(|p| p.text.contains("What does CPU stand for?")).unwrap();
+    let r = wasmedge_ggml(&["stream", "default", r#"{"temp": 0}"#, &cpu.text], cache.path());
+    assert_eq!(r["end"], 100, "{r}");
+    assert!(r["text"].as_str().unwrap().starts_with(&cpu.greedy_text), "{r}");
+    let n = r["pieces"].as_u64().unwrap();
+    assert!((17..1000).contains(&n), "{r}");
+    // The context: 4 tokens of room fill (101, with the text so far); none is 102.
+    let room4 = format!(r#"{{"temp": 0, "ctx-size": {}}}"#, cpu.ids.len() + 4);
+    let r = wasmedge_ggml(&["compute", "default", &room4, &cpu.text], cache.path());
+    assert_eq!(r["end"], 101, "{r}");
+    assert_eq!(r["metadata"]["output_tokens"], 4, "{r}");
+    assert!(cpu.greedy_text.starts_with(r["text"].as_str().unwrap()), "{r}");
+    let r = wasmedge_ggml(&["stream", "default", &room4, &cpu.text], cache.path());
+    assert_eq!((&r["end"], &r["pieces"]), (&serde_json::json!(101), &serde_json::json!(4)), "{r}");
+    let tight = format!(r#"{{"ctx-size": {}}}"#, cpu.ids.len() + 3);
+    for mode in ["compute", "stream"] {
+        let r = wasmedge_ggml(&[mode, "default", &tight, &cpu.text], cache.path());
+        assert_eq!(r["end"], 102, "{mode}: {r}");
+    }
+    // Loading: a registered model whose file is gone, an unknown name, malformed options.
+    assert_eq!(wasmedge_ggml(&["compute", "ghost", "{}", "hi"], cache.path())["load"], 103);
+    assert_eq!(wasmedge_ggml(&["compute", "nope", "{}", "hi"], cache.path())["load"], 8);
+    assert_eq!(wasmedge_ggml(&["compute", "default", "{bad", "hi"], cache.path())["load"], 2);
+    assert_eq!(wasmedge_ggml(&["compute", "default", r#"{"n-predict": "x"}"#, "hi"], cache.path())["load"], 1);
+}
+
+/// The standard wasi:nn WIT on a language model (EIR's convention: `prompt` and `options` in,
+/// `text` and `metadata` out): one `compute` gives llama.cpp's greedy text; with `stream`,
+/// repeated `compute`s give it piece by piece and then an empty piece with `finish`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasi_nn_wit_generates_by_convention_whole_or_streamed() {
+    use crate::common::{request, strings, texts};
+    let fx: Greedy = serde_json::from_str(&fixture("greedy.json")).unwrap();
+    let (plugin, _registry, _cache) = chat_plugin(true);
+    for p in &fx.prompts[..2] {
+        for stream in ["false", "true"] {
+            let req = request(&[("via", "wasi-nn"), ("stream", stream)], vec![texts("prompt", &[p.text.as_str()])]);
+            let resp = plugin.handle(&req).await.unwrap();
+            let out = |name: &str| resp.outputs.iter().find(|t| t.name == name).unwrap();
+            assert_eq!(strings(out("text")), vec![p.greedy_text.clone()], "stream {stream}");
+            let metadata: serde_json::Value = serde_json::from_str(&strings(out("metadata"))[0]).unwrap();
+            assert_eq!(metadata["input_tokens"], p.ids.len(), "{metadata}");
+            assert_eq!(metadata["output_tokens"], 16, "{metadata}");
+            let eir::tensor::TensorData::Int64(chunks) = &out("chunks").data else { panic!() };
+            // Streamed: 16 pieces, then the empty end.
+            let calls = if stream == "true" { 17 } else { 1 };
+            assert_eq!((chunks[0], &metadata["finish"]), (calls, &serde_json::json!("length")), "{metadata}");
+        }
+    }
+}

@@ -15,6 +15,7 @@ use super::{LlmError, Message, Sampling};
 use crate::nn::Model;
 use crate::plugin::bindings::eir::plugin::llm as wit;
 use crate::plugin::store::StoreState;
+use crate::scheduler::without_turn;
 
 /// A model opened by a guest.
 pub struct ModelHandle {
@@ -194,22 +195,25 @@ impl wit::HostGeneration for StoreState {
     async fn next(&mut self, generation: Resource<GenerationHandle>) -> wasmtime::Result<Option<wit::Chunk>> {
         let (nn, table) = self.llm_view();
         let (deadline, abandoned) = (nn.deadline, nn.abandoned.clone());
+        let (tenant, turn) = (nn.tenant.clone(), nn.turn.clone());
         let none = wit::Usage { prompt_tokens: 0, completion_tokens: 0 };
         let handle = table.get_mut(&generation)?;
         if handle.finished.is_some() {
             return Ok(None);
         }
-        let event = tokio::select! {
-            ev = handle.generation.next() => ev,
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                handle.generation.cancel();
-                handle.finished = Some(wit::Finished { reason: wit::FinishReason::Deadline, usage: none });
-                return Ok(None);
+        let next = without_turn(&tenant, &turn, async {
+            tokio::select! {
+                ev = handle.generation.next() => Ok(ev),
+                () = tokio::time::sleep_until(deadline.into()) => Err(wit::FinishReason::Deadline),
+                // The caller went away (the gateway's client hung up).
+                () = abandoned.cancelled() => Err(wit::FinishReason::Cancelled),
             }
-            // The caller went away (the gateway's client hung up).
-            () = abandoned.cancelled() => {
+        });
+        let event = match next.await {
+            Ok(ev) => ev,
+            Err(reason) => {
                 handle.generation.cancel();
-                handle.finished = Some(wit::Finished { reason: wit::FinishReason::Cancelled, usage: none });
+                handle.finished = Some(wit::Finished { reason, usage: none });
                 return Ok(None);
             }
         };

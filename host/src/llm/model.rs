@@ -106,6 +106,17 @@ impl Llm {
         Ok(out)
     }
 
+    /// The prompt tokens of text already in the model's chat format (what WasmEdge's GGML
+    /// guests pass): control tokens written in it are parsed, as llama.cpp does. Only for
+    /// callers that build the whole prompt themselves; user text belongs in
+    /// [`Llm::chat_prompt`].
+    pub fn templated_prompt(&self, text: &str) -> Result<Vec<Token>, LlmError> {
+        let tok = &self.gguf.tokenizer;
+        let mut out = tok.add_bos.then_some(tok.bos).into_iter().collect::<Vec<_>>();
+        out.extend(tok.encode(text, true).map_err(|e| LlmError::BadParameter(e.message))?);
+        Ok(out)
+    }
+
     /// Starts a generation.
     pub fn generate(&self, req: GenerateRequest) -> Result<Generation, LlmError> {
         self.engine.submit(req)

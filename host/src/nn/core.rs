@@ -64,7 +64,11 @@ impl NnCtx {
                     return Err(NnError::invalid_encoding("an ONNX graph is one buffer holding a ModelProto"));
                 }
             }
-            Encoding::Ggml => return Err(NnError::unsupported("GGML/GGUF models have no backend in this build yet")),
+            Encoding::Ggml => {
+                return Err(NnError::unsupported(
+                    "GGUF language models are loaded by name from the model registry (load-by-name), not from bytes",
+                ));
+            }
             Encoding::Other(name) => return Err(NnError::unsupported(format!("EIR has no {name} backend"))),
         }
         let token = CancelToken::new();
@@ -117,17 +121,14 @@ impl NnCtx {
             budget: self.compute_budget,
         });
         let started = std::time::Instant::now();
-        // Other calls of the tenant run their plugin code while this one waits.
-        drop(self.turn.lock().ok().and_then(|mut t| t.take()));
         let abandoned = self.abandoned.clone();
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout_at(self.deadline.into(), job) => Some(outcome),
-            () = abandoned.cancelled() => None, // drops (so cancels) the job
-        };
-        let turn = self.tenant.turn().await;
-        if let Ok(mut slot) = self.turn.lock() {
-            *slot = turn;
-        }
+        let outcome = crate::scheduler::without_turn(&self.tenant, &self.turn, async {
+            tokio::select! {
+                outcome = tokio::time::timeout_at(self.deadline.into(), job) => Some(outcome),
+                () = abandoned.cancelled() => None, // drops (so cancels) the job
+            }
+        })
+        .await;
         let outputs = match outcome {
             None => return Err(gone()),
             Some(Ok(outputs)) => outputs?,

@@ -16,10 +16,10 @@ pub struct HostGraph {
     pub(crate) _charge: Option<Arc<super::LoadCharge>>,
 }
 
-/// A `wasi:nn/inference.graph-execution-context` resource. Contexts hold no mutable state
-/// of their own (models are pure functions of their inputs), so any number may compute on the
-/// same graph in parallel.
-#[derive(Clone)]
+/// A `wasi:nn/inference.graph-execution-context` resource. Contexts on tensor models hold no
+/// mutable state of their own (models are pure functions of their inputs), so any number may
+/// compute on the same graph in parallel; a context on a language model holds its generation.
 pub struct HostContext {
     pub(crate) graph: HostGraph,
+    pub(crate) session: Option<Box<super::generate::Session>>,
 }

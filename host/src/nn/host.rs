@@ -4,6 +4,21 @@
 //! counts, tensor sizes. Failures a guest can handle come back as `wasi:nn/errors.error`
 //! resources with the spec's codes; a malformed tensor constructor (which cannot return an
 //! error in the WIT) traps with a message instead.
+//!
+//! # Language models (GGUF) through the standard WIT
+//!
+//! A context on a language model (loaded by name) takes and gives UTF-8 text as `u8` tensors
+//! of shape `[bytes]`:
+//! - inputs: `prompt` (the whole prompt in the model's chat format; control tokens such as
+//!   `<|im_start|>` are parsed) starts a new generation; `options` (JSON, the keys of
+//!   WasmEdge's GGML backend: `n-predict`, `ctx-size`, `temp`, `top-p`, `top-k`, `min-p`,
+//!   `repeat-penalty`, `seed`, `reverse-prompt`, plus `stream`) sets options;
+//! - outputs: `text` and `metadata` (JSON: `input_tokens`, `output_tokens`, and `finish`:
+//!   `null` while it runs, then `stop`, `length` or `context-full`);
+//! - without `stream`, one `compute` returns the whole answer; with `"stream": true` each
+//!   `compute` (the first with the prompt, the next with no inputs) returns the next piece, and
+//!   the one after the last returns an empty `text` with `finish` set. A prompt that does not
+//!   fit the context is `too-large`.
 
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
@@ -147,7 +162,11 @@ impl graph::HostGraph for NnView<'_> {
     async fn init_execution_context(&mut self, g: Resource<HostGraph>) -> Answer<HostContext> {
         let graph = self.table.get(&g)?.clone();
         self.count_resource()?;
-        Ok(Ok(self.table.push(HostContext { graph })?))
+        let session =
+            graph.model.llm().is_some().then(|| {
+                Box::new(super::generate::Session::new(graph.model.clone(), super::generate::Options::default()))
+            });
+        Ok(Ok(self.table.push(HostContext { graph, session })?))
     }
 
     async fn drop(&mut self, g: Resource<HostGraph>) -> wasmtime::Result<()> {
@@ -159,22 +178,12 @@ impl graph::HostGraph for NnView<'_> {
 
 impl inference::Host for NnView<'_> {}
 
-impl inference::HostGraphExecutionContext for NnView<'_> {
-    async fn compute(
-        &mut self,
-        ctx: Resource<HostContext>,
-        inputs: Vec<(String, Resource<HostTensor>)>,
-    ) -> wasmtime::Result<Result<Vec<(String, Resource<HostTensor>)>, Resource<NnError>>> {
-        let graph = self.table.get(&ctx)?.graph.clone();
-        // The inputs are owned handles: move the tensors out of the table, no copy.
-        let mut named = Vec::with_capacity(inputs.len());
-        for (name, t) in inputs {
-            named.push((name, self.take_tensor(t)?));
-        }
-        let outputs = match self.ctx.compute(&graph, named).await {
-            Ok(outputs) => outputs,
-            Err(e) => return self.fail(e),
-        };
+type Outputs = Vec<(String, HostTensor)>;
+type Computed = wasmtime::Result<Result<Vec<(String, Resource<HostTensor>)>, Resource<NnError>>>;
+
+impl NnView<'_> {
+    /// Hands the outputs to the guest, or none of them if they do not fit its tensor budget.
+    fn push_outputs(&mut self, outputs: Outputs) -> Computed {
         let mut out = Vec::with_capacity(outputs.len());
         for (name, t) in outputs {
             match self.push_tensor(t) {
@@ -188,6 +197,96 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             }
         }
         Ok(Ok(out))
+    }
+
+    /// One `compute` on a language model (see the module documentation).
+    async fn generate(
+        &mut self,
+        ctx: &Resource<HostContext>,
+        inputs: Outputs,
+    ) -> wasmtime::Result<Result<Outputs, NnError>> {
+        use super::generate::{Call, Failure};
+        let call = Call {
+            tenant: self.ctx.tenant.clone(),
+            deadline: self.ctx.deadline,
+            abandoned: self.ctx.abandoned.clone(),
+            turn: self.ctx.turn.clone(),
+        };
+        let context = self.table.get_mut(ctx)?;
+        let Some(session) = context.session.as_deref_mut() else {
+            return Ok(Err(NnError::unsupported("not a language model")));
+        };
+        let mut fresh = false;
+        for (name, t) in inputs {
+            let index = match name.as_str() {
+                "options" => 1,
+                "prompt" => {
+                    fresh = true;
+                    0
+                }
+                other => {
+                    return Ok(Err(NnError::invalid_argument(format!(
+                        "a language model takes `prompt` and `options` (UTF-8 u8 tensors), not `{other}`"
+                    ))));
+                }
+            };
+            if let Err(e) = session.set_input(index, t.data().to_vec()) {
+                return Ok(Err(e));
+            }
+        }
+        let streaming = session.streaming();
+        let outcome = if !streaming {
+            session.compute(&call).await
+        } else if !fresh && !session.running() && session.finish().is_some() {
+            // Asked again after the last piece: the end, again.
+            Ok(())
+        } else {
+            session.compute_single(&call, true).await
+        };
+        match outcome {
+            Ok(()) | Err(Failure::EndOfSequence | Failure::ContextFull) => {}
+            Err(Failure::PromptTooLong) => {
+                return Ok(Err(NnError::too_large("the prompt does not fit the model's context")));
+            }
+            Err(Failure::Nn(e)) => return Ok(Err(e)),
+        }
+        // Streamed, the end comes as an empty piece.
+        let text = match (streaming, session.finish()) {
+            (true, Some(_)) => Vec::new(),
+            (single, _) => session.output(0, single).unwrap_or_default(),
+        };
+        let metadata = session.metadata(true);
+        let tensor = |bytes: Vec<u8>| HostTensor::new(vec![bytes.len() as u32], tensor::TensorType::U8, bytes);
+        Ok(match (tensor(text), tensor(metadata)) {
+            (Ok(text), Ok(metadata)) => Ok(vec![("text".into(), text), ("metadata".into(), metadata)]),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        })
+    }
+}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        ctx: Resource<HostContext>,
+        inputs: Vec<(String, Resource<HostTensor>)>,
+    ) -> wasmtime::Result<Result<Vec<(String, Resource<HostTensor>)>, Resource<NnError>>> {
+        let graph = self.table.get(&ctx)?.graph.clone();
+        // The inputs are owned handles: move the tensors out of the table, no copy.
+        let mut named = Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            named.push((name, self.take_tensor(t)?));
+        }
+        if self.table.get(&ctx)?.session.is_some() {
+            return match self.generate(&ctx, named).await? {
+                Ok(outputs) => self.push_outputs(outputs),
+                Err(e) => self.fail(e),
+            };
+        }
+        let outputs = match self.ctx.compute(&graph, named).await {
+            Ok(outputs) => outputs,
+            Err(e) => return self.fail(e),
+        };
+        self.push_outputs(outputs)
     }
 
     async fn drop(&mut self, ctx: Resource<HostContext>) -> wasmtime::Result<()> {

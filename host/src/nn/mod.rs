@@ -17,6 +17,7 @@ pub mod backends;
 pub mod bindings;
 mod core;
 mod error;
+mod generate;
 mod graph;
 mod host;
 pub(crate) mod kernels;

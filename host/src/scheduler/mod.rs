@@ -40,7 +40,7 @@ use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Part};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
-pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu};
+pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu, without_turn};
 
 /// How a model batches (`max_batch`, `max_delay` in its `[models.NAME]` section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,6 +49,19 @@ pub type Turn = OwnedSemaphorePermit;
 /// Where a call keeps its turn, reachable from its store's epoch callback.
 pub type TurnSlot = Arc<Mutex<Option<Turn>>>;
 
+/// Awaits `f` without holding the call's turn at running plugin code, so the tenant's other
+/// calls run theirs meanwhile (a plugin waiting on a generation or a forward pass runs no
+/// code), then waits for a turn again before the plugin continues.
+pub async fn without_turn<T>(tenant: &Tenant, slot: &TurnSlot, f: impl std::future::Future<Output = T>) -> T {
+    drop(slot.lock().ok().and_then(|mut t| t.take()));
+    let out = f.await;
+    let turn = tenant.turn().await;
+    if let Ok(mut s) = slot.lock() {
+        *s = turn;
+    }
+    out
+}
+
 /// The tenant that plain `eir run` and tests compute as.
 pub const LOCAL: &str = "local";
 
