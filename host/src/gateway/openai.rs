@@ -388,9 +388,9 @@ pub(super) async fn chat(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Resu
         .map(|m| Ok(Message { role: m.role, content: m.content.text()? }))
         .collect::<Result<_, OaiError>>()?;
     let t = tenant(&gw, &headers)?;
-    if let Some(call) = admit_plugin(&gw, &t, &req.common.model)? {
+    if serves_plugin(&gw, &t, &req.common.model) {
         let extra = extra_parameters(&body);
-        return chat_plugin(gw, t, call, req.common, messages, extra).await;
+        return chat_plugin(gw, t, req.common, messages, extra).await;
     }
     let job = resolve(&gw, &headers, req.common, usize::MAX).await?;
     let prompt = job.llm().chat_prompt(&messages)?;
@@ -406,7 +406,7 @@ pub(super) async fn completions(State(gw): Gw, headers: HeaderMap, body: Bytes) 
         _ => return Err(OaiError::bad("prompt must be one string")),
     };
     let t = tenant(&gw, &headers)?;
-    if gw.snapshot().resolve(&t, &req.common.model, None).is_some() {
+    if serves_plugin(&gw, &t, &req.common.model) {
         let mut e = OaiError::bad(format!(
             "`{}` is a plugin: plugins answer on /v1/chat/completions (and /v1/embeddings)",
             req.common.model
@@ -623,20 +623,20 @@ fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Option<Plu
     Ok(Some(PluginCall { plugin, running: s.running.clone(), _tenant_slot: tenant_slot, _queued: queued }))
 }
 
+/// Whether `model` names a plugin served to tenant `t`.
+fn serves_plugin(gw: &Gateway, t: &TenantState, model: &str) -> bool {
+    gw.snapshot().resolve(t, model, None).is_some_and(|s| s.per_tenant.contains_key(&t.name))
+}
+
 /// A failed plugin call as an OpenAI error: the request's fault (400) or the server's (500).
 fn call_error(e: &crate::plugin::CallError) -> OaiError {
-    use crate::plugin::ErrorKind;
-    use crate::tensor::ErrorCode;
-    let status = match e.kind() {
-        ErrorKind::InvalidRequest
-        | ErrorKind::Plugin(ErrorCode::InvalidInput)
-        | ErrorKind::Plugin(ErrorCode::Unsupported) => StatusCode::BAD_REQUEST,
-        ErrorKind::Plugin(ErrorCode::NotFound) => StatusCode::NOT_FOUND,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    let status = super::routes::status_of(e.kind());
     let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
     OaiError::new(status, kind, e.to_string().lines().next().unwrap_or_default().to_string())
 }
+
+/// The most tokens a plugin may report for one answer's prompt or completion.
+const MAX_REPORTED_TOKENS: usize = 1 << 20;
 
 /// What a chat plugin answered (the `eir:plugin/reply` chat convention).
 struct PluginAnswer {
@@ -660,7 +660,9 @@ impl PluginAnswer {
         let [text] = texts.as_slice() else { return Err(not_chat()) };
         let text = String::from_utf8(text.clone()).map_err(|_| not_chat())?;
         let param = |name: &str| response.parameters.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let count = |name: &str| param(name).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
+        // Reported by the plugin: taken as at most a whole context's worth.
+        let count =
+            |name: &str| param(name).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0).min(MAX_REPORTED_TOKENS);
         let finish = if param("finish_reason") == Some("length") { "length" } else { "stop" };
         let usage = Usage { prompt_tokens: count("prompt_tokens"), completion_tokens: count("completion_tokens") };
         Ok(Self { text, finish, usage })
@@ -731,7 +733,6 @@ fn extra_parameters(body: &Bytes) -> Vec<(String, String)> {
 async fn chat_plugin(
     gw: Arc<Gateway>,
     t: Arc<TenantState>,
-    call: PluginCall,
     c: Common,
     messages: Vec<Message>,
     extra: Vec<(String, String)>,
@@ -787,6 +788,7 @@ async fn chat_plugin(
         parameters,
     };
     let (id, created, model) = (request.id.clone(), now(), c.model.clone());
+    let call = admit_plugin(&gw, &t, &model)?.ok_or_else(|| no_model(&model))?;
     let running = call.run().await?;
     let acct = Accounting::new(gw.clone(), t, model.clone());
     let plugin = call.plugin.clone();

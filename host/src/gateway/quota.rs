@@ -73,7 +73,8 @@ impl TenantState {
     pub fn tokens_wait(&self) -> Option<Duration> {
         let mut b = self.tokens.as_ref()?.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         b.refill();
-        (b.level < 0.0).then(|| Duration::from_secs_f64(-b.level * 60.0 / b.per_minute.max(1e-9)))
+        // At most a day: a debt beyond that is refused as long as it lasts anyway.
+        (b.level < 0.0).then(|| Duration::from_secs_f64((-b.level * 60.0 / b.per_minute.max(1e-9)).min(86_400.0)))
     }
 
     /// Charges `n` language-model tokens to the quota.
@@ -81,7 +82,9 @@ impl TenantState {
         if let Some(b) = &self.tokens {
             let mut b = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             b.refill();
-            b.level -= n as f64;
+            // A debt of at most one day's tokens: one request cannot lock a tenant out for
+            // longer (usage reported by a plugin is not trusted beyond that either).
+            b.level = (b.level - n as f64).max(-b.per_minute * 1440.0);
         }
     }
 

@@ -51,7 +51,7 @@ impl IntoResponse for ApiError {
 }
 
 /// The HTTP status of each way a plugin call fails (the one place that decides it).
-fn status_of(kind: ErrorKind) -> StatusCode {
+pub(super) fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidRequest
         | ErrorKind::Plugin(ErrorCode::InvalidInput)

@@ -148,6 +148,17 @@ impl Generation {
     pub fn cancel(&self) {
         self.cancel.cancel();
     }
+
+    /// The next event if one is ready now.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// A token that cancels this generation, for whoever must be able to stop it without
+    /// holding it (e.g. at the end of the plugin call that started it).
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
 }
 
 /// Counters of an engine, for metrics.
@@ -536,6 +547,7 @@ fn retire(
     shared: &Shared,
     update: impl FnOnce(&mut Stats),
 ) {
+    debug_assert_eq!(active.len(), ends.len());
     let mut ended = Vec::new();
     let mut kept = Vec::with_capacity(active.len());
     for (s, end) in active.drain(..).zip(ends) {

@@ -179,7 +179,8 @@ impl wit::HostModel for StoreState {
         if let Err(e) = self.take_resource() {
             return Ok(Err(e));
         }
-        let (_, table) = self.llm_view();
+        let (nn, table) = self.llm_view();
+        nn.own_generation(generation.cancel_token());
         Ok(Ok(table.push(GenerationHandle { generation, finished: None })?))
     }
 
@@ -201,20 +202,26 @@ impl wit::HostGeneration for StoreState {
         if handle.finished.is_some() {
             return Ok(None);
         }
-        let next = without_turn(&tenant, &turn, async {
-            tokio::select! {
-                ev = handle.generation.next() => Ok(ev),
-                () = tokio::time::sleep_until(deadline.into()) => Err(wit::FinishReason::Deadline),
-                // The caller went away (the gateway's client hung up).
-                () = abandoned.cancelled() => Err(wit::FinishReason::Cancelled),
-            }
-        });
-        let event = match next.await {
-            Ok(ev) => ev,
-            Err(reason) => {
-                handle.generation.cancel();
-                handle.finished = Some(wit::Finished { reason, usage: none });
-                return Ok(None);
+        // A chunk already waiting is taken without giving up the turn.
+        let event = match handle.generation.try_next() {
+            Some(ev) => Some(ev),
+            None => {
+                let next = without_turn(&tenant, &turn, async {
+                    tokio::select! {
+                        ev = handle.generation.next() => Ok(ev),
+                        () = tokio::time::sleep_until(deadline.into()) => Err(wit::FinishReason::Deadline),
+                        // The caller went away (the gateway's client hung up).
+                        () = abandoned.cancelled() => Err(wit::FinishReason::Cancelled),
+                    }
+                });
+                match next.await {
+                    Ok(ev) => ev,
+                    Err(reason) => {
+                        handle.generation.cancel();
+                        handle.finished = Some(wit::Finished { reason, usage: none });
+                        return Ok(None);
+                    }
+                }
             }
         };
         Ok(match event {

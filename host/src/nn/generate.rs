@@ -27,12 +27,12 @@ use serde_json::Value;
 
 use super::CancelToken;
 use super::error::NnError;
-use crate::llm::{Event, Finish, GenerateRequest, Generation, Sampling};
+use crate::llm::{Event, Finish, GenerateRequest, Generation, LlmError, Sampling};
 use crate::nn::Model;
 use crate::scheduler::without_turn;
 
 /// Most text a context accumulates (output 0); a longer answer ends with `too-large`.
-const MAX_TEXT: usize = 4 << 20;
+const MAX_TEXT: usize = 1 << 20;
 /// Most bytes of a JSON options document.
 pub(crate) const MAX_OPTIONS: usize = 64 << 10;
 /// Most bytes of a prompt.
@@ -199,6 +199,16 @@ impl Session {
         self.options.stream
     }
 
+    /// Bytes of the prompt it holds (charged to the call's tensor budget by the adapters).
+    pub(crate) fn prompt_bytes(&self) -> u64 {
+        self.prompt.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
+    /// The token that cancels the running token-by-token generation, if any.
+    pub(crate) fn running_token(&self) -> Option<CancelToken> {
+        self.single.as_ref().map(|(g, _)| g.cancel_token())
+    }
+
     /// Whether a token-by-token generation is under way.
     pub(crate) fn running(&self) -> bool {
         self.single.is_some()
@@ -253,21 +263,34 @@ impl Session {
                 tenant: nn.tenant.clone(),
                 deadline: Some(nn.deadline),
             })
-            .map_err(|e| NnError::runtime(e.to_string()))?;
+            .map_err(|e| match e {
+                LlmError::BadParameter(m) => Failure::Nn(NnError::invalid_argument(m)),
+                LlmError::PromptTooLong(_) => Failure::PromptTooLong,
+                // wasi-nn's "busy" (the witx errno; `timeout` in the WIT): retry later.
+                LlmError::Busy(m) => Failure::Nn(NnError::timeout(m)),
+                LlmError::Template(m) | LlmError::Compute(m) => Failure::Nn(NnError::runtime(m)),
+            })?;
         Ok((generation, fills))
     }
 
     /// Takes one chunk; `Ok(None)` when the generation ended normally (stop or length).
     async fn step(&mut self, g: &mut Generation, fills: bool, nn: &Call) -> Result<Option<()>, Failure> {
-        let next = without_turn(&nn.tenant, &nn.turn, async {
-            tokio::select! {
-                ev = g.next() => Some(ev),
-                () = nn.abandoned.cancelled() => None,
+        // A chunk already waiting is taken without giving up the call's turn.
+        let event = match g.try_next() {
+            Some(ev) => Some(ev),
+            None => {
+                let next = without_turn(&nn.tenant, &nn.turn, async {
+                    tokio::select! {
+                        ev = g.next() => Some(ev),
+                        () = nn.abandoned.cancelled() => None,
+                    }
+                });
+                let Some(event) = next.await else {
+                    g.cancel();
+                    return Err(NnError::timeout("the caller went away").into());
+                };
+                event
             }
-        });
-        let Some(event) = next.await else {
-            g.cancel();
-            return Err(NnError::timeout("the caller went away").into());
         };
         match event {
             Some(Event::Chunk { text, tokens }) => {

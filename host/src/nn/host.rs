@@ -230,7 +230,17 @@ impl NnView<'_> {
                     ))));
                 }
             };
-            if let Err(e) = session.set_input(index, t.data().to_vec()) {
+            if t.data().len() > super::generate::MAX_PROMPT_BYTES {
+                return Ok(Err(NnError::too_large("a prompt or options over 4 MiB")));
+            }
+            // The prompt the session keeps counts against the call's tensor budget.
+            let (old, new) = if index == 0 { (session.prompt_bytes(), t.data().len() as u64) } else { (0, 0) };
+            if let Err(e) = self.ctx.hold_tensor_bytes(new) {
+                return Ok(Err(NnError::too_large(e.to_string())));
+            }
+            let set = session.set_input(index, t.data().to_vec());
+            self.ctx.release_tensor_bytes(if set.is_ok() { old } else { new });
+            if let Err(e) = set {
                 return Ok(Err(e));
             }
         }
@@ -241,7 +251,11 @@ impl NnView<'_> {
             // Asked again after the last piece: the end, again.
             Ok(())
         } else {
-            session.compute_single(&call, true).await
+            let result = session.compute_single(&call, true).await;
+            if let Some(token) = session.running_token() {
+                self.ctx.own_generation(token);
+            }
+            result
         };
         match outcome {
             Ok(()) | Err(Failure::EndOfSequence | Failure::ContextFull) => {}
@@ -290,7 +304,10 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
     }
 
     async fn drop(&mut self, ctx: Resource<HostContext>) -> wasmtime::Result<()> {
-        self.table.delete(ctx)?;
+        let context = self.table.delete(ctx)?;
+        if let Some(session) = context.session {
+            self.ctx.release_tensor_bytes(session.prompt_bytes());
+        }
         self.release_resource();
         Ok(())
     }

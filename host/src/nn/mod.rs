@@ -84,6 +84,9 @@ pub struct NnCtx {
     pub(crate) abandoned: CancelToken,
     /// Time spent in model computations (waiting for the pool included) during this call.
     pub(crate) compute_time: std::time::Duration,
+    /// Cancels the generations this call started when the call ends, so none outlives it
+    /// in a warm instance (each is charged to the call's tenant and holds KV cache).
+    pub(crate) generations: Vec<CancelToken>,
     /// Bytes of intermediate values one compute may hold (`max_compute_memory`).
     pub(crate) compute_budget: u64,
     /// The plugin's graphs loaded from bytes, held at once across all its instances (counted
@@ -132,6 +135,19 @@ impl Drop for LoadCharge {
 }
 
 impl NnCtx {
+    /// Ties a generation to the current call (see `generations`).
+    pub(crate) fn own_generation(&mut self, token: CancelToken) {
+        self.generations.retain(|t| !t.is_cancelled());
+        self.generations.push(token);
+    }
+
+    /// Ends the current call's generations.
+    pub(crate) fn end_call(&mut self) {
+        for t in self.generations.drain(..) {
+            t.cancel();
+        }
+    }
+
     /// State for one call that must finish by `deadline`, its compute charged to `tenant`.
     pub fn new(
         registry: Arc<Registry>,
@@ -148,6 +164,7 @@ impl NnCtx {
             deadline,
             tensor_bytes: 0,
             resources: 0,
+            generations: Vec::new(),
             legacy: Default::default(),
             compute_time: std::time::Duration::ZERO,
             compute_budget: backend::DEFAULT_COMPUTE_BUDGET,

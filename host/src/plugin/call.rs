@@ -133,8 +133,6 @@ impl Plugin {
                 pipeline.eir_plugin_handler().call_handle(&mut *store, request).await
             })
             .await;
-        // The caller's end of the stream closes when the call does.
-        session.store.data_mut().reply = None;
         // Only an instance that returned normally (a typed plugin error included), or that
         // stopped between calls because its caller went away, is reused.
         if result.is_ok() || session.clean_stop {
@@ -332,6 +330,8 @@ impl Plugin {
         }))
         .await;
 
+        // Generations it started end with it; its reply stream closes.
+        session.store.data_mut().end_call();
         // The turn goes back whether the call finished, failed or ran out of time.
         drop(slot.lock().ok().and_then(|mut t| t.take()));
         self.registry.scheduler().charge_plugin(&tenant, cpu.as_secs_f64());

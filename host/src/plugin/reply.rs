@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use super::bindings::reply::{self, ReplyError};
 use super::store::StoreState;
+use crate::scheduler::without_turn;
 
 /// Parts in flight between a plugin and its caller before `send` waits.
 const PARTS_IN_FLIGHT: usize = 16;
@@ -40,6 +41,7 @@ impl reply::Host for StoreState {
 
     async fn send(&mut self, text: String) -> wasmtime::Result<Result<(), ReplyError>> {
         let (deadline, abandoned) = (self.deadline(), self.abandoned_token());
+        let (tenant, turn) = self.turns();
         let Some(sink) = &mut self.reply else { return Ok(Ok(())) };
         let len = text.len() as u64;
         if len > sink.bytes_left {
@@ -49,10 +51,20 @@ impl reply::Host for StoreState {
         if text.is_empty() {
             return Ok(Ok(()));
         }
-        Ok(tokio::select! {
-            sent = sink.tx.send(text) => sent.map_err(|_| ReplyError::Closed),
-            () = abandoned.cancelled() => Err(ReplyError::Closed),
-            () = tokio::time::sleep_until(deadline.into()) => Err(ReplyError::Closed),
+        // Room in the channel: sent at once. Else the call waits for a slow reader without
+        // holding its tenant's turn at running plugin code.
+        let text = match sink.tx.try_send(text) {
+            Ok(()) => return Ok(Ok(())),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(Err(ReplyError::Closed)),
+            Err(mpsc::error::TrySendError::Full(text)) => text,
+        };
+        Ok(without_turn(&tenant, &turn, async {
+            tokio::select! {
+                sent = sink.tx.send(text) => sent.map_err(|_| ReplyError::Closed),
+                () = abandoned.cancelled() => Err(ReplyError::Closed),
+                () = tokio::time::sleep_until(deadline.into()) => Err(ReplyError::Closed),
+            }
         })
+        .await)
     }
 }

@@ -60,6 +60,13 @@ impl StoreState {
         self.nn.compute_time = std::time::Duration::ZERO;
     }
 
+    /// Ends what the call started that must not outlive it (its generations) and closes
+    /// its reply stream.
+    pub(crate) fn end_call(&mut self) {
+        self.nn.end_call();
+        self.reply = None;
+    }
+
     /// Cancelled when the current call's caller goes away.
     pub(crate) fn abandoned_token(&self) -> CancelToken {
         self.nn.abandoned.clone()

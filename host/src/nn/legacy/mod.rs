@@ -280,8 +280,15 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
             if tensor.data.len() as usize > ggml::MAX_PROMPT_BYTES {
                 return Err(fail(NnError::too_large("a prompt over 4 MiB")));
             }
+            let old = if index == 1 { 0 } else { session.prompt_bytes() };
             let data = memory.to_vec(tensor.data).map_err(guest)?;
-            return session.set_input(index, data).map_err(fail);
+            // A prompt held in the host counts against the call's tensor budget.
+            let new = if index == 1 { 0 } else { data.len() as u64 };
+            self.hold_tensor_bytes(new).map_err(|e| fail(NnError::too_large(e.to_string())))?;
+            let (session, _) = self.session(context)?;
+            let set = session.set_input(index, data);
+            self.release_tensor_bytes(if set.is_ok() { old } else { new });
+            return set.map_err(fail);
         }
         let dims = memory.to_vec(tensor.dimensions).map_err(guest)?;
         let bytes = u64::from(tensor.data.len());
@@ -375,7 +382,11 @@ impl wasi_ephemeral_nn::WasiEphemeralNn for NnCtx {
         context: types::GraphExecutionContext,
     ) -> Result<(), Error> {
         let (session, call) = self.session(context)?;
-        session.compute_single(&call, false).await.map_err(fail_ggml)
+        let result = session.compute_single(&call, false).await;
+        if let Some(token) = session.running_token() {
+            self.own_generation(token);
+        }
+        result.map_err(fail_ggml)
     }
 
     async fn fini_single(
