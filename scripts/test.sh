@@ -12,6 +12,12 @@ models_dir="${EIR_MODELS_DIR:-models}"
 "$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0" "openai==3.57.0" \
     "onnx==1.23.2" "numpy==2.4.6"
 export EIR_TEST_PYTHON="${EIR_TEST_PYTHON:-$PWD/$models_dir/.venv/bin/python}"
+echo "==> services the tests start on 127.0.0.1: an OCI registry (Debian's docker-registry, CNCF distribution 2.8)"
+if ! command -v docker-registry >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then sudo=(); else sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
+fi
 echo "==> host unit and end-to-end tests"
 cargo test --workspace --locked -- --skip alone_
 echo "==> tests that measure latency, one at a time"

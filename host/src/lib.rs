@@ -18,8 +18,11 @@
 //!   file and line in every error.
 //! - [`runtime`]: one engine + linker from which plugins are loaded.
 //! - [`gateway`]: `eir serve`, the multi-tenant KServe v2 gateway.
+//! - [`bundle`]: plugins and models packaged as OCI artifacts, pushed and pulled through
+//!   registries.
 //! - [`cli`]: the `eir` command, a thin layer over the above.
 
+pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod engine;

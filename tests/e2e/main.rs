@@ -4,6 +4,7 @@
 //! a missing component fails the test with that instruction, it is never skipped.
 
 mod batching;
+mod bundle;
 mod cli;
 mod common;
 mod embed;

@@ -1,5 +1,6 @@
 //! The `eir` command: a thin layer over the library, no logic of its own beyond parsing.
 
+mod bundle;
 mod compile;
 mod inputs;
 mod inspect;
@@ -39,6 +40,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Make API keys (and the hashes a configuration stores).
     Key(serve::KeyArgs),
+    /// Package plugins and models as OCI artifacts; push, pull, inspect and check them out.
+    Bundle(bundle::BundleArgs),
 }
 
 /// Options every subcommand takes.
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
             Command::Models(args) => models::models(args),
             Command::Serve(args) => serve::serve(args, &cli.global).await,
             Command::Key(args) => serve::key(args),
+            Command::Bundle(args) => bundle::bundle(args, &cli.global).await,
         }
     });
     match result {
@@ -116,5 +120,14 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,293 @@
+//! The local bundle store: an OCI image layout (`oci-layout`, `index.json`,
+//! `blobs/sha256/<hex>`), so bundles built or pulled here can also be read by other OCI tools
+//! (`skopeo copy oci:DIR:NAME ...`). Blobs are content-addressed: a blob is written once,
+//! verified against its digest before it becomes visible, and skipped when already present.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::BundleError;
+
+/// A blob's address: `sha256:` and 64 lower-case hex digits. Checked on construction, so a
+/// digest from a manifest can never name a path outside the store.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses `sha256:<64 hex>`.
+    pub fn parse(s: &str) -> Result<Self, BundleError> {
+        let hex =
+            s.strip_prefix("sha256:").ok_or_else(|| BundleError::Invalid(format!("digest `{s}` is not sha256")))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(BundleError::Invalid(format!("malformed digest `{s}`")));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+    }
+
+    /// The hex part.
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    /// As written in manifests.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A local OCI image layout holding bundles.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens the layout at `root`, creating it if needed.
+    pub fn open(root: &Path) -> Result<Self, BundleError> {
+        let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", root.display()));
+        std::fs::create_dir_all(root.join("blobs/sha256")).map_err(io)?;
+        let layout = root.join("oci-layout");
+        if !layout.exists() {
+            std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+        }
+        let index = root.join("index.json");
+        if !index.exists() {
+            std::fs::write(&index, br#"{"schemaVersion":2,"manifests":[]}"#).map_err(io)?;
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// Where the store lives.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file of blob `digest` (present or not).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Whether blob `digest` is here.
+    pub fn has(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Stores `bytes`; their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, BundleError> {
+        let digest = Digest::of(bytes);
+        if !self.has(&digest) {
+            let mut ingest = self.ingest(&digest, bytes.len() as u64)?;
+            ingest.write_all(bytes).map_err(|e| BundleError::Io(e.to_string()))?;
+            ingest.commit()?;
+        }
+        Ok(digest)
+    }
+
+    /// Stores the file at `path` (streamed); its digest and size.
+    pub fn put_file(&self, path: &Path) -> Result<(Digest, u64), BundleError> {
+        let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("blobs")).map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n]).map_err(io)?;
+            size += n as u64;
+        }
+        let digest = Digest(format!("sha256:{}", hex::encode(hasher.finalize())));
+        if !self.has(&digest) {
+            tmp.persist(self.blob_path(&digest)).map_err(|e| io(e.error))?;
+        }
+        Ok((digest, size))
+    }
+
+    /// A writer for blob `digest` of `size` bytes (what a manifest declares): it refuses more
+    /// bytes than declared, and [`Ingest::commit`] makes the blob visible only if its length
+    /// and digest match.
+    pub fn ingest(&self, digest: &Digest, size: u64) -> Result<Ingest, BundleError> {
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("blobs"))
+            .map_err(|e| BundleError::Io(format!("{}: {e}", self.root.display())))?;
+        Ok(Ingest {
+            tmp,
+            hasher: Sha256::new(),
+            written: 0,
+            size,
+            digest: digest.clone(),
+            dest: self.blob_path(digest),
+        })
+    }
+
+    /// Reads blob `digest`, at most `limit` bytes, verifying it.
+    pub fn read(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, BundleError> {
+        let path = self.blob_path(digest);
+        let len = std::fs::metadata(&path).map_err(|_| BundleError::Missing(digest.to_string()))?.len();
+        if len > limit {
+            return Err(BundleError::Invalid(format!("blob {digest} is {len} bytes, over {limit}")));
+        }
+        let bytes = std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(BundleError::Digest(format!("blob {digest} in the store does not match its digest")));
+        }
+        Ok(bytes)
+    }
+
+    /// Names manifest `digest` (of `size` bytes) `name` in `index.json`, replacing what the name
+    /// pointed at.
+    pub fn tag(&self, name: &str, digest: &Digest, size: u64) -> Result<(), BundleError> {
+        let mut index = self.index()?;
+        let manifests = index["manifests"].as_array_mut().ok_or_else(|| BundleError::Invalid("index.json".into()))?;
+        manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != name);
+        manifests.push(serde_json::json!({
+            "mediaType": super::MANIFEST_MEDIA_TYPE,
+            "digest": digest.as_str(),
+            "size": size,
+            "artifactType": super::ARTIFACT_TYPE,
+            "annotations": { "org.opencontainers.image.ref.name": name },
+        }));
+        let text = serde_json::to_vec_pretty(&index).map_err(|e| BundleError::Invalid(e.to_string()))?;
+        let path = self.root.join("index.json");
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(&self.root).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
+        tmp.write_all(&text).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
+        tmp.persist(&path).map_err(|e| BundleError::Io(format!("index.json: {}", e.error)))?;
+        Ok(())
+    }
+
+    /// The manifest named `name`, or `name` itself when it is a digest held here.
+    pub fn resolve(&self, name: &str) -> Result<Digest, BundleError> {
+        if let Ok(d) = Digest::parse(name)
+            && self.has(&d)
+        {
+            return Ok(d);
+        }
+        let index = self.index()?;
+        index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+            .and_then(|m| m["digest"].as_str())
+            .map(Digest::parse)
+            .transpose()?
+            .ok_or_else(|| BundleError::Missing(format!("no bundle `{name}` in {}", self.root.display())))
+    }
+
+    fn index(&self) -> Result<serde_json::Value, BundleError> {
+        let path = self.root.join("index.json");
+        let text = std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+        serde_json::from_slice(&text).map_err(|e| BundleError::Invalid(format!("{}: {e}", path.display())))
+    }
+}
+
+/// A blob being written; see [`Store::ingest`].
+pub struct Ingest {
+    tmp: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+    size: u64,
+    digest: Digest,
+    dest: PathBuf,
+}
+
+impl Write for Ingest {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.size {
+            return Err(std::io::Error::other(format!(
+                "blob {} is longer than the {} bytes its descriptor declares",
+                self.digest, self.size
+            )));
+        }
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+impl Ingest {
+    /// Verifies length and digest, then makes the blob visible.
+    pub fn commit(self) -> Result<(), BundleError> {
+        if self.written != self.size {
+            return Err(BundleError::Digest(format!(
+                "blob {} has {} bytes, its descriptor declares {}",
+                self.digest, self.written, self.size
+            )));
+        }
+        let got = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        if got != self.digest.as_str() {
+            return Err(BundleError::Digest(format!("blob {} arrived as {got}", self.digest)));
+        }
+        self.tmp.persist(&self.dest).map_err(|e| BundleError::Io(format!("{}: {}", self.dest.display(), e.error)))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_checked_so_they_cannot_name_other_paths() {
+        assert!(Digest::parse(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        for bad in ["sha256:../../etc/passwd", "md5:abc", &format!("sha256:{}", "A".repeat(64)), "sha256:"] {
+            assert!(matches!(Digest::parse(bad), Err(BundleError::Invalid(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blobs_are_verified_before_they_become_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = store.put_bytes(b"hello").unwrap();
+        assert_eq!(d, Digest::of(b"hello"));
+        assert_eq!(store.read(&d, 100).unwrap(), b"hello");
+        assert!(matches!(store.read(&d, 2), Err(BundleError::Invalid(_))));
+
+        // Wrong bytes for a digest: refused, nothing stored.
+        let other = Digest::of(b"other");
+        let mut ingest = store.ingest(&other, 5).unwrap();
+        ingest.write_all(b"evil!").unwrap();
+        assert!(matches!(ingest.commit(), Err(BundleError::Digest(_))));
+        assert!(!store.has(&other));
+        // More bytes than declared: refused while writing.
+        let mut ingest = store.ingest(&other, 2).unwrap();
+        assert!(ingest.write_all(b"other").is_err());
+        // Fewer: refused at commit.
+        let mut ingest = store.ingest(&other, 9).unwrap();
+        ingest.write_all(b"other").unwrap();
+        assert!(matches!(ingest.commit(), Err(BundleError::Digest(_))));
+        assert!(!store.has(&other));
+
+        store.tag("demo:1", &d, 5).unwrap();
+        store.tag("demo:1", &d, 5).unwrap();
+        assert_eq!(store.resolve("demo:1").unwrap(), d);
+        assert_eq!(store.resolve(d.as_str()).unwrap(), d);
+        assert!(matches!(store.resolve("demo:2"), Err(BundleError::Missing(_))));
+        // Tampering on disk is caught on read.
+        std::fs::write(store.blob_path(&d), b"HELLO").unwrap();
+        assert!(matches!(store.read(&d, 100), Err(BundleError::Digest(_))));
+    }
+}

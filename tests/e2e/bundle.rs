@@ -1,0 +1,215 @@
+//! Bundles through a real OCI registry: Debian's `docker-registry` (CNCF distribution 2.8),
+//! started here on 127.0.0.1 with basic authentication.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{eir_with, guest, repo, text};
+
+/// The test registry's user and password (its htpasswd holds the bcrypt hash of the password).
+const USER: &str = "eir";
+const PASSWORD: &str = "eir-secret";
+const HTPASSWD: &str = "eir:$2y$05$Md0Yr.0EDQQmrGI0S6wyVelgFZN2I4p0DHJsperQE77VjvJmh/FeK\n";
+
+/// A `docker-registry` serving on a free loopback port until dropped.
+pub struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Registry {
+    /// Starts one; a missing binary fails with how to install it.
+    pub fn start() -> Self {
+        let bin = which("docker-registry").unwrap_or_else(|| {
+            panic!("docker-registry is not installed: apt-get install docker-registry (scripts/test.sh does)")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::write(dir.path().join("htpasswd"), HTPASSWD).unwrap();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
+             http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: eir-test\n    path: {htpasswd}\n",
+            data = dir.path().join("data").display(),
+            htpasswd = dir.path().join("htpasswd").display(),
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "docker-registry did not start on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, dir, addr }
+    }
+
+    /// Where it keeps blob `hex`'s bytes.
+    pub fn blob_file(&self, hex: &str) -> PathBuf {
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
+}
+
+/// `eir bundle ARGS` against `store`, with the registry's credentials unless `anonymous`.
+fn bundle(store: &Path, args: &[&str], anonymous: bool) -> (bool, String, String) {
+    let mut all = vec!["bundle", "--store", store.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let cache = store.parent().unwrap();
+    let out = eir_with(&all, cache, |c| {
+        if !anonymous {
+            c.env("EIR_REGISTRY_USER", USER).env("EIR_REGISTRY_PASSWORD", PASSWORD);
+        }
+    });
+    let (stdout, stderr) = text(&out);
+    (out.status.success(), stdout, stderr)
+}
+
+/// A configuration with a plugin, the model it uses, a plugin with a granted directory, and
+/// the gateway sections a bundle must leave out.
+fn write_config(dir: &Path, labels: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("labels")).unwrap();
+    std::fs::write(dir.join("labels/labels.txt"), labels).unwrap();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[models.silero-vad]
+path = "{vad_model}"
+
+[plugins.vad]
+path = "{vad}"
+models = ["silero-vad"]
+
+[plugins.topk]
+path = "{topk}"
+dirs = ["labels::/labels:ro"]
+
+[tenants.t]
+keys_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+plugins = ["*"]
+"#,
+        vad_model = repo().join("models/silero-vad").display(),
+        vad = guest("vad").display(),
+        topk = guest("topk").display(),
+    );
+    let path = dir.join("eir.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn fetched(pull_output: &str) -> (u64, u64) {
+    // "NAME DIGEST: N blobs, B bytes fetched, K already here"
+    let after = pull_output.split(": ").nth(1).unwrap_or_default();
+    let nums: Vec<u64> = after.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+/// Build, push, pull, check out; an update moves only what changed; credentials are required;
+/// a tampered blob is refused and leaves nothing behind.
+#[test]
+fn bundles_travel_through_a_real_registry_verified() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (src, dst) = (work.path().join("a/bundles"), work.path().join("b/bundles"));
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
+
+    let (ok, out, err) = bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:1"], false);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("demo:1 sha256:"), "{out}");
+    let (ok, inspect, err) = bundle(&src, &["inspect", "demo:1"], false);
+    assert!(ok, "{err}");
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let paths: Vec<&str> = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["annotations"]["org.cncf.model.filepath"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "models/silero-vad/silero_vad.onnx",
+            "plugins/topk.wasm",
+            "files/topk/0/labels.txt",
+            "plugins/vad.wasm",
+            "eir.toml"
+        ],
+        "{inspect}"
+    );
+    assert_eq!(inspect["config"]["plugins"][1]["world"], "eir:plugin/pipeline@0.1.0", "{inspect}");
+    assert_eq!(inspect["layers"][0]["mediaType"], "application/vnd.cncf.model.weight.v1.raw");
+
+    let target = format!("{}/eir/demo:1", registry.addr);
+    let (ok, _, err) = bundle(&src, &["push", "demo:1", &target], true);
+    assert!(!ok && err.contains("pushing demo:1"), "anonymous pushes are refused: {err}");
+    let (ok, out, err) = bundle(&src, &["push", "demo:1", &target], false);
+    assert!(ok, "{err}");
+    assert!(out.contains("pushed demo:1"), "{out}");
+
+    let (ok, out, err) = bundle(&dst, &["pull", &target], false);
+    assert!(ok, "{err}");
+    let (blobs, whole) = fetched(&out);
+    assert_eq!(blobs, 6, "config and five layers: {out}");
+    let (ok, out, err) = bundle(&dst, &["pull", &target], false);
+    assert!(ok, "{err}");
+    assert_eq!(fetched(&out), (0, 0), "a second pull moves nothing: {out}");
+
+    // Checked out: the files are the originals and the fragment loads with paths inside.
+    let checkout = work.path().join("served");
+    let (ok, out, err) = bundle(&dst, &["checkout", "demo:1", checkout.to_str().unwrap()], false);
+    assert!(ok, "{err}");
+    let fragment = PathBuf::from(out.trim());
+    let loaded = eir::config::Config::load(&fragment).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.plugins["vad"].path, checkout.join("plugins/vad.wasm"));
+    assert!(loaded.tenants.is_empty(), "a bundle carries no tenants");
+    assert_eq!(std::fs::read(checkout.join("plugins/vad.wasm")).unwrap(), std::fs::read(guest("vad")).unwrap());
+    assert_eq!(std::fs::read_to_string(checkout.join("files/topk/0/labels.txt")).unwrap(), "cat\ndog\n");
+    let text = std::fs::read_to_string(&fragment).unwrap();
+    assert!(!text.contains("[server]") && !text.contains("tenants"), "{text}");
+
+    // Version 2 changes one file: the pull moves that file, the config and the manifest.
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\nbird\n");
+    let (ok, _, err) = bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:2"], false);
+    assert!(ok, "{err}");
+    let target2 = format!("{}/eir/demo:2", registry.addr);
+    assert!(bundle(&src, &["push", "demo:2", &target2], false).0);
+    let (ok, out, err) = bundle(&dst, &["pull", &target2], false);
+    assert!(ok, "{err}");
+    let (blobs, update) = fetched(&out);
+    assert_eq!(blobs, 2, "the changed file and the config: {out}");
+    assert!(update * 100 < whole, "update {update} bytes of {whole}");
+    eprintln!("bundle: whole pull {whole} bytes, one-file update {update} bytes");
+
+    // Tampered in the registry: the pull fails on the digest and tags nothing.
+    let layers = inspect["layers"].as_array().unwrap();
+    let onnx = layers[0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let file = registry.blob_file(&onnx);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let fresh = work.path().join("c/bundles");
+    let (ok, _, err) = bundle(&fresh, &["pull", &target], false);
+    assert!(!ok && err.contains("digest"), "{err}");
+    let (ok, _, err) = bundle(&fresh, &["inspect", "demo:1"], false);
+    assert!(!ok && err.contains("not found"), "nothing half-applied: {err}");
+}
