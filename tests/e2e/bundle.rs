@@ -213,3 +213,95 @@ fn bundles_travel_through_a_real_registry_verified() {
     let (ok, _, err) = bundle(&fresh, &["inspect", "demo:1"], false);
     assert!(!ok && err.contains("not found"), "nothing half-applied: {err}");
 }
+
+/// Checks a cosign signature stored in the registry with Python's `cryptography`, independently
+/// of EIR's code: the simple-signing payload names `digest` and the signature verifies with
+/// `public_key`.
+const INDEPENDENT_CHECK: &str = r#"
+import base64, hashlib, json, sys, urllib.request
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+registry, repo, digest, key_file, user, password = sys.argv[1:7]
+auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+def get(path, accept=None):
+    req = urllib.request.Request(f"http://{registry}/v2/{repo}/{path}", headers={"Authorization": auth})
+    if accept:
+        req.add_header("Accept", accept)
+    return urllib.request.urlopen(req).read()
+manifest = json.loads(get("manifests/sha256-" + digest.split(":")[1] + ".sig", "application/vnd.oci.image.manifest.v1+json"))
+layer = manifest["layers"][0]
+assert layer["mediaType"] == "application/vnd.dev.cosign.simplesigning.v1+json", layer
+payload = get("blobs/" + layer["digest"])
+assert "sha256:" + hashlib.sha256(payload).hexdigest() == layer["digest"]
+claims = json.loads(payload)
+assert claims["critical"]["type"] == "cosign container image signature", claims
+assert claims["critical"]["image"]["docker-manifest-digest"] == digest, claims
+assert claims["critical"]["identity"]["docker-reference"] == f"{registry}/{repo}", claims
+key = serialization.load_pem_public_key(open(key_file, "rb").read())
+signature = base64.b64decode(layer["annotations"]["dev.cosignproject.cosign/signature"])
+key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
+print("independently verified")
+"#;
+
+/// Cosign-style signatures: a signed bundle verifies (also with Python's `cryptography`) and
+/// pulls with the trusted key; a wrong key, an unsigned bundle and a tag moved to other content
+/// are refused before anything is staged.
+#[test]
+fn signed_bundles_pull_and_unsigned_or_wrongly_signed_ones_never_stage() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a/bundles");
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
+    for tag in ["demo:1", "demo:2"] {
+        let (ok, _, err) =
+            bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", tag, "--plugin", "topk"], false);
+        assert!(ok, "{err}");
+        let (ok, _, err) = bundle(&src, &["push", tag, &format!("{}/eir/{tag}", registry.addr)], false);
+        assert!(ok, "{err}");
+    }
+    let keys = work.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["alice", "mallory"] {
+        let (ok, _, err) = bundle(&src, &["keygen", keys.join(k).to_str().unwrap()], false);
+        assert!(ok, "{err}");
+    }
+    let key = |k: &str, ext: &str| keys.join(format!("{k}.{ext}")).to_str().unwrap().to_string();
+    let one = format!("{}/eir/demo:1", registry.addr);
+    let two = format!("{}/eir/demo:2", registry.addr);
+
+    let (ok, out, err) = bundle(&src, &["sign", &one, "--key", &key("alice", "key")], false);
+    assert!(ok, "{err}");
+    let digest = out.split_whitespace().last().unwrap().to_string();
+    let (ok, _, err) = bundle(&src, &["verify", &one, "--key", &key("alice", "pub")], false);
+    assert!(ok, "{err}");
+    let python = std::env::var("EIR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = Command::new(&python)
+        .args(["-c", INDEPENDENT_CHECK, &registry.addr, "eir/demo", &digest, &key("alice", "pub"), USER, PASSWORD])
+        .output()
+        .expect("running the test Python (scripts/test.sh installs cryptography)");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let pull = |store: &str, reference: &str, k: &str| {
+        bundle(&work.path().join(store).join("bundles"), &["pull", reference, "--key", &key(k, "pub")], false)
+    };
+    let (ok, out, err) = pull("good", &one, "alice");
+    assert!(ok, "{err}");
+    assert!(out.contains(&digest), "{out}");
+    let refused = [
+        ("wrong", one.clone(), "mallory", "does not match the key"),
+        ("unsigned", two.clone(), "alice", "no signature"),
+    ];
+    for (store, reference, k, why) in refused {
+        let (ok, _, err) = pull(store, &reference, k);
+        assert!(!ok && err.contains(why), "{store}: {err}");
+        let (ok, _, _) = bundle(&work.path().join(store).join("bundles"), &["inspect", "demo:1"], false);
+        assert!(!ok, "{store}: nothing staged");
+        let blobs = std::fs::read_dir(work.path().join(store).join("bundles/blobs/sha256")).unwrap().count();
+        assert_eq!(blobs, 0, "{store}: no blob fetched");
+    }
+    // The tag moved to other content: the signature names the old digest.
+    let (ok, _, err) = bundle(&src, &["push", "demo:2", &one], false);
+    assert!(ok, "{err}");
+    let (ok, _, err) = pull("moved", &one, "alice");
+    assert!(!ok && err.contains("no signature"), "{err}");
+}

@@ -15,6 +15,7 @@
 //! No precompiled code: hosts compile components themselves and cache them by digest.
 
 pub mod registry;
+pub mod sign;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -66,6 +67,9 @@ pub enum BundleError {
     /// The registry refused or failed.
     #[error("registry: {0}")]
     Registry(String),
+    /// A signature is missing, malformed, or not by a trusted key.
+    #[error("signature: {0}")]
+    Signature(String),
 }
 
 /// The bundle's config blob.

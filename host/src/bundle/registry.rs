@@ -38,7 +38,7 @@ impl Auth {
         }
     }
 
-    fn oci(&self) -> RegistryAuth {
+    pub(super) fn oci(&self) -> RegistryAuth {
         match self {
             Auth::Anonymous => RegistryAuth::Anonymous,
             Auth::Basic { user, password } => RegistryAuth::Basic(user.clone(), password.clone()),
@@ -67,14 +67,14 @@ fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) || host == "[::1]"
 }
 
-fn client(reference: &Reference) -> Client {
+pub(super) fn client(reference: &Reference) -> Client {
     let registry = reference.resolve_registry().to_string();
     let protocol =
         if is_loopback(&registry) { ClientProtocol::HttpsExcept(vec![registry]) } else { ClientProtocol::Https };
     Client::new(ClientConfig { protocol, ..Default::default() })
 }
 
-fn registry_error(doing: &str, e: impl std::fmt::Display) -> BundleError {
+pub(super) fn registry_error(doing: &str, e: impl std::fmt::Display) -> BundleError {
     BundleError::Registry(format!("{doing}: {e}"))
 }
 
@@ -119,12 +119,15 @@ pub async fn push(store: &Store, name: &str, target: &Reference, auth: &Auth) ->
     Ok(transfer)
 }
 
-/// Pulls bundle `source` into `store` (tagged `local_name`); the manifest's digest.
+/// Pulls bundle `source` into `store` (tagged `local_name`); the manifest's digest. With
+/// `trusted` keys, the bundle must carry a signature by one of them, checked before any blob
+/// is fetched: an unsigned or wrongly signed bundle is never staged.
 pub async fn pull(
     store: &Store,
     source: &Reference,
     local_name: &str,
     auth: &Auth,
+    trusted: Option<&[p256::ecdsa::VerifyingKey]>,
 ) -> Result<(Digest, Transfer), BundleError> {
     let client = client(source);
     client.auth(source, &auth.oci(), RegistryOperation::Pull).await.map_err(|e| registry_error("authenticating", e))?;
@@ -142,6 +145,10 @@ pub async fn pull(
         return Err(BundleError::Digest(format!("the registry sent manifest {digest} for {pinned}")));
     }
     let manifest = Manifest::parse(&bytes)?;
+    if let Some(keys) = trusted {
+        super::sign::verify(source, &digest, keys, auth).await?;
+        tracing::info!(source = %source, digest = %digest, "signature verified");
+    }
     let mut transfer = Transfer::default();
     let blobs: Vec<&super::Descriptor> = std::iter::once(&manifest.config).chain(&manifest.layers).collect();
     let total = blobs.len();

@@ -1,4 +1,4 @@
-//! `eir bundle`: package plugins and models as signed-ready OCI artifacts, push and pull them.
+//! `eir bundle`: package plugins and models as OCI artifacts, sign, push, pull and check them out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,30 @@ enum BundleCommand {
         /// The name to give it in the store [default: the repository's last part and the tag].
         #[arg(long)]
         name: Option<String>,
+        /// Require a signature by this public key (PEM; repeatable: any of them).
+        #[arg(long = "key", value_name = "FILE")]
+        keys: Vec<PathBuf>,
+    },
+    /// Make a signing key pair: PREFIX.key (PKCS#8 PEM, keep it secret) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        prefix: PathBuf,
+    },
+    /// Sign a pushed bundle as cosign does (stored next to it as `sha256-<hex>.sig`).
+    Sign {
+        /// host[:port]/repository:tag or @sha256:...
+        reference: String,
+        /// The private key (PEM).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Check that a pushed bundle carries a signature by one of the keys.
+    Verify {
+        /// host[:port]/repository:tag or @sha256:...
+        reference: String,
+        /// A trusted public key (PEM; repeatable).
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
     },
     /// Materialise a bundle of the store into a directory, ready to serve; prints the path of
     /// its configuration fragment.
@@ -109,13 +133,37 @@ pub async fn bundle(args: BundleArgs, global: &super::GlobalOptions) -> anyhow::
                 .with_context(|| format!("pushing {name} to {target}"))?;
             println!("pushed {name} to {target}: {} blobs, {} bytes", t.blobs, t.bytes);
         }
-        BundleCommand::Pull { source, name } => {
+        BundleCommand::Keygen { prefix } => {
+            let (private, public) = bundle::sign::keygen()?;
+            let key = prefix.with_extension("key");
+            write_private(&key, &private)?;
+            std::fs::write(prefix.with_extension("pub"), public)?;
+            println!("{} {}", key.display(), prefix.with_extension("pub").display());
+        }
+        BundleCommand::Sign { reference, key } => {
+            let pem = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+            let key = bundle::sign::signing_key(&pem)?;
+            let r = registry::reference(&reference)?;
+            let digest = bundle::sign::sign(&r, &key, &registry::Auth::from_env()).await?;
+            println!("signed {reference} {digest}");
+        }
+        BundleCommand::Verify { reference, keys } => {
+            let keys = read_keys(&keys)?;
+            let r = registry::reference(&reference)?;
+            let auth = registry::Auth::from_env();
+            let digest = bundle::sign::remote_digest(&r, &auth).await?;
+            bundle::sign::verify(&r, &digest, &keys, &auth).await?;
+            println!("verified {reference} {digest}");
+        }
+        BundleCommand::Pull { source, name, keys } => {
             let reference = registry::reference(&source)?;
             let local = name.unwrap_or_else(|| {
                 let repo = reference.repository().rsplit('/').next().unwrap_or("bundle").to_string();
                 format!("{repo}:{}", reference.tag().or(reference.digest()).unwrap_or("latest"))
             });
-            let (digest, t) = registry::pull(&store, &reference, &local, &registry::Auth::from_env())
+            let keys = read_keys(&keys)?;
+            let trusted = (!keys.is_empty()).then_some(keys.as_slice());
+            let (digest, t) = registry::pull(&store, &reference, &local, &registry::Auth::from_env(), trusted)
                 .await
                 .with_context(|| format!("pulling {source}"))?;
             println!("{local} {digest}: {} blobs, {} bytes fetched, {} already here", t.blobs, t.bytes, t.skipped);
@@ -126,4 +174,26 @@ pub async fn bundle(args: BundleArgs, global: &super::GlobalOptions) -> anyhow::
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<p256::ecdsa::VerifyingKey>> {
+    files
+        .iter()
+        .map(|f| {
+            let pem = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            Ok(bundle::sign::verifying_key(&pem)?)
+        })
+        .collect()
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &std::path::Path, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(pem.as_bytes())?;
+    Ok(())
 }
