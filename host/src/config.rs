@@ -70,6 +70,87 @@ pub struct Config {
     pub absent: BTreeMap<String, PathBuf>,
     /// Tenants by name.
     pub tenants: BTreeMap<String, TenantDecl>,
+    /// Bundles served (`[bundles.NAME]`), their models and plugins merged in by
+    /// [`crate::bundle::serve::load_config`].
+    pub bundles: BTreeMap<String, BundleDecl>,
+    /// Which bundles are trusted (`[trust]`).
+    pub trust: TrustDecl,
+}
+
+/// A bundle the gateway serves.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleDecl {
+    /// `host[:port]/repository:tag` or `...@sha256:...` (pinned: served offline once pulled).
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+/// What to do with a bundle whose signature is missing or not by a trusted key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustMode {
+    /// Refuse it (the running version keeps serving).
+    #[default]
+    Enforce,
+    /// Serve it, logging a warning.
+    Warn,
+    /// Do not check signatures.
+    Off,
+}
+
+/// The trust policy: public keys per registry scope.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustDecl {
+    /// `enforce` (the default), `warn` or `off`.
+    pub mode: TrustMode,
+    /// Registry scopes and their keys.
+    pub scopes: Vec<TrustScope>,
+}
+
+/// Keys trusted for the bundles under one registry prefix.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustScope {
+    /// `host[:port]/path`: bundles whose `registry/repository` starts with it.
+    pub prefix: String,
+    /// Public keys (PEM), resolved against the configuration's directory.
+    pub keys: Vec<PathBuf>,
+}
+
+impl TrustDecl {
+    /// The keys trusted for `registry/repository`.
+    pub fn keys_for(&self, repository: &str) -> Vec<PathBuf> {
+        self.scopes
+            .iter()
+            .filter(|s| {
+                let p = s.prefix.trim_end_matches('/');
+                repository == p || repository.starts_with(&format!("{p}/"))
+            })
+            .flat_map(|s| s.keys.iter().cloned())
+            .collect()
+    }
+}
+
+/// A checked-out bundle's configuration fragment, merged into a configuration.
+#[derive(Clone, Debug)]
+pub struct Fragment {
+    /// The bundle's name in the configuration.
+    pub bundle: String,
+    /// Where it is checked out (its paths are relative to it).
+    pub dir: PathBuf,
+    /// The fragment's text.
+    pub text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFragment {
+    #[serde(default)]
+    models: BTreeMap<String, Spanned<RawModel>>,
+    #[serde(default)]
+    plugins: BTreeMap<String, Spanned<RawPlugin>>,
 }
 
 /// One plugin of the configuration.
@@ -207,6 +288,10 @@ struct RawConfig {
     plugins: BTreeMap<String, Spanned<RawPlugin>>,
     #[serde(default)]
     tenants: BTreeMap<String, Spanned<RawTenant>>,
+    #[serde(default)]
+    bundles: BTreeMap<String, BundleDecl>,
+    #[serde(default)]
+    trust: TrustDecl,
 }
 
 #[derive(Deserialize)]
@@ -306,13 +391,54 @@ impl Config {
 
     /// Parses and validates `text`, as if read from `file`.
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(file, text, &[])
+    }
+
+    /// [`Config::parse`] with the models and plugins of checked-out bundles merged in (their
+    /// paths resolved inside each bundle; a name declared twice is an error).
+    pub fn parse_with(file: &Path, text: &str, fragments: &[Fragment]) -> Result<Self, ConfigError> {
         let err = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
             file: file.display().to_string(),
             line: span.map(|s| line_of(text, s.start)).unwrap_or(0),
             message,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
         let base = file.parent().unwrap_or(Path::new("."));
+        for f in fragments {
+            let bad = |message: String| ConfigError {
+                file: file.display().to_string(),
+                line: 0,
+                message: format!("bundle `{}`: {message}", f.bundle),
+            };
+            let frag: RawFragment = toml::from_str(&f.text).map_err(|e| bad(e.message().to_string()))?;
+            for (name, mut model) in frag.models {
+                let m = model.get_mut();
+                *m.path.get_mut() = f.dir.join(m.path.get_ref());
+                if raw.models.insert(name.clone(), model).is_some() {
+                    return Err(bad(format!("model `{name}` is declared twice")));
+                }
+            }
+            for (name, mut plugin) in frag.plugins {
+                let p = plugin.get_mut();
+                *p.path.get_mut() = f.dir.join(p.path.get_ref());
+                for dir in &mut p.dirs {
+                    let grant: DirGrant = dir.get_ref().parse().map_err(|e: String| bad(e))?;
+                    let mode = if grant.writable { "rw" } else { "ro" };
+                    *dir.get_mut() = format!("{}::{}:{mode}", f.dir.join(&grant.host).display(), grant.guest);
+                }
+                if raw.plugins.insert(name.clone(), plugin).is_some() {
+                    return Err(bad(format!("plugin `{name}` is declared twice")));
+                }
+            }
+        }
+        let mut trust = raw.trust.clone();
+        for scope in &mut trust.scopes {
+            for key in &mut scope.keys {
+                if key.is_relative() {
+                    *key = base.join(&*key);
+                }
+            }
+        }
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
 
         let mut models = BTreeMap::new();
@@ -524,7 +650,16 @@ impl Config {
         {
             return Err(err(None, "server.admin_key_sha256 must be 64 hex digits".into()));
         }
-        Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, absent, tenants })
+        Ok(Self {
+            file: file.to_path_buf(),
+            server: raw.server,
+            models,
+            plugins,
+            absent,
+            tenants,
+            bundles: raw.bundles,
+            trust,
+        })
     }
 
     /// A registry of the configured models, computing through `scheduler`.

@@ -305,3 +305,100 @@ fn signed_bundles_pull_and_unsigned_or_wrongly_signed_ones_never_stage() {
     let (ok, _, err) = pull("moved", &one, "alice");
     assert!(!ok && err.contains("no signature"), "{err}");
 }
+
+/// `eir serve` with `[bundles.NAME]` under `[trust] mode = "enforce"`: a signed bundle's plugin
+/// is served (its granted directory comes from the bundle); an unsigned one is refused at start,
+/// and a reload to it is refused while the running version keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_signed_bundles_and_refuses_unsigned_ones() {
+    use crate::gateway::{Server, hash};
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a/bundles");
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\nbird\n");
+    for tag in ["demo:1", "demo:2"] {
+        let (ok, _, err) =
+            bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", tag, "--plugin", "topk"], false);
+        assert!(ok, "{err}");
+        let (ok, _, err) = bundle(&src, &["push", tag, &format!("{}/eir/{tag}", registry.addr)], false);
+        assert!(ok, "{err}");
+    }
+    let key = work.path().join("ops");
+    assert!(bundle(&src, &["keygen", key.to_str().unwrap()], false).0);
+    let one = format!("{}/eir/demo:1", registry.addr);
+    let (ok, _, err) = bundle(&src, &["sign", &one, "--key", key.with_extension("key").to_str().unwrap()], false);
+    assert!(ok, "{err}");
+
+    let gateway_config = |tag: &str| {
+        format!(
+            r#"
+[server]
+admin_key_sha256 = "{admin}"
+
+[bundles.demo]
+ref = "{addr}/eir/demo:{tag}"
+
+[trust]
+mode = "enforce"
+scopes = [{{ prefix = "{addr}/eir", keys = ["{key}"] }}]
+
+[tenants.alpha]
+keys_sha256 = ["{alpha}"]
+plugins = ["topk"]
+"#,
+            addr = registry.addr,
+            key = key.with_extension("pub").display(),
+            alpha = hash("alpha-key"),
+            admin = hash("admin-key"),
+        )
+    };
+    let env = [("EIR_REGISTRY_USER", USER), ("EIR_REGISTRY_PASSWORD", PASSWORD)];
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(&gateway_config("1"), cache.path(), &env);
+    let client = reqwest::Client::new();
+    let infer = || async {
+        let body = serde_json::json!({
+            "inputs": [{"name": "logits", "datatype": "FP32", "shape": [3], "data": [0.1, 3.0, 1.0]}],
+            "parameters": {"k": 1, "labels_file": "/labels/labels.txt"}
+        });
+        let resp = client
+            .post(format!("{}/v2/models/topk/infer", server.url))
+            .bearer_auth("alpha-key")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    let (status, answer) = infer().await;
+    assert_eq!(status, 200, "{answer}");
+    let labels = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "labels").unwrap();
+    assert_eq!(labels["data"][0], "dog", "the label file came with the bundle: {answer}");
+
+    // A reload to the unsigned version is refused, saying why; version 1 keeps serving.
+    std::fs::write(server.config_file(), gateway_config("2")).unwrap();
+    let resp = client
+        .post(format!("{}/v2/repository/models/topk/load", server.url))
+        .bearer_auth("admin-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err = resp.text().await.unwrap();
+    assert!(err.contains("no signature"), "{err}");
+    assert_eq!(infer().await.0, 200, "still serving version 1");
+
+    // Started on the unsigned version: refused, saying why.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eir.toml"), gateway_config("2")).unwrap();
+    let out = eir_with(
+        &["serve", "--config", dir.path().join("eir.toml").to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        cache.path(),
+        |c| {
+            c.env("EIR_REGISTRY_USER", USER).env("EIR_REGISTRY_PASSWORD", PASSWORD);
+        },
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("no signature"), "{}", text(&out).1);
+}

@@ -118,9 +118,15 @@ impl Server {
 
     /// Serves `config` on a free loopback port, compiling into `cache`.
     pub fn start_with(config: &str, cache: &std::path::Path) -> Self {
+        Self::start_with_env(config, cache, &[])
+    }
+
+    /// [`Server::start_with`], with these environment variables set for the gateway.
+    pub fn start_with_env(config: &str, cache: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("eir.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_eir"))
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(dir.path().join("eir.toml"))
             .args(["--listen", "127.0.0.1:0"])
@@ -147,6 +153,11 @@ impl Server {
 
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("eir.toml")
+    }
+
+    /// The configuration file it serves (rewrite it, then reload).
+    pub fn config_file(&self) -> PathBuf {
+        self.config_path()
     }
 }
 

@@ -15,6 +15,7 @@
 //! No precompiled code: hosts compile components themselves and cache them by digest.
 
 pub mod registry;
+pub mod serve;
 pub mod sign;
 pub mod store;
 

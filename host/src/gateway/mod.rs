@@ -206,7 +206,7 @@ impl Gateway {
     /// does not validate or load is refused and the running one is kept.
     pub async fn reload(&self) -> anyhow::Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
-        let config = Config::load(&self.config_path)?;
+        let config = crate::bundle::serve::load_config(&self.config_path).await?;
         let current = self.snapshot();
         let next = build(&self.base, config, Some(&current)).await?;
         let summary: Vec<String> = next.models.iter().map(|(n, m)| format!("{n}@{}", m.latest)).collect();
@@ -333,7 +333,7 @@ async fn serve_plugin(
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and finishes what is in
 /// flight. SIGHUP reloads the configuration.
 pub async fn serve(runtime: Runtime, config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = crate::bundle::serve::load_config(config_path).await?;
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
     let (max_body, max_connections) = (config.server.max_body, config.server.max_connections);
     tracing::info!(config = %config_path.display(), "loading models and plugins");
