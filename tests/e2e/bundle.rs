@@ -16,6 +16,7 @@ const HTPASSWD: &str = "eir:$2y$05$Md0Yr.0EDQQmrGI0S6wyVelgFZN2I4p0DHJsperQE77Vj
 pub struct Registry {
     child: Child,
     dir: tempfile::TempDir,
+    bin: PathBuf,
     /// `127.0.0.1:PORT`.
     pub addr: String,
 }
@@ -37,19 +38,35 @@ impl Registry {
             htpasswd = dir.path().join("htpasswd").display(),
         );
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = Self::spawn(&bin, dir.path(), &addr);
+        Registry { child, dir, bin, addr }
+    }
+
+    fn spawn(bin: &Path, dir: &Path, addr: &str) -> Child {
         let child = Command::new(bin)
             .arg("serve")
-            .arg(dir.path().join("config.yml"))
+            .arg(dir.join("config.yml"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting docker-registry");
         let started = Instant::now();
-        while std::net::TcpStream::connect(&addr).is_err() {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(started.elapsed() < Duration::from_secs(20), "docker-registry did not start on {addr}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Registry { child, dir, addr }
+        child
+    }
+
+    /// Stops it (an outage); [`Registry::restart`] brings it back with the same contents.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same address and storage.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.bin, self.dir.path(), &self.addr);
     }
 
     /// Where it keeps blob `hex`'s bytes.
@@ -401,4 +418,54 @@ plugins = ["topk"]
     );
     assert!(!out.status.success());
     assert!(text(&out).1.contains("no signature"), "{}", text(&out).1);
+}
+
+/// A registry outage at start: the gateway retries with backoff and serves the bundle once the
+/// registry is back.
+#[test]
+fn a_registry_outage_is_retried_until_the_bundle_arrives() {
+    use crate::gateway::{Server, hash};
+    let mut registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a/bundles");
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
+    let (ok, _, err) =
+        bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:1", "--plugin", "topk"], false);
+    assert!(ok, "{err}");
+    let target = format!("{}/eir/demo:1", registry.addr);
+    assert!(bundle(&src, &["push", "demo:1", &target], false).0);
+    let gateway = format!(
+        "[bundles.demo]\nref = \"{target}\"\n[trust]\nmode = \"off\"\n\
+         [tenants.alpha]\nkeys_sha256 = [\"{}\"]\nplugins = [\"topk\"]\n",
+        hash("alpha-key")
+    );
+    registry.stop();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_path = cache.path().to_path_buf();
+    let started = Instant::now();
+    let server = std::thread::spawn(move || {
+        Server::start_with_env(
+            &gateway,
+            &cache_path,
+            &[("EIR_REGISTRY_USER", USER), ("EIR_REGISTRY_PASSWORD", PASSWORD)],
+        )
+    });
+    // Down through the first tries (0.5 s, 1 s), back before the last.
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(!server.is_finished(), "the gateway waits for the registry");
+    registry.restart();
+    let server = server.join().expect("the gateway started once the registry was back");
+    eprintln!("bundle: served after a {:?} registry outage", started.elapsed());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v2/models/topk/infer", server.url))
+            .bearer_auth("alpha-key")
+            .json(&serde_json::json!({"inputs": [{"name": "logits", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
 }

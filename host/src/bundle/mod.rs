@@ -456,7 +456,24 @@ pub fn open(store: &Store, name: &str) -> Result<Built, BundleError> {
     let config_bytes = store.read(&Digest::parse(&manifest.config.digest)?, MAX_METADATA)?;
     let config: BundleConfig =
         serde_json::from_slice(&config_bytes).map_err(|e| BundleError::Invalid(format!("config: {e}")))?;
+    if newer(&config.min_eir_version, env!("CARGO_PKG_VERSION")) {
+        return Err(BundleError::Invalid(format!(
+            "bundle {}:{} needs EIR {} or later (this is {})",
+            config.name,
+            config.version,
+            config.min_eir_version,
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
     Ok(Built { digest, size: bytes.len() as u64, manifest, config })
+}
+
+/// Whether version `wanted` (`MAJOR.MINOR.PATCH`, pre-release ignored) is newer than `have`.
+fn newer(wanted: &str, have: &str) -> bool {
+    let parse = |v: &str| -> Vec<u64> {
+        v.split(['-', '+']).next().unwrap_or_default().split('.').map(|p| p.parse().unwrap_or(u64::MAX)).collect()
+    };
+    parse(wanted) > parse(have)
 }
 
 /// Checks a fragment: only `[models.*]` and `[plugins.*]`, every path inside the bundle,
@@ -523,6 +540,13 @@ pub fn checkout(store: &Store, name: &str, dest: &Path) -> Result<PathBuf, Bundl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundles_for_a_newer_eir_are_refused() {
+        assert!(newer("0.2.0", "0.1.9") && newer("1.0.0", "0.99.0") && newer("0.1.10", "0.1.9"));
+        assert!(!newer("0.1.0", "0.1.0") && !newer("0.0.9", "0.1.0") && !newer("0.1.0-rc1", "0.1.0"));
+        assert!(newer("garbage", "0.1.0"), "an unreadable version is refused");
+    }
 
     #[test]
     fn fragments_cannot_reach_outside_the_bundle() {
