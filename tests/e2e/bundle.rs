@@ -134,6 +134,17 @@ plugins = ["*"]
     path
 }
 
+/// Builds the `topk` bundle of `config` as each tag and pushes it to `registry/eir/TAG`.
+fn build_and_push(store: &Path, config: &Path, registry: &Registry, tags: &[&str]) {
+    for tag in tags {
+        let (ok, _, err) =
+            bundle(store, &["build", "--config", config.to_str().unwrap(), "--tag", tag, "--plugin", "topk"], false);
+        assert!(ok, "{err}");
+        let (ok, _, err) = bundle(store, &["push", tag, &format!("{}/eir/{tag}", registry.addr)], false);
+        assert!(ok, "{err}");
+    }
+}
+
 fn fetched(pull_output: &str) -> (u64, u64) {
     // "NAME DIGEST: N blobs, B bytes fetched, K already here"
     let after = pull_output.split(": ").nth(1).unwrap_or_default();
@@ -269,13 +280,7 @@ fn signed_bundles_pull_and_unsigned_or_wrongly_signed_ones_never_stage() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("a/bundles");
     let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
-    for tag in ["demo:1", "demo:2"] {
-        let (ok, _, err) =
-            bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", tag, "--plugin", "topk"], false);
-        assert!(ok, "{err}");
-        let (ok, _, err) = bundle(&src, &["push", tag, &format!("{}/eir/{tag}", registry.addr)], false);
-        assert!(ok, "{err}");
-    }
+    build_and_push(&src, &config, &registry, &["demo:1", "demo:2"]);
     let keys = work.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
     for k in ["alice", "mallory"] {
@@ -333,13 +338,7 @@ async fn the_gateway_serves_signed_bundles_and_refuses_unsigned_ones() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("a/bundles");
     let config = write_config(&work.path().join("cfg"), "cat\ndog\nbird\n");
-    for tag in ["demo:1", "demo:2"] {
-        let (ok, _, err) =
-            bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", tag, "--plugin", "topk"], false);
-        assert!(ok, "{err}");
-        let (ok, _, err) = bundle(&src, &["push", tag, &format!("{}/eir/{tag}", registry.addr)], false);
-        assert!(ok, "{err}");
-    }
+    build_and_push(&src, &config, &registry, &["demo:1", "demo:2"]);
     let key = work.path().join("ops");
     assert!(bundle(&src, &["keygen", key.to_str().unwrap()], false).0);
     let one = format!("{}/eir/demo:1", registry.addr);
@@ -429,11 +428,8 @@ fn a_registry_outage_is_retried_until_the_bundle_arrives() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("a/bundles");
     let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
-    let (ok, _, err) =
-        bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:1", "--plugin", "topk"], false);
-    assert!(ok, "{err}");
+    build_and_push(&src, &config, &registry, &["demo:1"]);
     let target = format!("{}/eir/demo:1", registry.addr);
-    assert!(bundle(&src, &["push", "demo:1", &target], false).0);
     let gateway = format!(
         "[bundles.demo]\nref = \"{target}\"\n[trust]\nmode = \"off\"\n\
          [tenants.alpha]\nkeys_sha256 = [\"{}\"]\nplugins = [\"topk\"]\n",

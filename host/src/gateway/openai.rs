@@ -205,6 +205,24 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
     serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
 }
 
+/// Refuses (429) a tenant whose tokens-per-minute quota is spent.
+fn tokens_quota(metrics: &super::metrics::Metrics, t: &TenantState) -> Result<(), OaiError> {
+    match t.tokens_wait() {
+        None => Ok(()),
+        Some(wait) => {
+            metrics.refused(&t.name, "tokens");
+            Err(OaiError {
+                retry_after: Some(wait.as_secs_f64().ceil() as u64),
+                ..OaiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "over your tokens-per-minute quota; retry later",
+                )
+            })
+        }
+    }
+}
+
 /// What a request resolved to: its model, tenant accounts and generation parameters.
 struct Job {
     llm_model: Arc<dyn Model>,
@@ -253,17 +271,7 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
             )
         }
     })?;
-    if let Some(wait) = t.tokens_wait() {
-        gw.metrics().refused(&t.name, "tokens");
-        return Err(OaiError {
-            retry_after: Some(wait.as_secs_f64().ceil() as u64),
-            ..OaiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "over your tokens-per-minute quota; retry later",
-            )
-        });
-    }
+    tokens_quota(gw.metrics(), &t)?;
     let account = registry.scheduler().tenant(&t.name);
     if let Some(wait) = account.over_quota() {
         gw.metrics().refused(&t.name, "compute");
@@ -741,17 +749,7 @@ async fn chat_plugin(
     if c.n.is_some_and(|n| n != 1) {
         return Err(OaiError::bad("n must be 1"));
     }
-    if let Some(wait) = t.tokens_wait() {
-        gw.metrics().refused(&t.name, "tokens");
-        return Err(OaiError {
-            retry_after: Some(wait.as_secs_f64().ceil() as u64),
-            ..OaiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "over your tokens-per-minute quota; retry later",
-            )
-        });
-    }
+    tokens_quota(gw.metrics(), &t)?;
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(OaiError::bad("max_tokens must be at least 1"));
