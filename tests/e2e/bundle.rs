@@ -220,7 +220,9 @@ fn bundles_travel_through_a_real_registry_verified() {
     let (ok, _, err) = bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:2"], false);
     assert!(ok, "{err}");
     let target2 = format!("{}/eir/demo:2", registry.addr);
-    assert!(bundle(&src, &["push", "demo:2", &target2], false).0);
+    let (ok, out, err) = bundle(&src, &["push", "demo:2", &target2], false);
+    assert!(ok, "{err}");
+    assert!(out.contains(": 2 blobs") && out.contains("4 already there"), "a push sends only what changed: {out}");
     let (ok, out, err) = bundle(&dst, &["pull", &target2], false);
     assert!(ok, "{err}");
     let (blobs, update) = fetched(&out);

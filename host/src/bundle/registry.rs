@@ -1,6 +1,7 @@
 //! Pushing bundles to and pulling them from OCI registries (crate `oci-client`).
 //!
 //! Plain HTTP is used only for registries on a loopback address; anything else is HTTPS.
+//! Pushes skip blobs the repository already has.
 //! Pulls verify the manifest's digest, refuse anything but an EIR bundle, skip blobs the store
 //! already holds, and stream every other blob into the store, verified against its digest and
 //! declared size before it becomes visible: an interrupted or tampered pull leaves nothing
@@ -99,6 +100,12 @@ pub async fn push(store: &Store, name: &str, target: &Reference, auth: &Auth) ->
     let total = blobs.len();
     for (i, blob) in blobs.into_iter().enumerate() {
         let digest = Digest::parse(&blob.digest)?;
+        // Already in the repository (a one-byte range read answers): not sent again, so an
+        // update moves only what changed.
+        if client.pull_blob_stream_partial(target, digest.as_str(), 0, Some(1)).await.is_ok() {
+            transfer.skipped += 1;
+            continue;
+        }
         // Blobs are read whole: the largest is one model file.
         let bytes = store.read(&digest, u64::MAX)?;
         tracing::info!(blob = i + 1, of = total, bytes = bytes.len(), digest = %digest, "pushing");

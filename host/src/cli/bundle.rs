@@ -131,7 +131,10 @@ pub async fn bundle(args: BundleArgs, global: &super::GlobalOptions) -> anyhow::
             let t = registry::push(&store, &name, &reference, &registry::Auth::from_env())
                 .await
                 .with_context(|| format!("pushing {name} to {target}"))?;
-            println!("pushed {name} to {target}: {} blobs, {} bytes", t.blobs, t.bytes);
+            println!(
+                "pushed {name} to {target}: {} blobs, {} bytes sent, {} already there",
+                t.blobs, t.bytes, t.skipped
+            );
         }
         BundleCommand::Keygen { prefix } => {
             let (private, public) = bundle::sign::keygen()?;
