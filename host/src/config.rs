@@ -70,11 +70,6 @@ pub struct Config {
     pub absent: BTreeMap<String, PathBuf>,
     /// Tenants by name.
     pub tenants: BTreeMap<String, TenantDecl>,
-    /// Bundles served (`[bundles.NAME]`), their models and plugins merged in by
-    /// [`crate::bundle::serve::load_config`].
-    pub bundles: BTreeMap<String, BundleDecl>,
-    /// Which bundles are trusted (`[trust]`).
-    pub trust: TrustDecl,
 }
 
 /// A bundle the gateway serves.
@@ -120,6 +115,17 @@ pub struct TrustScope {
 }
 
 impl TrustDecl {
+    /// The policy with relative key paths resolved against `base` (the configuration's
+    /// directory).
+    pub fn resolved(mut self, base: &Path) -> Self {
+        for key in self.scopes.iter_mut().flat_map(|s| s.keys.iter_mut()) {
+            if key.is_relative() {
+                *key = base.join(&*key);
+            }
+        }
+        self
+    }
+
     /// The keys trusted for `registry/repository`.
     pub fn keys_for(&self, repository: &str) -> Vec<PathBuf> {
         self.scopes
@@ -288,9 +294,13 @@ struct RawConfig {
     plugins: BTreeMap<String, Spanned<RawPlugin>>,
     #[serde(default)]
     tenants: BTreeMap<String, Spanned<RawTenant>>,
+    // Read (and checked) here; applied by `crate::bundle::serve::load_config`, which merges the
+    // bundles' models and plugins in before this parse.
     #[serde(default)]
+    #[allow(dead_code)]
     bundles: BTreeMap<String, BundleDecl>,
     #[serde(default)]
+    #[allow(dead_code)]
     trust: TrustDecl,
 }
 
@@ -428,14 +438,6 @@ impl Config {
                 }
                 if raw.plugins.insert(name.clone(), plugin).is_some() {
                     return Err(bad(format!("plugin `{name}` is declared twice")));
-                }
-            }
-        }
-        let mut trust = raw.trust.clone();
-        for scope in &mut trust.scopes {
-            for key in &mut scope.keys {
-                if key.is_relative() {
-                    *key = base.join(&*key);
                 }
             }
         }
@@ -650,16 +652,7 @@ impl Config {
         {
             return Err(err(None, "server.admin_key_sha256 must be 64 hex digits".into()));
         }
-        Ok(Self {
-            file: file.to_path_buf(),
-            server: raw.server,
-            models,
-            plugins,
-            absent,
-            tenants,
-            bundles: raw.bundles,
-            trust,
-        })
+        Ok(Self { file: file.to_path_buf(), server: raw.server, models, plugins, absent, tenants })
     }
 
     /// A registry of the configured models, computing through `scheduler`.

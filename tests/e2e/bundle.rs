@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{eir_with, guest, repo, text};
+use crate::common::{eir_with, guest, text};
 
 /// The test registry's user and password (its htpasswd holds the bcrypt hash of the password).
 const USER: &str = "eir";
@@ -125,7 +125,7 @@ dirs = ["labels::/labels:ro"]
 keys_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
 plugins = ["*"]
 "#,
-        vad_model = repo().join("models/silero-vad").display(),
+        vad_model = crate::onnx::model_dir("silero-vad").display(),
         vad = guest("vad").display(),
         topk = guest("topk").display(),
     );

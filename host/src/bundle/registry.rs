@@ -9,7 +9,6 @@
 
 use futures_util::StreamExt as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
@@ -79,14 +78,27 @@ pub(super) fn registry_error(doing: &str, e: impl std::fmt::Display) -> BundleEr
     BundleError::Registry(format!("{doing}: {e}"))
 }
 
-fn descriptor(d: &super::Descriptor) -> OciDescriptor {
-    OciDescriptor {
-        media_type: d.media_type.clone(),
-        digest: d.digest.clone(),
-        size: d.size as i64,
-        urls: None,
-        annotations: None,
+/// The manifest `reference` names, at most [`MAX_METADATA`] bytes, and its digest (checked
+/// against the reference when it pins one).
+pub(super) async fn fetch_manifest(
+    client: &Client,
+    reference: &Reference,
+    auth: &Auth,
+) -> Result<(Vec<u8>, Digest), BundleError> {
+    let (bytes, _) = client
+        .pull_manifest_raw(reference, &auth.oci(), &[MANIFEST_MEDIA_TYPE])
+        .await
+        .map_err(|e| registry_error("pulling the manifest", e))?;
+    if bytes.len() as u64 > MAX_METADATA {
+        return Err(BundleError::Invalid(format!("a manifest of {} bytes", bytes.len())));
     }
+    let digest = Digest::of(&bytes);
+    if let Some(pinned) = reference.digest()
+        && pinned != digest.as_str()
+    {
+        return Err(BundleError::Digest(format!("the registry sent manifest {digest} for {pinned}")));
+    }
+    Ok((bytes, digest))
 }
 
 /// Pushes bundle `name` from `store` to `target` (its tag or digest names the manifest).
@@ -138,19 +150,7 @@ pub async fn pull(
 ) -> Result<(Digest, Transfer), BundleError> {
     let client = client(source);
     client.auth(source, &auth.oci(), RegistryOperation::Pull).await.map_err(|e| registry_error("authenticating", e))?;
-    let (bytes, _) = client
-        .pull_manifest_raw(source, &auth.oci(), &[MANIFEST_MEDIA_TYPE])
-        .await
-        .map_err(|e| registry_error("pulling the manifest", e))?;
-    if bytes.len() as u64 > MAX_METADATA {
-        return Err(BundleError::Invalid(format!("a manifest of {} bytes", bytes.len())));
-    }
-    let digest = Digest::of(&bytes);
-    if let Some(pinned) = source.digest()
-        && pinned != digest.as_str()
-    {
-        return Err(BundleError::Digest(format!("the registry sent manifest {digest} for {pinned}")));
-    }
+    let (bytes, digest) = fetch_manifest(&client, source, auth).await?;
     let manifest = Manifest::parse(&bytes)?;
     if let Some(keys) = trusted {
         super::sign::verify(source, &digest, keys, auth).await?;
@@ -168,7 +168,7 @@ pub async fn pull(
         tracing::info!(blob = i + 1, of = total, bytes = blob.size, digest = %d, "pulling");
         let mut ingest = store.ingest(&d, blob.size)?;
         let mut stream = client
-            .pull_blob_stream(source, &descriptor(blob))
+            .pull_blob_stream(source, d.as_str())
             .await
             .map_err(|e| registry_error(&format!("pulling {d}"), e))?;
         while let Some(chunk) = stream.stream.next().await {

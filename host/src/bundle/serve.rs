@@ -35,7 +35,7 @@ pub async fn load_config(path: &Path) -> anyhow::Result<Config> {
     if head.bundles.is_empty() {
         return Ok(Config::parse(path, &text)?);
     }
-    let base = path.parent().unwrap_or(Path::new("."));
+    let trust = head.trust.resolved(path.parent().unwrap_or(Path::new(".")));
     let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
     let store = Store::open(&root)?;
     let auth = registry::Auth::from_env();
@@ -43,18 +43,15 @@ pub async fn load_config(path: &Path) -> anyhow::Result<Config> {
     for (name, decl) in &head.bundles {
         let reference = registry::reference(&decl.reference)?;
         let repository = format!("{}/{}", reference.registry(), reference.repository());
-        let keys: Vec<p256::ecdsa::VerifyingKey> = head
-            .trust
+        let keys: Vec<p256::ecdsa::VerifyingKey> = trust
             .keys_for(&repository)
             .iter()
             .map(|k| {
-                let k = if k.is_relative() { base.join(k) } else { k.clone() };
-                let pem =
-                    std::fs::read_to_string(&k).with_context(|| format!("reading trusted key {}", k.display()))?;
+                let pem = std::fs::read_to_string(k).with_context(|| format!("reading trusted key {}", k.display()))?;
                 Ok(sign::verifying_key(&pem)?)
             })
             .collect::<anyhow::Result<_>>()?;
-        let trusted = match head.trust.mode {
+        let trusted = match trust.mode {
             TrustMode::Enforce if keys.is_empty() => {
                 anyhow::bail!("bundle `{name}`: no trusted key for {repository} and [trust] mode is enforce")
             }
@@ -70,7 +67,7 @@ pub async fn load_config(path: &Path) -> anyhow::Result<Config> {
                 .await
                 .with_context(|| format!("bundle `{name}` ({})", decl.reference))?,
         };
-        if head.trust.mode == TrustMode::Warn
+        if trust.mode == TrustMode::Warn
             && let Err(e) = sign::verify(&reference, &digest, &keys, &auth).await
         {
             tracing::warn!(bundle = %name, error = %e, "serving a bundle whose signature does not verify ([trust] mode warn)");

@@ -96,18 +96,7 @@ fn with_tag(reference: &Reference, tag: &str) -> Reference {
 
 /// The manifest digest `reference` names in its registry.
 pub async fn remote_digest(reference: &Reference, auth: &Auth) -> Result<Digest, BundleError> {
-    let client = client(reference);
-    let (bytes, _) = client
-        .pull_manifest_raw(reference, &auth.oci(), &[MANIFEST_MEDIA_TYPE])
-        .await
-        .map_err(|e| registry_error("pulling the manifest", e))?;
-    let digest = Digest::of(&bytes);
-    if let Some(pinned) = reference.digest()
-        && pinned != digest.as_str()
-    {
-        return Err(BundleError::Digest(format!("the registry sent manifest {digest} for {pinned}")));
-    }
-    Ok(digest)
+    Ok(super::registry::fetch_manifest(&client(reference), reference, auth).await?.1)
 }
 
 /// Signs the bundle `reference` names in its registry with `key`, storing the signature next

@@ -152,6 +152,26 @@ struct Common {
     n: Option<u32>,
 }
 
+impl Common {
+    /// Checks `n`, and returns the requested token limit and the stop texts.
+    fn limits(&self) -> Result<(Option<u64>, Vec<String>), OaiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(OaiError::bad("n must be 1"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(OaiError::bad("max_tokens must be at least 1"));
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+            Some(Stop::Many(_)) => return Err(OaiError::bad("at most 4 stop sequences")),
+        };
+        Ok((max_tokens, stop))
+    }
+}
+
 #[derive(Deserialize)]
 struct ChatRequest {
     #[serde(flatten)]
@@ -205,21 +225,48 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
     serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
 }
 
+/// A 429 for quota `reason` (as the metrics count it), retried after `wait` seconds.
+fn over_quota(metrics: &super::metrics::Metrics, t: &TenantState, reason: &'static str, wait: u64) -> OaiError {
+    metrics.refused(&t.name, reason);
+    let what = if reason == "tokens" { "tokens-per-minute" } else { reason };
+    OaiError {
+        retry_after: Some(wait),
+        ..OaiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("over your {what} quota; retry later"),
+        )
+    }
+}
+
+/// The tenant's rate and concurrency quotas: its slot, held until the request ends.
+fn admit_tenant(
+    metrics: &super::metrics::Metrics,
+    t: &TenantState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, OaiError> {
+    t.admit().map_err(|r| match r {
+        Refused::Rate(wait) => over_quota(metrics, t, "rate", wait.as_secs_f64().ceil() as u64),
+        Refused::Concurrency => over_quota(metrics, t, "concurrency", 1),
+    })
+}
+
+/// Refuses (429) a tenant over its compute quota.
+fn compute_quota(
+    metrics: &super::metrics::Metrics,
+    t: &TenantState,
+    account: &crate::scheduler::Tenant,
+) -> Result<(), OaiError> {
+    match account.over_quota() {
+        None => Ok(()),
+        Some(wait) => Err(over_quota(metrics, t, "compute", wait.as_secs_f64().ceil() as u64)),
+    }
+}
+
 /// Refuses (429) a tenant whose tokens-per-minute quota is spent.
 fn tokens_quota(metrics: &super::metrics::Metrics, t: &TenantState) -> Result<(), OaiError> {
     match t.tokens_wait() {
         None => Ok(()),
-        Some(wait) => {
-            metrics.refused(&t.name, "tokens");
-            Err(OaiError {
-                retry_after: Some(wait.as_secs_f64().ceil() as u64),
-                ..OaiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "over your tokens-per-minute quota; retry later",
-                )
-            })
-        }
+        Some(wait) => Err(over_quota(metrics, t, "tokens", wait.as_secs_f64().ceil() as u64)),
     }
 }
 
@@ -248,38 +295,12 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
     let t = tenant(gw, headers)?;
     let snapshot = gw.snapshot();
     let registry = snapshot.runtime.registry().clone();
-    let unknown = || {
-        let mut e = OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no model `{}`", c.model));
-        e.param = Some("model");
-        e
-    };
     if !t.decl.may_use_model(&c.model) || registry.decl(&c.model).is_none() {
-        return Err(unknown());
+        return Err(no_model(&c.model));
     }
-    let slot = t.admit().map_err(|r| {
-        let (reason, retry) = match r {
-            Refused::Rate(wait) => ("rate", wait.as_secs_f64().ceil() as u64),
-            Refused::Concurrency => ("concurrency", 1),
-        };
-        gw.metrics().refused(&t.name, reason);
-        OaiError {
-            retry_after: Some(retry),
-            ..OaiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!("over your {reason} quota; retry later"),
-            )
-        }
-    })?;
+    let slot = admit_tenant(gw.metrics(), &t)?;
     tokens_quota(gw.metrics(), &t)?;
-    let account = registry.scheduler().tenant(&t.name);
-    if let Some(wait) = account.over_quota() {
-        gw.metrics().refused(&t.name, "compute");
-        return Err(OaiError {
-            retry_after: Some(wait.as_secs_f64().ceil() as u64),
-            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over your compute quota; retry later")
-        });
-    }
+    compute_quota(gw.metrics(), &t, &registry.scheduler().tenant(&t.name))?;
     let model = registry
         .get(&c.model)
         .await
@@ -289,9 +310,7 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
         e.param = Some("model");
         return Err(e);
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(OaiError::bad("n must be 1"));
-    }
+    let (max_tokens, stop) = c.limits()?;
     let defaults = Sampling::default();
     let sampling = Sampling {
         temperature: c.temperature.unwrap_or(1.0),
@@ -302,17 +321,7 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
         seed: c.seed,
         ..defaults
     };
-    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
-        Some(0) => return Err(OaiError::bad("max_tokens must be at least 1")),
-        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-        None => default_max,
-    };
-    let stop = match c.stop {
-        None => vec![],
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(_)) => return Err(OaiError::bad("at most 4 stop sequences")),
-    };
+    let max_tokens = max_tokens.map_or(default_max, |n| usize::try_from(n).unwrap_or(usize::MAX));
     Ok(Job {
         llm_model: model,
         tenant: t,
@@ -384,7 +393,9 @@ fn usage_json(u: &Usage) -> Value {
 
 /// `POST /v1/chat/completions`.
 pub(super) async fn chat(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
-    let req: ChatRequest = parse(&body)?;
+    // Parsed once: the typed request, and its other fields for a plugin.
+    let value: Value = parse(&body)?;
+    let req = ChatRequest::deserialize(&value).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))?;
     if req.messages.is_empty() {
         let mut e = OaiError::bad("messages must not be empty");
         e.param = Some("messages");
@@ -397,7 +408,7 @@ pub(super) async fn chat(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Resu
         .collect::<Result<_, OaiError>>()?;
     let t = tenant(&gw, &headers)?;
     if serves_plugin(&gw, &t, &req.common.model) {
-        let extra = extra_parameters(&body);
+        let extra = extra_parameters(&value);
         return chat_plugin(gw, t, req.common, messages, extra).await;
     }
     let job = resolve(&gw, &headers, req.common, usize::MAX).await?;
@@ -605,22 +616,8 @@ fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Option<Plu
     let Some(s) = snapshot.resolve(t, model, None) else { return Ok(None) };
     let Some(plugin) = s.per_tenant.get(&t.name).cloned() else { return Ok(None) };
     let m = gw.metrics();
-    let busy = |reason: &'static str, message: String, retry: u64| {
-        m.refused(&t.name, reason);
-        OaiError {
-            retry_after: Some(retry),
-            ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-        }
-    };
-    let tenant_slot = t.admit().map_err(|r| match r {
-        Refused::Rate(wait) => {
-            busy("rate", "over your rate quota; retry later".into(), wait.as_secs_f64().ceil() as u64)
-        }
-        Refused::Concurrency => busy("concurrency", "over your concurrency quota; retry later".into(), 1),
-    })?;
-    if let Some(wait) = plugin.tenant().over_quota() {
-        return Err(busy("compute", "over your compute quota; retry later".into(), wait.as_secs_f64().ceil() as u64));
-    }
+    let tenant_slot = admit_tenant(m, t)?;
+    compute_quota(m, t, plugin.tenant())?;
     let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
         m.refused(&t.name, "queue");
         OaiError {
@@ -720,15 +717,15 @@ const MAX_EXTRA_PARAMETERS: usize = 32;
 
 /// A chat request's other top-level fields with a string, number or boolean value (what an
 /// OpenAI client sends as `extra_body`), as plugin parameters.
-fn extra_parameters(body: &Bytes) -> Vec<(String, String)> {
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else { return vec![] };
+fn extra_parameters(body: &Value) -> Vec<(String, String)> {
+    let Some(fields) = body.as_object() else { return vec![] };
     fields
-        .into_iter()
+        .iter()
         .filter(|(k, _)| !OPENAI_CHAT_FIELDS.contains(&k.as_str()))
         .filter_map(|(k, v)| match v {
-            Value::String(s) => Some((k, s)),
-            Value::Number(n) => Some((k, n.to_string())),
-            Value::Bool(b) => Some((k, b.to_string())),
+            Value::String(s) => Some((k.clone(), s.clone())),
+            Value::Number(n) => Some((k.clone(), n.to_string())),
+            Value::Bool(b) => Some((k.clone(), b.to_string())),
             _ => None,
         })
         .take(MAX_EXTRA_PARAMETERS)
@@ -746,20 +743,8 @@ async fn chat_plugin(
     extra: Vec<(String, String)>,
 ) -> Result<Response, OaiError> {
     use crate::tensor::{Request, Tensor, TensorData};
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(OaiError::bad("n must be 1"));
-    }
+    let (max_tokens, stop) = c.limits()?;
     tokens_quota(gw.metrics(), &t)?;
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens);
-    if max_tokens == Some(0) {
-        return Err(OaiError::bad("max_tokens must be at least 1"));
-    }
-    let stop = match c.stop {
-        None => vec![],
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(_)) => return Err(OaiError::bad("at most 4 stop sequences")),
-    };
     let mut parameters: Vec<(String, String)> = [
         ("max_tokens", max_tokens.map(|v| v.to_string())),
         ("temperature", c.temperature.map(|v| v.to_string())),

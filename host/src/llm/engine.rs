@@ -149,9 +149,25 @@ impl Generation {
         self.cancel.cancel();
     }
 
-    /// The next event if one is ready now.
-    pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+    /// [`next`](Self::next) for a plugin call: an event already there is taken at once;
+    /// otherwise the call gives up its tenant's turn at running plugin code while it waits.
+    /// `Err` with what `stop` gave if `stop` completes first.
+    pub async fn next_or<R>(
+        &mut self,
+        tenant: &crate::scheduler::Tenant,
+        turn: &crate::scheduler::TurnSlot,
+        stop: impl std::future::Future<Output = R>,
+    ) -> Result<Option<Event>, R> {
+        if let Ok(event) = self.rx.try_recv() {
+            return Ok(Some(event));
+        }
+        crate::scheduler::without_turn(tenant, turn, async {
+            tokio::select! {
+                event = self.rx.recv() => Ok(event),
+                r = stop => Err(r),
+            }
+        })
+        .await
     }
 
     /// A token that cancels this generation, for whoever must be able to stop it without

@@ -15,7 +15,6 @@ use super::{LlmError, Message, Sampling};
 use crate::nn::Model;
 use crate::plugin::bindings::eir::plugin::llm as wit;
 use crate::plugin::store::StoreState;
-use crate::scheduler::without_turn;
 
 /// A model opened by a guest.
 pub struct ModelHandle {
@@ -202,26 +201,19 @@ impl wit::HostGeneration for StoreState {
         if handle.finished.is_some() {
             return Ok(None);
         }
-        // A chunk already waiting is taken without giving up the turn.
-        let event = match handle.generation.try_next() {
-            Some(ev) => Some(ev),
-            None => {
-                let next = without_turn(&tenant, &turn, async {
-                    tokio::select! {
-                        ev = handle.generation.next() => Ok(ev),
-                        () = tokio::time::sleep_until(deadline.into()) => Err(wit::FinishReason::Deadline),
-                        // The caller went away (the gateway's client hung up).
-                        () = abandoned.cancelled() => Err(wit::FinishReason::Cancelled),
-                    }
-                });
-                match next.await {
-                    Ok(ev) => ev,
-                    Err(reason) => {
-                        handle.generation.cancel();
-                        handle.finished = Some(wit::Finished { reason, usage: none });
-                        return Ok(None);
-                    }
-                }
+        let stop = async {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => wit::FinishReason::Deadline,
+                // The caller went away (the gateway's client hung up).
+                () = abandoned.cancelled() => wit::FinishReason::Cancelled,
+            }
+        };
+        let event = match handle.generation.next_or(&tenant, &turn, stop).await {
+            Ok(event) => event,
+            Err(reason) => {
+                handle.generation.cancel();
+                handle.finished = Some(wit::Finished { reason, usage: none });
+                return Ok(None);
             }
         };
         Ok(match event {

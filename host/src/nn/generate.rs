@@ -29,7 +29,6 @@ use super::CancelToken;
 use super::error::NnError;
 use crate::llm::{Event, Finish, GenerateRequest, Generation, LlmError, Sampling};
 use crate::nn::Model;
-use crate::scheduler::without_turn;
 
 /// Most text a context accumulates (output 0); a longer answer ends with `too-large`.
 const MAX_TEXT: usize = 1 << 20;
@@ -160,6 +159,18 @@ pub(crate) struct Call {
     pub(crate) turn: crate::scheduler::TurnSlot,
 }
 
+impl Call {
+    /// What the current call of `nn` gives a generation.
+    pub(crate) fn of(nn: &super::NnCtx) -> Self {
+        Self {
+            tenant: nn.tenant.clone(),
+            deadline: nn.deadline,
+            abandoned: nn.abandoned.clone(),
+            turn: nn.turn.clone(),
+        }
+    }
+}
+
 /// One execution context on a language model.
 pub(crate) struct Session {
     model: Arc<dyn Model>,
@@ -275,22 +286,9 @@ impl Session {
 
     /// Takes one chunk; `Ok(None)` when the generation ended normally (stop or length).
     async fn step(&mut self, g: &mut Generation, fills: bool, nn: &Call) -> Result<Option<()>, Failure> {
-        // A chunk already waiting is taken without giving up the call's turn.
-        let event = match g.try_next() {
-            Some(ev) => Some(ev),
-            None => {
-                let next = without_turn(&nn.tenant, &nn.turn, async {
-                    tokio::select! {
-                        ev = g.next() => Some(ev),
-                        () = nn.abandoned.cancelled() => None,
-                    }
-                });
-                let Some(event) = next.await else {
-                    g.cancel();
-                    return Err(NnError::timeout("the caller went away").into());
-                };
-                event
-            }
+        let Ok(event) = g.next_or(&nn.tenant, &nn.turn, nn.abandoned.cancelled()).await else {
+            g.cancel();
+            return Err(NnError::timeout("the caller went away").into());
         };
         match event {
             Some(Event::Chunk { text, tokens }) => {
@@ -362,11 +360,11 @@ impl Session {
     }
 
     /// Output 0: the answer so far (`single`: the last token's text); output 1: metadata.
-    pub(crate) fn output(&self, index: u32, single: bool) -> Result<Vec<u8>, NnError> {
+    pub(crate) fn output(&self, index: u32, single: bool) -> Result<std::borrow::Cow<'_, [u8]>, NnError> {
         match index {
-            0 if single => Ok(self.last.as_bytes().to_vec()),
-            0 => Ok(self.text.as_bytes().to_vec()),
-            1 => Ok(self.metadata(false)),
+            0 if single => Ok(self.last.as_bytes().into()),
+            0 => Ok(self.text.as_bytes().into()),
+            1 => Ok(self.metadata(false).into()),
             _ => Err(NnError::invalid_argument(format!("no output {index} (0: text, 1: metadata)"))),
         }
     }

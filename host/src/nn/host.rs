@@ -206,12 +206,7 @@ impl NnView<'_> {
         inputs: Outputs,
     ) -> wasmtime::Result<Result<Outputs, NnError>> {
         use super::generate::{Call, Failure};
-        let call = Call {
-            tenant: self.ctx.tenant.clone(),
-            deadline: self.ctx.deadline,
-            abandoned: self.ctx.abandoned.clone(),
-            turn: self.ctx.turn.clone(),
-        };
+        let call = Call::of(self.ctx);
         let context = self.table.get_mut(ctx)?;
         let Some(session) = context.session.as_deref_mut() else {
             return Ok(Err(NnError::unsupported("not a language model")));
@@ -267,7 +262,7 @@ impl NnView<'_> {
         // Streamed, the end comes as an empty piece.
         let text = match (streaming, session.finish()) {
             (true, Some(_)) => Vec::new(),
-            (single, _) => session.output(0, single).unwrap_or_default(),
+            (single, _) => session.output(0, single).map(|t| t.into_owned()).unwrap_or_default(),
         };
         let metadata = session.metadata(true);
         let tensor = |bytes: Vec<u8>| HostTensor::new(vec![bytes.len() as u32], tensor::TensorType::U8, bytes);

@@ -120,12 +120,7 @@ impl NnCtx {
 
     /// The session of a language-model context, and the call it runs in.
     fn session(&mut self, handle: types::GraphExecutionContext) -> Result<(&mut ggml::Session, ggml::Call), Error> {
-        let call = ggml::Call {
-            tenant: self.tenant.clone(),
-            deadline: self.deadline,
-            abandoned: self.abandoned.clone(),
-            turn: self.turn.clone(),
-        };
+        let call = ggml::Call::of(self);
         match self.context(handle)? {
             Context::Llm(session) => Ok((session, call)),
             Context::Tensors(_) => Err(fail(NnError::unsupported(
