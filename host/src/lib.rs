@@ -26,6 +26,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

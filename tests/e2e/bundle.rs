@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::common::{eir_with, guest, text};
 
 /// The test registry's user and password (its htpasswd holds the bcrypt hash of the password).
-const USER: &str = "eir";
-const PASSWORD: &str = "eir-secret";
+pub const USER: &str = "eir";
+pub const PASSWORD: &str = "eir-secret";
 const HTPASSWD: &str = "eir:$2y$05$Md0Yr.0EDQQmrGI0S6wyVelgFZN2I4p0DHJsperQE77VjvJmh/FeK\n";
 
 /// A `docker-registry` serving on a free loopback port until dropped.
@@ -82,12 +82,12 @@ impl Drop for Registry {
     }
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+pub fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
 }
 
 /// `eir bundle ARGS` against `store`, with the registry's credentials unless `anonymous`.
-fn bundle(store: &Path, args: &[&str], anonymous: bool) -> (bool, String, String) {
+pub fn bundle(store: &Path, args: &[&str], anonymous: bool) -> (bool, String, String) {
     let mut all = vec!["bundle", "--store", store.to_str().unwrap()];
     all.extend_from_slice(args);
     let cache = store.parent().unwrap();

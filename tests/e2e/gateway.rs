@@ -123,15 +123,21 @@ impl Server {
 
     /// [`Server::start_with`], with these environment variables set for the gateway.
     pub fn start_with_env(config: &str, cache: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_args(config, cache, env, &[])
+    }
+
+    /// [`Server::start_with_env`], with more arguments for `eir serve`.
+    pub fn start_with_args(config: &str, cache: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("eir.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_eir"))
-            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(dir.path().join("eir.toml"))
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .env("EIR_CACHE_DIR", cache)
             .env("EIR_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting eir serve");

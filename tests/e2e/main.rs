@@ -8,6 +8,7 @@ mod bundle;
 mod cli;
 mod common;
 mod embed;
+mod fleet;
 mod gateway;
 mod grants;
 mod languages;

@@ -172,7 +172,16 @@ pub async fn pull(
             .await
             .map_err(|e| registry_error(&format!("pulling {d}"), e))?;
         while let Some(chunk) = stream.stream.next().await {
-            let chunk = chunk.map_err(|e| registry_error(&format!("pulling {d}"), e))?;
+            let chunk = chunk.map_err(|e| {
+                // The client checks the digest as the stream ends: bytes that do not match are
+                // a refusal, not an outage to retry.
+                let mismatch = e.get_ref().is_some_and(|i| i.is::<oci_client::errors::DigestError>());
+                if mismatch {
+                    BundleError::Digest(format!("{d}: {e}"))
+                } else {
+                    registry_error(&format!("pulling {d}"), e)
+                }
+            })?;
             std::io::Write::write_all(&mut ingest, &chunk).map_err(|e| BundleError::Digest(e.to_string()))?;
         }
         ingest.commit()?;

@@ -3,13 +3,14 @@
 //! from the local store, and their models and plugins merged into the configuration. A reload
 //! that cannot do this fails, and the running version keeps serving.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 
 use super::{BundleError, Store, registry, sign};
-use crate::config::{Config, Fragment, TrustMode};
+use crate::config::{BundleDecl, Config, Fragment, TrustDecl, TrustMode};
 
 /// Tries per pull while the registry is unreachable, and the first wait (doubled each time).
 const PULL_TRIES: u32 = 5;
@@ -22,56 +23,48 @@ pub fn store_dir() -> Option<PathBuf> {
 
 /// Loads the configuration at `path` with its bundles merged in.
 pub async fn load_config(path: &Path) -> anyhow::Result<Config> {
+    load_config_with(path, &BTreeMap::new()).await
+}
+
+/// The `[bundles]` and `[trust]` of a configuration file.
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(default)]
+    bundles: BTreeMap<String, BundleDecl>,
+    #[serde(default)]
+    trust: TrustDecl,
+}
+
+fn read_head(path: &Path) -> anyhow::Result<(String, Head)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut head: Head = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    head.trust = head.trust.resolved(path.parent().unwrap_or(Path::new(".")));
+    Ok((text, head))
+}
+
+/// The trust policy of the configuration at `path` (key paths resolved).
+pub fn trust_of(path: &Path) -> anyhow::Result<TrustDecl> {
+    Ok(read_head(path)?.1.trust)
+}
+
+/// [`load_config`] with `extra` bundles (assigned at run time, e.g. by the fleet agent) served
+/// beside the file's own; a name in both is an error.
+pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>) -> anyhow::Result<Config> {
     // The bundles and trust policy first (the rest may name plugins only bundles declare).
-    #[derive(serde::Deserialize)]
-    struct Head {
-        #[serde(default)]
-        bundles: std::collections::BTreeMap<String, crate::config::BundleDecl>,
-        #[serde(default)]
-        trust: crate::config::TrustDecl,
+    let (text, mut head) = read_head(path)?;
+    for (name, decl) in extra {
+        if head.bundles.insert(name.clone(), decl.clone()).is_some() {
+            anyhow::bail!("bundle `{name}` is assigned at run time and also declared in {}", path.display());
+        }
     }
-    let head: Head = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
     if head.bundles.is_empty() {
         return Ok(Config::parse(path, &text)?);
     }
-    let trust = head.trust.resolved(path.parent().unwrap_or(Path::new(".")));
     let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
     let store = Store::open(&root)?;
-    let auth = registry::Auth::from_env();
     let mut fragments = Vec::new();
     for (name, decl) in &head.bundles {
-        let reference = registry::reference(&decl.reference)?;
-        let repository = format!("{}/{}", reference.registry(), reference.repository());
-        let keys: Vec<p256::ecdsa::VerifyingKey> = trust
-            .keys_for(&repository)
-            .iter()
-            .map(|k| {
-                let pem = std::fs::read_to_string(k).with_context(|| format!("reading trusted key {}", k.display()))?;
-                Ok(sign::verifying_key(&pem)?)
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let trusted = match trust.mode {
-            TrustMode::Enforce if keys.is_empty() => {
-                anyhow::bail!("bundle `{name}`: no trusted key for {repository} and [trust] mode is enforce")
-            }
-            TrustMode::Enforce => Some(keys.as_slice()),
-            TrustMode::Warn | TrustMode::Off => None,
-        };
-        let local = format!("served/{name}");
-        let pinned = reference.digest().and_then(|d| super::Digest::parse(d).ok()).filter(|d| store.has(d));
-        let digest = match pinned {
-            // Pinned and here: served without the registry.
-            Some(d) => d,
-            None => pull_with_retries(&store, &reference, &local, &auth, trusted)
-                .await
-                .with_context(|| format!("bundle `{name}` ({})", decl.reference))?,
-        };
-        if trust.mode == TrustMode::Warn
-            && let Err(e) = sign::verify(&reference, &digest, &keys, &auth).await
-        {
-            tracing::warn!(bundle = %name, error = %e, "serving a bundle whose signature does not verify ([trust] mode warn)");
-        }
+        let digest = fetch(&store, &head.trust, &decl.reference).await.with_context(|| format!("bundle `{name}`"))?;
         let dir = root.join("checkouts").join(digest.hex());
         let fragment = super::checkout(&store, digest.as_str(), &dir)?;
         let text = std::fs::read_to_string(&fragment).with_context(|| format!("reading {}", fragment.display()))?;
@@ -79,6 +72,52 @@ pub async fn load_config(path: &Path) -> anyhow::Result<Config> {
         fragments.push(Fragment { bundle: name.clone(), dir, text });
     }
     Ok(Config::parse_with(path, &text, &fragments)?)
+}
+
+/// Brings bundle `reference` into `store` under the `trust` policy and returns its digest: a
+/// pinned digest already in the store is used as it is (offline); otherwise it is pulled,
+/// retried with backoff while the registry is unreachable, and its signature checked before
+/// any blob moves (`enforce`) or after (`warn`, which only logs).
+pub async fn fetch(store: &Store, trust: &TrustDecl, reference: &str) -> anyhow::Result<super::Digest> {
+    let parsed = registry::reference(reference)?;
+    let repository = format!("{}/{}", parsed.registry(), parsed.repository());
+    let keys: Vec<p256::ecdsa::VerifyingKey> = trust
+        .keys_for(&repository)
+        .iter()
+        .map(|k| {
+            let pem = std::fs::read_to_string(k).with_context(|| format!("reading trusted key {}", k.display()))?;
+            Ok(sign::verifying_key(&pem)?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let trusted = match trust.mode {
+        TrustMode::Enforce if keys.is_empty() => {
+            anyhow::bail!("no trusted key for {repository} and [trust] mode is enforce")
+        }
+        TrustMode::Enforce => Some(keys.as_slice()),
+        TrustMode::Warn | TrustMode::Off => None,
+    };
+    let pinned = parsed.digest().and_then(|d| super::Digest::parse(d).ok()).filter(|d| store.has(d));
+    if let Some(d) = pinned {
+        // Pinned and here: it was verified when it arrived.
+        return Ok(d);
+    }
+    let auth = registry::Auth::from_env();
+    let local = format!("served/{}", parsed.repository());
+    let digest = pull_with_retries(store, &parsed, &local, &auth, trusted)
+        .await
+        .with_context(|| format!("pulling {reference}"))?;
+    if trust.mode == TrustMode::Warn
+        && let Err(e) = sign::verify(&parsed, &digest, &keys, &auth).await
+    {
+        tracing::warn!(bundle = %reference, error = %e, "serving a bundle whose signature does not verify ([trust] mode warn)");
+    }
+    Ok(digest)
+}
+
+/// [`fetch`] into the default store.
+pub async fn fetch_default(trust: &TrustDecl, reference: &str) -> anyhow::Result<super::Digest> {
+    let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
+    fetch(&Store::open(&root)?, trust, reference).await
 }
 
 /// Pulls, retrying with backoff while the registry fails (not when the bundle is refused).

@@ -2,6 +2,7 @@
 
 mod bundle;
 mod compile;
+mod fleet;
 mod inputs;
 mod inspect;
 mod models;
@@ -42,6 +43,8 @@ enum Command {
     Key(serve::KeyArgs),
     /// Package plugins and models as OCI artifacts; push, pull, inspect and check them out.
     Bundle(bundle::BundleArgs),
+    /// Roll bundles out to fleets of `eir serve --fleet` devices over NATS JetStream.
+    Fleet(fleet::FleetArgs),
 }
 
 /// Options every subcommand takes.
@@ -112,6 +115,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::serve(args, &cli.global).await,
             Command::Key(args) => serve::key(args),
             Command::Bundle(args) => bundle::bundle(args, &cli.global).await,
+            Command::Fleet(args) => fleet::fleet(args).await,
         }
     });
     match result {

@@ -18,12 +18,45 @@ pub struct ServeArgs {
     /// Address to listen on (overrides server.listen), e.g. 0.0.0.0:8080 or 127.0.0.1:0.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Join a fleet: take assigned bundles from this NATS server (e.g. nats://127.0.0.1:4222).
+    #[arg(long, value_name = "URL", env = "EIR_FLEET")]
+    fleet: Option<String>,
+    /// This device's id in the fleet [default: the host name].
+    #[arg(long, value_name = "ID", requires = "fleet")]
+    device_id: Option<String>,
+    /// This device's labels, which rollouts select on (e.g. zone=a,hw=x86).
+    #[arg(long, value_name = "K=V,...", default_value = "", requires = "fleet")]
+    labels: String,
+    /// How often the device reports to the fleet.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "fleet")]
+    heartbeat: std::time::Duration,
 }
 
 /// Runs `eir serve`.
 pub async fn serve(args: ServeArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
+    let fleet = match args.fleet {
+        None => None,
+        Some(nats) => {
+            let device_id = match args.device_id {
+                Some(id) => id,
+                None => std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+            };
+            crate::fleet::check_name("device id", &device_id)?;
+            let state_dir = crate::engine::default_cache_dir()
+                .ok_or_else(|| anyhow::anyhow!("no cache directory for the fleet state (set EIR_CACHE_DIR)"))?
+                .join("fleet");
+            Some(crate::fleet::agent::AgentOptions {
+                nats,
+                device_id,
+                labels: crate::fleet::agent::parse_labels(&args.labels)?,
+                heartbeat: args.heartbeat,
+                config: args.config.clone(),
+                state_dir,
+            })
+        }
+    };
     let runtime = Runtime::new(global.engine_config())?;
-    gateway::serve(runtime, &args.config, args.listen).await?;
+    gateway::serve(runtime, &args.config, args.listen, fleet).await?;
     Ok(ExitCode::SUCCESS)
 }
 

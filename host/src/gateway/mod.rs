@@ -8,6 +8,7 @@
 //! one immutable [`Snapshot`]; a reload (SIGHUP or the repository API) builds the next one
 //! beside it and swaps it in atomically, so requests in flight finish on the old version.
 
+pub mod health;
 pub mod kserve;
 pub mod listener;
 pub mod metrics;
@@ -26,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::Runtime;
-use crate::config::{Ceilings, Config, PluginDecl};
+use crate::config::{BundleDecl, Ceilings, Config, PluginDecl};
 use crate::nn::CancelToken;
 use crate::plugin::{Plugin, PluginConfig};
 use crate::registry::Registry;
@@ -103,8 +104,11 @@ pub struct Gateway {
     base: Runtime,
     config_path: PathBuf,
     metrics: Metrics,
-    reloading: tokio::sync::Mutex<()>,
+    /// Held while a new version is built and swapped in, one at a time; holds the bundles
+    /// assigned at run time (by the fleet agent), served beside the file's `[bundles]`.
+    reloading: tokio::sync::Mutex<BTreeMap<String, BundleDecl>>,
     draining: AtomicBool,
+    serving: health::Serving,
     /// Plugin calls run on their own threads, so busy plugins never delay accepting and
     /// parsing other tenants' requests on the I/O threads.
     exec: Option<tokio::runtime::Runtime>,
@@ -120,7 +124,13 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// Loads `config` (models preloaded, plugins compiled) and returns a gateway ready to serve.
-    pub async fn start(base: Runtime, config_path: &Path, config: Config) -> anyhow::Result<Self> {
+    /// `assigned` are the bundles assigned at run time that `config` was loaded with.
+    pub async fn start(
+        base: Runtime,
+        config_path: &Path,
+        config: Config,
+        assigned: BTreeMap<String, BundleDecl>,
+    ) -> anyhow::Result<Self> {
         let snapshot = build(&base, config, None).await?;
         let metrics = Metrics::default().with_scheduler(snapshot.runtime.registry().scheduler().metrics());
         // More threads than cores: a tenant's busy calls then share the cores with other
@@ -137,8 +147,9 @@ impl Gateway {
             base,
             config_path: config_path.to_path_buf(),
             metrics,
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(assigned),
             draining: AtomicBool::new(false),
+            serving: health::Serving::default(),
             exec: Some(exec),
         })
     }
@@ -205,14 +216,53 @@ impl Gateway {
     /// Re-reads the configuration file and swaps in what it describes. A configuration that
     /// does not validate or load is refused and the running one is kept.
     pub async fn reload(&self) -> anyhow::Result<()> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let config = crate::bundle::serve::load_config(&self.config_path).await?;
+        self.apply(None, |_| async { Ok(()) }).await.map(|_| ())
+    }
+
+    /// The one way a new version comes in: re-reads the configuration file with the run-time
+    /// bundles (`assign`, or the current ones when `None`) merged in, builds the next snapshot
+    /// beside the running one, passes it to `gate` (the fleet agent's health gate), and swaps it
+    /// in only if the gate accepts. On any failure the running version keeps serving. Returns
+    /// the snapshot that was replaced.
+    pub async fn apply<F, Fut>(
+        &self,
+        assign: Option<BTreeMap<String, BundleDecl>>,
+        gate: F,
+    ) -> anyhow::Result<Arc<Snapshot>>
+    where
+        F: FnOnce(Arc<Snapshot>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut assigned = self.reloading.lock().await;
+        let bundles = assign.unwrap_or_else(|| assigned.clone());
+        let config = crate::bundle::serve::load_config_with(&self.config_path, &bundles).await?;
         let current = self.snapshot();
-        let next = build(&self.base, config, Some(&current)).await?;
+        let next = Arc::new(build(&self.base, config, Some(&current)).await?);
+        gate(next.clone()).await?;
         let summary: Vec<String> = next.models.iter().map(|(n, m)| format!("{n}@{}", m.latest)).collect();
-        self.state.store(Arc::new(next));
+        let previous = self.state.swap(next);
+        *assigned = bundles;
         tracing::info!(models = %summary.join(", "), "configuration reloaded");
-        Ok(())
+        Ok(previous)
+    }
+
+    /// Puts back a snapshot [`Gateway::apply`] replaced, built for `assigned` (an instant
+    /// rollback: nothing is loaded or compiled again).
+    pub async fn restore(&self, snapshot: Arc<Snapshot>, assigned: BTreeMap<String, BundleDecl>) -> Arc<Snapshot> {
+        let mut current = self.reloading.lock().await;
+        *current = assigned;
+        tracing::info!("previous version restored");
+        self.state.swap(snapshot)
+    }
+
+    /// The bundles assigned at run time that the running version serves.
+    pub async fn assigned(&self) -> BTreeMap<String, BundleDecl> {
+        self.reloading.lock().await.clone()
+    }
+
+    /// The rolling window of served requests (for heartbeats).
+    pub fn serving(&self) -> &health::Serving {
+        &self.serving
     }
 
     /// Stops serving `name` (new requests get 404; requests in flight finish).
@@ -332,12 +382,31 @@ async fn serve_plugin(
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and finishes what is in
 /// flight. SIGHUP reloads the configuration.
-pub async fn serve(runtime: Runtime, config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
-    let config = crate::bundle::serve::load_config(config_path).await?;
+/// With `fleet`, a device agent runs beside it ([`crate::fleet::agent`]).
+pub async fn serve(
+    runtime: Runtime,
+    config_path: &Path,
+    listen: Option<String>,
+    fleet: Option<crate::fleet::agent::AgentOptions>,
+) -> anyhow::Result<()> {
+    // A device starts with the version it last ran, so it serves without the fleet or the
+    // registry being reachable.
+    let assigned = match &fleet {
+        Some(f) => f.last_good(),
+        None => BTreeMap::new(),
+    };
+    let (config, assigned) = match crate::bundle::serve::load_config_with(config_path, &assigned).await {
+        Ok(c) => (c, assigned),
+        Err(e) if !assigned.is_empty() => {
+            tracing::error!(error = %format!("{e:#}"), "the last assigned bundle cannot be served; starting without it");
+            (crate::bundle::serve::load_config(config_path).await?, BTreeMap::new())
+        }
+        Err(e) => return Err(e),
+    };
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
     let (max_body, max_connections) = (config.server.max_body, config.server.max_connections);
     tracing::info!(config = %config_path.display(), "loading models and plugins");
-    let gateway = Arc::new(Gateway::start(runtime, config_path, config).await?);
+    let gateway = Arc::new(Gateway::start(runtime, config_path, config, assigned).await?);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     let listener = listener::Limited::new(listener, max_connections);
@@ -357,6 +426,10 @@ pub async fn serve(runtime: Runtime, config_path: &Path, listen: Option<String>)
                 }
             }
         });
+    }
+    if let Some(options) = fleet {
+        let agent = crate::fleet::agent::Agent::new(options, gateway.clone(), local.to_string());
+        tokio::spawn(agent.run());
     }
     let gw = gateway.clone();
     axum::serve(listener, routes::router(gateway, max_body))

@@ -97,8 +97,24 @@ pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(gw.clone(), observe))
         .layer(middleware::from_fn(request_id))
         .with_state(gw)
+}
+
+/// Records every inference request (KServe `.../infer`, OpenAI `POST /v1/...`) in the serving
+/// window heartbeats report: its latency, and whether the server failed it (5xx).
+async fn observe(State(gw): Gw, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let inference = (path.starts_with("/v2/models/") && path.ends_with("/infer"))
+        || (path.starts_with("/v1/") && req.method() == axum::http::Method::POST);
+    if !inference {
+        return next.run(req).await;
+    }
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    gw.serving().record(started.elapsed(), resp.status().is_server_error());
+    resp
 }
 
 /// Gives every request an id (the caller's `x-request-id`, or a new one), a tracing span,

@@ -1,0 +1,488 @@
+//! The rollout controller (`eir fleet controller`). Several may run; one leads, through a lock
+//! key in the `eir_leader` bucket that expires after the leader TTL unless the leader refreshes
+//! it. The leader reads every rollout spec, device record and rollout status at each tick and
+//! decides with [`step`], which holds all the policy and touches no I/O; all its state is in
+//! JetStream, so a new leader continues where the old one stopped.
+//!
+//! A rollout brings its group up in steps (percentages of the devices its selector matches):
+//! each step assigns the bundle to more devices, waits until each is active and healthy (its
+//! heartbeat's server-error rate and p95 latency within the spec's limits), holds, and goes on.
+//! Devices whose heartbeats stop are offline after `offline_after` and are skipped, counted
+//! failed, or waited for, per the spec. At `max_failures` failed devices the rollout halts and
+//! every device it touched is told to roll back to what it served before.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use super::{
+    Action, Assignment, Bus, Counts, DeviceRecord, DeviceState, Event, OfflinePolicy, Phase, RolloutSpec, RolloutStatus,
+};
+
+/// The leader lock's default lifetime without a refresh.
+pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(5);
+/// The lock's key.
+const LOCK: &str = "controller";
+
+/// A device as one tick sees it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Its last record.
+    pub record: DeviceRecord,
+    /// Whether it reported within the spec's `offline_after`.
+    pub online: bool,
+}
+
+/// What one tick decided for one rollout.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// The new status.
+    pub status: RolloutStatus,
+    /// Assignments to write, by device.
+    pub assign: Vec<(String, Assignment)>,
+    /// What happened.
+    pub events: Vec<(String, String, Option<String>, String)>,
+}
+
+fn selected(spec: &RolloutSpec, r: &DeviceRecord) -> bool {
+    spec.selector.iter().all(|(k, v)| r.labels.get(k) == Some(v))
+}
+
+/// One tick of one rollout: from its spec, last status and the devices, the next status, the
+/// assignments to write and the events (what, outcome, device, detail).
+pub fn step(
+    spec: &RolloutSpec,
+    last: Option<RolloutStatus>,
+    devices: &BTreeMap<String, Seen>,
+    now_ms: u64,
+) -> Decision {
+    let mut status = match last {
+        Some(s) if s.generation == spec.generation => s,
+        _ => RolloutStatus {
+            generation: spec.generation,
+            bundle: spec.bundle.clone(),
+            phase: Phase::Progressing,
+            since_ms: now_ms,
+            message: "started".into(),
+            ..Default::default()
+        },
+    };
+    let mut d = Decision::default();
+    let apply = Assignment {
+        group: spec.group.clone(),
+        generation: spec.generation,
+        bundle: Some(spec.bundle.clone()),
+        action: Action::Apply,
+    };
+    let group: Vec<&Seen> = devices.values().filter(|s| selected(spec, &s.record)).collect();
+    let targeted: BTreeSet<&str> = status.targeted.iter().map(|(id, _)| id.as_str()).collect();
+
+    // Judge every targeted device.
+    let mut counts = Counts {
+        matched: group.len(),
+        targeted: targeted.len(),
+        offline: group.iter().filter(|s| !s.online).count(),
+        ..Default::default()
+    };
+    let mut waiting = Vec::new();
+    let timed_out = now_ms.saturating_sub(status.since_ms) > spec.step_timeout.as_millis() as u64;
+    for id in &targeted {
+        let Some(seen) = devices.get(*id) else { continue };
+        let r = &seen.record;
+        let on_it = r.assignment.as_deref() == Some(apply.id().as_str());
+        let active = on_it && r.state == DeviceState::Active;
+        let w = &r.serving;
+        let judged = w.window_requests >= spec.min_requests.max(1);
+        let error_rate = if judged { w.window_errors as f64 / w.window_requests as f64 } else { 0.0 };
+        let slow = judged && spec.max_p95_ms.is_some_and(|max| w.p95_ms > max);
+        let failure = if on_it && matches!(r.state, DeviceState::Failed | DeviceState::RolledBack) {
+            Some(r.error.clone().unwrap_or_else(|| r.state.as_str().into()))
+        } else if active && error_rate > spec.max_error_rate {
+            Some(format!("error rate {:.1}% over {:.1}%", error_rate * 100.0, spec.max_error_rate * 100.0))
+        } else if active && slow {
+            Some(format!("p95 {:.0} ms over {:.0} ms", w.p95_ms, spec.max_p95_ms.unwrap_or_default()))
+        } else if !seen.online && spec.offline == OfflinePolicy::Fail {
+            Some("offline".into())
+        } else if !active && seen.online && timed_out && status.phase == Phase::Progressing {
+            Some(format!("not active within {}", humantime::format_duration(spec.step_timeout)))
+        } else {
+            None
+        };
+        counts.applied += usize::from(active);
+        match failure {
+            Some(why) => {
+                if !status.failed.contains_key(*id) {
+                    d.events.push(("device_failed".into(), "failed".into(), Some(id.to_string()), why.clone()));
+                    status.failed.insert(id.to_string(), why);
+                }
+            }
+            None if active && seen.online => counts.healthy += 1,
+            None if !seen.online && spec.offline == OfflinePolicy::Skip => {}
+            None => waiting.push(id.to_string()),
+        }
+    }
+    counts.failed = status.failed.len();
+    status.counts = counts;
+    if status.phase == Phase::RolledBack {
+        return d.with(status);
+    }
+    // Halt and roll back: past the failure threshold while rolling out, or asked to.
+    let halt = status.phase != Phase::Complete && status.failed.len() >= spec.max_failures;
+    if halt || spec.rollback {
+        let why = if spec.rollback {
+            "rollback requested".to_string()
+        } else {
+            format!("{} failed device(s), threshold {}", status.failed.len(), spec.max_failures)
+        };
+        for (id, previous) in &status.targeted {
+            let back = Assignment {
+                group: spec.group.clone(),
+                generation: spec.generation,
+                bundle: previous.clone(),
+                action: Action::Rollback,
+            };
+            d.assign.push((id.clone(), back));
+        }
+        d.events.push(("rollback".into(), "rolled_back".into(), None, why.clone()));
+        status.phase = Phase::RolledBack;
+        status.message = why;
+        status.since_ms = now_ms;
+        return d.with(status);
+    }
+    if status.phase == Phase::Complete {
+        return d.with(status);
+    }
+    if spec.paused {
+        if status.phase != Phase::Paused {
+            d.events.push(("paused".into(), "ok".into(), None, format!("at step {}", status.step + 1)));
+        }
+        status.phase = Phase::Paused;
+        status.message = "paused".into();
+        return d.with(status);
+    }
+    if status.phase == Phase::Paused {
+        d.events.push(("resumed".into(), "ok".into(), None, format!("at step {}", status.step + 1)));
+        status.phase = Phase::Progressing;
+        status.since_ms = now_ms;
+    }
+
+    // Bring the current step's devices in.
+    let percent = spec.steps.get(status.step).copied().unwrap_or(100) as usize;
+    let want = (group.len() * percent).div_ceil(100).max(1).min(group.len());
+    let mut new = Vec::new();
+    // Online devices first, so a silent one never takes a slot a live one could fill.
+    let mut candidates: Vec<&&Seen> = group.iter().filter(|s| !targeted.contains(s.record.id.as_str())).collect();
+    candidates.sort_by_key(|s| (!s.online, s.record.id.clone()));
+    for seen in candidates.into_iter().take(want.saturating_sub(targeted.len())) {
+        let id = seen.record.id.clone();
+        status.targeted.push((id.clone(), seen.record.bundle.clone()));
+        d.assign.push((id.clone(), apply.clone()));
+        d.events.push(("assigned".into(), "ok".into(), Some(id.clone()), spec.bundle.clone()));
+        new.push(id);
+    }
+    if !new.is_empty() {
+        status.phase = Phase::Progressing;
+        status.since_ms = now_ms;
+        status.counts.targeted = status.targeted.len();
+        status.message = format!("step {}: {percent}% ({want} of {})", status.step + 1, group.len());
+        return d.with(status);
+    }
+    if group.is_empty() {
+        status.message = "no device matches the selector yet".into();
+        return d.with(status);
+    }
+    match status.phase {
+        Phase::Progressing if waiting.is_empty() => {
+            status.phase = Phase::Holding;
+            status.since_ms = now_ms;
+            status.message =
+                format!("step {} healthy; holding {}", status.step + 1, humantime::format_duration(spec.hold));
+            d.events.push(("step_healthy".into(), "ok".into(), None, status.message.clone()));
+        }
+        Phase::Progressing => {
+            status.message = format!("step {}: waiting for {}", status.step + 1, waiting.join(", "));
+        }
+        Phase::Holding if !waiting.is_empty() => {
+            status.phase = Phase::Progressing;
+            status.message = format!("step {}: waiting for {}", status.step + 1, waiting.join(", "));
+        }
+        Phase::Holding if now_ms.saturating_sub(status.since_ms) >= spec.hold.as_millis() as u64 => {
+            if status.step + 1 >= spec.steps.len() {
+                status.phase = Phase::Complete;
+                status.message = format!("complete: {} device(s) on {}", status.targeted.len(), spec.bundle);
+                d.events.push(("complete".into(), "ok".into(), None, status.message.clone()));
+            } else {
+                status.step += 1;
+                status.phase = Phase::Progressing;
+                status.since_ms = now_ms;
+                status.message = format!("step {}", status.step + 1);
+                d.events.push((
+                    "step".into(),
+                    "ok".into(),
+                    None,
+                    format!("step {} of {}", status.step + 1, spec.steps.len()),
+                ));
+            }
+        }
+        _ => {}
+    }
+    d.with(status)
+}
+
+impl Decision {
+    fn with(mut self, status: RolloutStatus) -> Self {
+        self.status = status;
+        self
+    }
+}
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// The NATS server.
+    pub nats: String,
+    /// This controller's id (in the lock and in events).
+    pub id: String,
+    /// How often it looks.
+    pub tick: Duration,
+    /// The lock's lifetime without a refresh.
+    pub leader_ttl: Duration,
+}
+
+/// Runs a controller until the process ends.
+pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
+    let client = super::connect(&options.nats).await?;
+    let who = format!("controller:{}", options.id);
+    let mut bus: Option<Bus> = None;
+    let mut lock: Option<u64> = None;
+    // When each device's record last changed, by this controller's clock.
+    let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
+    loop {
+        tokio::time::sleep(options.tick).await;
+        if bus.is_none() {
+            match Bus::open(client.clone(), options.leader_ttl).await {
+                Ok(b) => bus = Some(b),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "fleet not reachable yet");
+                    continue;
+                }
+            }
+        }
+        let Some(bus) = &bus else { continue };
+        // Lead, or keep leading.
+        let held = match lock {
+            Some(rev) => bus.leader.update(LOCK, options.id.clone().into(), rev).await.ok(),
+            None => bus.leader.create(LOCK, options.id.clone().into()).await.ok(),
+        };
+        match (lock.is_some(), held.is_some()) {
+            (false, true) => {
+                tracing::info!(id = %options.id, "leading the fleet");
+                bus.event(event(&who, "leader", None, None, "ok", "elected".into())).await;
+            }
+            (true, false) => tracing::warn!(id = %options.id, "lost the leader lock"),
+            _ => {}
+        }
+        lock = held;
+        if lock.is_none() {
+            continue;
+        }
+        if let Err(e) = tick(bus, &who, &mut seen).await {
+            tracing::warn!(error = %format!("{e:#}"), "controller tick failed; retrying");
+        }
+    }
+}
+
+fn event(who: &str, what: &str, group: Option<&str>, device: Option<String>, outcome: &str, detail: String) -> Event {
+    Event {
+        at_ms: super::now_ms(),
+        who: who.into(),
+        what: what.into(),
+        group: group.map(str::to_string),
+        device,
+        bundle: None,
+        outcome: outcome.into(),
+        detail,
+    }
+}
+
+async fn tick(bus: &Bus, who: &str, seen: &mut HashMap<String, (u64, Instant)>) -> anyhow::Result<()> {
+    let records: Vec<(String, DeviceRecord)> = super::all_json(&bus.devices, "").await?;
+    let now = Instant::now();
+    for (id, r) in &records {
+        let entry = seen.entry(id.clone()).or_insert((r.seq, now));
+        if entry.0 != r.seq {
+            *entry = (r.seq, now);
+        }
+    }
+    let specs: Vec<(String, RolloutSpec)> = super::all_json(&bus.rollouts, "spec.").await?;
+    for (_, spec) in specs {
+        let key = format!("status.{}", spec.group);
+        let last = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?.map(|(s, _)| s);
+        let same = last.as_ref().filter(|s| s.generation == spec.generation);
+        if same.is_some_and(|s| s.phase == Phase::RolledBack || (s.phase == Phase::Complete && !spec.rollback)) {
+            continue;
+        }
+        let devices: BTreeMap<String, Seen> = records
+            .iter()
+            .map(|(id, r)| {
+                let online = seen.get(id).is_some_and(|(_, at)| now.duration_since(*at) <= spec.offline_after);
+                (id.clone(), Seen { record: r.clone(), online })
+            })
+            .collect();
+        let decision = step(&spec, last.clone(), &devices, super::now_ms());
+        for (device, a) in &decision.assign {
+            super::put_json(&bus.assign, device, a).await?;
+        }
+        if last.as_ref() != Some(&decision.status) {
+            super::put_json(&bus.rollouts, &key, &decision.status).await?;
+        }
+        if last.as_ref().is_none_or(|l| l.generation != spec.generation) {
+            bus.event(event(who, "rollout_started", Some(&spec.group), None, "ok", spec.bundle.clone())).await;
+        }
+        for (what, outcome, device, detail) in decision.events {
+            let mut e = event(who, &what, Some(&spec.group), device, outcome.as_str(), detail);
+            e.bundle = Some(spec.bundle.clone());
+            bus.event(e).await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RolloutSpec {
+        RolloutSpec::parse(
+            r#"
+group = "edge"
+bundle = "127.0.0.1:5000/eir/demo@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+steps = [25, 50, 100]
+hold = "1s"
+offline_after = "5s"
+max_failures = 1
+"#,
+        )
+        .unwrap()
+    }
+
+    fn fleet(n: usize) -> BTreeMap<String, Seen> {
+        (0..n)
+            .map(|i| {
+                let id = format!("d{i}");
+                let record = DeviceRecord { id: id.clone(), bundle: Some("old".into()), ..Default::default() };
+                (id, Seen { record, online: true })
+            })
+            .collect()
+    }
+
+    /// Devices take their assignments up as the agent would.
+    fn obey(devices: &mut BTreeMap<String, Seen>, d: &Decision, state: DeviceState) {
+        for (id, a) in &d.assign {
+            let r = &mut devices.get_mut(id).unwrap().record;
+            r.assignment = Some(a.id());
+            r.state = if a.action == Action::Rollback { DeviceState::RolledBack } else { state };
+            r.bundle = a.bundle.clone();
+        }
+    }
+
+    #[test]
+    fn a_healthy_rollout_goes_step_by_step_with_holds() {
+        let spec = spec();
+        let mut devices = fleet(4);
+        let d = step(&spec, None, &devices, 0);
+        assert_eq!(d.assign.len(), 1, "25% of 4");
+        obey(&mut devices, &d, DeviceState::Active);
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert_eq!(d.status.phase, Phase::Holding);
+        let d = step(&spec, Some(d.status), &devices, 500);
+        assert_eq!((d.status.phase, d.status.step), (Phase::Holding, 0), "still holding");
+        let d = step(&spec, Some(d.status), &devices, 1100);
+        assert_eq!((d.status.phase, d.status.step), (Phase::Progressing, 1));
+        let d = step(&spec, Some(d.status), &devices, 1200);
+        assert_eq!(d.assign.len(), 1, "50% of 4 is one more");
+        obey(&mut devices, &d, DeviceState::Active);
+        let mut s = d.status;
+        for now in [1300, 2400, 2500, 2600, 3700] {
+            let d = step(&spec, Some(s), &devices, now);
+            obey(&mut devices, &d, DeviceState::Active);
+            s = d.status;
+        }
+        assert_eq!(s.phase, Phase::Complete, "{}", s.message);
+        assert_eq!((s.counts.targeted, s.counts.healthy, s.counts.failed), (4, 4, 0));
+    }
+
+    #[test]
+    fn a_failing_device_halts_the_rollout_and_everything_it_touched_rolls_back() {
+        let spec = spec();
+        let mut devices = fleet(4);
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Failed);
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert_eq!(d.status.phase, Phase::RolledBack);
+        assert_eq!(d.assign.len(), 1);
+        let (id, back) = &d.assign[0];
+        assert_eq!((id.as_str(), back.action, back.bundle.as_deref()), ("d0", Action::Rollback, Some("old")));
+        // Nothing else is assigned afterwards.
+        let d = step(&spec, Some(d.status), &devices, 5000);
+        assert!(d.assign.is_empty());
+    }
+
+    #[test]
+    fn unhealthy_heartbeats_count_as_failures() {
+        let mut spec = spec();
+        spec.max_p95_ms = Some(100.0);
+        let mut devices = fleet(4);
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Active);
+        let r = &mut devices.get_mut("d0").unwrap().record;
+        r.serving.window_requests = 100;
+        r.serving.p95_ms = 250.0;
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert_eq!(d.status.phase, Phase::RolledBack, "{}", d.status.message);
+        assert!(d.status.failed["d0"].contains("p95"));
+    }
+
+    #[test]
+    fn offline_devices_are_skipped_failed_or_waited_for_per_policy() {
+        for (policy, phase) in [
+            (OfflinePolicy::Skip, Phase::Holding),
+            (OfflinePolicy::Wait, Phase::Progressing),
+            (OfflinePolicy::Fail, Phase::RolledBack),
+        ] {
+            let mut spec = spec();
+            spec.steps = vec![100];
+            spec.offline = policy;
+            let mut devices = fleet(4);
+            devices.get_mut("d3").unwrap().online = false;
+            let d = step(&spec, None, &devices, 0);
+            assert_eq!(d.assign.len(), 4);
+            obey(&mut devices, &d, DeviceState::Active);
+            devices.get_mut("d3").unwrap().record.state = DeviceState::Pulling;
+            let d = step(&spec, Some(d.status), &devices, 10);
+            assert_eq!(d.status.phase, phase, "{policy:?}: {}", d.status.message);
+            assert_eq!(d.status.counts.offline, 1);
+        }
+    }
+
+    #[test]
+    fn pause_holds_and_resume_continues() {
+        let mut spec = spec();
+        let devices = fleet(4);
+        let d = step(&spec, None, &devices, 0);
+        spec.paused = true;
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert_eq!(d.status.phase, Phase::Paused);
+        spec.paused = false;
+        let d = step(&spec, Some(d.status), &devices, 20);
+        assert_eq!(d.status.phase, Phase::Progressing);
+    }
+
+    #[test]
+    fn specs_with_bad_steps_or_names_are_refused() {
+        let base = "bundle = \"127.0.0.1:5000/eir/demo:1\"\n";
+        assert!(RolloutSpec::parse(&format!("group = \"g\"\n{base}")).is_ok());
+        for bad in ["group = \"a.b\"", "group = \"g\"\nsteps = [50, 10, 100]", "group = \"g\"\nsteps = [10, 50]"] {
+            assert!(RolloutSpec::parse(&format!("{bad}\n{base}")).is_err(), "{bad}");
+        }
+    }
+}
