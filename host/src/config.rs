@@ -72,13 +72,26 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantDecl>,
 }
 
-/// A bundle the gateway serves.
+/// A bundle the gateway serves: from a registry (`ref`), or already checked out in a
+/// directory (`dir`, e.g. where `eir bundle install` put it: a KServe storage initializer's
+/// `/mnt/models`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleDecl {
     /// `host[:port]/repository:tag` or `...@sha256:...` (pinned: served offline once pulled).
-    #[serde(rename = "ref")]
-    pub reference: String,
+    #[serde(rename = "ref", default)]
+    pub reference: Option<String>,
+    /// A checked-out bundle (its `eir.toml` fragment and files), resolved against the
+    /// configuration's directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+impl BundleDecl {
+    /// A bundle from a registry.
+    pub fn from_registry(reference: impl Into<String>) -> Self {
+        Self { reference: Some(reference.into()), dir: None }
+    }
 }
 
 /// What to do with a bundle whose signature is missing or not by a trusted key.

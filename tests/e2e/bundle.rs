@@ -467,3 +467,89 @@ fn a_registry_outage_is_retried_until_the_bundle_arrives() {
     });
     assert_eq!(status, 200);
 }
+
+/// The storage initializer (`eir bundle install`, as KServe runs it into `/mnt/models`):
+/// refuses to install unverified or wrongly signed bundles, installs a signed one, and the
+/// gateway serves it from the directory (`[bundles.NAME] dir`).
+#[test]
+fn the_storage_initializer_installs_only_signed_bundles_and_the_gateway_serves_them() {
+    use crate::gateway::{Server, hash};
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a/bundles");
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\nbird\n");
+    build_and_push(&src, &config, &registry, &["demo:1"]);
+    for k in ["ops", "mallory"] {
+        assert!(bundle(&src, &["keygen", work.path().join(k).to_str().unwrap()], false).0);
+    }
+    let source = format!("eir://{}/eir/demo:1", registry.addr);
+    let key = work.path().join("ops.key");
+    let (ok, _, err) = bundle(&src, &["sign", &source[6..], "--key", key.to_str().unwrap()], false);
+    assert!(ok, "{err}");
+
+    let models = work.path().join("mnt/models");
+    let install = |keys: Option<&str>| {
+        let cache = work.path().join("init");
+        let all = ["bundle", "install", &source, models.to_str().unwrap()];
+        let out = eir_with(&all, &cache, |c| {
+            c.env("EIR_REGISTRY_USER", USER).env("EIR_REGISTRY_PASSWORD", PASSWORD);
+            if let Some(k) = keys {
+                c.env("EIR_TRUST_KEYS", k);
+            }
+        });
+        let (stdout, stderr) = text(&out);
+        (out.status.success(), stdout, stderr)
+    };
+    let (ok, _, err) = install(None);
+    assert!(!ok && err.contains("refusing to install"), "{err}");
+    let (ok, _, err) = install(Some(work.path().join("mallory.pub").to_str().unwrap()));
+    assert!(!ok && err.contains("does not match the key"), "{err}");
+    assert!(!models.join("eir.toml").exists(), "nothing installed");
+    let (ok, out, err) = install(Some(work.path().join("ops.pub").to_str().unwrap()));
+    assert!(ok, "{err}");
+    assert_eq!(PathBuf::from(out.trim()), models.join("eir.toml"));
+
+    let gateway = format!(
+        "[bundles.model]\ndir = \"{}\"\n[tenants.alpha]\nkeys_sha256 = [\"{}\"]\nplugins = [\"topk\"]\n",
+        models.display(),
+        hash("alpha-key")
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&gateway, cache.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v2/models/topk/infer", server.url))
+            .bearer_auth("alpha-key")
+            .json(&serde_json::json!({
+                "inputs": [{"name": "logits", "datatype": "FP32", "shape": [3], "data": [0.1, 0.2, 3.0]}],
+                "parameters": {"k": 1, "labels_file": "/labels/labels.txt"}
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let labels = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "labels").unwrap();
+    assert_eq!(labels["data"][0], "bird", "{answer}");
+
+    // The same bundle from the command line (`eir serve --bundle REF`), under the file's trust.
+    let gateway = format!(
+        "[trust]\nmode = \"enforce\"\nscopes = [{{ prefix = \"{}/eir\", keys = [\"{}\"] }}]\n\
+         [tenants.alpha]\nkeys_sha256 = [\"{}\"]\nplugins = [\"topk\"]\n",
+        registry.addr,
+        work.path().join("ops.pub").display(),
+        hash("alpha-key")
+    );
+    let env = [("EIR_REGISTRY_USER", USER), ("EIR_REGISTRY_PASSWORD", PASSWORD)];
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(&gateway, cache.path(), &env, &["--bundle", &source[6..]]);
+    let status = rt.block_on(async {
+        let (code, meta) = crate::gateway::get(&server, "/v2/models/topk", Some("alpha-key")).await;
+        assert_eq!(code, 200, "{meta}");
+        code
+    });
+    assert_eq!(status, 200);
+}

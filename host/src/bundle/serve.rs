@@ -63,12 +63,23 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
     let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
     let store = Store::open(&root)?;
     let mut fragments = Vec::new();
+    let base = path.parent().unwrap_or(Path::new("."));
     for (name, decl) in &head.bundles {
-        let digest = fetch(&store, &head.trust, &decl.reference).await.with_context(|| format!("bundle `{name}`"))?;
-        let dir = root.join("checkouts").join(digest.hex());
-        let fragment = super::checkout(&store, digest.as_str(), &dir)?;
+        let dir = match (&decl.reference, &decl.dir) {
+            (Some(reference), None) => {
+                let digest = fetch(&store, &head.trust, reference).await.with_context(|| format!("bundle `{name}`"))?;
+                let dir = root.join("checkouts").join(digest.hex());
+                super::checkout(&store, digest.as_str(), &dir)?;
+                tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
+                dir
+            }
+            // Checked out by someone else (`eir bundle install`, verified there).
+            (None, Some(dir)) => base.join(dir),
+            _ => anyhow::bail!("bundle `{name}`: give either `ref` or `dir`"),
+        };
+        let fragment = dir.join("eir.toml");
         let text = std::fs::read_to_string(&fragment).with_context(|| format!("reading {}", fragment.display()))?;
-        tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
+        super::check_fragment(&text).with_context(|| format!("bundle `{name}`"))?;
         fragments.push(Fragment { bundle: name.clone(), dir, text });
     }
     Ok(Config::parse_with(path, &text, &fragments)?)

@@ -81,6 +81,23 @@ enum BundleCommand {
         #[arg(long = "key", value_name = "FILE", required = true)]
         keys: Vec<PathBuf>,
     },
+    /// Pull a signed bundle and check it out into a directory, ready to serve as
+    /// `[bundles.NAME] dir = "DIR"`: a KServe storage initializer (`eir bundle install
+    /// eir://host/repo@sha256:... /mnt/models`). Registry outages are retried with backoff.
+    Install {
+        /// host[:port]/repository:tag or @sha256:..., optionally prefixed `eir://`.
+        source: String,
+        /// The directory (created; files already there are kept).
+        dir: PathBuf,
+        /// A trusted public key (PEM; repeatable); also from EIR_TRUST_KEYS (paths separated
+        /// by `:`) and EIR_TRUST_KEY_PEM (one key's PEM text). The signature is checked
+        /// before any blob is fetched.
+        #[arg(long = "key", value_name = "FILE")]
+        keys: Vec<PathBuf>,
+        /// Install without checking a signature.
+        #[arg(long)]
+        insecure_no_verify: bool,
+    },
     /// Materialise a bundle of the store into a directory, ready to serve; prints the path of
     /// its configuration fragment.
     Checkout {
@@ -170,6 +187,37 @@ pub async fn bundle(args: BundleArgs, global: &super::GlobalOptions) -> anyhow::
                 .await
                 .with_context(|| format!("pulling {source}"))?;
             println!("{local} {digest}: {} blobs, {} bytes fetched, {} already here", t.blobs, t.bytes, t.skipped);
+        }
+        BundleCommand::Install { source, dir, mut keys, insecure_no_verify } => {
+            let source = source.strip_prefix("eir://").unwrap_or(&source).to_string();
+            if let Some(paths) = std::env::var_os("EIR_TRUST_KEYS") {
+                keys.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
+            }
+            // A key given inline (a Kubernetes ConfigMap entry as an environment variable).
+            let _inline = match std::env::var("EIR_TRUST_KEY_PEM") {
+                Ok(pem) if !pem.trim().is_empty() => {
+                    let mut file = tempfile::NamedTempFile::new().context("writing EIR_TRUST_KEY_PEM")?;
+                    std::io::Write::write_all(&mut file, pem.as_bytes())?;
+                    keys.push(file.path().to_path_buf());
+                    Some(file)
+                }
+                _ => None,
+            };
+            let reference = registry::reference(&source)?;
+            let repository = format!("{}/{}", reference.registry(), reference.repository());
+            let mode = match (keys.is_empty(), insecure_no_verify) {
+                (true, false) => anyhow::bail!(
+                    "refusing to install {source} unverified: give --key (or EIR_TRUST_KEYS), or --insecure-no-verify"
+                ),
+                (_, true) => crate::config::TrustMode::Off,
+                (false, false) => crate::config::TrustMode::Enforce,
+            };
+            let trust =
+                crate::config::TrustDecl { mode, scopes: vec![crate::config::TrustScope { prefix: repository, keys }] };
+            let digest = bundle::serve::fetch(&store, &trust, &source).await?;
+            let fragment = bundle::checkout(&store, digest.as_str(), &dir)?;
+            tracing::info!(source = %source, digest = %digest, dir = %dir.display(), "installed");
+            println!("{}", fragment.display());
         }
         BundleCommand::Checkout { bundle: name, dir } => {
             let fragment = bundle::checkout(&store, &name, &dir)?;

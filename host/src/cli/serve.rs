@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// Address to listen on (overrides server.listen), e.g. 0.0.0.0:8080 or 127.0.0.1:0.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Serve this bundle too (host/repository:tag or @sha256:..., under the file's [trust]),
+    /// as if declared `[bundles.NAME]`; NAME=REF names it (default: the repository's last part).
+    #[arg(long = "bundle", value_name = "[NAME=]REF")]
+    bundles: Vec<String>,
     /// Join a fleet: take assigned bundles from this NATS server (e.g. nats://127.0.0.1:4222).
     #[arg(long, value_name = "URL", env = "EIR_FLEET")]
     fleet: Option<String>,
@@ -55,8 +59,22 @@ pub async fn serve(args: ServeArgs, global: &GlobalOptions) -> anyhow::Result<Ex
             })
         }
     };
+    let mut bundles = std::collections::BTreeMap::new();
+    for b in &args.bundles {
+        let (name, reference) = match b.split_once('=') {
+            Some((name, reference)) => (name.to_string(), reference.to_string()),
+            None => {
+                let parsed = crate::bundle::registry::reference(b)?;
+                (parsed.repository().rsplit('/').next().unwrap_or("bundle").to_string(), b.clone())
+            }
+        };
+        let decl = crate::config::BundleDecl::from_registry(reference);
+        if bundles.insert(name.clone(), decl).is_some() {
+            anyhow::bail!("two --bundle arguments are named `{name}` (name them: --bundle NAME=REF)");
+        }
+    }
     let runtime = Runtime::new(global.engine_config())?;
-    gateway::serve(runtime, &args.config, args.listen, fleet).await?;
+    gateway::serve(runtime, &args.config, args.listen, bundles, fleet).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -80,7 +80,7 @@ pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 fn assigned(bundle: Option<String>) -> BTreeMap<String, BundleDecl> {
-    bundle.map(|r| (BUNDLE_NAME.to_string(), BundleDecl { reference: r })).into_iter().collect()
+    bundle.map(|r| (BUNDLE_NAME.to_string(), BundleDecl::from_registry(r))).into_iter().collect()
 }
 
 /// A version built and swapped out, with the bundles it was built for.

@@ -107,6 +107,8 @@ pub struct Gateway {
     /// Held while a new version is built and swapped in, one at a time; holds the bundles
     /// assigned at run time (by the fleet agent), served beside the file's `[bundles]`.
     reloading: tokio::sync::Mutex<BTreeMap<String, BundleDecl>>,
+    /// Bundles named on the command line (`eir serve --bundle`), served at every reload.
+    fixed: BTreeMap<String, BundleDecl>,
     draining: AtomicBool,
     serving: health::Serving,
     /// Plugin calls run on their own threads, so busy plugins never delay accepting and
@@ -124,11 +126,13 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// Loads `config` (models preloaded, plugins compiled) and returns a gateway ready to serve.
-    /// `assigned` are the bundles assigned at run time that `config` was loaded with.
+    /// `fixed` (from the command line) and `assigned` (by the fleet agent) are the bundles
+    /// beside the file's that `config` was loaded with.
     pub async fn start(
         base: Runtime,
         config_path: &Path,
         config: Config,
+        fixed: BTreeMap<String, BundleDecl>,
         assigned: BTreeMap<String, BundleDecl>,
     ) -> anyhow::Result<Self> {
         let snapshot = build(&base, config, None).await?;
@@ -148,6 +152,7 @@ impl Gateway {
             config_path: config_path.to_path_buf(),
             metrics,
             reloading: tokio::sync::Mutex::new(assigned),
+            fixed,
             draining: AtomicBool::new(false),
             serving: health::Serving::default(),
             exec: Some(exec),
@@ -235,7 +240,7 @@ impl Gateway {
     {
         let mut assigned = self.reloading.lock().await;
         let bundles = assign.unwrap_or_else(|| assigned.clone());
-        let config = crate::bundle::serve::load_config_with(&self.config_path, &bundles).await?;
+        let config = crate::bundle::serve::load_config_with(&self.config_path, &merged(&self.fixed, &bundles)?).await?;
         let current = self.snapshot();
         let next = Arc::new(build(&self.base, config, Some(&current)).await?);
         gate(next.clone()).await?;
@@ -280,6 +285,20 @@ impl Gateway {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// The bundles of the command line and of the fleet together (one name may not be both).
+fn merged(
+    fixed: &BTreeMap<String, BundleDecl>,
+    assigned: &BTreeMap<String, BundleDecl>,
+) -> anyhow::Result<BTreeMap<String, BundleDecl>> {
+    let mut all = fixed.clone();
+    for (name, decl) in assigned {
+        if all.insert(name.clone(), decl.clone()).is_some() {
+            anyhow::bail!("bundle `{name}` is both on the command line and assigned by the fleet");
+        }
+    }
+    Ok(all)
 }
 
 /// Builds a snapshot for `config`, keeping from `previous` whatever did not change: loaded
@@ -382,11 +401,13 @@ async fn serve_plugin(
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and finishes what is in
 /// flight. SIGHUP reloads the configuration.
-/// With `fleet`, a device agent runs beside it ([`crate::fleet::agent`]).
+/// With `fleet`, a device agent runs beside it ([`crate::fleet::agent`]); `bundles` (`eir
+/// serve --bundle REF`) are served as if declared under `[bundles]`.
 pub async fn serve(
     runtime: Runtime,
     config_path: &Path,
     listen: Option<String>,
+    bundles: BTreeMap<String, BundleDecl>,
     fleet: Option<crate::fleet::agent::AgentOptions>,
 ) -> anyhow::Result<()> {
     // A device starts with the version it last ran, so it serves without the fleet or the
@@ -395,18 +416,20 @@ pub async fn serve(
         Some(f) => f.last_good(),
         None => BTreeMap::new(),
     };
-    let (config, assigned) = match crate::bundle::serve::load_config_with(config_path, &assigned).await {
+    let (config, assigned) = match crate::bundle::serve::load_config_with(config_path, &merged(&bundles, &assigned)?)
+        .await
+    {
         Ok(c) => (c, assigned),
         Err(e) if !assigned.is_empty() => {
             tracing::error!(error = %format!("{e:#}"), "the last assigned bundle cannot be served; starting without it");
-            (crate::bundle::serve::load_config(config_path).await?, BTreeMap::new())
+            (crate::bundle::serve::load_config_with(config_path, &bundles).await?, BTreeMap::new())
         }
         Err(e) => return Err(e),
     };
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
     let (max_body, max_connections) = (config.server.max_body, config.server.max_connections);
     tracing::info!(config = %config_path.display(), "loading models and plugins");
-    let gateway = Arc::new(Gateway::start(runtime, config_path, config, assigned).await?);
+    let gateway = Arc::new(Gateway::start(runtime, config_path, config, bundles, assigned).await?);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     let listener = listener::Limited::new(listener, max_connections);
