@@ -230,6 +230,29 @@ fn bundles_travel_through_a_real_registry_verified() {
     assert!(update * 100 < whole, "update {update} bytes of {whole}");
     eprintln!("bundle: whole pull {whole} bytes, one-file update {update} bytes");
 
+    // A model-only update (same plugins, new weights): the pull moves the model's layer, the
+    // config and the manifest.
+    let weights = work.path().join("new-weights");
+    std::fs::create_dir_all(&weights).unwrap();
+    let mut onnx = std::fs::read(crate::onnx::model_dir("silero-vad").join("silero_vad.onnx")).unwrap();
+    let last = onnx.len() - 1;
+    onnx[last] ^= 1;
+    std::fs::write(weights.join("silero_vad.onnx"), &onnx).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let vad_dir = crate::onnx::model_dir("silero-vad").display().to_string();
+    std::fs::write(&config, text.replace(&vad_dir, &weights.display().to_string())).unwrap();
+    let (ok, _, err) = bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:3"], false);
+    assert!(ok, "{err}");
+    let target3 = format!("{}/eir/demo:3", registry.addr);
+    let (ok, _, err) = bundle(&src, &["push", "demo:3", &target3], false);
+    assert!(ok, "{err}");
+    let (ok, out, err) = bundle(&dst, &["pull", &target3], false);
+    assert!(ok, "{err}");
+    let (blobs, model_update) = fetched(&out);
+    assert_eq!(blobs, 2, "the model's layer and the config: {out}");
+    assert!(model_update >= onnx.len() as u64 && model_update < onnx.len() as u64 + 4096, "{model_update}");
+    eprintln!("bundle: model-only update {model_update} bytes ({} of them weights)", onnx.len());
+
     // Tampered in the registry: the pull fails on the digest and tags nothing.
     let layers = inspect["layers"].as_array().unwrap();
     let onnx = layers[0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();

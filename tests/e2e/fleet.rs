@@ -430,6 +430,19 @@ async fn staged_rollouts_gate_on_health_and_roll_back_automatically() {
     assert_eq!(count(&events, "leader"), 1, "one controller leads");
     assert!(count(&events, "rollback") >= 4 && count(&events, "complete") == 2, "{events:#?}");
     assert!(count(&events, "failed") >= 13, "each refusal is an event: {}", events.len());
+
+    // What each device pulled: the whole of version 1, then only what version 2 changed (its
+    // plugin component is the same blob).
+    let pulled: Vec<u64> = events
+        .iter()
+        .filter(|e| e["what"] == "verifying" && e["device"] == "d1")
+        .map(|e| {
+            let detail = e["detail"].as_str().unwrap();
+            detail.split(" bytes pulled").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(pulled.len() >= 2 && pulled[1] * 10 < pulled[0], "{pulled:?}");
+    eprintln!("fleet: bytes pulled per device: version 1 (whole) {}, version 2 (update) {}", pulled[0], pulled[1]);
 }
 
 /// A device frozen with SIGSTOP counts as offline and the rollout proceeds without it (policy

@@ -67,7 +67,8 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
     for (name, decl) in &head.bundles {
         let dir = match (&decl.reference, &decl.dir) {
             (Some(reference), None) => {
-                let digest = fetch(&store, &head.trust, reference).await.with_context(|| format!("bundle `{name}`"))?;
+                let (digest, _) =
+                    fetch(&store, &head.trust, reference).await.with_context(|| format!("bundle `{name}`"))?;
                 let dir = root.join("checkouts").join(digest.hex());
                 super::checkout(&store, digest.as_str(), &dir)?;
                 tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
@@ -88,8 +89,12 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
 /// Brings bundle `reference` into `store` under the `trust` policy and returns its digest: a
 /// pinned digest already in the store is used as it is (offline); otherwise it is pulled,
 /// retried with backoff while the registry is unreachable, and its signature checked before
-/// any blob moves (`enforce`) or after (`warn`, which only logs).
-pub async fn fetch(store: &Store, trust: &TrustDecl, reference: &str) -> anyhow::Result<super::Digest> {
+/// any blob moves (`enforce`) or after (`warn`, which only logs). Also what moved.
+pub async fn fetch(
+    store: &Store,
+    trust: &TrustDecl,
+    reference: &str,
+) -> anyhow::Result<(super::Digest, registry::Transfer)> {
     let parsed = registry::reference(reference)?;
     let repository = format!("{}/{}", parsed.registry(), parsed.repository());
     let keys: Vec<p256::ecdsa::VerifyingKey> = trust
@@ -110,11 +115,11 @@ pub async fn fetch(store: &Store, trust: &TrustDecl, reference: &str) -> anyhow:
     let pinned = parsed.digest().and_then(|d| super::Digest::parse(d).ok()).filter(|d| store.has(d));
     if let Some(d) = pinned {
         // Pinned and here: it was verified when it arrived.
-        return Ok(d);
+        return Ok((d, registry::Transfer::default()));
     }
     let auth = registry::Auth::from_env();
     let local = format!("served/{}", parsed.repository());
-    let digest = pull_with_retries(store, &parsed, &local, &auth, trusted)
+    let (digest, transfer) = pull_with_retries(store, &parsed, &local, &auth, trusted)
         .await
         .with_context(|| format!("pulling {reference}"))?;
     if trust.mode == TrustMode::Warn
@@ -122,11 +127,11 @@ pub async fn fetch(store: &Store, trust: &TrustDecl, reference: &str) -> anyhow:
     {
         tracing::warn!(bundle = %reference, error = %e, "serving a bundle whose signature does not verify ([trust] mode warn)");
     }
-    Ok(digest)
+    Ok((digest, transfer))
 }
 
 /// [`fetch`] into the default store.
-pub async fn fetch_default(trust: &TrustDecl, reference: &str) -> anyhow::Result<super::Digest> {
+pub async fn fetch_default(trust: &TrustDecl, reference: &str) -> anyhow::Result<(super::Digest, registry::Transfer)> {
     let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
     fetch(&Store::open(&root)?, trust, reference).await
 }
@@ -138,13 +143,13 @@ async fn pull_with_retries(
     local: &str,
     auth: &registry::Auth,
     trusted: Option<&[p256::ecdsa::VerifyingKey]>,
-) -> Result<super::Digest, BundleError> {
+) -> Result<(super::Digest, registry::Transfer), BundleError> {
     let mut wait = FIRST_BACKOFF;
     let mut tries = 0;
     loop {
         tries += 1;
         match registry::pull(store, reference, local, auth, trusted).await {
-            Ok((digest, _)) => return Ok(digest),
+            Ok(pulled) => return Ok(pulled),
             Err(BundleError::Registry(e)) if tries < PULL_TRIES => {
                 tracing::warn!(bundle = %reference, error = %e, retry_in = ?wait, "registry unreachable; retrying");
                 tokio::time::sleep(wait).await;

@@ -244,12 +244,16 @@ impl Agent {
             Action::Apply => DeviceState::Active,
             Action::Rollback => DeviceState::RolledBack,
         };
+        let mut moved = String::new();
         let target = match &a.bundle {
             None => None,
             Some(reference) => {
                 self.set(DeviceState::Pulling, &a, "ok", reference.clone()).await;
                 match self.pull(reference, &a, current).await {
-                    Ok(Some(pinned)) => Some(pinned),
+                    Ok(Some((pinned, transfer))) => {
+                        moved = transfer;
+                        Some(pinned)
+                    }
                     Ok(None) => return, // superseded by a newer assignment
                     Err(e) => {
                         self.set(DeviceState::Failed, &a, "failed", format!("{e:#}")).await;
@@ -276,7 +280,7 @@ impl Agent {
             self.finish(finished, &a, target, "swapped back to the kept version").await;
             return;
         }
-        self.set(DeviceState::Verifying, &a, "ok", "checking out and validating".into()).await;
+        self.set(DeviceState::Verifying, &a, "ok", format!("{moved}; checking out and validating")).await;
         let staged = &a;
         let gate = |snapshot: Arc<Snapshot>| async move {
             self.set(DeviceState::Staged, staged, "ok", "built beside the running version; health gate".into()).await;
@@ -310,20 +314,21 @@ impl Agent {
 
     /// Pulls `reference` under the configuration's trust policy, retrying while the registry is
     /// unreachable (until a newer assignment supersedes this one: `Ok(None)`); the pinned
-    /// reference (`host/repo@sha256:...`).
+    /// reference (`host/repo@sha256:...`) and what moved.
     async fn pull(
         &self,
         reference: &str,
         a: &Assignment,
         current: &tokio::sync::watch::Receiver<Option<Assignment>>,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<(String, String)>> {
         let parsed = crate::bundle::registry::reference(reference)?;
         let mut wait = Duration::from_millis(500);
         loop {
             let trust = crate::bundle::serve::trust_of(&self.options.config)?;
             match crate::bundle::serve::fetch_default(&trust, reference).await {
-                Ok(digest) => {
-                    return Ok(Some(format!("{}/{}@{digest}", parsed.registry(), parsed.repository())));
+                Ok((digest, t)) => {
+                    let moved = format!("{} blobs, {} bytes pulled, {} already here", t.blobs, t.bytes, t.skipped);
+                    return Ok(Some((format!("{}/{}@{digest}", parsed.registry(), parsed.repository()), moved)));
                 }
                 Err(e) if unreachable(&e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "registry unreachable; retrying the pull");
