@@ -576,3 +576,97 @@ fn the_storage_initializer_installs_only_signed_bundles_and_the_gateway_serves_t
     });
     assert_eq!(status, 200);
 }
+
+/// A TCP proxy to `target` that cuts its first connection once it has carried `cut_after`
+/// bytes back to the client (a registry failing in the middle of a blob), then passes
+/// everything through.
+struct CuttingProxy {
+    addr: String,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(target: String, cut_after: usize) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let counted = cuts.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                });
+                let (armed, counted) = (armed.clone(), counted.clone());
+                std::thread::spawn(move || {
+                    let (mut s_read, mut c_write) = (server, client);
+                    let mut buf = [0u8; 16384];
+                    let mut carried = 0;
+                    loop {
+                        let n = match s_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        carried += n;
+                        if carried > cut_after && armed.swap(false, Ordering::SeqCst) {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let _ = c_write.shutdown(std::net::Shutdown::Both);
+                            let _ = s_read.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { addr, cuts }
+    }
+}
+
+/// The registry fails in the middle of a blob: the install retries and completes, the store
+/// keeps no partial blob, and what is checked out is whole.
+#[test]
+fn a_registry_failing_mid_blob_is_retried_and_nothing_is_half_applied() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a/bundles");
+    let config = write_config(&work.path().join("cfg"), "cat\ndog\n");
+    let (ok, _, err) = bundle(&src, &["build", "--config", config.to_str().unwrap(), "--tag", "demo:1"], false);
+    assert!(ok, "{err}");
+    let (ok, _, err) = bundle(&src, &["push", "demo:1", &format!("{}/eir/demo:1", registry.addr)], false);
+    assert!(ok, "{err}");
+    // The model's layer is 2.3 MB of the 2.6: the cut after 1 MB falls inside a blob.
+    let proxy = CuttingProxy::start(registry.addr.clone(), 1 << 20);
+    let dest = work.path().join("mnt/models");
+    let cache = work.path().join("init");
+    let source = format!("{}/eir/demo:1", proxy.addr);
+    let out = eir_with(&["bundle", "install", &source, dest.to_str().unwrap(), "--insecure-no-verify"], &cache, |c| {
+        c.env("EIR_REGISTRY_USER", USER).env("EIR_REGISTRY_PASSWORD", PASSWORD).env("EIR_LOG", "warn");
+    });
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1, "the connection was cut once");
+    assert!(stderr.contains("registry unreachable; retrying"), "{stderr}");
+    let model = dest.join("models/silero-vad/silero_vad.onnx");
+    let original = crate::onnx::model_dir("silero-vad").join("silero_vad.onnx");
+    assert_eq!(std::fs::read(model).unwrap(), std::fs::read(original).unwrap(), "whole, byte for byte");
+    // No partial blob left behind in the store: no half-written file, every blob matches its name.
+    let staging: Vec<_> =
+        std::fs::read_dir(cache.join("bundles/blobs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(staging, ["sha256"], "no half-written blob");
+    let blobs = cache.join("bundles/blobs/sha256");
+    for entry in std::fs::read_dir(&blobs).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), name, "{}", path.display());
+    }
+}
