@@ -54,6 +54,7 @@ FULL = {
     "nodeSelector": {"kubernetes.io/arch": "amd64"},
 }
 MINIMAL = {"bundle": FULL["bundle"], "trust": {"keys": {"ops.pub": PEM}}}
+FLEET = {**FULL, "bundle": "", "trust": {"scope": "registry.example.com/eir", "keys": {"ops.pub": PEM}}}
 
 # prometheus-operator's ServiceMonitor (monitoring.coreos.com/v1), the fields the chart uses.
 SERVICE_MONITOR = {
@@ -213,7 +214,12 @@ def check_config(docs, values):
     for d in docs:
         if d["kind"] == "ConfigMap" and "eir.toml" in d.get("data", {}):
             config = tomllib.loads(d["data"]["eir.toml"])
-            assert config["bundles"]["model"] == {"dir": "/mnt/models"}, config
+            if values.get("fleet", {}).get("nats"):
+                assert "bundles" not in config, "the fleet assigns the bundle"
+            else:
+                assert config["bundles"]["model"] == {"dir": "/mnt/models"}, config
+            keys = sorted(f"/etc/eir/trust/{k}" for k in values["trust"]["keys"])
+            assert config["trust"] == {"mode": "enforce", "scopes": [{"prefix": values["trust"].get("scope") or "registry.example.com", "keys": keys}]}, config
             assert set(config.get("tenants", {})) == set(values.get("tenants", {})), config
             for name, t in values.get("tenants", {}).items():
                 assert config["tenants"][name]["keys_sha256"] == t["keysSha256"], config
@@ -224,7 +230,7 @@ def check_config(docs, values):
 def main():
     checked = 0
     helm("lint", CHART, "--strict", values=FULL)
-    for name, values in [("minimal", MINIMAL), ("full", FULL)]:
+    for name, values in [("minimal", MINIMAL), ("full", {**FULL, "fleet": {}}), ("fleet", FLEET)]:
         docs = rendered(values)
         kinds = sorted(d["kind"] for d in docs)
         for d in docs:
@@ -232,7 +238,7 @@ def main():
             checked += 1
         check_config(docs, values)
         print(f"chart ({name} values): {len(docs)} resources valid: {', '.join(kinds)}")
-    full = rendered(FULL)
+    full = rendered({**FULL, "fleet": {}})
     assert {d["kind"] for d in full} >= {"Deployment", "Service", "ServiceMonitor", "ConfigMap", "Secret"}
     deployment = next(d for d in full if d["kind"] == "Deployment")
     init = deployment["spec"]["template"]["spec"]["initContainers"][0]
@@ -241,7 +247,10 @@ def main():
     assert env["EIR_TRUST_KEYS"]["value"] == "/etc/eir/trust/backup.pub:/etc/eir/trust/ops.pub", env
 
     # Values the chart must refuse.
+    fleet = next(d for d in rendered(FLEET) if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert "initContainers" not in fleet and "--fleet" in fleet["containers"][0]["args"], fleet
     for bad, why in [({}, "set `bundle`"), ({"bundle": FULL["bundle"]}, "trust.keys"),
+                     ({**FLEET, "trust": {"keys": {"ops.pub": PEM}}}, "trust.scope"),
                      ({**MINIMAL, "serviceMonitor": {"enabled": True}}, "adminKey")]:
         out = helm("template", "eir", CHART, values=bad, expect_ok=False)
         assert out.returncode != 0 and why in out.stderr, (bad, out.stderr)

@@ -71,7 +71,13 @@ pub(super) fn client(reference: &Reference) -> Client {
     let registry = reference.resolve_registry().to_string();
     let protocol =
         if is_loopback(&registry) { ClientProtocol::HttpsExcept(vec![registry]) } else { ClientProtocol::Https };
-    Client::new(ClientConfig { protocol, ..Default::default() })
+    // A registry that stops answering must fail the pull (and be retried), never hang it.
+    Client::new(ClientConfig {
+        protocol,
+        connect_timeout: Some(std::time::Duration::from_secs(10)),
+        read_timeout: Some(std::time::Duration::from_secs(30)),
+        ..Default::default()
+    })
 }
 
 pub(super) fn registry_error(doing: &str, e: impl std::fmt::Display) -> BundleError {

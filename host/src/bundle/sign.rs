@@ -155,10 +155,18 @@ pub async fn verify(
 ) -> Result<(), BundleError> {
     let target = with_tag(reference, &signature_tag(digest));
     let client = client(&target);
-    let (bytes, _) = client
-        .pull_manifest_raw(&target, &auth.oci(), &[MANIFEST_MEDIA_TYPE])
-        .await
-        .map_err(|e| BundleError::Signature(format!("no signature for {digest}: {e}")))?;
+    let (bytes, _) =
+        client.pull_manifest_raw(&target, &auth.oci(), &[MANIFEST_MEDIA_TYPE]).await.map_err(|e| match e {
+            // The registry could not be asked: an outage to retry, not a verdict on the bundle.
+            oci_client::errors::OciDistributionError::RequestError(_)
+            | oci_client::errors::OciDistributionError::IoError(_) => {
+                super::registry::registry_error("fetching the signature", e)
+            }
+            oci_client::errors::OciDistributionError::ServerError { code, .. } if code >= 500 => {
+                super::registry::registry_error("fetching the signature", e)
+            }
+            e => BundleError::Signature(format!("no signature for {digest}: {e}")),
+        })?;
     if bytes.len() as u64 > MAX_SIGNATURE_BYTES {
         return Err(BundleError::Signature("an oversized signature manifest".into()));
     }

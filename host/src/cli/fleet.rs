@@ -23,9 +23,9 @@ pub struct FleetArgs {
 enum FleetCommand {
     /// Run a rollout controller (one of any number leads, through a lock with a TTL).
     Controller {
-        /// This controller's id.
-        #[arg(long, default_value = "controller")]
-        id: String,
+        /// This controller's id [default: HOSTNAME-PID].
+        #[arg(long)]
+        id: Option<String>,
         /// How often it looks at the fleet.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         tick: Duration,
@@ -60,13 +60,17 @@ enum FleetCommand {
         /// The group.
         group: String,
     },
-    /// Print every recorded event (JSON lines, oldest first).
-    Events,
+    /// Print the recorded events (JSON lines, oldest first).
+    Events {
+        /// How many of the latest.
+        #[arg(long, default_value_t = 1000)]
+        last: u64,
+    },
 }
 
 async fn bus(url: &str) -> anyhow::Result<Bus> {
     let client = fleet::connect(url).await?;
-    tokio::time::timeout(Duration::from_secs(10), Bus::open(client, controller::DEFAULT_LEADER_TTL))
+    tokio::time::timeout(Duration::from_secs(10), Bus::open(client))
         .await
         .with_context(|| format!("{url} did not answer within 10 s"))?
 }
@@ -75,6 +79,12 @@ async fn bus(url: &str) -> anyhow::Result<Bus> {
 pub async fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         FleetCommand::Controller { id, tick, leader_ttl } => {
+            let id = id.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                let host: String =
+                    host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+                format!("{}-{}", if host.is_empty() { "controller" } else { &host }, std::process::id())
+            });
             fleet::check_name("controller id", &id)?;
             controller::run(controller::ControllerOptions { nats: args.nats, id, tick, leader_ttl }).await?;
         }
@@ -89,9 +99,17 @@ pub async fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             }
             let bus = bus(&args.nats).await?;
             let key = format!("spec.{}", spec.group);
+            // Compare-and-set: two applies at once never share a generation.
             let last = fleet::get_json::<RolloutSpec>(&bus.rollouts, &key).await?;
-            spec.generation = last.map(|(s, _)| s.generation + 1).unwrap_or(1);
-            fleet::put_json(&bus.rollouts, &key, &spec).await?;
+            spec.generation = last.as_ref().map(|(s, _)| s.generation + 1).unwrap_or(1);
+            let bytes: axum::body::Bytes = serde_json::to_vec(&spec)?.into();
+            match last {
+                Some((_, revision)) => {
+                    bus.rollouts.update(&key, bytes, revision).await.map(|_| ()).map_err(anyhow::Error::from)
+                }
+                None => bus.rollouts.create(&key, bytes).await.map(|_| ()).map_err(anyhow::Error::from),
+            }
+            .with_context(|| format!("group `{}` changed meanwhile; apply again", spec.group))?;
             bus.event(event("apply", &spec.group, format!("generation {} of {}", spec.generation, spec.bundle))).await;
             println!("group {}: generation {} of {}", spec.group, spec.generation, spec.bundle);
         }
@@ -99,8 +117,8 @@ pub async fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         FleetCommand::Resume { group } => flag(&args.nats, &group, "resume", |s| s.paused = false).await?,
         FleetCommand::Rollback { group } => flag(&args.nats, &group, "rollback", |s| s.rollback = true).await?,
         FleetCommand::Status { json } => status(&args.nats, json).await?,
-        FleetCommand::Events => {
-            for e in bus(&args.nats).await?.events().await? {
+        FleetCommand::Events { last } => {
+            for e in bus(&args.nats).await?.events(last).await? {
                 println!("{}", serde_json::to_string(&e)?);
             }
         }

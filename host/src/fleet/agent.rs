@@ -91,16 +91,26 @@ pub struct Agent {
     options: AgentOptions,
     gateway: Arc<Gateway>,
     record: Mutex<DeviceRecord>,
-    bus: tokio::sync::OnceCell<Bus>,
-    /// The version the last swap replaced, and the bundles it was built for.
-    kept: tokio::sync::Mutex<Option<Kept>>,
+    /// The fleet's buckets, once opened (opened again if the server lost them).
+    bus: Mutex<Option<Bus>>,
+    /// One record write at a time, so an older state never overwrites a newer one.
+    reporting: tokio::sync::Mutex<()>,
+    /// The version the last swap replaced, the bundles it was built for, and the gateway's
+    /// generation after the swap (any other reload since makes it stale).
+    kept: tokio::sync::Mutex<Option<(Kept, u64)>>,
 }
 
 impl Agent {
-    /// An agent for the gateway serving at `address`.
-    pub fn new(options: AgentOptions, gateway: Arc<Gateway>, address: String) -> Arc<Self> {
+    /// An agent for the gateway serving at `address`, which started with the `serving`
+    /// bundles (the saved ones, unless they could not be loaded).
+    pub fn new(
+        options: AgentOptions,
+        gateway: Arc<Gateway>,
+        address: String,
+        serving: &BTreeMap<String, BundleDecl>,
+    ) -> Arc<Self> {
         let saved = options.saved();
-        let record = DeviceRecord {
+        let mut record = DeviceRecord {
             id: options.device_id.clone(),
             labels: options.labels.clone(),
             address,
@@ -111,13 +121,25 @@ impl Agent {
             previous: saved.previous,
             ..Default::default()
         };
+        if assigned(record.bundle.clone()) != *serving {
+            // The saved bundle did not load at start: say so, and take the assignment up again.
+            record.state = DeviceState::Failed;
+            record.error = Some("the last good bundle could not be served at start".into());
+            record.assignment = None;
+            record.bundle = serving.get(BUNDLE_NAME).and_then(|b| b.reference.clone());
+        }
         Arc::new(Self {
             options,
             gateway,
             record: Mutex::new(record),
-            bus: tokio::sync::OnceCell::new(),
+            bus: Mutex::new(None),
+            reporting: tokio::sync::Mutex::new(()),
             kept: tokio::sync::Mutex::new(None),
         })
+    }
+
+    fn bus(&self) -> Option<Bus> {
+        self.bus.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn record(&self) -> std::sync::MutexGuard<'_, DeviceRecord> {
@@ -140,30 +162,48 @@ impl Agent {
             while rx.changed().await.is_ok() {
                 let next = rx.borrow_and_update().clone();
                 if let Some(a) = next {
-                    applier.take_up(a, &rx).await;
+                    // A newer assignment supersedes one still being taken up (a stuck pull, a
+                    // rollback arriving mid-apply): the older is abandoned; the running version
+                    // is untouched until a swap.
+                    let mut newer = rx.clone();
+                    tokio::select! {
+                        _ = applier.take_up(a.clone()) => {}
+                        _ = newer.wait_for(|n| n.as_ref() != Some(&a)) => {
+                            tracing::info!(assignment = %a.id(), "superseded before it was taken up");
+                        }
+                    }
                 }
             }
         });
         let mut reachable = true;
+        let mut failures = 0u32;
         loop {
-            if self.bus.get().is_none() {
-                match Bus::open(client.clone(), super::controller::DEFAULT_LEADER_TTL).await {
+            if self.bus().is_none() {
+                match Bus::open(client.clone()).await {
                     Ok(bus) => {
-                        let _ = self.bus.set(bus);
+                        *self.bus.lock().unwrap_or_else(|e| e.into_inner()) = Some(bus);
                         tracing::info!(nats = %self.options.nats, device = %self.options.device_id, "joined the fleet");
                     }
                     Err(e) => tracing::debug!(error = %format!("{e:#}"), "fleet not reachable yet"),
                 }
             }
-            if let Some(bus) = self.bus.get() {
-                let ok = self.report(bus).await.is_ok();
+            if let Some(bus) = self.bus() {
+                let ok = self.report(&bus).await.is_ok();
                 if ok {
+                    failures = 0;
                     match super::get_json::<Assignment>(&bus.assign, &self.options.device_id).await {
                         Ok(Some((a, _))) if tx.borrow().as_ref() != Some(&a) => {
                             let _ = tx.send(Some(a));
                         }
                         Ok(_) => {}
                         Err(e) => tracing::debug!(error = %format!("{e:#}"), "reading the assignment"),
+                    }
+                } else {
+                    failures += 1;
+                    // Connected but failing: the server may have lost the fleet's buckets.
+                    let connected = client.connection_state() == async_nats::connection::State::Connected;
+                    if connected && failures >= 3 {
+                        *self.bus.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }
                 }
                 if ok != reachable {
@@ -180,6 +220,7 @@ impl Agent {
 
     /// Writes the device's record (a heartbeat).
     async fn report(&self, bus: &Bus) -> anyhow::Result<()> {
+        let _one = self.reporting.lock().await;
         let record = {
             let mut r = self.record();
             r.seq += 1;
@@ -195,10 +236,14 @@ impl Agent {
             let mut r = self.record();
             r.state = state;
             r.assignment = Some(a.id());
-            r.error = (state == DeviceState::Failed).then(|| detail.clone());
+            r.error = (state == DeviceState::Failed).then(|| super::truncated(detail.clone()));
         }
-        if let Some(bus) = self.bus.get() {
-            if let Err(e) = self.report(bus).await {
+        if state == DeviceState::Failed {
+            // Not retried after a restart either.
+            self.save();
+        }
+        if let Some(bus) = self.bus() {
+            if let Err(e) = self.report(&bus).await {
                 tracing::debug!(error = %format!("{e:#}"), "reporting the state");
             }
             bus.event(Event {
@@ -231,7 +276,7 @@ impl Agent {
     }
 
     /// Takes assignment `a` up: pull, verify, stage, gate, swap (or swap back, for a rollback).
-    async fn take_up(&self, a: Assignment, current: &tokio::sync::watch::Receiver<Option<Assignment>>) {
+    async fn take_up(&self, a: Assignment) {
         let done = {
             let r = self.record();
             r.assignment.as_deref() == Some(a.id().as_str())
@@ -249,12 +294,11 @@ impl Agent {
             None => None,
             Some(reference) => {
                 self.set(DeviceState::Pulling, &a, "ok", reference.clone()).await;
-                match self.pull(reference, &a, current).await {
-                    Ok(Some((pinned, transfer))) => {
+                match self.pull(reference).await {
+                    Ok((pinned, transfer)) => {
                         moved = transfer;
                         Some(pinned)
                     }
-                    Ok(None) => return, // superseded by a newer assignment
                     Err(e) => {
                         self.set(DeviceState::Failed, &a, "failed", format!("{e:#}")).await;
                         return;
@@ -269,13 +313,15 @@ impl Agent {
             self.finish(finished, &a, target, "already serving it").await;
             return;
         }
-        // A rollback to the version still held in memory: swap it back.
+        // A rollback to the version still held in memory (and nothing reloaded since): swap it
+        // back.
         let mut kept = self.kept.lock().await;
+        let current = self.gateway.generation();
         if a.action == Action::Rollback
-            && let Some((snapshot, bundles)) = kept.take_if(|(_, b)| *b == wanted)
+            && let Some(((snapshot, bundles), _)) = kept.take_if(|((_, b), g)| *b == wanted && *g == current)
         {
             let replaced = self.gateway.restore(snapshot, bundles).await;
-            *kept = Some((replaced, before));
+            *kept = Some(((replaced, before), self.gateway.generation()));
             drop(kept);
             self.finish(finished, &a, target, "swapped back to the kept version").await;
             return;
@@ -290,7 +336,7 @@ impl Agent {
         };
         match self.gateway.apply(Some(wanted), gate).await {
             Ok(replaced) => {
-                *kept = Some((replaced, before));
+                *kept = Some(((replaced, before), self.gateway.generation()));
                 drop(kept);
                 self.finish(finished, &a, target, "swapped in").await;
             }
@@ -313,14 +359,9 @@ impl Agent {
     }
 
     /// Pulls `reference` under the configuration's trust policy, retrying while the registry is
-    /// unreachable (until a newer assignment supersedes this one: `Ok(None)`); the pinned
-    /// reference (`host/repo@sha256:...`) and what moved.
-    async fn pull(
-        &self,
-        reference: &str,
-        a: &Assignment,
-        current: &tokio::sync::watch::Receiver<Option<Assignment>>,
-    ) -> anyhow::Result<Option<(String, String)>> {
+    /// unreachable (the caller abandons it when a newer assignment comes); the pinned reference
+    /// (`host/repo@sha256:...`) and what moved.
+    async fn pull(&self, reference: &str) -> anyhow::Result<(String, String)> {
         let parsed = crate::bundle::registry::reference(reference)?;
         let mut wait = Duration::from_millis(500);
         loop {
@@ -328,15 +369,12 @@ impl Agent {
             match crate::bundle::serve::fetch_default(&trust, reference).await {
                 Ok((digest, t)) => {
                     let moved = format!("{} blobs, {} bytes pulled, {} already here", t.blobs, t.bytes, t.skipped);
-                    return Ok(Some((format!("{}/{}@{digest}", parsed.registry(), parsed.repository()), moved)));
+                    return Ok((format!("{}/{}@{digest}", parsed.registry(), parsed.repository()), moved));
                 }
                 Err(e) if unreachable(&e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "registry unreachable; retrying the pull");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(MAX_BACKOFF);
-                    if current.borrow().as_ref() != Some(a) {
-                        return Ok(None);
-                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -56,7 +56,7 @@ pub fn step(
     now_ms: u64,
 ) -> Decision {
     let mut status = match last {
-        Some(s) if s.generation == spec.generation => s,
+        Some(s) if s.generation == spec.generation && s.bundle == spec.bundle => s,
         _ => RolloutStatus {
             generation: spec.generation,
             bundle: spec.bundle.clone(),
@@ -74,7 +74,7 @@ pub fn step(
         action: Action::Apply,
     };
     let group: Vec<&Seen> = devices.values().filter(|s| selected(spec, &s.record)).collect();
-    let targeted: BTreeSet<&str> = status.targeted.iter().map(|(id, _)| id.as_str()).collect();
+    let targeted: BTreeSet<String> = status.targeted.iter().map(|(id, _)| id.clone()).collect();
 
     // Judge every targeted device.
     let mut counts = Counts {
@@ -86,7 +86,7 @@ pub fn step(
     let mut waiting = Vec::new();
     let timed_out = now_ms.saturating_sub(status.since_ms) > spec.step_timeout.as_millis() as u64;
     for id in &targeted {
-        let Some(seen) = devices.get(*id) else { continue };
+        let Some(seen) = devices.get(id) else { continue };
         let r = &seen.record;
         let on_it = r.assignment.as_deref() == Some(apply.id().as_str());
         let active = on_it && r.state == DeviceState::Active;
@@ -110,9 +110,9 @@ pub fn step(
         counts.applied += usize::from(active);
         match failure {
             Some(why) => {
-                if !status.failed.contains_key(*id) {
+                if !status.failed.contains_key(id) {
                     d.events.push(("device_failed".into(), "failed".into(), Some(id.to_string()), why.clone()));
-                    status.failed.insert(id.to_string(), why);
+                    status.failed.insert(id.to_string(), super::truncated(why));
                 }
             }
             None if active && seen.online => counts.healthy += 1,
@@ -149,6 +149,14 @@ pub fn step(
         return d.with(status);
     }
     if status.phase == Phase::Complete {
+        // Devices that join the group afterwards get the desired state too.
+        for seen in group.iter().filter(|s| !targeted.contains(s.record.id.as_str())) {
+            let id = seen.record.id.clone();
+            status.targeted.push((id.clone(), seen.record.bundle.clone()));
+            d.assign.push((id.clone(), apply.clone()));
+            d.events.push(("assigned".into(), "ok".into(), Some(id), "joined after completion".into()));
+        }
+        status.counts.targeted = status.targeted.len();
         return d.with(status);
     }
     if spec.paused {
@@ -190,6 +198,14 @@ pub fn step(
         status.message = "no device matches the selector yet".into();
         return d.with(status);
     }
+    let waiting_for = || {
+        let more = waiting.len().saturating_sub(10);
+        let mut names = waiting.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+        if more > 0 {
+            names.push_str(&format!(" and {more} more"));
+        }
+        names
+    };
     match status.phase {
         Phase::Progressing if waiting.is_empty() => {
             status.phase = Phase::Holding;
@@ -199,11 +215,13 @@ pub fn step(
             d.events.push(("step_healthy".into(), "ok".into(), None, status.message.clone()));
         }
         Phase::Progressing => {
-            status.message = format!("step {}: waiting for {}", status.step + 1, waiting.join(", "));
+            status.message = format!("step {}: waiting for {}", status.step + 1, waiting_for());
         }
         Phase::Holding if !waiting.is_empty() => {
+            // Back to waiting; the step's timeout counts from now.
             status.phase = Phase::Progressing;
-            status.message = format!("step {}: waiting for {}", status.step + 1, waiting.join(", "));
+            status.since_ms = now_ms;
+            status.message = format!("step {}: waiting for {}", status.step + 1, waiting_for());
         }
         Phase::Holding if now_ms.saturating_sub(status.since_ms) >= spec.hold.as_millis() as u64 => {
             if status.step + 1 >= spec.steps.len() {
@@ -235,6 +253,24 @@ impl Decision {
     }
 }
 
+/// What every device a rollout targeted should have: its bundle, or, once rolled back, what
+/// the device served before. The controller writes these until each device has taken its up,
+/// so a device is never left out because a write was lost (or a leader changed) between the
+/// status and the assignments.
+pub fn desired(spec: &RolloutSpec, status: &RolloutStatus) -> Vec<(String, Assignment)> {
+    status
+        .targeted
+        .iter()
+        .map(|(id, previous)| {
+            let (bundle, action) = match status.phase {
+                Phase::RolledBack => (previous.clone(), Action::Rollback),
+                _ => (Some(spec.bundle.clone()), Action::Apply),
+            };
+            (id.clone(), Assignment { group: spec.group.clone(), generation: spec.generation, bundle, action })
+        })
+        .collect()
+}
+
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -248,18 +284,34 @@ pub struct ControllerOptions {
     pub leader_ttl: Duration,
 }
 
+/// What a leader remembers between ticks.
+#[derive(Default)]
+struct Memory {
+    /// When each device's record last changed, by this controller's clock.
+    seen: HashMap<String, (u64, Instant)>,
+    /// The assignment (id) this leader last wrote for each device.
+    written: HashMap<String, String>,
+}
+
 /// Runs a controller until the process ends.
 pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
+    if options.tick * 2 >= options.leader_ttl {
+        anyhow::bail!("--tick must be under half of --leader-ttl, so the leader refreshes its lock in time");
+    }
     let client = super::connect(&options.nats).await?;
     let who = format!("controller:{}", options.id);
-    let mut bus: Option<Bus> = None;
+    let mut bus: Option<(Bus, async_nats::jetstream::kv::Store)> = None;
     let mut lock: Option<u64> = None;
-    // When each device's record last changed, by this controller's clock.
-    let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
+    let mut memory = Memory::default();
     loop {
         tokio::time::sleep(options.tick).await;
         if bus.is_none() {
-            match Bus::open(client.clone(), options.leader_ttl).await {
+            let opened = async {
+                let b = Bus::open(client.clone()).await?;
+                let leader = b.leader(options.leader_ttl).await?;
+                anyhow::Ok((b, leader))
+            };
+            match opened.await {
                 Ok(b) => bus = Some(b),
                 Err(e) => {
                     tracing::debug!(error = %format!("{e:#}"), "fleet not reachable yet");
@@ -267,16 +319,19 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
                 }
             }
         }
-        let Some(bus) = &bus else { continue };
-        // Lead, or keep leading.
+        let Some((b, leader)) = &bus else { continue };
+        // Lead, or keep leading: the lock is refreshed every tick, and this tick's writes stop
+        // once half its lifetime has passed, so they never overlap a successor's.
+        let refreshed = Instant::now();
         let held = match lock {
-            Some(rev) => bus.leader.update(LOCK, options.id.clone().into(), rev).await.ok(),
-            None => bus.leader.create(LOCK, options.id.clone().into()).await.ok(),
+            Some(rev) => leader.update(LOCK, options.id.clone().into(), rev).await.ok(),
+            None => leader.create(LOCK, options.id.clone().into()).await.ok(),
         };
         match (lock.is_some(), held.is_some()) {
             (false, true) => {
                 tracing::info!(id = %options.id, "leading the fleet");
-                bus.event(event(&who, "leader", None, None, "ok", "elected".into())).await;
+                memory.written.clear();
+                b.event(event(&who, "leader", None, None, "ok", "elected".into())).await;
             }
             (true, false) => tracing::warn!(id = %options.id, "lost the leader lock"),
             _ => {}
@@ -285,8 +340,28 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         if lock.is_none() {
             continue;
         }
-        if let Err(e) = tick(bus, &who, &mut seen).await {
+        let lease = Lease(refreshed + options.leader_ttl / 2);
+        if let Err(e) = tick(b, &who, &mut memory, lease).await {
             tracing::warn!(error = %format!("{e:#}"), "controller tick failed; retrying");
+            // The server may have come back without the fleet's buckets: open them again.
+            if client.connection_state() == async_nats::connection::State::Connected {
+                bus = None;
+                lock = None;
+            }
+        }
+    }
+}
+
+/// Until when this leader may write.
+#[derive(Clone, Copy)]
+struct Lease(Instant);
+
+impl Lease {
+    fn check(self) -> anyhow::Result<()> {
+        if Instant::now() < self.0 {
+            Ok(())
+        } else {
+            anyhow::bail!("the leader lock may have lapsed; stopping this tick")
         }
     }
 }
@@ -304,45 +379,97 @@ fn event(who: &str, what: &str, group: Option<&str>, device: Option<String>, out
     }
 }
 
-async fn tick(bus: &Bus, who: &str, seen: &mut HashMap<String, (u64, Instant)>) -> anyhow::Result<()> {
-    let records: Vec<(String, DeviceRecord)> = super::all_json(&bus.devices, "").await?;
+async fn tick(bus: &Bus, who: &str, memory: &mut Memory, lease: Lease) -> anyhow::Result<()> {
+    // Devices by their key (never by what a record claims), keys that are not device ids
+    // skipped.
+    let records: Vec<(String, DeviceRecord)> = super::all_json::<DeviceRecord>(&bus.devices, "")
+        .await?
+        .into_iter()
+        .filter(|(key, _)| super::check_name("device id", key).is_ok())
+        .map(|(key, mut r)| {
+            r.id = key.clone();
+            (key, r)
+        })
+        .collect();
     let now = Instant::now();
+    memory.seen.retain(|id, _| records.iter().any(|(k, _)| k == id));
+    memory.written.retain(|id, _| records.iter().any(|(k, _)| k == id));
     for (id, r) in &records {
-        let entry = seen.entry(id.clone()).or_insert((r.seq, now));
+        let entry = memory.seen.entry(id.clone()).or_insert((r.seq, now));
         if entry.0 != r.seq {
             *entry = (r.seq, now);
         }
     }
-    let specs: Vec<(String, RolloutSpec)> = super::all_json(&bus.rollouts, "spec.").await?;
-    for (_, spec) in specs {
-        let key = format!("status.{}", spec.group);
-        let last = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?.map(|(s, _)| s);
-        let same = last.as_ref().filter(|s| s.generation == spec.generation);
-        if same.is_some_and(|s| s.phase == Phase::RolledBack || (s.phase == Phase::Complete && !spec.rollback)) {
-            continue;
+    let mut specs: Vec<RolloutSpec> = Vec::new();
+    for (key, spec) in super::all_json::<RolloutSpec>(&bus.rollouts, "spec.").await? {
+        match spec.check() {
+            Ok(()) if key == format!("spec.{}", spec.group) => specs.push(spec),
+            Ok(()) => tracing::warn!(key = %key, "skipping a spec stored under another group's key"),
+            Err(e) => tracing::warn!(key = %key, error = %format!("{e:#}"), "skipping an invalid spec"),
         }
+    }
+    specs.sort_by(|a, b| a.group.cmp(&b.group));
+    // A device belongs to the first group (by name) whose selector matches it, so two
+    // rollouts never fight over one device's assignment.
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    for spec in &specs {
+        for (id, r) in &records {
+            if selected(spec, r) {
+                owner.entry(id.as_str()).or_insert(spec.group.as_str());
+            }
+        }
+    }
+    for spec in &specs {
         let devices: BTreeMap<String, Seen> = records
             .iter()
+            .filter(|(id, _)| owner.get(id.as_str()) == Some(&spec.group.as_str()))
             .map(|(id, r)| {
-                let online = seen.get(id).is_some_and(|(_, at)| now.duration_since(*at) <= spec.offline_after);
+                let online = memory.seen.get(id).is_some_and(|(_, at)| now.duration_since(*at) <= spec.offline_after);
                 (id.clone(), Seen { record: r.clone(), online })
             })
             .collect();
-        let decision = step(&spec, last.clone(), &devices, super::now_ms());
-        for (device, a) in &decision.assign {
-            super::put_json(&bus.assign, device, a).await?;
+        if let Err(e) = roll(bus, who, spec, &devices, memory, lease).await {
+            tracing::warn!(group = %spec.group, error = %format!("{e:#}"), "rollout tick failed");
+            lease.check()?;
         }
-        if last.as_ref() != Some(&decision.status) {
-            super::put_json(&bus.rollouts, &key, &decision.status).await?;
+    }
+    Ok(())
+}
+
+/// One tick of one group: decide, write the status, then bring every targeted device's
+/// assignment in line with it.
+async fn roll(
+    bus: &Bus,
+    who: &str,
+    spec: &RolloutSpec,
+    devices: &BTreeMap<String, Seen>,
+    memory: &mut Memory,
+    lease: Lease,
+) -> anyhow::Result<()> {
+    let key = format!("status.{}", spec.group);
+    let last = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?.map(|(s, _)| s);
+    let decision = step(spec, last.clone(), devices, super::now_ms());
+    if last.as_ref() != Some(&decision.status) {
+        lease.check()?;
+        super::put_json(&bus.rollouts, &key, &decision.status).await?;
+    }
+    for (device, a) in desired(spec, &decision.status) {
+        let id = a.id();
+        let taken = devices.get(&device).is_some_and(|s| s.record.assignment.as_deref() == Some(id.as_str()));
+        if taken || memory.written.get(&device) == Some(&id) {
+            continue;
         }
-        if last.as_ref().is_none_or(|l| l.generation != spec.generation) {
-            bus.event(event(who, "rollout_started", Some(&spec.group), None, "ok", spec.bundle.clone())).await;
-        }
-        for (what, outcome, device, detail) in decision.events {
-            let mut e = event(who, &what, Some(&spec.group), device, outcome.as_str(), detail);
-            e.bundle = Some(spec.bundle.clone());
-            bus.event(e).await;
-        }
+        lease.check()?;
+        super::put_json(&bus.assign, &device, &a).await?;
+        memory.written.insert(device, id);
+    }
+    if last.as_ref().is_none_or(|l| l.generation != spec.generation || l.bundle != spec.bundle) {
+        bus.event(event(who, "rollout_started", Some(&spec.group), None, "ok", spec.bundle.clone())).await;
+    }
+    for (what, outcome, device, detail) in decision.events {
+        let mut e = event(who, &what, Some(&spec.group), device, outcome.as_str(), detail);
+        e.bundle = Some(spec.bundle.clone());
+        bus.event(e).await;
     }
     Ok(())
 }
@@ -475,6 +602,40 @@ max_failures = 1
         spec.paused = false;
         let d = step(&spec, Some(d.status), &devices, 20);
         assert_eq!(d.status.phase, Phase::Progressing);
+    }
+
+    #[test]
+    fn devices_that_join_after_completion_get_the_bundle_and_a_new_bundle_restarts() {
+        let mut spec = spec();
+        spec.steps = vec![100];
+        let mut devices = fleet(2);
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Active);
+        let d = step(&spec, Some(d.status), &devices, 10);
+        let d = step(&spec, Some(d.status), &devices, 2000);
+        assert_eq!(d.status.phase, Phase::Complete);
+        devices.extend(fleet(3).into_iter().skip(2));
+        let d = step(&spec, Some(d.status), &devices, 3000);
+        assert_eq!(d.assign.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["d2"]);
+        assert_eq!(desired(&spec, &d.status).len(), 3, "every targeted device keeps its assignment");
+        // The same generation with another bundle (two applies racing) starts over.
+        spec.bundle = spec.bundle.replace("sha256:0000", "sha256:1111");
+        let d = step(&spec, Some(d.status), &devices, 4000);
+        assert_eq!((d.status.phase, d.status.targeted.len()), (Phase::Progressing, 3));
+        assert!(d.status.bundle.contains("sha256:1111"));
+    }
+
+    #[test]
+    fn after_a_rollback_every_targeted_device_is_told_its_previous_bundle() {
+        let spec = spec();
+        let mut devices = fleet(4);
+        devices.get_mut("d0").unwrap().record.bundle = None;
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Failed);
+        let d = step(&spec, Some(d.status), &devices, 10);
+        let want = desired(&spec, &d.status);
+        assert_eq!(want.len(), 1);
+        assert_eq!((want[0].1.action, want[0].1.bundle.clone()), (Action::Rollback, None), "d0 had no bundle before");
     }
 
     #[test]

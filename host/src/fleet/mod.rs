@@ -39,10 +39,30 @@ pub const ROLLOUTS: &str = "eir_rollouts";
 pub const LEADER: &str = "eir_leader";
 /// The events stream.
 pub const EVENTS: &str = "EIR_EVENTS";
-/// Most events the stream keeps (the oldest go first).
+/// Most events the stream keeps, and most bytes (the oldest go first).
 const MAX_EVENTS: i64 = 100_000;
-/// Largest record the fleet buckets accept.
-const MAX_VALUE: i32 = 64 * 1024;
+const MAX_EVENT_BYTES: i64 = 64 << 20;
+/// Largest record the fleet buckets and stream accept (a rollout's status names every device it
+/// targeted: about 10,000 devices).
+const MAX_VALUE: i32 = 1 << 20;
+/// How long a device record outlives the device's last heartbeat (a device gone for good, e.g.
+/// a replaced pod, then leaves every group).
+pub const DEVICE_RECORD_TTL: Duration = Duration::from_secs(3600);
+/// Longest error or detail text a record or event carries.
+pub const MAX_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_TEXT`] bytes (at a character boundary).
+pub fn truncated(mut text: String) -> String {
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
 
 /// Where a device is with its assignment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,8 +382,6 @@ pub struct Bus {
     pub assign: kv::Store,
     /// Rollout specs and statuses.
     pub rollouts: kv::Store,
-    /// The controller lock.
-    pub leader: kv::Store,
 }
 
 /// Connects to `url`, retrying in the background until the server is there, and reconnecting
@@ -380,42 +398,48 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
         .with_context(|| format!("connecting to {url}"))
 }
 
+fn bucket(name: &str, max_age: Duration) -> kv::Config {
+    kv::Config { bucket: name.into(), history: 1, max_age, max_value_size: MAX_VALUE, ..Default::default() }
+}
+
+/// Opens bucket `config.bucket`, creating it, or updating its settings where they differ.
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+    let name = config.bucket.clone();
+    if let Ok(mut existing) = js.get_stream(format!("KV_{name}")).await
+        && let Ok(info) = existing.info().await
+        && info.config.max_age == config.max_age
+        && info.config.max_message_size == config.max_value_size
+    {
+        return js.get_key_value(&name).await.with_context(|| format!("opening bucket {name}"));
+    }
+    js.create_or_update_key_value(config).await.with_context(|| format!("creating bucket {name}"))
+}
+
 impl Bus {
-    /// Opens (creating where missing) the fleet's buckets and stream; the leader lock expires
-    /// after `leader_ttl`. Fails while the server is unreachable.
-    pub async fn open(client: async_nats::Client, leader_ttl: Duration) -> anyhow::Result<Self> {
+    /// Opens (creating where missing) the fleet's buckets and stream. Fails while the server
+    /// is unreachable.
+    pub async fn open(client: async_nats::Client) -> anyhow::Result<Self> {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(3));
-        let bucket = |name: &str, max_age: Duration| kv::Config {
-            bucket: name.into(),
-            history: 1,
-            max_age,
-            max_value_size: MAX_VALUE,
-            ..Default::default()
-        };
-        let open = |config: kv::Config| {
-            let js = js.clone();
-            async move {
-                let name = config.bucket.clone();
-                match js.get_key_value(&name).await {
-                    Ok(store) => Ok(store),
-                    Err(_) => js.create_key_value(config).await.with_context(|| format!("creating bucket {name}")),
-                }
-            }
-        };
-        let devices = open(bucket(DEVICES, Duration::ZERO)).await?;
-        let assign = open(bucket(ASSIGN, Duration::ZERO)).await?;
-        let rollouts = open(bucket(ROLLOUTS, Duration::ZERO)).await?;
-        let leader = open(bucket(LEADER, leader_ttl)).await?;
+        let devices = open_bucket(&js, bucket(DEVICES, DEVICE_RECORD_TTL)).await?;
+        let assign = open_bucket(&js, bucket(ASSIGN, Duration::ZERO)).await?;
+        let rollouts = open_bucket(&js, bucket(ROLLOUTS, Duration::ZERO)).await?;
         js.get_or_create_stream(jetstream::stream::Config {
             name: EVENTS.into(),
             subjects: vec!["eir.events.>".into()],
             max_messages: MAX_EVENTS,
+            max_bytes: MAX_EVENT_BYTES,
+            max_message_size: MAX_VALUE,
             ..Default::default()
         })
         .await
         .context("creating the events stream")?;
-        Ok(Self { js, devices, assign, rollouts, leader })
+        Ok(Self { js, devices, assign, rollouts })
+    }
+
+    /// The controller lock's bucket, whose records expire after `ttl` without a refresh.
+    pub async fn leader(&self, ttl: Duration) -> anyhow::Result<kv::Store> {
+        open_bucket(&self.js, bucket(LEADER, ttl)).await
     }
 
     /// Records an event (logged, and lost with a warning when the server is away).
@@ -427,6 +451,7 @@ impl Bus {
             (Some(g), None) => format!("eir.events.rollout.{g}"),
             (None, None) => "eir.events.fleet".into(),
         };
+        let event = Event { detail: truncated(event.detail), ..event };
         let Ok(payload) = serde_json::to_vec(&event) else { return };
         let sent = async { self.js.publish(subject, payload.into()).await?.await.map(|_| ()).map_err(Into::into) };
         if let Err(e) = sent.await as Result<(), async_nats::Error> {
@@ -434,15 +459,16 @@ impl Bus {
         }
     }
 
-    /// Every event in the stream, oldest first.
-    pub async fn events(&self) -> anyhow::Result<Vec<Event>> {
+    /// The last `n` events in the stream, oldest first.
+    pub async fn events(&self, n: u64) -> anyhow::Result<Vec<Event>> {
         let mut stream = self.js.get_stream(EVENTS).await.context("opening the events stream")?;
         let state = stream.info().await.context("reading the events stream")?.state.clone();
         let mut out = Vec::new();
         if state.messages == 0 {
             return Ok(out);
         }
-        for seq in state.first_sequence..=state.last_sequence {
+        let first = state.first_sequence.max(state.last_sequence.saturating_sub(n.saturating_sub(1)));
+        for seq in first..=state.last_sequence {
             if let Ok(m) = stream.get_raw_message(seq).await
                 && let Ok(e) = serde_json::from_slice(&m.payload)
             {
@@ -469,14 +495,17 @@ pub async fn put_json<T: Serialize>(store: &kv::Store, key: &str, value: &T) -> 
     store.put(key, bytes.into()).await.with_context(|| format!("writing {key}"))
 }
 
-/// Every record of `store` whose key starts with `prefix`, parsed (unparseable ones skipped).
+/// Every record of `store` whose key starts with `prefix`, parsed; a record that cannot be
+/// read or parsed is skipped with a warning, so one bad record cannot stop a fleet.
 pub async fn all_json<T: DeserializeOwned>(store: &kv::Store, prefix: &str) -> anyhow::Result<Vec<(String, T)>> {
     use futures_util::TryStreamExt as _;
     let keys: Vec<String> = store.keys().await.context("listing keys")?.try_collect().await.context("listing keys")?;
     let mut out = Vec::new();
     for key in keys.into_iter().filter(|k| k.starts_with(prefix)) {
-        if let Some((v, _)) = get_json(store, &key).await? {
-            out.push((key, v));
+        match get_json(store, &key).await {
+            Ok(Some((v, _))) => out.push((key, v)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(key = %key, error = %format!("{e:#}"), "skipping a record that does not parse"),
         }
     }
     Ok(out)

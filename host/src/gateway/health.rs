@@ -15,7 +15,8 @@ pub const WINDOW: Duration = Duration::from_secs(30);
 /// Most requests the window remembers (older ones fall out first), bounding its memory.
 const MAX_SAMPLES: usize = 8192;
 
-/// Recent inference requests: when each ended, how long it took, whether the server failed it.
+/// Recent inference requests: when each ended, how long it took, whether the server failed it
+/// (a 5xx other than 503: "at capacity, retry" is load, not a fault of the version).
 #[derive(Default)]
 pub struct Serving {
     inner: Mutex<Inner>,
@@ -53,6 +54,11 @@ impl Serving {
         g.samples.push_back((Instant::now(), took.as_secs_f32() * 1000.0, server_error));
         g.total += 1;
         g.total_errors += u64::from(server_error);
+    }
+
+    /// Forgets the window (a new version is judged on its own requests); totals stay.
+    pub fn reset(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).samples.clear();
     }
 
     /// The window's summary now.
@@ -103,8 +109,7 @@ pub async fn smoke(snapshot: &Snapshot, only: Option<&BTreeSet<String>>) -> Resu
         let served = snapshot.models.get(name).and_then(|m| m.versions.get(&m.latest));
         // Any tenant's instance will do: the request is the plugin's own, not a tenant's.
         let Some(plugin) = served.and_then(|s| s.per_tenant.values().next()) else {
-            tracing::warn!(plugin = %name, "no tenant may call this plugin, so its smoke request cannot run");
-            continue;
+            return Err(fail("no tenant may call this plugin, so its smoke request cannot run".into()));
         };
         let started = Instant::now();
         plugin.handle(&request).await.map_err(|e| fail(e.to_string().lines().next().unwrap_or_default().into()))?;

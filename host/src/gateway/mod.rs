@@ -111,6 +111,8 @@ pub struct Gateway {
     fixed: BTreeMap<String, BundleDecl>,
     draining: AtomicBool,
     serving: health::Serving,
+    /// Counts the versions swapped in (reloads, restores, unloads).
+    generation: std::sync::atomic::AtomicU64,
     /// Plugin calls run on their own threads, so busy plugins never delay accepting and
     /// parsing other tenants' requests on the I/O threads.
     exec: Option<tokio::runtime::Runtime>,
@@ -155,6 +157,7 @@ impl Gateway {
             fixed,
             draining: AtomicBool::new(false),
             serving: health::Serving::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             exec: Some(exec),
         })
     }
@@ -245,7 +248,7 @@ impl Gateway {
         let next = Arc::new(build(&self.base, config, Some(&current)).await?);
         gate(next.clone()).await?;
         let summary: Vec<String> = next.models.iter().map(|(n, m)| format!("{n}@{}", m.latest)).collect();
-        let previous = self.state.swap(next);
+        let previous = self.swap(next);
         *assigned = bundles;
         tracing::info!(models = %summary.join(", "), "configuration reloaded");
         Ok(previous)
@@ -257,7 +260,20 @@ impl Gateway {
         let mut current = self.reloading.lock().await;
         *current = assigned;
         tracing::info!("previous version restored");
-        self.state.swap(snapshot)
+        self.swap(snapshot)
+    }
+
+    /// Swaps `next` in: a new generation, judged on its own requests from now on.
+    fn swap(&self, next: Arc<Snapshot>) -> Arc<Snapshot> {
+        let previous = self.state.swap(next);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.serving.reset();
+        previous
+    }
+
+    /// How many versions have been swapped in since start.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The bundles assigned at run time that the running version serves.
@@ -275,7 +291,7 @@ impl Gateway {
         let mut next = (*self.snapshot()).clone();
         let found = next.models.remove(name).is_some();
         if found {
-            self.state.store(Arc::new(next));
+            self.swap(Arc::new(next));
             tracing::info!(model = name, "unloaded");
         }
         found
@@ -429,6 +445,7 @@ pub async fn serve(
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
     let (max_body, max_connections) = (config.server.max_body, config.server.max_connections);
     tracing::info!(config = %config_path.display(), "loading models and plugins");
+    let serving = assigned.clone();
     let gateway = Arc::new(Gateway::start(runtime, config_path, config, bundles, assigned).await?);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
@@ -451,7 +468,7 @@ pub async fn serve(
         });
     }
     if let Some(options) = fleet {
-        let agent = crate::fleet::agent::Agent::new(options, gateway.clone(), local.to_string());
+        let agent = crate::fleet::agent::Agent::new(options, gateway.clone(), local.to_string(), &serving);
         tokio::spawn(agent.run());
     }
     let gw = gateway.clone();

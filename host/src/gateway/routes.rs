@@ -103,7 +103,8 @@ pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
 }
 
 /// Records every inference request (KServe `.../infer`, OpenAI `POST /v1/...`) in the serving
-/// window heartbeats report: its latency, and whether the server failed it (5xx).
+/// window heartbeats report: its latency, and whether the server failed it (5xx, except 503:
+/// at capacity).
 async fn observe(State(gw): Gw, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let inference = (path.starts_with("/v2/models/") && path.ends_with("/infer"))
@@ -113,7 +114,8 @@ async fn observe(State(gw): Gw, req: Request, next: Next) -> Response {
     }
     let started = Instant::now();
     let resp = next.run(req).await;
-    gw.serving().record(started.elapsed(), resp.status().is_server_error());
+    let status = resp.status();
+    gw.serving().record(started.elapsed(), status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE);
     resp
 }
 

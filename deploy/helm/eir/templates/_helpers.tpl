@@ -39,8 +39,16 @@ listen = "0.0.0.0:{{ .Values.service.port }}"
 admin_key_sha256 = "{{ sha256sum .Values.adminKey }}"
 {{- end }}
 
+{{- if not .Values.fleet.nats }}
+
 [bundles.model]
 dir = "/mnt/models"
+{{- end }}
+
+# Bundles the fleet assigns are pulled only if signed by these keys.
+[trust]
+mode = "enforce"
+scopes = [{ prefix = "{{ include "eir.trustScope" . }}", keys = [{{ range $i, $f := keys .Values.trust.keys | sortAlpha }}{{ if $i }}, {{ end }}"/etc/eir/trust/{{ $f }}"{{ end }}] }]
 {{- range $name, $t := .Values.tenants }}
 
 [tenants.{{ $name }}]
@@ -53,4 +61,16 @@ rps = {{ $t.rps }}
 max_concurrent = {{ $t.maxConcurrent }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+
+{{/* The registry scope the trusted keys cover: trust.scope, or the bundle's registry. */}}
+{{- define "eir.trustScope" -}}
+{{- if .Values.trust.scope -}}
+{{- .Values.trust.scope -}}
+{{- else if .Values.bundle -}}
+{{- regexReplaceAll "/.*$" .Values.bundle "" -}}
+{{- else -}}
+{{- fail "set `trust.scope` (the registry, e.g. registry.example.com/eir) when serving from a fleet" -}}
+{{- end -}}
 {{- end -}}
