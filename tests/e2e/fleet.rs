@@ -173,8 +173,7 @@ impl Fleet {
             key = fleet.key("ops", "pub"),
             hash = hash(TENANT_KEY),
         );
-        let env =
-            [("EIR_REGISTRY_USER", USER), ("EIR_REGISTRY_PASSWORD", PASSWORD), ("EIR_LOG", "warn,eir::fleet=info")];
+        let env = [("EIR_REGISTRY_USER", USER), ("EIR_REGISTRY_PASSWORD", PASSWORD), ("EIR_LOG", "warn")];
         let url = fleet.nats.url();
         for i in 0..devices {
             let cache = tempfile::tempdir().unwrap();
@@ -217,8 +216,8 @@ impl Fleet {
         // Silence counts as offline only after 10 s unless the test says otherwise: a loaded
         // machine can delay a heartbeat by seconds.
         let offline = if extra.contains("offline_after") { "" } else { "offline_after = \"10s\"\n" };
-        std::fs::write(&spec, format!("group = \"{group}\"\nbundle = \"{bundle}\"\nhold = \"1s\"\n{offline}{extra}\n"))
-            .unwrap();
+        let hold = if extra.contains("hold") { "" } else { "hold = \"1s\"\n" };
+        std::fs::write(&spec, format!("group = \"{group}\"\nbundle = \"{bundle}\"\n{hold}{offline}{extra}\n")).unwrap();
         let (ok, out, err) = self.cli(&["apply", spec.to_str().unwrap()]);
         assert!(ok, "{err}");
         eprintln!("{}", out.trim());
@@ -443,6 +442,32 @@ async fn staged_rollouts_gate_on_health_and_roll_back_automatically() {
         .collect();
     assert!(pulled.len() >= 2 && pulled[1] * 10 < pulled[0], "{pulled:?}");
     eprintln!("fleet: bytes pulled per device: version 1 (whole) {}, version 2 (update) {}", pulled[0], pulled[1]);
+
+    // Pause after the first step: nothing more is assigned, however long it holds; resume: it
+    // completes; a manual rollback puts every device back on version 2.
+    fleet.apply("edge", &fleet.pinned["tn:1"].clone(), "steps = [25, 50, 100]\nhold = \"3s\"");
+    fleet.wait_phase("edge", "holding", Duration::from_secs(60));
+    let (ok, _, err) = fleet.cli(&["pause", "edge"]);
+    assert!(ok, "{err}");
+    fleet.wait_phase("edge", "paused", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(4));
+    let status = fleet.wait_phase("edge", "paused", Duration::from_secs(1));
+    assert_eq!(status["groups"][0]["status"]["targeted"].as_array().unwrap().len(), 1, "{status:#}");
+    assert_eq!(versions(&fleet).await.iter().filter(|v| v.as_deref() == Some("1")).count(), 1);
+    let (ok, _, err) = fleet.cli(&["resume", "edge"]);
+    assert!(ok, "{err}");
+    fleet.wait_phase("edge", "complete", Duration::from_secs(120));
+    assert_eq!(versions(&fleet).await, vec![some("1"); 4]);
+    let (ok, _, err) = fleet.cli(&["rollback", "edge"]);
+    assert!(ok, "{err}");
+    fleet.wait_phase("edge", "rolled_back", Duration::from_secs(60));
+    let started = Instant::now();
+    while versions(&fleet).await != vec![some("2"); 4] {
+        assert!(started.elapsed() < Duration::from_secs(30), "not rolled back: {:?}", versions(&fleet).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out, err) = fleet.cli(&["status"]);
+    assert!(ok && out.contains("rolled_back"), "{out}{err}");
 }
 
 /// A device frozen with SIGSTOP counts as offline and the rollout proceeds without it (policy
