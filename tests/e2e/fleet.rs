@@ -468,6 +468,12 @@ async fn staged_rollouts_gate_on_health_and_roll_back_automatically() {
     }
     let (ok, out, err) = fleet.cli(&["status"]);
     assert!(ok && out.contains("rolled_back"), "{out}{err}");
+
+    // Of the bundles each device took up, its store keeps the served one and the one before.
+    for cache in &fleet._caches {
+        let checkouts = std::fs::read_dir(cache.path().join("bundles/checkouts")).unwrap().count();
+        assert!(checkouts <= 2, "{checkouts} checkouts kept in {}", cache.path().display());
+    }
 }
 
 /// A device frozen with SIGSTOP counts as offline and the rollout proceeds without it (policy
@@ -482,8 +488,8 @@ async fn offline_devices_and_outages_do_not_stop_the_fleet() {
     fleet.wait_devices();
     let frozen = fleet.devices[3].pid().to_string();
     assert!(Command::new("kill").args(["-STOP", &frozen]).status().unwrap().success());
-    std::thread::sleep(Duration::from_millis(4500));
-    fleet.apply("edge", &fleet.pinned["tn:1"].clone(), "steps = [50, 100]\noffline = \"skip\"\noffline_after = \"4s\"");
+    std::thread::sleep(Duration::from_millis(6500));
+    fleet.apply("edge", &fleet.pinned["tn:1"].clone(), "steps = [50, 100]\noffline = \"skip\"\noffline_after = \"6s\"");
     let status = fleet.wait_phase("edge", "complete", Duration::from_secs(120));
     let counts = &status["groups"][0]["status"]["counts"];
     assert_eq!((counts["offline"].as_u64(), counts["healthy"].as_u64()), (Some(1), Some(3)), "{status:#}");

@@ -67,8 +67,9 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
     for (name, decl) in &head.bundles {
         let dir = match (&decl.reference, &decl.dir) {
             (Some(reference), None) => {
-                let (digest, _) =
-                    fetch(&store, &head.trust, reference).await.with_context(|| format!("bundle `{name}`"))?;
+                let (digest, _) = fetch(&store, &head.trust, reference, "served")
+                    .await
+                    .with_context(|| format!("bundle `{name}`"))?;
                 let dir = root.join("checkouts").join(digest.hex());
                 super::checkout(&store, digest.as_str(), &dir)?;
                 tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
@@ -89,11 +90,14 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
 /// Brings bundle `reference` into `store` under the `trust` policy and returns its digest: a
 /// pinned digest already in the store is used as it is (offline); otherwise it is pulled,
 /// retried with backoff while the registry is unreachable, and its signature checked before
-/// any blob moves (`enforce`) or after (`warn`, which only logs). Also what moved.
+/// any blob moves (`enforce`) or after (`warn`, which only logs). Also what moved. It is named
+/// `TAG/REFERENCE` in the store (`served`, `fleet`, `installed`: who holds it, for
+/// [`Store::gc`]).
 pub async fn fetch(
     store: &Store,
     trust: &TrustDecl,
     reference: &str,
+    tag: &str,
 ) -> anyhow::Result<(super::Digest, registry::Transfer)> {
     let parsed = registry::reference(reference)?;
     let repository = format!("{}/{}", parsed.registry(), parsed.repository());
@@ -118,7 +122,7 @@ pub async fn fetch(
         return Ok((d, registry::Transfer::default()));
     }
     let auth = registry::Auth::from_env();
-    let local = format!("served/{}", parsed.repository());
+    let local = format!("{tag}/{}", parsed.whole());
     let (digest, transfer) = pull_with_retries(store, &parsed, &local, &auth, trusted)
         .await
         .with_context(|| format!("pulling {reference}"))?;
@@ -130,10 +134,10 @@ pub async fn fetch(
     Ok((digest, transfer))
 }
 
-/// [`fetch`] into the default store.
-pub async fn fetch_default(trust: &TrustDecl, reference: &str) -> anyhow::Result<(super::Digest, registry::Transfer)> {
+/// The default store.
+pub fn default_store() -> anyhow::Result<Store> {
     let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
-    fetch(&Store::open(&root)?, trust, reference).await
+    Ok(Store::open(&root)?)
 }
 
 /// Pulls, retrying with backoff while the registry fails (not when the bundle is refused).

@@ -163,13 +163,7 @@ impl Store {
             "artifactType": super::ARTIFACT_TYPE,
             "annotations": { "org.opencontainers.image.ref.name": name },
         }));
-        let text = serde_json::to_vec_pretty(&index).map_err(|e| BundleError::Invalid(e.to_string()))?;
-        let path = self.root.join("index.json");
-        let mut tmp =
-            tempfile::NamedTempFile::new_in(&self.root).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
-        tmp.write_all(&text).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
-        tmp.persist(&path).map_err(|e| BundleError::Io(format!("index.json: {}", e.error)))?;
-        Ok(())
+        self.write_index(&index)
     }
 
     /// The manifest named `name`, or `name` itself when it is a digest held here.
@@ -191,11 +185,101 @@ impl Store {
             .ok_or_else(|| BundleError::Missing(format!("no bundle `{name}` in {}", self.root.display())))
     }
 
+    /// Removes the name `name` (the manifest stays until [`Store::gc`]).
+    pub fn untag(&self, name: &str) -> Result<(), BundleError> {
+        let mut index = self.index()?;
+        let manifests = index["manifests"].as_array_mut().ok_or_else(|| BundleError::Invalid("index.json".into()))?;
+        let before = manifests.len();
+        manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != name);
+        if manifests.len() != before {
+            self.write_index(&index)?;
+        }
+        Ok(())
+    }
+
+    /// Every name in the store, with the manifest it names.
+    pub fn tags(&self) -> Result<Vec<(String, Digest)>, BundleError> {
+        let index = self.index()?;
+        Ok(index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let name = m["annotations"]["org.opencontainers.image.ref.name"].as_str()?;
+                Some((name.to_string(), Digest::parse(m["digest"].as_str()?).ok()?))
+            })
+            .collect())
+    }
+
+    /// Deletes what no name reaches: the checkouts (`<store>/checkouts/<hex>`) of untagged
+    /// bundles, and blobs that no tagged bundle uses and that are older than `min_age` (a pull
+    /// in progress writes its blobs before its manifest, so young blobs are left alone).
+    pub fn gc(&self, min_age: std::time::Duration) -> Result<Collected, BundleError> {
+        let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", self.root.display()));
+        let roots: std::collections::BTreeSet<Digest> = self.tags()?.into_iter().map(|(_, d)| d).collect();
+        let mut live: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for root in &roots {
+            live.insert(root.hex().to_string());
+            // A named manifest that cannot be read keeps nothing else alive; it is not deleted.
+            let Ok(bytes) = self.read(root, super::MAX_METADATA) else { continue };
+            let Ok(manifest) = super::Manifest::parse(&bytes) else { continue };
+            for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                if let Ok(d) = Digest::parse(&d.digest) {
+                    live.insert(d.hex().to_string());
+                }
+            }
+        }
+        let mut collected = Collected::default();
+        let checkouts = self.root.join("checkouts");
+        if checkouts.is_dir() {
+            for entry in std::fs::read_dir(&checkouts).map_err(io)? {
+                let entry = entry.map_err(io)?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !roots.iter().any(|r| r.hex() == name) {
+                    std::fs::remove_dir_all(entry.path()).map_err(io)?;
+                    collected.checkouts += 1;
+                }
+            }
+        }
+        for entry in std::fs::read_dir(self.root.join("blobs/sha256")).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = entry.metadata().map_err(io)?;
+            let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= min_age);
+            if !live.contains(&name) && old {
+                std::fs::remove_file(entry.path()).map_err(io)?;
+                collected.blobs += 1;
+                collected.bytes += meta.len();
+            }
+        }
+        Ok(collected)
+    }
+
+    fn write_index(&self, index: &serde_json::Value) -> Result<(), BundleError> {
+        let text = serde_json::to_vec_pretty(index).map_err(|e| BundleError::Invalid(e.to_string()))?;
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(&self.root).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
+        tmp.write_all(&text).map_err(|e| BundleError::Io(format!("index.json: {e}")))?;
+        tmp.persist(self.root.join("index.json")).map_err(|e| BundleError::Io(format!("index.json: {}", e.error)))?;
+        Ok(())
+    }
+
     fn index(&self) -> Result<serde_json::Value, BundleError> {
         let path = self.root.join("index.json");
         let text = std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
         serde_json::from_slice(&text).map_err(|e| BundleError::Invalid(format!("{}: {e}", path.display())))
     }
+}
+
+/// What [`Store::gc`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Checkouts removed.
+    pub checkouts: usize,
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// A blob being written; see [`Store::ingest`].
@@ -289,5 +373,46 @@ mod tests {
         // Tampering on disk is caught on read.
         std::fs::write(store.blob_path(&d), b"HELLO").unwrap();
         assert!(matches!(store.read(&d, 100), Err(BundleError::Digest(_))));
+    }
+
+    /// A manifest over `files` (path, bytes), stored and named `name`.
+    fn bundle(store: &Store, name: &str, files: &[(&str, &[u8])]) -> (Digest, Vec<Digest>) {
+        let layer = |path: &str, bytes: &[u8]| {
+            let d = store.put_bytes(bytes).unwrap();
+            let desc = serde_json::json!({"mediaType": super::super::WASM_MEDIA_TYPE, "digest": d.as_str(),
+                "size": bytes.len(), "annotations": {super::super::PATH_ANNOTATION: path}});
+            (d, desc)
+        };
+        let config = store.put_bytes(name.as_bytes()).unwrap();
+        let (digests, layers): (Vec<Digest>, Vec<serde_json::Value>) = files.iter().map(|(p, b)| layer(p, b)).unzip();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": super::super::MANIFEST_MEDIA_TYPE,
+            "artifactType": super::super::ARTIFACT_TYPE,
+            "config": {"mediaType": super::super::CONFIG_MEDIA_TYPE, "digest": config.as_str(), "size": name.len()},
+            "layers": layers,
+        })
+        .to_string();
+        let m = store.put_bytes(manifest.as_bytes()).unwrap();
+        store.tag(name, &m, manifest.len() as u64).unwrap();
+        std::fs::create_dir_all(store.root().join("checkouts").join(m.hex())).unwrap();
+        (m, digests)
+    }
+
+    #[test]
+    fn gc_deletes_only_what_no_name_reaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (one, one_layers) = bundle(&store, "fleet/one", &[("a", b"shared"), ("b", b"only in one")]);
+        let (two, two_layers) = bundle(&store, "fleet/two", &[("a", b"shared"), ("b", b"only in two")]);
+        // Young blobs are kept even when unreachable (a pull may be writing them).
+        store.untag("fleet/one").unwrap();
+        let young = store.gc(std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!((young.checkouts, young.blobs), (1, 0));
+        let swept = store.gc(std::time::Duration::ZERO).unwrap();
+        assert_eq!((swept.checkouts, swept.blobs), (0, 3), "one's manifest, config and own layer");
+        assert!(!store.has(&one) && !store.has(&one_layers[1]));
+        assert!(store.has(&two) && two_layers.iter().all(|d| store.has(d)), "two is whole, shared layer too");
+        assert!(store.root().join("checkouts").join(two.hex()).is_dir());
+        assert_eq!(store.tags().unwrap(), vec![("fleet/two".to_string(), two)]);
     }
 }

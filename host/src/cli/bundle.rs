@@ -214,7 +214,7 @@ pub async fn bundle(args: BundleArgs, global: &super::GlobalOptions) -> anyhow::
             };
             let trust =
                 crate::config::TrustDecl { mode, scopes: vec![crate::config::TrustScope { prefix: repository, keys }] };
-            let (digest, t) = bundle::serve::fetch(&store, &trust, &source).await?;
+            let (digest, t) = bundle::serve::fetch(&store, &trust, &source, "installed").await?;
             tracing::info!(blobs = t.blobs, bytes = t.bytes, already_here = t.skipped, "pulled");
             let fragment = bundle::checkout(&store, digest.as_str(), &dir)?;
             tracing::info!(source = %source, digest = %digest, dir = %dir.display(), "installed");

@@ -25,6 +25,11 @@ use crate::gateway::{Gateway, Snapshot};
 
 /// The name the assigned bundle is served under (as if `[bundles.fleet]`).
 pub const BUNDLE_NAME: &str = "fleet";
+/// What the agent's pulls are named in the bundle store (`fleet/REFERENCE`).
+const FLEET_TAG: &str = "fleet";
+/// Unreachable blobs younger than this are left alone by the store's garbage collection.
+const GC_MIN_AGE: Duration = Duration::from_secs(600);
+
 /// Longest wait between pull attempts while the registry is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -356,6 +361,35 @@ impl Agent {
         }
         self.set(state, a, "ok", detail.into()).await;
         self.save();
+        if let Err(e) = self.collect() {
+            tracing::warn!(error = %format!("{e:#}"), "cleaning the bundle store failed");
+        }
+    }
+
+    /// Drops what the fleet assigned before and no longer needs: only the served bundle and
+    /// the one kept for rollback stay (with whatever else the store names).
+    fn collect(&self) -> anyhow::Result<()> {
+        let (current, previous) = {
+            let r = self.record();
+            (r.bundle.clone(), r.previous.clone())
+        };
+        let store = crate::bundle::serve::default_store()?;
+        let keep: Vec<String> = [current, previous].into_iter().flatten().map(|r| format!("{FLEET_TAG}/{r}")).collect();
+        for (name, _) in store.tags()? {
+            if name.starts_with(&format!("{FLEET_TAG}/")) && !keep.contains(&name) {
+                store.untag(&name)?;
+            }
+        }
+        let c = store.gc(GC_MIN_AGE)?;
+        if c.checkouts + c.blobs > 0 {
+            tracing::info!(
+                checkouts = c.checkouts,
+                blobs = c.blobs,
+                bytes = c.bytes,
+                "old bundles removed from the store"
+            );
+        }
+        Ok(())
     }
 
     /// Pulls `reference` under the configuration's trust policy, retrying while the registry is
@@ -366,7 +400,8 @@ impl Agent {
         let mut wait = Duration::from_millis(500);
         loop {
             let trust = crate::bundle::serve::trust_of(&self.options.config)?;
-            match crate::bundle::serve::fetch_default(&trust, reference).await {
+            let store = crate::bundle::serve::default_store()?;
+            match crate::bundle::serve::fetch(&store, &trust, reference, FLEET_TAG).await {
                 Ok((digest, t)) => {
                     let moved = format!("{} blobs, {} bytes pulled, {} already here", t.blobs, t.bytes, t.skipped);
                     return Ok((format!("{}/{}@{digest}", parsed.registry(), parsed.repository()), moved));
