@@ -168,6 +168,7 @@ pub async fn pull(
     for (i, blob) in blobs.into_iter().enumerate() {
         let d = Digest::parse(&blob.digest)?;
         if store.has(&d) {
+            store.touch(&d);
             transfer.skipped += 1;
             continue;
         }

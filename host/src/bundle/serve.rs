@@ -67,9 +67,12 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
     for (name, decl) in &head.bundles {
         let dir = match (&decl.reference, &decl.dir) {
             (Some(reference), None) => {
-                let (digest, _) = fetch(&store, &head.trust, reference, "served")
-                    .await
-                    .with_context(|| format!("bundle `{name}`"))?;
+                // The fleet's bundle is named as the fleet agent names it, so its store
+                // cleaning can drop it once it is neither served nor kept for rollback.
+                let holder =
+                    if name == crate::fleet::agent::BUNDLE_NAME { crate::fleet::agent::FLEET_TAG } else { "served" };
+                let (digest, _) =
+                    fetch(&store, &head.trust, reference, holder).await.with_context(|| format!("bundle `{name}`"))?;
                 let dir = root.join("checkouts").join(digest.hex());
                 super::checkout(&store, digest.as_str(), &dir)?;
                 tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
@@ -116,13 +119,16 @@ pub async fn fetch(
         TrustMode::Enforce => Some(keys.as_slice()),
         TrustMode::Warn | TrustMode::Off => None,
     };
-    let pinned = parsed.digest().and_then(|d| super::Digest::parse(d).ok()).filter(|d| store.has(d));
+    let local = format!("{tag}/{}", parsed.whole());
+    let pinned = parsed.digest().and_then(|d| super::Digest::parse(d).ok()).filter(|d| whole(store, d));
     if let Some(d) = pinned {
-        // Pinned and here: it was verified when it arrived.
+        // Pinned and wholly here: it was verified when it arrived. Named again (the names are
+        // what the store's garbage collection keeps).
+        let size = std::fs::metadata(store.blob_path(&d)).map(|m| m.len()).unwrap_or_default();
+        store.tag(&local, &d, size)?;
         return Ok((d, registry::Transfer::default()));
     }
     let auth = registry::Auth::from_env();
-    let local = format!("{tag}/{}", parsed.whole());
     let (digest, transfer) = pull_with_retries(store, &parsed, &local, &auth, trusted)
         .await
         .with_context(|| format!("pulling {reference}"))?;
@@ -132,6 +138,15 @@ pub async fn fetch(
         tracing::warn!(bundle = %reference, error = %e, "serving a bundle whose signature does not verify ([trust] mode warn)");
     }
     Ok((digest, transfer))
+}
+
+/// Whether bundle `digest`'s manifest and every blob it names are in `store`.
+fn whole(store: &Store, digest: &super::Digest) -> bool {
+    let Ok(bytes) = store.read(digest, super::MAX_METADATA) else { return false };
+    let Ok(manifest) = super::Manifest::parse(&bytes) else { return false };
+    std::iter::once(&manifest.config)
+        .chain(&manifest.layers)
+        .all(|l| super::Digest::parse(&l.digest).is_ok_and(|d| store.has(&d)))
 }
 
 /// The default store.

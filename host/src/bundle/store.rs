@@ -70,6 +70,29 @@ impl Store {
         Ok(Self { root: root.to_path_buf() })
     }
 
+    /// Holds the store's lock (`<store>/lock`) until dropped: `index.json` updates and garbage
+    /// collection take it, so two processes sharing a store never lose a name or collect what
+    /// the other is naming.
+    fn lock(&self) -> Result<std::fs::File, BundleError> {
+        let path = self.root.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+        file.lock().map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+        Ok(file)
+    }
+
+    /// Marks blob `digest` as just used (a pull that finds it here), so garbage collection,
+    /// which leaves young blobs alone, cannot take it before the pull names its bundle.
+    pub fn touch(&self, digest: &Digest) {
+        if let Ok(f) = std::fs::File::options().write(true).open(self.blob_path(digest)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
     /// Where the store lives.
     pub fn root(&self) -> &Path {
         &self.root
@@ -153,6 +176,7 @@ impl Store {
     /// Names manifest `digest` (of `size` bytes) `name` in `index.json`, replacing what the name
     /// pointed at.
     pub fn tag(&self, name: &str, digest: &Digest, size: u64) -> Result<(), BundleError> {
+        let _locked = self.lock()?;
         let mut index = self.index()?;
         let manifests = index["manifests"].as_array_mut().ok_or_else(|| BundleError::Invalid("index.json".into()))?;
         manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != name);
@@ -187,6 +211,7 @@ impl Store {
 
     /// Removes the name `name` (the manifest stays until [`Store::gc`]).
     pub fn untag(&self, name: &str) -> Result<(), BundleError> {
+        let _locked = self.lock()?;
         let mut index = self.index()?;
         let manifests = index["manifests"].as_array_mut().ok_or_else(|| BundleError::Invalid("index.json".into()))?;
         let before = manifests.len();
@@ -215,7 +240,13 @@ impl Store {
     /// bundles, and blobs that no tagged bundle uses and that are older than `min_age` (a pull
     /// in progress writes its blobs before its manifest, so young blobs are left alone).
     pub fn gc(&self, min_age: std::time::Duration) -> Result<Collected, BundleError> {
+        let _locked = self.lock()?;
         let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", self.root.display()));
+        // Something else removed it first: nothing to do.
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+            _ => Ok(()),
+        };
         let roots: std::collections::BTreeSet<Digest> = self.tags()?.into_iter().map(|(_, d)| d).collect();
         let mut live: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for root in &roots {
@@ -236,7 +267,7 @@ impl Store {
                 let entry = entry.map_err(io)?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !roots.iter().any(|r| r.hex() == name) {
-                    std::fs::remove_dir_all(entry.path()).map_err(io)?;
+                    gone(std::fs::remove_dir_all(entry.path()))?;
                     collected.checkouts += 1;
                 }
             }
@@ -244,10 +275,10 @@ impl Store {
         for entry in std::fs::read_dir(self.root.join("blobs/sha256")).map_err(io)? {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let meta = entry.metadata().map_err(io)?;
+            let Ok(meta) = entry.metadata() else { continue };
             let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= min_age);
             if !live.contains(&name) && old {
-                std::fs::remove_file(entry.path()).map_err(io)?;
+                gone(std::fs::remove_file(entry.path()))?;
                 collected.blobs += 1;
                 collected.bytes += meta.len();
             }

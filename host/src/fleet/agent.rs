@@ -26,7 +26,7 @@ use crate::gateway::{Gateway, Snapshot};
 /// The name the assigned bundle is served under (as if `[bundles.fleet]`).
 pub const BUNDLE_NAME: &str = "fleet";
 /// What the agent's pulls are named in the bundle store (`fleet/REFERENCE`).
-const FLEET_TAG: &str = "fleet";
+pub const FLEET_TAG: &str = "fleet";
 /// Unreachable blobs younger than this are left alone by the store's garbage collection.
 const GC_MIN_AGE: Duration = Duration::from_secs(600);
 
@@ -325,8 +325,8 @@ impl Agent {
         if a.action == Action::Rollback
             && let Some(((snapshot, bundles), _)) = kept.take_if(|((_, b), g)| *b == wanted && *g == current)
         {
-            let replaced = self.gateway.restore(snapshot, bundles).await;
-            *kept = Some(((replaced, before), self.gateway.generation()));
+            let swapped = self.gateway.restore(snapshot, bundles).await;
+            *kept = Some(((swapped.previous, before), swapped.generation));
             drop(kept);
             self.finish(finished, &a, target, "swapped back to the kept version").await;
             return;
@@ -340,8 +340,8 @@ impl Agent {
             Ok(())
         };
         match self.gateway.apply(Some(wanted), gate).await {
-            Ok(replaced) => {
-                *kept = Some(((replaced, before), self.gateway.generation()));
+            Ok(swapped) => {
+                *kept = Some(((swapped.previous, before), swapped.generation));
                 drop(kept);
                 self.finish(finished, &a, target, "swapped in").await;
             }
@@ -353,43 +353,23 @@ impl Agent {
     }
 
     async fn finish(&self, state: DeviceState, a: &Assignment, bundle: Option<String>, detail: &str) {
-        {
+        let keep = {
             let mut r = self.record();
             if r.bundle != bundle {
                 r.previous = std::mem::replace(&mut r.bundle, bundle);
             }
-        }
-        self.set(state, a, "ok", detail.into()).await;
+            r.state = state;
+            r.assignment = Some(a.id());
+            r.error = None;
+            [r.bundle.clone(), r.previous.clone()]
+        };
+        // Remembered before anything else is awaited: what runs now is what a restart serves.
         self.save();
-        if let Err(e) = self.collect() {
+        self.set(state, a, "ok", detail.into()).await;
+        let cleaned = tokio::task::spawn_blocking(move || collect(&keep)).await;
+        if let Ok(Err(e)) = cleaned {
             tracing::warn!(error = %format!("{e:#}"), "cleaning the bundle store failed");
         }
-    }
-
-    /// Drops what the fleet assigned before and no longer needs: only the served bundle and
-    /// the one kept for rollback stay (with whatever else the store names).
-    fn collect(&self) -> anyhow::Result<()> {
-        let (current, previous) = {
-            let r = self.record();
-            (r.bundle.clone(), r.previous.clone())
-        };
-        let store = crate::bundle::serve::default_store()?;
-        let keep: Vec<String> = [current, previous].into_iter().flatten().map(|r| format!("{FLEET_TAG}/{r}")).collect();
-        for (name, _) in store.tags()? {
-            if name.starts_with(&format!("{FLEET_TAG}/")) && !keep.contains(&name) {
-                store.untag(&name)?;
-            }
-        }
-        let c = store.gc(GC_MIN_AGE)?;
-        if c.checkouts + c.blobs > 0 {
-            tracing::info!(
-                checkouts = c.checkouts,
-                blobs = c.blobs,
-                bytes = c.bytes,
-                "old bundles removed from the store"
-            );
-        }
-        Ok(())
     }
 
     /// Pulls `reference` under the configuration's trust policy, retrying while the registry is
@@ -415,6 +395,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// Drops what the fleet assigned before and no longer needs from the bundle store: only the
+/// bundles in `keep` (the served one and the one kept for rollback, by digest) stay, with
+/// whatever else the store names.
+fn collect(keep: &[Option<String>]) -> anyhow::Result<()> {
+    let digests: Vec<&str> = keep.iter().flatten().filter_map(|r| r.rsplit_once('@').map(|(_, d)| d)).collect();
+    let store = crate::bundle::serve::default_store()?;
+    for (name, digest) in store.tags()? {
+        if name.starts_with(&format!("{FLEET_TAG}/")) && !digests.contains(&digest.as_str()) {
+            store.untag(&name)?;
+        }
+    }
+    let c = store.gc(GC_MIN_AGE)?;
+    if c.checkouts + c.blobs > 0 {
+        tracing::info!(checkouts = c.checkouts, blobs = c.blobs, bytes = c.bytes, "old bundles removed from the store");
+    }
+    Ok(())
 }
 
 /// Whether a pull failed because the registry could not be reached (worth retrying), not

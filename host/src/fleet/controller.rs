@@ -14,6 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use super::{
     Action, Assignment, Bus, Counts, DeviceRecord, DeviceState, Event, OfflinePolicy, Phase, RolloutSpec, RolloutStatus,
 };
@@ -66,6 +68,9 @@ pub fn step(
             ..Default::default()
         },
     };
+    // Devices gone (their records expired) or now in another group leave this rollout.
+    status.targeted.retain(|(id, _)| devices.contains_key(id));
+    status.failed.retain(|id, _| devices.contains_key(id));
     let mut d = Decision::default();
     let apply = Assignment {
         group: spec.group.clone(),
@@ -295,12 +300,13 @@ struct Memory {
 
 /// Runs a controller until the process ends.
 pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
-    if options.tick * 2 >= options.leader_ttl {
+    if options.tick.checked_mul(2).is_none_or(|t| t >= options.leader_ttl) {
         anyhow::bail!("--tick must be under half of --leader-ttl, so the leader refreshes its lock in time");
     }
     let client = super::connect(&options.nats).await?;
     let who = format!("controller:{}", options.id);
-    let mut bus: Option<(Bus, async_nats::jetstream::kv::Store)> = None;
+    // The fleet's buckets, the lock's bucket, and the lock's lifetime as the server has it.
+    let mut bus: Option<(Bus, async_nats::jetstream::kv::Store, Duration)> = None;
     let mut lock: Option<u64> = None;
     let mut memory = Memory::default();
     loop {
@@ -308,8 +314,8 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         if bus.is_none() {
             let opened = async {
                 let b = Bus::open(client.clone()).await?;
-                let leader = b.leader(options.leader_ttl).await?;
-                anyhow::Ok((b, leader))
+                let (leader, ttl) = b.leader(options.leader_ttl).await?;
+                anyhow::Ok((b, leader, ttl))
             };
             match opened.await {
                 Ok(b) => bus = Some(b),
@@ -319,7 +325,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
                 }
             }
         }
-        let Some((b, leader)) = &bus else { continue };
+        let Some((b, leader, ttl)) = &bus else { continue };
         // Lead, or keep leading: the lock is refreshed every tick, and this tick's writes stop
         // once half its lifetime has passed, so they never overlap a successor's.
         let refreshed = Instant::now();
@@ -340,7 +346,9 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         if lock.is_none() {
             continue;
         }
-        let lease = Lease(refreshed + options.leader_ttl / 2);
+        // Another controller may have opened the lock's bucket with a shorter lifetime.
+        let Some(until) = refreshed.checked_add(options.leader_ttl.min(*ttl) / 2) else { continue };
+        let lease = Lease(until);
         if let Err(e) = tick(b, &who, &mut memory, lease).await {
             tracing::warn!(error = %format!("{e:#}"), "controller tick failed; retrying");
             // The server may have come back without the fleet's buckets: open them again.
@@ -447,11 +455,22 @@ async fn roll(
     lease: Lease,
 ) -> anyhow::Result<()> {
     let key = format!("status.{}", spec.group);
-    let last = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?.map(|(s, _)| s);
+    let read = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?;
+    let (last, revision) = match read {
+        Some((s, rev)) => (Some(s), Some(rev)),
+        None => (None, None),
+    };
     let decision = step(spec, last.clone(), devices, super::now_ms());
     if last.as_ref() != Some(&decision.status) {
         lease.check()?;
-        super::put_json(&bus.rollouts, &key, &decision.status).await?;
+        // Compare-and-set on what this tick read: a write from a lapsed leader that arrives
+        // late fails instead of overwriting a successor's.
+        let bytes: axum::body::Bytes = serde_json::to_vec(&decision.status)?.into();
+        match revision {
+            Some(rev) => bus.rollouts.update(&key, bytes, rev).await.map(|_| ()).map_err(anyhow::Error::from),
+            None => bus.rollouts.create(&key, bytes).await.map(|_| ()).map_err(anyhow::Error::from),
+        }
+        .with_context(|| format!("writing {key}"))?;
     }
     for (device, a) in desired(spec, &decision.status) {
         let id = a.id();
@@ -636,6 +655,19 @@ max_failures = 1
         let want = desired(&spec, &d.status);
         assert_eq!(want.len(), 1);
         assert_eq!((want[0].1.action, want[0].1.bundle.clone()), (Action::Rollback, None), "d0 had no bundle before");
+    }
+
+    #[test]
+    fn a_device_that_leaves_the_group_leaves_the_rollout() {
+        let spec = spec();
+        let mut devices = fleet(4);
+        let d = step(&spec, None, &devices, 0);
+        assert_eq!(d.status.targeted[0].0, "d0");
+        // d0's record expired (or another group owns it now): not counted, not written to.
+        devices.remove("d0");
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert!(desired(&spec, &d.status).iter().all(|(id, _)| id != "d0"));
+        assert_eq!(d.assign.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["d1"], "25% of the 3 left");
     }
 
     #[test]

@@ -437,9 +437,13 @@ impl Bus {
         Ok(Self { js, devices, assign, rollouts })
     }
 
-    /// The controller lock's bucket, whose records expire after `ttl` without a refresh.
-    pub async fn leader(&self, ttl: Duration) -> anyhow::Result<kv::Store> {
-        open_bucket(&self.js, bucket(LEADER, ttl)).await
+    /// The controller lock's bucket, whose records expire after `ttl` without a refresh, and
+    /// the lifetime the server holds for it.
+    pub async fn leader(&self, ttl: Duration) -> anyhow::Result<(kv::Store, Duration)> {
+        let store = open_bucket(&self.js, bucket(LEADER, ttl)).await?;
+        let mut stream = self.js.get_stream(format!("KV_{LEADER}")).await.context("reading the lock's bucket")?;
+        let actual = stream.info().await.context("reading the lock's bucket")?.config.max_age;
+        Ok((store, actual))
     }
 
     /// Records an event (logged, and lost with a warning when the server is away).
@@ -495,17 +499,21 @@ pub async fn put_json<T: Serialize>(store: &kv::Store, key: &str, value: &T) -> 
     store.put(key, bytes.into()).await.with_context(|| format!("writing {key}"))
 }
 
-/// Every record of `store` whose key starts with `prefix`, parsed; a record that cannot be
-/// read or parsed is skipped with a warning, so one bad record cannot stop a fleet.
+/// Every record of `store` whose key starts with `prefix`, parsed; a record that does not
+/// parse is skipped with a warning, so one bad record cannot stop a fleet (a record that cannot
+/// be read fails the whole read: a partial view would look like devices gone).
 pub async fn all_json<T: DeserializeOwned>(store: &kv::Store, prefix: &str) -> anyhow::Result<Vec<(String, T)>> {
     use futures_util::TryStreamExt as _;
     let keys: Vec<String> = store.keys().await.context("listing keys")?.try_collect().await.context("listing keys")?;
     let mut out = Vec::new();
     for key in keys.into_iter().filter(|k| k.starts_with(prefix)) {
-        match get_json(store, &key).await {
-            Ok(Some((v, _))) => out.push((key, v)),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(key = %key, error = %format!("{e:#}"), "skipping a record that does not parse"),
+        let Some(entry) = store.entry(key.as_str()).await.with_context(|| format!("reading {key}"))? else { continue };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        match serde_json::from_slice(&entry.value) {
+            Ok(v) => out.push((key, v)),
+            Err(e) => tracing::warn!(key = %key, error = %e, "skipping a record that does not parse"),
         }
     }
     Ok(out)

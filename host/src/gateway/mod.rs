@@ -98,6 +98,14 @@ pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// What a swap replaced, and the generation it made.
+pub struct Swapped {
+    /// The snapshot that was serving.
+    pub previous: Arc<Snapshot>,
+    /// The new version's generation ([`Gateway::generation`]).
+    pub generation: u64,
+}
+
 /// The gateway: the current snapshot, and what outlives reloads.
 pub struct Gateway {
     state: ArcSwap<Snapshot>,
@@ -232,11 +240,7 @@ impl Gateway {
     /// beside the running one, passes it to `gate` (the fleet agent's health gate), and swaps it
     /// in only if the gate accepts. On any failure the running version keeps serving. Returns
     /// the snapshot that was replaced.
-    pub async fn apply<F, Fut>(
-        &self,
-        assign: Option<BTreeMap<String, BundleDecl>>,
-        gate: F,
-    ) -> anyhow::Result<Arc<Snapshot>>
+    pub async fn apply<F, Fut>(&self, assign: Option<BTreeMap<String, BundleDecl>>, gate: F) -> anyhow::Result<Swapped>
     where
         F: FnOnce(Arc<Snapshot>) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -248,15 +252,15 @@ impl Gateway {
         let next = Arc::new(build(&self.base, config, Some(&current)).await?);
         gate(next.clone()).await?;
         let summary: Vec<String> = next.models.iter().map(|(n, m)| format!("{n}@{}", m.latest)).collect();
-        let previous = self.swap(next);
+        let swapped = self.swap(next);
         *assigned = bundles;
         tracing::info!(models = %summary.join(", "), "configuration reloaded");
-        Ok(previous)
+        Ok(swapped)
     }
 
     /// Puts back a snapshot [`Gateway::apply`] replaced, built for `assigned` (an instant
     /// rollback: nothing is loaded or compiled again).
-    pub async fn restore(&self, snapshot: Arc<Snapshot>, assigned: BTreeMap<String, BundleDecl>) -> Arc<Snapshot> {
+    pub async fn restore(&self, snapshot: Arc<Snapshot>, assigned: BTreeMap<String, BundleDecl>) -> Swapped {
         let mut current = self.reloading.lock().await;
         *current = assigned;
         tracing::info!("previous version restored");
@@ -264,11 +268,11 @@ impl Gateway {
     }
 
     /// Swaps `next` in: a new generation, judged on its own requests from now on.
-    fn swap(&self, next: Arc<Snapshot>) -> Arc<Snapshot> {
+    fn swap(&self, next: Arc<Snapshot>) -> Swapped {
         let previous = self.state.swap(next);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.serving.reset();
-        previous
+        Swapped { previous, generation }
     }
 
     /// How many versions have been swapped in since start.
