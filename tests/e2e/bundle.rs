@@ -558,6 +558,27 @@ fn the_storage_initializer_installs_only_signed_bundles_and_the_gateway_serves_t
     let labels = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "labels").unwrap();
     assert_eq!(labels["data"][0], "bird", "{answer}");
 
+    // `eir run --config` runs a bundle's plugin by name too.
+    let config_file = work.path().join("run.toml");
+    std::fs::write(&config_file, format!("[bundles.model]\ndir = \"{}\"\n", models.display())).unwrap();
+    let out = eir_with(
+        &[
+            "run",
+            "--config",
+            config_file.to_str().unwrap(),
+            "topk",
+            "--input",
+            "logits:FP32[3]=0.1,0.2,3.0",
+            "-p",
+            "k=1",
+        ],
+        cache.path(),
+        |_| {},
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("\"indices\""), "{stdout}");
+
     // The same bundle from the command line (`eir serve --bundle REF`), under the file's trust.
     let gateway = format!(
         "[trust]\nmode = \"enforce\"\nscopes = [{{ prefix = \"{}/eir\", keys = [\"{}\"] }}]\n\

@@ -13,7 +13,6 @@ use clap::Args;
 use super::GlobalOptions;
 use super::inputs::{parse_env, parse_inputs, parse_param};
 use crate::Runtime;
-use crate::config::Config;
 use crate::engine::Artifact;
 use crate::grants::{DirGrant, Stdio};
 use crate::limits::Limits;
@@ -151,7 +150,11 @@ impl RunArgs {
 
 /// Runs `eir run`.
 pub async fn run(args: RunArgs, global: &GlobalOptions) -> anyhow::Result<ExitCode> {
-    let file = args.config.as_deref().map(Config::load).transpose()?;
+    // The configuration with its bundles merged in, as `eir serve` reads it.
+    let file = match args.config.as_deref() {
+        Some(path) => Some(crate::bundle::serve::load_config(path).await?),
+        None => None,
+    };
     let mut models = file.as_ref().map(|c| c.models.clone()).unwrap_or_default();
     models.extend(args.models.iter().map(|m| (m.name.clone(), m.decl.clone())));
     let registry = Registry::new(models, Scheduler::for_this_machine());
