@@ -396,6 +396,9 @@ impl Shared {
                 st.queues.len() - 1
             }
         };
+        // The newest job's policy is the model's (a reload may have changed `max_batch` or
+        // `max_delay` while jobs under the old one still wait).
+        st.queues[qi].policy = job.policy;
         let shape = match (&st.queues[qi].spec, job.policy.max_batch > 1) {
             (Some(spec), true) => batch::shape_of(spec, &job.inputs),
             _ => None,
