@@ -60,8 +60,7 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
     if head.bundles.is_empty() {
         return Ok(Config::parse(path, &text)?);
     }
-    let root = store_dir().context("no cache directory for the bundle store (set EIR_CACHE_DIR)")?;
-    let store = Store::open(&root)?;
+    let store = default_store()?;
     let mut fragments = Vec::new();
     let base = path.parent().unwrap_or(Path::new("."));
     for (name, decl) in &head.bundles {
@@ -73,7 +72,7 @@ pub async fn load_config_with(path: &Path, extra: &BTreeMap<String, BundleDecl>)
                     if name == crate::fleet::agent::BUNDLE_NAME { crate::fleet::agent::FLEET_TAG } else { "served" };
                 let (digest, _) =
                     fetch(&store, &head.trust, reference, holder).await.with_context(|| format!("bundle `{name}`"))?;
-                let dir = root.join("checkouts").join(digest.hex());
+                let dir = store.root().join("checkouts").join(digest.hex());
                 super::checkout(&store, digest.as_str(), &dir)?;
                 tracing::info!(bundle = %name, digest = %digest, "bundle checked out");
                 dir

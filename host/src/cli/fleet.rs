@@ -102,14 +102,9 @@ pub async fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             // Compare-and-set: two applies at once never share a generation.
             let last = fleet::get_json::<RolloutSpec>(&bus.rollouts, &key).await?;
             spec.generation = last.as_ref().map(|(s, _)| s.generation + 1).unwrap_or(1);
-            let bytes: axum::body::Bytes = serde_json::to_vec(&spec)?.into();
-            match last {
-                Some((_, revision)) => {
-                    bus.rollouts.update(&key, bytes, revision).await.map(|_| ()).map_err(anyhow::Error::from)
-                }
-                None => bus.rollouts.create(&key, bytes).await.map(|_| ()).map_err(anyhow::Error::from),
-            }
-            .with_context(|| format!("group `{}` changed meanwhile; apply again", spec.group))?;
+            fleet::put_json_if(&bus.rollouts, &key, &spec, last.map(|(_, rev)| rev))
+                .await
+                .with_context(|| format!("group `{}` changed meanwhile; apply again", spec.group))?;
             bus.event(event("apply", &spec.group, format!("generation {} of {}", spec.generation, spec.bundle))).await;
             println!("group {}: generation {} of {}", spec.group, spec.generation, spec.bundle);
         }
@@ -149,11 +144,7 @@ async fn flag(url: &str, group: &str, what: &str, change: impl Fn(&mut RolloutSp
         .await?
         .with_context(|| format!("no rollout for group `{group}`"))?;
     change(&mut spec);
-    let bytes = serde_json::to_vec(&spec)?;
-    bus.rollouts
-        .update(&key, bytes.into(), revision)
-        .await
-        .with_context(|| format!("updating {key} (changed meanwhile?)"))?;
+    fleet::put_json_if(&bus.rollouts, &key, &spec, Some(revision)).await?;
     bus.event(event(what, group, format!("generation {}", spec.generation))).await;
     println!("group {group}: {what}");
     Ok(())

@@ -88,8 +88,15 @@ fn assigned(bundle: Option<String>) -> BTreeMap<String, BundleDecl> {
     bundle.map(|r| (BUNDLE_NAME.to_string(), BundleDecl::from_registry(r))).into_iter().collect()
 }
 
-/// A version built and swapped out, with the bundles it was built for.
-type Kept = (Arc<Snapshot>, BTreeMap<String, BundleDecl>);
+/// A version built and swapped out, kept for an instant rollback.
+struct Kept {
+    snapshot: Arc<Snapshot>,
+    /// The bundles it was built for.
+    bundles: BTreeMap<String, BundleDecl>,
+    /// The gateway's generation after it was swapped out: any other reload since makes it
+    /// stale.
+    generation: u64,
+}
 
 /// The device agent.
 pub struct Agent {
@@ -100,9 +107,8 @@ pub struct Agent {
     bus: Mutex<Option<Bus>>,
     /// One record write at a time, so an older state never overwrites a newer one.
     reporting: tokio::sync::Mutex<()>,
-    /// The version the last swap replaced, the bundles it was built for, and the gateway's
-    /// generation after the swap (any other reload since makes it stale).
-    kept: tokio::sync::Mutex<Option<(Kept, u64)>>,
+    /// The version the last swap replaced.
+    kept: tokio::sync::Mutex<Option<Kept>>,
 }
 
 impl Agent {
@@ -323,10 +329,10 @@ impl Agent {
         let mut kept = self.kept.lock().await;
         let current = self.gateway.generation();
         if a.action == Action::Rollback
-            && let Some(((snapshot, bundles), _)) = kept.take_if(|((_, b), g)| *b == wanted && *g == current)
+            && let Some(k) = kept.take_if(|k| k.bundles == wanted && k.generation == current)
         {
-            let swapped = self.gateway.restore(snapshot, bundles).await;
-            *kept = Some(((swapped.previous, before), swapped.generation));
+            let swapped = self.gateway.restore(k.snapshot, k.bundles).await;
+            *kept = Some(Kept { snapshot: swapped.previous, bundles: before, generation: swapped.generation });
             drop(kept);
             self.finish(finished, &a, target, "swapped back to the kept version").await;
             return;
@@ -335,13 +341,13 @@ impl Agent {
         let staged = &a;
         let gate = |snapshot: Arc<Snapshot>| async move {
             self.set(DeviceState::Staged, staged, "ok", "built beside the running version; health gate".into()).await;
-            let passed = crate::gateway::health::smoke(&snapshot, None).await?;
+            let passed = crate::gateway::health::smoke(&snapshot).await?;
             tracing::info!(smoke_requests = passed, "health gate passed");
             Ok(())
         };
         match self.gateway.apply(Some(wanted), gate).await {
             Ok(swapped) => {
-                *kept = Some(((swapped.previous, before), swapped.generation));
+                *kept = Some(Kept { snapshot: swapped.previous, bundles: before, generation: swapped.generation });
                 drop(kept);
                 self.finish(finished, &a, target, "swapped in").await;
             }

@@ -14,8 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-
 use super::{
     Action, Assignment, Bus, Counts, DeviceRecord, DeviceState, Event, OfflinePolicy, Phase, RolloutSpec, RolloutStatus,
 };
@@ -138,17 +136,9 @@ pub fn step(
         } else {
             format!("{} failed device(s), threshold {}", status.failed.len(), spec.max_failures)
         };
-        for (id, previous) in &status.targeted {
-            let back = Assignment {
-                group: spec.group.clone(),
-                generation: spec.generation,
-                bundle: previous.clone(),
-                action: Action::Rollback,
-            };
-            d.assign.push((id.clone(), back));
-        }
-        d.events.push(("rollback".into(), "rolled_back".into(), None, why.clone()));
         status.phase = Phase::RolledBack;
+        d.assign = desired(spec, &status);
+        d.events.push(("rollback".into(), "rolled_back".into(), None, why.clone()));
         status.message = why;
         status.since_ms = now_ms;
         return d.with(status);
@@ -455,22 +445,13 @@ async fn roll(
     lease: Lease,
 ) -> anyhow::Result<()> {
     let key = format!("status.{}", spec.group);
-    let read = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?;
-    let (last, revision) = match read {
-        Some((s, rev)) => (Some(s), Some(rev)),
-        None => (None, None),
-    };
+    let (last, revision) = super::get_json::<RolloutStatus>(&bus.rollouts, &key).await?.unzip();
     let decision = step(spec, last.clone(), devices, super::now_ms());
     if last.as_ref() != Some(&decision.status) {
         lease.check()?;
         // Compare-and-set on what this tick read: a write from a lapsed leader that arrives
         // late fails instead of overwriting a successor's.
-        let bytes: axum::body::Bytes = serde_json::to_vec(&decision.status)?.into();
-        match revision {
-            Some(rev) => bus.rollouts.update(&key, bytes, rev).await.map(|_| ()).map_err(anyhow::Error::from),
-            None => bus.rollouts.create(&key, bytes).await.map(|_| ()).map_err(anyhow::Error::from),
-        }
-        .with_context(|| format!("writing {key}"))?;
+        super::put_json_if(&bus.rollouts, &key, &decision.status, revision).await?;
     }
     for (device, a) in desired(spec, &decision.status) {
         let id = a.id();

@@ -485,18 +485,37 @@ impl Bus {
 
 /// Reads and parses `key` of `store`, with its revision.
 pub async fn get_json<T: DeserializeOwned>(store: &kv::Store, key: &str) -> anyhow::Result<Option<(T, u64)>> {
-    let Some(entry) = store.entry(key).await.with_context(|| format!("reading {key}"))? else { return Ok(None) };
-    if entry.operation != kv::Operation::Put {
-        return Ok(None);
-    }
+    let Some(entry) = live(store, key).await? else { return Ok(None) };
     let value = serde_json::from_slice(&entry.value).with_context(|| format!("parsing {key}"))?;
     Ok(Some((value, entry.revision)))
+}
+
+/// `key`'s entry, unless it is missing or deleted.
+async fn live(store: &kv::Store, key: &str) -> anyhow::Result<Option<kv::Entry>> {
+    let entry = store.entry(key).await.with_context(|| format!("reading {key}"))?;
+    Ok(entry.filter(|e| e.operation == kv::Operation::Put))
 }
 
 /// Writes `value` as `key` of `store`.
 pub async fn put_json<T: Serialize>(store: &kv::Store, key: &str, value: &T) -> anyhow::Result<u64> {
     let bytes = serde_json::to_vec(value)?;
     store.put(key, bytes.into()).await.with_context(|| format!("writing {key}"))
+}
+
+/// Writes `value` as `key` only if `key` is still at `revision` (`None`: only if it does not
+/// exist), so a write based on a stale read fails instead of overwriting a newer one.
+pub async fn put_json_if<T: Serialize>(
+    store: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: Option<u64>,
+) -> anyhow::Result<u64> {
+    let bytes: axum::body::Bytes = serde_json::to_vec(value)?.into();
+    let written = match revision {
+        Some(rev) => store.update(key, bytes, rev).await.map_err(anyhow::Error::from),
+        None => store.create(key, bytes).await.map_err(anyhow::Error::from),
+    };
+    written.with_context(|| format!("writing {key} (changed meanwhile?)"))
 }
 
 /// Every record of `store` whose key starts with `prefix`, parsed; a record that does not
@@ -507,10 +526,7 @@ pub async fn all_json<T: DeserializeOwned>(store: &kv::Store, prefix: &str) -> a
     let keys: Vec<String> = store.keys().await.context("listing keys")?.try_collect().await.context("listing keys")?;
     let mut out = Vec::new();
     for key in keys.into_iter().filter(|k| k.starts_with(prefix)) {
-        let Some(entry) = store.entry(key.as_str()).await.with_context(|| format!("reading {key}"))? else { continue };
-        if entry.operation != kv::Operation::Put {
-            continue;
-        }
+        let Some(entry) = live(store, &key).await? else { continue };
         match serde_json::from_slice(&entry.value) {
             Ok(v) => out.push((key, v)),
             Err(e) => tracing::warn!(key = %key, error = %e, "skipping a record that does not parse"),
