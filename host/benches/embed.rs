@@ -9,6 +9,9 @@
 //! Run: `EIR_BENCH_PYTHON=<python with onnxruntime, onnx, numpy> scripts/bench.sh embed` (needs
 //! the guests and `eir models fetch minilm`).
 
+// The allocator the `eir` binary uses, so passes are measured as served.
+eir::global_allocator!();
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

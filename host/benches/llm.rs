@@ -8,6 +8,9 @@
 //! `npm i --prefix ~/.cache/eir/tools/node-llama -E node-llama-cpp@3.21.1`; set
 //! `EIR_NODE_LLAMA` to another `node_modules` folder holding it).
 
+// The allocator the `eir` binary uses, so passes are measured as served.
+eir::global_allocator!();
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;

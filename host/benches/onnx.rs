@@ -5,6 +5,9 @@
 //!
 //! Run: `EIR_BENCH_PYTHON=/path/to/python scripts/bench.sh onnx` (needs `eir models fetch`).
 
+// The allocator the `eir` binary uses, so passes are measured as served.
+eir::global_allocator!();
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -37,6 +40,10 @@ fn median_time(iters: usize, mut f: impl FnMut()) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `EIR_ONNX_PROFILE=1` logs each pass's time by operator (the executor logs through tracing).
+    if std::env::var_os("EIR_ONNX_PROFILE").is_some() {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    }
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let threads = rayon::current_num_threads();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

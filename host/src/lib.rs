@@ -22,6 +22,7 @@
 //!   registries.
 //! - [`cli`]: the `eir` command, a thin layer over the above.
 
+pub mod alloc;
 pub mod bundle;
 pub mod cli;
 pub mod config;

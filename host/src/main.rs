@@ -1,5 +1,8 @@
 //! The `eir` binary; everything lives in the library's `cli` module.
 
+// jemalloc, configured to keep freed pages for the next pass (see `eir::alloc`).
+eir::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     // candle runs its element-wise kernels on a spinning thread pool of its own beside rayon's
     // (which the scheduler and the matrix kernels share). Two pools on the same cores
