@@ -12,7 +12,9 @@
 #                                               throughput alone, while tenant A floods at its
 #                                               quota, and while A drops and resends requests
 #                                               (A: 8 requests in flight, and with Q a compute
-#                                               quota of Q core-seconds per minute)
+#                                               quota of Q core-seconds per minute); B both
+#                                               saturating and within its share (PACE=ms
+#                                               between a connection's requests, default 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -35,13 +37,17 @@ trap 'stop; rm -rf "$work"' EXIT
 # batching off.
 serve() {
     local cfg="$work/eir.toml"
-    sed -e "s#\"\.\./models#\"$PWD/models#; s#\"dist/#\"$PWD/plugins/dist/#" plugins/eir.toml >"$cfg"
+    sed -e "s#\"\.\./models#\"$PWD/models#; s#\"dist/#\"$PWD/plugins/dist/#; s#\"rag-chat/#\"$PWD/plugins/rag-chat/#" plugins/eir.toml >"$cfg"
     if [ "$1" = 1 ]; then sed -i 's/^max_batch = .*/max_batch = 1/' "$cfg"; fi
     cat "$2" >>"$cfg"
     stop
     EIR_LOG=warn "$eir" serve --config "$cfg" --listen "127.0.0.1:$port" >"$work/serve.out" 2>&1 &
     server=$!
-    for _ in $(seq 1 240); do grep -q "serving on" "$work/serve.out" && return; sleep 0.5; done
+    for _ in $(seq 1 240); do
+        grep -q "serving on" "$work/serve.out" && return
+        kill -0 "$server" 2>/dev/null || break
+        sleep 0.5
+    done
     echo "the gateway did not start:" >&2; cat "$work/serve.out" >&2; exit 1
 }
 
@@ -59,6 +65,9 @@ local f = io.open("$2", "rb"); wrk.body = f:read("*a"); f:close()
 wrk.headers["Authorization"] = "Bearer $4"
 wrk.headers["Content-Type"] = "application/json"
 LUA
+    # With PACE_MS, each connection waits that long after an answer before its next request
+    # (a tenant that stays within its share instead of saturating the machine).
+    if [ -n "${PACE_MS:-}" ]; then echo "function delay() return $PACE_MS end" >>"$lua"; fi
     local out
     out=$(wrk -t "$(($3 < 2 ? 1 : 2))" -c "$3" -d "${secs}s" --latency "${@:5}" -s "$lua" \
         "http://127.0.0.1:$port/v2/models/$1/infer")
@@ -125,21 +134,34 @@ if [ "$mode" = throughput ]; then
     exit 0
 fi
 
-# Fairness. A may have 8 requests in flight (its quota); B is measured with 4 connections.
+# Fairness. A may have 8 requests in flight (its quota). B is measured twice: saturating (4
+# connections, as many requests as it can: more than its half of the machine, so sharing
+# must slow it) and within its share (2 connections that each wait PACE ms between requests:
+# about a sixth of what the machine serves, so a fair share leaves it all of that).
 { tenant a a-key "${a_quota:+compute_quota = $a_quota}" | sed 's/max_concurrent = 256/max_concurrent = 8/'; tenant b b-key; } >"$work/tenants.toml"
 serve 0 "$work/tenants.toml"
-read -r r_alone p_alone _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
-echo "B alone:                          $r_alone req/s, p50 $p_alone"
+pace=${PACE:-10}
+# b_runs LABEL: B saturating, then B within its share; sets r_LABEL, p_LABEL, rs_LABEL, ps_LABEL.
+b_runs() {
+    local r p rs ps
+    read -r r p _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+    read -r rs ps _ _ <<<"$(PACE_MS=$pace run text-embed "$work/embed.json" 2 b-key)"
+    printf -v "r_$1" %s "$r"; printf -v "p_$1" %s "$p"; printf -v "rs_$1" %s "$rs"; printf -v "ps_$1" %s "$ps"
+}
+b_runs alone
+echo "B alone:                          saturating $r_alone req/s, p50 $p_alone; within its share $rs_alone req/s, p50 $ps_alone"
 # A floods at its quota: 8 connections, as many requests in flight as it may have.
+secs_b=$secs; secs=$((2 * secs_b + 2))
 run text-embed "$work/embed.json" 8 a-key >"$work/flood.out" &
 flood=$!
+secs=$secs_b
 sleep 1
-read -r r_flood p_flood _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+b_runs flood
 wait $flood
 read -r fr fp _ fe <"$work/flood.out"
-echo "B while A floods at its quota:    $r_flood req/s, p50 $p_flood  (A: $fr req/s, ${fe:-0} refused)"
+echo "B while A floods at its quota:    saturating $r_flood req/s, p50 $p_flood; within its share $rs_flood req/s, p50 $ps_flood  (A: $fr req/s, ${fe:-0} refused)"
 # A drops and resends: 8 clients each send a request, hang up after 30 ms, and send it again.
-python3 - "$port" "$work/embed.json" "$((secs + 2))" >"$work/drop.out" <<'PYTHON' &
+python3 - "$port" "$work/embed.json" "$((2 * secs + 2))" >"$work/drop.out" <<'PYTHON' &
 import socket, sys, threading, time
 port, body, secs = int(sys.argv[1]), open(sys.argv[2], "rb").read(), float(sys.argv[3])
 request = (b"POST /v2/models/text-embed/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a-key\r\n"
@@ -160,9 +182,11 @@ print(sent[0])
 PYTHON
 drop=$!
 sleep 1
-read -r r_drop p_drop _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+b_runs drop
 wait $drop
-echo "B while A drops and resends:      $r_drop req/s, p50 $p_drop  (A abandoned $(cat "$work/drop.out") requests)"
+echo "B while A drops and resends:      saturating $r_drop req/s, p50 $p_drop; within its share $rs_drop req/s, p50 $ps_drop  (A abandoned $(cat "$work/drop.out") requests)"
 metrics | grep -E '^eir_(sched_(compute_seconds_total|plugin_seconds_total|cancelled_total)|refused_total)' | sed 's/^/  /'
-awk -v a="$(ms "$p_alone")" -v f="$(ms "$p_flood")" -v ra="$r_alone" -v rd="$r_drop" 'BEGIN {
-    printf "B p50 while A floods / alone = %.2fx; B throughput lost to the drop-and-resend flood = %.0f%%\n", f / a, 100 * (1 - rd / ra) }'
+awk -v a="$(ms "$p_alone")" -v f="$(ms "$p_flood")" -v sa="$(ms "$ps_alone")" -v sf="$(ms "$ps_flood")" \
+    -v ra="$r_alone" -v rd="$r_drop" -v rsa="$rs_alone" -v rsd="$rs_drop" 'BEGIN {
+    printf "B p50 while A floods / alone = %.2fx saturating, %.2fx within its share\n", f / a, sf / sa
+    printf "B throughput lost to the drop-and-resend flood = %.0f%% saturating, %.0f%% within its share\n", 100 * (1 - rd / ra), 100 * (1 - rsd / rsa) }'

@@ -121,14 +121,34 @@ pub(crate) fn gemm(
 /// on narrower ones (1.1–1.4x on 7x7 and 14x14 planes, where the crate's blocking of deep `k`
 /// wins; 1.5–1.65x at 8 tokens, where half-tiles of 4 rows load a broadcast per FMA), which stay
 /// with the crate.
-fn tile_kernel(n: usize) -> Option<x86::Kernel> {
+fn tile_kernel(n: usize, k: usize) -> Option<x86::Kernel> {
     if simd::avx512() {
-        Some(x86::Kernel::Avx512)
+        Some(if strided_rows_thrash(n, k) { x86::Kernel::Avx512Strip } else { x86::Kernel::Avx512 })
     } else if simd::fma() && n >= NC {
         Some(x86::Kernel::Avx2)
     } else {
         None
     }
+}
+
+/// Whether `k` rows of a 32-column strip of B, read in place (rows `n` floats apart), fall on
+/// so few L1 sets that they cannot stay cached while a tile runs: a typical L1 (64 sets of 64
+/// bytes, 8 ways or more) holds only `8 × sets` of the strip's lines, and a row stride that is
+/// a multiple of a large power of two maps every row onto one or two sets. Only then does
+/// packing the strip pay for its copy (`sgemm::timing`, Xeon with AVX-512: 0.55–0.68x at
+/// 1024 columns, where every row maps to one set; 0.9–1.0x at 128 columns, 8 sets; 1.1–2.6x
+/// slower at every other shape measured).
+fn strided_rows_thrash(n: usize, k: usize) -> bool {
+    let stride = n * 4;
+    // Sets one column's lines cycle through: 64 / gcd(64, stride in lines), or all of them when
+    // rows are not line-aligned relative to each other.
+    let sets = if stride % 64 == 0 { 64 / gcd(64, stride / 64) } else { 64 };
+    let lines = k * (NR * 4).div_ceil(64);
+    sets <= 2 && lines > 8 * sets
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// `buf` as initialised floats, zeroed.
@@ -166,7 +186,7 @@ pub(crate) fn gemm_into(
     let few_rows = m < 4 && n >= NR && k > 0;
     // Tiles of up to 16 columns use one register per row (see `x86::tile`); below
     // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
-    if let Some(kernel) = tile_kernel(n).filter(|_| !few_rows && n >= NARROW_MIN) {
+    if let Some(kernel) = tile_kernel(n, k).filter(|_| !few_rows && n >= NARROW_MIN) {
         let packed_here;
         let packed = match packed {
             Some(p) if p.m == m && p.k == k => Some(p),
@@ -366,8 +386,11 @@ mod x86 {
     /// Which tile kernel runs (both read the same packed `A`).
     #[derive(Clone, Copy, Debug)]
     pub enum Kernel {
-        /// 8 rows × 32 columns in 16 of AVX-512's 32 registers.
+        /// 8 rows × 32 columns in 16 of AVX-512's 32 registers, reading B in place.
         Avx512,
+        /// The same tile reading B's strip packed (`k × 32`, contiguous): for row strides that
+        /// map B's rows onto a few L1 sets (see [`super::strided_rows_thrash`]).
+        Avx512Strip,
         /// 4 rows × 24 columns (twice per 8-row panel) in 12 of AVX2's 16 registers: 7 loads
         /// per 12 FMAs, the best ratio that leaves registers for `B` and the broadcast.
         Avx2,
@@ -410,8 +433,12 @@ mod x86 {
             bias_padded[..m].copy_from_slice(&bias[..m]);
         }
         let width = match kernel {
-            Kernel::Avx512 => NR,
+            Kernel::Avx512 | Kernel::Avx512Strip => NR,
             Kernel::Avx2 => NR2,
+        };
+        let strip_len = match kernel {
+            Kernel::Avx512 => 0,
+            Kernel::Avx512Strip | Kernel::Avx2 => k * width,
         };
         // Row tiles are grouped so that each column strip of B (k × one tile's width) is read
         // from memory once per group and then from L1 for the group's other tiles: B's rows lie
@@ -436,20 +463,16 @@ mod x86 {
             let (img, chunk, g) = (u / (groups * chunks), (u / groups) % chunks, u % groups);
             let (b, out_at) = (&b[img * k * n..(img + 1) * k * n], img * m * n);
             let (mut j, end) = (chunk * nc, n.min((chunk + 1) * nc));
-            // The AVX2 kernel reads B's strip packed (k × 24, zero-padded): rows `n` floats
-            // apart map to a few L1 sets (at n = 1024 all to one), so read in place the strip
-            // thrashes L1 while the 12 accumulators wait on it.
-            let mut strip = match kernel {
-                Kernel::Avx2 => vec![0f32; k * NR2],
-                Kernel::Avx512 => Vec::new(),
-            };
+            // The AVX2 kernel, and the AVX-512 one where it pays, read B's strip packed
+            // (k × width, zero-padded): rows `n` floats apart map to a few L1 sets (at n = 1024
+            // all to one), so read in place the strip thrashes L1 while the accumulators wait
+            // on it. The strip is packed once per chunk and read by every tile of the group.
+            let mut strip = vec![0f32; strip_len];
             while j < end {
                 let cols = width.min(end - j);
-                if let Kernel::Avx2 = kernel {
-                    for (p, dst) in strip.chunks_exact_mut(NR2).enumerate() {
-                        dst[..cols].copy_from_slice(&b[p * n + j..p * n + j + cols]);
-                        dst[cols..].fill(0.0);
-                    }
+                for (p, dst) in strip.chunks_exact_mut(width.max(1)).enumerate() {
+                    dst[..cols].copy_from_slice(&b[p * n + j..p * n + j + cols]);
+                    dst[cols..].fill(0.0);
                 }
                 for t in g * per..tiles.min((g + 1) * per) {
                     let rows = MR.min(m - t * MR);
@@ -460,10 +483,12 @@ mod x86 {
                     // panel holds k*MR values; B's rows 0..k hold columns j..j+cols; the tile's
                     // rows t*MR..+rows and columns j..j+cols lie inside the image's dst (m×n),
                     // and no other unit writes them (each (image, chunk, group) is one unit).
-                    // The AVX2 kernel reads the packed strip (k rows of 24) instead of B.
+                    // The strip kernels read the packed strip (k rows of `width`, filled just
+                    // above) instead of B.
                     unsafe {
                         match kernel {
-                            Kernel::Avx512 => tile(k, panel, b.as_ptr().add(j), n, c, rows, cols, bias, clamp),
+                            Kernel::Avx512 => tile(k, panel, b.as_ptr().add(j), n, c, n, rows, cols, bias, clamp),
+                            Kernel::Avx512Strip => tile(k, panel, strip.as_ptr(), NR, c, n, rows, cols, bias, clamp),
                             Kernel::Avx2 => tile_avx2(k, panel, &strip, c, n, rows, cols, bias, clamp),
                         }
                     }
@@ -511,12 +536,12 @@ mod x86 {
     }
 
     /// One `MR × cols` tile of C (`cols ≤ NR`): the whole of `k` in registers, then bias and
-    /// clamp, stored once. `b` points at column `j` of B's row 0 (row stride `ldb`), `c` at the
-    /// tile's corner in C (row stride `ldb` too: C and B have `n` columns).
+    /// clamp, stored once. `b` points at column `j` of B's row 0 (row stride `ldb`: `n` in
+    /// place, [`NR`] in a packed strip), `c` at the tile's corner in C (row stride `ldc`).
     ///
     /// # Safety
-    /// AVX-512F must be available; `b` must be readable for `k` rows of `cols` columns and `c`
-    /// writable for `rows` rows of `cols` columns, with row stride `ldb`.
+    /// AVX-512F must be available; `b` must be readable for `k` rows of `cols` columns with
+    /// row stride `ldb`, and `c` writable for `rows` rows of `cols` columns with row stride `ldc`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile(
@@ -525,6 +550,7 @@ mod x86 {
         b: *const f32,
         ldb: usize,
         c: *mut f32,
+        ldc: usize,
         rows: usize,
         cols: usize,
         bias: &[f32],
@@ -536,14 +562,20 @@ mod x86 {
         if cols <= 16 {
             // A narrow tile (a short sequence): one register per row, no FMAs on empty lanes.
             let mut acc = [_mm512_setzero_ps(); MR];
-            for p in 0..k {
-                // SAFETY: row p of B at this tile's columns; masked lanes are not read.
-                let b0 = unsafe { _mm512_maskz_loadu_ps(m0, b.add(p * ldb)) };
+            // Pointers walk B's rows and the panel (no index arithmetic, which overflow checks
+            // would test on every step of the hottest loop).
+            let (mut brow, mut ap) = (b, a);
+            for _ in 0..k {
+                // SAFETY: row p of B at this tile's columns (`brow` = b + p·ldb, p < k); masked
+                // lanes are not read.
+                let b0 = unsafe { _mm512_maskz_loadu_ps(m0, brow) };
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: the panel holds k*MR values.
-                    let av = _mm512_set1_ps(unsafe { *a.add(p * MR + r) });
+                    // SAFETY: `ap` = a + p·MR, and the panel holds k*MR values.
+                    let av = _mm512_set1_ps(unsafe { *ap.add(r) });
                     *acc = _mm512_fmadd_ps(av, b0, *acc);
                 }
+                brow = brow.wrapping_add(ldb);
+                ap = ap.wrapping_add(MR);
             }
             for (r, &acc) in acc.iter().enumerate().take(rows) {
                 let mut v = _mm512_add_ps(acc, _mm512_set1_ps(bias[r]));
@@ -551,23 +583,24 @@ mod x86 {
                     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
                 }
                 // SAFETY: row r of the tile, masked to its columns.
-                unsafe { _mm512_mask_storeu_ps(c.add(r * ldb), m0, v) };
+                unsafe { _mm512_mask_storeu_ps(c.add(r * ldc), m0, v) };
             }
             return;
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for p in 0..k {
-            // SAFETY: row p of B at this tile's columns; masked lanes are not read.
-            let (b0, b1) = unsafe {
-                let row = b.add(p * ldb);
-                (_mm512_maskz_loadu_ps(m0, row), _mm512_maskz_loadu_ps(m1, row.add(16)))
-            };
+        let (mut brow, mut ap) = (b, a);
+        for _ in 0..k {
+            // SAFETY: row p of B at this tile's columns (`brow` = b + p·ldb, p < k); masked
+            // lanes are not read.
+            let (b0, b1) = unsafe { (_mm512_maskz_loadu_ps(m0, brow), _mm512_maskz_loadu_ps(m1, brow.add(16))) };
             for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the panel holds k*MR values.
-                let av = _mm512_set1_ps(unsafe { *a.add(p * MR + r) });
+                // SAFETY: `ap` = a + p·MR, and the panel holds k*MR values.
+                let av = _mm512_set1_ps(unsafe { *ap.add(r) });
                 acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
             }
+            brow = brow.wrapping_add(ldb);
+            ap = ap.wrapping_add(MR);
         }
         for (r, acc) in acc.iter().enumerate().take(rows) {
             let bv = _mm512_set1_ps(bias[r]);
@@ -579,7 +612,7 @@ mod x86 {
             }
             // SAFETY: row r of the tile, masked to its columns.
             unsafe {
-                let row = c.add(r * ldb);
+                let row = c.add(r * ldc);
                 _mm512_mask_storeu_ps(row, m0, v0);
                 _mm512_mask_storeu_ps(row.add(16), m1, v1);
             }
@@ -774,6 +807,10 @@ mod tests {
                 [13, 300, 96],
                 [6, 257, 33],
                 [7, 270, 1],
+                // Row strides on one or two L1 sets: the AVX-512 tile reads a packed strip.
+                [13, 1024, 9],
+                [9, 512, 12],
+                [10, 1536, 20],
             ] {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
@@ -799,6 +836,39 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn only_rows_on_one_or_two_l1_sets_pack_their_strip() {
+        assert!(strided_rows_thrash(1024, 384), "every row on one set");
+        assert!(strided_rows_thrash(512, 64), "two sets");
+        assert!(!strided_rows_thrash(1024, 2), "4 lines fit one set's ways");
+        assert!(!strided_rows_thrash(128, 384), "8 sets");
+        assert!(!strided_rows_thrash(49, 1152), "rows not line-aligned spread over every set");
+        assert!(!strided_rows_thrash(112 * 112, 16), "4 sets, 32 lines");
+    }
+
+    #[test]
+    fn the_strip_kernel_matches_a_reference_on_ragged_shapes() {
+        if !simd::avx512() {
+            return; // the strip variant of the AVX-512 tile; the AVX2 one always packs
+        }
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for [m, n, k] in [[13, 49, 96], [17, 12, 384], [9, 300, 40], [8, 33, 1], [24, 8, 100]] {
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+            let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
+            let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
+            let packed = Packed::new(m, k, &a).unwrap();
+            let shape = GemmShape::new(1, [m, n, k], a.len(), b.len(), m * n, Some(m)).unwrap();
+            let mut got = vec![f32::NAN; m * n];
+            // SAFETY: the CPU has AVX-512F (checked above); `shape` was checked against these
+            // operands; `packed` is this m×k; `got` holds m·n floats and aliases nothing.
+            unsafe { x86::gemm(x86::Kernel::Avx512Strip, &shape, &packed, &b, got.as_mut_ptr(), Some(&bias), clamp) };
+            let want = reference([m, n, k], &a, &b, &bias, clamp);
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{m}x{n}x{k}: {worst}");
         }
     }
 
@@ -911,16 +981,29 @@ mod timing {
             let packed = Packed::new(m, k, &a).unwrap();
             let shape = GemmShape::new(1, [m, n, k], a.len(), b.len(), m * n, Some(m)).unwrap();
             let mut dst = vec![0f32; m * n];
-            let ours = time(&mut || {
-                // SAFETY: the CPU has `kernel`'s features (checked above); `shape` was checked
-                // against these operands; `packed` is this m×k; dst holds m·n floats.
-                unsafe { x86::gemm(kernel, &shape, &packed, &b, dst.as_mut_ptr(), Some(&bias), clamp) }
-            });
+            let mut run = |kernel| {
+                time(&mut || {
+                    // SAFETY: the CPU has `kernel`'s features (checked above); `shape` was
+                    // checked against these operands; `packed` is this m×k; dst holds m·n floats.
+                    unsafe { x86::gemm(kernel, &shape, &packed, &b, dst.as_mut_ptr(), Some(&bias), clamp) }
+                })
+            };
+            let ours = run(kernel);
+            if let x86::Kernel::Avx512 = kernel {
+                let strip = run(x86::Kernel::Avx512Strip);
+                let chosen = tile_kernel(n, k).map(|k| format!("{k:?}")).unwrap_or_default();
+                eprintln!(
+                    "{name:>30}: in place {:>8.3} ms | strip {:>8.3} ms | strip / in place = {:.2}x (chosen: {chosen})",
+                    ours.as_secs_f64() * 1e3,
+                    strip.as_secs_f64() * 1e3,
+                    strip.as_secs_f64() / ours.as_secs_f64()
+                );
+            }
             let theirs = time(&mut || {
                 portable([m, n, k], &a, &b, &mut dst).unwrap();
                 epilogue(&mut dst, n, Some(&bias), clamp);
             });
-            let level = format!("{kernel:?}{}", if tile_kernel(n).is_some() { "" } else { ", gemm uses the crate" });
+            let level = format!("{kernel:?}{}", if tile_kernel(n, k).is_some() { "" } else { ", gemm uses the crate" });
             eprintln!(
                 "{name:>30} ({level}): EIR {:>8.3} ms | gemm crate {:>8.3} ms | EIR / crate = {:.2}x",
                 ours.as_secs_f64() * 1e3,
