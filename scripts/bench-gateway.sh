@@ -39,6 +39,8 @@ serve() {
     local cfg="$work/eir.toml"
     sed -e "s#\"\.\./models#\"$PWD/models#; s#\"dist/#\"$PWD/plugins/dist/#; s#\"rag-chat/#\"$PWD/plugins/rag-chat/#" plugins/eir.toml >"$cfg"
     if [ "$1" = 1 ]; then sed -i 's/^max_batch = .*/max_batch = 1/' "$cfg"; fi
+    # PASSES=N: forward passes running at once (`[server] compute_passes`; default one per core).
+    if [ -n "${PASSES:-}" ]; then sed -i "/^\[server\]/a compute_passes = $PASSES" "$cfg"; fi
     cat "$2" >>"$cfg"
     stop
     EIR_LOG=warn "$eir" serve --config "$cfg" --listen "127.0.0.1:$port" >"$work/serve.out" 2>&1 &
@@ -143,10 +145,11 @@ serve 0 "$work/tenants.toml"
 pace=${PACE:-10}
 # b_runs LABEL: B saturating, then B within its share; sets r_LABEL, p_LABEL, rs_LABEL, ps_LABEL.
 b_runs() {
-    local r p rs ps
-    read -r r p _ _ <<<"$(run text-embed "$work/embed.json" 4 b-key)"
-    read -r rs ps _ _ <<<"$(PACE_MS=$pace run text-embed "$work/embed.json" 2 b-key)"
+    local r p q e rs ps qs es
+    read -r r p q e <<<"$(run text-embed "$work/embed.json" 4 b-key)"
+    read -r rs ps qs es <<<"$(PACE_MS=$pace run text-embed "$work/embed.json" 2 b-key)"
     printf -v "r_$1" %s "$r"; printf -v "p_$1" %s "$p"; printf -v "rs_$1" %s "$rs"; printf -v "ps_$1" %s "$ps"
+    echo "  (B $1: saturating p99 $q, non-2xx ${e:-0}; within its share p99 $qs, non-2xx ${es:-0})" >&2
 }
 b_runs alone
 echo "B alone:                          saturating $r_alone req/s, p50 $p_alone; within its share $rs_alone req/s, p50 $ps_alone"

@@ -208,6 +208,10 @@ pub struct ServerDecl {
     /// Activation memory all running forward passes may hold together (the scheduler admits
     /// a batch only if its estimate fits).
     pub compute_memory: ByteSize,
+    /// Forward passes running at once (default: one per core). Each runs on the one compute
+    /// pool, so fewer passes give each more of the cores: 1 suits models whose kernels use
+    /// every core even on one row, more suit models that compute a row on one core.
+    pub compute_passes: Option<usize>,
 }
 
 impl Default for ServerDecl {
@@ -219,6 +223,7 @@ impl Default for ServerDecl {
             max_connections: 1024,
             body_timeout: std::time::Duration::from_secs(30),
             compute_memory: ByteSize::b(crate::scheduler::DEFAULT_MEMORY),
+            compute_passes: None,
         }
     }
 }
@@ -686,9 +691,10 @@ impl Config {
 
     /// The scheduler settings `[server]` asks for.
     pub fn scheduler_settings(&self) -> crate::scheduler::Settings {
+        let machine = crate::scheduler::Settings::for_this_machine();
         crate::scheduler::Settings {
             memory: self.server.compute_memory.as_u64(),
-            ..crate::scheduler::Settings::for_this_machine()
+            max_running: self.server.compute_passes.unwrap_or(machine.max_running).max(1),
         }
     }
 }

@@ -6,11 +6,12 @@
 //! `too-large` error before anything is allocated, never an aborted host. Between operators or
 //! layers the backend calls [`Meter::checkpoint`], which ends the work once the caller's
 //! deadline has passed or its [`CancelToken`] was cancelled (the caller timed out or went
-//! away), so abandoned work frees its compute slot within one operator.
+//! away), so abandoned work frees its compute slot within one operator. A checkpoint is also
+//! where a pass steps aside ([`Meter::yielding_to`]) while a fairer tenant's pass runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::error::NnError;
 
@@ -111,6 +112,11 @@ pub struct Meter {
     parts: Vec<Part>,
     /// "compute" or "load": named in errors.
     what: &'static str,
+    /// The number of the priority pass running (0: none), and the last one launched before
+    /// this work began: checkpoints wait while a later one runs (see [`Meter::yielding_to`]).
+    yield_to: Option<(Arc<AtomicU64>, u64)>,
+    /// Nanoseconds spent waiting at checkpoints for `yield_to`.
+    paused: AtomicU64,
 }
 
 impl Meter {
@@ -125,7 +131,28 @@ impl Meter {
             deadline,
             parts: Vec::new(),
             what: "compute",
+            yield_to: None,
+            paused: AtomicU64::new(0),
         }
+    }
+
+    /// This meter, whose checkpoints wait while `running` names a priority pass numbered
+    /// above `seen`: the scheduler numbers a pass it lets in for a tenant behind its share
+    /// past the usual number of passes, so that running passes step aside at their next layer
+    /// or operator. A waiting checkpoint runs other pool work meanwhile (the priority pass's,
+    /// most likely) and still ends the work when it is cancelled or late. Only work that
+    /// began before the priority pass was launched waits for it: work that began later may
+    /// be running on top of it on the same thread (a waiting checkpoint runs pool work, and
+    /// so does a pass waiting for its own parallel parts), and waiting there would wait for
+    /// itself.
+    pub fn yielding_to(mut self, running: Arc<AtomicU64>, seen: u64) -> Self {
+        self.yield_to = Some((running, seen));
+        self
+    }
+
+    /// Time spent waiting at checkpoints for a fairer pass (not this pass's compute).
+    pub fn paused(&self) -> Duration {
+        Duration::from_nanos(self.paused.load(Ordering::Relaxed))
     }
 
     /// A batched pass under `budget`, serving `parts` (each caller's rows, token and
@@ -169,6 +196,31 @@ impl Meter {
     /// Ends the work if the deadline passed or the caller cancelled it. `at` names where
     /// (a node, a layer) for the message.
     pub fn checkpoint(&self, at: &dyn std::fmt::Display) -> Result<(), NnError> {
+        self.check(at)?;
+        let Some((running, seen)) = &self.yield_to else { return Ok(()) };
+        let urgent = || running.load(Ordering::Acquire) > *seen;
+        if !urgent() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = loop {
+            if let Err(e) = self.check(at) {
+                break Err(e);
+            }
+            if !urgent() {
+                break Ok(());
+            }
+            // Run pool work meanwhile (outside the pool, or with none queued, nap briefly).
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        };
+        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.paused.fetch_add(waited, Ordering::Relaxed);
+        result
+    }
+
+    fn check(&self, at: &dyn std::fmt::Display) -> Result<(), NnError> {
         if self.token.is_cancelled() {
             return Err(NnError::timeout(format!("the {} was cancelled (stopped before {at})", self.what)));
         }

@@ -30,6 +30,7 @@ mod metrics;
 mod tenant;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -133,6 +134,11 @@ struct Shared {
     settings: Settings,
     metrics: Metrics,
     cores: usize,
+    /// The number of the priority pass running (0: none): passes that began before it step
+    /// aside at their checkpoints.
+    urgent: Arc<AtomicU64>,
+    /// Priority passes launched so far (the last one's number).
+    priorities: AtomicU64,
 }
 
 #[derive(Default)]
@@ -146,6 +152,10 @@ struct State {
     /// The start tag of the last pass: where an idle tenant resumes.
     vclock: f64,
     running: usize,
+    /// Passes running per tenant (a pass counts for each tenant it carries).
+    busy: HashMap<Arc<str>, usize>,
+    /// Whether a priority pass (see [`Shared::dispatch`]) is running.
+    priority: bool,
     memory: u64,
     next: u64,
     /// Passes started and the rows they carried, since the start.
@@ -213,6 +223,8 @@ struct Pass {
     jobs: Vec<Queued>,
     bytes: u64,
     share: f64,
+    /// Let in past `max_running` for a tenant behind its share; the others step aside.
+    priority: bool,
 }
 
 enum Pick {
@@ -233,6 +245,8 @@ impl Scheduler {
             settings,
             metrics: Metrics::default(),
             cores: cores(),
+            urgent: Arc::new(AtomicU64::new(0)),
+            priorities: AtomicU64::new(0),
         });
         let dispatcher = shared.clone();
         if let Err(e) = std::thread::Builder::new().name("eir-scheduler".into()).spawn(move || dispatcher.dispatch()) {
@@ -449,9 +463,13 @@ impl Shared {
             let now = Instant::now();
             self.sweep(&mut st, now);
             let mut until = None;
-            while st.running < self.settings.max_running {
+            while st.running < self.settings.max_running || self.behind_waits(&st) {
+                let priority = st.running >= self.settings.max_running;
                 match self.pick(&mut st, now) {
-                    Pick::Pass(pass) => self.launch(&mut st, pass),
+                    Pick::Pass(mut pass) => {
+                        pass.priority = priority;
+                        self.launch(&mut st, pass)
+                    }
                     Pick::Again => continue,
                     Pick::Wait(at) => {
                         until = at;
@@ -467,6 +485,33 @@ impl Shared {
                 None => self.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
             };
         }
+    }
+
+    /// Whether, with every pass slot taken, the fairest queued job belongs to a tenant that is
+    /// behind every tenant with a running pass, even once this job is charged to it (its
+    /// finish tag is no later than their start tags: it came back from idle, or they got
+    /// ahead). Its pass is then let in as a priority pass (one at a time), and the running
+    /// passes step aside at their next checkpoint until it ends ([`Meter::yielding_to`]):
+    /// passes cannot be interrupted mid-layer, but a tenant within its share should not wait
+    /// out, or share the cores with, the passes of tenants that have had more. Each priority
+    /// pass moves its tenant ahead by its cost while the paused tenants stand still, so
+    /// priority passes cannot starve the others beyond the fair-share lag.
+    fn behind_waits(&self, st: &State) -> bool {
+        if st.priority || st.busy.is_empty() {
+            return false;
+        }
+        let vtime = |name: &str| st.vtime.get(name).copied().unwrap_or(0.0);
+        let running = st.busy.keys().map(|n| vtime(n)).fold(f64::INFINITY, f64::min);
+        let fairest = st
+            .queues
+            .iter()
+            .flat_map(|q| q.jobs.iter().map(move |j| (q, j)))
+            .min_by(|a, b| vtime(a.1.tenant.name()).total_cmp(&vtime(b.1.tenant.name())));
+        fairest.is_some_and(|(q, job)| {
+            let learned = st.learned.get(&q.name).copied().unwrap_or_default();
+            let cost = learned.seconds * job.units as f64 / job.tenant.weight();
+            !st.busy.contains_key(job.tenant.name()) && vtime(job.tenant.name()) + cost <= running + 1e-9
+        })
     }
 
     /// Answers and removes queued jobs nobody waits for.
@@ -512,12 +557,22 @@ impl Shared {
             held.push(qi); // one candidate pass per model per round
             let q = &st.queues[qi];
             let head = &q.jobs[ji];
-            // Companions: compatible jobs of the same model, fairest first, up to max_batch rows.
+            // Companions: compatible jobs of the same model, fairest first, up to max_batch
+            // rows, from tenants no further ahead in their share than the head's own job puts
+            // its tenant: a tenant that has had more than its share must not ride along (its
+            // rows would lengthen the pass of the tenant whose turn it is, ahead of its own).
+            let learned = st.learned.get(&q.name).copied().unwrap_or_default();
+            let head_v = vtime(st, &head.tenant);
+            let reach = head_v + learned.seconds * head.units as f64 / head.tenant.weight();
             let mut members = vec![ji];
             let mut rows = head.rows();
             if let Some(shape) = &head.shape {
-                for &(_, _, qj, jj) in &order {
+                for &(v, _, qj, jj) in &order {
                     if qj != qi || jj == ji {
+                        continue;
+                    }
+                    // (A margin for rounding: equal tags are the same round.)
+                    if v > reach + 1e-9 && q.jobs[jj].tenant.name() != head.tenant.name() {
                         continue;
                     }
                     let other = &q.jobs[jj];
@@ -536,7 +591,6 @@ impl Shared {
                 continue;
             }
             // Memory: shrink the batch until it fits what is left; refuse what never fits.
-            let learned = st.learned.get(&q.name).copied().unwrap_or_default();
             let free = self.settings.memory.saturating_sub(st.memory);
             loop {
                 let bytes = estimate(q, &members, &learned);
@@ -556,6 +610,7 @@ impl Shared {
                         jobs,
                         bytes,
                         share: 0.0,
+                        priority: false,
                     };
                     return Pick::Pass(pass);
                 }
@@ -598,11 +653,22 @@ impl Shared {
             let v = st.vtime.entry(job.tenant.name_arc()).or_insert(0.0);
             *v += job.estimate / job.tenant.weight();
         }
+        for job in &pass.jobs {
+            *st.busy.entry(job.tenant.name_arc()).or_insert(0) += 1;
+        }
+        if pass.priority {
+            st.priority = true;
+            let number = self.priorities.fetch_add(1, Ordering::AcqRel) + 1;
+            self.urgent.store(number, Ordering::Release);
+            let tenant = pass.jobs.first().map_or("", |j| j.tenant.name());
+            tracing::debug!(model = %pass.name, tenant, rows = pass.jobs.len(), "a priority pass: the others step aside");
+        }
         st.running += 1;
         st.passes += 1;
         st.rows += pass.jobs.iter().map(|j| j.rows() as u64).sum::<u64>();
         st.memory = st.memory.saturating_add(pass.bytes);
-        pass.share = self.cores as f64 / st.running as f64;
+        // A priority pass has the cores to itself (the others step aside while it runs).
+        pass.share = if pass.priority { self.cores as f64 } else { self.cores as f64 / st.running as f64 };
         let shared = self.clone();
         rayon::spawn(move || shared.execute(pass));
     }
@@ -611,13 +677,28 @@ impl Shared {
     fn execute(self: Arc<Self>, mut pass: Pass) {
         let started = Instant::now();
         let mut peak = 0u64;
-        let answers = self.compute(&mut pass, &mut peak);
-        let elapsed = started.elapsed().as_secs_f64() * pass.share;
+        let paused = std::cell::Cell::new(Duration::ZERO);
+        let answers = self.compute(&mut pass, &mut peak, &paused);
+        // Time spent stepping aside for a priority pass is that pass's, not this one's.
+        let elapsed = started.elapsed().saturating_sub(paused.get()).as_secs_f64() * pass.share;
         let units: u64 = pass.jobs.iter().map(|j| j.units).sum::<u64>().max(1);
         let now = Instant::now();
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
         st.memory = st.memory.saturating_sub(pass.bytes);
+        if pass.priority {
+            st.priority = false;
+            self.urgent.store(0, Ordering::Release);
+        }
+        for job in &pass.jobs {
+            let name = job.tenant.name_arc();
+            if let Some(n) = st.busy.get_mut(&name) {
+                *n -= 1;
+                if *n == 0 {
+                    st.busy.remove(&name);
+                }
+            }
+        }
         let learned = st.learned.entry(pass.name.clone()).or_default();
         let per_unit = elapsed / units as f64;
         learned.seconds = if learned.seconds == 0.0 { per_unit } else { 0.7 * learned.seconds + 0.3 * per_unit };
@@ -655,12 +736,20 @@ impl Shared {
     /// The answers of a pass's jobs, in order: one batched pass when it has several jobs, and
     /// each alone when the batch cannot be formed, split, or fails (so that one caller's bad
     /// input never fails the others).
-    fn compute(&self, pass: &mut Pass, peak: &mut u64) -> Answers {
+    fn compute(&self, pass: &mut Pass, peak: &mut u64, paused: &std::cell::Cell<Duration>) -> Answers {
         let model = pass.model.as_ref();
+        // Priority passes launched before this one began are not its to wait for.
+        let seen = self.priorities.load(Ordering::Acquire);
+        let urgent = (!pass.priority).then(|| self.urgent.clone());
+        let yielding = |meter: Meter| match &urgent {
+            Some(running) => meter.yielding_to(running.clone(), seen),
+            None => meter,
+        };
         let alone = |job: &mut Queued, peak: &mut u64| {
-            let meter = Meter::new(job.budget, job.token.clone(), job.deadline);
+            let meter = yielding(Meter::new(job.budget, job.token.clone(), job.deadline));
             let result = guarded(model, std::mem::take(&mut job.inputs), &meter);
             *peak = (*peak).max(meter.peak());
+            paused.set(paused.get() + meter.paused());
             result
         };
         if pass.jobs.len() == 1 {
@@ -689,11 +778,12 @@ impl Shared {
             .map(|(rows, j)| Part { rows, token: j.token.clone(), deadline: j.deadline })
             .collect();
         let budget = pass.jobs.iter().fold(0u64, |sum, j| sum.saturating_add(j.budget));
-        let meter = Meter::for_batch(budget, parts);
+        let meter = yielding(Meter::for_batch(budget, parts));
         let tokens: u64 = pass.jobs.iter().map(|j| j.units).sum();
         self.metrics.batch(&pass.name, layout.rows(), tokens, layout.padding());
         let result = guarded(model, merged, &meter);
         *peak = (*peak).max(meter.peak());
+        paused.set(paused.get() + meter.paused());
         match result {
             Ok(outputs) => match batch::split(spec, outputs, &layout) {
                 Ok(each) => Answers { each: each.into_iter().map(Ok).collect(), batch_failed: false },
@@ -917,6 +1007,88 @@ mod tests {
         let heavy_share = first.iter().filter(|&&v| v >= 1000.0).count();
         assert!((26..=34).contains(&heavy_share), "heavy got {heavy_share} of 40 passes");
         drop(all);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_ahead_of_its_share_does_not_ride_in_the_quiet_tenants_pass() {
+        let s = one_at_a_time();
+        let m = Doubler::new(40);
+        let (flood, quiet) = (s.tenant("flood"), s.tenant("quiet"));
+        let policy = BatchPolicy::default();
+        let started = |n: usize| {
+            let m = m.clone();
+            async move {
+                while m.passes.lock().unwrap().len() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        let mut all = vec![s.submit(job(&m, &flood, 0.0, policy))];
+        // Six more queue behind the first pass and share the second: the flood is then six
+        // rows' worth of compute ahead when the quiet tenant's one job arrives.
+        started(1).await;
+        all.extend((1..7).map(|i| s.submit(job(&m, &flood, i as f32, policy))));
+        started(2).await;
+        all.extend((7..10).map(|i| s.submit(job(&m, &flood, i as f32, policy))));
+        let q = s.submit(job(&m, &quiet, 100.0, policy));
+        assert_eq!(y(&q.await.unwrap()), 200.0);
+        for j in all {
+            j.await.unwrap();
+        }
+        let passes = m.passes.lock().unwrap().clone();
+        let sizes: Vec<usize> = passes.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1, 6, 1, 3], "{passes:?}");
+        assert_eq!(passes[2], vec![100.0], "the quiet tenant's pass carries only its row");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_behind_its_share_gets_a_priority_pass_and_the_running_one_steps_aside() {
+        let s = one_at_a_time();
+        let m = Doubler::new(100);
+        let (flood, quiet) = (s.tenant("flood"), s.tenant("quiet"));
+        let policy = BatchPolicy::default();
+        let started = |n: usize| {
+            let m = m.clone();
+            async move {
+                while m.passes.lock().unwrap().len() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        // One pass teaches the scheduler what a row costs; three rows queue meanwhile and
+        // make the flood's second pass, which takes every slot (max_running is 1).
+        let first = s.submit(job(&m, &flood, 0.0, policy));
+        started(1).await;
+        let rows: Vec<_> = (1..4).map(|i| s.submit(job(&m, &flood, i as f32, policy))).collect();
+        first.await.unwrap();
+        started(2).await;
+        // The quiet tenant, behind the flood's share, does not wait for that pass to end: its
+        // pass is let in and the flood's steps aside at its next checkpoint (1 ms).
+        let q = tokio::spawn(s.submit(job(&m, &quiet, 100.0, policy)));
+        let f = tokio::spawn(async move {
+            for r in rows {
+                r.await.unwrap();
+            }
+        });
+        let (q_done, f_done) = tokio::join!(
+            async {
+                q.await.unwrap().unwrap();
+                Instant::now()
+            },
+            async {
+                f.await.unwrap();
+                Instant::now()
+            }
+        );
+        assert!(q_done < f_done, "the quiet tenant's answer came first");
+        // The flood is charged its two passes' compute, not the time it stood aside (which
+        // would make it three of the quiet tenant's one).
+        let (f, q) = (flood.used_seconds(), quiet.used_seconds());
+        assert!(
+            q > 0.0 && f < 2.5 * q,
+            "flood {f} core-s for 2 passes, quiet {q} for 1: {:?}",
+            m.passes.lock().unwrap()
+        );
     }
 
     #[tokio::test]

@@ -142,7 +142,7 @@ fn strided_rows_thrash(n: usize, k: usize) -> bool {
     let stride = n * 4;
     // Sets one column's lines cycle through: 64 / gcd(64, stride in lines), or all of them when
     // rows are not line-aligned relative to each other.
-    let sets = if stride % 64 == 0 { 64 / gcd(64, stride / 64) } else { 64 };
+    let sets = if stride.is_multiple_of(64) { 64 / gcd(64, stride / 64) } else { 64 };
     let lines = k * (NR * 4).div_ceil(64);
     sets <= 2 && lines > 8 * sets
 }
