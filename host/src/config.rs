@@ -214,6 +214,10 @@ pub struct ServerDecl {
     pub compute_passes: Option<usize>,
 }
 
+/// The most forward passes `compute_passes` may run at once (each also sizes the model-load
+/// pool's semaphore).
+const MAX_COMPUTE_PASSES: usize = 1024;
+
 impl Default for ServerDecl {
     fn default() -> Self {
         Self {
@@ -694,7 +698,7 @@ impl Config {
         let machine = crate::scheduler::Settings::for_this_machine();
         crate::scheduler::Settings {
             memory: self.server.compute_memory.as_u64(),
-            max_running: self.server.compute_passes.unwrap_or(machine.max_running).max(1),
+            max_running: self.server.compute_passes.unwrap_or(machine.max_running).clamp(1, MAX_COMPUTE_PASSES),
         }
     }
 }

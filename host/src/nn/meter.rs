@@ -193,8 +193,11 @@ impl Meter {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Ends the work if the deadline passed or the caller cancelled it. `at` names where
-    /// (a node, a layer) for the message.
+    /// Ends the work if the deadline passed or the caller cancelled it; steps aside while a
+    /// later priority pass runs ([`Meter::yielding_to`]). `at` names where (a node, a layer)
+    /// for the message. Backends call it between layers or operators, never from inside a
+    /// parallel piece of one: a piece that waited could be running on top of the priority
+    /// pass's own thread, and would wait for itself.
     pub fn checkpoint(&self, at: &dyn std::fmt::Display) -> Result<(), NnError> {
         self.check(at)?;
         let Some((running, seen)) = &self.yield_to else { return Ok(()) };
@@ -317,6 +320,42 @@ fn human(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_yielding_checkpoint_waits_only_for_a_later_priority_pass_and_still_stops_when_cancelled() {
+        let running = Arc::new(AtomicU64::new(0));
+        // No priority pass, or one launched before this work began: no wait.
+        let m = Meter::with_budget(1).yielding_to(running.clone(), 3);
+        m.checkpoint(&"a").unwrap();
+        running.store(3, Ordering::Release);
+        m.checkpoint(&"b").unwrap();
+        assert_eq!(m.paused(), Duration::ZERO);
+        // A later one: the checkpoint waits until it ends, and counts the wait.
+        running.store(4, Ordering::Release);
+        let release = {
+            let running = running.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                running.store(0, Ordering::Release);
+            })
+        };
+        m.checkpoint(&"c").unwrap();
+        release.join().unwrap();
+        assert!(m.paused() >= Duration::from_millis(20), "{:?}", m.paused());
+        // Cancelled while it waits: the work ends with its error.
+        let token = CancelToken::new();
+        let m = Meter::new(1, token.clone(), None).yielding_to(running.clone(), 0);
+        running.store(1, Ordering::Release);
+        let cancel = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            token.cancel();
+        });
+        let err = m.checkpoint(&"d").unwrap_err();
+        cancel.join().unwrap();
+        assert_eq!(crate::nn::code_name(err.code), "timeout");
+        assert!(m.paused() > Duration::ZERO);
+    }
+
     use super::*;
 
     #[test]
