@@ -154,10 +154,9 @@ b_runs() {
 b_runs alone
 echo "B alone:                          saturating $r_alone req/s, p50 $p_alone; within its share $rs_alone req/s, p50 $ps_alone"
 # A floods at its quota: 8 connections, as many requests in flight as it may have.
-secs_b=$secs; secs=$((2 * secs_b + 2))
-run text-embed "$work/embed.json" 8 a-key >"$work/flood.out" &
+# (It lasts through both of B's runs.)
+secs=$((2 * secs + 2)) run text-embed "$work/embed.json" 8 a-key >"$work/flood.out" &
 flood=$!
-secs=$secs_b
 sleep 1
 b_runs flood
 wait $flood

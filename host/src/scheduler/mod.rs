@@ -154,8 +154,6 @@ struct State {
     running: usize,
     /// Passes running per tenant (a pass counts for each tenant it carries).
     busy: HashMap<Arc<str>, usize>,
-    /// Whether a priority pass (see [`Shared::dispatch`]) is running.
-    priority: bool,
     memory: u64,
     next: u64,
     /// Passes started and the rows they carried, since the start.
@@ -515,7 +513,8 @@ impl Shared {
     /// each priority pass moves its tenant ahead by its cost while the paused tenants stand
     /// still, so priority passes cannot starve the others beyond the fair-share lag.
     fn behind_waits(&self, st: &State) -> Option<Priority> {
-        if st.priority || st.busy.is_empty() {
+        // One priority pass at a time.
+        if self.urgent.load(Ordering::Acquire) != 0 || st.busy.is_empty() {
             return None;
         }
         let vtime = |name: &str| st.vtime.get(name).copied().unwrap_or(0.0);
@@ -684,12 +683,9 @@ impl Shared {
             job.estimate = learned.seconds * job.units as f64;
             let v = st.vtime.entry(job.tenant.name_arc()).or_insert(0.0);
             *v += job.estimate / job.tenant.weight();
-        }
-        for job in &pass.jobs {
             *st.busy.entry(job.tenant.name_arc()).or_insert(0) += 1;
         }
         if pass.priority {
-            st.priority = true;
             let number = self.priorities.fetch_add(1, Ordering::AcqRel) + 1;
             self.urgent.store(number, Ordering::Release);
             let tenant = pass.jobs.first().map_or("", |j| j.tenant.name());
@@ -719,7 +715,6 @@ impl Shared {
         st.running = st.running.saturating_sub(1);
         st.memory = st.memory.saturating_sub(pass.bytes);
         if pass.priority {
-            st.priority = false;
             self.urgent.store(0, Ordering::Release);
         }
         for job in &pass.jobs {
@@ -882,6 +877,13 @@ mod tests {
     impl Doubler {
         fn new(ms: u64) -> Arc<Self> {
             Arc::new(Self { ms, passes: Mutex::default(), bytes: Some(1) })
+        }
+
+        /// Returns once `n` passes have begun (a test's cue, independent of timing).
+        async fn started(&self, n: usize) {
+            while self.passes.lock().unwrap().len() < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 
@@ -1047,20 +1049,12 @@ mod tests {
         let m = Doubler::new(40);
         let (flood, quiet) = (s.tenant("flood"), s.tenant("quiet"));
         let policy = BatchPolicy::default();
-        let started = |n: usize| {
-            let m = m.clone();
-            async move {
-                while m.passes.lock().unwrap().len() < n {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        };
         let mut all = vec![s.submit(job(&m, &flood, 0.0, policy))];
         // Six more queue behind the first pass and share the second: the flood is then six
         // rows' worth of compute ahead when the quiet tenant's one job arrives.
-        started(1).await;
+        m.started(1).await;
         all.extend((1..7).map(|i| s.submit(job(&m, &flood, i as f32, policy))));
-        started(2).await;
+        m.started(2).await;
         all.extend((7..10).map(|i| s.submit(job(&m, &flood, i as f32, policy))));
         let q = s.submit(job(&m, &quiet, 100.0, policy));
         assert_eq!(y(&q.await.unwrap()), 200.0);
@@ -1079,21 +1073,13 @@ mod tests {
         let m = Doubler::new(100);
         let (flood, quiet) = (s.tenant("flood"), s.tenant("quiet"));
         let policy = BatchPolicy::default();
-        let started = |n: usize| {
-            let m = m.clone();
-            async move {
-                while m.passes.lock().unwrap().len() < n {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        };
         // One pass teaches the scheduler what a row costs; three rows queue meanwhile and
         // make the flood's second pass, which takes every slot (max_running is 1).
         let first = s.submit(job(&m, &flood, 0.0, policy));
-        started(1).await;
+        m.started(1).await;
         let rows: Vec<_> = (1..4).map(|i| s.submit(job(&m, &flood, i as f32, policy))).collect();
         first.await.unwrap();
-        started(2).await;
+        m.started(2).await;
         // The quiet tenant, behind the flood's share, does not wait for that pass to end: its
         // pass is let in and the flood's steps aside at its next checkpoint (1 ms). The
         // flood's next job, queued first, rides in neither.

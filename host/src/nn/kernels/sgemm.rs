@@ -142,13 +142,9 @@ fn strided_rows_thrash(n: usize, k: usize) -> bool {
     let stride = n * 4;
     // Sets one column's lines cycle through: 64 / gcd(64, stride in lines), or all of them when
     // rows are not line-aligned relative to each other.
-    let sets = if stride.is_multiple_of(64) { 64 / gcd(64, stride / 64) } else { 64 };
+    let sets = if stride.is_multiple_of(64) { 64 >> (stride / 64).trailing_zeros().min(6) } else { 64 };
     let lines = k * (NR * 4).div_ceil(64);
     sets <= 2 && lines > 8 * sets
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// `buf` as initialised floats, zeroed.
@@ -470,7 +466,7 @@ mod x86 {
             let mut strip = vec![0f32; strip_len];
             while j < end {
                 let cols = width.min(end - j);
-                for (p, dst) in strip.chunks_exact_mut(width.max(1)).enumerate() {
+                for (p, dst) in strip.chunks_exact_mut(width).enumerate() {
                     dst[..cols].copy_from_slice(&b[p * n + j..p * n + j + cols]);
                     dst[cols..].fill(0.0);
                 }
