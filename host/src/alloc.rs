@@ -9,6 +9,12 @@
 //! Measured with `scripts/bench.sh onnx` (EfficientNet-Lite0, batch 8): glibc 108 ms, jemalloc
 //! with its defaults 108 ms, with this configuration 68 ms.
 //!
+//! jemalloc's thread caches hold only allocations up to 32 KiB by default; every larger one went
+//! through the arena, and a BERT pass (dozens of activations of 0.1–6 MiB) took twice as long
+//! as under glibc, a fifth of its profile page faults and `madvise` (MiniLM 1×128: 32 ms against
+//! 16 ms). `tcache_max:8388608` (jemalloc's largest) caches them per thread: 17–18 ms, and
+//! EfficientNet-Lite0 unchanged (`scripts/bench.sh embed onnx`).
+//!
 //! A library does not choose its embedder's allocator: each binary opts in with
 //! [`global_allocator!`](crate::global_allocator).
 
@@ -18,7 +24,7 @@ pub use tikv_jemallocator::Jemalloc;
 /// jemalloc's run-time options as a C string (`global_allocator!` exports a pointer to it as
 /// `malloc_conf`, which jemalloc reads at its first allocation). `MALLOC_CONF` in the environment
 /// (spelled `_RJEM_MALLOC_CONF`) still overrides it.
-pub const MALLOC_CONF: [u8; 44] = *b"oversize_threshold:0,background_thread:true\0";
+pub const MALLOC_CONF: [u8; 63] = *b"oversize_threshold:0,background_thread:true,tcache_max:8388608\0";
 
 /// Makes jemalloc, configured by [`MALLOC_CONF`], the allocator of the binary that invokes it (at
 /// the top level of its crate root). No-op on MSVC targets, where jemalloc does not build.
@@ -35,7 +41,7 @@ macro_rules! global_allocator {
         // NUL-terminated string; `&[u8; N]` is a thin pointer, to a static that ends in NUL
         // (`MALLOC_CONF`'s last byte), and no other item in the binary exports this name.
         #[unsafe(export_name = "_rjem_malloc_conf")]
-        static MALLOC_CONF: &[u8; 44] = &$crate::alloc::MALLOC_CONF;
+        static MALLOC_CONF: &[u8; 63] = &$crate::alloc::MALLOC_CONF;
     };
 }
 

@@ -202,24 +202,18 @@ impl Norm {
 }
 
 /// A dense layer, `y = x·Wᵀ + b` (torch's `Linear`), on EIR's GEMM. It computes `yᵀ = W·xᵀ`:
-/// the weights are then the GEMM's left operand, packed once at load for its AVX-512 kernel,
-/// and the bias its per-row epilogue; the activation runs on the way out. (Candle's matmul
-/// goes through the `gemm` crate, whose stable build has no AVX-512 kernel: 35% of a MiniLM
-/// pass was its AVX2 micro-kernel.)
-///
-/// Deep layers (a feed-forward output's 1536 inputs) are split into slices of at most
-/// [`DEPTH`] inputs, summed: the GEMM keeps a tile's whole depth of weights in L1, and at
-/// depth 1536 it ran at half its speed at depth 384.
+/// the weights are then the GEMM's left operand, packed once at load for its tile kernel, and
+/// the bias its per-row epilogue; the activation runs on the way out. (Candle's matmul goes
+/// through the `gemm` crate, whose stable build has no AVX-512 kernel: 35% of a MiniLM pass
+/// was its AVX2 micro-kernel.)
 struct Dense {
-    /// Per slice of the inputs: the weights `[out][slice]`, row-major, and their packing.
-    slices: Vec<(Vec<f32>, Option<Packed>)>,
+    /// The weights `[out][inp]`, row-major, and their packing.
+    weight: Vec<f32>,
+    packed: Option<Packed>,
     bias: Vec<f32>,
     out: usize,
     inp: usize,
 }
-
-/// The most inputs one GEMM of a dense layer reduces over (see [`Dense`]).
-const DEPTH: usize = 512;
 
 impl Dense {
     fn new(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
@@ -229,44 +223,26 @@ impl Dense {
         if bias.len() != out {
             candle_core::bail!("bias of {} values for {out} outputs", bias.len());
         }
-        let parts = inp.div_ceil(DEPTH).max(1);
-        let width = inp.div_ceil(parts);
-        let slices = (0..inp.max(1))
-            .step_by(width.max(1))
-            .map(|k0| {
-                let k1 = inp.min(k0 + width);
-                let w: Vec<f32> = weight.chunks_exact(inp.max(1)).flat_map(|row| &row[k0..k1]).copied().collect();
-                let packed = Packed::new(out, k1 - k0, &w);
-                (w, packed)
-            })
-            .collect();
-        Ok(Self { slices, bias, out, inp })
+        let packed = Packed::new(out, inp, &weight);
+        Ok(Self { weight, packed, bias, out, inp })
     }
 
     /// `yᵀ = act(W·xᵀ + b)` on transposed values (`xt`: `[inp][tokens]`).
     fn forward_t(&self, xt: &[f32], tokens: usize, act: Option<Act>) -> candle_core::Result<Vec<f32>> {
-        let gemm_err = |e: NnError| candle_core::Error::Msg(e.message);
         if xt.len() != self.inp * tokens {
             candle_core::bail!("a dense layer of {} inputs given {} values for {tokens} tokens", self.inp, xt.len());
         }
         let mut yt = vec![0f32; self.out * tokens];
-        let mut part = Vec::new();
-        let mut k0 = 0;
-        for (i, (w, packed)) in self.slices.iter().enumerate() {
-            let depth = w.len() / self.out.max(1);
-            let x =
-                xt.get(k0 * tokens..(k0 + depth) * tokens).ok_or_else(|| gemm_err(NnError::runtime("short input")))?;
-            if i == 0 {
-                sgemm::gemm([self.out, tokens, depth], w, packed.as_ref(), x, &mut yt, Some(&self.bias), None)
-                    .map_err(gemm_err)?;
-            } else {
-                part.resize(self.out * tokens, 0.0);
-                sgemm::gemm([self.out, tokens, depth], w, packed.as_ref(), x, &mut part, None, None)
-                    .map_err(gemm_err)?;
-                yt.iter_mut().zip(&part).for_each(|(y, p)| *y += p);
-            }
-            k0 += depth;
-        }
+        sgemm::gemm(
+            [self.out, tokens, self.inp],
+            &self.weight,
+            self.packed.as_ref(),
+            xt,
+            &mut yt,
+            Some(&self.bias),
+            None,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.message))?;
         if let Some(act) = act {
             act::activate(&mut yt, act);
         }
@@ -705,7 +681,7 @@ mod tests {
     #[test]
     fn dense_layers_match_a_plain_product_shallow_and_deep() {
         let dev = Device::Cpu;
-        for (out, inp, tokens) in [(3, 5, 1), (40, 384, 7), (24, 1100, 33), (384, 1536, 20)] {
+        for (out, inp, tokens) in [(3, 5, 1), (40, 384, 7), (24, 1100, 33), (384, 1536, 20), (36, 800, 128)] {
             let w: Vec<f32> = (0..out * inp).map(|i| (((i * 7919) % 199) as f32 - 99.0) * 0.003).collect();
             let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.01).collect();
             let dense = Dense::new(
@@ -713,7 +689,6 @@ mod tests {
                 &Tensor::from_vec(b.clone(), out, &dev).unwrap(),
             )
             .unwrap();
-            assert_eq!(dense.slices.len(), inp.div_ceil(DEPTH), "{out}x{inp}: sliced by depth");
             let xt: Vec<f32> = (0..inp * tokens).map(|i| (((i * 104729) % 97) as f32 - 48.0) * 0.01).collect();
             let yt = dense.forward_t(&xt, tokens, Some(Act::Relu)).unwrap();
             for o in 0..out {
@@ -764,5 +739,60 @@ mod tests {
         let cancelled = Meter::for_load(u64::MAX, token.clone(), None);
         token.cancel();
         assert!(Bert::from_bytes(&config, &weights, &Device::Cpu, &cancelled).is_err(), "a cancelled load stops");
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Not a test: `cargo test -p eir --lib bert::timing -- --ignored --nocapture` prints where a
+    /// MiniLM pass spends its time, per stage of one layer, at the embed bench's shapes.
+    #[test]
+    #[ignore]
+    fn stages_of_a_minilm_layer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/minilm");
+        let config = std::fs::read_to_string(dir.join("config.json")).expect("models/minilm (scripts/fetch-models.sh)");
+        let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
+        let layer = &bert.layers[0];
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let mut v: Vec<f64> = (0..20)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (rows, seq) in [(1usize, 8usize), (1, 128), (32, 20), (8, 128)] {
+            let tokens = rows * seq;
+            let h = bert.config.hidden_size;
+            let xt: Vec<f32> = (0..h * tokens).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            let mask = vec![0f32; tokens];
+            let qkv = time(&mut || drop(layer.qkv.forward_t(&xt, tokens, None).unwrap()));
+            let qkvt = layer.qkv.forward_t(&xt, tokens, None).unwrap();
+            let att = time(&mut || drop(attend(&qkvt, [rows, seq, h, layer.heads], &mask).unwrap()));
+            let out = time(&mut || drop(layer.attention_out.forward_t(&xt, tokens, None).unwrap()));
+            let mut y = xt.clone();
+            let norm = time(&mut || layer.attention_norm.residual(&mut y, &xt, tokens).unwrap());
+            let ffn1 = time(&mut || drop(layer.intermediate.forward_t(&xt, tokens, Some(Act::Gelu)).unwrap()));
+            let inner = layer.intermediate.forward_t(&xt, tokens, None).unwrap();
+            let ffn2 = time(&mut || drop(layer.output.forward_t(&inner, tokens, None).unwrap()));
+            let whole = time(&mut || {
+                let a = layer.attention(&xt, [rows, seq], &mask).unwrap();
+                drop(layer.feed_forward(&a, tokens).unwrap());
+            });
+            let ids = Tensor::from_vec(vec![1000i64; tokens], (rows, seq), &Device::Cpu).unwrap();
+            let ones = Tensor::ones((rows, seq), DType::I64, &Device::Cpu).unwrap();
+            let zeros = Tensor::zeros((rows, seq), DType::I64, &Device::Cpu).unwrap();
+            let pass = time(&mut || drop(bert.forward(&ids, &zeros, &ones).unwrap()));
+            eprintln!(
+                "{rows:>2} x {seq:>3}: pass {pass:.3} ms; layer {whole:.3} ms = qkv {qkv:.3} + attend {att:.3} + out {out:.3} + 2 norms {:.3} + ffn1+gelu {ffn1:.3} + ffn2 {ffn2:.3}",
+                2.0 * norm
+            );
+        }
     }
 }

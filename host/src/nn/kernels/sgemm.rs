@@ -1,14 +1,16 @@
-//! The f32 GEMM behind convolutions, `dst = clamp(A · B + bias)`, with the epilogue fused.
+//! The f32 GEMM behind convolutions and dense layers, `dst = clamp(A · B + bias)`, with the
+//! epilogue fused.
 //!
-//! A convolution's product has a shape generic GEMMs handle poorly: `A` (weights, `m×k`) is
-//! small, `B` (activations, `k×n`) is wide, and `n` ranges from 50 000 columns to 49. The
-//! AVX-512 kernel here keeps an 8-row × 32-column tile of `C` in 16 registers for the whole of
-//! `k`, reads `B` in place (its rows are already contiguous in `n`, so there is nothing to pack),
-//! packs only `A`, and writes each tile once with bias and clamp applied, so there is no second
-//! pass over the output. Work is split into (row tile, column chunk) units across threads; each
-//! output element is computed by one unit in a fixed order, so results do not depend on the
-//! thread count. With AVX2 + FMA only, the same scheme runs 4 × 24 tiles (two per packed 8-row
-//! panel). CPUs with neither use the `gemm` crate and a separate epilogue pass.
+//! `A` holds weights (`m×k`, packed once at load) and `B` activations (`k×n`, rows contiguous in
+//! `n`): a convolution's planes or a transformer's tokens. The AVX-512 kernel keeps a 12-row ×
+//! 32-column tile of `C` in 24 registers over a slice of up to [`KC`] of `k` (so 12 rows of A
+//! stay in L1 while B's strips stream past), reads B in place unless its row stride would
+//! thrash L1 (then each unit packs its columns), and writes each tile with bias and clamp
+//! applied on the last slice, so there is no second pass over the output. Work is split into
+//! (row panels, column chunk) units across threads; each output element is computed by one
+//! unit in a fixed order, so results do not depend on the thread count. With AVX2 + FMA only,
+//! the same scheme runs 4 × 24 tiles (two per packed 8-row panel). CPUs with neither use the
+//! `gemm` crate and a separate epilogue pass.
 
 use std::mem::MaybeUninit;
 
@@ -24,10 +26,18 @@ pub(crate) struct Clamp {
     pub hi: f32,
 }
 
-/// Rows of `C` per tile (channel counts of vision models are multiples of 8).
+/// Rows of `C` per AVX2 tile panel (two halves of 4 rows).
 const MR: usize = 8;
+/// Rows of `C` per AVX-512 tile: 12 rows × 32 columns keep 24 of the 32 registers
+/// accumulating, with 2 for B's row and one for the broadcast of A. 12 divides BERT's widths
+/// (384, 1152, 1536) and most of EfficientNet's channel counts; a partial last panel runs a
+/// 4- or 8-row tile.
+const MR512: usize = 12;
 /// Columns of `C` per tile: two 16-lane registers.
 const NR: usize = 32;
+/// The deepest slice of `k` one AVX-512 tile reduces before its partial sums go back to `C`:
+/// 12 rows of A at this depth (18 KiB) stay in L1 while B's strips stream past from L2.
+const KC: usize = 384;
 /// Columns per unit of parallel work (rounded down to a multiple of the kernel's tile width),
 /// small enough that `B`'s panel for short `k` stays in L1.
 const NC: usize = 256;
@@ -38,33 +48,34 @@ const NARROW_MIN: usize = 8;
 /// costs tens of microseconds.
 const PARALLEL_MIN: usize = 1 << 20;
 
-/// `A` (`m×k`) laid out for the tile kernels (AVX-512 and AVX2 read the same layout),
-/// `[tile][k][MR]` with rows past `m` zero.
-/// Convolution weights are packed once and kept (see `conv::PackedWeights`).
+/// `A` (`m×k`) laid out for the tile kernels, `[panel][k][mr]` with rows past `m` zero: `mr`
+/// is [`MR512`] for the AVX-512 tile and [`MR`] for the AVX2 one, chosen by the CPU when
+/// packing. Convolution and dense-layer weights are packed once and kept.
 pub(crate) struct Packed {
     m: usize,
     k: usize,
+    mr: usize,
     data: Vec<f32>,
 }
 
 impl Packed {
-    /// Packs `a` (`m×k`, row-major); `None` where neither tile kernel runs (the CPU has neither
-    /// AVX-512 nor AVX2 + FMA, or `k` is 0) or `a` is too short.
+    /// Packs `a` (`m×k`, row-major) for the tile kernel this CPU runs; `None` where neither
+    /// runs (the CPU has neither AVX-512 nor AVX2 + FMA, or `k` is 0) or `a` is too short.
     pub(crate) fn new(m: usize, k: usize, a: &[f32]) -> Option<Packed> {
         if k == 0 || m.checked_mul(k).is_none_or(|mk| a.len() < mk) || !(simd::avx512() || simd::fma()) {
             return None;
         }
-        let tiles = m.div_ceil(MR);
-        let mut data = vec![0f32; tiles * k * MR];
-        for (t, panel) in data.chunks_exact_mut(k * MR).enumerate() {
-            for r in 0..MR.min(m - t * MR) {
-                let row = &a[(t * MR + r) * k..(t * MR + r + 1) * k];
-                for (slot, &v) in panel[r..].iter_mut().step_by(MR).zip(row) {
+        let mr = if simd::avx512() { MR512 } else { MR };
+        let mut data = vec![0f32; m.div_ceil(mr) * k * mr];
+        for (t, panel) in data.chunks_exact_mut(k * mr).enumerate() {
+            for r in 0..mr.min(m - t * mr) {
+                let row = &a[(t * mr + r) * k..(t * mr + r + 1) * k];
+                for (slot, &v) in panel[r..].iter_mut().step_by(mr).zip(row) {
                     *slot = v;
                 }
             }
         }
-        Some(Packed { m, k, data })
+        Some(Packed { m, k, mr, data })
     }
 }
 
@@ -123,7 +134,7 @@ pub(crate) fn gemm(
 /// with the crate.
 fn tile_kernel(n: usize, k: usize) -> Option<x86::Kernel> {
     if simd::avx512() {
-        Some(if strided_rows_thrash(n, k) { x86::Kernel::Avx512Strip } else { x86::Kernel::Avx512 })
+        Some(if strided_rows_thrash(n, k) { x86::Kernel::Avx512Packed } else { x86::Kernel::Avx512 })
     } else if simd::fma() && n >= NC {
         Some(x86::Kernel::Avx2)
     } else {
@@ -134,17 +145,17 @@ fn tile_kernel(n: usize, k: usize) -> Option<x86::Kernel> {
 /// Whether `k` rows of a 32-column strip of B, read in place (rows `n` floats apart), fall on
 /// so few L1 sets that they cannot stay cached while a tile runs: a typical L1 (64 sets of 64
 /// bytes, 8 ways or more) holds only `8 × sets` of the strip's lines, and a row stride that is
-/// a multiple of a large power of two maps every row onto one or two sets. Only then does
-/// packing the strip pay for its copy (`sgemm::timing`, Xeon with AVX-512: 0.55–0.68x at
-/// 1024 columns, where every row maps to one set; 0.9–1.0x at 128 columns, 8 sets; 1.1–2.6x
-/// slower at every other shape measured).
+/// a multiple of a power of two maps every row onto `64 / 2^j` sets. Only then does packing the
+/// strip pay for its copy (`sgemm::timing`, Xeon with AVX-512, packed / in place: 0.60x at 128
+/// columns (8 sets), 0.62-0.82x at 1024 (one set); 0.96-0.98x at 3136 and 12544 columns (64 and
+/// 16 sets, within noise), and 1.1-2.2x slower at 8, 49, 160 and 196 columns).
 fn strided_rows_thrash(n: usize, k: usize) -> bool {
     let stride = n * 4;
     // Sets one column's lines cycle through: 64 / gcd(64, stride in lines), or all of them when
     // rows are not line-aligned relative to each other.
     let sets = if stride.is_multiple_of(64) { 64 >> (stride / 64).trailing_zeros().min(6) } else { 64 };
     let lines = k * (NR * 4).div_ceil(64);
-    sets <= 2 && lines > 8 * sets
+    sets <= 8 && lines > 8 * sets
 }
 
 /// `buf` as initialised floats, zeroed.
@@ -184,18 +195,20 @@ pub(crate) fn gemm_into(
     // `NARROW_MIN` columns dot products of contiguous rows do more work per load.
     if let Some(kernel) = tile_kernel(n, k).filter(|_| !few_rows && n >= NARROW_MIN) {
         let packed_here;
-        let packed = match packed {
-            Some(p) if p.m == m && p.k == k => Some(p),
-            _ => {
+        let fits = |p: &&Packed| p.m == m && p.k == k && p.mr == kernel.panel_rows();
+        let packed = match packed.filter(fits) {
+            Some(p) => Some(p),
+            None => {
                 packed_here = Packed::new(m, k, a);
-                packed_here.as_ref()
+                packed_here.as_ref().filter(fits)
             }
         };
         if let Some(packed) = packed {
             // SAFETY: the CPU has the kernel's features (`simd::avx512()` / `simd::fma()` chose
             // it above); `shape` (a GemmShape) proves b holds batch·k·n floats, bias m, and dst
             // batch·m·n (sliced to exactly that above; the kernel writes all of it); `packed` is
-            // for this m×k (checked just above); dst is a distinct &mut, so it aliases nothing.
+            // for this m×k in the kernel's panel rows (`fits`, checked just above); dst is a
+            // distinct &mut, so it aliases nothing.
             unsafe { x86::gemm(kernel, &shape, packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp) };
             return Ok(());
         }
@@ -377,19 +390,31 @@ mod x86 {
 
     use rayon::prelude::*;
 
-    use super::{Clamp, GemmShape, MR, NC, NR, PARALLEL_MIN, Packed};
+    use super::{Clamp, GemmShape, KC, MR, MR512, NC, NR, PARALLEL_MIN, Packed};
 
-    /// Which tile kernel runs (both read the same packed `A`).
+    /// Which tile kernel runs (the AVX-512 ones read `A` packed in [`MR512`]-row panels, the
+    /// AVX2 one in [`MR`]-row panels).
     #[derive(Clone, Copy, Debug)]
     pub enum Kernel {
-        /// 8 rows × 32 columns in 16 of AVX-512's 32 registers, reading B in place.
+        /// 12 rows × 32 columns in 24 of AVX-512's 32 registers, reading B in place.
         Avx512,
-        /// The same tile reading B's strip packed (`k × 32`, contiguous): for row strides that
-        /// map B's rows onto a few L1 sets (see [`super::strided_rows_thrash`]).
-        Avx512Strip,
+        /// The same tile reading B packed: each unit copies its columns of B, one `KC`-deep
+        /// slice at a time, into contiguous `depth × 32` strips that every row panel of the unit
+        /// then reads (see [`super::tile_kernel`] for where that pays).
+        Avx512Packed,
         /// 4 rows × 24 columns (twice per 8-row panel) in 12 of AVX2's 16 registers: 7 loads
         /// per 12 FMAs, the best ratio that leaves registers for `B` and the broadcast.
         Avx2,
+    }
+
+    impl Kernel {
+        /// Rows per panel of the packed `A` this kernel reads.
+        pub fn panel_rows(self) -> usize {
+            match self {
+                Kernel::Avx512 | Kernel::Avx512Packed => MR512,
+                Kernel::Avx2 => MR,
+            }
+        }
     }
 
     /// Columns of one AVX2 tile: three 8-lane registers.
@@ -409,10 +434,31 @@ mod x86 {
         }
     }
 
+    /// One unit of work for the AVX-512 tiles: row panels `panels` of one image's `C`, over
+    /// its columns `j0..j1`.
+    struct Unit<'a> {
+        /// `A` packed in [`MR512`]-row panels (`[panel][k][MR512]`).
+        a: &'a [f32],
+        /// The image's `B` (`k × n`).
+        b: &'a [f32],
+        /// The image's `C` (`m × n`).
+        c: *mut f32,
+        /// `bias` padded to whole panels.
+        bias: &'a [f32],
+        clamp: Option<Clamp>,
+        m: usize,
+        n: usize,
+        k: usize,
+        panels: std::ops::Range<usize>,
+        j0: usize,
+        j1: usize,
+    }
+
     /// # Safety
     /// `dst` must be valid for writes of `batch·m·n` floats (it need not be initialised) and
     /// not alias `b`; `b` must be the operand `shape` was checked against; `packed` must be
-    /// `shape`'s `m×k`; the CPU must have `kernel`'s features (AVX-512F, or AVX2 and FMA).
+    /// `shape`'s `m×k` in `kernel`'s panel rows; the CPU must have `kernel`'s features
+    /// (AVX-512F, or AVX2 and FMA).
     pub unsafe fn gemm(
         kernel: Kernel,
         shape: &GemmShape,
@@ -423,24 +469,21 @@ mod x86 {
         clamp: Option<Clamp>,
     ) {
         let &GemmShape { batch, m, n, k } = shape;
-        let (tiles, packed) = (m.div_ceil(MR), &packed.data);
-        let mut bias_padded = vec![0f32; tiles * MR];
+        let mr = kernel.panel_rows();
+        let (tiles, packed) = (m.div_ceil(mr), &packed.data);
+        let mut bias_padded = vec![0f32; tiles * mr];
         if let Some(bias) = bias {
             bias_padded[..m].copy_from_slice(&bias[..m]);
         }
         let width = match kernel {
-            Kernel::Avx512 | Kernel::Avx512Strip => NR,
+            Kernel::Avx512 | Kernel::Avx512Packed => NR,
             Kernel::Avx2 => NR2,
         };
-        let strip_len = match kernel {
-            Kernel::Avx512 => 0,
-            Kernel::Avx512Strip | Kernel::Avx2 => k * width,
-        };
         // Row tiles are grouped so that each column strip of B (k × one tile's width) is read
-        // from memory once per group and then from L1 for the group's other tiles: B's rows lie
-        // `n` floats apart, so re-reading them per tile stalled on memory. About four units per
-        // thread; where few images and chunks would leave one tile per group, the chunks narrow
-        // instead (a 14x14 plane is one chunk of 256 columns), so groups keep two tiles.
+        // from memory once per group and then from cache for the group's other tiles. About
+        // four units per thread; where few images and chunks would leave one tile per group,
+        // the chunks narrow instead (a 14x14 plane is one chunk of 256 columns), so groups
+        // keep two tiles.
         let want = 4 * rayon::current_num_threads();
         let pairs = (2 * want).div_ceil(tiles.max(1));
         let widest = NC / width * width;
@@ -458,36 +501,37 @@ mod x86 {
             // columns.
             let (img, chunk, g) = (u / (groups * chunks), (u / groups) % chunks, u % groups);
             let (b, out_at) = (&b[img * k * n..(img + 1) * k * n], img * m * n);
-            let (mut j, end) = (chunk * nc, n.min((chunk + 1) * nc));
-            // The AVX2 kernel, and the AVX-512 one where it pays, read B's strip packed
-            // (k × width, zero-padded): rows `n` floats apart map to a few L1 sets (at n = 1024
-            // all to one), so read in place the strip thrashes L1 while the accumulators wait
-            // on it. The strip is packed once per chunk and read by every tile of the group.
-            let mut strip = vec![0f32; strip_len];
-            while j < end {
-                let cols = width.min(end - j);
+            let (j0, j1) = (chunk * nc, n.min((chunk + 1) * nc));
+            let panels = g * per..tiles.min((g + 1) * per);
+            if let Kernel::Avx512 | Kernel::Avx512Packed = kernel {
+                let unit = Unit { a: packed, b, c: out.at(out_at), bias: &bias_padded, clamp, m, n, k, panels, j0, j1 };
+                // SAFETY: the CPU has AVX-512F (the caller's contract); `packed` is m×k in
+                // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n and
+                // `out_at` its m×n in dst; this unit alone writes its panels' rows at
+                // columns j0..j1 (each (image, chunk, group) is one unit).
+                unsafe { unit512(&unit, matches!(kernel, Kernel::Avx512Packed)) };
+                return;
+            }
+            // The AVX2 kernel reads B's strip packed (k × width, zero-padded), once per chunk
+            // for every tile of the group.
+            let mut strip = vec![0f32; k * width];
+            let mut j = j0;
+            while j < j1 {
+                let cols = width.min(j1 - j);
                 for (p, dst) in strip.chunks_exact_mut(width).enumerate() {
                     dst[..cols].copy_from_slice(&b[p * n + j..p * n + j + cols]);
                     dst[cols..].fill(0.0);
                 }
-                for t in g * per..tiles.min((g + 1) * per) {
+                for t in panels.clone() {
                     let rows = MR.min(m - t * MR);
                     let panel = &packed[t * k * MR..(t + 1) * k * MR];
                     let bias = &bias_padded[t * MR..(t + 1) * MR];
                     let c = out.at(out_at + t * MR * n + j);
-                    // SAFETY: the CPU has the kernel's features (the caller's contract); the
-                    // panel holds k*MR values; B's rows 0..k hold columns j..j+cols; the tile's
-                    // rows t*MR..+rows and columns j..j+cols lie inside the image's dst (m×n),
-                    // and no other unit writes them (each (image, chunk, group) is one unit).
-                    // The strip kernels read the packed strip (k rows of `width`, filled just
-                    // above) instead of B.
-                    unsafe {
-                        match kernel {
-                            Kernel::Avx512 => tile(k, panel, b.as_ptr().add(j), n, c, n, rows, cols, bias, clamp),
-                            Kernel::Avx512Strip => tile(k, panel, strip.as_ptr(), NR, c, n, rows, cols, bias, clamp),
-                            Kernel::Avx2 => tile_avx2(k, panel, &strip, c, n, rows, cols, bias, clamp),
-                        }
-                    }
+                    // SAFETY: the CPU has AVX2 and FMA (the caller's contract); the panel holds
+                    // k*MR values, the strip k*NR2 (filled just above); the tile's rows
+                    // t*MR..+rows and columns j..j+cols lie inside the image's dst (m×n), and
+                    // no other unit writes them.
+                    unsafe { tile_avx2(k, panel, &strip, c, n, rows, cols, bias, clamp) };
                 }
                 j += width;
             }
@@ -497,6 +541,81 @@ mod x86 {
             (0..units).for_each(unit);
         } else {
             (0..units).into_par_iter().for_each(unit);
+        }
+    }
+
+    /// Runs one unit's tiles: for each `KC`-deep slice of `k` (B's columns `j0..j1` first
+    /// packed into strips when `pack_b`), each row panel (whose slice of A then stays in L1)
+    /// against each 32-column strip of B (streamed from L2). The first slice writes `C`, later
+    /// ones add to it, and the last applies bias and clamp.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `u.a` must hold `u.m`×`u.k` packed in [`MR512`]-row panels,
+    /// `u.bias` one value per row of those panels, and `u.b` `u.k`×`u.n` floats; `u.c` must be
+    /// writable for `u.m`×`u.n` floats (row stride `u.n`), of which no other thread touches
+    /// `u.panels`' rows at columns `u.j0..u.j1` (≤ `u.n`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn unit512(u: &Unit<'_>, pack_b: bool) {
+        let &Unit { a, b, c, bias, clamp, m, n, k, .. } = u;
+        let (j0, j1) = (u.j0, u.j1);
+        let slices = k.div_ceil(KC).max(1);
+        let kc = k.div_ceil(slices);
+        let strips = (j1 - j0).div_ceil(NR);
+        let mut packed_b = if pack_b { vec![0f32; kc * strips * NR] } else { Vec::new() };
+        for s in 0..slices {
+            let p0 = s * kc;
+            let depth = kc.min(k - p0);
+            if pack_b {
+                for (i, strip) in packed_b.chunks_exact_mut(depth * NR).take(strips).enumerate() {
+                    let j = j0 + i * NR;
+                    let cols = NR.min(j1 - j);
+                    for (p, dst) in strip.chunks_exact_mut(NR).enumerate() {
+                        let at = (p0 + p) * n + j;
+                        dst[..cols].copy_from_slice(&b[at..at + cols]);
+                        dst[cols..].fill(0.0);
+                    }
+                }
+            }
+            let (first, last) = (s == 0, s + 1 == slices);
+            for t in u.panels.clone() {
+                let rows = MR512.min(m - t * MR512);
+                let panel = &a[(t * k + p0) * MR512..(t * k + p0 + depth) * MR512];
+                let bias = &bias[t * MR512..(t + 1) * MR512];
+                for i in 0..strips {
+                    let j = j0 + i * NR;
+                    let cols = NR.min(j1 - j);
+                    let (bp, ldb) =
+                        if pack_b { (packed_b[i * depth * NR..].as_ptr(), NR) } else { (b[p0 * n + j..].as_ptr(), n) };
+                    let job = Tile {
+                        k: depth,
+                        a: panel,
+                        b: bp,
+                        ldb,
+                        c: c.wrapping_add(t * MR512 * n + j),
+                        ldc: n,
+                        rows,
+                        cols,
+                        bias,
+                        clamp,
+                        first,
+                        last,
+                    };
+                    // SAFETY: AVX-512F is available (the contract); the panel holds depth×MR512
+                    // values; B's strip holds `depth` rows of `cols` columns at stride `ldb`
+                    // (packed just above, or B in place from row p0, column j: j + cols ≤ n);
+                    // the tile's rows and columns lie inside C and belong to this unit.
+                    unsafe {
+                        match (rows, cols) {
+                            (..=4, ..=16) => tile::<4, 1>(&job),
+                            (..=4, _) => tile::<4, 2>(&job),
+                            (..=8, ..=16) => tile::<8, 1>(&job),
+                            (..=8, _) => tile::<8, 2>(&job),
+                            (_, ..=16) => tile::<MR512, 1>(&job),
+                            _ => tile::<MR512, 2>(&job),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -531,87 +650,92 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
 
-    /// One `MR × cols` tile of C (`cols ≤ NR`): the whole of `k` in registers, then bias and
-    /// clamp, stored once. `b` points at column `j` of B's row 0 (row stride `ldb`: `n` in
-    /// place, [`NR`] in a packed strip), `c` at the tile's corner in C (row stride `ldc`).
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `b` must be readable for `k` rows of `cols` columns with
-    /// row stride `ldb`, and `c` writable for `rows` rows of `cols` columns with row stride `ldc`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile(
+    /// One AVX-512 tile's operands: `rows` (≤ the kernel's `R`) × `cols` (≤ 16·`V`) of C
+    /// over a slice of `k` values of the reduction.
+    struct Tile<'a> {
         k: usize,
-        panel: &[f32],
+        /// A's panel for this slice, `[k][MR512]`.
+        a: &'a [f32],
+        /// Row 0 of B's strip (row stride `ldb`).
         b: *const f32,
         ldb: usize,
+        /// The tile's corner in C (row stride `ldc`).
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
-        bias: &[f32],
+        /// One value per row of the panel.
+        bias: &'a [f32],
         clamp: Option<Clamp>,
-    ) {
-        let full = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 } };
-        let (m0, m1) = (full(cols), full(cols.saturating_sub(16)));
-        let a = panel.as_ptr();
-        if cols <= 16 {
-            // A narrow tile (a short sequence): one register per row, no FMAs on empty lanes.
-            let mut acc = [_mm512_setzero_ps(); MR];
-            // Pointers walk B's rows and the panel (no index arithmetic, which overflow checks
-            // would test on every step of the hottest loop).
-            let (mut brow, mut ap) = (b, a);
-            for _ in 0..k {
-                // SAFETY: row p of B at this tile's columns (`brow` = b + p·ldb, p < k); masked
-                // lanes are not read.
-                let b0 = unsafe { _mm512_maskz_loadu_ps(m0, brow) };
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: `ap` = a + p·MR, and the panel holds k*MR values.
-                    let av = _mm512_set1_ps(unsafe { *ap.add(r) });
-                    *acc = _mm512_fmadd_ps(av, b0, *acc);
-                }
-                brow = brow.wrapping_add(ldb);
-                ap = ap.wrapping_add(MR);
+        /// Whether this is the first slice of `k` (C is written, not added to).
+        first: bool,
+        /// Whether this is the last slice (bias and clamp are applied).
+        last: bool,
+    }
+
+    /// An `R × cols` tile of C (`cols ≤ 16·V`): the slice of `k` in `R·V` registers, then added
+    /// to C unless `first`, bias and clamp applied if `last`, and stored once.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `R ≤ MR512` and `t.rows ≤ R`, `t.cols ≤ 16·V`; `t.a` must
+    /// hold `t.k × MR512` values and `t.bias` `MR512`; `t.b` must be readable for `t.k` rows of
+    /// `t.cols` columns with row stride `t.ldb`, and `t.c` readable and writable for `t.rows`
+    /// rows of `t.cols` columns with row stride `t.ldc` (initialised unless `t.first`).
+    // The epilogue indexes the accumulators by loop counter on purpose (see there).
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const V: usize>(t: &Tile<'_>) {
+        let live = |v: usize| -> __mmask16 {
+            let n = t.cols.saturating_sub(16 * v);
+            if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
+        };
+        let masks: [__mmask16; V] = std::array::from_fn(live);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        // Pointers walk B's rows and the panel (no index arithmetic, which overflow checks
+        // would test on every step of the hottest loop).
+        let (mut brow, mut ap) = (t.b, t.a.as_ptr());
+        for _ in 0..t.k {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                // SAFETY: row p of B's strip (`brow` = b + p·ldb, p < k), masked to its columns.
+                *bv = unsafe { _mm512_maskz_loadu_ps(masks[v], brow.add(16 * v)) };
             }
-            for (r, &acc) in acc.iter().enumerate().take(rows) {
-                let mut v = _mm512_add_ps(acc, _mm512_set1_ps(bias[r]));
-                if let Some(Clamp { lo, hi }) = clamp {
-                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
-                }
-                // SAFETY: row r of the tile, masked to its columns.
-                unsafe { _mm512_mask_storeu_ps(c.add(r * ldc), m0, v) };
-            }
-            return;
-        }
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (mut brow, mut ap) = (b, a);
-        for _ in 0..k {
-            // SAFETY: row p of B at this tile's columns (`brow` = b + p·ldb, p < k); masked
-            // lanes are not read.
-            let (b0, b1) = unsafe { (_mm512_maskz_loadu_ps(m0, brow), _mm512_maskz_loadu_ps(m1, brow.add(16))) };
             for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: `ap` = a + p·MR, and the panel holds k*MR values.
+                // SAFETY: `ap` = a + p·MR512 and r < R ≤ MR512: inside the panel's k×MR512.
                 let av = _mm512_set1_ps(unsafe { *ap.add(r) });
-                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
+                }
             }
-            brow = brow.wrapping_add(ldb);
-            ap = ap.wrapping_add(MR);
+            brow = brow.wrapping_add(t.ldb);
+            ap = ap.wrapping_add(MR512);
         }
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            let bv = _mm512_set1_ps(bias[r]);
-            let (mut v0, mut v1) = (_mm512_add_ps(acc[0], bv), _mm512_add_ps(acc[1], bv));
-            if let Some(Clamp { lo, hi }) = clamp {
-                let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-                v0 = _mm512_min_ps(_mm512_max_ps(v0, lo), hi);
-                v1 = _mm512_min_ps(_mm512_max_ps(v1, lo), hi);
+        // Constant indices only (`r` and `v` unroll): an index the compiler cannot resolve
+        // would keep the accumulators in memory, stored on every step of the loop above.
+        let mut row = t.c;
+        for r in 0..R {
+            if r >= t.rows {
+                break;
             }
-            // SAFETY: row r of the tile, masked to its columns.
-            unsafe {
-                let row = c.add(r * ldc);
-                _mm512_mask_storeu_ps(row, m0, v0);
-                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            let bias = _mm512_set1_ps(t.bias[r]);
+            for v in 0..V {
+                let at = row.wrapping_add(16 * v);
+                let mut x = acc[r][v];
+                if !t.first {
+                    // SAFETY: row r < rows of the tile, masked to its columns; an earlier slice
+                    // wrote it.
+                    x = _mm512_add_ps(x, unsafe { _mm512_maskz_loadu_ps(masks[v], at) });
+                }
+                if t.last {
+                    x = _mm512_add_ps(x, bias);
+                    if let Some(Clamp { lo, hi }) = t.clamp {
+                        x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(at, masks[v], x) };
             }
+            row = row.wrapping_add(t.ldc);
         }
     }
 
@@ -735,7 +859,14 @@ mod x86 {
     #[derive(Clone, Copy, Debug)]
     pub enum Kernel {
         Avx512,
+        Avx512Packed,
         Avx2,
+    }
+
+    impl Kernel {
+        pub fn panel_rows(self) -> usize {
+            super::MR
+        }
     }
 
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
@@ -803,10 +934,16 @@ mod tests {
                 [13, 300, 96],
                 [6, 257, 33],
                 [7, 270, 1],
-                // Row strides on one or two L1 sets: the AVX-512 tile reads a packed strip.
+                // Row strides on a few L1 sets: the AVX-512 tile reads B packed.
                 [13, 1024, 9],
                 [9, 512, 12],
                 [10, 1536, 20],
+                [26, 128, 300],
+                // Deeper than one slice of k (partial sums go back to C, then bias and clamp),
+                // in place and packed, with partial panels of 4 and 8 rows.
+                [16, 40, 800],
+                [20, 128, 769],
+                [12, 9, 1536],
             ] {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
@@ -836,22 +973,26 @@ mod tests {
     }
 
     #[test]
-    fn only_rows_on_one_or_two_l1_sets_pack_their_strip() {
+    fn only_rows_on_a_few_l1_sets_pack_their_strip() {
         assert!(strided_rows_thrash(1024, 384), "every row on one set");
         assert!(strided_rows_thrash(512, 64), "two sets");
         assert!(!strided_rows_thrash(1024, 2), "4 lines fit one set's ways");
-        assert!(!strided_rows_thrash(128, 384), "8 sets");
+        assert!(strided_rows_thrash(128, 384), "8 sets, 768 lines");
+        assert!(!strided_rows_thrash(128, 16), "8 sets, 32 lines");
+        assert!(!strided_rows_thrash(160, 1536), "32 sets");
         assert!(!strided_rows_thrash(49, 1152), "rows not line-aligned spread over every set");
         assert!(!strided_rows_thrash(112 * 112, 16), "4 sets, 32 lines");
     }
 
     #[test]
-    fn the_strip_kernel_matches_a_reference_on_ragged_shapes() {
+    fn the_packed_b_kernel_matches_a_reference_on_ragged_shapes() {
         if !simd::avx512() {
-            return; // the strip variant of the AVX-512 tile; the AVX2 one always packs
+            return; // the AVX-512 tile reading B packed; the AVX2 one always packs
         }
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        for [m, n, k] in [[13, 49, 96], [17, 12, 384], [9, 300, 40], [8, 33, 1], [24, 8, 100]] {
+        for [m, n, k] in
+            [[13, 49, 96], [17, 12, 384], [9, 300, 40], [8, 33, 1], [24, 8, 100], [28, 70, 1000], [5, 17, 385]]
+        {
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
             let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
@@ -861,7 +1002,7 @@ mod tests {
             let mut got = vec![f32::NAN; m * n];
             // SAFETY: the CPU has AVX-512F (checked above); `shape` was checked against these
             // operands; `packed` is this m×k; `got` holds m·n floats and aliases nothing.
-            unsafe { x86::gemm(x86::Kernel::Avx512Strip, &shape, &packed, &b, got.as_mut_ptr(), Some(&bias), clamp) };
+            unsafe { x86::gemm(x86::Kernel::Avx512Packed, &shape, &packed, &b, got.as_mut_ptr(), Some(&bias), clamp) };
             let want = reference([m, n, k], &a, &b, &bias, clamp);
             let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{m}x{n}x{k}: {worst}");
@@ -937,7 +1078,7 @@ mod timing {
     #[test]
     #[ignore]
     fn kernel_against_the_gemm_crate() {
-        let shapes: [(&str, [usize; 3]); 8] = [
+        let shapes: [(&str, [usize; 3]); 10] = [
             ("pw 16->96 @112", [96, 12544, 16]),
             ("pw 144->24 @56", [24, 3136, 144]),
             ("pw 240->80 @14", [80, 196, 240]),
@@ -945,7 +1086,9 @@ mod timing {
             ("bert qkv 384 x 8 tok", [1152, 8, 384]),
             ("bert qkv 384 x 128 tok", [1152, 128, 384]),
             ("bert ffn 384->1536 x 1024 tok", [1536, 1024, 384]),
-            ("bert ffn 1536->384 x 160 tok", [384, 160, 512]),
+            ("bert ffn 1536->384 x 160 tok", [384, 160, 1536]),
+            ("bert ffn 384->1536 x 160 tok", [1536, 160, 384]),
+            ("bert ffn 1536->384 x 1024 tok", [384, 1024, 1536]),
         ];
         let time = |f: &mut dyn FnMut()| {
             f();
@@ -986,7 +1129,13 @@ mod timing {
             };
             let ours = run(kernel);
             if let x86::Kernel::Avx512 = kernel {
-                let strip = run(x86::Kernel::Avx512Strip);
+                let strip = run(x86::Kernel::Avx512Packed);
+                let flops = 2.0 * (m * n * k) as f64;
+                eprintln!(
+                    "{name:>30}: in place {:.0} GFLOP/s, packed {:.0} GFLOP/s",
+                    flops / ours.as_secs_f64() / 1e9,
+                    flops / strip.as_secs_f64() / 1e9
+                );
                 let chosen = tile_kernel(n, k).map(|k| format!("{k:?}")).unwrap_or_default();
                 eprintln!(
                     "{name:>30}: in place {:>8.3} ms | strip {:>8.3} ms | strip / in place = {:.2}x (chosen: {chosen})",
