@@ -5,8 +5,8 @@
 //! `n`): a convolution's planes or a transformer's tokens. The AVX-512 kernel keeps a 12-row ×
 //! 32-column tile of `C` in 24 registers over a slice of up to [`KC`] of `k` (so 12 rows of A
 //! stay in L1 while B's strips stream past), reads B in place unless its row stride would
-//! thrash L1 (then each unit packs its columns), and writes each tile with bias and clamp
-//! applied on the last slice, so there is no second pass over the output. Work is split into
+//! thrash L1 (then B is packed once, in 32-column strips), and writes each tile with bias and
+//! clamp applied on the last slice, so there is no second pass over the output. Work is split into
 //! (row panels, column chunk) units across threads; each output element is computed by one
 //! unit in a fixed order, so results do not depend on the thread count. With AVX2 + FMA only,
 //! the same scheme runs 4 × 24 tiles (two per packed 8-row panel). CPUs with neither use the
@@ -145,17 +145,18 @@ fn tile_kernel(n: usize, k: usize) -> Option<x86::Kernel> {
 /// Whether `k` rows of a 32-column strip of B, read in place (rows `n` floats apart), fall on
 /// so few L1 sets that they cannot stay cached while a tile runs: a typical L1 (64 sets of 64
 /// bytes, 8 ways or more) holds only `8 × sets` of the strip's lines, and a row stride that is
-/// a multiple of a power of two maps every row onto `64 / 2^j` sets. Only then does packing the
-/// strip pay for its copy (`sgemm::timing`, Xeon with AVX-512, packed / in place: 0.60x at 128
-/// columns (8 sets), 0.62-0.82x at 1024 (one set); 0.96-0.98x at 3136 and 12544 columns (64 and
-/// 16 sets, within noise), and 1.1-2.2x slower at 8, 49, 160 and 196 columns).
+/// a multiple of a power of two maps every row onto `64 / 2^j` sets. Only where that is one or
+/// two sets does packing B pay for its copy (`sgemm::timing`, Xeon with AVX-512, GFLOP/s in
+/// place against packed, 3 runs: 1024 columns (one set) 180-218 against 253-316; 128 columns
+/// (8 sets) 278-299 against 252-264; 160 columns 263-286 against 240-285; a 56x56 plane with
+/// 24 rows 121 against 58-69).
 fn strided_rows_thrash(n: usize, k: usize) -> bool {
     let stride = n * 4;
     // Sets one column's lines cycle through: 64 / gcd(64, stride in lines), or all of them when
     // rows are not line-aligned relative to each other.
     let sets = if stride.is_multiple_of(64) { 64 >> (stride / 64).trailing_zeros().min(6) } else { 64 };
     let lines = k * (NR * 4).div_ceil(64);
-    sets <= 8 && lines > 8 * sets
+    sets <= 2 && lines > 8 * sets
 }
 
 /// `buf` as initialised floats, zeroed.
@@ -398,9 +399,8 @@ mod x86 {
     pub enum Kernel {
         /// 12 rows × 32 columns in 24 of AVX-512's 32 registers, reading B in place.
         Avx512,
-        /// The same tile reading B packed: each unit copies its columns of B, one `KC`-deep
-        /// slice at a time, into contiguous `depth × 32` strips that every row panel of the unit
-        /// then reads (see [`super::tile_kernel`] for where that pays).
+        /// The same tile reading B packed, once for all units, into contiguous `k × 32` strips
+        /// (see [`super::strided_rows_thrash`] for where that pays).
         Avx512Packed,
         /// 4 rows × 24 columns (twice per 8-row panel) in 12 of AVX2's 16 registers: 7 loads
         /// per 12 FMAs, the best ratio that leaves registers for `B` and the broadcast.
@@ -441,6 +441,9 @@ mod x86 {
         a: &'a [f32],
         /// The image's `B` (`k × n`).
         b: &'a [f32],
+        /// The image's `B` packed into 32-column strips (`[strip][k][NR]`, zero past `n`), where
+        /// the kernel reads it so.
+        packed_b: Option<&'a [f32]>,
         /// The image's `C` (`m × n`).
         c: *mut f32,
         /// `bias` padded to whole panels.
@@ -496,6 +499,27 @@ mod x86 {
         let per = (tiles / want.div_ceil(batch * chunks)).max(1);
         let groups = tiles.div_ceil(per);
         let out = Out(dst);
+        let big = batch * m * n * k >= PARALLEL_MIN;
+        // B packed once for every unit (each image's 32-column strips, k rows each), where the
+        // kernel reads it so: per unit, the copy cost as much as a quarter of the products.
+        let strips = n.div_ceil(NR);
+        let mut packed_b = Vec::new();
+        if let Kernel::Avx512Packed = kernel {
+            packed_b = vec![0f32; batch * strips * k * NR];
+            let pack = |(i, strip): (usize, &mut [f32])| {
+                let (img, j) = (i / strips, (i % strips) * NR);
+                let cols = NR.min(n - j);
+                for (p, dst) in strip.chunks_exact_mut(NR).enumerate() {
+                    let at = (img * k + p) * n + j;
+                    dst[..cols].copy_from_slice(&b[at..at + cols]);
+                }
+            };
+            if big {
+                packed_b.par_chunks_exact_mut(k * NR).enumerate().for_each(pack);
+            } else {
+                packed_b.chunks_exact_mut(k * NR).enumerate().for_each(pack);
+            }
+        }
         let unit = |u: usize| {
             // Image, then chunk, then group: neighbouring units (one thread's range) share B's
             // columns.
@@ -504,12 +528,16 @@ mod x86 {
             let (j0, j1) = (chunk * nc, n.min((chunk + 1) * nc));
             let panels = g * per..tiles.min((g + 1) * per);
             if let Kernel::Avx512 | Kernel::Avx512Packed = kernel {
-                let unit = Unit { a: packed, b, c: out.at(out_at), bias: &bias_padded, clamp, m, n, k, panels, j0, j1 };
+                let per_image = strips * k * NR;
+                let packed_b = packed_b.get(img * per_image..(img + 1) * per_image);
+                let c = out.at(out_at);
+                let unit = Unit { a: packed, b, packed_b, c, bias: &bias_padded, clamp, m, n, k, panels, j0, j1 };
                 // SAFETY: the CPU has AVX-512F (the caller's contract); `packed` is m×k in
-                // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n and
-                // `out_at` its m×n in dst; this unit alone writes its panels' rows at
-                // columns j0..j1 (each (image, chunk, group) is one unit).
-                unsafe { unit512(&unit, matches!(kernel, Kernel::Avx512Packed)) };
+                // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n (and
+                // `packed_b`, where present, its strips) and `out_at` its m×n in dst; this
+                // unit alone writes its panels' rows at columns j0..j1 (each (image, chunk,
+                // group) is one unit).
+                unsafe { unit512(&unit) };
                 return;
             }
             // The AVX2 kernel reads B's strip packed (k × width, zero-padded), once per chunk
@@ -537,45 +565,34 @@ mod x86 {
             }
         };
         let units = batch * groups * chunks;
-        if batch * m * n * k < PARALLEL_MIN {
+        if !big {
             (0..units).for_each(unit);
         } else {
             (0..units).into_par_iter().for_each(unit);
         }
     }
 
-    /// Runs one unit's tiles: for each `KC`-deep slice of `k` (B's columns `j0..j1` first
-    /// packed into strips when `pack_b`), each row panel (whose slice of A then stays in L1)
-    /// against each 32-column strip of B (streamed from L2). The first slice writes `C`, later
-    /// ones add to it, and the last applies bias and clamp.
+    /// Runs one unit's tiles: for each `KC`-deep slice of `k`, each row panel (whose slice of A
+    /// then stays in L1) against each 32-column strip of B (streamed from L2, in place or
+    /// packed). The first slice writes `C`, later ones add to it, and the last applies bias and
+    /// clamp.
     ///
     /// # Safety
     /// AVX-512F must be available; `u.a` must hold `u.m`×`u.k` packed in [`MR512`]-row panels,
-    /// `u.bias` one value per row of those panels, and `u.b` `u.k`×`u.n` floats; `u.c` must be
-    /// writable for `u.m`×`u.n` floats (row stride `u.n`), of which no other thread touches
-    /// `u.panels`' rows at columns `u.j0..u.j1` (≤ `u.n`).
+    /// `u.bias` one value per row of those panels, `u.b` `u.k`×`u.n` floats and `u.packed_b`
+    /// (if any) `⌈u.n/32⌉·u.k·32`; `u.c` must be writable for `u.m`×`u.n` floats (row stride
+    /// `u.n`), of which no other thread touches `u.panels`' rows at columns `u.j0..u.j1`
+    /// (≤ `u.n`, `u.j0` a multiple of 32).
     #[target_feature(enable = "avx512f")]
-    unsafe fn unit512(u: &Unit<'_>, pack_b: bool) {
-        let &Unit { a, b, c, bias, clamp, m, n, k, .. } = u;
+    unsafe fn unit512(u: &Unit<'_>) {
+        let &Unit { a, b, packed_b, c, bias, clamp, m, n, k, .. } = u;
         let (j0, j1) = (u.j0, u.j1);
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
-        let mut packed_b = if pack_b { vec![0f32; kc * strips * NR] } else { Vec::new() };
         for s in 0..slices {
             let p0 = s * kc;
             let depth = kc.min(k - p0);
-            if pack_b {
-                for (i, strip) in packed_b.chunks_exact_mut(depth * NR).take(strips).enumerate() {
-                    let j = j0 + i * NR;
-                    let cols = NR.min(j1 - j);
-                    for (p, dst) in strip.chunks_exact_mut(NR).enumerate() {
-                        let at = (p0 + p) * n + j;
-                        dst[..cols].copy_from_slice(&b[at..at + cols]);
-                        dst[cols..].fill(0.0);
-                    }
-                }
-            }
             let (first, last) = (s == 0, s + 1 == slices);
             for t in u.panels.clone() {
                 let rows = MR512.min(m - t * MR512);
@@ -584,26 +601,17 @@ mod x86 {
                 for i in 0..strips {
                     let j = j0 + i * NR;
                     let cols = NR.min(j1 - j);
-                    let (bp, ldb) =
-                        if pack_b { (packed_b[i * depth * NR..].as_ptr(), NR) } else { (b[p0 * n + j..].as_ptr(), n) };
-                    let job = Tile {
-                        k: depth,
-                        a: panel,
-                        b: bp,
-                        ldb,
-                        c: c.wrapping_add(t * MR512 * n + j),
-                        ldc: n,
-                        rows,
-                        cols,
-                        bias,
-                        clamp,
-                        first,
-                        last,
+                    let (bp, ldb) = match packed_b {
+                        Some(packed) => (packed[((j / NR) * k + p0) * NR..].as_ptr(), NR),
+                        None => (b[p0 * n + j..].as_ptr(), n),
                     };
+                    let c = c.wrapping_add(t * MR512 * n + j);
+                    let job = Tile { k: depth, a: panel, b: bp, ldb, c, ldc: n, rows, cols, bias, clamp, first, last };
                     // SAFETY: AVX-512F is available (the contract); the panel holds depth×MR512
                     // values; B's strip holds `depth` rows of `cols` columns at stride `ldb`
-                    // (packed just above, or B in place from row p0, column j: j + cols ≤ n);
-                    // the tile's rows and columns lie inside C and belong to this unit.
+                    // (packed: strip j/32's rows p0.. of k; in place: B from row p0, column j,
+                    // with j + cols ≤ n); the tile's rows and columns lie inside C and belong to
+                    // this unit.
                     unsafe {
                         match (rows, cols) {
                             (..=4, ..=16) => tile::<4, 1>(&job),
@@ -934,15 +942,15 @@ mod tests {
                 [13, 300, 96],
                 [6, 257, 33],
                 [7, 270, 1],
-                // Row strides on a few L1 sets: the AVX-512 tile reads B packed.
+                // Row strides on one or two L1 sets: the AVX-512 tile reads B packed.
                 [13, 1024, 9],
                 [9, 512, 12],
                 [10, 1536, 20],
-                [26, 128, 300],
+                [26, 2048, 300],
                 // Deeper than one slice of k (partial sums go back to C, then bias and clamp),
                 // in place and packed, with partial panels of 4 and 8 rows.
                 [16, 40, 800],
-                [20, 128, 769],
+                [20, 1024, 769],
                 [12, 9, 1536],
             ] {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
@@ -973,12 +981,11 @@ mod tests {
     }
 
     #[test]
-    fn only_rows_on_a_few_l1_sets_pack_their_strip() {
+    fn only_rows_on_one_or_two_l1_sets_are_packed() {
         assert!(strided_rows_thrash(1024, 384), "every row on one set");
         assert!(strided_rows_thrash(512, 64), "two sets");
         assert!(!strided_rows_thrash(1024, 2), "4 lines fit one set's ways");
-        assert!(strided_rows_thrash(128, 384), "8 sets, 768 lines");
-        assert!(!strided_rows_thrash(128, 16), "8 sets, 32 lines");
+        assert!(!strided_rows_thrash(128, 384), "8 sets");
         assert!(!strided_rows_thrash(160, 1536), "32 sets");
         assert!(!strided_rows_thrash(49, 1152), "rows not line-aligned spread over every set");
         assert!(!strided_rows_thrash(112 * 112, 16), "4 sets, 32 lines");
