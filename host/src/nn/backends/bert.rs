@@ -141,35 +141,57 @@ impl Layer {
     /// Self-attention over `xt` (`[hidden][rows·seq]`: the hidden states transposed) with an
     /// additive `mask` per token, then the residual and layer norm. In this layout each head's
     /// Q, K and V are rows, every dense layer takes its operand as it is, and the layer norms
-    /// run across tokens, so a pass transposes only on its way in and out.
-    fn attention(&self, xt: &[f32], [rows, seq]: [usize; 2], mask: &[f32]) -> candle_core::Result<Vec<f32>> {
+    /// run across tokens, so a pass transposes only on its way in and out. The result goes to
+    /// `out`; `scratch` holds the intermediate values (see [`Scratch`]).
+    fn attention(
+        &self,
+        xt: &[f32],
+        [rows, seq]: [usize; 2],
+        mask: &[f32],
+        scratch: &mut Scratch,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
         let tokens = rows * seq;
         let hidden = self.attention_out.out;
         if mask.len() != tokens || self.qkv.out != 3 * hidden || xt.len() != hidden * tokens {
             candle_core::bail!("attention: operand sizes do not match");
         }
-        let qkvt = self.qkv.forward_t(xt, tokens, None)?;
-        let ctxt = attend(&qkvt, [rows, seq, hidden, self.heads], mask)?;
-        drop(qkvt);
-        let mut outt = self.attention_out.forward_t(&ctxt, tokens, None)?;
-        self.attention_norm.residual(&mut outt, xt, tokens)?;
-        Ok(outt)
+        self.qkv.forward_t(xt, tokens, None, &mut scratch.qkvt)?;
+        attend(&scratch.qkvt, [rows, seq, hidden, self.heads], mask, &mut scratch.ctxt)?;
+        self.attention_out.forward_t(&scratch.ctxt, tokens, None, out)?;
+        self.attention_norm.residual(out, xt, tokens)
     }
 
     /// The feed-forward block on the attention's output (transposed, as above), then the
-    /// residual and layer norm.
-    fn feed_forward(&self, xt: &[f32], tokens: usize) -> candle_core::Result<Vec<f32>> {
+    /// residual and layer norm, into `out`.
+    fn feed_forward(
+        &self,
+        xt: &[f32],
+        tokens: usize,
+        scratch: &mut Scratch,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
         let act = match self.activation {
             Activation::Gelu => Act::Gelu,
             Activation::GeluApproximate => Act::GeluTanh,
             Activation::Relu => Act::Relu,
         };
-        let inner = self.intermediate.forward_t(xt, tokens, Some(act))?;
-        let mut outt = self.output.forward_t(&inner, tokens, None)?;
-        drop(inner);
-        self.output_norm.residual(&mut outt, xt, tokens)?;
-        Ok(outt)
+        self.intermediate.forward_t(xt, tokens, Some(act), &mut scratch.inner)?;
+        self.output.forward_t(&scratch.inner, tokens, None, out)?;
+        self.output_norm.residual(out, xt, tokens)
     }
+}
+
+/// A pass's intermediate values, reused by every layer: fresh buffers of a few MiB per layer
+/// cost page faults on every first touch (a fifth of a MiniLM pass at 8×128 tokens).
+#[derive(Default)]
+struct Scratch {
+    /// Q, K and V, transposed (`[3·hidden][tokens]`).
+    qkvt: Vec<f32>,
+    /// The attention's context (`[hidden][tokens]`).
+    ctxt: Vec<f32>,
+    /// The feed-forward block's inner activations (`[intermediate][tokens]`).
+    inner: Vec<f32>,
 }
 
 /// A layer norm over the features of transposed hidden states (each token a column).
@@ -227,36 +249,33 @@ impl Dense {
         Ok(Self { weight, packed, bias, out, inp })
     }
 
-    /// `yᵀ = act(W·xᵀ + b)` on transposed values (`xt`: `[inp][tokens]`).
-    fn forward_t(&self, xt: &[f32], tokens: usize, act: Option<Act>) -> candle_core::Result<Vec<f32>> {
+    /// `yᵀ = act(W·xᵀ + b)` on transposed values (`xt`: `[inp][tokens]`), into `yt` (resized).
+    fn forward_t(&self, xt: &[f32], tokens: usize, act: Option<Act>, yt: &mut Vec<f32>) -> candle_core::Result<()> {
         if xt.len() != self.inp * tokens {
             candle_core::bail!("a dense layer of {} inputs given {} values for {tokens} tokens", self.inp, xt.len());
         }
-        let mut yt = vec![0f32; self.out * tokens];
-        sgemm::gemm(
-            [self.out, tokens, self.inp],
-            &self.weight,
-            self.packed.as_ref(),
-            xt,
-            &mut yt,
-            Some(&self.bias),
-            None,
-        )
-        .map_err(|e| candle_core::Error::Msg(e.message))?;
+        yt.resize(self.out * tokens, 0.0);
+        sgemm::gemm([self.out, tokens, self.inp], &self.weight, self.packed.as_ref(), xt, yt, Some(&self.bias), None)
+            .map_err(|e| candle_core::Error::Msg(e.message))?;
         if let Some(act) = act {
-            act::activate(&mut yt, act);
+            act::activate(yt, act);
         }
-        Ok(yt)
+        Ok(())
     }
 }
 
 /// Scaled dot-product attention on transposed projections: `qkvt` is `[3·hidden][tokens]`
-/// (Q, K, V stacked), `mask` the additive mask per token (`[rows][seq]`); the context comes
-/// back as `[hidden][tokens]`. Per row and head, `Sᵀ = Kᵀ·Q` (one `seq × seq` block at a time,
+/// (Q, K, V stacked), `mask` the additive mask per token (`[rows][seq]`); the context goes to
+/// `ctxt` (resized) as `[hidden][tokens]`. Per row and head, `Sᵀ = Kᵀ·Q` (one `seq × seq` block at a time,
 /// never all of batch × heads × seq²), a softmax down each column, then `ctx = V·Sᵀ`: both
 /// products on the GEMM, with the mask as the first one's per-row bias. Rows and heads run in
 /// parallel when there is enough work.
-fn attend(qkvt: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) -> candle_core::Result<Vec<f32>> {
+fn attend(
+    qkvt: &[f32],
+    [rows, seq, hidden, heads]: [usize; 4],
+    mask: &[f32],
+    ctxt: &mut Vec<f32>,
+) -> candle_core::Result<()> {
     let tokens = rows * seq;
     let head = hidden / heads.max(1);
     if qkvt.len() != 3 * hidden * tokens || mask.len() != tokens || head * heads != hidden {
@@ -296,7 +315,7 @@ fn attend(qkvt: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) ->
     } else {
         (0..units).map(unit).collect::<candle_core::Result<_>>()?
     };
-    let mut ctxt = vec![0f32; hidden * tokens];
+    ctxt.resize(hidden * tokens, 0.0);
     for (u, ctx) in blocks.iter().enumerate() {
         let (b, h) = (u / heads, u % heads);
         for (d, row) in ctx.chunks_exact(seq).enumerate() {
@@ -304,7 +323,7 @@ fn attend(qkvt: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) ->
             ctxt[at..at + seq].copy_from_slice(row);
         }
     }
-    Ok(ctxt)
+    Ok(())
 }
 
 /// Word + position + token-type embeddings, then a layer norm (as BERT's), written straight
@@ -470,6 +489,8 @@ impl Bert {
         let _output = meter.reserve(outputs, &what)?;
         let _step = meter.reserve(step, &what)?;
         let mut done = Vec::with_capacity(batch.div_ceil(rows));
+        // Buffers every layer of every chunk reuses: the attention's output, and the rest.
+        let (mut mid, mut scratch) = (Vec::new(), Scratch::default());
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
             let (ids, types, mask) = (ids.narrow(0, start, n)?, types.narrow(0, start, n)?, mask.narrow(0, start, n)?);
@@ -510,9 +531,9 @@ impl Bert {
                         alive = keep.iter().map(|&i| alive[i]).collect();
                     }
                 }
-                xt = layer.attention(&xt, [alive.len(), seq], &mask)?;
+                layer.attention(&xt, [alive.len(), seq], &mask, &mut scratch, &mut mid)?;
                 meter.checkpoint(&format_args!("BERT layer {k} (feed-forward) of rows {start}..{}", start + n))?;
-                xt = layer.feed_forward(&xt, alive.len() * seq)?;
+                layer.feed_forward(&mid, alive.len() * seq, &mut scratch, &mut xt)?;
             }
             // Rows nobody waits for come back as zeros (their callers are gone).
             let mut out = vec![0f32; n * seq * h];
@@ -690,7 +711,9 @@ mod tests {
             )
             .unwrap();
             let xt: Vec<f32> = (0..inp * tokens).map(|i| (((i * 104729) % 97) as f32 - 48.0) * 0.01).collect();
-            let yt = dense.forward_t(&xt, tokens, Some(Act::Relu)).unwrap();
+            // A reused buffer of the wrong size is resized, and every value overwritten.
+            let mut yt = vec![f32::NAN; 5];
+            dense.forward_t(&xt, tokens, Some(Act::Relu), &mut yt).unwrap();
             for o in 0..out {
                 for t in 0..tokens {
                     let want: f64 =
@@ -700,7 +723,7 @@ mod tests {
                     assert!((got - want.max(0.0)).abs() <= 1e-4, "{out}x{inp}x{tokens} ({o}, {t}): {got} vs {want}");
                 }
             }
-            assert!(dense.forward_t(&xt[1..], tokens, None).is_err(), "a short input");
+            assert!(dense.forward_t(&xt[1..], tokens, None, &mut yt).is_err(), "a short input");
         }
     }
 
@@ -715,7 +738,8 @@ mod tests {
                 .collect();
             let shape = [rows, seq, hidden, heads];
             let qkvt = act::transpose(&qkv, tokens, 3 * hidden).unwrap();
-            let ctxt = attend(&qkvt, shape, &mask).unwrap();
+            let mut ctxt = vec![f32::NAN; 3];
+            attend(&qkvt, shape, &mask, &mut ctxt).unwrap();
             let want = naive_attention(&qkv, shape, &mask);
             for t in 0..tokens {
                 for f in 0..hidden {
@@ -724,7 +748,7 @@ mod tests {
                 }
             }
         }
-        assert!(attend(&[0.0; 10], [1, 2, 4, 2], &[0.0; 2]).is_err(), "sizes that do not match");
+        assert!(attend(&[0.0; 10], [1, 2, 4, 2], &[0.0; 2], &mut Vec::new()).is_err(), "sizes that do not match");
     }
 
     #[test]
@@ -772,18 +796,18 @@ mod timing {
             let h = bert.config.hidden_size;
             let xt: Vec<f32> = (0..h * tokens).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
             let mask = vec![0f32; tokens];
-            let qkv = time(&mut || drop(layer.qkv.forward_t(&xt, tokens, None).unwrap()));
-            let qkvt = layer.qkv.forward_t(&xt, tokens, None).unwrap();
-            let att = time(&mut || drop(attend(&qkvt, [rows, seq, h, layer.heads], &mask).unwrap()));
-            let out = time(&mut || drop(layer.attention_out.forward_t(&xt, tokens, None).unwrap()));
-            let mut y = xt.clone();
-            let norm = time(&mut || layer.attention_norm.residual(&mut y, &xt, tokens).unwrap());
-            let ffn1 = time(&mut || drop(layer.intermediate.forward_t(&xt, tokens, Some(Act::Gelu)).unwrap()));
-            let inner = layer.intermediate.forward_t(&xt, tokens, None).unwrap();
-            let ffn2 = time(&mut || drop(layer.output.forward_t(&inner, tokens, None).unwrap()));
+            let (mut y, mut s) = (Vec::new(), Scratch::default());
+            let qkv = time(&mut || layer.qkv.forward_t(&xt, tokens, None, &mut s.qkvt).unwrap());
+            let att = time(&mut || attend(&s.qkvt, [rows, seq, h, layer.heads], &mask, &mut s.ctxt).unwrap());
+            let out = time(&mut || layer.attention_out.forward_t(&xt, tokens, None, &mut y).unwrap());
+            let mut normed = xt.clone();
+            let norm = time(&mut || layer.attention_norm.residual(&mut normed, &xt, tokens).unwrap());
+            let ffn1 = time(&mut || layer.intermediate.forward_t(&xt, tokens, Some(Act::Gelu), &mut s.inner).unwrap());
+            let ffn2 = time(&mut || layer.output.forward_t(&s.inner, tokens, None, &mut y).unwrap());
+            let (mut mid, mut next) = (Vec::new(), Vec::new());
             let whole = time(&mut || {
-                let a = layer.attention(&xt, [rows, seq], &mask).unwrap();
-                drop(layer.feed_forward(&a, tokens).unwrap());
+                layer.attention(&xt, [rows, seq], &mask, &mut s, &mut mid).unwrap();
+                layer.feed_forward(&mid, tokens, &mut s, &mut next).unwrap();
             });
             let ids = Tensor::from_vec(vec![1000i64; tokens], (rows, seq), &Device::Cpu).unwrap();
             let ones = Tensor::ones((rows, seq), DType::I64, &Device::Cpu).unwrap();
