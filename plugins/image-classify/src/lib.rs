@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 
 use eir_guest::nn::{Graph, output};
 use eir_guest::{Datatype, Error, Metadata, Plugin, Request, Response, Result, Tensor, TensorSpec};
-use image::imageops::FilterType;
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 struct ImageClassify;
 
@@ -66,15 +67,25 @@ fn preprocess(bytes: &[u8], k: usize) -> Result<Vec<f32>> {
     }
     let scale = RESIZE as f32 / w.min(h) as f32;
     let (nw, nh) = (((w as f32 * scale).round() as u32).max(SIZE), ((h as f32 * scale).round() as u32).max(SIZE));
-    let resized = img.to_rgb8();
-    let resized = image::imageops::resize(&resized, nw, nh, FilterType::Triangle);
+    // Resizing to nw x nh and then cropping the centre is resizing the centre's source box
+    // straight to 224x224 with the same filter: only the kept pixels are computed (the crop
+    // drops up to half of a landscape photo). fast_image_resize's convolution is Pillow's, the
+    // reference's resize.
     let (left, top) = ((nw - SIZE) / 2, (nh - SIZE) / 2);
-    let crop = image::imageops::crop_imm(&resized, left, top, SIZE, SIZE).to_image();
+    let (sx, sy) = (f64::from(w) / f64::from(nw), f64::from(h) / f64::from(nh));
+    let fir = |e: &dyn std::fmt::Display| Error::internal(format!("image {k}: resizing: {e}"));
+    let rgb = img.into_rgb8();
+    let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3).map_err(|e| fir(&e))?;
+    let mut crop = Image::new(SIZE, SIZE, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(f64::from(left) * sx, f64::from(top) * sy, f64::from(SIZE) * sx, f64::from(SIZE) * sy);
+    Resizer::new().resize(&src, &mut crop, &options).map_err(|e| fir(&e))?;
     let plane = (SIZE * SIZE) as usize;
     let mut chw = vec![0f32; 3 * plane];
-    for (i, px) in crop.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * plane + i] = (f32::from(px[c]) - 127.0) / 128.0;
+    for (i, px) in crop.buffer().chunks_exact(3).enumerate() {
+        for (c, &v) in px.iter().enumerate() {
+            chw[c * plane + i] = (f32::from(v) - 127.0) / 128.0;
         }
     }
     Ok(chw)
