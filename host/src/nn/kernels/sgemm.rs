@@ -68,10 +68,12 @@ impl Packed {
         let mr = if simd::avx512() { MR512 } else { MR };
         let mut data = vec![0f32; m.div_ceil(mr) * k * mr];
         for (t, panel) in data.chunks_exact_mut(k * mr).enumerate() {
-            for r in 0..mr.min(m - t * mr) {
-                let row = &a[(t * mr + r) * k..(t * mr + r + 1) * k];
-                for (slot, &v) in panel[r..].iter_mut().step_by(mr).zip(row) {
-                    *slot = v;
+            let rows = &a[t * mr * k..(t * mr + mr.min(m - t * mr)) * k];
+            // Step by step through the panel's rows together: each step's values are one
+            // contiguous run of the panel (a strided gather per row was slower by half).
+            for (p, step) in panel.chunks_exact_mut(mr).enumerate() {
+                for (slot, row) in step.iter_mut().zip(rows.chunks_exact(k)) {
+                    *slot = row[p];
                 }
             }
         }
@@ -1167,6 +1169,46 @@ mod timing {
                 ours.as_secs_f64() * 1e3,
                 theirs.as_secs_f64() * 1e3,
                 ours.as_secs_f64() / theirs.as_secs_f64()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod peak {
+    use super::*;
+
+    /// Not a test: `cargo test -p eir --lib sgemm::peak -- --ignored --nocapture` prints the
+    /// AVX-512 tile's rate on one thread with every operand in L1, B aligned to a cache line
+    /// and 4 floats off it: the kernel's own ceiling, against the CPU's peak (two 16-lane FMAs
+    /// per cycle).
+    #[test]
+    #[ignore]
+    fn tile_in_l1() {
+        if !simd::avx512() {
+            eprintln!("no AVX-512 on this CPU");
+            return;
+        }
+        for ([m, n, k], off) in [([12, 32, 128], 0), ([12, 32, 128], 4), ([24, 64, 128], 0), ([24, 64, 128], 4)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let room: Vec<f32> = (0..k * n + 32).map(|i| (i % 7) as f32 * 0.1).collect();
+            let skip = (64 - room.as_ptr() as usize % 64) / 4 % 16 + off;
+            let b = &room[skip..skip + k * n];
+            let packed = Packed::new(m, k, &a).unwrap();
+            let shape = GemmShape::new(1, [m, n, k], a.len(), b.len(), m * n, Some(m)).unwrap();
+            let bias = vec![0f32; m];
+            let mut dst = vec![0f32; m * n];
+            let reps = 200_000;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                // SAFETY: the CPU has AVX-512F (checked above); `shape` was checked against
+                // these operands; `packed` is this m×k; dst holds m·n floats.
+                unsafe { x86::gemm(x86::Kernel::Avx512, &shape, &packed, b, dst.as_mut_ptr(), Some(&bias), None) };
+            }
+            let s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{m}x{n}x{k}, B {off} floats off a line: {:.1} GFLOP/s",
+                2.0 * (m * n * k * reps) as f64 / s / 1e9
             );
         }
     }
