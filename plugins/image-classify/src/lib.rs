@@ -77,9 +77,12 @@ fn preprocess(bytes: &[u8], k: usize) -> Result<Vec<f32>> {
     let rgb = img.into_rgb8();
     let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3).map_err(|e| fir(&e))?;
     let mut crop = Image::new(SIZE, SIZE, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-        .crop(f64::from(left) * sx, f64::from(top) * sy, f64::from(SIZE) * sx, f64::from(SIZE) * sy);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(
+        f64::from(left) * sx,
+        f64::from(top) * sy,
+        f64::from(SIZE) * sx,
+        f64::from(SIZE) * sy,
+    );
     Resizer::new().resize(&src, &mut crop, &options).map_err(|e| fir(&e))?;
     let plane = (SIZE * SIZE) as usize;
     let mut chw = vec![0f32; 3 * plane];
