@@ -7,10 +7,11 @@
 //! layers the backend calls [`Meter::checkpoint`], which ends the work once the caller's
 //! deadline has passed or its [`CancelToken`] was cancelled (the caller timed out or went
 //! away), so abandoned work frees its compute slot within one operator. A checkpoint is also
-//! where a pass steps aside ([`Meter::yielding_to`]) while a fairer tenant's pass runs.
+//! where a pass steps aside ([`Meter::yielding_to`]) while a fairer tenant's pass runs; a
+//! [`ShareClock`] measures the cores' time each pass actually had, stepping aside excluded.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::NnError;
@@ -112,11 +113,10 @@ pub struct Meter {
     parts: Vec<Part>,
     /// "compute" or "load": named in errors.
     what: &'static str,
-    /// The number of the priority pass running (0: none), and the last one launched before
-    /// this work began: checkpoints wait while a later one runs (see [`Meter::yielding_to`]).
-    yield_to: Option<(Arc<AtomicU64>, u64)>,
-    /// Nanoseconds spent waiting at checkpoints for `yield_to`.
-    paused: AtomicU64,
+    /// The number of the priority pass running (0: none), the last one launched before this
+    /// work began, and the pass's account: checkpoints wait while a later one runs (see
+    /// [`Meter::yielding_to`]), standing aside on the account meanwhile.
+    yield_to: Option<(Arc<AtomicU64>, u64, Arc<Occupancy>)>,
 }
 
 impl Meter {
@@ -132,7 +132,6 @@ impl Meter {
             parts: Vec::new(),
             what: "compute",
             yield_to: None,
-            paused: AtomicU64::new(0),
         }
     }
 
@@ -144,15 +143,11 @@ impl Meter {
     /// began before the priority pass was launched waits for it: work that began later may
     /// be running on top of it on the same thread (a waiting checkpoint runs pool work, and
     /// so does a pass waiting for its own parallel parts), and waiting there would wait for
-    /// itself.
-    pub fn yielding_to(mut self, running: Arc<AtomicU64>, seen: u64) -> Self {
-        self.yield_to = Some((running, seen));
+    /// itself. While it waits, the pass stands aside on `account` (it accrues no share of the
+    /// cores).
+    pub fn yielding_to(mut self, running: Arc<AtomicU64>, seen: u64, account: Arc<Occupancy>) -> Self {
+        self.yield_to = Some((running, seen, account));
         self
-    }
-
-    /// Time spent waiting at checkpoints for a fairer pass (not this pass's compute).
-    pub fn paused(&self) -> Duration {
-        Duration::from_nanos(self.paused.load(Ordering::Relaxed))
     }
 
     /// A batched pass under `budget`, serving `parts` (each caller's rows, token and
@@ -200,12 +195,12 @@ impl Meter {
     /// pass's own thread, and would wait for itself.
     pub fn checkpoint(&self, at: &dyn std::fmt::Display) -> Result<(), NnError> {
         self.check(at)?;
-        let Some((running, seen)) = &self.yield_to else { return Ok(()) };
+        let Some((running, seen, account)) = &self.yield_to else { return Ok(()) };
         let urgent = || running.load(Ordering::Acquire) > *seen;
         if !urgent() {
             return Ok(());
         }
-        let started = Instant::now();
+        account.stand_aside();
         let result = loop {
             if let Err(e) = self.check(at) {
                 break Err(e);
@@ -218,8 +213,7 @@ impl Meter {
                 std::thread::sleep(Duration::from_micros(100));
             }
         };
-        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.paused.fetch_add(waited, Ordering::Relaxed);
+        account.resume();
         result
     }
 
@@ -318,19 +312,109 @@ fn human(bytes: u64) -> String {
     bytesize::ByteSize::b(bytes).to_string()
 }
 
+/// The cores' time, shared out among the passes running at once: while `n` passes run (none
+/// of them standing aside), each accrues `cores / n` core-seconds per second. A pass's
+/// [`Occupancy`] is what it is charged: the cores it actually shared, however many passes
+/// started, ended or stood aside while it ran.
+#[derive(Debug)]
+pub struct ShareClock {
+    cores: f64,
+    state: Mutex<Clock>,
+}
+
+#[derive(Debug)]
+struct Clock {
+    /// Core-seconds one pass would have accrued, had it run since the clock began.
+    total: f64,
+    /// Passes running and not standing aside.
+    running: usize,
+    at: Instant,
+}
+
+impl ShareClock {
+    /// A clock over `cores` cores (at least one).
+    pub fn new(cores: usize) -> Arc<Self> {
+        let state = Clock { total: 0.0, running: 0, at: Instant::now() };
+        Arc::new(Self { cores: cores.max(1) as f64, state: Mutex::new(state) })
+    }
+
+    /// The clock, brought up to now.
+    fn now(&self) -> MutexGuard<'_, Clock> {
+        let mut c = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if c.running > 0 {
+            c.total += now.saturating_duration_since(c.at).as_secs_f64() * self.cores / c.running as f64;
+        }
+        c.at = now;
+        c
+    }
+}
+
+/// One pass's account on a [`ShareClock`]: it runs from [`start`](Self::start) to
+/// [`finish`](Self::finish), except while it stands aside at a checkpoint.
+#[derive(Debug)]
+pub struct Occupancy {
+    clock: Arc<ShareClock>,
+    /// The clock's total when the pass last began running (`None` while it stands aside or
+    /// after it finished), and the core-seconds it accrued before that.
+    state: Mutex<(Option<f64>, f64)>,
+}
+
+impl Occupancy {
+    /// A pass that begins running now.
+    pub fn start(clock: &Arc<ShareClock>) -> Arc<Self> {
+        let account = Arc::new(Self { clock: clock.clone(), state: Mutex::new((None, 0.0)) });
+        account.resume();
+        account
+    }
+
+    fn state(&self) -> MutexGuard<'_, (Option<f64>, f64)> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pass stops sharing the cores (waiting for a priority pass).
+    fn stand_aside(&self) {
+        let mut st = self.state();
+        if let Some(mark) = st.0.take() {
+            let mut clock = self.clock.now();
+            st.1 += clock.total - mark;
+            clock.running -= 1;
+        }
+    }
+
+    /// The pass shares the cores again.
+    fn resume(&self) {
+        let mut st = self.state();
+        if st.0.is_none() {
+            let mut clock = self.clock.now();
+            clock.running += 1;
+            st.0 = Some(clock.total);
+        }
+    }
+
+    /// Ends the pass: the core-seconds it accrued.
+    pub fn finish(&self) -> f64 {
+        self.stand_aside();
+        self.state().1
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
     #[test]
     fn a_yielding_checkpoint_waits_only_for_a_later_priority_pass_and_still_stops_when_cancelled() {
         let running = Arc::new(AtomicU64::new(0));
-        // No priority pass, or one launched before this work began: no wait.
-        let m = Meter::with_budget(1).yielding_to(running.clone(), 3);
+        let clock = ShareClock::new(1);
+        let account = Occupancy::start(&clock);
+        let started = Instant::now();
+        // No priority pass, or one launched before this work began: no wait (were there one,
+        // nothing would end it and the test would hang).
+        let m = Meter::with_budget(1).yielding_to(running.clone(), 3, account.clone());
         m.checkpoint(&"a").unwrap();
         running.store(3, Ordering::Release);
         m.checkpoint(&"b").unwrap();
-        assert_eq!(m.paused(), Duration::ZERO);
-        // A later one: the checkpoint waits until it ends, and counts the wait.
+        // A later one: the checkpoint waits until it ends, standing aside meanwhile.
         running.store(4, Ordering::Release);
         let release = {
             let running = running.clone();
@@ -341,10 +425,12 @@ mod tests {
         };
         m.checkpoint(&"c").unwrap();
         release.join().unwrap();
-        assert!(m.paused() >= Duration::from_millis(20), "{:?}", m.paused());
+        let (accrued, elapsed) = (account.finish(), started.elapsed().as_secs_f64());
+        // It stood aside for at least the 30 ms before the release.
+        assert!(accrued <= elapsed - 0.03, "the wait is not accrued: {accrued} of {elapsed} s");
         // Cancelled while it waits: the work ends with its error.
         let token = CancelToken::new();
-        let m = Meter::new(1, token.clone(), None).yielding_to(running.clone(), 0);
+        let m = Meter::new(1, token.clone(), None).yielding_to(running.clone(), 0, Occupancy::start(&clock));
         running.store(1, Ordering::Release);
         let cancel = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(10));
@@ -353,7 +439,32 @@ mod tests {
         let err = m.checkpoint(&"d").unwrap_err();
         cancel.join().unwrap();
         assert_eq!(crate::nn::code_name(err.code), "timeout");
-        assert!(m.paused() > Duration::ZERO);
+    }
+
+    #[test]
+    fn passes_side_by_side_share_the_cores_in_what_they_accrue() {
+        // Expected figures come from the measured time of each phase (sleeps may overrun).
+        let near = |got: f64, want: f64| (got - want).abs() <= 0.05 * want + 1e-3;
+        let clock = ShareClock::new(2);
+        let t = Instant::now();
+        let (a, b) = (Occupancy::start(&clock), Occupancy::start(&clock));
+        std::thread::sleep(Duration::from_millis(40));
+        let (b, together) = (b.finish(), t.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_millis(40));
+        let (a, all) = (a.finish(), t.elapsed().as_secs_f64());
+        // Beside each other each had one core; then `a` had both.
+        assert!(near(b, together), "{b} vs {together}");
+        assert!(near(a, together + 2.0 * (all - together)), "{a} vs {together} + 2 x {}", all - together);
+        // Standing aside accrues nothing, and leaves the cores to the others.
+        let t = Instant::now();
+        let (c, d) = (Occupancy::start(&clock), Occupancy::start(&clock));
+        c.stand_aside();
+        std::thread::sleep(Duration::from_millis(40));
+        c.resume();
+        let aside = t.elapsed().as_secs_f64();
+        let (c, d, all) = (c.finish(), d.finish(), t.elapsed().as_secs_f64());
+        assert!(c <= all - aside + 1e-3, "{c}: only after it resumed");
+        assert!(d >= 2.0 * aside * 0.95, "{d}: both cores while `c` stood aside ({aside} s)");
     }
 
     use super::*;

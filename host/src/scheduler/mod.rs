@@ -19,7 +19,8 @@
 //! - **Cancellation**: a job whose caller went away (or whose deadline passed) leaves its queue
 //!   without computing; in a running pass its rows are dropped at the next layer boundary
 //!   where the backend can ([`Meter::row_wanted`]), and the pass stops once no caller wants it.
-//! - **Charging**: a pass's measured time × its share of the cores is split over its jobs by
+//! - **Charging**: the cores' time a pass had (each second shared equally among the passes
+//!   running then, none while it stood aside: [`ShareClock`]) is split over its jobs by
 //!   their tokens and charged to their tenants, abandoned work included, so dropping and
 //!   resending requests gains nothing. The tenant's optional quota (core-seconds per minute)
 //!   is checked by the gateway before a request runs ([`Tenant::over_quota`]).
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::NnError;
 use crate::nn::backend::{BatchSpec, Model, Named};
-use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Part};
+use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Occupancy, Part, ShareClock};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
 pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu, without_turn};
@@ -133,12 +134,13 @@ struct Shared {
     wake: Condvar,
     settings: Settings,
     metrics: Metrics,
-    cores: usize,
     /// The number of the priority pass running (0: none): passes that began before it step
     /// aside at their checkpoints.
     urgent: Arc<AtomicU64>,
     /// Priority passes launched so far (the last one's number).
     priorities: AtomicU64,
+    /// The cores' time as the running passes share it: what each pass is charged.
+    clock: Arc<ShareClock>,
 }
 
 #[derive(Default)]
@@ -228,7 +230,6 @@ struct Pass {
     spec: Option<BatchSpec>,
     jobs: Vec<Queued>,
     bytes: u64,
-    share: f64,
     /// Let in past `max_running` for a tenant behind its share; the others step aside.
     priority: bool,
 }
@@ -250,9 +251,9 @@ impl Scheduler {
             wake: Condvar::new(),
             settings,
             metrics: Metrics::default(),
-            cores: cores(),
             urgent: Arc::new(AtomicU64::new(0)),
             priorities: AtomicU64::new(0),
+            clock: ShareClock::new(cores()),
         });
         let dispatcher = shared.clone();
         if let Err(e) = std::thread::Builder::new().name("eir-scheduler".into()).spawn(move || dispatcher.dispatch()) {
@@ -640,7 +641,6 @@ impl Shared {
                         spec: q.spec.clone(),
                         jobs,
                         bytes,
-                        share: 0.0,
                         priority: false,
                     };
                     return Pick::Pass(pass);
@@ -695,20 +695,18 @@ impl Shared {
         st.passes += 1;
         st.rows += pass.jobs.iter().map(|j| j.rows() as u64).sum::<u64>();
         st.memory = st.memory.saturating_add(pass.bytes);
-        // A priority pass has the cores to itself (the others step aside while it runs).
-        pass.share = if pass.priority { self.cores as f64 } else { self.cores as f64 / st.running as f64 };
         let shared = self.clone();
         rayon::spawn(move || shared.execute(pass));
     }
 
     /// Runs a pass, answers its callers, and charges their tenants.
     fn execute(self: Arc<Self>, mut pass: Pass) {
-        let started = Instant::now();
         let mut peak = 0u64;
-        let paused = std::cell::Cell::new(Duration::ZERO);
-        let answers = self.compute(&mut pass, &mut peak, &paused);
-        // Time spent stepping aside for a priority pass is that pass's, not this one's.
-        let elapsed = started.elapsed().saturating_sub(paused.get()).as_secs_f64() * pass.share;
+        // Charged: the cores' time this pass shared with the others running, not the time it
+        // stood aside for a priority pass (that pass's, while it had the cores to itself).
+        let account = Occupancy::start(&self.clock);
+        let answers = self.compute(&mut pass, &mut peak, &account);
+        let elapsed = account.finish();
         let units: u64 = pass.jobs.iter().map(|j| j.units).sum::<u64>().max(1);
         let now = Instant::now();
         let mut st = self.lock();
@@ -763,20 +761,19 @@ impl Shared {
     /// The answers of a pass's jobs, in order: one batched pass when it has several jobs, and
     /// each alone when the batch cannot be formed, split, or fails (so that one caller's bad
     /// input never fails the others).
-    fn compute(&self, pass: &mut Pass, peak: &mut u64, paused: &std::cell::Cell<Duration>) -> Answers {
+    fn compute(&self, pass: &mut Pass, peak: &mut u64, account: &Arc<Occupancy>) -> Answers {
         let model = pass.model.as_ref();
         // Priority passes launched before this one began are not its to wait for.
         let seen = self.priorities.load(Ordering::Acquire);
         let urgent = (!pass.priority).then(|| self.urgent.clone());
         let yielding = |meter: Meter| match &urgent {
-            Some(running) => meter.yielding_to(running.clone(), seen),
+            Some(running) => meter.yielding_to(running.clone(), seen, account.clone()),
             None => meter,
         };
         let alone = |job: &mut Queued, peak: &mut u64| {
             let meter = yielding(Meter::new(job.budget, job.token.clone(), job.deadline));
             let result = guarded(model, std::mem::take(&mut job.inputs), &meter);
             *peak = (*peak).max(meter.peak());
-            paused.set(paused.get() + meter.paused());
             result
         };
         if pass.jobs.len() == 1 {
@@ -810,7 +807,6 @@ impl Shared {
         self.metrics.batch(&pass.name, layout.rows(), tokens, layout.padding());
         let result = guarded(model, merged, &meter);
         *peak = (*peak).max(meter.peak());
-        paused.set(paused.get() + meter.paused());
         match result {
             Ok(outputs) => match batch::split(spec, outputs, &layout) {
                 Ok(each) => Answers { each: each.into_iter().map(Ok).collect(), batch_failed: false },
@@ -871,12 +867,14 @@ mod tests {
     struct Doubler {
         ms: u64,
         passes: Mutex<Vec<Vec<f32>>>,
+        /// Each pass that completed: its first row's value, when it began and when it ended.
+        spans: Mutex<Vec<(f32, Instant, Instant)>>,
         bytes: Option<u64>,
     }
 
     impl Doubler {
         fn new(ms: u64) -> Arc<Self> {
-            Arc::new(Self { ms, passes: Mutex::default(), bytes: Some(1) })
+            Arc::new(Self { ms, passes: Mutex::default(), spans: Mutex::default(), bytes: Some(1) })
         }
 
         /// Returns once `n` passes have begun (a test's cue, independent of timing).
@@ -907,10 +905,12 @@ mod tests {
                 return Err(NnError::invalid_argument("NaN"));
             }
             self.passes.lock().unwrap().push(x.clone());
+            let began = Instant::now();
             for i in 0..self.ms {
                 meter.checkpoint(&format_args!("ms {i}"))?;
                 std::thread::sleep(Duration::from_millis(1));
             }
+            self.spans.lock().unwrap().push((x[0], began, Instant::now()));
             let y: Vec<u8> = x.iter().flat_map(|v| (v * 2.0).to_le_bytes()).collect();
             Ok(vec![("y".into(), HostTensor::new(vec![x.len() as u32, 1], TensorType::Fp32, y)?)])
         }
@@ -1041,6 +1041,52 @@ mod tests {
         let heavy_share = first.iter().filter(|&&v| v >= 1000.0).count();
         assert!((26..=34).contains(&heavy_share), "heavy got {heavy_share} of 40 passes");
         drop(all);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_side_by_side_are_each_charged_their_share_of_the_cores() {
+        if rayon::current_num_threads() < 2 {
+            eprintln!("one compute thread: passes cannot run side by side here");
+            return;
+        }
+        let s = Scheduler::new(Settings { max_running: 2, memory: 1 << 30 });
+        let m = Doubler::new(60);
+        let tenants = [s.tenant("a"), s.tenant("b"), s.tenant("c")];
+        let no_batch = BatchPolicy { max_batch: 1, ..Default::default() };
+        // `a` and `b` run at once (two passes), then `c` alone.
+        let (ra, rb) = (s.submit(job(&m, &tenants[0], 1.0, no_batch)), s.submit(job(&m, &tenants[1], 2.0, no_batch)));
+        let (ra, rb) = tokio::join!(ra, rb);
+        ra.unwrap();
+        rb.unwrap();
+        s.submit(job(&m, &tenants[2], 3.0, no_batch)).await.unwrap();
+        // What each pass should pay: every moment of its span split equally among the passes
+        // running then (from the model's own log of the spans, so a loaded machine that
+        // stretches them changes nothing).
+        let spans = m.spans.lock().unwrap().clone();
+        let cores = cores() as f64;
+        let mut edges: Vec<Instant> = spans.iter().flat_map(|&(_, b, e)| [b, e]).collect();
+        edges.sort();
+        for &(v, began, ended) in &spans {
+            let want: f64 = edges
+                .windows(2)
+                .filter(|w| began <= w[0] && w[1] <= ended)
+                .map(|w| {
+                    let running = spans.iter().filter(|&&(_, b, e)| b <= w[0] && w[1] <= e).count();
+                    (w[1] - w[0]).as_secs_f64() * cores / running as f64
+                })
+                .sum();
+            let tenant = &tenants[v as usize - 1];
+            let got = tenant.used_seconds();
+            assert!(
+                (got - want).abs() <= 0.1 * want + 0.003,
+                "{}: charged {got} core-s for a share of {want} (spans {spans:?})",
+                tenant.name()
+            );
+        }
+        let (a, b, c) = (tenants[0].used_seconds(), tenants[1].used_seconds(), tenants[2].used_seconds());
+        // Charged by the pass's share at its launch, the first of the two (launched alone)
+        // paid as much as a pass alone.
+        assert!(a < 0.75 * c && b < 0.75 * c, "side by side: {a} and {b}; alone: {c}");
     }
 
     #[tokio::test]
