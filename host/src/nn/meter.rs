@@ -355,47 +355,67 @@ impl ShareClock {
 #[derive(Debug)]
 pub struct Occupancy {
     clock: Arc<ShareClock>,
-    /// The clock's total when the pass last began running (`None` while it stands aside or
-    /// after it finished), and the core-seconds it accrued before that.
-    state: Mutex<(Option<f64>, f64)>,
+    state: Mutex<Account>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Account {
+    /// Sharing the cores since the clock read `mark`, with `before` accrued until then.
+    Running { mark: f64, before: f64 },
+    /// Standing aside, with `accrued` so far.
+    Aside { accrued: f64 },
+    /// Ended: nothing moves it any more.
+    Finished { accrued: f64 },
 }
 
 impl Occupancy {
     /// A pass that begins running now.
     pub fn start(clock: &Arc<ShareClock>) -> Arc<Self> {
-        let account = Arc::new(Self { clock: clock.clone(), state: Mutex::new((None, 0.0)) });
+        let account = Arc::new(Self { clock: clock.clone(), state: Mutex::new(Account::Aside { accrued: 0.0 }) });
         account.resume();
         account
     }
 
-    fn state(&self) -> MutexGuard<'_, (Option<f64>, f64)> {
+    fn state(&self) -> MutexGuard<'_, Account> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Leaves the clock if running: what the pass has accrued.
+    fn leave(&self, st: &mut Account) -> f64 {
+        match *st {
+            Account::Running { mark, before } => {
+                let mut clock = self.clock.now();
+                clock.running = clock.running.saturating_sub(1);
+                before + (clock.total - mark)
+            }
+            Account::Aside { accrued } | Account::Finished { accrued } => accrued,
+        }
     }
 
     /// The pass stops sharing the cores (waiting for a priority pass).
     fn stand_aside(&self) {
         let mut st = self.state();
-        if let Some(mark) = st.0.take() {
-            let mut clock = self.clock.now();
-            st.1 += clock.total - mark;
-            clock.running -= 1;
+        if let Account::Running { .. } = *st {
+            *st = Account::Aside { accrued: self.leave(&mut st) };
         }
     }
 
-    /// The pass shares the cores again.
+    /// The pass shares the cores again (not once it finished).
     fn resume(&self) {
         let mut st = self.state();
-        if st.0.is_none() {
+        if let Account::Aside { accrued } = *st {
             let mut clock = self.clock.now();
             clock.running += 1;
-            st.0 = Some(clock.total);
+            *st = Account::Running { mark: clock.total, before: accrued };
         }
     }
 
     /// Ends the pass: the core-seconds it accrued.
     pub fn finish(&self) -> f64 {
-        self.stand_aside();
-        self.state().1
+        let mut st = self.state();
+        let accrued = self.leave(&mut st);
+        *st = Account::Finished { accrued };
+        accrued
     }
 }
 
@@ -465,6 +485,16 @@ mod tests {
         let (c, d, all) = (c.finish(), d.finish(), t.elapsed().as_secs_f64());
         assert!(c <= all - aside + 1e-3, "{c}: only after it resumed");
         assert!(d >= 2.0 * aside * 0.95, "{d}: both cores while `c` stood aside ({aside} s)");
+        // A finished account stays out of the clock, even if resumed: the next pass has both
+        // cores (counted as running, `e` would halve them).
+        let e = Occupancy::start(&clock);
+        e.finish();
+        e.resume();
+        let t = Instant::now();
+        let g = Occupancy::start(&clock);
+        std::thread::sleep(Duration::from_millis(20));
+        let (g, all) = (g.finish(), t.elapsed().as_secs_f64());
+        assert!(g >= 2.0 * all * 0.95, "{g}: both cores for {all} s");
     }
 
     use super::*;

@@ -173,8 +173,8 @@ pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// [`gemm`] for `batch` products with the same `a`, into a buffer that need not be initialised:
 /// `b` holds `batch` `k×n` matrices and `dst` `batch` `m×n` ones, back to back (a 1x1
 /// convolution over a batch of images), computed in one parallel pass. Every element of the
-/// first `batch·m·n` is written; the tile kernels write each exactly once, which spares the
-/// caller zeroing a fresh output.
+/// first `batch·m·n` is written (the tile kernels write each before they read it back, to add
+/// a later slice of `k`), which spares the caller zeroing a fresh output.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     batch: usize,
@@ -461,9 +461,9 @@ mod x86 {
 
     /// # Safety
     /// `dst` must be valid for writes of `batch·m·n` floats (it need not be initialised) and
-    /// not alias `b`; `b` must be the operand `shape` was checked against; `packed` must be
-    /// `shape`'s `m×k` in `kernel`'s panel rows; the CPU must have `kernel`'s features
-    /// (AVX-512F, or AVX2 and FMA).
+    /// not alias `b`; `b` must be the operand `shape` was checked against; the CPU must have
+    /// `kernel`'s features (AVX-512F, or AVX2 and FMA). `packed` must be `shape`'s `m×k` in
+    /// `kernel`'s panel rows (asserted: a mismatch is a bug, and every read of it is checked).
     pub unsafe fn gemm(
         kernel: Kernel,
         shape: &GemmShape,
@@ -475,6 +475,13 @@ mod x86 {
     ) {
         let &GemmShape { batch, m, n, k } = shape;
         let mr = kernel.panel_rows();
+        assert!(
+            packed.mr == mr && packed.m == m && packed.k == k,
+            "sgemm: A packed as {}x{} in panels of {} for a {m}x{k} product in panels of {mr}",
+            packed.m,
+            packed.k,
+            packed.mr
+        );
         let (tiles, packed) = (m.div_ceil(mr), &packed.data);
         let mut bias_padded = vec![0f32; tiles * mr];
         if let Some(bias) = bias {
@@ -684,7 +691,7 @@ mod x86 {
     }
 
     /// An `R × cols` tile of C (`cols ≤ 16·V`): the slice of `k` in `R·V` registers, then added
-    /// to C unless `first`, bias and clamp applied if `last`, and stored once.
+    /// to C unless `first`, bias and clamp applied if `last`, and stored (once per slice).
     ///
     /// # Safety
     /// AVX-512F must be available; `R ≤ MR512` and `t.rows ≤ R`, `t.cols ≤ 16·V`; `t.a` must
@@ -999,6 +1006,9 @@ mod tests {
 
     #[test]
     fn the_packed_b_kernel_matches_a_reference_on_ragged_shapes() {
+        // Pinned (and held: tests that lower the level wait) so that `Packed::new` packs the
+        // AVX-512 kernel's panels.
+        let _cap = simd::cap(simd::Level::Avx512);
         if !simd::avx512() {
             return; // the AVX-512 tile reading B packed; the AVX2 one always packs
         }
@@ -1027,7 +1037,8 @@ mod tests {
         for level in simd::levels() {
             let _cap = simd::cap(level);
             let value = |i: usize| ((i * 4409 % 997) as f32 / 500.0) - 1.0;
-            for [m, n, k] in [[16, 200, 24], [2, 64, 5], [8, 9, 3]] {
+            // The last: deeper than a slice of k, and B packed at the AVX-512 level.
+            for [m, n, k] in [[16, 200, 24], [2, 64, 5], [8, 9, 3], [20, 1024, 800]] {
                 let batch = 3;
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..batch * k * n).map(|i| value(i + 5)).collect();
@@ -1091,6 +1102,7 @@ mod timing {
     #[test]
     #[ignore]
     fn kernel_against_the_gemm_crate() {
+        let _cap = simd::cap(simd::Level::Avx512);
         let shapes: [(&str, [usize; 3]); 12] = [
             ("pw 16->96 @112", [96, 12544, 16]),
             ("pw 144->24 @56", [24, 3136, 144]),
@@ -1185,6 +1197,7 @@ mod peak {
     #[test]
     #[ignore]
     fn tile_in_l1() {
+        let _cap = simd::cap(simd::Level::Avx512);
         if !simd::avx512() {
             eprintln!("no AVX-512 on this CPU");
             return;
