@@ -381,8 +381,8 @@ impl Occupancy {
     }
 
     /// Leaves the clock if running: what the pass has accrued.
-    fn leave(&self, st: &mut Account) -> f64 {
-        match *st {
+    fn leave(&self, st: Account) -> f64 {
+        match st {
             Account::Running { mark, before } => {
                 let mut clock = self.clock.now();
                 clock.running = clock.running.saturating_sub(1);
@@ -396,7 +396,7 @@ impl Occupancy {
     fn stand_aside(&self) {
         let mut st = self.state();
         if let Account::Running { .. } = *st {
-            *st = Account::Aside { accrued: self.leave(&mut st) };
+            *st = Account::Aside { accrued: self.leave(*st) };
         }
     }
 
@@ -413,7 +413,7 @@ impl Occupancy {
     /// Ends the pass: the core-seconds it accrued.
     pub fn finish(&self) -> f64 {
         let mut st = self.state();
-        let accrued = self.leave(&mut st);
+        let accrued = self.leave(*st);
         *st = Account::Finished { accrued };
         accrued
     }

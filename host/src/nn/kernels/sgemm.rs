@@ -538,7 +538,8 @@ mod x86 {
             let panels = g * per..tiles.min((g + 1) * per);
             if let Kernel::Avx512 | Kernel::Avx512Packed = kernel {
                 let per_image = strips * k * NR;
-                let packed_b = packed_b.get(img * per_image..(img + 1) * per_image);
+                let packed_b =
+                    matches!(kernel, Kernel::Avx512Packed).then(|| &packed_b[img * per_image..(img + 1) * per_image]);
                 let c = out.at(out_at);
                 let unit = Unit { a: packed, b, packed_b, c, bias: &bias_padded, clamp, m, n, k, panels, j0, j1 };
                 // SAFETY: the CPU has AVX-512F (the caller's contract); `packed` is m×k in
@@ -594,8 +595,7 @@ mod x86 {
     /// (≤ `u.n`, `u.j0` a multiple of 32).
     #[target_feature(enable = "avx512f")]
     unsafe fn unit512(u: &Unit<'_>) {
-        let &Unit { a, b, packed_b, c, bias, clamp, m, n, k, .. } = u;
-        let (j0, j1) = (u.j0, u.j1);
+        let &Unit { a, b, packed_b, c, bias, clamp, m, n, k, j0, j1, .. } = u;
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
@@ -1157,17 +1157,15 @@ mod timing {
             let ours = run(kernel);
             if let x86::Kernel::Avx512 = kernel {
                 let strip = run(x86::Kernel::Avx512Packed);
-                let flops = 2.0 * (m * n * k) as f64;
-                eprintln!(
-                    "{name:>30}: in place {:.0} GFLOP/s, packed {:.0} GFLOP/s",
-                    flops / ours.as_secs_f64() / 1e9,
-                    flops / strip.as_secs_f64() / 1e9
-                );
+                let gflops = |t: std::time::Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
                 let chosen = tile_kernel(n, k).map(|k| format!("{k:?}")).unwrap_or_default();
                 eprintln!(
-                    "{name:>30}: in place {:>8.3} ms | strip {:>8.3} ms | strip / in place = {:.2}x (chosen: {chosen})",
+                    "{name:>30}: in place {:>8.3} ms ({:.0} GFLOP/s) | packed B {:>8.3} ms ({:.0} GFLOP/s) | \
+                     packed / in place = {:.2}x (chosen: {chosen})",
                     ours.as_secs_f64() * 1e3,
+                    gflops(ours),
                     strip.as_secs_f64() * 1e3,
+                    gflops(strip),
                     strip.as_secs_f64() / ours.as_secs_f64()
                 );
             }
@@ -1184,14 +1182,9 @@ mod timing {
             );
         }
     }
-}
 
-#[cfg(test)]
-mod peak {
-    use super::*;
-
-    /// Not a test: `cargo test -p eir --lib sgemm::peak -- --ignored --nocapture` prints the
-    /// AVX-512 tile's rate on one thread with every operand in L1, B aligned to a cache line
+    /// Not a test: `cargo test -p eir --lib sgemm::timing::tile_in_l1 -- --ignored --nocapture`
+    /// prints the AVX-512 tile's rate on one thread with every operand in L1, B aligned to a cache line
     /// and 4 floats off it: the kernel's own ceiling, against the CPU's peak (two 16-lane FMAs
     /// per cycle).
     #[test]
