@@ -1,5 +1,5 @@
 //! Activations over f32 slices, in place, vectorised: GELU with the error function (BERT's
-//! `gelu`), its tanh approximation, ReLU; and a cache-blocked transpose. libm's scalar `erff`
+//! `gelu`), its tanh approximation, ReLU, LSTM cells; and a cache-blocked transpose. libm's scalar `erff`
 //! was 10% of a MiniLM pass; the rational approximation here is branch-free, so the compiler
 //! vectorises it 16-wide under AVX-512 and 8-wide under AVX2.
 
@@ -196,6 +196,39 @@ pub(crate) fn activate(x: &mut [f32], act: Act) {
     widest!(apply(x: &mut [f32], act: Act))
 }
 
+/// `1 / (1 + e^-x)`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `tanh(x) = 1 - 2 / (e^{2x} + 1)`, on the same `exp`.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+#[inline(always)]
+fn lstm_cells_body(z: &[f32], c: &mut [f32], h: &mut [f32]) {
+    let n = c.len().min(h.len()).min(z.len() / 4);
+    let (zi, rest) = z.split_at(n);
+    let (zo, rest) = rest.split_at(n);
+    let (zf, zc) = rest.split_at(n);
+    let gates = zi.iter().zip(zo).zip(zf).zip(&zc[..n]);
+    for ((((&i, &o), &f), &g), (c, h)) in gates.zip(c.iter_mut().zip(h.iter_mut())) {
+        *c = sigmoid(f) * *c + sigmoid(i) * tanh(g);
+        *h = sigmoid(o) * tanh(*c);
+    }
+}
+
+/// One step of `c.len()` LSTM cells (ONNX's gate order: input, output, forget, cell): from the
+/// gates' pre-activations `z` (`4 × n`, gate by gate), updates the cell states `c` and writes
+/// the hidden states `h`, with the widest vectors this CPU has (libm's scalar `expf` and
+/// `tanhf`, and `mul_add` outside a `target_feature` function, are calls per element).
+pub(crate) fn lstm_cells(z: &[f32], c: &mut [f32], h: &mut [f32]) {
+    widest!(lstm_cells_body(z: &[f32], c: &mut [f32], h: &mut [f32]))
+}
+
 /// `src` (`rows × cols`, row-major) transposed into a new `cols × rows` buffer. Work goes by
 /// 16 destination rows: each reads one cache line of every source row and writes its 16 rows
 /// in order; large transposes split that work across the compute pool. `src` shorter than
@@ -226,6 +259,29 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lstm_cells_match_their_equations_at_every_level() {
+        let n = 37; // a partial vector at either width
+        let z: Vec<f32> = (0..4 * n).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let c0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
+        let sig = |v: f32| 1.0 / (1.0 + (-f64::from(v)).exp());
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            let (mut c, mut h) = (c0.clone(), vec![f32::NAN; n]);
+            lstm_cells(&z, &mut c, &mut h);
+            for j in 0..n {
+                let (i, o, f, g) = (sig(z[j]), sig(z[n + j]), sig(z[2 * n + j]), f64::from(z[3 * n + j]).tanh());
+                let cw = f * f64::from(c0[j]) + i * g;
+                let hw = o * cw.tanh();
+                assert!((f64::from(c[j]) - cw).abs() < 1e-6 && (f64::from(h[j]) - hw).abs() < 1e-6, "{level:?} {j}");
+            }
+        }
+        for x in [-100.0f32, -9.0, -1e-3, 0.0, 1e-3, 0.5, 9.0, 100.0] {
+            assert!((f64::from(tanh(x)) - f64::from(x).tanh()).abs() < 2e-7, "tanh({x})");
+            assert!((f64::from(sigmoid(x)) - sig(x)).abs() < 2e-7, "sigmoid({x})");
+        }
+    }
 
     #[test]
     fn erf_is_within_1e6_of_libm_everywhere() {

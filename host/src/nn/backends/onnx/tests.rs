@@ -338,3 +338,120 @@ fn a_long_chain_out_of_order_sorts_in_linear_time() {
     let m = model(nodes, &[("x", &[1])], &["y"], 13);
     close(&run(&m, &[("x", &[1], &[2.0])])[0].1, &[2.0]);
 }
+
+/// ONNX's LSTM equations in f64, one direction at a time: `x` is `[seq, batch, f]`, `w`
+/// `[dirs, 4h, f]`, `r` `[dirs, 4h, h]`, `b` `[dirs, 8h]`, states `[dirs, batch, h]`; returns
+/// Y (`[seq, dirs, batch, h]`), Y_h and Y_c.
+#[allow(clippy::too_many_arguments)]
+fn lstm_reference(
+    [seq, batch, f, h]: [usize; 4],
+    reverse: &[bool],
+    clip: Option<f64>,
+    x: &[f32],
+    w: &[f32],
+    r: &[f32],
+    b: &[f32],
+    h0: &[f32],
+    c0: &[f32],
+) -> [Vec<f32>; 3] {
+    let dirs = reverse.len();
+    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+    let mut y = vec![0f32; seq * dirs * batch * h];
+    let (mut hn, mut cn) = (h0.to_vec(), c0.to_vec());
+    for (d, &rev) in reverse.iter().enumerate() {
+        for n in 0..batch {
+            let mut hs: Vec<f64> = (0..h).map(|j| f64::from(h0[(d * batch + n) * h + j])).collect();
+            let mut cs: Vec<f64> = (0..h).map(|j| f64::from(c0[(d * batch + n) * h + j])).collect();
+            for step in 0..seq {
+                let t = if rev { seq - 1 - step } else { step };
+                let gate = |g: usize, hs: &[f64]| {
+                    let row = d * 4 * h + g;
+                    let mut v = f64::from(b[d * 8 * h + g]) + f64::from(b[d * 8 * h + 4 * h + g]);
+                    v += (0..f).map(|i| f64::from(w[row * f + i]) * f64::from(x[(t * batch + n) * f + i])).sum::<f64>();
+                    v += (0..h).map(|j| f64::from(r[row * h + j]) * hs[j]).sum::<f64>();
+                    clip.map_or(v, |c| v.clamp(-c, c))
+                };
+                let z: Vec<f64> = (0..4 * h).map(|g| gate(g, &hs)).collect();
+                for j in 0..h {
+                    let (i, o, fg, c) = (sig(z[j]), sig(z[h + j]), sig(z[2 * h + j]), z[3 * h + j].tanh());
+                    cs[j] = fg * cs[j] + i * c;
+                    hs[j] = o * cs[j].tanh();
+                    y[((t * dirs + d) * batch + n) * h + j] = hs[j] as f32;
+                }
+            }
+            for j in 0..h {
+                hn[(d * batch + n) * h + j] = hs[j] as f32;
+                cn[(d * batch + n) * h + j] = cs[j] as f32;
+            }
+        }
+    }
+    [y, hn, cn]
+}
+
+#[test]
+fn lstm_matches_its_equations_in_every_direction_and_sees_new_weights() {
+    let (seq, batch, f, h) = (4usize, 3usize, 5usize, 7usize);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0;
+    let string = |name: &str, v: &str| AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    for (direction, reverse, clip) in [
+        ("forward", vec![false], None),
+        ("reverse", vec![true], Some(0.5f32)),
+        ("bidirectional", vec![false, true], None),
+    ] {
+        let dirs = reverse.len();
+        let mut attrs = vec![attr_int("hidden_size", h as i64), string("direction", direction)];
+        if let Some(c) = clip {
+            attrs.push(AttributeProto {
+                name: "clip".into(),
+                r#type: AttributeType::Float as i32,
+                f: c,
+                ..Default::default()
+            });
+        }
+        let (s, n, d4, dh) = (seq as i64, batch as i64, dirs as i64, h as i64);
+        let g = model(
+            vec![node("LSTM", &["x", "w", "r", "b", "", "h0", "c0"], &["y", "yh", "yc"], attrs)],
+            &[
+                ("x", &[s, n, f as i64]),
+                ("w", &[d4, 4 * dh, f as i64]),
+                ("r", &[d4, 4 * dh, dh]),
+                ("b", &[d4, 8 * dh]),
+                ("h0", &[d4, n, dh]),
+                ("c0", &[d4, n, dh]),
+            ],
+            &["y", "yh", "yc"],
+            14,
+        );
+        // New weights on the second run: what was derived from the first must not be reused.
+        for seed in [1, 2] {
+            let x: Vec<f32> = (0..seq * batch * f).map(|i| value(i, seed)).collect();
+            let w: Vec<f32> = (0..dirs * 4 * h * f).map(|i| value(i, seed + 10)).collect();
+            let r: Vec<f32> = (0..dirs * 4 * h * h).map(|i| value(i, seed + 20) * 0.5).collect();
+            let b: Vec<f32> = (0..dirs * 8 * h).map(|i| value(i, seed + 30) * 0.3).collect();
+            let h0: Vec<f32> = (0..dirs * batch * h).map(|i| value(i, seed + 40)).collect();
+            let c0: Vec<f32> = (0..dirs * batch * h).map(|i| value(i, seed + 50)).collect();
+            let (dirs32, batch32, h32) = (dirs as u32, batch as u32, h as u32);
+            let got = run(
+                &g,
+                &[
+                    ("x", &[seq as u32, batch32, f as u32], &x),
+                    ("w", &[dirs32, 4 * h32, f as u32], &w),
+                    ("r", &[dirs32, 4 * h32, h32], &r),
+                    ("b", &[dirs32, 8 * h32], &b),
+                    ("h0", &[dirs32, batch32, h32], &h0),
+                    ("c0", &[dirs32, batch32, h32], &c0),
+                ],
+            );
+            let want = lstm_reference([seq, batch, f, h], &reverse, clip.map(f64::from), &x, &w, &r, &b, &h0, &c0);
+            assert_eq!(got[0].0, vec![seq as u32, dirs32, batch32, h32], "{direction}");
+            for ((_, got), want) in got.iter().zip(&want) {
+                close(got, want);
+            }
+        }
+    }
+}

@@ -21,19 +21,20 @@ pub(super) use crate::nn::kernels::sgemm::Clamp;
 pub(super) use crate::nn::kernels::simd::{cap as simd_cap, levels as simd_levels};
 pub(super) use control::constant_value;
 
-/// Data an operator derives from one of its inputs (packed or transposed weights), kept between
-/// runs for as long as that input is the same tensor: initializers are, so a model derives once.
-pub(super) struct Derived<T>(std::sync::Mutex<Option<(candle_core::TensorId, std::sync::Arc<T>)>>);
+/// Data an operator derives from its inputs (packed or transposed weights), kept between runs
+/// for as long as those inputs are the same tensors (`K`: one tensor's id, or a tuple of them):
+/// initializers are, so a model derives once.
+pub(super) struct Derived<T, K = candle_core::TensorId>(std::sync::Mutex<Option<(K, std::sync::Arc<T>)>>);
 
-impl<T> Default for Derived<T> {
+impl<T, K> Default for Derived<T, K> {
     fn default() -> Self {
         Derived(std::sync::Mutex::new(None))
     }
 }
 
-impl<T> Derived<T> {
-    /// What was derived from the tensor `key`, made by `make` if it is not kept yet.
-    pub(super) fn get(&self, key: candle_core::TensorId, make: impl FnOnce() -> T) -> std::sync::Arc<T> {
+impl<T, K: PartialEq> Derived<T, K> {
+    /// What was derived from the tensors `key`, made by `make` if it is not kept yet.
+    pub(super) fn get(&self, key: K, make: impl FnOnce() -> T) -> std::sync::Arc<T> {
         // A poisoned lock only means a panic elsewhere mid-update; the slot is replaced whole.
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match &*slot {

@@ -1,10 +1,11 @@
 //! `LSTM` (forward, reverse, bidirectional; default activations; ONNX gate order i, o, f, c).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, TensorId};
 
-use super::{Built, Node, count, input, wide};
+use super::{Built, Clamp, Derived, Node, count, input, wide, with_f32};
 use crate::nn::error::NnError;
-use crate::nn::kernels::sgemm::dot;
+use crate::nn::kernels::act::lstm_cells;
+use crate::nn::kernels::sgemm::{Packed, gemm};
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     if name != "LSTM" {
@@ -18,6 +19,35 @@ struct Lstm {
     directions: Vec<bool>,
     batch_first: bool,
     clip: Option<f64>,
+    /// Per direction, the gate weights as one matrix, derived from `W` and `R`.
+    gates: Derived<Vec<Gates>, (TensorId, TensorId)>,
+}
+
+/// One direction's gate weights, `W` and `R` side by side (`4h × (features + h)`), so that a
+/// step's gates for the whole batch are one product with `[x_t; h_{t-1}]`, packed for the GEMM
+/// kernel where it runs.
+struct Gates {
+    wr: Vec<f32>,
+    packed: Option<Packed>,
+}
+
+impl Gates {
+    /// Every direction's gates from `w` (`[dirs, 4h, features]`) and `r` (`[dirs, 4h, h]`).
+    fn derive(w: &[f32], r: &[f32], dirs: usize, rows: usize, features: usize, h: usize) -> Vec<Gates> {
+        let k = features + h;
+        (0..dirs)
+            .map(|d| {
+                let mut wr = Vec::with_capacity(rows * k);
+                for g in 0..rows {
+                    let at = d * rows + g;
+                    wr.extend_from_slice(&w[at * features..(at + 1) * features]);
+                    wr.extend_from_slice(&r[at * h..(at + 1) * h]);
+                }
+                let packed = Packed::new(rows, k, &wr);
+                Gates { wr, packed }
+            })
+            .collect()
+    }
 }
 
 impl Lstm {
@@ -43,7 +73,13 @@ impl Lstm {
             return Err(NnError::unsupported("LSTM with input_forget"));
         }
         let clip = node.attr("clip").map(|a| f64::from(a.f));
-        Ok(Box::new(Lstm { hidden, directions, batch_first: node.int_or("layout", 0) == 1, clip }))
+        Ok(Box::new(Lstm {
+            hidden,
+            directions,
+            batch_first: node.int_or("layout", 0) == 1,
+            clip,
+            gates: Derived::default(),
+        }))
     }
 }
 
@@ -55,11 +91,22 @@ impl super::Op for Lstm {
         };
         let (seq, batch) = if self.batch_first { (b, a) } else { (a, b) };
         let dirs = self.directions.len();
-        // Y and the final states, plus an f32 copy of every input.
+        // Y and the final states, a step's `[x_t; h]` and gates, plus an f32 copy of every
+        // input (two, counted by `wide`, of W and R where they are derived: joined and packed).
         let outputs = count(&[seq, dirs, batch, self.hidden])?.saturating_add(count(&[2, dirs, batch, self.hidden])?);
+        let step = count(&[batch, x.dims()[2].saturating_add(5 * self.hidden)])?;
         let copies =
             i.iter().flatten().try_fold(0u64, |acc, t| Ok::<_, NnError>(acc.saturating_add(count(t.dims())?)))?;
-        wide(outputs.saturating_add(copies), 2)
+        wide(outputs.saturating_add(step).saturating_add(copies), 2)
+    }
+
+    fn prepare(&self, constants: &[Option<&Tensor>]) {
+        // Constant weights are joined and packed at load, not on the first request.
+        if let (Some(Some(w)), Some(Some(r))) = (constants.get(1), constants.get(2))
+            && let [_, _, features] = *w.dims()
+        {
+            let _ = self.gates_of(w, r, features);
+        }
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
@@ -84,7 +131,7 @@ impl super::Op for Lstm {
         let vec =
             |t: &Tensor| -> Result<Vec<f32>, NnError> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let xs = vec(&x)?;
-        let (ws, rs) = (vec(w)?, vec(r)?);
+        let gates = self.gates_of(w, r, features)?;
         let bs = i.get(3).copied().flatten().map(vec).transpose()?;
         if let Some(b) = &bs
             && b.len() != dirs * 8 * h
@@ -110,41 +157,46 @@ impl super::Op for Lstm {
 
         // y: [seq, dirs, batch, h]; final h and c: [dirs, batch, h].
         let mut y = super::zeros_f32(seq * dirs * batch * h)?;
-        let (mut hn, mut cn) = (h0.clone(), c0.clone());
-        let mut gates = vec![0f32; 4 * h];
+        let (mut hn, mut cn) = (h0, c0);
+        let k = features + h;
+        // Per step: `[x_t; h]` as k rows of `batch` columns in, the gates (4h rows) out.
+        let (mut xh, mut z) = (vec![0f32; k * batch], vec![0f32; 4 * h * batch]);
+        let mut zb = vec![0f32; if batch == 1 { 0 } else { 4 * h }];
+        let clip = self.clip.map(|c| Clamp { lo: -(c as f32), hi: c as f32 });
         for (d, &reverse) in self.directions.iter().enumerate() {
-            let wd = &ws[d * 4 * h * features..(d + 1) * 4 * h * features];
-            let rd = &rs[d * 4 * h * h..(d + 1) * 4 * h * h];
+            let g = gates.get(d).ok_or_else(|| NnError::runtime("LSTM: gate weights missing a direction"))?;
             let bias: Vec<f32> = match &bs {
                 Some(b) => (0..4 * h).map(|g| b[d * 8 * h + g] + b[d * 8 * h + 4 * h + g]).collect(),
                 None => vec![0.0; 4 * h],
             };
-            for b in 0..batch {
-                let hs = &mut hn[(d * batch + b) * h..(d * batch + b + 1) * h];
-                let cs = &mut cn[(d * batch + b) * h..(d * batch + b + 1) * h];
-                for step in 0..seq {
-                    let t = if reverse { seq - 1 - step } else { step };
+            let hs = &mut hn[d * batch * h..(d + 1) * batch * h];
+            let cs = &mut cn[d * batch * h..(d + 1) * batch * h];
+            for step in 0..seq {
+                let t = if reverse { seq - 1 - step } else { step };
+                for b in 0..batch {
                     let xt = &xs[(t * batch + b) * features..(t * batch + b + 1) * features];
-                    for (g, out) in gates.iter_mut().enumerate() {
-                        let wrow = &wd[g * features..(g + 1) * features];
-                        let rrow = &rd[g * h..(g + 1) * h];
-                        let mut acc = bias[g] + dot(wrow, xt) + dot(rrow, hs);
-                        if let Some(c) = self.clip {
-                            acc = acc.clamp(-(c as f32), c as f32);
+                    for (f, &v) in xt.iter().enumerate() {
+                        xh[f * batch + b] = v;
+                    }
+                    for (j, &v) in hs[b * h..(b + 1) * h].iter().enumerate() {
+                        xh[(features + j) * batch + b] = v;
+                    }
+                }
+                gemm([4 * h, batch, k], &g.wr, g.packed.as_ref(), &xh, &mut z, Some(&bias), clip)?;
+                for b in 0..batch {
+                    let (hb, cb) = (&mut hs[b * h..(b + 1) * h], &mut cs[b * h..(b + 1) * h]);
+                    // Row b's gates, gate by gate (as they are already when the batch is 1).
+                    let zb = if batch == 1 {
+                        &z[..]
+                    } else {
+                        for (g, v) in zb.iter_mut().enumerate() {
+                            *v = z[g * batch + b];
                         }
-                        *out = acc;
-                    }
-                    // ONNX gate order: input, output, forget, cell.
-                    for k in 0..h {
-                        let ig = sigmoid(gates[k]);
-                        let og = sigmoid(gates[h + k]);
-                        let fg = sigmoid(gates[2 * h + k]);
-                        let cg = gates[3 * h + k].tanh();
-                        cs[k] = fg * cs[k] + ig * cg;
-                        hs[k] = og * cs[k].tanh();
-                    }
+                        &zb[..]
+                    };
+                    lstm_cells(zb, cb, hb);
                     let at = ((t * dirs + d) * batch + b) * h;
-                    y[at..at + h].copy_from_slice(hs);
+                    y[at..at + h].copy_from_slice(hb);
                 }
             }
         }
@@ -158,6 +210,20 @@ impl super::Op for Lstm {
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+impl Lstm {
+    /// The gate weights for `w` and `r`, derived once per pair of tensors (initializers: once
+    /// per model), after their shapes are checked against the attributes and `features`.
+    fn gates_of(&self, w: &Tensor, r: &Tensor, features: usize) -> Result<std::sync::Arc<Vec<Gates>>, NnError> {
+        let (dirs, h) = (self.directions.len(), self.hidden);
+        if w.dims() != [dirs, 4 * h, features] || r.dims() != [dirs, 4 * h, h] {
+            return Err(NnError::invalid_argument(format!(
+                "LSTM weights {:?}/{:?} do not fit {features} features and hidden {h}",
+                w.dims(),
+                r.dims()
+            )));
+        }
+        with_f32(w, |ws| {
+            with_f32(r, |rs| self.gates.get((w.id(), r.id()), || Gates::derive(ws, rs, dirs, 4 * h, features, h)))
+        })?
+    }
 }
