@@ -255,9 +255,14 @@ impl Dense {
             candle_core::bail!("a dense layer of {} inputs given {} values for {tokens} tokens", self.inp, xt.len());
         }
         yt.resize(self.out * tokens, 0.0);
-        sgemm::gemm([self.out, tokens, self.inp], &self.weight, self.packed.as_ref(), xt, yt, Some(&self.bias), None)
-            .map_err(|e| candle_core::Error::Msg(e.message))?;
-        if let Some(act) = act {
+        let (dims, packed, bias) = ([self.out, tokens, self.inp], self.packed.as_ref(), Some(&self.bias[..]));
+        match act {
+            // Fused into the product's tiles.
+            Some(Act::Gelu) => sgemm::gemm_gelu(dims, &self.weight, packed, xt, yt, bias),
+            _ => sgemm::gemm(dims, &self.weight, packed, xt, yt, bias, None),
+        }
+        .map_err(|e| candle_core::Error::Msg(e.message))?;
+        if let Some(act) = act.filter(|&a| a != Act::Gelu) {
             act::activate(yt, act);
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! The f32 GEMM behind convolutions and dense layers, `dst = clamp(A · B + bias)`, with the
-//! epilogue fused.
+//! The f32 GEMM behind convolutions and dense layers, `dst = clamp(A · B + bias)` (or GELU of
+//! it), with the epilogue fused.
 //!
 //! `A` holds weights (`m×k`, packed once at load) and `B` activations (`k×n`, rows contiguous in
 //! `n`): a convolution's planes or a transformer's tokens. The AVX-512 kernel keeps a 12-row ×
@@ -18,7 +18,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::simd;
+use super::{act, simd};
 use crate::nn::error::NnError;
 
 /// An activation fused into a convolution's output pass.
@@ -180,6 +180,38 @@ pub(crate) fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     batch: usize,
+    dims: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    product(batch, dims, a, packed, b, dst, bias, clamp, false)
+}
+
+/// `dst[m×n] = gelu(a[m×k] · b[k×n] + bias[m])` ([`act::Act::Gelu`], exact erf), as [`gemm`]
+/// does otherwise: the AVX-512 kernels apply GELU to each tile as soon as it is stored, in L1
+/// and in parallel with the products (as a pass of its own afterwards, it ran on one thread
+/// over an output that had left L1: a tenth of a MiniLM layer at 128 tokens).
+pub(crate) fn gemm_gelu(
+    dims: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [f32],
+    bias: Option<&[f32]>,
+) -> Result<(), NnError> {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and `product` writes only initialised values.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<f32>>(), dst.len()) };
+    product(1, dims, a, packed, b, dst, bias, None, true)
+}
+
+/// [`gemm_into`], with GELU after the clamp where `gelu` is set.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    batch: usize,
     [m, n, k]: [usize; 3],
     a: &[f32],
     packed: Option<&Packed>,
@@ -187,6 +219,7 @@ pub(crate) fn gemm_into(
     dst: &mut [MaybeUninit<f32>],
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
+    gelu: bool,
 ) -> Result<(), NnError> {
     let shape = GemmShape::new(batch, [m, n, k], a.len(), b.len(), dst.len(), bias.map(<[f32]>::len))?;
     if m == 0 || n == 0 || batch == 0 {
@@ -209,12 +242,18 @@ pub(crate) fn gemm_into(
             }
         };
         if let Some(packed) = packed {
+            let fused = gelu && kernel.fuses_gelu();
             // SAFETY: the CPU has the kernel's features (`simd::avx512()` / `simd::fma()` chose
             // it above); `shape` (a GemmShape) proves b holds batch·k·n floats, bias m, and dst
             // batch·m·n (sliced to exactly that above; the kernel writes all of it); `packed` is
             // for this m×k in the kernel's panel rows (`fits`, checked just above); dst is a
             // distinct &mut, so it aliases nothing.
-            unsafe { x86::gemm(kernel, &shape, packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp) };
+            unsafe { x86::gemm(kernel, &shape, packed, b, dst.as_mut_ptr().cast::<f32>(), bias, clamp, fused) };
+            if gelu && !fused {
+                // SAFETY: x86::gemm initialised every element of dst (its contract above).
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
+                act::activate(dst, act::Act::Gelu);
+            }
             return Ok(());
         }
     }
@@ -223,14 +262,16 @@ pub(crate) fn gemm_into(
         for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
             rows_of_b([m, n, k], a, &b[i * k * n..(i + 1) * k * n], dst);
         }
-        epilogue(dst, n, bias, clamp);
-        return Ok(());
-    }
-    for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
-        let b = &b[i * k * n..(i + 1) * k * n];
-        if n < NR / 2 { narrow([m, n, k], a, b, dst) } else { portable([m, n, k], a, b, dst)? }
+    } else {
+        for (i, dst) in dst.chunks_exact_mut(m * n).enumerate() {
+            let b = &b[i * k * n..(i + 1) * k * n];
+            if n < NR / 2 { narrow([m, n, k], a, b, dst) } else { portable([m, n, k], a, b, dst)? }
+        }
     }
     epilogue(dst, n, bias, clamp);
+    if gelu {
+        act::activate(dst, act::Act::Gelu);
+    }
     Ok(())
 }
 
@@ -412,6 +453,12 @@ mod x86 {
     }
 
     impl Kernel {
+        /// Whether the kernel applies GELU to its tiles (`gemm`'s `gelu`); the AVX2 one leaves
+        /// it to the caller.
+        pub fn fuses_gelu(self) -> bool {
+            matches!(self, Kernel::Avx512 | Kernel::Avx512Packed)
+        }
+
         /// Rows per panel of the packed `A` this kernel reads.
         pub fn panel_rows(self) -> usize {
             match self {
@@ -453,6 +500,8 @@ mod x86 {
         /// `bias` padded to whole panels.
         bias: &'a [f32],
         clamp: Option<Clamp>,
+        /// GELU after the clamp.
+        gelu: bool,
         m: usize,
         n: usize,
         k: usize,
@@ -466,6 +515,7 @@ mod x86 {
     /// not alias `b`; `b` must be the operand `shape` was checked against; the CPU must have
     /// `kernel`'s features (AVX-512F, or AVX2 and FMA). `packed` must be `shape`'s `m×k` in
     /// `kernel`'s panel rows (asserted: a mismatch is a bug, and every read of it is checked).
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         kernel: Kernel,
         shape: &GemmShape,
@@ -474,6 +524,7 @@ mod x86 {
         dst: *mut f32,
         bias: Option<&[f32]>,
         clamp: Option<Clamp>,
+        gelu: bool,
     ) {
         let &GemmShape { batch, m, n, k } = shape;
         let mr = kernel.panel_rows();
@@ -495,7 +546,7 @@ mod x86 {
         {
             // SAFETY: forwarded from this function's contract; `packed` is m×k in MR512-row
             // panels (asserted above) and `bias_padded` has a value for each of their rows.
-            unsafe { narrow512(shape, packed, b, dst, &bias_padded, clamp, big) };
+            unsafe { narrow512(shape, packed, b, dst, &bias_padded, (clamp, gelu), big) };
             return;
         }
         let width = match kernel {
@@ -551,7 +602,7 @@ mod x86 {
                 let packed_b =
                     matches!(kernel, Kernel::Avx512Packed).then(|| &packed_b[img * per_image..(img + 1) * per_image]);
                 let c = out.at(out_at);
-                let unit = Unit { a: packed, b, packed_b, c, bias: &bias_padded, clamp, m, n, k, panels, j0, j1 };
+                let unit = Unit { a: packed, b, packed_b, c, bias: &bias_padded, clamp, gelu, m, n, k, panels, j0, j1 };
                 // SAFETY: the CPU has AVX-512F (the caller's contract); `packed` is m×k in
                 // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n (and
                 // `packed_b`, where present, its strips) and `out_at` its m×n in dst; this
@@ -592,6 +643,55 @@ mod x86 {
         }
     }
 
+    /// `x · Φ(x)` on 16 lanes: the same operations, in the same order, as [`act::erf`]'s GELU
+    /// (`act::activate(.., Act::Gelu)`), so fused and separate results agree to the bit. NaN
+    /// stays NaN (the clamp keeps it).
+    ///
+    /// [`act::erf`]: super::act::erf
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn gelu512(v: __m512) -> __m512 {
+        let s = _mm512_set1_ps;
+        let x = _mm512_mul_ps(v, s(std::f32::consts::FRAC_1_SQRT_2));
+        // Constant first: max/min return their second operand when either is NaN.
+        let x = _mm512_min_ps(s(4.0), _mm512_max_ps(s(-4.0), x));
+        let x2 = _mm512_mul_ps(x, x);
+        let mut p = _mm512_fmadd_ps(x2, s(-2.726_142_3e-10), s(2.770_681_4e-8));
+        for c in [-2.101_024e-6, -5.692_506_4e-5, -7.349_906_3e-4, -2.954_600_2e-3, -1.609_603_3e-2] {
+            p = _mm512_fmadd_ps(x2, p, s(c));
+        }
+        let mut q = _mm512_fmadd_ps(x2, s(-1.456_607_2e-5), s(-2.133_740_6e-4));
+        for c in [-1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+            q = _mm512_fmadd_ps(x2, q, s(c));
+        }
+        let erf = _mm512_div_ps(_mm512_mul_ps(x, p), q);
+        _mm512_mul_ps(_mm512_mul_ps(s(0.5), v), _mm512_add_ps(s(1.0), erf))
+    }
+
+    /// GELU on `rows` rows of `cols` floats at `c` (row stride `ldc`), in place: a tile just
+    /// stored, still in L1. Kept out of the tile kernels, whose accumulators it would push out of
+    /// registers (inlined there, it halved the tile's rate).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `c` must be readable and writable for `rows` rows of `cols`
+    /// floats with row stride `ldc`.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gelu_rows(c: *mut f32, rows: usize, cols: usize, ldc: usize) {
+        for r in 0..rows {
+            let mut j = 0;
+            while j < cols {
+                let mask = if cols - j >= 16 { 0xffff } else { ((1u32 << (cols - j)) - 1) as __mmask16 };
+                // SAFETY: row r < rows, columns j.. masked to those below cols (the contract).
+                unsafe {
+                    let at = c.add(r * ldc + j);
+                    _mm512_mask_storeu_ps(at, mask, gelu512(_mm512_maskz_loadu_ps(mask, at)));
+                }
+                j += 16;
+            }
+        }
+    }
+
     /// Most columns of C that [`narrow512`] takes: up to 8 (a short sentence's tokens), its
     /// 12 rows per register beat the tile's columns per register. Measured on a pool worker
     /// (Xeon, AVX-512, 2 threads), narrow against the tile, µs: MiniLM's qkv at 8 tokens
@@ -617,7 +717,7 @@ mod x86 {
         b: &[f32],
         dst: *mut f32,
         bias: &[f32],
-        clamp: Option<Clamp>,
+        (clamp, gelu): (Option<Clamp>, bool),
         big: bool,
     ) {
         let &GemmShape { batch, m, n, k } = shape;
@@ -666,6 +766,10 @@ mod x86 {
                         (6, false) => columns::<6, 1>(&job),
                         (7, false) => columns::<7, 1>(&job),
                         _ => columns::<8, 1>(&job),
+                    }
+                    if gelu {
+                        // The group's rows, just written (contiguous: n is their stride).
+                        gelu_rows(job.c, job.rows, n, n);
                     }
                 }
                 t += p;
@@ -767,7 +871,7 @@ mod x86 {
     /// (≤ `u.n`, `u.j0` a multiple of 32).
     #[target_feature(enable = "avx512f")]
     unsafe fn unit512(u: &Unit<'_>) {
-        let &Unit { a, b, packed_b, c, bias, clamp, m, n, k, j0, j1, .. } = u;
+        let &Unit { a, b, packed_b, c, bias, clamp, gelu, m, n, k, j0, j1, .. } = u;
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
@@ -801,6 +905,9 @@ mod x86 {
                             (..=8, _) => tile::<8, 2>(&job),
                             (_, ..=16) => tile::<MR512, 1>(&job),
                             _ => tile::<MR512, 2>(&job),
+                        }
+                        if gelu && last {
+                            gelu_rows(c, rows, cols, n);
                         }
                     }
                 }
@@ -1184,6 +1291,30 @@ mod tests {
     }
 
     #[test]
+    fn fused_gelu_is_the_separate_pass_to_the_bit() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 100.0) - 5.0;
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            // The tile (one slice of k and three), the narrow kernel, partial panels and strips.
+            for [m, n, k] in [[13, 40, 30], [30, 70, 900], [25, 5, 64], [384, 8, 384], [7, 300, 9]] {
+                let a: Vec<f32> = (0..m * k).map(|i| value(i) * 0.05).collect();
+                let mut b: Vec<f32> = (0..k * n).map(|i| value(i + 3) * 0.05).collect();
+                b[0] = f32::NAN; // stays NaN through the fused GELU, as through the pass
+                let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
+                let packed = Packed::new(m, k, &a);
+                let mut want = vec![0f32; m * n];
+                gemm([m, n, k], &a, packed.as_ref(), &b, &mut want, Some(&bias), None).unwrap();
+                act::activate(&mut want, act::Act::Gelu);
+                let mut got = vec![f32::NAN; m * n];
+                gemm_gelu([m, n, k], &a, packed.as_ref(), &b, &mut got, Some(&bias)).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{level:?} {m}x{n}x{k}");
+                assert!(got[0].is_nan() && got[1..].iter().any(|v| *v != 0.0), "{level:?} {m}x{n}x{k}");
+            }
+        }
+    }
+
+    #[test]
     fn only_rows_on_one_or_two_l1_sets_are_packed() {
         assert!(strided_rows_thrash(1024, 384), "every row on one set");
         assert!(strided_rows_thrash(512, 64), "two sets");
@@ -1215,7 +1346,9 @@ mod tests {
             let mut got = vec![f32::NAN; m * n];
             // SAFETY: the CPU has AVX-512F (checked above); `shape` was checked against these
             // operands; `packed` is this m×k; `got` holds m·n floats and aliases nothing.
-            unsafe { x86::gemm(x86::Kernel::Avx512Packed, &shape, &packed, &b, got.as_mut_ptr(), Some(&bias), clamp) };
+            unsafe {
+                x86::gemm(x86::Kernel::Avx512Packed, &shape, &packed, &b, got.as_mut_ptr(), Some(&bias), clamp, false)
+            };
             let want = reference([m, n, k], &a, &b, &bias, clamp);
             let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{m}x{n}x{k}: {worst}");
@@ -1341,7 +1474,7 @@ mod timing {
                 time(&mut || {
                     // SAFETY: the CPU has `kernel`'s features (checked above); `shape` was
                     // checked against these operands; `packed` is this m×k; dst holds m·n floats.
-                    unsafe { x86::gemm(kernel, &shape, &packed, &b, dst.as_mut_ptr(), Some(&bias), clamp) }
+                    unsafe { x86::gemm(kernel, &shape, &packed, &b, dst.as_mut_ptr(), Some(&bias), clamp, false) }
                 })
             };
             let ours = run(kernel);
@@ -1399,7 +1532,9 @@ mod timing {
             for _ in 0..reps {
                 // SAFETY: the CPU has AVX-512F (checked above); `shape` was checked against
                 // these operands; `packed` is this m×k; dst holds m·n floats.
-                unsafe { x86::gemm(x86::Kernel::Avx512, &shape, &packed, b, dst.as_mut_ptr(), Some(&bias), None) };
+                unsafe {
+                    x86::gemm(x86::Kernel::Avx512, &shape, &packed, b, dst.as_mut_ptr(), Some(&bias), None, false)
+                };
             }
             let s = t.elapsed().as_secs_f64();
             eprintln!(
