@@ -747,7 +747,8 @@ mod x86 {
                 };
                 // SAFETY: AVX-512F is available (the contract); the group's `p` panels hold
                 // k×MR512 values each, B's image k×n, the bias p·MR512; rows t·12.. of this
-                // image's C (up to m) are this unit's alone, and `n` is its row stride.
+                // image's C (up to m) are this unit's alone, and `n` is its row stride. GELU
+                // reads and writes those same `job.rows` rows of n floats, just written.
                 unsafe {
                     match (n, p > 1) {
                         (1, true) => columns::<1, 4>(&job),
@@ -896,7 +897,8 @@ mod x86 {
                     // values; B's strip holds `depth` rows of `cols` columns at stride `ldb`
                     // (packed: strip j/32's rows p0.. of k; in place: B from row p0, column j,
                     // with j + cols ≤ n); the tile's rows and columns lie inside C and belong to
-                    // this unit.
+                    // this unit. GELU reads and writes the same rows × cols at stride n, which
+                    // the tile has just written (last slice).
                     unsafe {
                         match (rows, cols) {
                             (..=4, ..=16) => tile::<4, 1>(&job),
