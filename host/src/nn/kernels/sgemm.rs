@@ -135,11 +135,13 @@ pub(crate) fn gemm(
 /// The AVX2 tile does on wide products (`sgemm::timing`: 0.55–0.92x from 256 columns up), not
 /// on narrower ones (1.1–1.4x on 7x7 and 14x14 planes, where the crate's blocking of deep `k`
 /// wins; 1.5–1.65x at 8 tokens, where half-tiles of 4 rows load a broadcast per FMA), which stay
-/// with the crate.
+/// with the crate; up to 8 columns the AVX2 column kernel runs (`x86::columns_avx2`: a MiniLM
+/// pass over 8 tokens capped to AVX2 on the Xeon, 6.35 against 2.40 ms with dot products; 5
+/// tokens 5.09 against 1.74).
 fn tile_kernel(n: usize, k: usize) -> Option<x86::Kernel> {
     if simd::avx512() {
         Some(if strided_rows_thrash(n, k) { x86::Kernel::Avx512Packed } else { x86::Kernel::Avx512 })
-    } else if simd::fma() && n >= NC {
+    } else if simd::fma() && (n >= NC || n <= x86::NT) {
         Some(x86::Kernel::Avx2)
     } else {
         None
@@ -541,12 +543,10 @@ mod x86 {
             bias_padded[..m].copy_from_slice(&bias[..m]);
         }
         let big = batch * m * n * k >= PARALLEL_MIN;
-        if let Kernel::Avx512 | Kernel::Avx512Packed = kernel
-            && n <= NT
-        {
-            // SAFETY: forwarded from this function's contract; `packed` is m×k in MR512-row
+        if n <= NT {
+            // SAFETY: forwarded from this function's contract; `packed` is m×k in the kernel's
             // panels (asserted above) and `bias_padded` has a value for each of their rows.
-            unsafe { narrow512(shape, packed, b, dst, &bias_padded, (clamp, gelu), big) };
+            unsafe { narrow(kernel, shape, packed, b, dst, &bias_padded, (clamp, gelu), big) };
             return;
         }
         let width = match kernel {
@@ -706,12 +706,17 @@ mod x86 {
     /// `n` of 16 lanes for 13 loads: at 8 tokens, 1.6× the useful work per FMA, and A (which
     /// a short sentence's product streams from L3) goes by at up to twice the rate.
     ///
+    /// With AVX2 the same runs on 8-row panels ([`columns_avx2`]), an 8-lane register per
+    /// panel step, with fewer panels per group (16 registers).
+    ///
     /// # Safety
-    /// AVX-512F must be available; `b` must be the operand `shape` was checked against, `dst`
-    /// writable for `batch·m·n` floats and not alias `b`; `packed` must be `shape`'s `m×k` in
-    /// [`MR512`]-row panels, `bias` one value per row of those panels.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn narrow512(
+    /// The CPU must have `kernel`'s features; `b` must be the operand `shape` was checked
+    /// against, `dst` writable for `batch·m·n` floats and not alias `b`; `packed` must be
+    /// `shape`'s `m×k` in `kernel`'s panels, `bias` one value per row of those panels. GELU
+    /// (`gelu`) is applied here only with AVX-512 ([`Kernel::fuses_gelu`]).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn narrow(
+        kernel: Kernel,
         shape: &GemmShape,
         packed: &[f32],
         b: &[f32],
@@ -721,9 +726,13 @@ mod x86 {
         big: bool,
     ) {
         let &GemmShape { batch, m, n, k } = shape;
-        let panels = m.div_ceil(MR512);
+        let mr = kernel.panel_rows();
+        let panels = m.div_ceil(mr);
         // Panels per group: as many as leave registers for B's broadcast and A's loads.
-        let group = (24 / n).clamp(1, 4);
+        let group = match kernel {
+            Kernel::Avx512 | Kernel::Avx512Packed => (24 / n).clamp(1, 4),
+            Kernel::Avx2 => (15 / (n + 1)).clamp(1, 4),
+        };
         // About four units per thread, each a whole number of groups.
         let want = 4 * rayon::current_num_threads();
         let per = panels.div_ceil(want.div_ceil(batch)).next_multiple_of(group);
@@ -737,14 +746,38 @@ mod x86 {
                 let p = if t + group <= panels { group } else { 1 };
                 let job = Columns {
                     k,
-                    a: &packed[t * k * MR512..(t + p) * k * MR512],
+                    a: &packed[t * k * mr..(t + p) * k * mr],
                     b,
-                    c: out.at(img * m * n + t * MR512 * n),
+                    c: out.at(img * m * n + t * mr * n),
                     ldc: n,
-                    rows: (m - t * MR512).min(p * MR512),
-                    bias: &bias[t * MR512..(t + p) * MR512],
+                    rows: (m - t * mr).min(p * mr),
+                    bias: &bias[t * mr..(t + p) * mr],
                     clamp,
                 };
+                if let Kernel::Avx2 = kernel {
+                    // SAFETY: AVX2 and FMA are available (the contract); as below, in MR-row
+                    // panels, and `p` is `group` for this `n` or 1.
+                    unsafe {
+                        match (n, p > 1) {
+                            (1, true) => columns_avx2::<1, 4>(&job),
+                            (2, true) => columns_avx2::<2, 4>(&job),
+                            (3, true) => columns_avx2::<3, 3>(&job),
+                            (4, true) => columns_avx2::<4, 3>(&job),
+                            (5, true) => columns_avx2::<5, 2>(&job),
+                            (6, true) => columns_avx2::<6, 2>(&job),
+                            (1, _) => columns_avx2::<1, 1>(&job),
+                            (2, _) => columns_avx2::<2, 1>(&job),
+                            (3, _) => columns_avx2::<3, 1>(&job),
+                            (4, _) => columns_avx2::<4, 1>(&job),
+                            (5, _) => columns_avx2::<5, 1>(&job),
+                            (6, _) => columns_avx2::<6, 1>(&job),
+                            (7, _) => columns_avx2::<7, 1>(&job),
+                            _ => columns_avx2::<8, 1>(&job),
+                        }
+                    }
+                    t += p;
+                    continue;
+                }
                 // SAFETY: AVX-512F is available (the contract); the group's `p` panels hold
                 // k×MR512 values each, B's image k×n, the bias p·MR512; rows t·12.. of this
                 // image's C (up to m) are this unit's alone, and `n` is its row stride. GELU
@@ -780,6 +813,63 @@ mod x86 {
             (0..batch * units).into_par_iter().for_each(unit);
         } else {
             (0..batch * units).for_each(unit);
+        }
+    }
+
+    /// [`columns`] with AVX2 + FMA on 8-row panels: `P` panels × `N` columns, each one 8-lane
+    /// register over all of `k` (a panel's step of A is one load), then bias and clamp, and
+    /// written row by row (AVX2 has no scatter).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `N == t.ldc`, `P·(N + 1) < 16`; `t.a` must hold
+    /// `P·t.k·MR` values, `t.b` `t.k·N` and `t.bias` `P·MR`; `t.c` must be writable for
+    /// `t.rows` (≤ `P·MR`) rows of `N` floats.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn columns_avx2<const N: usize, const P: usize>(t: &Columns<'_>) {
+        assert!(
+            t.ldc == N && t.b.len() >= t.k * N && t.a.len() >= P * t.k * MR && t.bias.len() >= P * MR,
+            "sgemm: narrow operands do not match"
+        );
+        let mut acc = [[_mm256_setzero_ps(); N]; P];
+        let stride = t.k * MR;
+        let (mut ap, mut bp) = (t.a.as_ptr(), t.b.as_ptr());
+        for _ in 0..t.k {
+            let mut av = [_mm256_setzero_ps(); P];
+            for q in 0..P {
+                // SAFETY: panel q's step p (`ap` = a + p·MR, p < k): its 8 values.
+                av[q] = unsafe { _mm256_loadu_ps(ap.add(q * stride)) };
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(q * stride + 16 * MR).cast::<i8>());
+            }
+            for j in 0..N {
+                // SAFETY: row p of B (`bp` = b + p·N, p < k), column j < N.
+                let bv = _mm256_set1_ps(unsafe { *bp.add(j) });
+                for q in 0..P {
+                    acc[q][j] = _mm256_fmadd_ps(av[q], bv, acc[q][j]);
+                }
+            }
+            ap = ap.wrapping_add(MR);
+            bp = bp.wrapping_add(N);
+        }
+        for q in 0..P {
+            let live = t.rows.saturating_sub(q * MR).min(MR);
+            if live == 0 {
+                break;
+            }
+            let bias = &t.bias[q * MR..(q + 1) * MR];
+            for j in 0..N {
+                let mut lanes = [0f32; MR];
+                // SAFETY: `lanes` holds MR = 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[q][j]) };
+                for (r, (&v, &b)) in lanes.iter().zip(bias).take(live).enumerate() {
+                    let mut x = v + b;
+                    if let Some(Clamp { lo, hi }) = t.clamp {
+                        x = x.max(lo).min(hi);
+                    }
+                    // SAFETY: row q·8 + r < t.rows, column j < N: inside C.
+                    unsafe { *t.c.add((q * MR + r) * N + j) = x };
+                }
+            }
         }
     }
 
