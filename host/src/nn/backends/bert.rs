@@ -706,29 +706,44 @@ mod tests {
 
     #[test]
     fn dense_layers_match_a_plain_product_shallow_and_deep() {
+        use crate::nn::kernels::simd;
         let dev = Device::Cpu;
-        for (out, inp, tokens) in [(3, 5, 1), (40, 384, 7), (24, 1100, 33), (384, 1536, 20), (36, 800, 128)] {
-            let w: Vec<f32> = (0..out * inp).map(|i| (((i * 7919) % 199) as f32 - 99.0) * 0.003).collect();
-            let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.01).collect();
-            let dense = Dense::new(
-                &Tensor::from_vec(w.clone(), (out, inp), &dev).unwrap(),
-                &Tensor::from_vec(b.clone(), out, &dev).unwrap(),
-            )
-            .unwrap();
-            let xt: Vec<f32> = (0..inp * tokens).map(|i| (((i * 104729) % 97) as f32 - 48.0) * 0.01).collect();
-            // A reused buffer of the wrong size is resized, and every value overwritten.
-            let mut yt = vec![f32::NAN; 5];
-            dense.forward_t(&xt, tokens, Some(Act::Relu), &mut yt).unwrap();
-            for o in 0..out {
-                for t in 0..tokens {
-                    let want: f64 =
-                        (0..inp).map(|i| f64::from(w[o * inp + i]) * f64::from(xt[i * tokens + t])).sum::<f64>()
-                            + f64::from(b[o]);
-                    let got = f64::from(yt[o * tokens + t]);
-                    assert!((got - want.max(0.0)).abs() <= 1e-4, "{out}x{inp}x{tokens} ({o}, {t}): {got} vs {want}");
+        // Every SIMD level (weights packed for it), short sentences (the turned-around kernel)
+        // and long ones, ReLU after the product and GELU fused into it.
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            for (out, inp, tokens) in [(3, 5, 1), (40, 384, 7), (24, 1100, 33), (384, 1536, 20), (36, 800, 128)] {
+                let w: Vec<f32> = (0..out * inp).map(|i| (((i * 7919) % 199) as f32 - 99.0) * 0.003).collect();
+                let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.01).collect();
+                let dense = Dense::new(
+                    &Tensor::from_vec(w.clone(), (out, inp), &dev).unwrap(),
+                    &Tensor::from_vec(b.clone(), out, &dev).unwrap(),
+                )
+                .unwrap();
+                let xt: Vec<f32> = (0..inp * tokens).map(|i| (((i * 104729) % 97) as f32 - 48.0) * 0.01).collect();
+                for act in [Act::Relu, Act::Gelu] {
+                    // A reused buffer of the wrong size is resized, and every value overwritten.
+                    let mut yt = vec![f32::NAN; 5];
+                    dense.forward_t(&xt, tokens, Some(act), &mut yt).unwrap();
+                    for o in 0..out {
+                        for t in 0..tokens {
+                            let pre: f64 = (0..inp)
+                                .map(|i| f64::from(w[o * inp + i]) * f64::from(xt[i * tokens + t]))
+                                .sum::<f64>()
+                                + f64::from(b[o]);
+                            let mut want = [pre as f32];
+                            act::activate(&mut want, act);
+                            let got = yt[o * tokens + t];
+                            assert!(
+                                (got - want[0]).abs() <= 1e-4,
+                                "{level:?} {act:?} {out}x{inp}x{tokens} ({o}, {t}): {got} vs {}",
+                                want[0]
+                            );
+                        }
+                    }
                 }
+                assert!(dense.forward_t(&xt[1..], tokens, None, &mut vec![]).is_err(), "a short input");
             }
-            assert!(dense.forward_t(&xt[1..], tokens, None, &mut yt).is_err(), "a short input");
         }
     }
 
