@@ -439,6 +439,7 @@ mod x86 {
     use rayon::prelude::*;
 
     use super::{Clamp, GemmShape, KC, MR, MR512, NC, NR, PARALLEL_MIN, Packed};
+    use crate::nn::kernels::act::{ERF_P, ERF_Q};
 
     /// Which tile kernel runs (the AVX-512 ones read `A` packed in [`MR512`]-row panels, the
     /// AVX2 one in [`MR`]-row panels).
@@ -656,14 +657,8 @@ mod x86 {
         // Constant first: max/min return their second operand when either is NaN.
         let x = _mm512_min_ps(s(4.0), _mm512_max_ps(s(-4.0), x));
         let x2 = _mm512_mul_ps(x, x);
-        let mut p = _mm512_fmadd_ps(x2, s(-2.726_142_3e-10), s(2.770_681_4e-8));
-        for c in [-2.101_024e-6, -5.692_506_4e-5, -7.349_906_3e-4, -2.954_600_2e-3, -1.609_603_3e-2] {
-            p = _mm512_fmadd_ps(x2, p, s(c));
-        }
-        let mut q = _mm512_fmadd_ps(x2, s(-1.456_607_2e-5), s(-2.133_740_6e-4));
-        for c in [-1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
-            q = _mm512_fmadd_ps(x2, q, s(c));
-        }
+        let horner = |c: &[f32]| c[1..].iter().fold(s(c[0]), |acc, &c| _mm512_fmadd_ps(x2, acc, s(c)));
+        let (p, q) = (horner(&ERF_P), horner(&ERF_Q));
         let erf = _mm512_div_ps(_mm512_mul_ps(x, p), q);
         _mm512_mul_ps(_mm512_mul_ps(s(0.5), v), _mm512_add_ps(s(1.0), erf))
     }
@@ -728,11 +723,9 @@ mod x86 {
         let &GemmShape { batch, m, n, k } = shape;
         let mr = kernel.panel_rows();
         let panels = m.div_ceil(mr);
-        // Panels per group: as many as leave registers for B's broadcast and A's loads.
-        let group = match kernel {
-            Kernel::Avx512 | Kernel::Avx512Packed => (24 / n).clamp(1, 4),
-            Kernel::Avx2 => (15 / (n + 1)).clamp(1, 4),
-        };
+        // Panels per group: what the kernel for this `n` takes at once.
+        let (group, many) = column_kernel(kernel, n, true);
+        let (_, one) = column_kernel(kernel, n, false);
         // About four units per thread, each a whole number of groups.
         let want = 4 * rayon::current_num_threads();
         let per = panels.div_ceil(want.div_ceil(batch)).next_multiple_of(group);
@@ -743,7 +736,7 @@ mod x86 {
             let b = &b[img * k * n..(img + 1) * k * n];
             let mut t = first;
             while t < panels.min(first + per) {
-                let p = if t + group <= panels { group } else { 1 };
+                let (p, kernel_p) = if t + group <= panels { (group, many) } else { (1, one) };
                 let job = Columns {
                     k,
                     a: &packed[t * k * mr..(t + p) * k * mr],
@@ -754,55 +747,15 @@ mod x86 {
                     bias: &bias[t * mr..(t + p) * mr],
                     clamp,
                 };
-                if let Kernel::Avx2 = kernel {
-                    // SAFETY: AVX2 and FMA are available (the contract); as below, in MR-row
-                    // panels, and `p` is `group` for this `n` or 1.
-                    unsafe {
-                        match (n, p > 1) {
-                            (1, true) => columns_avx2::<1, 4>(&job),
-                            (2, true) => columns_avx2::<2, 4>(&job),
-                            (3, true) => columns_avx2::<3, 3>(&job),
-                            (4, true) => columns_avx2::<4, 3>(&job),
-                            (5, true) => columns_avx2::<5, 2>(&job),
-                            (6, true) => columns_avx2::<6, 2>(&job),
-                            (1, _) => columns_avx2::<1, 1>(&job),
-                            (2, _) => columns_avx2::<2, 1>(&job),
-                            (3, _) => columns_avx2::<3, 1>(&job),
-                            (4, _) => columns_avx2::<4, 1>(&job),
-                            (5, _) => columns_avx2::<5, 1>(&job),
-                            (6, _) => columns_avx2::<6, 1>(&job),
-                            (7, _) => columns_avx2::<7, 1>(&job),
-                            _ => columns_avx2::<8, 1>(&job),
-                        }
-                    }
-                    t += p;
-                    continue;
-                }
-                // SAFETY: AVX-512F is available (the contract); the group's `p` panels hold
-                // k×MR512 values each, B's image k×n, the bias p·MR512; rows t·12.. of this
-                // image's C (up to m) are this unit's alone, and `n` is its row stride. GELU
-                // reads and writes those same `job.rows` rows of n floats, just written.
+                // SAFETY: the CPU has the kernel's features (the contract); `kernel_p` takes
+                // `p` panels (`column_kernel`) and `n` columns; the group's panels hold k×mr
+                // values each, B's image k×n, the bias p·mr; rows t·mr.. of this image's C (up
+                // to m) are this unit's alone, and `n` is its row stride. GELU (AVX-512 only,
+                // as `fuses_gelu` says) reads and writes those same `job.rows` rows of n
+                // floats, just written.
                 unsafe {
-                    match (n, p > 1) {
-                        (1, true) => columns::<1, 4>(&job),
-                        (2, true) => columns::<2, 4>(&job),
-                        (3, true) => columns::<3, 4>(&job),
-                        (4, true) => columns::<4, 4>(&job),
-                        (5, true) => columns::<5, 4>(&job),
-                        (6, true) => columns::<6, 4>(&job),
-                        (7, true) => columns::<7, 3>(&job),
-                        (8, true) => columns::<8, 3>(&job),
-                        (1, false) => columns::<1, 1>(&job),
-                        (2, false) => columns::<2, 1>(&job),
-                        (3, false) => columns::<3, 1>(&job),
-                        (4, false) => columns::<4, 1>(&job),
-                        (5, false) => columns::<5, 1>(&job),
-                        (6, false) => columns::<6, 1>(&job),
-                        (7, false) => columns::<7, 1>(&job),
-                        _ => columns::<8, 1>(&job),
-                    }
-                    if gelu {
-                        // The group's rows, just written (contiguous: n is their stride).
+                    kernel_p(&job);
+                    if gelu && kernel.fuses_gelu() {
                         gelu_rows(job.c, job.rows, n, n);
                     }
                 }
@@ -813,6 +766,56 @@ mod x86 {
             (0..batch * units).into_par_iter().for_each(unit);
         } else {
             (0..batch * units).for_each(unit);
+        }
+    }
+
+    /// A column kernel: `P` panels × `N` columns of C (see [`columns`]).
+    type ColumnsFn = unsafe fn(&Columns<'_>);
+
+    /// The column kernel for `n` (1..=[`NT`]) columns on `kernel`'s CPU and the panels it
+    /// takes at once: with `many`, as many as leave registers for A's loads and B's broadcast
+    /// (AVX-512: `P·n ≤ 24`, at most 4; AVX2: `P·(n + 1) < 16`), else one.
+    fn column_kernel(kernel: Kernel, n: usize, many: bool) -> (usize, ColumnsFn) {
+        match (kernel, many) {
+            (Kernel::Avx2, true) => match n {
+                1 => (4, columns_avx2::<1, 4>),
+                2 => (4, columns_avx2::<2, 4>),
+                3 => (3, columns_avx2::<3, 3>),
+                4 => (3, columns_avx2::<4, 3>),
+                5 => (2, columns_avx2::<5, 2>),
+                6 => (2, columns_avx2::<6, 2>),
+                _ => column_kernel(kernel, n, false),
+            },
+            (Kernel::Avx2, false) => match n {
+                1 => (1, columns_avx2::<1, 1>),
+                2 => (1, columns_avx2::<2, 1>),
+                3 => (1, columns_avx2::<3, 1>),
+                4 => (1, columns_avx2::<4, 1>),
+                5 => (1, columns_avx2::<5, 1>),
+                6 => (1, columns_avx2::<6, 1>),
+                7 => (1, columns_avx2::<7, 1>),
+                _ => (1, columns_avx2::<8, 1>),
+            },
+            (_, true) => match n {
+                1 => (4, columns::<1, 4>),
+                2 => (4, columns::<2, 4>),
+                3 => (4, columns::<3, 4>),
+                4 => (4, columns::<4, 4>),
+                5 => (4, columns::<5, 4>),
+                6 => (4, columns::<6, 4>),
+                7 => (3, columns::<7, 3>),
+                _ => (3, columns::<8, 3>),
+            },
+            (_, false) => match n {
+                1 => (1, columns::<1, 1>),
+                2 => (1, columns::<2, 1>),
+                3 => (1, columns::<3, 1>),
+                4 => (1, columns::<4, 1>),
+                5 => (1, columns::<5, 1>),
+                6 => (1, columns::<6, 1>),
+                7 => (1, columns::<7, 1>),
+                _ => (1, columns::<8, 1>),
+            },
         }
     }
 
