@@ -178,14 +178,16 @@ impl Program {
     /// each operator runs, what it will allocate ([`Op::bound`], from the real input shapes) is
     /// reserved on the meter, and each value holds its bytes until its last reader is done.
     /// Between operators the meter's deadline and cancellation are checked. With
-    /// `EIR_ONNX_PROFILE=1` in the environment, logs where the time went, by operator.
+    /// `EIR_ONNX_PROFILE=1` in the environment, logs where the time went, by operator
+    /// (`EIR_ONNX_PROFILE=nodes`: by node, fused steps under their last node's name).
     pub fn run(&self, inputs: Vec<Tensor>, meter: &Meter) -> Result<Vec<Tensor>, NnError> {
         let mut env = Env { values: vec![None; self.slots], charges: (0..self.slots).map(|_| None).collect() };
         for (spec, value) in self.inputs.iter().zip(inputs) {
             let charge = meter.reserve(tensor_bytes(&value)?, &format!("input `{}`", spec.name))?;
             env.set(spec.slot, value, charge);
         }
-        let mut profile = profiling().then(HashMap::new);
+        let mut profile = (profiling() != Profiling::Off).then(HashMap::new);
+        let started = std::time::Instant::now();
         let values = self.exec(&self.body, &mut env, meter, &mut profile)?;
         if let Some(p) = profile {
             let mut rows: Vec<(String, (std::time::Duration, usize))> = p.into_iter().collect();
@@ -193,7 +195,12 @@ impl Program {
             let total: std::time::Duration = rows.iter().map(|r| r.1.0).sum();
             let summary: Vec<String> =
                 rows.iter().map(|(op, (t, n))| format!("{op} {:.2}ms/{n}", t.as_secs_f64() * 1e3)).collect();
-            tracing::info!(total_ms = total.as_secs_f64() * 1e3, "ONNX profile: {}", summary.join(", "));
+            tracing::info!(
+                total_ms = total.as_secs_f64() * 1e3,
+                wall_ms = started.elapsed().as_secs_f64() * 1e3,
+                "ONNX profile: {}",
+                summary.join(", ")
+            );
         }
         Ok(values)
     }
@@ -253,7 +260,8 @@ impl Program {
                 env.set(*slot, value, charge);
             }
             if let (Some(p), Some(t), Kind::Op(_)) = (profile.as_mut(), started, &step.kind) {
-                let e = p.entry(step.name_op().to_string()).or_default();
+                let key = if profiling() == Profiling::Nodes { &step.name } else { step.name_op() };
+                let e = p.entry(key.to_string()).or_default();
                 e.0 += t.elapsed();
                 e.1 += 1;
             }
@@ -307,9 +315,21 @@ fn run_op(
 /// Time and count per operator, when profiling.
 type Profile = Option<HashMap<String, (std::time::Duration, usize)>>;
 
-fn profiling() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("EIR_ONNX_PROFILE").is_ok_and(|v| v == "1"))
+/// What `EIR_ONNX_PROFILE` asks for: `1` times by operator type, `nodes` by node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profiling {
+    Off,
+    Ops,
+    Nodes,
+}
+
+fn profiling() -> Profiling {
+    static ON: std::sync::OnceLock<Profiling> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("EIR_ONNX_PROFILE").as_deref() {
+        Ok("1") => Profiling::Ops,
+        Ok("nodes") => Profiling::Nodes,
+        _ => Profiling::Off,
+    })
 }
 
 fn truthy(t: &Tensor) -> Result<bool, NnError> {

@@ -3,6 +3,7 @@
 
 mod control;
 mod conv;
+mod depthwise;
 mod elementwise;
 mod nn;
 mod reduce;

@@ -1,0 +1,739 @@
+//! Depthwise convolution on channel blocks: the NCHWc layout inside one kernel.
+//!
+//! A plane-at-a-time kernel vectorises along an output row, which wastes most lanes where
+//! mobile networks spend their depthwise time (7x7 and 14x14 planes, 5x5 taps, stride 2). Here
+//! a block of `L` channels (16 with AVX-512, 8 otherwise) of one image is copied into a
+//! zero-bordered tile with the channels innermost (`[row][col][L]`), so that every tap, for
+//! every output pixel, is one full-width multiply-add whatever the plane's size, stride or
+//! dilation. The output block is written back to NCHW with bias and clamp on the way out.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::conv::Geometry;
+use crate::nn::kernels::sgemm::Clamp;
+use crate::nn::kernels::simd;
+
+/// The widest channel block (AVX-512: 16 lanes); per-thread buffers are sized for it.
+pub(super) const MAX_LANES: usize = 16;
+
+/// The floats of a band's tile (at most; at least one output row): 32 KiB.
+const TILE_FLOATS: usize = 8192;
+
+/// Output pixels of one row accumulated together: each tap's weights are loaded once for
+/// this many multiply-adds.
+const RUN: usize = 8;
+
+/// One block's work, compiled for one CPU level; unsafe to call where the CPU lacks it.
+type Unit<const L: usize> =
+    unsafe fn(&Depthwise, Block<'_, L>, (usize, usize), &mut [[f32; L]], &mut [[f32; L]], &mut Dst<'_, L>);
+
+/// Where a unit's output goes: per channel of its block (`None` past the last channel), its
+/// rows of the output plane.
+type Dst<'a, const L: usize> = [Option<&'a mut [MaybeUninit<f32>]>; L];
+
+/// The inputs of one block of `lanes` channels of one image.
+struct Block<'a, const L: usize> {
+    /// Its input planes, consecutive.
+    src: &'a [f32],
+    lanes: usize,
+    /// Per tap, the block's weights (lanes past the last channel zero).
+    weights: &'a [[f32; L]],
+    bias: [f32; L],
+    clamp: Option<Clamp>,
+}
+
+/// A depthwise convolution's geometry, from sizes [`super::conv::ConvPlan`] has checked:
+/// `h, w, kh, kw, oh, ow` and strides and dilations at least 1, and the padded tile
+/// (`ph x pw`) covers every tap of every output and the whole input.
+pub(super) struct Depthwise {
+    h: usize,
+    w: usize,
+    pt: usize,
+    pl: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    oh: usize,
+    ow: usize,
+    pw: usize,
+    /// Output rows computed together: their tile (input rows, channels innermost) stays in
+    /// the L1 cache.
+    band: usize,
+    /// Rows of a band's tile.
+    tile_rows: usize,
+    /// Per tap (row-major over the kernel): its offset in the tile from an output pixel's
+    /// first tap.
+    offsets: Vec<usize>,
+}
+
+impl Depthwise {
+    /// The geometry of `[h, w]` planes by a `[kh, kw]` kernel into `[oh, ow]`, or `None` when
+    /// a tile's size overflows.
+    pub(super) fn new([h, w]: [usize; 2], [kh, kw]: [usize; 2], [oh, ow]: [usize; 2], g: &Geometry) -> Option<Self> {
+        let [sh, sw] = g.strides;
+        let [dh, dw] = g.dilations;
+        let (pt, pl) = (g.pads[0].0, g.pads[1].0);
+        let reach = |o: usize, s: usize, k: usize, d: usize| {
+            o.checked_sub(1)?.checked_mul(s)?.checked_add(k.checked_sub(1)?.checked_mul(d)?)?.checked_add(1)
+        };
+        let ph = reach(oh, sh, kh, dh)?.max(h.checked_add(pt)?);
+        let pw = reach(ow, sw, kw, dw)?.max(w.checked_add(pl)?);
+        ph.checked_mul(pw)?.checked_mul(MAX_LANES)?;
+        // As many output rows as keep the tile within TILE_FLOATS (at least one); a band's
+        // tile has at most `ph` rows, so nothing below overflows.
+        let reach_k = (kh - 1) * dh + 1;
+        let fit = (TILE_FLOATS / (pw * MAX_LANES)).saturating_sub(reach_k) / sh + 1;
+        let band = fit.min(oh);
+        let tile_rows = (band - 1) * sh + reach_k;
+        let offsets = (0..kh * kw).map(|t| (t / kw) * dh * pw + (t % kw) * dw).collect();
+        Some(Depthwise { h, w, pt, pl, kh, kw, sh, sw, dh, oh, ow, pw, band, tile_rows, offsets })
+    }
+
+    /// Floats one worker thread holds: its input tile and its output band.
+    pub(super) fn thread_floats(&self) -> u64 {
+        // Both are below the checked `ph * pw * MAX_LANES` and `oh * ow` (the output's size).
+        ((self.tile_rows * self.pw + self.band * self.ow) * MAX_LANES) as u64
+    }
+
+    /// Convolves every channel of `xs` (`[n, c, h, w]`) with its kernel in `ws` (`[c, kh, kw]`)
+    /// into `out` (`[n, c, oh, ow]`, need not be initialised: every element is written), with
+    /// `bias` (`c` values) and `clamp`. Blocks of channels run in parallel.
+    pub(super) fn run(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        [n, c]: [usize; 2],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+    ) {
+        assert!(
+            xs.len() >= n * c * self.h * self.w
+                && ws.len() >= c * self.kh * self.kw
+                && out.len() >= n * c * self.oh * self.ow
+                && bias.is_none_or(|b| b.len() >= c),
+            "depthwise: operands smaller than their shapes"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::avx512() {
+                return self.blocks::<16>(xs, ws, out, [n, c], bias, clamp, Self::unit_avx512);
+            }
+            if simd::fma() {
+                return self.blocks::<8>(xs, ws, out, [n, c], bias, clamp, Self::unit_avx2);
+            }
+        }
+        self.blocks::<8>(xs, ws, out, [n, c], bias, clamp, Self::unit_portable)
+    }
+
+    /// Splits the work into blocks of `L` channels of one image and runs `unit` on each, in
+    /// parallel. `unit` must be one the CPU can run (`run` chooses it by the CPU's features).
+    #[allow(clippy::too_many_arguments)]
+    fn blocks<const L: usize>(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        [n, c]: [usize; 2],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+        unit: Unit<L>,
+    ) {
+        let taps = self.kh * self.kw;
+        let groups = c.div_ceil(L);
+        // Weights and bias by block, lanes past the last channel zero.
+        let mut wb = vec![[0f32; L]; groups * taps];
+        for (ch, k) in ws.chunks_exact(taps).take(c).enumerate() {
+            for (t, &v) in k.iter().enumerate() {
+                wb[(ch / L) * taps + t][ch % L] = v;
+            }
+        }
+        let mut bb = vec![[0f32; L]; groups];
+        if let Some(b) = bias {
+            for (ch, &v) in b.iter().take(c).enumerate() {
+                bb[ch / L][ch % L] = v;
+            }
+        }
+        // Each unit of work: (image, block) and its output channels, contiguous in NCHW.
+        // Each unit of work: one image's block of channels over a range of output rows (whole
+        // bands), and for each of its channels, those rows of the output. Blocks split into
+        // row ranges where there are too few of them to share out evenly (9 blocks of 16
+        // channels on 2 threads would leave one thread idle a ninth of the time).
+        let (plane, oplane) = (self.h * self.w, self.oh * self.ow);
+        let bands = self.oh.div_ceil(self.band);
+        let splits = (4 * rayon::current_num_threads()).div_ceil(n * groups).clamp(1, bands);
+        let rows = bands.div_ceil(splits) * self.band;
+        let mut units = Vec::with_capacity(n * groups * splits);
+        let mut rest = &mut out[..n * c * oplane];
+        for i in 0..n {
+            for gi in 0..groups {
+                let lanes = L.min(c - gi * L);
+                let (dst, tail) = rest.split_at_mut(lanes * oplane);
+                rest = tail;
+                let mut planes = dst.chunks_exact_mut(oplane).map(|d| d.chunks_mut(rows * self.ow));
+                let mut per_channel: [_; L] = std::array::from_fn(|_| planes.next());
+                for oy0 in (0..self.oh).step_by(rows) {
+                    let dsts: Dst<'_, L> = std::array::from_fn(|cl| per_channel[cl].as_mut().and_then(Iterator::next));
+                    units.push((i, gi, lanes, oy0, dsts));
+                }
+            }
+        }
+        // About four jobs per thread: each job allocates its own buffers.
+        let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
+        units.into_par_iter().with_min_len(per_job).for_each_init(
+            // Per job: the tile (its border columns stay zero: every band writes the same
+            // interior) and the output band.
+            || (vec![[0f32; L]; self.tile_rows * self.pw], vec![[0f32; L]; self.band * self.ow]),
+            |(tile, obuf), (i, gi, lanes, oy0, mut dsts)| {
+                let first = (i * c + gi * L) * plane;
+                let block = Block {
+                    src: &xs[first..first + lanes * plane],
+                    lanes,
+                    weights: &wb[gi * taps..(gi + 1) * taps],
+                    bias: bb[gi],
+                    clamp,
+                };
+                let oy1 = (oy0 + rows).min(self.oh);
+                // SAFETY: `run` chose `unit` for features this CPU has.
+                unsafe { unit(self, block, (oy0, oy1), tile, obuf, &mut dsts) }
+            },
+        );
+    }
+
+    /// One block: fill the tile, every tap, and the output back to NCHW. `tr` transposes an
+    /// `L x L` square in place (the layout change, `L` pixels at a time).
+    ///
+    /// # Safety
+    /// The CPU must be able to run `tr`.
+    #[inline(always)]
+    unsafe fn unit<const L: usize, K: Lanes<L>>(
+        &self,
+        b: Block<'_, L>,
+        (from, to): (usize, usize),
+        tile: &mut [[f32; L]],
+        obuf: &mut [[f32; L]],
+        dst: &mut Dst<'_, L>,
+        tr: unsafe fn(&mut [[f32; L]; L]),
+    ) {
+        let mut square = [[0f32; L]; L];
+        let (plane, w) = (self.h * self.w, self.w);
+        let reach = (self.kh - 1) * self.dh + 1;
+        for oy0 in (from..to).step_by(self.band) {
+            let oy1 = (oy0 + self.band).min(to);
+            // The padded rows this band reads, and the input rows among them.
+            let (top, rows) = (oy0 * self.sh, (oy1 - oy0 - 1) * self.sh + reach);
+            let ya = top.saturating_sub(self.pt).min(self.h);
+            let yb = (top + rows).saturating_sub(self.pt).min(self.h).max(ya);
+            // Padding rows (zero) above and below the input's.
+            let first = ya + self.pt - top;
+            for r in (0..first).chain(first + yb - ya..rows) {
+                tile[r * self.pw + self.pl..][..w].fill([0.0; L]);
+            }
+            // In: `L` pixels of every channel, turned into `L` pixels of `L` channels each.
+            let span = (ya * w, yb * w);
+            let pixel = |p: usize| (p / w + first) * self.pw + p % w + self.pl;
+            let whole = (span.1 - span.0) - (span.1 - span.0) % L;
+            for p0 in (0..whole).step_by(L) {
+                for (row, cl) in square.iter_mut().zip(0..b.lanes) {
+                    row.copy_from_slice(&b.src[cl * plane + span.0 + p0..][..L]);
+                }
+                // SAFETY: the caller's CPU runs `tr`.
+                unsafe { tr(&mut square) };
+                let (mut at, mut x) = (pixel(p0), p0 % w);
+                for v in &square {
+                    tile[at] = *v;
+                    x += 1;
+                    at += 1;
+                    if x == w {
+                        (x, at) = (0, at + self.pw - w);
+                    }
+                }
+            }
+            for p in whole..span.1 - span.0 {
+                for (cl, t) in tile[pixel(p)][..b.lanes].iter_mut().enumerate() {
+                    *t = b.src[cl * plane + span.0 + p];
+                }
+            }
+            let out = &mut obuf[..(oy1 - oy0) * self.ow];
+            // SAFETY: the caller's CPU runs `K` (as it runs `tr`).
+            unsafe { self.taps::<L, K>(tile, b.weights, b.bias, b.clamp, out) };
+            // Out: `L` pixels of `L` channels, turned into `L` pixels of each channel.
+            let at = (oy0 - from) * self.ow;
+            let whole = out.len() - out.len() % L;
+            for p0 in (0..whole).step_by(L) {
+                square.copy_from_slice(&out[p0..p0 + L]);
+                // SAFETY: as above.
+                unsafe { tr(&mut square) };
+                for (row, d) in square.iter().zip(dst.iter_mut().flatten()) {
+                    for (d, &v) in d[at + p0..][..L].iter_mut().zip(row) {
+                        d.write(v);
+                    }
+                }
+            }
+            for (cl, d) in dst.iter_mut().flatten().enumerate() {
+                for (d, o) in d[at + whole..at + out.len()].iter_mut().zip(&out[whole..]) {
+                    d.write(o[cl]);
+                }
+            }
+        }
+    }
+
+    /// [`Depthwise::unit`] on 16 lanes, compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn unit_avx512(
+        &self,
+        b: Block<'_, 16>,
+        rows: (usize, usize),
+        tile: &mut [[f32; 16]],
+        obuf: &mut [[f32; 16]],
+        dst: &mut Dst<'_, 16>,
+    ) {
+        // SAFETY: this CPU supports AVX-512F (this function's own precondition).
+        unsafe { self.unit::<16, x86::Avx512>(b, rows, tile, obuf, dst, x86::transpose16) }
+    }
+
+    /// [`Depthwise::unit`] on 8 lanes, compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn unit_avx2(
+        &self,
+        b: Block<'_, 8>,
+        rows: (usize, usize),
+        tile: &mut [[f32; 8]],
+        obuf: &mut [[f32; 8]],
+        dst: &mut Dst<'_, 8>,
+    ) {
+        // SAFETY: this CPU supports AVX2 (this function's own precondition).
+        unsafe { self.unit::<8, x86::Avx2>(b, rows, tile, obuf, dst, x86::transpose8) }
+    }
+
+    /// [`Depthwise::unit`] on 8 lanes, without FMA (any CPU).
+    ///
+    /// # Safety
+    /// None: `unsafe` only to share [`Unit`]'s type.
+    unsafe fn unit_portable(
+        &self,
+        b: Block<'_, 8>,
+        rows: (usize, usize),
+        tile: &mut [[f32; 8]],
+        obuf: &mut [[f32; 8]],
+        dst: &mut Dst<'_, 8>,
+    ) {
+        // SAFETY: `transpose` runs on any CPU.
+        unsafe { self.unit::<8, Portable>(b, rows, tile, obuf, dst, transpose) }
+    }
+
+    /// Every output pixel of the block: bias plus each tap's weights times the tile, clamped.
+    ///
+    /// # Safety
+    /// The CPU must run `K`.
+    #[inline(always)]
+    unsafe fn taps<const L: usize, K: Lanes<L>>(
+        &self,
+        tile: &[[f32; L]],
+        wb: &[[f32; L]],
+        bias: [f32; L],
+        clamp: Option<Clamp>,
+        obuf: &mut [[f32; L]],
+    ) {
+        // SAFETY: the caller's CPU runs `K`.
+        unsafe {
+            match self.sw {
+                1 => self.rows::<L, K, 1>(tile, wb, bias, clamp, obuf),
+                2 => self.rows::<L, K, 2>(tile, wb, bias, clamp, obuf),
+                _ => self.rows::<L, K, 0>(tile, wb, bias, clamp, obuf),
+            }
+        }
+    }
+
+    /// [`Depthwise::taps`] for a column stride of `S` (0: `self.sw`, known only at run time).
+    /// Each run of [`RUN`] pixels of a row reads, per tap, one window of the tile: one bounds
+    /// check per tap and run, and with `S` known, none inside the window.
+    ///
+    /// # Safety
+    /// The CPU must run `K`.
+    #[inline(always)]
+    unsafe fn rows<const L: usize, K: Lanes<L>, const S: usize>(
+        &self,
+        tile: &[[f32; L]],
+        wb: &[[f32; L]],
+        bias: [f32; L],
+        clamp: Option<Clamp>,
+        obuf: &mut [[f32; L]],
+    ) {
+        let sw = if S == 0 { self.sw } else { S };
+        for (oy, orow) in obuf.chunks_exact_mut(self.ow).enumerate() {
+            let row0 = oy * self.sh * self.pw;
+            let mut runs = orow.chunks_exact_mut(RUN);
+            for (i, run) in runs.by_ref().enumerate() {
+                // SAFETY (all below): the caller's CPU runs `K`.
+                unsafe { self.pixels::<L, K, S, RUN>(tile, row0 + i * RUN * sw, wb, bias, clamp, run) };
+            }
+            // The row's last pixels as one shorter run.
+            let base = row0 + (self.ow - self.ow % RUN) * sw;
+            let rest = runs.into_remainder();
+            unsafe {
+                match rest.len() {
+                    1 => self.pixels::<L, K, S, 1>(tile, base, wb, bias, clamp, rest),
+                    2 => self.pixels::<L, K, S, 2>(tile, base, wb, bias, clamp, rest),
+                    3 => self.pixels::<L, K, S, 3>(tile, base, wb, bias, clamp, rest),
+                    4 => self.pixels::<L, K, S, 4>(tile, base, wb, bias, clamp, rest),
+                    5 => self.pixels::<L, K, S, 5>(tile, base, wb, bias, clamp, rest),
+                    6 => self.pixels::<L, K, S, 6>(tile, base, wb, bias, clamp, rest),
+                    7 => self.pixels::<L, K, S, 7>(tile, base, wb, bias, clamp, rest),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// `R` neighbouring pixels of an output row (`out`), the first reading the tile from
+    /// `base`: `R` independent accumulators, each tap's weights loaded once for all of them.
+    ///
+    /// # Safety
+    /// The CPU must run `K`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pixels<const L: usize, K: Lanes<L>, const S: usize, const R: usize>(
+        &self,
+        tile: &[[f32; L]],
+        base: usize,
+        wb: &[[f32; L]],
+        bias: [f32; L],
+        clamp: Option<Clamp>,
+        out: &mut [[f32; L]],
+    ) {
+        let sw = if S == 0 { self.sw } else { S };
+        let span = (R - 1) * sw + 1;
+        let mut acc = [bias; R];
+        for (&off, wv) in self.offsets.iter().zip(wb) {
+            let win = &tile[base + off..][..span];
+            // SAFETY (both): the caller's CPU runs `K`.
+            if S == 0 {
+                for (a, t) in acc.iter_mut().zip(win.iter().step_by(sw)) {
+                    unsafe { K::fma(a, t, wv) };
+                }
+            } else {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    unsafe { K::fma(a, &win[r * S], wv) };
+                }
+            }
+        }
+        for (a, o) in acc.into_iter().zip(out) {
+            // SAFETY: as above.
+            *o = unsafe { finish::<L, K>(a, clamp) };
+        }
+    }
+}
+
+/// The two operations of the tap loop on `L` lanes, as one vector instruction each where the
+/// CPU has them (so the compiler cannot vectorise the loop the wrong way round, across pixels).
+trait Lanes<const L: usize> {
+    /// `acc += t * w`, lane by lane.
+    ///
+    /// # Safety
+    /// The CPU must have the implementation's instructions.
+    unsafe fn fma(acc: &mut [f32; L], t: &[f32; L], w: &[f32; L]);
+
+    /// `acc` clamped to `lo..=hi`.
+    ///
+    /// # Safety
+    /// As for [`Lanes::fma`].
+    unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L];
+}
+
+/// `acc`, clamped when there is a clamp.
+///
+/// # Safety
+/// The CPU must run `K`.
+#[inline(always)]
+unsafe fn finish<const L: usize, K: Lanes<L>>(acc: [f32; L], clamp: Option<Clamp>) -> [f32; L] {
+    match clamp {
+        // SAFETY: the caller's CPU runs `K`.
+        Some(Clamp { lo, hi }) => unsafe { K::clamp(acc, lo, hi) },
+        None => acc,
+    }
+}
+
+/// Plain Rust, any CPU: separate multiply and add.
+struct Portable;
+
+impl<const L: usize> Lanes<L> for Portable {
+    #[inline(always)]
+    unsafe fn fma(acc: &mut [f32; L], t: &[f32; L], w: &[f32; L]) {
+        for l in 0..L {
+            acc[l] += t[l] * w[l];
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L] {
+        acc.map(|v| v.max(lo).min(hi))
+    }
+}
+
+/// Transposes a square in place (any CPU).
+///
+/// # Safety
+/// None: `unsafe` only to share the vector versions' type.
+unsafe fn transpose<const L: usize>(m: &mut [[f32; L]; L]) {
+    let copy = *m;
+    for (i, row) in m.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = copy[j][i];
+        }
+    }
+}
+
+/// The transposes in vector registers.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes;
+
+    /// AVX-512F: 16 lanes, fused multiply-add.
+    pub(super) struct Avx512;
+
+    impl Lanes<16> for Avx512 {
+        #[inline(always)]
+        unsafe fn fma(acc: &mut [f32; 16], t: &[f32; 16], w: &[f32; 16]) {
+            // SAFETY: each array is 16 floats, one unaligned 512-bit load or store; the caller's
+            // CPU has AVX-512F (this trait's precondition).
+            unsafe {
+                let v = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(t.as_ptr()),
+                    _mm512_loadu_ps(w.as_ptr()),
+                    _mm512_loadu_ps(acc.as_ptr()),
+                );
+                _mm512_storeu_ps(acc.as_mut_ptr(), v);
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn clamp(acc: [f32; 16], lo: f32, hi: f32) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: as above.
+            unsafe {
+                let v =
+                    _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(acc.as_ptr()), _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                _mm512_storeu_ps(out.as_mut_ptr(), v);
+            }
+            out
+        }
+    }
+
+    /// AVX2 + FMA: 8 lanes, fused multiply-add.
+    pub(super) struct Avx2;
+
+    impl Lanes<8> for Avx2 {
+        #[inline(always)]
+        unsafe fn fma(acc: &mut [f32; 8], t: &[f32; 8], w: &[f32; 8]) {
+            // SAFETY: each array is 8 floats, one unaligned 256-bit load or store; the caller's
+            // CPU has AVX2 and FMA (this trait's precondition).
+            unsafe {
+                let v = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(t.as_ptr()),
+                    _mm256_loadu_ps(w.as_ptr()),
+                    _mm256_loadu_ps(acc.as_ptr()),
+                );
+                _mm256_storeu_ps(acc.as_mut_ptr(), v);
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn clamp(acc: [f32; 8], lo: f32, hi: f32) -> [f32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: as above.
+            unsafe {
+                let v =
+                    _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(acc.as_ptr()), _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+                _mm256_storeu_ps(out.as_mut_ptr(), v);
+            }
+            out
+        }
+    }
+
+    /// Transposes a 16x16 square in place: unpacks of pairs of rows, then of pairs of pairs,
+    /// then two rounds of 128-bit lane shuffles.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(m: &mut [[f32; 16]; 16]) {
+        // SAFETY: each row is 16 floats, what one unaligned 512-bit load or store covers.
+        let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(m[i].as_ptr()) });
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+        });
+        // u[4g + j]: in each 128-bit lane k, column 4k + j of rows 4g..4g + 4.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
+            _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+        });
+        // v[h][j]: rows 8h..8h + 8; lanes 0 and 1 hold columns j and 8 + j (or 4 + j and
+        // 12 + j for v[h][4 + j]).
+        let v: [[__m512; 8]; 2] = std::array::from_fn(|h| {
+            std::array::from_fn(|i| {
+                let (a, b) = (u[8 * h + i % 4], u[8 * h + 4 + i % 4]);
+                if i < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
+            })
+        });
+        for (col, row) in m.iter_mut().enumerate() {
+            let (j, hi) = (col % 4 + 4 * ((col / 4) % 2), col >= 8);
+            let (a, b) = (v[0][j], v[1][j]);
+            let out = if hi { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), out) };
+        }
+    }
+
+    /// Transposes an 8x8 square in place.
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn transpose8(m: &mut [[f32; 8]; 8]) {
+        // SAFETY: each row is 8 floats, what one unaligned 256-bit load or store covers.
+        let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(m[i].as_ptr()) });
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+        });
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (_mm256_castps_pd(t[4 * g + j / 2]), _mm256_castps_pd(t[4 * g + j / 2 + 2]));
+            _mm256_castpd_ps(if j % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) })
+        });
+        for (col, row) in m.iter_mut().enumerate() {
+            let (a, b) = (u[col % 4], u[4 + col % 4]);
+            let out = if col < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) };
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(row.as_mut_ptr(), out) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The convolution in f64, straight from its definition.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        k: &[f32],
+        bias: &[f32],
+        [n, c, h, w]: [usize; 4],
+        [kh, kw]: [usize; 2],
+        [oh, ow]: [usize; 2],
+        g: &Geometry,
+        clamp: Clamp,
+    ) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n * c * oh * ow);
+        for p in 0..n * c {
+            let ch = p % c;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = f64::from(bias[ch]);
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let y = (oy * g.strides[0] + ky * g.dilations[0]) as isize - g.pads[0].0 as isize;
+                            let xx = (ox * g.strides[1] + kx * g.dilations[1]) as isize - g.pads[1].0 as isize;
+                            if (0..h as isize).contains(&y) && (0..w as isize).contains(&xx) {
+                                let v = x[p * h * w + y as usize * w + xx as usize];
+                                acc += f64::from(v) * f64::from(k[(ch * kh + ky) * kw + kx]);
+                            }
+                        }
+                    }
+                    out.push((acc as f32).max(clamp.lo).min(clamp.hi));
+                }
+            }
+        }
+        out
+    }
+
+    /// Ragged channel counts (a block's lanes partly used), planes of many bands split across
+    /// threads, rows shorter and longer than a run, strides 1 to 3, dilation, asymmetric
+    /// padding and a batch: every SIMD level against the definition.
+    #[test]
+    fn matches_the_definition_on_ragged_shapes() {
+        type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
+        let cases: [Case; 8] = [
+            ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
+            ([3, 7, 9, 11], [3, 3], [2, 2], 1, [(0, 1), (0, 1)]),
+            ([2, 17, 14, 14], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
+            ([1, 33, 7, 7], [5, 5], [2, 2], 1, [(1, 2), (2, 1)]),
+            ([1, 20, 150, 37], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
+            ([1, 9, 61, 45], [5, 5], [2, 2], 1, [(2, 2), (1, 2)]),
+            ([2, 12, 19, 23], [3, 3], [3, 3], 1, [(1, 1), (1, 1)]),
+            ([1, 18, 30, 29], [3, 3], [2, 1], 2, [(2, 1), (1, 2)]),
+        ];
+        let clamp = Clamp { lo: -0.5, hi: 2.0 };
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            for ([n, c, h, w], [kh, kw], strides, dil, pads) in cases {
+                let g = Geometry { pads, strides, dilations: [dil, dil], group: c };
+                let len = |size: usize, (a, b): (usize, usize), k: usize, s: usize| {
+                    (size + a + b - (k - 1) * dil - 1) / s + 1
+                };
+                let (oh, ow) = (len(h, pads[0], kh, strides[0]), len(w, pads[1], kw, strides[1]));
+                let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+                let k: Vec<f32> = (0..c * kh * kw).map(|i| ((i * 13 % 29) as f32 - 14.0) / 20.0).collect();
+                let bias: Vec<f32> = (0..c).map(|i| i as f32 / 10.0 - 0.4).collect();
+                let want = reference(&x, &k, &bias, [n, c, h, w], [kh, kw], [oh, ow], &g, clamp);
+                let plan = Depthwise::new([h, w], [kh, kw], [oh, ow], &g).expect("fits");
+                let mut out = vec![MaybeUninit::new(f32::NAN); n * c * oh * ow];
+                plan.run(&x, &k, &mut out, [n, c], Some(&bias), Some(clamp));
+                // SAFETY: `run` wrote every element (and they started as NaN, which would fail).
+                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4 && got.iter().all(|v| v.is_finite()),
+                    "{level:?} {:?}: worst {worst}",
+                    ([n, c, h, w], [kh, kw], strides, dil, pads)
+                );
+            }
+        }
+    }
+
+    fn square<const L: usize>() -> [[f32; L]; L] {
+        std::array::from_fn(|i| std::array::from_fn(|j| (i * L + j) as f32))
+    }
+
+    #[test]
+    fn transposes_agree() {
+        let mut m8 = square::<8>();
+        // SAFETY: the portable transpose runs anywhere.
+        unsafe { transpose(&mut m8) };
+        assert!((0..8).all(|i| (0..8).all(|j| m8[i][j] == (j * 8 + i) as f32)));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx") {
+                let mut v = square::<8>();
+                // SAFETY: the CPU supports AVX (checked above).
+                unsafe { x86::transpose8(&mut v) };
+                assert_eq!(v, m8);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                let (mut v, mut want) = (square::<16>(), square::<16>());
+                // SAFETY: the CPU supports AVX-512F (checked above); the portable one runs anywhere.
+                unsafe { (x86::transpose16(&mut v), transpose(&mut want)) };
+                assert_eq!(v, want);
+            }
+        }
+    }
+}
