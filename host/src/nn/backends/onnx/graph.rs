@@ -149,6 +149,7 @@ impl Program {
         let outputs: Vec<(String, Src)> = graph.output.iter().map(|o| o.name.clone()).zip(outputs).collect();
         let mut body = Block { steps, outputs: outputs.iter().map(|(_, s)| *s).collect() };
         let input_slots: HashSet<usize> = inputs.iter().map(|i| i.slot).collect();
+        fuse_conv_chains(&mut body, &c.consts);
         plan_frees(&mut body, &input_slots);
         prepare(&body, &c.consts);
         let output_shapes = graph.output.iter().map(|o| value_type(o).ok().and_then(|(_, shape)| shape)).collect();
@@ -883,21 +884,84 @@ fn prepare(block: &Block, consts: &[Tensor]) {
     }
 }
 
-fn plan_frees(block: &mut Block, defined_outside: &HashSet<usize>) {
-    fn reads(step: &Step, out: &mut Vec<usize>) {
-        out.extend(step.inputs.iter().flatten().filter_map(|s| match s {
-            Src::Slot(x) => Some(*x),
-            Src::Const(_) => None,
-        }));
-        if let Kind::If { then_block, else_block } = &step.kind {
-            for b in [then_block, else_block] {
-                for s in &b.steps {
-                    reads(s, out);
-                }
-                out.extend(b.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }));
+/// The slots `step` reads, its branches' included.
+fn slots_read(step: &Step, out: &mut Vec<usize>) {
+    out.extend(step.inputs.iter().flatten().filter_map(|s| match s {
+        Src::Slot(x) => Some(*x),
+        Src::Const(_) => None,
+    }));
+    if let Kind::If { then_block, else_block } = &step.kind {
+        for b in [then_block, else_block] {
+            for s in &b.steps {
+                slots_read(s, out);
+            }
+            out.extend(b.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }));
+        }
+    }
+}
+
+/// Fuses each depthwise Conv whose output only a pointwise Conv reads, as its first input,
+/// into one step in the pointwise one's place ([`ops::chain`]: the depthwise result then
+/// stays in cache).
+fn fuse_conv_chains(block: &mut Block, consts: &[Tensor]) {
+    let kept: HashSet<usize> =
+        block.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }).collect();
+    let weight = |s: &Step| match s.inputs.get(1).copied().flatten() {
+        Some(Src::Const(i)) => consts.get(i).map(|t| t.dims().to_vec()),
+        _ => None,
+    };
+    let mut steps: Vec<Option<Step>> = std::mem::take(&mut block.steps).into_iter().map(Some).collect();
+    for k in 0..steps.len() {
+        let Some(first) = &steps[k] else { continue };
+        let (&[out], Kind::Op(_), Some(w1)) = (first.outputs.as_slice(), &first.kind, weight(first)) else { continue };
+        if kept.contains(&out) {
+            continue;
+        }
+        let mut readers = (k + 1..steps.len()).filter(|&j| {
+            steps[j].as_ref().is_some_and(|s| {
+                let mut r = Vec::new();
+                slots_read(s, &mut r);
+                r.contains(&out)
+            })
+        });
+        let (Some(j), None) = (readers.next(), readers.next()) else { continue };
+        let Some(second) = &steps[j] else { continue };
+        let sole_first_input = second.inputs.first() == Some(&Some(Src::Slot(out)))
+            && !second.inputs[1..].contains(&Some(Src::Slot(out)))
+            && matches!(second.kind, Kind::Op(_));
+        let Some(w2) = weight(second).filter(|_| sole_first_input) else { continue };
+        let (Some(first), Some(second)) = (steps[k].take(), steps[j].take()) else { continue };
+        let (Kind::Op(a), Kind::Op(b)) = (first.kind, second.kind) else {
+            unreachable!("both checked to be operators")
+        };
+        let at = |s: &[Option<Src>], i: usize| s.get(i).copied().flatten();
+        match ops::chain(a, &w1, b, &w2) {
+            Ok(op) => {
+                let inputs = vec![
+                    at(&first.inputs, 0),
+                    at(&first.inputs, 1),
+                    at(&first.inputs, 2),
+                    at(&second.inputs, 1),
+                    at(&second.inputs, 2),
+                ];
+                steps[j] = Some(Step {
+                    kind: Kind::Op(op),
+                    name: format!("{}+{}", first.name, second.name),
+                    inputs,
+                    outputs: second.outputs,
+                    free: Vec::new(),
+                });
+            }
+            Err((a, b)) => {
+                steps[k] = Some(Step { kind: Kind::Op(a), ..first });
+                steps[j] = Some(Step { kind: Kind::Op(b), ..second });
             }
         }
     }
+    block.steps = steps.into_iter().flatten().collect();
+}
+
+fn plan_frees(block: &mut Block, defined_outside: &HashSet<usize>) {
     let kept: HashSet<usize> =
         block.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }).collect();
     let mut defined: HashSet<usize> = defined_outside.clone();
@@ -907,7 +971,7 @@ fn plan_frees(block: &mut Block, defined_outside: &HashSet<usize>) {
     let mut last: HashMap<usize, usize> = HashMap::new();
     for (k, s) in block.steps.iter().enumerate() {
         let mut r = Vec::new();
-        reads(s, &mut r);
+        slots_read(s, &mut r);
         for x in r {
             last.insert(x, k);
         }

@@ -123,6 +123,16 @@ impl ConvPlan {
         Ok(Self { dims: [n, c, h, wd], kernel: [m, cg, kh, kw], out: [oh, ow], plane, depthwise })
     }
 
+    /// The input's shape, `[n, c, h, w]`.
+    pub(crate) fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// The output's height and width.
+    pub(crate) fn out(&self) -> [usize; 2] {
+        self.out
+    }
+
     /// The most bytes the kernels allocate: the output, one group's im2col columns, a padded
     /// plane for every worker thread, and the depthwise kernel's weights by channel block and
     /// its tile and output band for every worker thread.
@@ -215,6 +225,135 @@ pub(crate) fn conv2d(
     })???; // the two borrows, then the kernel's own result
     // SAFETY: the kernel above returned Ok, so it initialised all `len` elements (each path
     // writes every output element, or zeroes the buffer before it accumulates).
+    unsafe { out.set_len(len) };
+    Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
+}
+
+/// Scratch floats a fused depthwise + pointwise pass keeps per range of rows: the depthwise
+/// result for every channel stays in L2 (256 KiB) while the pointwise product reads it.
+const CHAIN_SCRATCH: usize = 1 << 16;
+
+/// How a fused depthwise + pointwise pass splits its output: `rows` output rows of one image
+/// at a time, or `None` where the split would leave threads idle or products too narrow to
+/// pay (a batch of one 7x7 plane: the two kernels then run one after the other, each in
+/// parallel on its own).
+pub(crate) fn chain_rows(plan: &ConvPlan) -> Option<usize> {
+    let [n, c, _, _] = plan.dims;
+    let [oh, ow] = plan.out;
+    plan.depthwise.as_ref()?;
+    let threads = rayon::current_num_threads();
+    let mut rows = (CHAIN_SCRATCH / (c * ow).max(1)).clamp(1, oh);
+    // At least two ranges per thread.
+    let ranges = (2 * threads).div_ceil(n);
+    if oh.div_ceil(rows) < ranges {
+        rows = oh.div_ceil(ranges).max(1);
+    }
+    (rows * ow >= 32 && n * oh.div_ceil(rows) >= threads).then_some(rows)
+}
+
+/// The most bytes a fused depthwise + pointwise pass (`plan` the depthwise one's, `m` the
+/// pointwise outputs) allocates beyond its output: per worker thread, the depthwise scratch,
+/// tile and band, and the product's band.
+pub(crate) fn chain_bytes(plan: &ConvPlan, m: usize, rows: usize) -> Result<u64, NnError> {
+    let [_, c, _, _] = plan.dims;
+    let [_, ow] = plan.out;
+    let too_big = || NnError::too_large("Conv: the fused pass does not fit in memory");
+    let dw = plan.depthwise.as_ref().ok_or_else(too_big)?;
+    let per_thread = super::count(&[c + m, rows, ow])?.checked_add(dw.thread_floats()).ok_or_else(too_big)?;
+    let threads = rayon::current_num_threads() as u64 + 1;
+    per_thread.checked_mul(threads).and_then(|f| f.checked_mul(4)).ok_or_else(too_big)
+}
+
+/// A depthwise convolution (`x` by `dw.0`, its plan `plan`, bias and clamp) whose only reader
+/// is a pointwise one (`pw`: `[m, c, 1, 1]` weights, bias, clamp, packing cache), in one pass:
+/// each range of `rows` output rows of one image runs the depthwise kernel for every channel
+/// into an L2-sized scratch buffer, and the pointwise product reads it from there, so the
+/// depthwise result never goes out to memory (at batch 8, EfficientNet's depthwise outputs
+/// are 75 MB written and read again).
+#[allow(clippy::type_complexity)]
+pub(crate) fn depthwise_pointwise(
+    x: &Tensor,
+    (wd, bd, clamp_d): (&Tensor, Option<&Tensor>, Option<Clamp>),
+    plan: &ConvPlan,
+    rows: usize,
+    (wp, bp, clamp_p, cache): (&Tensor, Option<&Tensor>, Option<Clamp>, Option<(&PackedWeights, TensorId)>),
+) -> Result<Tensor, NnError> {
+    let [n, c, _, _] = plan.dims;
+    let [oh, ow] = plan.out;
+    let dw = plan.depthwise.as_ref().ok_or_else(|| NnError::runtime("Conv: the plan is not depthwise"))?;
+    if x.dims() != plan.dims || wd.dims() != plan.kernel {
+        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
+    }
+    let m = match wp.dims() {
+        &[m, cp, 1, 1] if cp == c => m,
+        d => return Err(NnError::invalid_argument(format!("Conv: pointwise weight {d:?} after {c} channels"))),
+    };
+    let f32s = |t: Option<&Tensor>, len: usize, what: &str| -> Result<Option<Vec<f32>>, NnError> {
+        let v = t.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
+        if let Some(v) = &v
+            && v.len() != len
+        {
+            return Err(NnError::invalid_argument(format!("Conv: {what} bias of {} for {len} channels", v.len())));
+        }
+        Ok(v)
+    };
+    let (bd, bp) = (f32s(bd, c, "depthwise")?, f32s(bp, m, "pointwise")?);
+    let oplane = oh * ow;
+    let len = n * m * oplane;
+    let mut out: Vec<f32> = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
+    // One item per (image, range of rows): each output channel's rows in that range.
+    let mut items: Vec<Vec<&mut [MaybeUninit<f32>]>> = Vec::with_capacity(n * oh.div_ceil(rows));
+    for image in out.spare_capacity_mut()[..len].chunks_exact_mut(m * oplane) {
+        let mut planes: Vec<_> = image.chunks_exact_mut(oplane).map(|p| p.chunks_mut(rows * ow)).collect();
+        for _ in (0..oh).step_by(rows) {
+            items.push(planes.iter_mut().filter_map(Iterator::next).collect());
+        }
+    }
+    let failed = std::sync::Mutex::new(None);
+    with_f32(x, |xs| {
+        with_f32(wd, |wds| {
+            with_f32(wp, |wps| {
+                let packed = cache.map(|(cache, key)| cache.get(key, || pack_groups(wps, m, c, 1)));
+                let packed = packed.as_ref().and_then(|p| p.first());
+                let then =
+                    |_: usize, (oy0, oy1): (usize, usize), scratch: &[f32], item: Vec<&mut [MaybeUninit<f32>]>| {
+                        let cols = (oy1 - oy0) * ow;
+                        let mut band: Vec<f32> = Vec::with_capacity(m * cols);
+                        let result = gemm_into(
+                            1,
+                            [m, cols, c],
+                            wps,
+                            packed,
+                            scratch,
+                            band.spare_capacity_mut(),
+                            bp.as_deref(),
+                            clamp_p,
+                        );
+                        match result {
+                            Ok(()) => {
+                                // SAFETY: `gemm_into` returned Ok, so it wrote all `m * cols` values.
+                                unsafe { band.set_len(m * cols) };
+                                for (dst, src) in item.into_iter().zip(band.chunks_exact(cols)) {
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        d.write(v);
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            }
+                        }
+                    };
+                dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, &then);
+            })
+        })
+    })???;
+    if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(e);
+    }
+    // SAFETY: every item (each output channel's rows of each range of each image) was written
+    // in full: `gemm_into` returned Ok for each, so no error was recorded above.
     unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
@@ -372,6 +511,51 @@ mod tests {
         }
     }
 
+    /// The fused depthwise + pointwise pass equals the two convolutions one after the other,
+    /// at every SIMD level, on splits of one row to whole planes and channel counts that leave
+    /// blocks and tiles partly used.
+    #[test]
+    fn fused_depthwise_pointwise_is_the_two_in_turn() {
+        use crate::nn::kernels::simd;
+        let dev = Device::Cpu;
+        type Case = ([usize; 4], usize, usize, usize, [(usize, usize); 2]);
+        let cases: [Case; 4] = [
+            ([3, 20, 9, 11], 7, 3, 1, [(1, 1), (1, 1)]),
+            ([2, 33, 16, 16], 24, 5, 2, [(1, 2), (1, 2)]),
+            ([1, 17, 40, 40], 40, 3, 1, [(1, 1), (1, 1)]),
+            ([4, 48, 7, 7], 12, 5, 1, [(2, 2), (2, 2)]),
+        ];
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            for ([n, c, h, w], m, k, stride, pads) in cases {
+                let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+                let wd = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+                let bd = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+                let wp = Tensor::randn(0f32, 1.0, (m, c, 1, 1), &dev).unwrap();
+                let bp = Tensor::randn(0f32, 1.0, m, &dev).unwrap();
+                let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
+                let g1 = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
+                let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+                let mid = planned(&x, &wd, Some(&bd), &g, six, None).unwrap();
+                let want = planned(&mid, &wp, Some(&bp), &g1, Some(Clamp { lo: -3.0, hi: 3.0 }), None).unwrap();
+                let plan = ConvPlan::new(x.dims(), wd.dims(), &g).unwrap();
+                let cache = PackedWeights::default();
+                for rows in [1, 2, plan.out[0]] {
+                    let got = depthwise_pointwise(
+                        &x,
+                        (&wd, Some(&bd), six),
+                        &plan,
+                        rows,
+                        (&wp, Some(&bp), Some(Clamp { lo: -3.0, hi: 3.0 }), Some((&cache, wp.id()))),
+                    )
+                    .unwrap();
+                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-4, "{level:?} {:?} rows {rows}: {diff}", ([n, c, h, w], m, k, stride));
+                }
+            }
+        }
+    }
+
     #[test]
     fn epilogue_adds_bias_and_clamps() {
         let dev = Device::Cpu;
@@ -397,7 +581,7 @@ mod timing {
     fn layer_timings() {
         let dev = Device::Cpu;
         type Case = (&'static str, [usize; 4], [usize; 4], usize, usize, [(usize, usize); 2]);
-        let cases: [Case; 11] = [
+        let cases: [Case; 14] = [
             ("stem 3->32 k3 s2", [1, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
             ("dw 96 k3 s2 @112", [1, 96, 112, 112], [96, 1, 3, 3], 96, 2, [(0, 1), (0, 1)]),
             ("dw 144 k3 s1 @56", [1, 144, 56, 56], [144, 1, 3, 3], 144, 1, [(1, 1), (1, 1)]),
@@ -409,6 +593,9 @@ mod timing {
             ("b8 dw 96 k3 s2 @112", [8, 96, 112, 112], [96, 1, 3, 3], 96, 2, [(0, 1), (0, 1)]),
             ("pw 16->96 @112", [1, 16, 112, 112], [96, 16, 1, 1], 1, 1, [(0, 0), (0, 0)]),
             ("pw 144->24 @56", [1, 144, 56, 56], [24, 144, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b8 pw 144->24 @56", [8, 144, 56, 56], [24, 144, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b8 pw 672->112 @14", [8, 672, 14, 14], [112, 672, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b8 pw 24->144 @56", [8, 24, 56, 56], [144, 24, 1, 1], 1, 1, [(0, 0), (0, 0)]),
         ];
         let only = std::env::var("EIR_CONV_CASE").unwrap_or_default();
         for (name, xs, ws, group, stride, pads) in cases.into_iter().filter(|c| c.0.contains(&only)) {

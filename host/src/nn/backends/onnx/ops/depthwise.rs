@@ -29,6 +29,10 @@ const RUN: usize = 8;
 type Unit<const L: usize> =
     unsafe fn(&Depthwise, Block<'_, L>, (usize, usize), &mut [[f32; L]], &mut [[f32; L]], &mut Dst<'_, L>);
 
+/// What [`Depthwise::run_banded`] hands each range of rows to: the image, the rows, the
+/// scratch (`[c][rows × ow]`) and the range's item.
+pub(super) type Then<'a, T> = dyn Fn(usize, (usize, usize), &[f32], T) + Sync + 'a;
+
 /// Where a unit's output goes: per channel of its block (`None` past the last channel), its
 /// rows of the output plane.
 type Dst<'a, const L: usize> = [Option<&'a mut [MaybeUninit<f32>]>; L];
@@ -130,6 +134,99 @@ impl Depthwise {
         self.blocks::<8>(xs, ws, out, [n, c], bias, clamp, Self::unit_portable)
     }
 
+    /// Runs the convolution `rows` output rows of one image at a time (the last range of an
+    /// image may be shorter), every channel into a scratch buffer (`[c][rows × ow]`), which
+    /// `then` gets with the image, the rows and that range's item of `items` (one per image
+    /// and range, images first) while it is still in cache. Ranges run in parallel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_banded<T: Send>(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        [n, c]: [usize; 2],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+        rows: usize,
+        items: Vec<T>,
+        then: &Then<'_, T>,
+    ) {
+        assert!(
+            xs.len() >= n * c * self.h * self.w
+                && ws.len() >= c * self.kh * self.kw
+                && bias.is_none_or(|b| b.len() >= c)
+                && rows > 0
+                && items.len() == n * self.oh.div_ceil(rows),
+            "depthwise: operands smaller than their shapes"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::avx512() {
+                return self.banded::<16, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_avx512);
+            }
+            if simd::fma() {
+                return self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_avx2);
+            }
+        }
+        self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_portable)
+    }
+
+    /// [`Depthwise::run_banded`] with `unit` (one the CPU can run).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn banded<const L: usize, T: Send>(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        [_, c]: [usize; 2],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+        (rows, items, then): (usize, Vec<T>, &Then<'_, T>),
+        unit: Unit<L>,
+    ) {
+        let taps = self.kh * self.kw;
+        let groups = c.div_ceil(L);
+        let (wb, bb) = by_block::<L>(ws, bias, c, taps);
+        let plane = self.h * self.w;
+        let ranges = self.oh.div_ceil(rows);
+        let units: Vec<(usize, usize, T)> =
+            items.into_iter().enumerate().map(|(u, t)| (u / ranges, (u % ranges) * rows, t)).collect();
+        let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
+        units.into_par_iter().with_min_len(per_job).for_each_init(
+            || {
+                let tile = vec![[0f32; L]; self.tile_rows * self.pw];
+                (tile, vec![[0f32; L]; self.band * self.ow], vec![0f32; c * rows * self.ow])
+            },
+            |(tile, obuf, scratch), (i, oy0, item)| {
+                let oy1 = (oy0 + rows).min(self.oh);
+                let len = (oy1 - oy0) * self.ow;
+                let scratch = &mut scratch[..c * len];
+                {
+                    // SAFETY: MaybeUninit<f32> has f32's layout, and the kernels write only
+                    // initialised values, so the floats stay initialised.
+                    let raw = unsafe {
+                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<MaybeUninit<f32>>(), scratch.len())
+                    };
+                    let mut channels = raw.chunks_exact_mut(len);
+                    for gi in 0..groups {
+                        let lanes = L.min(c - gi * L);
+                        let first = (i * c + gi * L) * plane;
+                        let block = Block {
+                            src: &xs[first..first + lanes * plane],
+                            lanes,
+                            weights: &wb[gi * taps..(gi + 1) * taps],
+                            bias: bb[gi],
+                            clamp,
+                        };
+                        let mut dsts: Dst<'_, L> =
+                            std::array::from_fn(|cl| if cl < lanes { channels.next() } else { None });
+                        // SAFETY: `run_banded` chose `unit` for features this CPU has.
+                        unsafe { unit(self, block, (oy0, oy1), tile, obuf, &mut dsts) }
+                    }
+                }
+                then(i, (oy0, oy1), scratch, item);
+            },
+        );
+    }
+
     /// Splits the work into blocks of `L` channels of one image and runs `unit` on each, in
     /// parallel. `unit` must be one the CPU can run (`run` chooses it by the CPU's features).
     #[allow(clippy::too_many_arguments)]
@@ -145,20 +242,7 @@ impl Depthwise {
     ) {
         let taps = self.kh * self.kw;
         let groups = c.div_ceil(L);
-        // Weights and bias by block, lanes past the last channel zero.
-        let mut wb = vec![[0f32; L]; groups * taps];
-        for (ch, k) in ws.chunks_exact(taps).take(c).enumerate() {
-            for (t, &v) in k.iter().enumerate() {
-                wb[(ch / L) * taps + t][ch % L] = v;
-            }
-        }
-        let mut bb = vec![[0f32; L]; groups];
-        if let Some(b) = bias {
-            for (ch, &v) in b.iter().take(c).enumerate() {
-                bb[ch / L][ch % L] = v;
-            }
-        }
-        // Each unit of work: (image, block) and its output channels, contiguous in NCHW.
+        let (wb, bb) = by_block::<L>(ws, bias, c, taps);
         // Each unit of work: one image's block of channels over a range of output rows (whole
         // bands), and for each of its channels, those rows of the output. Blocks split into
         // row ranges where there are too few of them to share out evenly (9 blocks of 16
@@ -435,6 +519,25 @@ impl Depthwise {
             *o = unsafe { finish::<L, K>(a, clamp) };
         }
     }
+}
+
+/// The weights (`[c, taps]`) and bias by block of `L` channels, lanes past the last channel
+/// zero.
+fn by_block<const L: usize>(ws: &[f32], bias: Option<&[f32]>, c: usize, taps: usize) -> (Vec<[f32; L]>, Vec<[f32; L]>) {
+    let groups = c.div_ceil(L);
+    let mut wb = vec![[0f32; L]; groups * taps];
+    for (ch, k) in ws.chunks_exact(taps).take(c).enumerate() {
+        for (t, &v) in k.iter().enumerate() {
+            wb[(ch / L) * taps + t][ch % L] = v;
+        }
+    }
+    let mut bb = vec![[0f32; L]; groups];
+    if let Some(b) = bias {
+        for (ch, &v) in b.iter().take(c).enumerate() {
+            bb[ch / L][ch % L] = v;
+        }
+    }
+    (wb, bb)
 }
 
 /// The two operations of the tap loop on `L` lanes, as one vector instruction each where the

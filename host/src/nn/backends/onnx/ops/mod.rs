@@ -104,7 +104,24 @@ pub(super) fn count(dims: &[usize]) -> Result<u64, NnError> {
 }
 
 /// A compiled operator.
-pub(super) trait Op: Send + Sync {
+/// An operator as [`std::any::Any`], so that the graph compiler can fuse known pairs.
+pub(super) trait AsAny {
+    /// `self` as `Any`.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// `self` as a boxed `Any`.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+pub(super) trait Op: AsAny + Send + Sync {
     /// Runs on `inputs` (`None` for an omitted optional input).
     fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError>;
 
@@ -152,6 +169,31 @@ pub(super) fn build(node: &Node<'_>) -> Built {
             Err(NnError::unsupported(format!("unsupported ONNX operator `{op}` (node `{}`)", node.proto.name)))
         })?;
     Ok(if FLOAT_ONLY.contains(&op) { Box::new(FloatOnly { op: built, name: op.to_string() }) } else { built })
+}
+
+/// A depthwise Conv (weights `w1`) and the pointwise Conv that alone reads its output
+/// (weights `w2`) as one operator ([`nn::chain`]); otherwise both back as they were.
+#[allow(clippy::type_complexity)]
+pub(super) fn chain(
+    first: Box<dyn Op>,
+    w1: &[usize],
+    second: Box<dyn Op>,
+    w2: &[usize],
+) -> Result<Box<dyn Op>, (Box<dyn Op>, Box<dyn Op>)> {
+    // Both come wrapped as float-only operators (Conv is one).
+    let convs = (*first).as_any().downcast_ref::<FloatOnly>().is_some_and(|f| f.name == "Conv")
+        && (*second).as_any().downcast_ref::<FloatOnly>().is_some_and(|f| f.name == "Conv");
+    if !convs {
+        return Err((first, second));
+    }
+    let (Ok(a), Ok(b)) = (first.into_any().downcast::<FloatOnly>(), second.into_any().downcast::<FloatOnly>()) else {
+        unreachable!("both were just checked to be float-only operators")
+    };
+    let (a, b) = (*a, *b);
+    match nn::chain(a.op, w1, b.op, w2) {
+        Ok(op) => Ok(Box::new(FloatOnly { op, name: a.name })),
+        Err((x, y)) => Err((Box::new(FloatOnly { op: x, name: a.name }), Box::new(FloatOnly { op: y, name: b.name }))),
+    }
 }
 
 /// Operators ONNX defines on floating-point tensors only (candle has no integer kernels for
@@ -314,8 +356,8 @@ struct FnOp<F, B> {
 
 impl<F, B> Op for FnOp<F, B>
 where
-    F: Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync,
-    B: Fn(&[Option<&Tensor>]) -> Result<u64, NnError> + Send + Sync,
+    F: Fn(&[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> + Send + Sync + 'static,
+    B: Fn(&[Option<&Tensor>]) -> Result<u64, NnError> + Send + Sync + 'static,
 {
     fn run(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         (self.run)(inputs)

@@ -452,20 +452,21 @@ impl Conv {
     /// The convolution of `x` by `w` checked against the attributes: its 2-D geometry (1-D
     /// convolutions as 2-D ones with a height of 1), its plan, and the per-axis padding.
     fn plan(&self, x: &Tensor, w: &Tensor) -> Result<ConvSetup, NnError> {
-        let spatial = x.rank().checked_sub(2).filter(|s| (1..=2).contains(s)).ok_or_else(|| {
+        self.plan_dims(x.dims(), w.dims())
+    }
+
+    /// [`Conv::plan`] from the shapes alone.
+    fn plan_dims(&self, x: &[usize], w: &[usize]) -> Result<ConvSetup, NnError> {
+        let spatial = x.len().checked_sub(2).filter(|s| (1..=2).contains(s)).ok_or_else(|| {
             NnError::unsupported(format!(
                 "Conv on a rank-{} input: only 1-D and 2-D convolutions are supported",
-                x.rank()
+                x.len()
             ))
         })?;
-        if w.rank() != x.rank() {
-            return Err(NnError::invalid_argument(format!(
-                "Conv weight {:?} does not match input {:?}",
-                w.dims(),
-                x.dims()
-            )));
+        if w.len() != x.len() {
+            return Err(NnError::invalid_argument(format!("Conv weight {:?} does not match input {:?}", w, x)));
         }
-        let ks = &w.dims()[2..];
+        let ks = &w[2..];
         if let Some(k) = &self.kernel
             && k.as_slice() != ks
         {
@@ -483,9 +484,7 @@ impl Conv {
             return Err(NnError::invalid_argument("Conv: strides/dilations/pads do not match the input rank"));
         }
         let pads: Vec<(usize, usize)> = (0..spatial)
-            .map(|d| {
-                self.auto_pad.pads((explicit[d], explicit[d + spatial]), x.dims()[2 + d], ks[d], strides[d], dil[d])
-            })
+            .map(|d| self.auto_pad.pads((explicit[d], explicit[d + spatial]), x[2 + d], ks[d], strides[d], dil[d]))
             .collect::<Result<_, _>>()?;
         let g = if spatial == 1 {
             conv::Geometry {
@@ -503,7 +502,7 @@ impl Conv {
             }
         };
         let as2d = |d: &[usize]| if spatial == 1 { vec![d[0], d[1], 1, d[2]] } else { d.to_vec() };
-        let plan = conv::ConvPlan::new(&as2d(x.dims()), &as2d(w.dims()), &g)?;
+        let plan = conv::ConvPlan::new(&as2d(x), &as2d(w), &g)?;
         Ok((g, plan, pads))
     }
 }
@@ -553,6 +552,121 @@ impl super::Op for Conv {
             y = y.clamp(lo, hi)?;
         }
         Ok(vec![y])
+    }
+}
+
+impl Conv {
+    /// Whether this convolution is depthwise for weights of shape `w` (one input channel per
+    /// group, as many groups as output channels).
+    fn is_depthwise(&self, w: &[usize]) -> bool {
+        matches!(w, &[m, 1, _, _] if m == self.group)
+    }
+
+    /// Whether this convolution is pointwise for weights of shape `w`: 1x1, stride 1, no
+    /// padding, one group.
+    fn is_pointwise(&self, w: &[usize]) -> bool {
+        let ones = |v: &Option<Vec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&x| x == 1));
+        matches!(w, &[_, _, 1, 1])
+            && self.group == 1
+            && ones(&self.strides)
+            && matches!(self.auto_pad, AutoPad::NotSet | AutoPad::Valid)
+            && self.pads.as_ref().is_none_or(|p| p.iter().all(|&x| x == 0))
+    }
+}
+
+/// A depthwise Conv whose output only a pointwise Conv reads (MobileNet and EfficientNet
+/// blocks), fused by the graph compiler: inputs `x`, the depthwise weight and bias, the
+/// pointwise weight and bias. Where [`conv::chain_rows`] finds a split, one pass keeps the
+/// depthwise result in cache for the product ([`conv::depthwise_pointwise`]); otherwise the two
+/// run one after the other.
+pub(crate) struct ConvChain {
+    dw: Conv,
+    pw: Conv,
+}
+
+/// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
+/// `w1`) and a pointwise one (weights `w2`, reading all of the first's channels); otherwise
+/// hands them back.
+#[allow(clippy::type_complexity)]
+pub(crate) fn chain(
+    first: Box<dyn super::Op>,
+    w1: &[usize],
+    second: Box<dyn super::Op>,
+    w2: &[usize],
+) -> Result<Box<dyn super::Op>, (Box<dyn super::Op>, Box<dyn super::Op>)> {
+    let fits = match ((*first).as_any().downcast_ref::<Conv>(), (*second).as_any().downcast_ref::<Conv>()) {
+        (Some(a), Some(b)) => a.is_depthwise(w1) && b.is_pointwise(w2) && w2.get(1) == w1.first(),
+        _ => false,
+    };
+    if !fits {
+        return Err((first, second));
+    }
+    match (first.into_any().downcast::<Conv>(), second.into_any().downcast::<Conv>()) {
+        (Ok(dw), Ok(pw)) => Ok(Box::new(ConvChain { dw: *dw, pw: *pw })),
+        _ => unreachable!("both were just checked to be Convs"),
+    }
+}
+
+impl ConvChain {
+    /// The depthwise plan and, where the fused pass runs, its split.
+    fn fused(&self, x: &Tensor, wd: &Tensor, wp: &Tensor) -> Result<Option<(ConvSetup, usize)>, NnError> {
+        let f32s = [x, wd, wp].iter().all(|t| t.dtype() == DType::F32);
+        if !f32s || x.rank() != 4 || !self.pw.is_pointwise(wp.dims()) {
+            return Ok(None);
+        }
+        let setup = self.dw.plan(x, wd)?;
+        Ok(conv::chain_rows(&setup.1).map(|rows| (setup, rows)))
+    }
+}
+
+impl super::Op for ConvChain {
+    fn prepare(&self, constants: &[Option<&Tensor>]) {
+        self.dw.prepare(&constants[..constants.len().min(3)]);
+        if let Some(Some(w)) = constants.get(3)
+            && w.dtype() == DType::F32
+        {
+            conv::prepack(&self.pw.packed, w, 1);
+        }
+    }
+
+    fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
+        self.pw.fuse_clamp(clamp)
+    }
+
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, 1, "Conv")?, input(i, 3, "Conv")?);
+        let (_, dw, _) = self.dw.plan(x, wd)?;
+        // Either path: the two convolutions' own bounds (the depthwise output held while the
+        // pointwise one runs), or the fused pass's output and scratch; the larger.
+        // The depthwise output's shape (1-D convolutions plan as 2-D ones of height 1).
+        let [n, _, _, _] = dw.dims();
+        let [oh, ow] = dw.out();
+        let mid = if x.rank() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
+        let (_, pw, _) = self.pw.plan_dims(&mid, wp.dims())?;
+        let apart = dw.bytes()?.saturating_add(pw.bytes()?);
+        let fused = match conv::chain_rows(&dw) {
+            Some(rows) => conv::chain_bytes(&dw, wp.dims()[0], rows)?.saturating_add(pw.bytes()?),
+            None => 0,
+        };
+        Ok(apart.max(fused))
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, 1, "Conv")?, input(i, 3, "Conv")?);
+        let (bd, bp) = (i.get(2).copied().flatten(), i.get(4).copied().flatten());
+        if let Some(((_, plan, _), rows)) = self.fused(x, wd, wp)? {
+            let y = conv::depthwise_pointwise(
+                x,
+                (wd, bd, self.dw.clamp),
+                &plan,
+                rows,
+                (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id()))),
+            )?;
+            return Ok(vec![y]);
+        }
+        let mid = self.dw.run(&[Some(x), Some(wd), bd])?;
+        let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+        self.pw.run(&[Some(mid), Some(wp), bp])
     }
 }
 
