@@ -347,11 +347,15 @@ fn rows_of_b([m, n, k]: [usize; 3], a: &[f32], b: &[f32], dst: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     let fma = simd::fma();
-    // Column blocks, each `[m][width]`, computed separately and then scattered into dst.
-    let width = NC * 4;
+    // Column blocks, each `[m][width]`, computed separately and then scattered into dst: two
+    // per thread where the product is big enough to share (a classifier's 1000 columns were
+    // one block, streaming all of B on one core), else one.
+    let parallel = m * n * k >= PARALLEL_MIN;
+    let per = if parallel { 2 * rayon::current_num_threads() } else { 1 };
+    let width = n.div_ceil(per).next_multiple_of(16).clamp(64, NC * 4);
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(width))
         .into_par_iter()
-        .with_min_len(if m * n * k < PARALLEL_MIN { usize::MAX } else { 1 })
+        .with_min_len(if parallel { 1 } else { usize::MAX })
         .map(|blk| {
             let j0 = blk * width;
             let mut out = vec![0f32; m * width.min(n - j0)];
