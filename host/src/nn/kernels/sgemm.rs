@@ -1318,6 +1318,9 @@ mod tests {
                 [9, 16, 5],
                 [1, 1000, 64],
                 [3, 1500, 7],
+                // A few rows over enough columns to split across threads (a classifier).
+                [1, 1000, 1280],
+                [2, 4001, 130],
                 [13, 49, 96],
                 [24, 300, 40],
                 [96, 1000, 16],
