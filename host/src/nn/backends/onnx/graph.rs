@@ -901,9 +901,17 @@ fn slots_read(step: &Step, out: &mut Vec<usize>) {
 }
 
 /// Fuses each depthwise Conv whose output only a pointwise Conv reads, as its first input,
-/// into one step in the pointwise one's place ([`ops::chain`]: the depthwise result then
-/// stays in cache).
+/// into one step in the pointwise one's place, and then each pointwise Conv whose output only
+/// such a step reads into it ([`ops::chain`]: intermediate results then stay in cache).
 fn fuse_conv_chains(block: &mut Block, consts: &[Tensor]) {
+    for _ in 0..2 {
+        fuse_conv_pairs(block, consts);
+    }
+}
+
+/// One round of [`fuse_conv_chains`]: each step whose output only one later step reads, as
+/// its first input, fused with it where [`ops::chain`] takes the pair.
+fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
     let kept: HashSet<usize> =
         block.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }).collect();
     let weight = |s: &Step| match s.inputs.get(1).copied().flatten() {
@@ -937,13 +945,11 @@ fn fuse_conv_chains(block: &mut Block, consts: &[Tensor]) {
         let at = |s: &[Option<Src>], i: usize| s.get(i).copied().flatten();
         match ops::chain(a, &w1, b, &w2) {
             Ok(op) => {
-                let inputs = vec![
-                    at(&first.inputs, 0),
-                    at(&first.inputs, 1),
-                    at(&first.inputs, 2),
-                    at(&second.inputs, 1),
-                    at(&second.inputs, 2),
-                ];
+                // The first's input, weight and bias, then the second's operands after its
+                // first input (a Conv's weight and bias, or a chain's four).
+                let mut inputs: Vec<Option<Src>> = (0..3).map(|i| at(&first.inputs, i)).collect();
+                let tail = if second.inputs.len() > 3 { 4 } else { 2 };
+                inputs.extend((1..=tail).map(|i| at(&second.inputs, i)));
                 steps[j] = Some(Step {
                     kind: Kind::Op(op),
                     name: format!("{}+{}", first.name, second.name),

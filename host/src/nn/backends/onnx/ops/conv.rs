@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 use candle_core::{Tensor, TensorId};
 use rayon::prelude::*;
 
-use super::depthwise::{Depthwise, MAX_LANES};
+use super::depthwise::{self, Depthwise, MAX_LANES};
 use super::with_f32;
 use crate::nn::error::NnError;
 use crate::nn::kernels::sgemm::{Clamp, Packed, gemm_into};
@@ -233,16 +233,25 @@ pub(crate) fn conv2d(
 /// result for every channel stays in L2 (256 KiB) while the pointwise product reads it.
 const CHAIN_SCRATCH: usize = 1 << 16;
 
+/// Floats of a fused pass's expanded input rows per range (1 MiB: half the L2 cache).
+const EXPAND_SCRATCH: usize = 1 << 18;
+
 /// How a fused depthwise + pointwise pass splits its output: `rows` output rows of one image
 /// at a time, or `None` where the split would leave threads idle or products too narrow to
-/// pay (a batch of one 7x7 plane: the two kernels then run one after the other, each in
-/// parallel on its own).
-pub(crate) fn chain_rows(plan: &ConvPlan) -> Option<usize> {
-    let [n, c, _, _] = plan.dims;
+/// pay (a batch of one 7x7 plane: the kernels then run one after the other, each in parallel
+/// on its own). `expanding`: an expand convolution computes the depthwise input range by
+/// range, which must fit [`EXPAND_SCRATCH`] too.
+pub(crate) fn chain_rows(plan: &ConvPlan, expanding: bool) -> Option<usize> {
+    let [n, c, _, w] = plan.dims;
     let [oh, ow] = plan.out;
-    plan.depthwise.as_ref()?;
+    let dw = plan.depthwise.as_ref()?;
     let threads = rayon::current_num_threads();
     let mut rows = (CHAIN_SCRATCH / (c * ow).max(1)).clamp(1, oh);
+    if expanding {
+        while rows > 1 && c * dw.input_rows(rows) * w > EXPAND_SCRATCH {
+            rows -= 1;
+        }
+    }
     // At least two ranges per thread.
     let ranges = (2 * threads).div_ceil(n);
     if oh.div_ceil(rows) < ranges {
@@ -251,37 +260,63 @@ pub(crate) fn chain_rows(plan: &ConvPlan) -> Option<usize> {
     (rows * ow >= 32 && n * oh.div_ceil(rows) >= threads).then_some(rows)
 }
 
-/// The most bytes a fused depthwise + pointwise pass (`plan` the depthwise one's, `m` the
-/// pointwise outputs) allocates beyond its output: per worker thread, the depthwise scratch,
-/// tile and band, and the product's band.
-pub(crate) fn chain_bytes(plan: &ConvPlan, m: usize, rows: usize) -> Result<u64, NnError> {
-    let [_, c, _, _] = plan.dims;
+/// The most bytes a fused pass (`plan` the depthwise convolution's, `m` the pointwise
+/// outputs, `expand` the expand convolution's inputs where there is one) allocates beyond its
+/// output: per worker thread, the depthwise scratch, tile and band, the product's band, and
+/// the expanded input rows with the rows they come from.
+pub(crate) fn chain_bytes(plan: &ConvPlan, m: usize, rows: usize, expand: Option<usize>) -> Result<u64, NnError> {
+    let [_, c, _, w] = plan.dims;
     let [_, ow] = plan.out;
     let too_big = || NnError::too_large("Conv: the fused pass does not fit in memory");
     let dw = plan.depthwise.as_ref().ok_or_else(too_big)?;
-    let per_thread = super::count(&[c + m, rows, ow])?.checked_add(dw.thread_floats()).ok_or_else(too_big)?;
+    let expanded = match expand {
+        Some(c_in) => super::count(&[c + c_in, dw.input_rows(rows), w])?,
+        None => 0,
+    };
+    let per_thread = super::count(&[c + m, rows, ow])?
+        .checked_add(dw.thread_floats())
+        .and_then(|f| f.checked_add(expanded))
+        .ok_or_else(too_big)?;
     let threads = rayon::current_num_threads() as u64 + 1;
     per_thread.checked_mul(threads).and_then(|f| f.checked_mul(4)).ok_or_else(too_big)
 }
 
-/// A depthwise convolution (`x` by `dw.0`, its plan `plan`, bias and clamp) whose only reader
-/// is a pointwise one (`pw`: `[m, c, 1, 1]` weights, bias, clamp, packing cache), in one pass:
-/// each range of `rows` output rows of one image runs the depthwise kernel for every channel
-/// into an L2-sized scratch buffer, and the pointwise product reads it from there, so the
-/// depthwise result never goes out to memory (at batch 8, EfficientNet's depthwise outputs
-/// are 75 MB written and read again).
+/// A pointwise convolution's operands: weights (`[m, c, 1, 1]`), bias, clamp, packing cache.
+pub(crate) type Pointwise<'a> = (&'a Tensor, Option<&'a Tensor>, Option<Clamp>, Option<(&'a PackedWeights, TensorId)>);
+
+/// A depthwise convolution (by `dw.0`, with its bias and clamp, planned as `plan`) whose only
+/// reader is a pointwise one (`pw`), in one pass: each range of `rows` output rows of one
+/// image runs the depthwise kernel for every channel into an L2-sized scratch buffer, and the
+/// pointwise product reads it from there, so the depthwise result never goes out to memory
+/// (at batch 8, EfficientNet's depthwise outputs are 75 MB written and read again). With
+/// `expand` (a pointwise convolution whose only reader is the depthwise one), `x` is the
+/// expand convolution's input and each range computes just the expanded rows it reads, so the
+/// expanded tensor (the block's largest) never exists whole either.
 #[allow(clippy::type_complexity)]
 pub(crate) fn depthwise_pointwise(
     x: &Tensor,
+    expand: Option<Pointwise<'_>>,
     (wd, bd, clamp_d): (&Tensor, Option<&Tensor>, Option<Clamp>),
     plan: &ConvPlan,
     rows: usize,
-    (wp, bp, clamp_p, cache): (&Tensor, Option<&Tensor>, Option<Clamp>, Option<(&PackedWeights, TensorId)>),
+    (wp, bp, clamp_p, cache): Pointwise<'_>,
 ) -> Result<Tensor, NnError> {
-    let [n, c, _, _] = plan.dims;
+    let [n, c, h, w] = plan.dims;
     let [oh, ow] = plan.out;
     let dw = plan.depthwise.as_ref().ok_or_else(|| NnError::runtime("Conv: the plan is not depthwise"))?;
-    if x.dims() != plan.dims || wd.dims() != plan.kernel {
+    let c_in = match expand {
+        Some((we, ..)) => match (x.dims(), we.dims()) {
+            (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
+            (xd, wd) => {
+                return Err(NnError::invalid_argument(format!(
+                    "Conv: expand weight {wd:?} on {xd:?} before {c} channels"
+                )));
+            }
+        },
+        None if x.dims() == plan.dims => c,
+        None => return Err(NnError::runtime("Conv: the plan was made for other shapes")),
+    };
+    if wd.dims() != plan.kernel {
         return Err(NnError::runtime("Conv: the plan was made for other shapes"));
     }
     let m = match wp.dims() {
@@ -298,6 +333,7 @@ pub(crate) fn depthwise_pointwise(
         Ok(v)
     };
     let (bd, bp) = (f32s(bd, c, "depthwise")?, f32s(bp, m, "pointwise")?);
+    let be = f32s(expand.and_then(|e| e.1), c, "expand")?;
     let oplane = oh * ow;
     let len = n * m * oplane;
     let mut out: Vec<f32> = Vec::new();
@@ -311,49 +347,80 @@ pub(crate) fn depthwise_pointwise(
         }
     }
     let failed = std::sync::Mutex::new(None);
+    let fail = |e: NnError| *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+    let we = expand.map(|e| e.0).unwrap_or(wp);
     with_f32(x, |xs| {
         with_f32(wd, |wds| {
             with_f32(wp, |wps| {
-                let packed = cache.map(|(cache, key)| cache.get(key, || pack_groups(wps, m, c, 1)));
-                let packed = packed.as_ref().and_then(|p| p.first());
-                let then =
-                    |_: usize, (oy0, oy1): (usize, usize), scratch: &[f32], item: Vec<&mut [MaybeUninit<f32>]>| {
-                        let cols = (oy1 - oy0) * ow;
-                        let mut band: Vec<f32> = Vec::with_capacity(m * cols);
-                        let result = gemm_into(
-                            1,
-                            [m, cols, c],
-                            wps,
-                            packed,
-                            scratch,
-                            band.spare_capacity_mut(),
-                            bp.as_deref(),
-                            clamp_p,
-                        );
-                        match result {
+                with_f32(we, |wes| {
+                    let packed = cache.map(|(cache, key)| cache.get(key, || pack_groups(wps, m, c, 1)));
+                    let packed = packed.as_ref().and_then(|p| p.first());
+                    let packed_e =
+                        expand.and_then(|e| e.3).map(|(cache, key)| cache.get(key, || pack_groups(wes, c, c_in, 1)));
+                    let packed_e = packed_e.as_ref().and_then(|p| p.first());
+                    // The expanded rows `ya..yb` of image `i`: the expand product over just
+                    // those rows of its input.
+                    let source = |i: usize, (ya, yb): (usize, usize), input: &mut Vec<f32>| {
+                        let cols = (yb - ya) * w;
+                        let mut band = Vec::with_capacity(c_in * cols);
+                        for plane in xs[i * c_in * h * w..(i + 1) * c_in * h * w].chunks_exact(h * w) {
+                            band.extend_from_slice(&plane[ya * w..yb * w]);
+                        }
+                        input.clear();
+                        input.reserve(c * cols);
+                        let clamp_e = expand.and_then(|e| e.2);
+                        let dst = &mut input.spare_capacity_mut()[..c * cols];
+                        match gemm_into(1, [c, cols, c_in], wes, packed_e, &band, dst, be.as_deref(), clamp_e) {
                             Ok(()) => {
-                                // SAFETY: `gemm_into` returned Ok, so it wrote all `m * cols` values.
-                                unsafe { band.set_len(m * cols) };
-                                for (dst, src) in item.into_iter().zip(band.chunks_exact(cols)) {
-                                    for (d, &v) in dst.iter_mut().zip(src) {
-                                        d.write(v);
-                                    }
-                                }
+                                // SAFETY: `gemm_into` returned Ok, so it wrote all `c * cols`.
+                                unsafe { input.set_len(c * cols) };
+                                true
                             }
                             Err(e) => {
-                                *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                                fail(e);
+                                false
                             }
                         }
                     };
-                dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, &then);
+                    let then =
+                        |_: usize, (oy0, oy1): (usize, usize), scratch: &[f32], item: Vec<&mut [MaybeUninit<f32>]>| {
+                            let cols = (oy1 - oy0) * ow;
+                            let mut band: Vec<f32> = Vec::with_capacity(m * cols);
+                            let result = gemm_into(
+                                1,
+                                [m, cols, c],
+                                wps,
+                                packed,
+                                scratch,
+                                band.spare_capacity_mut(),
+                                bp.as_deref(),
+                                clamp_p,
+                            );
+                            match result {
+                                Ok(()) => {
+                                    // SAFETY: `gemm_into` returned Ok, so it wrote all `m * cols` values.
+                                    unsafe { band.set_len(m * cols) };
+                                    for (dst, src) in item.into_iter().zip(band.chunks_exact(cols)) {
+                                        for (d, &v) in dst.iter_mut().zip(src) {
+                                            d.write(v);
+                                        }
+                                    }
+                                }
+                                Err(e) => fail(e),
+                            }
+                        };
+                    let source: Option<&depthwise::Source<'_>> = expand.is_some().then_some(&source);
+                    dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then));
+                })
             })
         })
-    })???;
+    })????;
     if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         return Err(e);
     }
     // SAFETY: every item (each output channel's rows of each range of each image) was written
-    // in full: `gemm_into` returned Ok for each, so no error was recorded above.
+    // in full: every range's products returned Ok (an error is recorded above and skips only
+    // its own range), so none was skipped.
     unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
@@ -511,46 +578,57 @@ mod tests {
         }
     }
 
-    /// The fused depthwise + pointwise pass equals the two convolutions one after the other,
-    /// at every SIMD level, on splits of one row to whole planes and channel counts that leave
-    /// blocks and tiles partly used.
+    /// The fused depthwise + pointwise pass equals the convolutions one after the other, with
+    /// and without an expand convolution in front, at every SIMD level, on splits of one row to
+    /// whole planes and channel counts that leave blocks and tiles partly used.
     #[test]
-    fn fused_depthwise_pointwise_is_the_two_in_turn() {
+    fn fused_depthwise_pointwise_is_the_convolutions_in_turn() {
         use crate::nn::kernels::simd;
         let dev = Device::Cpu;
-        type Case = ([usize; 4], usize, usize, usize, [(usize, usize); 2]);
+        type Case = ([usize; 4], usize, usize, usize, usize, [(usize, usize); 2]);
         let cases: [Case; 4] = [
-            ([3, 20, 9, 11], 7, 3, 1, [(1, 1), (1, 1)]),
-            ([2, 33, 16, 16], 24, 5, 2, [(1, 2), (1, 2)]),
-            ([1, 17, 40, 40], 40, 3, 1, [(1, 1), (1, 1)]),
-            ([4, 48, 7, 7], 12, 5, 1, [(2, 2), (2, 2)]),
+            ([3, 20, 9, 11], 5, 7, 3, 1, [(1, 1), (1, 1)]),
+            ([2, 33, 16, 16], 8, 24, 5, 2, [(1, 2), (1, 2)]),
+            ([1, 17, 40, 40], 3, 40, 3, 1, [(1, 1), (1, 1)]),
+            ([4, 48, 7, 7], 16, 12, 5, 1, [(2, 2), (2, 2)]),
         ];
+        let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
         for level in simd::levels() {
             let _cap = simd::cap(level);
-            for ([n, c, h, w], m, k, stride, pads) in cases {
-                let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
-                let wd = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
-                let bd = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
-                let wp = Tensor::randn(0f32, 1.0, (m, c, 1, 1), &dev).unwrap();
-                let bp = Tensor::randn(0f32, 1.0, m, &dev).unwrap();
+            for ([n, c, h, w], c_in, m, k, stride, pads) in cases {
+                let (xin, we, be) = (randn(&[n, c_in, h, w]), randn(&[c, c_in, 1, 1]), randn(&[c]));
+                let (wd, bd, wp, bp) = (randn(&[c, 1, k, k]), randn(&[c]), randn(&[m, c, 1, 1]), randn(&[m]));
                 let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
                 let g1 = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
-                let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+                let (six, three) = (Some(Clamp { lo: 0.0, hi: 6.0 }), Some(Clamp { lo: -3.0, hi: 3.0 }));
+                let x = planned(&xin, &we, Some(&be), &g1, six, None).unwrap();
                 let mid = planned(&x, &wd, Some(&bd), &g, six, None).unwrap();
-                let want = planned(&mid, &wp, Some(&bp), &g1, Some(Clamp { lo: -3.0, hi: 3.0 }), None).unwrap();
+                let want = planned(&mid, &wp, Some(&bp), &g1, three, None).unwrap();
                 let plan = ConvPlan::new(x.dims(), wd.dims(), &g).unwrap();
-                let cache = PackedWeights::default();
+                let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
                 for rows in [1, 2, plan.out[0]] {
-                    let got = depthwise_pointwise(
-                        &x,
-                        (&wd, Some(&bd), six),
-                        &plan,
-                        rows,
-                        (&wp, Some(&bp), Some(Clamp { lo: -3.0, hi: 3.0 }), Some((&cache, wp.id()))),
-                    )
-                    .unwrap();
-                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(diff < 1e-4, "{level:?} {:?} rows {rows}: {diff}", ([n, c, h, w], m, k, stride));
+                    for expanding in [false, true] {
+                        let (input, expand) = if expanding {
+                            (&xin, Some((&we, Some(&be), six, Some((&cache_e, we.id())))))
+                        } else {
+                            (&x, None)
+                        };
+                        let got = depthwise_pointwise(
+                            input,
+                            expand,
+                            (&wd, Some(&bd), six),
+                            &plan,
+                            rows,
+                            (&wp, Some(&bp), three, Some((&cache, wp.id()))),
+                        )
+                        .unwrap();
+                        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        assert!(
+                            diff < 1e-3,
+                            "{level:?} {:?} rows {rows} expanding {expanding}: {diff}",
+                            ([n, c, h, w], c_in, m, k, stride)
+                        );
+                    }
                 }
             }
         }

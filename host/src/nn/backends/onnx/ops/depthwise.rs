@@ -29,6 +29,11 @@ const RUN: usize = 8;
 type Unit<const L: usize> =
     unsafe fn(&Depthwise, Block<'_, L>, (usize, usize), &mut [[f32; L]], &mut [[f32; L]], &mut Dst<'_, L>);
 
+/// Where [`Depthwise::run_banded`] takes a range's input from, instead of the whole input:
+/// given the image and its input rows `(ya, yb)`, fills the buffer with those rows of every
+/// channel (`[c][(yb - ya) × w]`), or returns false (an error it keeps; the range is skipped).
+pub(super) type Source<'a> = dyn Fn(usize, (usize, usize), &mut Vec<f32>) -> bool + Sync + 'a;
+
 /// What [`Depthwise::run_banded`] hands each range of rows to: the image, the rows, the
 /// scratch (`[c][rows × ow]`) and the range's item.
 pub(super) type Then<'a, T> = dyn Fn(usize, (usize, usize), &[f32], T) + Sync + 'a;
@@ -39,8 +44,10 @@ type Dst<'a, const L: usize> = [Option<&'a mut [MaybeUninit<f32>]>; L];
 
 /// The inputs of one block of `lanes` channels of one image.
 struct Block<'a, const L: usize> {
-    /// Its input planes, consecutive.
+    /// Its input planes, `plane` floats apart, holding input rows from `row0` on.
     src: &'a [f32],
+    plane: usize,
+    row0: usize,
     lanes: usize,
     /// Per tap, the block's weights (lanes past the last channel zero).
     weights: &'a [[f32; L]],
@@ -97,6 +104,11 @@ impl Depthwise {
         Some(Depthwise { h, w, pt, pl, kh, kw, sh, sw, dh, oh, ow, pw, band, tile_rows, offsets })
     }
 
+    /// Input rows (at most) that `rows` output rows read.
+    pub(super) fn input_rows(&self, rows: usize) -> usize {
+        (rows.max(1) - 1) * self.sh + (self.kh - 1) * self.dh + 1
+    }
+
     /// Floats one worker thread holds: its input tile and its output band.
     pub(super) fn thread_floats(&self) -> u64 {
         // Both are below the checked `ph * pw * MAX_LANES` and `oh * ow` (the output's size).
@@ -137,7 +149,9 @@ impl Depthwise {
     /// Runs the convolution `rows` output rows of one image at a time (the last range of an
     /// image may be shorter), every channel into a scratch buffer (`[c][rows × ow]`), which
     /// `then` gets with the image, the rows and that range's item of `items` (one per image
-    /// and range, images first) while it is still in cache. Ranges run in parallel.
+    /// and range, images first) while it is still in cache. Ranges run in parallel. With a
+    /// `source`, each range's input rows come from it (`xs` is then unused): a producer whose
+    /// output need never exist whole.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_banded<T: Send>(
         &self,
@@ -148,10 +162,10 @@ impl Depthwise {
         clamp: Option<Clamp>,
         rows: usize,
         items: Vec<T>,
-        then: &Then<'_, T>,
+        (source, then): (Option<&Source<'_>>, &Then<'_, T>),
     ) {
         assert!(
-            xs.len() >= n * c * self.h * self.w
+            (source.is_some() || xs.len() >= n * c * self.h * self.w)
                 && ws.len() >= c * self.kh * self.kw
                 && bias.is_none_or(|b| b.len() >= c)
                 && rows > 0
@@ -161,13 +175,21 @@ impl Depthwise {
         #[cfg(target_arch = "x86_64")]
         {
             if simd::avx512() {
-                return self.banded::<16, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_avx512);
+                return self.banded::<16, T>(
+                    xs,
+                    ws,
+                    [n, c],
+                    bias,
+                    clamp,
+                    (rows, items, source, then),
+                    Self::unit_avx512,
+                );
             }
             if simd::fma() {
-                return self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_avx2);
+                return self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, source, then), Self::unit_avx2);
             }
         }
-        self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, then), Self::unit_portable)
+        self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, source, then), Self::unit_portable)
     }
 
     /// [`Depthwise::run_banded`] with `unit` (one the CPU can run).
@@ -179,7 +201,7 @@ impl Depthwise {
         [_, c]: [usize; 2],
         bias: Option<&[f32]>,
         clamp: Option<Clamp>,
-        (rows, items, then): (usize, Vec<T>, &Then<'_, T>),
+        (rows, items, source, then): (usize, Vec<T>, Option<&Source<'_>>, &Then<'_, T>),
         unit: Unit<L>,
     ) {
         let taps = self.kh * self.kw;
@@ -190,14 +212,28 @@ impl Depthwise {
         let units: Vec<(usize, usize, T)> =
             items.into_iter().enumerate().map(|(u, t)| (u / ranges, (u % ranges) * rows, t)).collect();
         let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
+        let reach = (self.kh - 1) * self.dh + 1;
         units.into_par_iter().with_min_len(per_job).for_each_init(
             || {
                 let tile = vec![[0f32; L]; self.tile_rows * self.pw];
-                (tile, vec![[0f32; L]; self.band * self.ow], vec![0f32; c * rows * self.ow])
+                (tile, vec![[0f32; L]; self.band * self.ow], vec![0f32; c * rows * self.ow], Vec::new())
             },
-            |(tile, obuf, scratch), (i, oy0, item)| {
+            |(tile, obuf, scratch, input), (i, oy0, item)| {
                 let oy1 = (oy0 + rows).min(self.oh);
                 let len = (oy1 - oy0) * self.ow;
+                // The input rows these output rows read: from `source`, or this image's.
+                let top = oy0 * self.sh;
+                let ya = top.saturating_sub(self.pt).min(self.h);
+                let yb = (top + (oy1 - oy0 - 1) * self.sh + reach).saturating_sub(self.pt).min(self.h).max(ya);
+                let (src, plane, row0) = match source {
+                    Some(source) => {
+                        if !source(i, (ya, yb), input) || input.len() < c * (yb - ya) * self.w {
+                            return;
+                        }
+                        (&input[..], (yb - ya) * self.w, ya)
+                    }
+                    None => (&xs[i * c * plane..(i + 1) * c * plane], plane, 0),
+                };
                 let scratch = &mut scratch[..c * len];
                 {
                     // SAFETY: MaybeUninit<f32> has f32's layout, and the kernels write only
@@ -208,9 +244,11 @@ impl Depthwise {
                     let mut channels = raw.chunks_exact_mut(len);
                     for gi in 0..groups {
                         let lanes = L.min(c - gi * L);
-                        let first = (i * c + gi * L) * plane;
+                        let first = gi * L * plane;
                         let block = Block {
-                            src: &xs[first..first + lanes * plane],
+                            src: &src[first..first + lanes * plane],
+                            plane,
+                            row0,
                             lanes,
                             weights: &wb[gi * taps..(gi + 1) * taps],
                             bias: bb[gi],
@@ -276,6 +314,8 @@ impl Depthwise {
                 let first = (i * c + gi * L) * plane;
                 let block = Block {
                     src: &xs[first..first + lanes * plane],
+                    plane,
+                    row0: 0,
                     lanes,
                     weights: &wb[gi * taps..(gi + 1) * taps],
                     bias: bb[gi],
@@ -304,7 +344,7 @@ impl Depthwise {
         tr: unsafe fn(&mut [[f32; L]; L]),
     ) {
         let mut square = [[0f32; L]; L];
-        let (plane, w) = (self.h * self.w, self.w);
+        let (plane, w) = (b.plane, self.w);
         let reach = (self.kh - 1) * self.dh + 1;
         for oy0 in (from..to).step_by(self.band) {
             let oy1 = (oy0 + self.band).min(to);
@@ -318,7 +358,7 @@ impl Depthwise {
                 tile[r * self.pw + self.pl..][..w].fill([0.0; L]);
             }
             // In: `L` pixels of every channel, turned into `L` pixels of `L` channels each.
-            let span = (ya * w, yb * w);
+            let span = ((ya - b.row0) * w, (yb - b.row0) * w);
             let pixel = |p: usize| (p / w + first) * self.pw + p % w + self.pl;
             let whole = (span.1 - span.0) - (span.1 - span.0) % L;
             for p0 in (0..whole).step_by(L) {

@@ -575,18 +575,21 @@ impl Conv {
 }
 
 /// A depthwise Conv whose output only a pointwise Conv reads (MobileNet and EfficientNet
-/// blocks), fused by the graph compiler: inputs `x`, the depthwise weight and bias, the
-/// pointwise weight and bias. Where [`conv::chain_rows`] finds a split, one pass keeps the
-/// depthwise result in cache for the product ([`conv::depthwise_pointwise`]); otherwise the two
-/// run one after the other.
+/// blocks), fused by the graph compiler, with the pointwise "expand" Conv in front of it where
+/// the depthwise one alone reads that: inputs `x`, then (expand weight and bias,) the
+/// depthwise weight and bias, the pointwise weight and bias. Where [`conv::chain_rows`] finds
+/// a split, one pass keeps each range's intermediate results in cache
+/// ([`conv::depthwise_pointwise`]); otherwise the convolutions run one after the other.
 pub(crate) struct ConvChain {
+    expand: Option<Conv>,
     dw: Conv,
     pw: Conv,
 }
 
 /// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
-/// `w1`) and a pointwise one (weights `w2`, reading all of the first's channels); otherwise
-/// hands them back.
+/// `w1`) and a pointwise one (weights `w2`, reading all of the first's channels), or a
+/// pointwise Conv (`w1`) and a chain without an expand Conv that reads all its outputs;
+/// otherwise hands them back.
 #[allow(clippy::type_complexity)]
 pub(crate) fn chain(
     first: Box<dyn super::Op>,
@@ -594,35 +597,37 @@ pub(crate) fn chain(
     second: Box<dyn super::Op>,
     w2: &[usize],
 ) -> Result<Box<dyn super::Op>, (Box<dyn super::Op>, Box<dyn super::Op>)> {
-    let fits = match ((*first).as_any().downcast_ref::<Conv>(), (*second).as_any().downcast_ref::<Conv>()) {
+    let a = (*first).as_any().downcast_ref::<Conv>();
+    let pair = match (a, (*second).as_any().downcast_ref::<Conv>()) {
         (Some(a), Some(b)) => a.is_depthwise(w1) && b.is_pointwise(w2) && w2.get(1) == w1.first(),
         _ => false,
     };
-    if !fits {
+    let front = match (a, (*second).as_any().downcast_ref::<ConvChain>()) {
+        // `w2` is then the chain's depthwise weight: its channels are the expand outputs.
+        (Some(a), Some(chain)) => chain.expand.is_none() && a.is_pointwise(w1) && w1.first() == w2.first(),
+        _ => false,
+    };
+    if !pair && !front {
         return Err((first, second));
     }
-    match (first.into_any().downcast::<Conv>(), second.into_any().downcast::<Conv>()) {
-        (Ok(dw), Ok(pw)) => Ok(Box::new(ConvChain { dw: *dw, pw: *pw })),
-        _ => unreachable!("both were just checked to be Convs"),
+    let first = first.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
+    if pair {
+        let pw = second.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
+        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw }));
     }
-}
-
-impl ConvChain {
-    /// The depthwise plan and, where the fused pass runs, its split.
-    fn fused(&self, x: &Tensor, wd: &Tensor, wp: &Tensor) -> Result<Option<(ConvSetup, usize)>, NnError> {
-        let f32s = [x, wd, wp].iter().all(|t| t.dtype() == DType::F32);
-        if !f32s || x.rank() != 4 || !self.pw.is_pointwise(wp.dims()) {
-            return Ok(None);
-        }
-        let setup = self.dw.plan(x, wd)?;
-        Ok(conv::chain_rows(&setup.1).map(|rows| (setup, rows)))
-    }
+    let chain = second.into_any().downcast::<ConvChain>().unwrap_or_else(|_| unreachable!("checked to be a chain"));
+    Ok(Box::new(ConvChain { expand: Some(*first), ..*chain }))
 }
 
 impl super::Op for ConvChain {
     fn prepare(&self, constants: &[Option<&Tensor>]) {
-        self.dw.prepare(&constants[..constants.len().min(3)]);
-        if let Some(Some(w)) = constants.get(3)
+        let o = self.offset();
+        if let (Some(expand), Some(Some(w))) = (&self.expand, constants.get(1))
+            && w.dtype() == DType::F32
+        {
+            conv::prepack(&expand.packed, w, 1);
+        }
+        if let Some(Some(w)) = constants.get(o + 3)
             && w.dtype() == DType::F32
         {
             conv::prepack(&self.pw.packed, w, 1);
@@ -634,29 +639,49 @@ impl super::Op for ConvChain {
     }
 
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
-        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, 1, "Conv")?, input(i, 3, "Conv")?);
-        let (_, dw, _) = self.dw.plan(x, wd)?;
-        // Either path: the two convolutions' own bounds (the depthwise output held while the
-        // pointwise one runs), or the fused pass's output and scratch; the larger.
+        let o = self.offset();
+        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
+        // The expanded input's shape, and what the expand convolution holds.
+        let (xd, expanded) = match &self.expand {
+            Some(e) => {
+                let (_, plan, _) = e.plan(x, input(i, 1, "Conv")?)?;
+                let [n, _, _, _] = plan.dims();
+                let [h, w] = plan.out();
+                (vec![n, input(i, 1, "Conv")?.dims()[0], h, w], plan.bytes()?)
+            }
+            None => (x.dims().to_vec(), 0),
+        };
+        let (_, dw, _) = self.dw.plan_dims(&xd, wd.dims())?;
         // The depthwise output's shape (1-D convolutions plan as 2-D ones of height 1).
         let [n, _, _, _] = dw.dims();
         let [oh, ow] = dw.out();
-        let mid = if x.rank() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
+        let mid = if xd.len() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
         let (_, pw, _) = self.pw.plan_dims(&mid, wp.dims())?;
-        let apart = dw.bytes()?.saturating_add(pw.bytes()?);
-        let fused = match conv::chain_rows(&dw) {
-            Some(rows) => conv::chain_bytes(&dw, wp.dims()[0], rows)?.saturating_add(pw.bytes()?),
+        // Either path: the convolutions' own bounds (each output held while the next one
+        // runs), or the fused pass's output and scratch; the larger.
+        let apart = expanded.saturating_add(dw.bytes()?).saturating_add(pw.bytes()?);
+        let c_in = self.expand.as_ref().map(|_| x.dims()[1]);
+        let fused = match conv::chain_rows(&dw, c_in.is_some()) {
+            Some(rows) => conv::chain_bytes(&dw, wp.dims()[0], rows, c_in)?.saturating_add(pw.bytes()?),
             None => 0,
         };
         Ok(apart.max(fused))
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
-        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, 1, "Conv")?, input(i, 3, "Conv")?);
-        let (bd, bp) = (i.get(2).copied().flatten(), i.get(4).copied().flatten());
-        if let Some(((_, plan, _), rows)) = self.fused(x, wd, wp)? {
+        let o = self.offset();
+        let x = input(i, 0, "Conv")?;
+        let (wd, wp) = (input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
+        let (bd, bp) = (i.get(o + 2).copied().flatten(), i.get(o + 4).copied().flatten());
+        let expand = match &self.expand {
+            Some(e) => Some((e, input(i, 1, "Conv")?, i.get(2).copied().flatten())),
+            None => None,
+        };
+        if let Some((plan, rows)) = self.fused(x, expand.map(|e| e.1), wd, wp)? {
+            let expand = expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id()))));
             let y = conv::depthwise_pointwise(
                 x,
+                expand,
                 (wd, bd, self.dw.clamp),
                 &plan,
                 rows,
@@ -664,9 +689,47 @@ impl super::Op for ConvChain {
             )?;
             return Ok(vec![y]);
         }
+        let expanded = match expand {
+            Some((e, we, be)) => e.run(&[Some(x), Some(we), be])?,
+            None => vec![x.clone()],
+        };
+        let x = expanded.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
         let mid = self.dw.run(&[Some(x), Some(wd), bd])?;
         let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
         self.pw.run(&[Some(mid), Some(wp), bp])
+    }
+}
+
+impl ConvChain {
+    /// Where the depthwise operands start among the inputs (after the expand ones).
+    fn offset(&self) -> usize {
+        if self.expand.is_some() { 2 } else { 0 }
+    }
+
+    /// The depthwise plan and, where the fused pass runs, its split.
+    fn fused(
+        &self,
+        x: &Tensor,
+        we: Option<&Tensor>,
+        wd: &Tensor,
+        wp: &Tensor,
+    ) -> Result<Option<(conv::ConvPlan, usize)>, NnError> {
+        let f32s = [Some(x), we, Some(wd), Some(wp)].iter().flatten().all(|t| t.dtype() == DType::F32);
+        let pointwise = |c: &Conv, w: &Tensor| c.is_pointwise(w.dims());
+        let expand_ok = match (&self.expand, we) {
+            (Some(e), Some(we)) => pointwise(e, we),
+            (None, None) => true,
+            _ => false,
+        };
+        if !f32s || x.rank() != 4 || !pointwise(&self.pw, wp) || !expand_ok {
+            return Ok(None);
+        }
+        let xd = match we {
+            Some(we) => vec![x.dims()[0], we.dims()[0], x.dims()[2], x.dims()[3]],
+            None => x.dims().to_vec(),
+        };
+        let (_, plan, _) = self.dw.plan_dims(&xd, wd.dims())?;
+        Ok(conv::chain_rows(&plan, we.is_some()).map(|rows| (plan, rows)))
     }
 }
 
