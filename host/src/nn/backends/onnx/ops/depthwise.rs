@@ -109,6 +109,12 @@ impl Depthwise {
         (rows.max(1) - 1) * self.sh + (self.kh - 1) * self.dh + 1
     }
 
+    /// How many times the input rows that `rows` output rows read exceed the rows they advance
+    /// by (`rows` times the stride): what a producer computing each range's input computes.
+    pub(super) fn halo(&self, rows: usize) -> f64 {
+        self.input_rows(rows) as f64 / (rows.max(1) * self.sh) as f64
+    }
+
     /// Floats one worker thread holds: its input tile and its output band.
     pub(super) fn thread_floats(&self) -> u64 {
         // Both are below the checked `ph * pw * MAX_LANES` and `oh * ow` (the output's size).

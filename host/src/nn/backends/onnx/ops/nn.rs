@@ -660,12 +660,19 @@ impl super::Op for ConvChain {
         // Either path: the convolutions' own bounds (each output held while the next one
         // runs), or the fused pass's output and scratch; the larger.
         let apart = expanded.saturating_add(dw.bytes()?).saturating_add(pw.bytes()?);
+        // The whole chain fused, or the expand on its own and the rest fused.
         let c_in = self.expand.as_ref().map(|_| x.dims()[1]);
         let fused = match conv::chain_rows(&dw, c_in.is_some()) {
             Some(rows) => conv::chain_bytes(&dw, wp.dims()[0], rows, c_in)?.saturating_add(pw.bytes()?),
             None => 0,
         };
-        Ok(apart.max(fused))
+        let after_expand = match conv::chain_rows(&dw, false) {
+            Some(rows) => {
+                expanded.saturating_add(conv::chain_bytes(&dw, wp.dims()[0], rows, None)?).saturating_add(pw.bytes()?)
+            }
+            None => 0,
+        };
+        Ok(apart.max(fused).max(after_expand))
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
@@ -677,6 +684,8 @@ impl super::Op for ConvChain {
             Some(e) => Some((e, input(i, 1, "Conv")?, i.get(2).copied().flatten())),
             None => None,
         };
+        // The whole chain in one pass where it splits well; else the expand on its own and
+        // the rest in one pass; else each on its own.
         if let Some((plan, rows)) = self.fused(x, expand.map(|e| e.1), wd, wp)? {
             let expand = expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id()))));
             let y = conv::depthwise_pointwise(
@@ -694,6 +703,19 @@ impl super::Op for ConvChain {
             None => vec![x.clone()],
         };
         let x = expanded.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+        if expand.is_some()
+            && let Some((plan, rows)) = self.fused(x, None, wd, wp)?
+        {
+            let y = conv::depthwise_pointwise(
+                x,
+                None,
+                (wd, bd, self.dw.clamp),
+                &plan,
+                rows,
+                (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id()))),
+            )?;
+            return Ok(vec![y]);
+        }
         let mid = self.dw.run(&[Some(x), Some(wd), bd])?;
         let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
         self.pw.run(&[Some(mid), Some(wp), bp])
@@ -706,7 +728,8 @@ impl ConvChain {
         if self.expand.is_some() { 2 } else { 0 }
     }
 
-    /// The depthwise plan and, where the fused pass runs, its split.
+    /// The depthwise plan and, where the fused pass runs, its split (with the expand where `we`,
+    /// its weight, is given; without it, on `x` already expanded).
     fn fused(
         &self,
         x: &Tensor,
@@ -716,10 +739,11 @@ impl ConvChain {
     ) -> Result<Option<(conv::ConvPlan, usize)>, NnError> {
         let f32s = [Some(x), we, Some(wd), Some(wp)].iter().flatten().all(|t| t.dtype() == DType::F32);
         let pointwise = |c: &Conv, w: &Tensor| c.is_pointwise(w.dims());
+        // `we` is None once the expand has run on its own.
         let expand_ok = match (&self.expand, we) {
             (Some(e), Some(we)) => pointwise(e, we),
-            (None, None) => true,
-            _ => false,
+            (_, None) => true,
+            (None, Some(_)) => false,
         };
         if !f32s || x.rank() != 4 || !pointwise(&self.pw, wp) || !expand_ok {
             return Ok(None);
