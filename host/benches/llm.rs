@@ -60,6 +60,9 @@ fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Run {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `eir` binary does: candle's element-wise kernels in the one compute pool.
+    // SAFETY: the first statement of `main`: no other thread is started yet.
+    unsafe { eir::scheduler::one_compute_pool() };
     let threads = rayon::current_num_threads();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let models = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));

@@ -46,6 +46,9 @@ fn median_time(iters: usize, mut f: impl FnMut() + Send) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `eir` binary does: candle's element-wise kernels in the one compute pool.
+    // SAFETY: the first statement of `main`: no other thread is started yet.
+    unsafe { eir::scheduler::one_compute_pool() };
     // `EIR_ONNX_PROFILE=1` logs each pass's time by operator (the executor logs through tracing).
     if std::env::var_os("EIR_ONNX_PROFILE").is_some() {
         tracing_subscriber::fmt().with_writer(std::io::stderr).init();

@@ -44,6 +44,23 @@ pub use blocking::BlockingPool;
 pub use metrics::Metrics;
 pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu, without_turn};
 
+/// Keeps candle's element-wise kernels off a thread pool of their own, unless
+/// `CANDLE_NUM_THREADS` says otherwise. candle 0.11 runs them on spinning threads beside
+/// rayon's (which the scheduler and EIR's kernels share); two pools on the same cores
+/// oversubscribe them and spin: measured on 2 cores, text-embed at 32 connections served
+/// 197 req/s with it and 265 without, and an EfficientNet pass spent 3% of its samples in that
+/// pool's residual additions. The `eir` binary and the benchmarks call it first thing.
+///
+/// # Safety
+/// No other thread may exist yet (it sets an environment variable, which other threads could
+/// be reading).
+pub unsafe fn one_compute_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees that no other thread runs yet.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// How a model batches (`max_batch`, `max_delay` in its `[models.NAME]` section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
