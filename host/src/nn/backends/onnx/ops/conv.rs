@@ -358,7 +358,7 @@ pub(crate) fn depthwise_pointwise(
     let failed = std::sync::Mutex::new(None);
     let fail = |e: NnError| *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
     let we = expand.map(|e| e.0).unwrap_or(wp);
-    with_f32(x, |xs| {
+    let complete = with_f32(x, |xs| {
         with_f32(wd, |wds| {
             with_f32(wp, |wps| {
                 with_f32(we, |wes| {
@@ -419,7 +419,7 @@ pub(crate) fn depthwise_pointwise(
                             }
                         };
                     let source: Option<&depthwise::Source<'_>> = expand.is_some().then_some(&source);
-                    dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then));
+                    dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then))
                 })
             })
         })
@@ -427,9 +427,12 @@ pub(crate) fn depthwise_pointwise(
     if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         return Err(e);
     }
+    if !complete {
+        return Err(NnError::runtime("Conv: a range of the fused pass was skipped"));
+    }
     // SAFETY: every item (each output channel's rows of each range of each image) was written
-    // in full: every range's products returned Ok (an error is recorded above and skips only
-    // its own range), so none was skipped.
+    // in full: every range reached `then` (`complete`), and each `then` wrote its item's rows
+    // in full, its product having returned Ok (an error would have been recorded above).
     unsafe { out.set_len(len) };
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }

@@ -157,7 +157,8 @@ impl Depthwise {
     /// `then` gets with the image, the rows and that range's item of `items` (one per image
     /// and range, images first) while it is still in cache. Ranges run in parallel. With a
     /// `source`, each range's input rows come from it (`xs` is then unused): a producer whose
-    /// output need never exist whole.
+    /// output need never exist whole. Returns whether every range reached `then` (a range
+    /// whose source failed is skipped, and its rows of the output are left unwritten).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_banded<T: Send>(
         &self,
@@ -169,7 +170,7 @@ impl Depthwise {
         rows: usize,
         items: Vec<T>,
         (source, then): (Option<&Source<'_>>, &Then<'_, T>),
-    ) {
+    ) -> bool {
         assert!(
             (source.is_some() || xs.len() >= n * c * self.h * self.w)
                 && ws.len() >= c * self.kh * self.kw
@@ -209,7 +210,7 @@ impl Depthwise {
         clamp: Option<Clamp>,
         (rows, items, source, then): (usize, Vec<T>, Option<&Source<'_>>, &Then<'_, T>),
         unit: Unit<L>,
-    ) {
+    ) -> bool {
         let taps = self.kh * self.kw;
         let groups = c.div_ceil(L);
         let (wb, bb) = by_block::<L>(ws, bias, c, taps);
@@ -219,6 +220,7 @@ impl Depthwise {
             items.into_iter().enumerate().map(|(u, t)| (u / ranges, (u % ranges) * rows, t)).collect();
         let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
         let reach = (self.kh - 1) * self.dh + 1;
+        let skipped = std::sync::atomic::AtomicBool::new(false);
         units.into_par_iter().with_min_len(per_job).for_each_init(
             || {
                 let tile = vec![[0f32; L]; self.tile_rows * self.pw];
@@ -234,6 +236,7 @@ impl Depthwise {
                 let (src, plane, row0) = match source {
                     Some(source) => {
                         if !source(i, (ya, yb), input) || input.len() < c * (yb - ya) * self.w {
+                            skipped.store(true, std::sync::atomic::Ordering::Relaxed);
                             return;
                         }
                         (&input[..], (yb - ya) * self.w, ya)
@@ -269,6 +272,7 @@ impl Depthwise {
                 then(i, (oy0, oy1), scratch, item);
             },
         );
+        !skipped.into_inner()
     }
 
     /// Splits the work into blocks of `L` channels of one image and runs `unit` on each, in
