@@ -52,11 +52,11 @@ pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu, without_turn};
 /// pool's residual additions. The `eir` binary and the benchmarks call it first thing.
 ///
 /// # Safety
-/// No other thread may exist yet (it sets an environment variable, which other threads could
-/// be reading).
+/// No other thread that could read the environment may run yet (it sets an environment
+/// variable); jemalloc's background thread, which may already exist, does not.
 pub unsafe fn one_compute_pool() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: the caller guarantees that no other thread runs yet.
+        // SAFETY: the caller guarantees that no other thread reads the environment yet.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }

@@ -9,8 +9,8 @@ use super::proto::attribute_proto::AttributeType;
 use super::proto::tensor_proto::DataType;
 use super::proto::type_proto::{self, Value};
 use super::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    tensor_shape_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, tensor_shape_proto,
 };
 use crate::nn::Model;
 use crate::nn::bindings::tensor::TensorType;
@@ -57,8 +57,20 @@ fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
 }
 
 fn model(nodes: Vec<NodeProto>, inputs: &[(&str, &[i64])], outputs: &[&str], opset: i64) -> Onnx {
+    model_with(nodes, Vec::new(), inputs, outputs, opset)
+}
+
+/// [`model`] with initializers (constant inputs).
+fn model_with(
+    nodes: Vec<NodeProto>,
+    initializer: Vec<TensorProto>,
+    inputs: &[(&str, &[i64])],
+    outputs: &[&str],
+    opset: i64,
+) -> Onnx {
     let graph = GraphProto {
         node: nodes,
+        initializer,
         name: "test".into(),
         input: inputs.iter().map(|(n, d)| value(n, d)).collect(),
         output: outputs.iter().map(|n| ValueInfoProto { name: n.to_string(), ..Default::default() }).collect(),
@@ -453,5 +465,92 @@ fn lstm_matches_its_equations_in_every_direction_and_sees_new_weights() {
                 close(got, want);
             }
         }
+    }
+}
+
+/// An expand, depthwise and project Conv (with their ReLUs) fuse into one step where nothing
+/// else reads between them, and compute what the three compute one after the other; where the
+/// depthwise output is also a graph output, or a second node reads it, that pair stays apart.
+#[test]
+fn convolution_blocks_fuse_only_where_nothing_else_reads_between() {
+    let (c_in, c, m, h, w) = (3usize, 20usize, 5usize, 9usize, 9usize);
+    let val =
+        |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * 31 + k * 7) % 17) as f32 / 16.0 - 0.5).collect() };
+    let init = |name: &str, dims: &[usize], k: usize| TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: DataType::Float as i32,
+        float_data: val(dims.iter().product(), k),
+        ..Default::default()
+    };
+    let inits = || {
+        vec![
+            init("we", &[c, c_in, 1, 1], 1),
+            init("be", &[c], 2),
+            init("wd", &[c, 1, 3, 3], 3),
+            init("bd", &[c], 4),
+            init("wp", &[m, c, 1, 1], 5),
+            init("bp", &[m], 6),
+        ]
+    };
+    let block = |extra: Vec<NodeProto>| {
+        let mut nodes = vec![
+            node("Conv", &["x", "we", "be"], &["e"], vec![]),
+            node("Relu", &["e"], &["er"], vec![]),
+            node(
+                "Conv",
+                &["er", "wd", "bd"],
+                &["d"],
+                vec![attr_int("group", c as i64), attr_ints("pads", &[1, 1, 1, 1])],
+            ),
+            node("Relu", &["d"], &["dr"], vec![]),
+            node("Conv", &["dr", "wp", "bp"], &["y"], vec![]),
+        ];
+        nodes.extend(extra);
+        nodes
+    };
+    let x = val(2 * c_in * h * w, 7);
+    let dims = [2u32, c_in as u32, h as u32, w as u32];
+    let xd = [2i64, c_in as i64, h as i64, w as i64];
+    let fused = model_with(block(vec![]), inits(), &[("x", &xd)], &["y"], 13);
+    let shared = model_with(block(vec![]), inits(), &[("x", &xd)], &["y", "dr"], 13);
+    let read_twice =
+        model_with(block(vec![node("Neg", &["dr"], &["z"], vec![])]), inits(), &[("x", &xd)], &["y", "z"], 13);
+    assert_eq!(fused.program.steps(), 1, "expand, depthwise and project in one step");
+    assert_eq!(shared.program.steps(), 3, "the depthwise output is a graph output: no fusion after it");
+    assert_eq!(read_twice.program.steps(), 4, "the depthwise output is read twice: no fusion after it");
+    // The reference: the three convolutions by definition.
+    let (we, be, wd, bd, wp, bp) = (val(c * c_in, 1), val(c, 2), val(c * 9, 3), val(c, 4), val(m * c, 5), val(m, 6));
+    let mut want = Vec::new();
+    for img in 0..2 {
+        let px = |ch: usize, y: usize, xx: usize| x[((img * c_in + ch) * h + y) * w + xx];
+        let e = |ch: usize, y: usize, xx: usize| {
+            ((0..c_in).map(|i| we[ch * c_in + i] * px(i, y, xx)).sum::<f32>() + be[ch]).max(0.0)
+        };
+        let d = |ch: usize, y: usize, xx: usize| {
+            let mut acc = bd[ch];
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let (yy, xxx) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                    if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xxx) {
+                        acc += wd[ch * 9 + ky * 3 + kx] * e(ch, yy as usize, xxx as usize);
+                    }
+                }
+            }
+            acc.max(0.0)
+        };
+        for o in 0..m {
+            for y in 0..h {
+                for xx in 0..w {
+                    want.push((0..c).map(|ch| wp[o * c + ch] * d(ch, y, xx)).sum::<f32>() + bp[o]);
+                }
+            }
+        }
+    }
+    for g in [&fused, &shared, &read_twice] {
+        let (ydims, y) = run(g, &[("x", &dims, &x)]).remove(0);
+        assert_eq!(ydims, vec![2, m as u32, h as u32, w as u32]);
+        let worst = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "worst {worst}");
     }
 }

@@ -12,7 +12,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{Tensor, TensorId};
+use candle_core::{DType, Tensor, TensorId};
 use rayon::prelude::*;
 
 use super::depthwise::{self, Depthwise, MAX_LANES};
@@ -252,6 +252,9 @@ pub(crate) fn chain_rows(plan: &ConvPlan, expanding: bool) -> Option<usize> {
     let [n, c, _, w] = plan.dims;
     let [oh, ow] = plan.out;
     let dw = plan.depthwise.as_ref()?;
+    if n == 0 || c == 0 {
+        return None;
+    }
     let threads = rayon::current_num_threads();
     let whole = c * oh * ow <= WHOLE_PLANE && (!expanding || c * dw.input_rows(oh) * w <= WHOLE_PLANE);
     let mut most = if whole { oh } else { (CHAIN_SCRATCH / (c * ow).max(1)).clamp(1, oh) };
@@ -263,7 +266,8 @@ pub(crate) fn chain_rows(plan: &ConvPlan, expanding: bool) -> Option<usize> {
     // At least two ranges per thread.
     let ranges = oh.div_ceil(most).max((2 * threads).div_ceil(n)).min(oh);
     let rows = oh.div_ceil(ranges);
-    if expanding && dw.halo(rows) > MAX_HALO {
+    // (A range of a whole plane computes no row twice, whatever its padding.)
+    if expanding && rows < oh && dw.halo(rows) > MAX_HALO {
         return None;
     }
     (rows * ow >= 32 && n * oh.div_ceil(rows) >= threads).then_some(rows)
@@ -282,12 +286,14 @@ pub(crate) fn chain_bytes(plan: &ConvPlan, m: usize, rows: usize, expand: Option
         Some(c_in) => super::count(&[c + c_in, dw.input_rows(rows), w])?,
         None => 0,
     };
-    let per_thread = super::count(&[c + m, rows, ow])?
+    let per_job = super::count(&[c + m, rows, ow])?
         .checked_add(dw.thread_floats())
         .and_then(|f| f.checked_add(expanded))
         .ok_or_else(too_big)?;
-    let threads = rayon::current_num_threads() as u64 + 1;
-    per_thread.checked_mul(threads).and_then(|f| f.checked_mul(4)).ok_or_else(too_big)
+    // Each job of the pass (about four per thread) holds its own buffers, and a job's products
+    // run in parallel: a thread waiting on one may start another job, so all may be live.
+    let jobs = 4 * rayon::current_num_threads() as u64 + 1;
+    per_job.checked_mul(jobs).and_then(|f| f.checked_mul(4)).ok_or_else(too_big)
 }
 
 /// A pointwise convolution's operands: weights (`[m, c, 1, 1]`), bias, clamp, packing cache.
@@ -345,6 +351,9 @@ pub(crate) fn depthwise_pointwise(
     let be = f32s(expand.and_then(|e| e.1), c, "expand")?;
     let oplane = oh * ow;
     let len = n * m * oplane;
+    if len == 0 || rows == 0 {
+        return Ok(Tensor::zeros((n, m, oh, ow), DType::F32, x.device())?);
+    }
     let mut out: Vec<f32> = Vec::new();
     out.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
     // One item per (image, range of rows): each output channel's rows in that range.
@@ -376,7 +385,7 @@ pub(crate) fn depthwise_pointwise(
                             band.extend_from_slice(&plane[ya * w..yb * w]);
                         }
                         input.clear();
-                        input.reserve(c * cols);
+                        input.reserve_exact(c * cols);
                         let clamp_e = expand.and_then(|e| e.2);
                         let dst = &mut input.spare_capacity_mut()[..c * cols];
                         match gemm_into(1, [c, cols, c_in], wes, packed_e, &band, dst, be.as_deref(), clamp_e) {
@@ -573,6 +582,11 @@ mod tests {
             check_dilated(6, 6, 6, 3, 1, 2, [(2, 2), (2, 2)]);
             check_dilated(6, 6, 6, 3, 2, 2, [(2, 1), (1, 2)]);
             check_dilated(3, 8, 1, 3, 1, 2, [(0, 0), (1, 1)]);
+            // an empty batch is an empty output, through the depthwise kernel too
+            let g6 = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 6 };
+            let none = Tensor::zeros((0, 6, 5, 5), DType::F32, &Device::Cpu).unwrap();
+            let w6 = Tensor::zeros((6, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(planned(&none, &w6, None, &g6, None, None).unwrap().dims(), &[0, 6, 5, 5]);
             // an empty plane is an error, not a panic
             let x = Tensor::zeros((1, 2, 0, 3), DType::F32, &Device::Cpu).unwrap();
             let w = Tensor::zeros((2, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
@@ -618,6 +632,10 @@ mod tests {
                 let want = planned(&mid, &wp, Some(&bp), &g1, three, None).unwrap();
                 let plan = ConvPlan::new(x.dims(), wd.dims(), &g).unwrap();
                 let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
+                // No pointwise outputs: an empty result, not a panic.
+                let wp0 = Tensor::zeros((0, c, 1, 1), DType::F32, &dev).unwrap();
+                let empty = depthwise_pointwise(&x, None, (&wd, None, None), &plan, 1, (&wp0, None, None, None));
+                assert_eq!(empty.unwrap().dims(), &[n, 0, plan.out[0], plan.out[1]]);
                 for rows in [1, 2, plan.out[0]] {
                     for expanding in [false, true] {
                         let (input, expand) = if expanding {

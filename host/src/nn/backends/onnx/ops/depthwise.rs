@@ -140,6 +140,9 @@ impl Depthwise {
                 && bias.is_none_or(|b| b.len() >= c),
             "depthwise: operands smaller than their shapes"
         );
+        if n == 0 || c == 0 {
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if simd::avx512() {
@@ -179,6 +182,9 @@ impl Depthwise {
                 && items.len() == n * self.oh.div_ceil(rows),
             "depthwise: operands smaller than their shapes"
         );
+        if n == 0 || c == 0 {
+            return true;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if simd::avx512() {
@@ -362,8 +368,9 @@ impl Depthwise {
             let (top, rows) = (oy0 * self.sh, (oy1 - oy0 - 1) * self.sh + reach);
             let ya = top.saturating_sub(self.pt).min(self.h);
             let yb = (top + rows).saturating_sub(self.pt).min(self.h).max(ya);
-            // Padding rows (zero) above and below the input's.
-            let first = ya + self.pt - top;
+            // Padding rows (zero) above and below the input's: where the input's rows start in
+            // the tile (none of them may fall in it, with pads beyond the kernel's reach).
+            let first = self.pt.saturating_sub(top).min(rows);
             for r in (0..first).chain(first + yb - ya..rows) {
                 tile[r * self.pw + self.pl..][..w].fill([0.0; L]);
             }
@@ -825,8 +832,12 @@ mod tests {
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
         type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
-        let cases: [Case; 8] = [
+        let cases: [Case; 10] = [
             ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
+            // Pads beyond the kernel's reach, above and below, on rows so wide that a band is
+            // one row: bands that read no input row at all.
+            ([1, 3, 10, 300], [3, 3], [1, 1], 1, [(4, 4), (1, 1)]),
+            ([2, 5, 6, 200], [3, 3], [2, 1], 1, [(5, 6), (0, 2)]),
             ([3, 7, 9, 11], [3, 3], [2, 2], 1, [(0, 1), (0, 1)]),
             ([2, 17, 14, 14], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
             ([1, 33, 7, 7], [5, 5], [2, 2], 1, [(1, 2), (2, 1)]),
