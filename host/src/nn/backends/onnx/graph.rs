@@ -918,6 +918,19 @@ fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
         Some(Src::Const(i)) => consts.get(i).map(|t| t.dims().to_vec()),
         _ => None,
     };
+    // The steps reading each slot, found once (a scan per candidate made loading quadratic in
+    // the graph's size). A fusion below keeps it right for every later candidate: the fused
+    // step reads the first's inputs, which later candidates do not produce.
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (j, step) in block.steps.iter().enumerate() {
+        let mut r = Vec::new();
+        slots_read(step, &mut r);
+        r.sort_unstable();
+        r.dedup();
+        for slot in r {
+            readers.entry(slot).or_default().push(j);
+        }
+    }
     let mut steps: Vec<Option<Step>> = std::mem::take(&mut block.steps).into_iter().map(Some).collect();
     for k in 0..steps.len() {
         let Some(first) = &steps[k] else { continue };
@@ -925,14 +938,7 @@ fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
         if kept.contains(&out) {
             continue;
         }
-        let mut readers = (k + 1..steps.len()).filter(|&j| {
-            steps[j].as_ref().is_some_and(|s| {
-                let mut r = Vec::new();
-                slots_read(s, &mut r);
-                r.contains(&out)
-            })
-        });
-        let (Some(j), None) = (readers.next(), readers.next()) else { continue };
+        let Some(&[j]) = readers.get(&out).map(Vec::as_slice) else { continue };
         let Some(second) = &steps[j] else { continue };
         let sole_first_input = second.inputs.first() == Some(&Some(Src::Slot(out)))
             && !second.inputs[1..].contains(&Some(Src::Slot(out)))

@@ -846,6 +846,9 @@ mod tests {
             ([2, 12, 19, 23], [3, 3], [3, 3], 1, [(1, 1), (1, 1)]),
             ([1, 18, 30, 29], [3, 3], [2, 1], 2, [(2, 1), (1, 2)]),
         ];
+        // A tile too large to size is refused, not allocated.
+        let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
+        assert!(Depthwise::new([usize::MAX / 4, 3], [3, 3], [usize::MAX / 4, 3], &g).is_none());
         let clamp = Clamp { lo: -0.5, hi: 2.0 };
         for level in simd::levels() {
             let _cap = simd::cap(level);

@@ -684,19 +684,15 @@ impl super::Op for ConvChain {
             Some(e) => Some((e, input(i, 1, "Conv")?, i.get(2).copied().flatten())),
             None => None,
         };
+        // The depthwise and pointwise convolutions of `x` in one pass, after `expand` if given.
+        let fused = |x: &Tensor, expand, plan: &conv::ConvPlan, rows| -> Result<Vec<Tensor>, NnError> {
+            let pointwise = (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id())));
+            Ok(vec![conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise)?])
+        };
         // The whole chain in one pass where it splits well; else the expand on its own and
         // the rest in one pass; else each on its own.
         if let Some((plan, rows)) = self.fused(x, expand.map(|e| e.1), wd, wp)? {
-            let expand = expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id()))));
-            let y = conv::depthwise_pointwise(
-                x,
-                expand,
-                (wd, bd, self.dw.clamp),
-                &plan,
-                rows,
-                (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id()))),
-            )?;
-            return Ok(vec![y]);
+            return fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), &plan, rows);
         }
         let expanded = match expand {
             Some((e, we, be)) => e.run(&[Some(x), Some(we), be])?,
@@ -706,15 +702,7 @@ impl super::Op for ConvChain {
         if expand.is_some()
             && let Some((plan, rows)) = self.fused(x, None, wd, wp)?
         {
-            let y = conv::depthwise_pointwise(
-                x,
-                None,
-                (wd, bd, self.dw.clamp),
-                &plan,
-                rows,
-                (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id()))),
-            )?;
-            return Ok(vec![y]);
+            return fused(x, None, &plan, rows);
         }
         let mid = self.dw.run(&[Some(x), Some(wd), bd])?;
         let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
