@@ -77,6 +77,10 @@ fn main() -> anyhow::Result<()> {
     // As the `eir` binary does: candle's element-wise kernels in the one compute pool.
     // SAFETY: the first statement of `main`: no other thread is started yet.
     unsafe { eir::scheduler::one_compute_pool() };
+    // `EIR_BERT_PROFILE=1` logs each pass's time by stage (through tracing).
+    if std::env::var_os("EIR_BERT_PROFILE").is_some() {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    }
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let models = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));

@@ -24,6 +24,7 @@ use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::bindings::tensor::TensorType;
 use crate::nn::error::NnError;
 use crate::nn::kernels::act::{self, Act};
+use crate::nn::kernels::attention;
 use crate::nn::kernels::sgemm::{self, Packed};
 use crate::nn::meter::{Meter, mul};
 use crate::nn::tensor::HostTensor;
@@ -40,6 +41,40 @@ const MAX_WIDTH: usize = 1 << 16;
 /// attention scores are held at a time.
 /// Rows are independent in BERT, so chunking does not change the results.
 const TOKENS_PER_STEP: usize = 512;
+
+/// The stages `EIR_BERT_PROFILE=1` times, in a pass's order.
+const STAGES: [&str; 8] =
+    ["embeddings", "qkv", "attend", "attention_out", "attention_norm", "intermediate", "output", "output_norm"];
+
+/// Where a pass's time went, by stage, when `EIR_BERT_PROFILE=1` is set (logged through
+/// `tracing` at the end of each pass, as `EIR_ONNX_PROFILE` does for ONNX graphs).
+struct Profile(Option<([std::time::Duration; STAGES.len()], std::time::Instant)>);
+
+impl Profile {
+    fn start() -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("EIR_BERT_PROFILE").is_ok_and(|v| v == "1"));
+        Self(on.then(|| (Default::default(), std::time::Instant::now())))
+    }
+
+    /// Charges the time since the last lap to `stage` (an index into [`STAGES`]).
+    fn lap(&mut self, stage: usize) {
+        if let Some((times, since)) = &mut self.0 {
+            let now = std::time::Instant::now();
+            times[stage] += now - *since;
+            *since = now;
+        }
+    }
+
+    fn log(self, tokens: usize) {
+        if let Some((times, _)) = self.0 {
+            let total: std::time::Duration = times.iter().sum();
+            let rows: Vec<String> =
+                STAGES.iter().zip(times).map(|(s, t)| format!("{s} {:.2}ms", t.as_secs_f64() * 1e3)).collect();
+            tracing::info!(tokens, total_ms = total.as_secs_f64() * 1e3, "BERT profile: {}", rows.join(", "));
+        }
+    }
+}
 
 /// The inputs a BERT graph takes, in order of importance.
 pub const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
@@ -150,6 +185,7 @@ impl Layer {
         mask: &[f32],
         scratch: &mut Scratch,
         out: &mut Vec<f32>,
+        profile: &mut Profile,
     ) -> candle_core::Result<()> {
         let tokens = rows * seq;
         let hidden = self.attention_out.out;
@@ -157,9 +193,14 @@ impl Layer {
             candle_core::bail!("attention: operand sizes do not match");
         }
         self.qkv.forward_t(xt, tokens, None, &mut scratch.qkvt)?;
+        profile.lap(1);
         attend(&scratch.qkvt, [rows, seq, hidden, self.heads], mask, &mut scratch.ctxt)?;
+        profile.lap(2);
         self.attention_out.forward_t(&scratch.ctxt, tokens, None, out)?;
-        self.attention_norm.residual(out, xt, tokens)
+        profile.lap(3);
+        self.attention_norm.residual(out, xt, tokens)?;
+        profile.lap(4);
+        Ok(())
     }
 
     /// The feed-forward block on the attention's output (transposed, as above), then the
@@ -170,6 +211,7 @@ impl Layer {
         tokens: usize,
         scratch: &mut Scratch,
         out: &mut Vec<f32>,
+        profile: &mut Profile,
     ) -> candle_core::Result<()> {
         let act = match self.activation {
             Activation::Gelu => Act::Gelu,
@@ -177,8 +219,12 @@ impl Layer {
             Activation::Relu => Act::Relu,
         };
         self.intermediate.forward_t(xt, tokens, Some(act), &mut scratch.inner)?;
+        profile.lap(5);
         self.output.forward_t(&scratch.inner, tokens, None, out)?;
-        self.output_norm.residual(out, xt, tokens)
+        profile.lap(6);
+        self.output_norm.residual(out, xt, tokens)?;
+        profile.lap(7);
+        Ok(())
     }
 }
 
@@ -269,66 +315,10 @@ impl Dense {
     }
 }
 
-/// Scaled dot-product attention on transposed projections: `qkvt` is `[3·hidden][tokens]`
-/// (Q, K, V stacked), `mask` the additive mask per token (`[rows][seq]`); the context goes to
-/// `ctxt` (resized) as `[hidden][tokens]`. Per row and head, `Sᵀ = Kᵀ·Q` (one `seq × seq` block at a time,
-/// never all of batch × heads × seq²), a softmax down each column, then `ctx = V·Sᵀ`: both
-/// products on the GEMM, with the mask as the first one's per-row bias. Rows and heads run in
-/// parallel when there is enough work.
-fn attend(
-    qkvt: &[f32],
-    [rows, seq, hidden, heads]: [usize; 4],
-    mask: &[f32],
-    ctxt: &mut Vec<f32>,
-) -> candle_core::Result<()> {
-    let tokens = rows * seq;
-    let head = hidden / heads.max(1);
-    if qkvt.len() != 3 * hidden * tokens || mask.len() != tokens || head * heads != hidden {
-        candle_core::bail!("attention: operand sizes do not match");
-    }
-    let scale = 1.0 / (head as f32).sqrt();
-    let gemm_err = |e: NnError| candle_core::Error::Msg(e.message);
-    let unit = |u: usize| -> candle_core::Result<Vec<f32>> {
-        let (b, h) = (u / heads, u % heads);
-        let block = |part: usize, d: usize| {
-            let at = (part * hidden + h * head + d) * tokens + b * seq;
-            &qkvt[at..at + seq]
-        };
-        let mut q = Vec::with_capacity(head * seq);
-        let mut kt = vec![0f32; seq * head];
-        let mut v = Vec::with_capacity(head * seq);
-        for d in 0..head {
-            q.extend(block(0, d).iter().map(|x| x * scale));
-            for (j, &x) in block(1, d).iter().enumerate() {
-                kt[j * head + d] = x;
-            }
-            v.extend_from_slice(block(2, d));
-        }
-        // Sᵀ[j][i]: key j against query i, plus key j's mask.
-        let mut s = vec![0f32; seq * seq];
-        sgemm::gemm([seq, seq, head], &kt, None, &q, &mut s, Some(&mask[b * seq..(b + 1) * seq]), None)
-            .map_err(gemm_err)?;
-        act::softmax_columns(&mut s, seq);
-        let mut ctx = vec![0f32; head * seq];
-        sgemm::gemm([head, seq, seq], &v, None, &s, &mut ctx, None, None).map_err(gemm_err)?;
-        Ok(ctx)
-    };
-    let units = rows * heads;
-    let blocks: Vec<Vec<f32>> = if units > 1 && tokens * seq * hidden >= 1 << 20 {
-        use rayon::prelude::*;
-        (0..units).into_par_iter().map(unit).collect::<candle_core::Result<_>>()?
-    } else {
-        (0..units).map(unit).collect::<candle_core::Result<_>>()?
-    };
-    ctxt.resize(hidden * tokens, 0.0);
-    for (u, ctx) in blocks.iter().enumerate() {
-        let (b, h) = (u / heads, u % heads);
-        for (d, row) in ctx.chunks_exact(seq).enumerate() {
-            let at = (h * head + d) * tokens + b * seq;
-            ctxt[at..at + seq].copy_from_slice(row);
-        }
-    }
-    Ok(())
+/// Scaled dot-product attention on transposed projections ([`attention::attend`]), with
+/// candle's error type.
+fn attend(qkvt: &[f32], dims: [usize; 4], mask: &[f32], ctxt: &mut Vec<f32>) -> candle_core::Result<()> {
+    attention::attend(qkvt, dims, mask, ctxt).map_err(|e| candle_core::Error::Msg(e.message))
 }
 
 /// Word + position + token-type embeddings, then a layer norm (as BERT's), written straight
@@ -496,6 +486,7 @@ impl Bert {
         let mut done = Vec::with_capacity(batch.div_ceil(rows));
         // Buffers every layer of every chunk reuses: the attention's output, and the rest.
         let (mut mid, mut scratch) = (Vec::new(), Scratch::default());
+        let mut profile = Profile::start();
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
             let (ids, types, mask) = (ids.narrow(0, start, n)?, types.narrow(0, start, n)?, mask.narrow(0, start, n)?);
@@ -505,6 +496,7 @@ impl Bert {
             let values =
                 |t: &Tensor| -> Result<Vec<i64>, NnError> { Ok(t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?) };
             let mut xt = self.embeddings.forward_t(&values(&ids)?, &values(&types)?, seq)?;
+            profile.lap(0);
             // Per token: 0 where attended, f32::MIN where masked.
             let mut mask: Vec<f32> = mask
                 .to_dtype(DType::F32)?
@@ -536,9 +528,9 @@ impl Bert {
                         alive = keep.iter().map(|&i| alive[i]).collect();
                     }
                 }
-                layer.attention(&xt, [alive.len(), seq], &mask, &mut scratch, &mut mid)?;
+                layer.attention(&xt, [alive.len(), seq], &mask, &mut scratch, &mut mid, &mut profile)?;
                 meter.checkpoint(&format_args!("BERT layer {k} (feed-forward) of rows {start}..{}", start + n))?;
-                layer.feed_forward(&mid, alive.len() * seq, &mut scratch, &mut xt)?;
+                layer.feed_forward(&mid, alive.len() * seq, &mut scratch, &mut xt, &mut profile)?;
             }
             // Rows nobody waits for come back as zeros (their callers are gone).
             let mut out = vec![0f32; n * seq * h];
@@ -550,6 +542,7 @@ impl Bert {
             }
             done.push(Tensor::from_vec(out, (n, seq, h), &self.device)?);
         }
+        profile.log(batch * seq);
         Ok(if done.len() == 1 { done.remove(0) } else { Tensor::cat(&done, 0)? })
     }
 }
@@ -676,34 +669,6 @@ mod tests {
         }
     }
 
-    /// Plain scaled dot-product attention, token-major, in f64.
-    fn naive_attention(qkv: &[f32], [rows, seq, hidden, heads]: [usize; 4], mask: &[f32]) -> Vec<f64> {
-        let head = hidden / heads;
-        let at = |b: usize, t: usize, part: usize, h: usize, d: usize| {
-            f64::from(qkv[(b * seq + t) * 3 * hidden + part * hidden + h * head + d])
-        };
-        let mut ctx = vec![0f64; rows * seq * hidden];
-        for b in 0..rows {
-            for h in 0..heads {
-                for i in 0..seq {
-                    let scores: Vec<f64> = (0..seq)
-                        .map(|j| {
-                            let dot: f64 = (0..head).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum();
-                            if mask[b * seq + j] < -1.0 { f64::NEG_INFINITY } else { dot / (head as f64).sqrt() }
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                    for d in 0..head {
-                        ctx[(b * seq + i) * hidden + h * head + d] =
-                            (0..seq).map(|j| (scores[j] - max).exp() / total * at(b, j, 2, h, d)).sum();
-                    }
-                }
-            }
-        }
-        ctx
-    }
-
     #[test]
     fn dense_layers_match_a_plain_product_shallow_and_deep() {
         use crate::nn::kernels::simd;
@@ -745,30 +710,6 @@ mod tests {
                 assert!(dense.forward_t(&xt[1..], tokens, None, &mut vec![]).is_err(), "a short input");
             }
         }
-    }
-
-    #[test]
-    fn attention_matches_a_plain_reference_on_ragged_shapes() {
-        for (rows, seq, hidden, heads) in [(1, 1, 4, 1), (2, 13, 12, 3), (3, 40, 64, 2), (1, 130, 96, 3)] {
-            let tokens = rows * seq;
-            let qkv: Vec<f32> = (0..tokens * 3 * hidden).map(|i| (((i * 7919) % 211) as f32 - 105.0) * 0.01).collect();
-            // The last two keys of every row but the first are padding.
-            let mask: Vec<f32> = (0..tokens)
-                .map(|t| if t / seq > 0 && t % seq + 2 >= seq && seq > 2 { f32::MIN } else { 0.0 })
-                .collect();
-            let shape = [rows, seq, hidden, heads];
-            let qkvt = act::transpose(&qkv, tokens, 3 * hidden).unwrap();
-            let mut ctxt = vec![f32::NAN; 3];
-            attend(&qkvt, shape, &mask, &mut ctxt).unwrap();
-            let want = naive_attention(&qkv, shape, &mask);
-            for t in 0..tokens {
-                for f in 0..hidden {
-                    let (got, want) = (f64::from(ctxt[f * tokens + t]), want[t * hidden + f]);
-                    assert!((got - want).abs() <= 1e-5, "{shape:?} token {t} feature {f}: {got} vs {want}");
-                }
-            }
-        }
-        assert!(attend(&[0.0; 10], [1, 2, 4, 2], &[0.0; 2], &mut Vec::new()).is_err(), "sizes that do not match");
     }
 
     #[test]
@@ -822,7 +763,11 @@ mod timing {
             let mask = vec![0f32; tokens];
             let (mut y, mut s) = (Vec::new(), Scratch::default());
             let qkv = time(&mut || layer.qkv.forward_t(&xt, tokens, None, &mut s.qkvt).unwrap());
-            let att = time(&mut || attend(&s.qkvt, [rows, seq, h, layer.heads], &mask, &mut s.ctxt).unwrap());
+            let dims = [rows, seq, h, layer.heads];
+            let att = time(&mut || attend(&s.qkvt, dims, &mask, &mut s.ctxt).unwrap());
+            // The same on two GEMMs per row and head (what CPUs without AVX-512 run).
+            let shape = attention::Shape::new(dims, s.qkvt.len(), mask.len()).unwrap();
+            let by_gemm = time(&mut || attention::by_gemm(&shape, &s.qkvt, &mask, &mut s.ctxt).unwrap());
             let out = time(&mut || layer.attention_out.forward_t(&xt, tokens, None, &mut y).unwrap());
             let mut normed = xt.clone();
             let norm = time(&mut || layer.attention_norm.residual(&mut normed, &xt, tokens).unwrap());
@@ -830,15 +775,15 @@ mod timing {
             let ffn2 = time(&mut || layer.output.forward_t(&s.inner, tokens, None, &mut y).unwrap());
             let (mut mid, mut next) = (Vec::new(), Vec::new());
             let whole = time(&mut || {
-                layer.attention(&xt, [rows, seq], &mask, &mut s, &mut mid).unwrap();
-                layer.feed_forward(&mid, tokens, &mut s, &mut next).unwrap();
+                layer.attention(&xt, [rows, seq], &mask, &mut s, &mut mid, &mut Profile(None)).unwrap();
+                layer.feed_forward(&mid, tokens, &mut s, &mut next, &mut Profile(None)).unwrap();
             });
             let ids = Tensor::from_vec(vec![1000i64; tokens], (rows, seq), &Device::Cpu).unwrap();
             let ones = Tensor::ones((rows, seq), DType::I64, &Device::Cpu).unwrap();
             let zeros = Tensor::zeros((rows, seq), DType::I64, &Device::Cpu).unwrap();
             let pass = time(&mut || drop(bert.forward(&ids, &zeros, &ones).unwrap()));
             eprintln!(
-                "{rows:>2} x {seq:>3}: pass {pass:.3} ms; layer {whole:.3} ms = qkv {qkv:.3} + attend {att:.3} + out {out:.3} + 2 norms {:.3} + ffn1+gelu {ffn1:.3} + ffn2 {ffn2:.3}",
+                "{rows:>2} x {seq:>3}: pass {pass:.3} ms; layer {whole:.3} ms = qkv {qkv:.3} + attend {att:.3} + out {out:.3} + 2 norms {:.3} + ffn1+gelu {ffn1:.3} + ffn2 {ffn2:.3} (attend on two GEMMs: {by_gemm:.3})",
                 2.0 * norm
             );
         }
