@@ -40,7 +40,7 @@ const MAX_WIDTH: usize = 1 << 16;
 /// block of one chunk (about 1 GFLOP for MiniLM, ~20 ms on 2 cores), and only one chunk's
 /// attention scores are held at a time.
 /// Rows are independent in BERT, so chunking does not change the results.
-const TOKENS_PER_STEP: usize = 512;
+const TOKENS_PER_STEP: usize = 256;
 
 /// The stages `EIR_BERT_PROFILE=1` times, in a pass's order.
 const STAGES: [&str; 8] =
@@ -460,7 +460,10 @@ impl Bert {
     fn pass_plan(&self, batch: usize, seq: usize) -> Result<(usize, u64, u64), NnError> {
         let what = &"the BERT forward pass";
         let output = mul(mul(batch as u64, seq as u64, what)?, 4 * self.config.hidden_size as u64, what)?;
-        let rows = (TOKENS_PER_STEP / seq.max(1)).clamp(1, batch.max(1));
+        // As many chunks as the cap needs, of rows shared out evenly: a short last chunk
+        // runs its GEMMs on narrow products.
+        let most = (TOKENS_PER_STEP / seq.max(1)).clamp(1, batch.max(1));
+        let rows = batch.max(1).div_ceil(batch.max(1).div_ceil(most));
         Ok((rows, mul(output, 2, what)?, self.forward_bytes(rows, seq)?))
     }
 
