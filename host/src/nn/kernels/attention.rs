@@ -143,19 +143,22 @@ mod x86 {
     pub(super) fn attend(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) {
         assert!(ctxt.len() == s.hidden * s.tokens && super::simd::avx512(), "attention: unchecked operands");
         let out = Out(ctxt.as_mut_ptr());
-        let unit = |u: usize| {
-            let mut scratch = Scratch::new(s);
+        // A scratch serves every unit a thread runs in turn: each writes the same positions,
+        // so the zeros past the last key and feature stay zero.
+        let unit = |scratch: &mut Scratch, u: usize| {
             // SAFETY: AVX-512F is available (asserted above); `s` was checked against `qkvt`
             // and `mask` by `Shape::new`, `ctxt` holds hidden·tokens floats (asserted), u <
-            // rows·heads, and unit u alone writes its head's rows at its row's columns.
-            unsafe { unit512(s, qkvt, mask, out, u, &mut scratch) }
+            // rows·heads, `scratch` was made for `s`, and unit u alone writes its head's rows
+            // at its row's columns.
+            unsafe { unit512(s, qkvt, mask, out, u, scratch) }
         };
         let units = s.rows * s.heads;
         if super::parallel(s) {
             use rayon::prelude::*;
-            (0..units).into_par_iter().for_each(unit);
+            (0..units).into_par_iter().with_min_len(4).for_each_init(|| Scratch::new(s), unit);
         } else {
-            (0..units).for_each(unit);
+            let mut scratch = Scratch::new(s);
+            (0..units).for_each(|u| unit(&mut scratch, u));
         }
     }
 
