@@ -224,33 +224,39 @@ fn reads_of_nothing_and_cycles_are_load_errors() {
 fn gemm_transposes_scales_and_adds_and_sees_new_weights() {
     let alpha =
         AttributeProto { name: "alpha".into(), r#type: AttributeType::Float as i32, f: 0.5, ..Default::default() };
-    // Wide enough (N = 20) for the convolution GEMM; B changes between runs, so what was derived
-    // from the first B must not be reused for the second.
-    let (m, k, n) = (2usize, 3usize, 20usize);
-    let a: Vec<f32> = (0..m * k).map(|i| i as f32 - 2.0).collect();
-    let c: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
-    for trans_b in [1, 0] {
-        let b_dims: [i64; 2] = if trans_b == 1 { [n as i64, k as i64] } else { [k as i64, n as i64] };
-        let g = model(
-            vec![node("Gemm", &["a", "b", "c"], &["y"], vec![alpha.clone(), attr_int("transB", trans_b)])],
-            &[("a", &[m as i64, k as i64]), ("b", &b_dims), ("c", &[n as i64])],
-            &["y"],
-            13,
-        );
-        for seed in [1.0f32, -3.0] {
-            let b: Vec<f32> = (0..k * n).map(|i| seed * ((i * 7 % 11) as f32 - 5.0)).collect();
-            let at = |kk: usize, j: usize| if trans_b == 1 { b[j * k + kk] } else { b[kk * n + j] };
-            let want: Vec<f32> = (0..m * n)
-                .map(|e| {
-                    let (i, j) = (e / n, e % n);
-                    0.5 * (0..k).map(|kk| a[i * k + kk] * at(kk, j)).sum::<f32>() + c[j]
-                })
-                .collect();
-            let b_shape = [b_dims[0] as u32, b_dims[1] as u32];
-            let (dims, y) =
-                run(&g, &[("a", &[m as u32, k as u32], &a), ("b", &b_shape, &b), ("c", &[n as u32], &c)]).remove(0);
-            assert_eq!(dims, vec![m as u32, n as u32]);
-            close(&y, &want);
+    // Wide enough (N ≥ 16) for EIR's GEMM, at every SIMD level, with a batch that leaves a
+    // partial tile; B changes between runs, so what was derived from the first B must not be
+    // reused for the second.
+    for ((m, k, n), level) in [(2usize, 3usize, 20usize), (9, 40, 37)]
+        .into_iter()
+        .flat_map(|dims| crate::nn::kernels::simd::levels().into_iter().map(move |l| (dims, l)))
+    {
+        let _cap = crate::nn::kernels::simd::cap(level);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 2.0).collect();
+        let c: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
+        for trans_b in [1, 0] {
+            let b_dims: [i64; 2] = if trans_b == 1 { [n as i64, k as i64] } else { [k as i64, n as i64] };
+            let g = model(
+                vec![node("Gemm", &["a", "b", "c"], &["y"], vec![alpha.clone(), attr_int("transB", trans_b)])],
+                &[("a", &[m as i64, k as i64]), ("b", &b_dims), ("c", &[n as i64])],
+                &["y"],
+                13,
+            );
+            for seed in [1.0f32, -3.0] {
+                let b: Vec<f32> = (0..k * n).map(|i| seed * ((i * 7 % 11) as f32 - 5.0)).collect();
+                let at = |kk: usize, j: usize| if trans_b == 1 { b[j * k + kk] } else { b[kk * n + j] };
+                let want: Vec<f32> = (0..m * n)
+                    .map(|e| {
+                        let (i, j) = (e / n, e % n);
+                        0.5 * (0..k).map(|kk| a[i * k + kk] * at(kk, j)).sum::<f32>() + c[j]
+                    })
+                    .collect();
+                let b_shape = [b_dims[0] as u32, b_dims[1] as u32];
+                let (dims, y) =
+                    run(&g, &[("a", &[m as u32, k as u32], &a), ("b", &b_shape, &b), ("c", &[n as u32], &c)]).remove(0);
+                assert_eq!(dims, vec![m as u32, n as u32]);
+                close(&y, &want);
+            }
         }
     }
 }

@@ -8,7 +8,8 @@ use super::conv;
 use super::elementwise::{broadcast_bound, broadcast_shape};
 use super::{Built, Node, axis, count, input, op, op_sized, wide};
 use crate::nn::error::NnError;
-use crate::nn::kernels::sgemm::{self, Clamp};
+use crate::nn::kernels::act;
+use crate::nn::kernels::sgemm::{self, Clamp, Packed};
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     Some(match name {
@@ -310,15 +311,20 @@ fn spatial_rank(node: &Node<'_>, attrs: &[(&str, &Option<Vec<usize>>, usize)]) -
 }
 
 /// Convolution over 1 or 2 spatial dimensions.
-/// `Y = alpha·A'·B' + beta·C`. The common case (f32, `B` a weight matrix, alpha 1) runs on the
-/// convolution GEMM with `B'` laid out `[K, N]` once; everything else on candle's matmul.
+/// `Y = alpha·A'·B' + beta·C`. The common case (f32, `B` a weight matrix, alpha 1) runs on
+/// EIR's GEMM turned around, `Yᵀ = B'ᵀ·A'ᵀ`: the weights, `[N, K]` row-major, are then the
+/// product's left operand, packed once for the tile kernels, and the activations its right
+/// one. A classifier over a small batch so becomes a few columns against a packed matrix (the
+/// column kernel), where the activations as rows had left each weight read from memory at a
+/// stride of one row per step (EfficientNet's 1280→1000 at batch 8: 0.86 ms; ORT 0.30).
+/// Everything else runs on candle's matmul.
 struct Gemm {
     alpha: f64,
     beta: f64,
     ta: bool,
     tb: bool,
-    /// `B'` contiguous `[K, N]` (transposed once when `transB`).
-    b_kn: super::Derived<Vec<f32>>,
+    /// `B'ᵀ` contiguous `[N, K]`, and packed for the tile kernels where the CPU has them.
+    weights: super::Derived<(Vec<f32>, Option<Packed>)>,
 }
 
 impl Gemm {
@@ -328,17 +334,24 @@ impl Gemm {
             beta: f64::from(node.float_or("beta", 1.0)),
             ta: node.int_or("transA", 0) != 0,
             tb: node.int_or("transB", 0) != 0,
-            b_kn: Default::default(),
+            weights: Default::default(),
         }))
     }
 
-    /// `B'` as `[K, N]` row-major floats (empty if `b` cannot be read so).
-    fn b_kn(b: &Tensor, tb: bool) -> Vec<f32> {
-        let b = if tb { b.t() } else { Ok(b.clone()) };
-        b.and_then(|b| b.flatten_all()?.to_vec1::<f32>()).unwrap_or_default()
+    /// `B'ᵀ` as `[N, K]` row-major floats and packed (empty if `b` cannot be read so).
+    fn weights(b: &Tensor, tb: bool) -> (Vec<f32>, Option<Packed>) {
+        let b = if tb { Ok(b.clone()) } else { b.t() };
+        let nk = b.and_then(|b| Ok((b.dims2()?, b.flatten_all()?.to_vec1::<f32>()?)));
+        match nk {
+            Ok(((n, k), w)) => {
+                let packed = Packed::new(n, k, &w);
+                (w, packed)
+            }
+            Err(_) => (Vec::new(), None),
+        }
     }
 
-    /// `A'·B'` on the convolution GEMM, or `None` where it does not apply.
+    /// `A'·B'` on EIR's GEMM, or `None` where it does not apply.
     fn fast(&self, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
         if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 2 || b.rank() != 2 || self.ta {
             return Ok(None);
@@ -348,12 +361,17 @@ impl Gemm {
         if kb != k || n < 16 {
             return Ok(None);
         }
-        let b_kn = self.b_kn.get(b.id(), || Self::b_kn(b, self.tb));
-        if b_kn.len() != k * n {
+        let weights = self.weights.get(b.id(), || Self::weights(b, self.tb));
+        let (w, packed) = &*weights;
+        if w.len() != n * k {
             return Ok(None);
         }
-        let mut y = super::zeros_f32(m * n)?;
-        super::with_f32(a, |a_rows| sgemm::gemm([m, n, k], a_rows, None, &b_kn, &mut y, None, None))??;
+        // A'ᵀ (`[K, M]`), the product's right operand.
+        let at = super::with_f32(a, |a| act::transpose(a, m, k))?
+            .ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
+        let mut yt = super::zeros_f32(n * m)?;
+        sgemm::gemm([n, m, k], w, packed.as_ref(), &at, &mut yt, None, None)?;
+        let y = act::transpose(&yt, n, m).ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
 }
@@ -372,7 +390,11 @@ impl super::Op for Gemm {
         let n = if self.tb { b0 } else { b1 };
         let c = i.get(2).copied().flatten().map_or(Ok(0), |c| count(c.dims()))?;
         let out = count(&[m, n])?;
-        let all = [out, out, count(&[k, n])?, count(&[m, k])?, c].iter().try_fold(0u64, |acc, &x| acc.checked_add(x));
+        // The output, its transpose and a copy with C added; B' (derived, packed) twice; A'
+        // and its transpose; C.
+        let all = [out, out, out, count(&[k, n])?, count(&[k, n])?, count(&[m, k])?, count(&[m, k])?, c]
+            .iter()
+            .try_fold(0u64, |acc, &x| acc.checked_add(x));
         wide(all.ok_or_else(|| NnError::too_large("Gemm sizes overflow"))?, 1)
     }
 
@@ -382,7 +404,7 @@ impl super::Op for Gemm {
             && b.rank() == 2
             && b.dims()[if self.tb { 0 } else { 1 }] >= 16
         {
-            let _ = self.b_kn.get(b.id(), || Self::b_kn(b, self.tb));
+            let _ = self.weights.get(b.id(), || Self::weights(b, self.tb));
         }
     }
 
