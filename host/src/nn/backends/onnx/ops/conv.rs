@@ -455,6 +455,27 @@ struct GemmWeights<'a> {
     clamp: Option<Clamp>,
 }
 
+/// `dst[j] = src[j·step]` for every `j` in `dst` (`src` must reach that far). Out of line and
+/// specialised for the common steps, so each loop vectorises (a stride-2 gather inside the
+/// im2col closure ran one value at a time, with its bounds reloaded from the stack).
+#[inline(never)]
+fn gather(dst: &mut [f32], src: &[f32], step: usize) {
+    debug_assert!(dst.is_empty() || src.len() > (dst.len() - 1) * step, "gather past its source");
+    match step {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => {
+            for (d, pair) in dst.iter_mut().zip(src.chunks(2)) {
+                *d = pair[0];
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(step.max(1))) {
+                *d = v;
+            }
+        }
+    }
+}
+
 /// im2col + GEMM per image and group; writes every element of `out` (it need not be
 /// initialised).
 fn im2col_gemm(
@@ -492,9 +513,12 @@ fn im2col_gemm(
                     let irow = &plane[iy as usize * w..(iy as usize + 1) * w];
                     drow[..lo].fill(0.0);
                     drow[hi..].fill(0.0);
-                    for (j, d) in drow[lo..hi].iter_mut().enumerate() {
-                        *d = irow[(((lo + j) * sw) as isize + off) as usize];
-                    }
+                    // Input columns lo·sw + off, stepping by sw (`valid` keeps them inside
+                    // the row); an iterator, not an index per element, so the copy is not
+                    // bounds-checked and overflow-checked value by value (it was half of the
+                    // stem convolution's time).
+                    let first = ((lo * sw) as isize + off) as usize;
+                    gather(&mut drow[lo..hi], &irow[first..], sw);
                 }
             };
             if col.len() < PARALLEL_MIN {
@@ -601,6 +625,9 @@ mod tests {
             check(3, 8, 1, 3, 2, [(0, 1), (0, 1)]);
             check(4, 6, 2, 3, 1, [(1, 1), (1, 1)]);
             check(4, 4, 1, 1, 2, [(0, 0), (0, 0)]);
+            // im2col's gather at steps 1, 2 and 3, with pads that cut rows short
+            check(3, 8, 1, 3, 3, [(1, 2), (2, 1)]);
+            check(2, 5, 1, 5, 2, [(2, 0), (0, 2)]);
         }
     }
 
@@ -689,8 +716,9 @@ mod timing {
     fn layer_timings() {
         let dev = Device::Cpu;
         type Case = (&'static str, [usize; 4], [usize; 4], usize, usize, [(usize, usize); 2]);
-        let cases: [Case; 14] = [
+        let cases: [Case; 15] = [
             ("stem 3->32 k3 s2", [1, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
+            ("b8 stem 3->32 k3 s2", [8, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
             ("dw 96 k3 s2 @112", [1, 96, 112, 112], [96, 1, 3, 3], 96, 2, [(0, 1), (0, 1)]),
             ("dw 144 k3 s1 @56", [1, 144, 56, 56], [144, 1, 3, 3], 144, 1, [(1, 1), (1, 1)]),
             ("dw 1152 k5 s1 @7", [1, 1152, 7, 7], [1152, 1, 5, 5], 1152, 1, [(2, 2), (2, 2)]),
