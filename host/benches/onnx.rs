@@ -63,7 +63,9 @@ fn main() -> anyhow::Result<()> {
         backend::load(Source::Path(&eir::registry::fetch::locate("silero-vad", &models)?), Target::Cpu)?;
 
     let mut eir = Vec::new();
-    for batch in [1u32, 8] {
+    // `EIR_BENCH_BATCH=1` (or 8) times one batch size only, for a profiler.
+    let only: Option<u32> = std::env::var("EIR_BENCH_BATCH").ok().and_then(|v| v.parse().ok());
+    for batch in [1u32, 8].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
         let x = tensor(vec![batch, 3, 224, 224], &pattern(batch as usize * 3 * 224 * 224, 1.0));
         let t = median_time(iters, || {
             std::hint::black_box(eff.compute(vec![("input".into(), x.clone())]).expect("compute"));
