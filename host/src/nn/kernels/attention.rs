@@ -5,12 +5,12 @@
 //!
 //! With AVX-512 each (row, head) runs as one fused pass ([`x86`]): for a block of 32 queries
 //! the scores against every key go to a `seq × 32` scratch (12 keys × 32 queries per register
-//! tile, read straight from `qkvt`), a softmax runs down its columns, and the value product
-//! reads the probabilities from there and writes the context rows in place, scaled by each
-//! query's `1 / Σ`. Nothing of `batch × heads × seq²` is ever held, nothing is copied or
-//! packed, and the scratch (16 KiB at 128 tokens) stays in L1/L2. Elsewhere the same runs as two
-//! GEMMs per (row, head) on [`sgemm`] ([`by_gemm`]), which is also the reference the fused
-//! pass is tested against.
+//! tile, the head's keys packed once per unit), a softmax runs down its columns, and the value
+//! product reads the probabilities from there and V in place, and writes the context rows in
+//! place, scaled by each query's `1 / Σ`. Nothing of `batch × heads × seq²` is ever held, and
+//! the scratch (16 KiB at 128 tokens) stays in L1/L2. Elsewhere the same runs as two GEMMs per
+//! (row, head) on [`sgemm`] ([`by_gemm`]), which is also the reference the fused pass is
+//! tested against.
 
 use super::{act, sgemm, simd};
 use crate::nn::error::NnError;
@@ -171,26 +171,22 @@ mod x86 {
     const KEYS: usize = 12;
     const FEATURES: usize = 8;
 
-    /// A unit's buffers: the scores of one block of queries (`[seq][W]`), and this head's K and
-    /// V in panels for the tiles (`[panel][head][KEYS]`, `[panel][seq][FEATURES]`, zero past
-    /// the last key or feature), so that each tile step broadcasts from one contiguous run.
+    /// A unit's buffers: the scores of one block of queries (`[seq][W]`), and this head's K in
+    /// panels for the score tile (`[panel][head][KEYS]`, zero past the last key), so that each
+    /// step broadcasts from one contiguous run. (V is read in place: its tile broadcasts from
+    /// 8 rows at once, and packing it was a scatter, 11% of the pass.)
     pub(super) struct Scratch {
         scores: Vec<f32>,
         keys: Vec<f32>,
-        values: Vec<f32>,
     }
 
     impl Scratch {
         pub(super) fn new(s: &Shape) -> Self {
-            Self {
-                scores: vec![0.0; s.seq * W],
-                keys: vec![0.0; s.seq.div_ceil(KEYS) * KEYS * s.head],
-                values: vec![0.0; s.head.div_ceil(FEATURES) * FEATURES * s.seq],
-            }
+            Self { scores: vec![0.0; s.seq * W], keys: vec![0.0; s.seq.div_ceil(KEYS) * KEYS * s.head] }
         }
     }
 
-    /// Row `b`, head `h` of the pass (`u = b·heads + h`): K and V packed, then every block of
+    /// Row `b`, head `h` of the pass (`u = b·heads + h`): K packed, then every block of
     /// up to 32 queries in turn, with `V` registers of queries (the last block takes one
     /// register when 16 or fewer queries are left).
     ///
@@ -203,22 +199,12 @@ mod x86 {
     unsafe fn unit512(s: &Shape, qkvt: &[f32], mask: &[f32], out: Out, u: usize, scratch: &mut Scratch) {
         let &Shape { seq, hidden, heads, head, tokens, .. } = s;
         let (b, h) = (u / heads, u % heads);
-        // This head's feature rows of K and V, each `seq` tokens from row b's first.
-        let row = |part: usize, d: usize| {
-            let at = (part * hidden + h * head + d) * tokens + b * seq;
-            &qkvt[at..at + seq]
-        };
         for d in 0..head {
-            for (p, keys) in row(1, d).chunks(KEYS).enumerate() {
+            // Feature d of this head's K, `seq` tokens from row b's first.
+            let at = (hidden + h * head + d) * tokens + b * seq;
+            for (p, keys) in qkvt[at..at + seq].chunks(KEYS).enumerate() {
                 let at = (p * head + d) * KEYS;
                 scratch.keys[at..at + keys.len()].copy_from_slice(keys);
-            }
-        }
-        for (p, panel) in scratch.values.chunks_exact_mut(seq * FEATURES).enumerate() {
-            for r in 0..FEATURES.min(head - p * FEATURES) {
-                for (j, &x) in row(2, p * FEATURES + r).iter().enumerate() {
-                    panel[j * FEATURES + r] = x;
-                }
             }
         }
         let mut ib = 0;
@@ -240,7 +226,7 @@ mod x86 {
     /// registers of each row used), the softmax down its columns, then the context.
     ///
     /// # Safety
-    /// As [`unit512`], with K and V packed into `scratch` for unit `u`, `ib + w ≤ seq`,
+    /// As [`unit512`], with K packed into `scratch` for unit `u`, `ib + w ≤ seq`,
     /// `w ≤ 16·V` and `V ≤ 2`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -258,9 +244,10 @@ mod x86 {
         let &Shape { seq, heads, head, tokens, .. } = s;
         let (b, h) = (u / heads, u % heads);
         let col = b * seq;
-        // This head's Q rows from this row's first token: element (d, i) at `d · tokens + i`,
-        // inside `qkvt` for d < head and i < seq (`Shape::new`).
+        // This head's Q and V rows from this row's first token: element (d, i) at
+        // `d · tokens + i`, inside `qkvt` for d < head and i < seq (`Shape::new`).
         let q = qkvt.as_ptr().wrapping_add(h * head * tokens + col);
+        let v = qkvt.as_ptr().wrapping_add((2 * s.hidden + h * head) * tokens + col);
         let mask = &mask[col..col + seq];
         let masks: [__mmask16; V] = std::array::from_fn(|x| lanes(w.saturating_sub(16 * x)));
         let scale = _mm512_set1_ps(1.0 / (head as f32).sqrt());
@@ -319,16 +306,20 @@ mod x86 {
 
         // Context: ctx[d][i] = Σ_j v[d][j] · p[j][i] / Σ_i, a panel of FEATURES features at a
         // time, written in place.
-        for (p, values) in scratch.values.chunks_exact(seq * FEATURES).enumerate() {
-            let dp = p * FEATURES;
+        for dp in (0..head).step_by(FEATURES) {
+            // Feature rows past the last are read as the last (computed, never stored).
+            let rows: [*const f32; FEATURES] = std::array::from_fn(|r| v.wrapping_add((dp + r).min(head - 1) * tokens));
             let mut acc = [[_mm512_setzero_ps(); V]; FEATURES];
-            for (j, v) in values.chunks_exact(FEATURES).enumerate() {
-                // SAFETY: row j < seq of the scratch, lanes < 16·V ≤ W.
-                let pj: [__m512; V] = std::array::from_fn(|x| unsafe { _mm512_loadu_ps(st.add(j * W + 16 * x)) });
-                for r in 0..FEATURES {
-                    let vb = _mm512_set1_ps(v[r]);
-                    for x in 0..V {
-                        acc[r][x] = _mm512_fmadd_ps(vb, pj[x], acc[r][x]);
+            for j in 0..seq {
+                // SAFETY: row j < seq of the scratch, lanes < 16·V ≤ W; V's features
+                // min(dp + r, head - 1) < head at key j < seq lie in this head's V rows.
+                unsafe {
+                    let pj: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(st.add(j * W + 16 * x)));
+                    for r in 0..FEATURES {
+                        let vb = _mm512_set1_ps(*rows[r].add(j));
+                        for x in 0..V {
+                            acc[r][x] = _mm512_fmadd_ps(vb, pj[x], acc[r][x]);
+                        }
                     }
                 }
             }
