@@ -40,7 +40,7 @@ const MAX_WIDTH: usize = 1 << 16;
 /// block of one chunk (about 1 GFLOP for MiniLM, ~20 ms on 2 cores), and only one chunk's
 /// attention scores are held at a time.
 /// Rows are independent in BERT, so chunking does not change the results.
-const TOKENS_PER_STEP: usize = 256;
+const TOKENS_PER_STEP: usize = 512;
 
 /// The stages `EIR_BERT_PROFILE=1` times, in a pass's order.
 const STAGES: [&str; 8] =
