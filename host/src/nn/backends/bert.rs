@@ -3,8 +3,8 @@
 //! `BertLayer`, with Q, K and V as one matrix product) on EIR's own kernels
 //! ([`crate::nn::kernels`]): the hidden states are kept transposed (`[hidden][tokens]`) from
 //! the embeddings to the last layer, so every dense layer is one packed-weight GEMM with its
-//! bias fused, attention runs per row and head on the same GEMM, and the layer norms run
-//! across tokens. A forward pass can stop between its attention and feed-forward blocks.
+//! bias fused, attention runs per row and head as one fused pass
+//! ([`crate::nn::kernels::attention`]), and the layer norms run across tokens. A forward pass can stop between its attention and feed-forward blocks.
 //!
 //! Inputs: `input_ids` (required), `attention_mask` (default all ones) and `token_type_ids`
 //! (default zeros), I64 or I32, shape `[batch, seq]`. Output: `last_hidden_state`, FP32
