@@ -20,12 +20,13 @@ use crate::nn::error::NnError;
 /// product computed without overflow. The fused kernel takes only this type.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Shape {
-    rows: usize,
     seq: usize,
     hidden: usize,
     heads: usize,
     head: usize,
     tokens: usize,
+    /// `rows · heads`: the (row, head) pairs, each one unit of work.
+    units: usize,
 }
 
 impl Shape {
@@ -35,10 +36,17 @@ impl Shape {
         let head = hidden.checked_div(heads).ok_or_else(bad)?;
         let tokens = rows.checked_mul(seq).ok_or_else(bad)?;
         let floats = hidden.checked_mul(tokens).and_then(|f| f.checked_mul(3)).ok_or_else(bad)?;
+        let units = rows.checked_mul(heads).ok_or_else(bad)?;
         if head * heads != hidden || qkvt != floats || mask != tokens {
             return Err(bad());
         }
-        Ok(Self { rows, seq, hidden, heads, head, tokens })
+        Ok(Self { seq, hidden, heads, head, tokens, units })
+    }
+
+    /// Whether the pass computes nothing (no tokens, or heads of no features): the kernels
+    /// then never run, so none of them meets a zero-length head or sequence.
+    fn is_empty(&self) -> bool {
+        self.tokens == 0 || self.head == 0
     }
 }
 
@@ -49,6 +57,9 @@ impl Shape {
 pub(crate) fn attend(qkvt: &[f32], dims: [usize; 4], mask: &[f32], ctxt: &mut Vec<f32>) -> Result<(), NnError> {
     let shape = Shape::new(dims, qkvt.len(), mask.len())?;
     ctxt.resize(shape.hidden * shape.tokens, 0.0);
+    if shape.is_empty() {
+        return Ok(());
+    }
     #[cfg(target_arch = "x86_64")]
     if simd::avx512() {
         x86::attend(&shape, qkvt, mask, ctxt);
@@ -59,7 +70,7 @@ pub(crate) fn attend(qkvt: &[f32], dims: [usize; 4], mask: &[f32], ctxt: &mut Ve
 
 /// Whether a pass is worth splitting across the pool (waking it costs tens of microseconds).
 fn parallel(s: &Shape) -> bool {
-    s.rows * s.heads > 1 && s.tokens.saturating_mul(s.seq).saturating_mul(s.hidden) >= 1 << 20
+    s.units > 1 && s.tokens.saturating_mul(s.seq).saturating_mul(s.hidden) >= 1 << 20
 }
 
 /// The pass on [`sgemm`]: per row and head, `Sᵀ = Kᵀ·Q` (one `seq × seq` block at a time,
@@ -69,6 +80,9 @@ pub(crate) fn by_gemm(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) -
     let &Shape { heads, head, hidden, seq, tokens, .. } = s;
     if ctxt.len() != hidden * tokens {
         return Err(NnError::runtime("attention: operand sizes do not match"));
+    }
+    if s.is_empty() {
+        return Ok(());
     }
     let scale = 1.0 / (head as f32).sqrt();
     let unit = |u: usize| -> Result<Vec<f32>, NnError> {
@@ -95,7 +109,7 @@ pub(crate) fn by_gemm(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) -
         sgemm::gemm([head, seq, seq], &v, None, &st, &mut ctx, None, None)?;
         Ok(ctx)
     };
-    let units = s.rows * heads;
+    let units = s.units;
     let blocks: Vec<Vec<f32>> = if parallel(s) {
         use rayon::prelude::*;
         (0..units).into_par_iter().map(unit).collect::<Result<_, _>>()?
@@ -141,7 +155,10 @@ mod x86 {
     /// The caller has checked that the CPU has AVX-512F; `s` was checked against `qkvt` and
     /// `mask` ([`Shape::new`]), and `ctxt` holds `hidden · tokens` floats (asserted).
     pub(super) fn attend(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) {
-        assert!(ctxt.len() == s.hidden * s.tokens && super::simd::avx512(), "attention: unchecked operands");
+        assert!(
+            ctxt.len() == s.hidden * s.tokens && !s.is_empty() && super::simd::avx512(),
+            "attention: unchecked operands"
+        );
         let out = Out(ctxt.as_mut_ptr());
         // A scratch serves every unit a thread runs in turn: each writes the same positions,
         // so the zeros past the last key and feature stay zero.
@@ -152,7 +169,7 @@ mod x86 {
             // at its row's columns.
             unsafe { unit512(s, qkvt, mask, out, u, scratch) }
         };
-        let units = s.rows * s.heads;
+        let units = s.units;
         if super::parallel(s) {
             use rayon::prelude::*;
             (0..units).into_par_iter().with_min_len(4).for_each_init(|| Scratch::new(s), unit);
@@ -303,6 +320,8 @@ mod x86 {
         }
         // SAFETY: `inv` holds W = 32 floats; lanes 16x.. < W.
         let inv: [__m512; V] = std::array::from_fn(|x| unsafe { _mm512_loadu_ps(inv.as_ptr().add(16 * x)) });
+        // The scores as the softmax left them (a pointer taken after its borrows end).
+        let st = scores.as_ptr();
 
         // Context: ctx[d][i] = Σ_j v[d][j] · p[j][i] / Σ_i, a panel of FEATURES features at a
         // time, written in place.
@@ -375,8 +394,16 @@ mod tests {
     #[test]
     fn attention_matches_a_plain_reference_on_ragged_shapes_at_every_level() {
         // Queries in one or two registers and across several blocks (40, 130), heads whose
-        // width leaves a partial tile of features (4, 80) or fits them (32), padded keys.
-        let shapes = [(1, 1, 4, 1), (2, 13, 12, 3), (3, 40, 64, 2), (1, 130, 96, 3), (2, 70, 160, 2), (4, 17, 384, 12)];
+        // width leaves a partial panel of features (4, 20) or fills them (32, 80), padded keys.
+        let shapes = [
+            (1, 1, 4, 1),
+            (2, 13, 12, 3),
+            (3, 40, 64, 2),
+            (1, 130, 96, 3),
+            (2, 70, 160, 2),
+            (4, 17, 384, 12),
+            (2, 37, 40, 2),
+        ];
         for level in simd::levels() {
             let _cap = simd::cap(level);
             for (rows, seq, hidden, heads) in shapes {
@@ -404,7 +431,14 @@ mod tests {
                 }
             }
         }
-        for bad in [[1, 2, 4, 2], [1, 2, 4, 0], [1, 2, 5, 2], [usize::MAX, 2, 4, 2]] {
+        // Nothing to compute is an empty result, not a panic: no rows, no tokens per row, heads
+        // of no features.
+        for (dims, qkvt, mask) in [([0, 5, 8, 2], 0, 0), ([3, 0, 8, 2], 0, 0), ([2, 3, 0, 4], 0, 6)] {
+            let mut ctxt = vec![1.0; 4];
+            attend(&vec![0.0; qkvt], dims, &vec![0.0; mask], &mut ctxt).unwrap();
+            assert!(ctxt.is_empty(), "{dims:?}");
+        }
+        for bad in [[1, 2, 4, 2], [1, 2, 4, 0], [1, 2, 5, 2], [usize::MAX, 2, 4, 2], [usize::MAX, 0, 0, 2]] {
             assert!(attend(&[0.0; 10], bad, &[0.0; 2], &mut Vec::new()).is_err(), "{bad:?}: sizes that do not match");
         }
     }

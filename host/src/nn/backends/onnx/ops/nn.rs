@@ -390,9 +390,10 @@ impl super::Op for Gemm {
         let n = if self.tb { b0 } else { b1 };
         let c = i.get(2).copied().flatten().map_or(Ok(0), |c| count(c.dims()))?;
         let out = count(&[m, n])?;
-        // The output, its transpose and a copy with C added; B' (derived, packed) twice; A'
-        // and its transpose; C.
-        let all = [out, out, out, count(&[k, n])?, count(&[k, n])?, count(&[m, k])?, count(&[m, k])?, c]
+        // The output, its transpose and a copy with C added; B' (derived) and its packing
+        // (whole panels of up to 16 rows); A' and its transpose; C.
+        let packed = count(&[k, n.saturating_add(16)])?;
+        let all = [out, out, out, count(&[k, n])?, packed, count(&[m, k])?, count(&[m, k])?, c]
             .iter()
             .try_fold(0u64, |acc, &x| acc.checked_add(x));
         wide(all.ok_or_else(|| NnError::too_large("Gemm sizes overflow"))?, 1)
