@@ -132,23 +132,10 @@ mod x86 {
 
     use super::Shape;
     use crate::nn::kernels::act;
+    use crate::nn::kernels::simd::{SharedOut, lanes16};
 
     /// Queries per block: two 16-lane registers, and the scratch's row length.
     const W: usize = 32;
-
-    /// The context's base pointer, shared by units that write disjoint rows and columns.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: unit (b, h) writes only head h's rows at row b's columns; no two units share one.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// The base pointer (a method, so closures capture the whole `Out`).
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
-    }
 
     /// Runs every (row, head) of `s`, in parallel where it pays.
     ///
@@ -159,7 +146,8 @@ mod x86 {
             ctxt.len() == s.hidden * s.tokens && !s.is_empty() && super::simd::avx512(),
             "attention: unchecked operands"
         );
-        let out = Out(ctxt.as_mut_ptr());
+        // Unit (b, h) writes only head h's rows at row b's columns; no two units share one.
+        let out = SharedOut(ctxt.as_mut_ptr());
         // A scratch serves every unit a thread runs in turn: each writes the same positions,
         // so the zeros past the last key and feature stay zero.
         let unit = |scratch: &mut Scratch, u: usize| {
@@ -177,11 +165,6 @@ mod x86 {
             let mut scratch = Scratch::new(s);
             (0..units).for_each(|u| unit(&mut scratch, u));
         }
-    }
-
-    /// Lanes `< n` of a 16-lane register (all for n ≥ 16).
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
     }
 
     /// Keys per panel of the score tile, features per panel of the context tile.
@@ -213,7 +196,7 @@ mod x86 {
     /// this call writes only rows `h·head..(h+1)·head` at columns `b·seq..(b+1)·seq`;
     /// `u < rows · heads`; `scratch` was made for `s`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn unit512(s: &Shape, qkvt: &[f32], mask: &[f32], out: Out, u: usize, scratch: &mut Scratch) {
+    unsafe fn unit512(s: &Shape, qkvt: &[f32], mask: &[f32], out: SharedOut, u: usize, scratch: &mut Scratch) {
         let &Shape { seq, hidden, heads, head, tokens, .. } = s;
         let (b, h) = (u / heads, u % heads);
         for d in 0..head {
@@ -252,7 +235,7 @@ mod x86 {
         s: &Shape,
         qkvt: &[f32],
         mask: &[f32],
-        out: Out,
+        out: SharedOut,
         u: usize,
         scratch: &mut Scratch,
         ib: usize,
@@ -266,7 +249,7 @@ mod x86 {
         let q = qkvt.as_ptr().wrapping_add(h * head * tokens + col);
         let v = qkvt.as_ptr().wrapping_add((2 * s.hidden + h * head) * tokens + col);
         let mask = &mask[col..col + seq];
-        let masks: [__mmask16; V] = std::array::from_fn(|x| lanes(w.saturating_sub(16 * x)));
+        let masks: [__mmask16; V] = std::array::from_fn(|x| lanes16(w.saturating_sub(16 * x)));
         let scale = _mm512_set1_ps(1.0 / (head as f32).sqrt());
         let scores = &mut scratch.scores[..seq * W];
         let st = scores.as_mut_ptr();
@@ -347,7 +330,7 @@ mod x86 {
                 // lanes < w (ib + w ≤ seq): inside `out`'s hidden · tokens floats, in this
                 // unit's rows and columns.
                 unsafe {
-                    let row = out.ptr().add((h * head + dp + r) * tokens + col + ib);
+                    let row = out.at((h * head + dp + r) * tokens + col + ib);
                     for x in 0..V {
                         _mm512_mask_storeu_ps(row.add(16 * x), masks[x], _mm512_mul_ps(acc[x], inv[x]));
                     }

@@ -444,6 +444,7 @@ mod x86 {
 
     use super::{Clamp, GemmShape, KC, MR, MR512, NC, NR, PARALLEL_MIN, Packed};
     use crate::nn::kernels::act::{ERF_P, ERF_Q};
+    use crate::nn::kernels::simd::{SharedOut, lanes16};
 
     /// Which tile kernel runs (the AVX-512 ones read `A` packed in [`MR512`]-row panels, the
     /// AVX2 one in [`MR`]-row panels).
@@ -477,20 +478,6 @@ mod x86 {
 
     /// Columns of one AVX2 tile: three 8-lane registers.
     const NR2: usize = 24;
-
-    /// The output pointer, shared by units that write disjoint tiles.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: every unit writes only its own (row tile, column chunk) of the output.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// The element at `offset` (a method, so closures capture the whole `Out`).
-        fn at(self, offset: usize) -> *mut f32 {
-            self.0.wrapping_add(offset)
-        }
-    }
 
     /// One unit of work for the AVX-512 tiles: row panels `panels` of one image's `C`, over
     /// its columns `j0..j1`.
@@ -578,7 +565,7 @@ mod x86 {
         // 10 + 10 + 10 + 2 left one group short of work).
         let per = tiles.div_ceil(want.div_ceil(batch * chunks)).max(1);
         let groups = tiles.div_ceil(per);
-        let out = Out(dst);
+        let out = SharedOut(dst);
         // B packed once for every unit (each image's 32-column strips, k rows each), where the
         // kernel reads it so: per unit, the copy cost as much as a quarter of the products.
         let strips = n.div_ceil(NR);
@@ -684,7 +671,7 @@ mod x86 {
         for r in 0..rows {
             let mut j = 0;
             while j < cols {
-                let mask = if cols - j >= 16 { 0xffff } else { ((1u32 << (cols - j)) - 1) as __mmask16 };
+                let mask = lanes16(cols - j);
                 // SAFETY: row r < rows, columns j.. masked to those below cols (the contract).
                 unsafe {
                     let at = c.add(r * ldc + j);
@@ -738,7 +725,7 @@ mod x86 {
         let want = 4 * rayon::current_num_threads();
         let per = panels.div_ceil(want.div_ceil(batch)).next_multiple_of(group);
         let units = panels.div_ceil(per);
-        let out = Out(dst);
+        let out = SharedOut(dst);
         let unit = |u: usize| {
             let (img, first) = (u / units, (u % units) * per);
             let b = &b[img * k * n..(img + 1) * k * n];
@@ -946,7 +933,7 @@ mod x86 {
             if live == 0 {
                 break;
             }
-            let mask = ((1u32 << live) - 1) as __mmask16;
+            let mask = lanes16(live);
             // SAFETY: 12 bias values of panel q (masked).
             let bias = unsafe { _mm512_maskz_loadu_ps(PANEL, t.bias.as_ptr().add(q * MR512)) };
             for j in 0..N {
@@ -1038,7 +1025,7 @@ mod x86 {
         }
         while i < n {
             let left = (n - i).min(16);
-            let mask = ((1u32 << left) - 1) as __mmask16;
+            let mask = lanes16(left);
             // SAFETY: masked to the `left` elements that exist from i on.
             unsafe {
                 let (x, y) = (_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)));
@@ -1084,11 +1071,7 @@ mod x86 {
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const R: usize, const V: usize>(t: &Tile<'_>) {
-        let live = |v: usize| -> __mmask16 {
-            let n = t.cols.saturating_sub(16 * v);
-            if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
-        };
-        let masks: [__mmask16; V] = std::array::from_fn(live);
+        let masks: [__mmask16; V] = std::array::from_fn(|v| lanes16(t.cols.saturating_sub(16 * v)));
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         // Pointers walk B's rows and the panel (no index arithmetic, which overflow checks
         // would test on every step of the hottest loop).

@@ -65,6 +65,34 @@ pub fn avx512() -> bool {
     }
 }
 
+/// An output buffer's base pointer, shared by the parallel units of one kernel call, each of
+/// which writes only its own disjoint part (the kernel's contract says which).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: the pointer is only written through, and the kernels that share it give every unit a
+// part of the buffer no other unit writes (each kernel's SAFETY comments name the parts).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SharedOut {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedOut {
+    /// The element at `offset` (a method, so closures capture the whole value).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// A 16-lane mask of the lanes below `n` (all of them from 16 on), for masked AVX-512 loads
+/// and stores of a row's last values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn lanes16(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as std::arch::x86_64::__mmask16 }
+}
+
 /// The levels this CPU has, lowest first (for tests that run every path).
 #[cfg(test)]
 pub fn levels() -> Vec<Level> {
