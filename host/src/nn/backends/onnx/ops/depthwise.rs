@@ -344,11 +344,11 @@ impl Depthwise {
         );
     }
 
-    /// One block: fill the tile, every tap, and the output back to NCHW. `tr` transposes an
-    /// `L x L` square in place (the layout change, `L` pixels at a time).
+    /// One block: fill the tile, every tap, and the output back to NCHW (the layout changes
+    /// `L` pixels at a time, as `L x L` squares transposed in registers by `K`).
     ///
     /// # Safety
-    /// The CPU must be able to run `tr`.
+    /// The CPU must run `K`.
     #[inline(always)]
     unsafe fn unit<const L: usize, K: Lanes<L>>(
         &self,
@@ -357,7 +357,6 @@ impl Depthwise {
         tile: &mut [[f32; L]],
         obuf: &mut [[f32; L]],
         dst: &mut Dst<'_, L>,
-        tr: unsafe fn(&mut [[f32; L]; L]),
     ) {
         let mut square = [[0f32; L]; L];
         let (plane, w) = (b.plane, self.w);
@@ -378,12 +377,15 @@ impl Depthwise {
             let span = ((ya - b.row0) * w, (yb - b.row0) * w);
             let pixel = |p: usize| (p / w + first) * self.pw + p % w + self.pl;
             let whole = (span.1 - span.0) - (span.1 - span.0) % L;
+            // Each channel's input rows of this band, checked once.
+            let ins: [&[f32]; L] =
+                std::array::from_fn(|cl| if cl < b.lanes { &b.src[cl * plane..][span.0..span.1] } else { &[] });
             for p0 in (0..whole).step_by(L) {
-                for (row, cl) in square.iter_mut().zip(0..b.lanes) {
-                    row.copy_from_slice(&b.src[cl * plane + span.0 + p0..][..L]);
+                for (row, src) in square.iter_mut().zip(&ins[..b.lanes]) {
+                    row.copy_from_slice(&src[p0..p0 + L]);
                 }
-                // SAFETY: the caller's CPU runs `tr`.
-                unsafe { tr(&mut square) };
+                // SAFETY: the caller's CPU runs `K`.
+                unsafe { K::transpose(&mut square) };
                 let (mut at, mut x) = (pixel(p0), p0 % w);
                 for v in &square {
                     tile[at] = *v;
@@ -395,8 +397,8 @@ impl Depthwise {
                 }
             }
             for p in whole..span.1 - span.0 {
-                for (cl, t) in tile[pixel(p)][..b.lanes].iter_mut().enumerate() {
-                    *t = b.src[cl * plane + span.0 + p];
+                for (t, src) in tile[pixel(p)].iter_mut().zip(&ins[..b.lanes]) {
+                    *t = src[p];
                 }
             }
             let out = &mut obuf[..(oy1 - oy0) * self.ow];
@@ -408,11 +410,10 @@ impl Depthwise {
             for p0 in (0..whole).step_by(L) {
                 square.copy_from_slice(&out[p0..p0 + L]);
                 // SAFETY: as above.
-                unsafe { tr(&mut square) };
+                unsafe { K::transpose(&mut square) };
                 for (row, d) in square.iter().zip(dst.iter_mut().flatten()) {
-                    for (d, &v) in d[at + p0..][..L].iter_mut().zip(row) {
-                        d.write(v);
-                    }
+                    // One vector store per row (an element-wise `write` loop stays scalar).
+                    d[at + p0..][..L].copy_from_slice(&row.map(MaybeUninit::new));
                 }
             }
             for (cl, d) in dst.iter_mut().flatten().enumerate() {
@@ -438,7 +439,7 @@ impl Depthwise {
         dst: &mut Dst<'_, 16>,
     ) {
         // SAFETY: this CPU supports AVX-512F (this function's own precondition).
-        unsafe { self.unit::<16, x86::Avx512>(b, rows, tile, obuf, dst, x86::transpose16) }
+        unsafe { self.unit::<16, x86::Avx512>(b, rows, tile, obuf, dst) }
     }
 
     /// [`Depthwise::unit`] on 8 lanes, compiled for AVX2 + FMA.
@@ -456,7 +457,7 @@ impl Depthwise {
         dst: &mut Dst<'_, 8>,
     ) {
         // SAFETY: this CPU supports AVX2 (this function's own precondition).
-        unsafe { self.unit::<8, x86::Avx2>(b, rows, tile, obuf, dst, x86::transpose8) }
+        unsafe { self.unit::<8, x86::Avx2>(b, rows, tile, obuf, dst) }
     }
 
     /// [`Depthwise::unit`] on 8 lanes, without FMA (any CPU).
@@ -471,8 +472,8 @@ impl Depthwise {
         obuf: &mut [[f32; 8]],
         dst: &mut Dst<'_, 8>,
     ) {
-        // SAFETY: `transpose` runs on any CPU.
-        unsafe { self.unit::<8, Portable>(b, rows, tile, obuf, dst, transpose) }
+        // SAFETY: `Portable` runs on any CPU.
+        unsafe { self.unit::<8, Portable>(b, rows, tile, obuf, dst) }
     }
 
     /// Every output pixel of the block: bias plus each tap's weights times the tile, clamped.
@@ -611,6 +612,13 @@ trait Lanes<const L: usize> {
     /// # Safety
     /// As for [`Lanes::fma`].
     unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L];
+
+    /// Transposes an `L x L` square in place (in registers, inlined into the unit: a call
+    /// per square cost more than the shuffles).
+    ///
+    /// # Safety
+    /// As for [`Lanes::fma`].
+    unsafe fn transpose(m: &mut [[f32; L]; L]);
 }
 
 /// `acc`, clamped when there is a clamp.
@@ -640,6 +648,12 @@ impl<const L: usize> Lanes<L> for Portable {
     #[inline(always)]
     unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L] {
         acc.map(|v| v.max(lo).min(hi))
+    }
+
+    #[inline(always)]
+    unsafe fn transpose(m: &mut [[f32; L]; L]) {
+        // SAFETY: `transpose` runs on any CPU.
+        unsafe { transpose(m) }
     }
 }
 
@@ -692,6 +706,12 @@ mod x86 {
             }
             out
         }
+
+        #[inline(always)]
+        unsafe fn transpose(m: &mut [[f32; 16]; 16]) {
+            // SAFETY: the caller's CPU has AVX-512F (this trait's precondition).
+            unsafe { t16(m) }
+        }
     }
 
     /// AVX2 + FMA: 8 lanes, fused multiply-add.
@@ -723,6 +743,23 @@ mod x86 {
             }
             out
         }
+
+        #[inline(always)]
+        unsafe fn transpose(m: &mut [[f32; 8]; 8]) {
+            // SAFETY: the caller's CPU has AVX (this trait's precondition).
+            unsafe { t8(m) }
+        }
+    }
+
+    /// [`t16`] as a function of its own (for the tests).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(m: &mut [[f32; 16]; 16]) {
+        // SAFETY: this CPU supports AVX-512F (this function's own precondition).
+        unsafe { t16(m) }
     }
 
     /// Transposes a 16x16 square in place: unpacks of pairs of rows, then of pairs of pairs,
@@ -730,59 +767,91 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose16(m: &mut [[f32; 16]; 16]) {
-        // SAFETY: each row is 16 floats, what one unaligned 512-bit load or store covers.
-        let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(m[i].as_ptr()) });
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
-        });
-        // u[4g + j]: in each 128-bit lane k, column 4k + j of rows 4g..4g + 4.
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, j) = (i / 4, i % 4);
-            let (a, b) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
-            _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
-        });
-        // v[h][j]: rows 8h..8h + 8; lanes 0 and 1 hold columns j and 8 + j (or 4 + j and
-        // 12 + j for v[h][4 + j]).
-        let v: [[__m512; 8]; 2] = std::array::from_fn(|h| {
-            std::array::from_fn(|i| {
-                let (a, b) = (u[8 * h + i % 4], u[8 * h + 4 + i % 4]);
-                if i < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) }
-            })
-        });
-        for (col, row) in m.iter_mut().enumerate() {
-            let (j, hi) = (col % 4 + 4 * ((col / 4) % 2), col >= 8);
-            let (a, b) = (v[0][j], v[1][j]);
-            let out = if hi { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
-            // SAFETY: as above.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), out) };
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn t16(m: &mut [[f32; 16]; 16]) {
+        // Loops, not `array::from_fn`: a closure would not inherit the caller's AVX-512 and
+        // would run each shuffle as a call.
+        // SAFETY (all below): the caller's CPU has AVX-512F; each row is 16 floats, what one
+        // unaligned 512-bit load or store covers.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for i in 0..16 {
+                r[i] = _mm512_loadu_ps(m[i].as_ptr());
+            }
+            let mut t = r;
+            for i in 0..16 {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                t[i] = if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) };
+            }
+            // u[4g + j]: in each 128-bit lane k, column 4k + j of rows 4g..4g + 4.
+            let mut u = t;
+            for i in 0..16 {
+                let (g, j) = (i / 4, i % 4);
+                let (a, b) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
+                u[i] = _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
+            }
+            // v[8h + j]: rows 8h..8h + 8; lanes 0 and 1 hold columns j and 8 + j (or 4 + j and
+            // 12 + j for v[8h + 4 + j]).
+            let mut v = u;
+            for h in 0..2 {
+                for i in 0..8 {
+                    let (a, b) = (u[8 * h + i % 4], u[8 * h + 4 + i % 4]);
+                    v[8 * h + i] =
+                        if i < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) };
+                }
+            }
+            for col in 0..16 {
+                let j = col % 4 + 4 * ((col / 4) % 2);
+                let (a, b) = (v[j], v[8 + j]);
+                let out = if col >= 8 { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
+                _mm512_storeu_ps(m[col].as_mut_ptr(), out);
+            }
         }
+    }
+
+    /// [`t8`] as a function of its own (for the tests).
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[cfg(test)]
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn transpose8(m: &mut [[f32; 8]; 8]) {
+        // SAFETY: this CPU supports AVX (this function's own precondition).
+        unsafe { t8(m) }
     }
 
     /// Transposes an 8x8 square in place.
     ///
     /// # Safety
     /// The CPU must support AVX.
-    #[target_feature(enable = "avx")]
-    pub(super) unsafe fn transpose8(m: &mut [[f32; 8]; 8]) {
-        // SAFETY: each row is 8 floats, what one unaligned 256-bit load or store covers.
-        let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(m[i].as_ptr()) });
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
-        });
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let (g, j) = (i / 4, i % 4);
-            let (a, b) = (_mm256_castps_pd(t[4 * g + j / 2]), _mm256_castps_pd(t[4 * g + j / 2 + 2]));
-            _mm256_castpd_ps(if j % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) })
-        });
-        for (col, row) in m.iter_mut().enumerate() {
-            let (a, b) = (u[col % 4], u[4 + col % 4]);
-            let out = if col < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) };
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(row.as_mut_ptr(), out) };
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn t8(m: &mut [[f32; 8]; 8]) {
+        // SAFETY (all below): the caller's CPU has AVX; each row is 8 floats, what one
+        // unaligned 256-bit load or store covers. Loops, as in `t16`.
+        unsafe {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for i in 0..8 {
+                r[i] = _mm256_loadu_ps(m[i].as_ptr());
+            }
+            let mut t = r;
+            for i in 0..8 {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                t[i] = if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) };
+            }
+            let mut u = t;
+            for i in 0..8 {
+                let (g, j) = (i / 4, i % 4);
+                let (a, b) = (_mm256_castps_pd(t[4 * g + j / 2]), _mm256_castps_pd(t[4 * g + j / 2 + 2]));
+                u[i] = _mm256_castpd_ps(if j % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) });
+            }
+            for col in 0..8 {
+                let (a, b) = (u[col % 4], u[4 + col % 4]);
+                let out =
+                    if col < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) };
+                _mm256_storeu_ps(m[col].as_mut_ptr(), out);
+            }
         }
     }
 }
