@@ -41,6 +41,8 @@ serve() {
     if [ "$1" = 1 ]; then sed -i 's/^max_batch = .*/max_batch = 1/' "$cfg"; fi
     # PASSES=N: forward passes running at once (`[server] compute_passes`; default one per core).
     if [ -n "${PASSES:-}" ]; then sed -i "/^\[server\]/a compute_passes = $PASSES" "$cfg"; fi
+    # SPIN=0: idle compute threads sleep between a pass's parallel sections (`compute_spin`).
+    if [ "${SPIN:-}" = 0 ]; then sed -i "/^\[server\]/a compute_spin = false" "$cfg"; fi
     cat "$2" >>"$cfg"
     stop
     EIR_LOG=warn "$eir" serve --config "$cfg" --listen "127.0.0.1:$port" >"$work/serve.out" 2>&1 &

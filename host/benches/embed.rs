@@ -203,12 +203,15 @@ fn versus_onnx_runtime(bert: &Bert, dir: &std::path::Path, iters: usize) -> anyh
         // (`rayon::spawn`): the pass's parallel sections share out with the pool's other
         // thread, as ONNX Runtime's caller joins its own pool, rather than waking the pool from
         // outside and sleeping until it is done.
+        // Each pass keeps the other threads awake as the scheduler does for a pass running
+        // alone (`EIR_BENCH_SPIN=0`: not).
+        let awake = eir::scheduler::Awake::new(std::env::var("EIR_BENCH_SPIN").map_or(true, |v| v != "0"));
         let times = rayon::scope(|_| -> anyhow::Result<Vec<Duration>> {
             bert.forward(&ids, &types, &mask)?;
             let mut times = Vec::with_capacity(iters);
             for _ in 0..iters {
                 let t = Instant::now();
-                std::hint::black_box(bert.forward(&ids, &types, &mask)?);
+                std::hint::black_box(awake.run(|| bert.forward(&ids, &types, &mask))?);
                 times.push(t.elapsed());
             }
             Ok(times)

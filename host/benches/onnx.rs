@@ -29,14 +29,16 @@ fn tensor(dims: Vec<u32>, values: &[f32]) -> HostTensor {
 /// The median of `iters` runs of `f`, timed on a worker of the compute pool, where the
 /// scheduler runs passes (`rayon::spawn`): a pass's parallel sections then share out with the
 /// pool's other threads, as ONNX Runtime's caller joins its own pool, rather than waking the
-/// pool from outside and sleeping until it is done.
+/// pool from outside and sleeping until it is done. Each run keeps the other threads awake as
+/// the scheduler does for a pass running alone (`EIR_BENCH_SPIN=0`: not).
 fn median_time(iters: usize, mut f: impl FnMut() + Send) -> Duration {
+    let awake = eir::scheduler::Awake::new(std::env::var("EIR_BENCH_SPIN").map_or(true, |v| v != "0"));
     rayon::scope(|_| {
         f();
         let mut v: Vec<Duration> = (0..iters)
             .map(|_| {
                 let t = Instant::now();
-                f();
+                awake.run(&mut f);
                 t.elapsed()
             })
             .collect();

@@ -212,6 +212,10 @@ pub struct ServerDecl {
     /// pool, so fewer passes give each more of the cores: 1 suits models whose kernels use
     /// every core even on one row, more suit models that compute a row on one core.
     pub compute_passes: Option<usize>,
+    /// Whether the compute pool's idle threads spin while a pass runs alone, rather than
+    /// sleeping between its parallel sections (see `scheduler::awake`): faster passes at the
+    /// cost of CPU time other threads (plugins) could have had while the pass runs.
+    pub compute_spin: bool,
 }
 
 /// The most forward passes `compute_passes` may run at once (each also sizes the model-load
@@ -228,6 +232,7 @@ impl Default for ServerDecl {
             body_timeout: std::time::Duration::from_secs(30),
             compute_memory: ByteSize::b(crate::scheduler::DEFAULT_MEMORY),
             compute_passes: None,
+            compute_spin: true,
         }
     }
 }
@@ -699,6 +704,7 @@ impl Config {
         crate::scheduler::Settings {
             memory: self.server.compute_memory.as_u64(),
             max_running: self.server.compute_passes.unwrap_or(machine.max_running).clamp(1, MAX_COMPUTE_PASSES),
+            spin: self.server.compute_spin,
         }
     }
 }

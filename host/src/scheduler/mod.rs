@@ -25,6 +25,7 @@
 //!   resending requests gains nothing. The tenant's optional quota (core-seconds per minute)
 //!   is checked by the gateway before a request runs ([`Tenant::over_quota`]).
 
+mod awake;
 pub mod batch;
 mod blocking;
 mod metrics;
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::nn::NnError;
 use crate::nn::backend::{BatchSpec, Model, Named};
 use crate::nn::meter::{CancelOnDrop, CancelToken, Meter, Occupancy, Part, ShareClock};
+pub use awake::{Awake, IDLE_LIMIT};
 pub use blocking::BlockingPool;
 pub use metrics::Metrics;
 pub use tenant::{LOCAL, OnCpu, Tenant, Turn, TurnSlot, on_cpu, without_turn};
@@ -86,6 +88,8 @@ pub struct Settings {
     pub max_running: usize,
     /// Bytes of activations all running passes may hold together (estimated per pass).
     pub memory: u64,
+    /// Whether the pool's other threads spin while a pass runs alone ([`Awake`]).
+    pub spin: bool,
 }
 
 /// The in-flight activation budget when nothing else is configured.
@@ -94,7 +98,7 @@ pub const DEFAULT_MEMORY: u64 = 4 << 30;
 impl Settings {
     /// One pass per core, [`DEFAULT_MEMORY`].
     pub fn for_this_machine() -> Self {
-        Self { max_running: cores(), memory: DEFAULT_MEMORY }
+        Self { max_running: cores(), memory: DEFAULT_MEMORY, spin: true }
     }
 }
 
@@ -158,6 +162,8 @@ struct Shared {
     priorities: AtomicU64,
     /// The cores' time as the running passes share it: what each pass is charged.
     clock: Arc<ShareClock>,
+    /// Keeps the pool's other threads awake while a pass runs alone.
+    awake: Awake,
 }
 
 #[derive(Default)]
@@ -271,6 +277,7 @@ impl Scheduler {
             urgent: Arc::new(AtomicU64::new(0)),
             priorities: AtomicU64::new(0),
             clock: ShareClock::new(cores()),
+            awake: Awake::new(settings.spin),
         });
         let dispatcher = shared.clone();
         if let Err(e) = std::thread::Builder::new().name("eir-scheduler".into()).spawn(move || dispatcher.dispatch()) {
@@ -722,7 +729,7 @@ impl Shared {
         // Charged: the cores' time this pass shared with the others running, not the time it
         // stood aside for a priority pass (that pass's, while it had the cores to itself).
         let account = Occupancy::start(&self.clock);
-        let answers = self.compute(&mut pass, &mut peak, &account);
+        let answers = self.awake.run(|| self.compute(&mut pass, &mut peak, &account));
         let elapsed = account.finish();
         let units: u64 = pass.jobs.iter().map(|j| j.units).sum::<u64>().max(1);
         let now = Instant::now();
@@ -954,7 +961,7 @@ mod tests {
     }
 
     fn one_at_a_time() -> Scheduler {
-        Scheduler::new(Settings { max_running: 1, memory: 1 << 30 })
+        Scheduler::new(Settings { max_running: 1, memory: 1 << 30, spin: true })
     }
 
     #[tokio::test]
@@ -1066,7 +1073,7 @@ mod tests {
             eprintln!("one compute thread: passes cannot run side by side here");
             return;
         }
-        let s = Scheduler::new(Settings { max_running: 2, memory: 1 << 30 });
+        let s = Scheduler::new(Settings { max_running: 2, memory: 1 << 30, spin: true });
         let m = Doubler::new(60);
         let tenants = [s.tenant("a"), s.tenant("b"), s.tenant("c")];
         let no_batch = BatchPolicy { max_batch: 1, ..Default::default() };
@@ -1204,7 +1211,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_over_the_memory_budget_is_refused_and_passes_fit_what_is_left() {
-        let s = Scheduler::new(Settings { max_running: 4, memory: 3 });
+        let s = Scheduler::new(Settings { max_running: 4, memory: 3, spin: true });
         let m = Doubler::new(20);
         let t = s.tenant("a");
         let mut big = job(&m, &t, 1.0, Default::default());

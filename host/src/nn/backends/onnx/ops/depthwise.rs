@@ -804,7 +804,8 @@ mod x86 {
             for col in 0..16 {
                 let j = col % 4 + 4 * ((col / 4) % 2);
                 let (a, b) = (v[j], v[8 + j]);
-                let out = if col >= 8 { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
+                let out =
+                    if col >= 8 { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
                 _mm512_storeu_ps(m[col].as_mut_ptr(), out);
             }
         }
