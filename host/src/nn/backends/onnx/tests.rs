@@ -560,3 +560,24 @@ fn convolution_blocks_fuse_only_where_nothing_else_reads_between() {
         assert!(worst < 1e-4, "worst {worst}");
     }
 }
+
+/// `Shape` and `Size` declare what they make however few elements their input has (a
+/// `[1, 1, 1]` input's shape is 24 bytes, more than twice its 4): an output over its operator's
+/// declared bound panics in tests (Silero VAD logged it as a warning on every chunk).
+#[test]
+fn shape_and_size_of_a_tiny_tensor_stay_within_their_bounds() {
+    let m = model(
+        vec![
+            node("Shape", &["x"], &["s"], vec![]),
+            node("Cast", &["s"], &["y"], vec![attr_int("to", DataType::Float as i64)]),
+            node("Size", &["x"], &["n"], vec![]),
+            node("Cast", &["n"], &["z"], vec![attr_int("to", DataType::Float as i64)]),
+        ],
+        &[("x", &[1, 1, 1])],
+        &["y", "z"],
+        13,
+    );
+    let out = run(&m, &[("x", &[1, 1, 1], &[5.0])]);
+    close(&out[0].1, &[1.0, 1.0, 1.0]);
+    close(&out[1].1, &[1.0]);
+}

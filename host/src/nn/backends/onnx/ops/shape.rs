@@ -108,17 +108,24 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         "Shape" => {
             let (start, end) = (node.int("start"), node.int("end"));
-            op(move |i| {
-                let dims: Vec<i64> = input(i, 0, "Shape")?.dims().iter().map(|&d| d as i64).collect();
-                let r = dims.len() as i64;
-                let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
-                let (s, e) = (clampi(start.unwrap_or(0)), clampi(end.unwrap_or(r)));
-                let part = if s < e { dims[s..e].to_vec() } else { vec![] };
-                let n = part.len();
-                Ok(vec![Tensor::from_vec(part, n, &Device::Cpu)?])
-            })
+            // One value per axis, however few elements (a `[1, 1, 1]` input makes 3).
+            op_sized(
+                |i| wide(input(i, 0, "Shape")?.rank() as u64, 1),
+                move |i| {
+                    let dims: Vec<i64> = input(i, 0, "Shape")?.dims().iter().map(|&d| d as i64).collect();
+                    let r = dims.len() as i64;
+                    let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+                    let (s, e) = (clampi(start.unwrap_or(0)), clampi(end.unwrap_or(r)));
+                    let part = if s < e { dims[s..e].to_vec() } else { vec![] };
+                    let n = part.len();
+                    Ok(vec![Tensor::from_vec(part, n, &Device::Cpu)?])
+                },
+            )
         }
-        "Size" => op(|i| Ok(vec![Tensor::new(input(i, 0, "Size")?.elem_count() as i64, &Device::Cpu)?])),
+        // One value, even for an empty input.
+        "Size" => {
+            op_sized(|_| wide(1, 1), |i| Ok(vec![Tensor::new(input(i, 0, "Size")?.elem_count() as i64, &Device::Cpu)?]))
+        }
         "Expand" => op_sized(
             |i| wide(count(&expand_shape(input(i, 0, "Expand")?, input(i, 1, "Expand")?)?)?, 1),
             |i| {
