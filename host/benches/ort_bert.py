@@ -4,10 +4,12 @@ Builds MiniLM as ONNX from the same safetensors weights (scripts/make_minilm_onn
 prints one JSON object: median seconds per forward pass for each BATCHxSEQ shape given, on
 the same token ids as the Rust side (see `ids` there).
 Usage: ort_bert.py MODEL_DIR ITERATIONS THREADS BATCHxSEQ...
+With EIR_BERT_ONNX=PATH the graph is also saved there (the bench runs it on EIR's ONNX backend).
 """
 
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +40,10 @@ def main():
     opts.log_severity_level = 3
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/minilm.onnx"
-        onnx.save(maker.build(model_dir), path)
+        graph = maker.build(model_dir)
+        onnx.save(graph, path)
+        if os.environ.get("EIR_BERT_ONNX"):
+            onnx.save(graph, os.environ["EIR_BERT_ONNX"])
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     out = {"version": ort.__version__}
     for shape in sys.argv[4:]:
