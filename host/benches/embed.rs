@@ -77,8 +77,9 @@ fn main() -> anyhow::Result<()> {
     // As the `eir` binary does: candle's element-wise kernels in the one compute pool.
     // SAFETY: the first statement of `main`: no other thread is started yet.
     unsafe { eir::scheduler::one_compute_pool() };
-    // `EIR_BERT_PROFILE=1` logs each pass's time by stage (through tracing).
-    if std::env::var_os("EIR_BERT_PROFILE").is_some() {
+    // `EIR_BERT_PROFILE=1` logs each pass's time by stage, `EIR_ONNX_PROFILE=1` the ONNX
+    // graph's by operator (through tracing).
+    if std::env::var_os("EIR_BERT_PROFILE").is_some() || std::env::var_os("EIR_ONNX_PROFILE").is_some() {
         tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     }
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);

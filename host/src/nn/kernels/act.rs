@@ -44,6 +44,8 @@ pub(crate) enum Act {
     GeluTanh,
     /// `max(x, 0)`.
     Relu,
+    /// The error function itself (ONNX's `Erf`).
+    Erf,
 }
 
 /// [`erf`]'s numerator `P(x²)` and denominator `Q(x²)`, highest power first (Horner's order);
@@ -194,6 +196,11 @@ fn apply(x: &mut [f32], act: Act) {
                 *v = v.max(0.0);
             }
         }
+        Act::Erf => {
+            for v in x {
+                *v = erf(*v);
+            }
+        }
     }
 }
 
@@ -311,7 +318,7 @@ mod tests {
     #[test]
     fn every_level_computes_the_same_activations() {
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
-        for act in [Act::Gelu, Act::GeluTanh, Act::Relu] {
+        for act in [Act::Gelu, Act::GeluTanh, Act::Relu, Act::Erf] {
             let mut want = x.clone();
             {
                 let _portable = simd::cap(simd::Level::Portable);
@@ -331,6 +338,7 @@ mod tests {
                     0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
                 }
                 Act::Relu => f64::from(v.max(0.0)),
+                Act::Erf => f64::from(libm_erf(v)),
             };
             for (&v, &g) in x.iter().zip(&want) {
                 assert!((f64::from(g) - exact(v)).abs() <= 2e-6 * (1.0 + f64::from(v.abs())), "{act:?}({v}) = {g}");
