@@ -132,6 +132,83 @@ pub(crate) fn softmax_columns(s: &mut [f32], cols: usize) {
     widest!(softmax_columns_body(s: &mut [f32], cols: usize))
 }
 
+/// Softmax along each row of `x` (`rows × cols`, row-major), in place: each row's maximum,
+/// then `e^(v - max)` and their sum in 16 lanes, then the scale.
+#[inline(always)]
+fn softmax_rows_body(x: &mut [f32], cols: usize) {
+    for row in x.chunks_exact_mut(cols) {
+        let mut lanes = [f32::MIN; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
+        }
+        let max = chunks.remainder().iter().fold(lanes.iter().fold(f32::MIN, |a, &b| a.max(b)), |a, &b| a.max(b));
+        let mut sums = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (acc, v) in sums.iter_mut().zip(c.iter_mut()) {
+                *v = exp(*v - max);
+                *acc += *v;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Softmax along each row of `x` (`rows × cols`), in place; `x` must hold whole rows (else
+/// it is left as it is).
+pub(crate) fn softmax_rows(x: &mut [f32], cols: usize) {
+    if cols == 0 || !x.len().is_multiple_of(cols) {
+        return;
+    }
+    widest!(softmax_rows_body(x: &mut [f32], cols: usize))
+}
+
+/// Layer norm along each row of `x` (`rows × cols`, row-major: tokens × features), in place:
+/// each row to mean 0 and variance 1 (sums in 16 lanes), then column `f` scaled by `gamma[f]`
+/// and shifted by `beta[f]`.
+#[inline(always)]
+fn layer_norm_rows_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    let inv_n = 1.0 / cols as f32;
+    let lanes_sum = |row: &[f32], f: &dyn Fn(f32) -> f32| {
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+    };
+    for row in x.chunks_exact_mut(cols) {
+        let mean = lanes_sum(row, &|v| v) * inv_n;
+        let var = lanes_sum(row, &|v| (v - mean) * (v - mean)) * inv_n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = ((*v - mean) * inv).mul_add(g, b);
+        }
+    }
+}
+
+/// Layer norm along each row of `x` (`tokens × features`), in place (see
+/// `layer_norm_rows_body`). `gamma` and `beta` must hold one value per column, and `x` whole
+/// rows; else `None`, untouched.
+pub(crate) fn layer_norm_rows(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Option<()> {
+    if cols == 0 || !x.len().is_multiple_of(cols) || gamma.len() != cols || beta.len() != cols {
+        return None;
+    }
+    widest!(layer_norm_rows_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32));
+    Some(())
+}
+
 /// Layer norm down each column of `x` (`rows × cols`, row-major: features × tokens), in
 /// place: each column normalised to mean 0 and variance 1 over its `rows` values, then row `f`
 /// scaled by `gamma[f]` and shifted by `beta[f]`. Vectorised across columns.
@@ -342,6 +419,57 @@ mod tests {
             };
             for (&v, &g) in x.iter().zip(&want) {
                 assert!((f64::from(g) - exact(v)).abs() <= 2e-6 * (1.0 + f64::from(v.abs())), "{act:?}({v}) = {g}");
+            }
+        }
+    }
+
+    /// Row layer norm against f64 at every SIMD level, rows shorter and longer than 16 lanes.
+    #[test]
+    fn row_layer_norm_matches_the_exact_one() {
+        for (rows, cols) in [(3, 5), (4, 384), (2, 33)] {
+            let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37) % 53) as f32 * 0.3 - 7.0).collect();
+            let gamma: Vec<f32> = (0..cols).map(|i| 0.5 + i as f32 / cols as f32).collect();
+            let beta: Vec<f32> = (0..cols).map(|i| i as f32 * 0.01 - 0.2).collect();
+            for level in simd::levels() {
+                let _cap = simd::cap(level);
+                let mut got = x.clone();
+                layer_norm_rows(&mut got, cols, &gamma, &beta, 1e-12).expect("whole rows");
+                for r in 0..rows {
+                    let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|&v| f64::from(v)).collect();
+                    let mean = row.iter().sum::<f64>() / cols as f64;
+                    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+                    for c in 0..cols {
+                        let want = (row[c] - mean) / (var + 1e-12).sqrt() * f64::from(gamma[c]) + f64::from(beta[c]);
+                        assert!((f64::from(got[r * cols + c]) - want).abs() <= 1e-4, "{level:?} {cols} ({r}, {c})");
+                    }
+                }
+            }
+        }
+        assert!(layer_norm_rows(&mut [0.0; 5], 2, &[1.0; 2], &[0.0; 2], 1e-5).is_none());
+    }
+
+    /// Row softmax against f64 at every SIMD level, on rows shorter and longer than 16
+    /// lanes, with a masked entry.
+    #[test]
+    fn row_softmax_matches_the_exact_one() {
+        for (rows, cols) in [(5, 3), (7, 16), (3, 130)] {
+            let s: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 101) as f32 * 0.17 - 8.0).collect();
+            for level in simd::levels() {
+                let _cap = simd::cap(level);
+                let mut got = s.clone();
+                got[cols - 1] = f32::MIN; // masked
+                softmax_rows(&mut got, cols);
+                for r in 0..rows {
+                    let row: Vec<f64> = (0..cols)
+                        .map(|c| if (r, c) == (0, cols - 1) { f64::NEG_INFINITY } else { f64::from(s[r * cols + c]) })
+                        .collect();
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = row.iter().map(|v| (v - max).exp()).sum();
+                    for c in 0..cols {
+                        let want = (row[c] - max).exp() / total;
+                        assert!((f64::from(got[r * cols + c]) - want).abs() <= 1e-6, "{level:?} {cols} ({r}, {c})");
+                    }
+                }
             }
         }
     }

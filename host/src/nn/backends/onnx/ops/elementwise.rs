@@ -20,12 +20,18 @@ const CHUNK: usize = 16 * 1024;
 /// transformed while in cache), in parallel when there are several. One pass over memory: a
 /// copy first and the transform after cost more than candle's one-thread kernels.
 fn map_chunks(src: &[f32], f: impl Fn(&mut [f32]) + Sync) -> Result<Vec<f32>, NnError> {
+    map_rows(src, 1, f)
+}
+
+/// [`map_chunks`] in chunks of whole rows of `row` floats (`src` holds whole rows).
+pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -> Result<Vec<f32>, NnError> {
     let mut out = uninit(src.len())?;
     let each = |(o, s): (&mut [MaybeUninit<f32>], &[f32])| f(init_from(o, s));
-    if src.len() <= CHUNK {
+    let chunk = (CHUNK / row.max(1)).max(1) * row.max(1);
+    if src.len() <= chunk {
         each((&mut out.spare_capacity_mut()[..src.len()], src));
     } else {
-        out.spare_capacity_mut()[..src.len()].par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(each);
+        out.spare_capacity_mut()[..src.len()].par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(each);
     }
     // SAFETY: `init_from` initialised every one of the first `src.len()` elements (the chunks
     // cover them all).
