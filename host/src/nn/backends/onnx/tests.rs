@@ -581,3 +581,41 @@ fn shape_and_size_of_a_tiny_tensor_stay_within_their_bounds() {
     close(&out[0].1, &[1.0, 1.0, 1.0]);
     close(&out[1].1, &[1.0]);
 }
+
+/// `MatMul` against a constant matrix (a dense layer: rows of a rank-3 input, on the packed,
+/// turned-around product) and against a computed one (the plain product) both equal the
+/// definition in f64.
+#[test]
+fn matmul_against_a_constant_and_a_computed_matrix_matches_the_definition() {
+    let (rows, k, n) = (2 * 5, 24, 20);
+    let val =
+        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
+    let w = val(k * n, 1);
+    let init = TensorProto {
+        name: "w".into(),
+        dims: vec![k as i64, n as i64],
+        data_type: DataType::Float as i32,
+        float_data: w.clone(),
+        ..Default::default()
+    };
+    let m = model_with(
+        vec![node("MatMul", &["x", "w"], &["y"], vec![]), node("MatMul", &["x", "b"], &["z"], vec![])],
+        vec![init],
+        &[("x", &[2, 5, k as i64]), ("b", &[k as i64, n as i64])],
+        &["y", "z"],
+        13,
+    );
+    let x = val(rows * k, 2);
+    let out = run(&m, &[("x", &[2, 5, k as u32], &x), ("b", &[k as u32, n as u32], &w)]);
+    let want: Vec<f32> = (0..rows * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[j * n + c])).sum::<f64>() as f32
+        })
+        .collect();
+    for (dims, got) in &out {
+        assert_eq!(dims, &[2, 5, n as u32]);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "worst {worst}");
+    }
+}

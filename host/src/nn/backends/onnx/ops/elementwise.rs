@@ -114,6 +114,7 @@ impl Arith {
 /// `small` (not empty): one pass, in parallel chunks of about [`CHUNK`] elements.
 fn repeat_with(big: &[f32], small: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Vec<f32>, NnError> {
     let (n, period) = (big.len(), small.len());
+    assert!(period > 0 && n.is_multiple_of(period), "repeat_with: `big` must hold whole repeats of `small`");
     let mut out = uninit(n)?;
     let dst = &mut out.spare_capacity_mut()[..n];
     // Writes `o` from `b` (both within one repeat, aligned with `s`).
