@@ -12,20 +12,25 @@
 //! while this pass is the only one running: with two passes on the pool there is no idle
 //! thread to keep, and a spinner must never hold a thread another pass needs.
 //!
-//! A spinner is a pool job, so a thread waiting inside a pass's `join` could run it nested and
-//! then could not return to its `join` until the spinner stops. Three rules keep that from
-//! stalling a pass: spinners are queued before the pass starts, so an idle thread takes them
-//! first (steals take the oldest job); one that lands on the pass's own thread returns at
-//! once; and one that finds no work for [`IDLE_LIMIT`] stops, so at worst a pass waits that
-//! long.
+//! A spinner is a pool job, so a thread waiting inside a `join` could run it nested and then
+//! could not return to its `join` until the spinner stops. Within one pass that cannot happen:
+//! the spinners are pushed onto the pass's own thread's queue before the pass starts, that
+//! thread takes its own jobs newest first and the others steal oldest first, so no job of the
+//! pass leaves its thread before every spinner has (a spinner that the pass's thread reaches
+//! itself returns at once). Work from outside the pass (another scheduler's pass, a model
+//! load on the same pool) can still take a spinner into its `join`; that spinner then runs the
+//! pass's work and stops once it finds none for [`IDLE_LIMIT`], or the pass ends: the outside
+//! `join` waits at most about as long as this pass runs (a stall, never a deadlock: a spinner
+//! blocks on nothing). A spinner that finds itself nested in another spinner returns at once,
+//! so they do not pile up on one thread.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a spinner spins without finding work before it stops: longer than the serial
-/// stretches between a pass's parallel sections (tens of microseconds), short enough that a
-/// spinner run where it stalls a `join` (see the module docs) costs little.
+/// stretches between a pass's parallel sections (tens of microseconds), short enough that an
+/// idle pool goes back to sleep soon.
 pub const IDLE_LIMIT: Duration = Duration::from_micros(500);
 
 /// The passes of one scheduler, as its spinners see them. Cheap to clone.
@@ -54,7 +59,10 @@ impl Awake {
     pub fn run<R>(&self, pass: impl FnOnce() -> R) -> R {
         let running = Running::enter(&self.running);
         let threads = rayon::current_num_threads();
-        let Some(own) = rayon::current_thread_index().filter(|_| self.enabled && threads > 1) else {
+        // With another pass running there is no idle thread to keep: spawning spinners would
+        // only wake threads for them to return.
+        let alone = self.running.load(Ordering::Acquire) == 1;
+        let Some(own) = rayon::current_thread_index().filter(|_| self.enabled && threads > 1 && alone) else {
             return pass();
         };
         for _ in 1..threads {
@@ -90,9 +98,11 @@ impl Awake {
     /// (`stop`), another pass runs, or it has found nothing to do for `self.idle`. Returns at
     /// once on the pass's own thread (`own`).
     fn spin(&self, own: usize, stop: &AtomicBool) {
-        if rayon::current_thread_index() == Some(own) {
+        if rayon::current_thread_index() == Some(own) || SPINNING.get() {
             return;
         }
+        SPINNING.set(true);
+        let _unset = Unset;
         self.started.fetch_add(1, Ordering::AcqRel);
         self.spinning.fetch_add(1, Ordering::AcqRel);
         let _done = Decrement(&self.spinning);
@@ -112,6 +122,20 @@ impl Awake {
                 None => return,
             }
         }
+    }
+}
+
+thread_local! {
+    /// Whether this thread is running a spinner (one that `yield_now` hands another returns).
+    static SPINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`SPINNING`] when dropped.
+struct Unset;
+
+impl Drop for Unset {
+    fn drop(&mut self) {
+        SPINNING.set(false);
     }
 }
 
@@ -147,7 +171,11 @@ mod tests {
 
     /// A pool of its own, so that other tests' work neither feeds nor delays the spinners.
     fn pool() -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool")
+        pool_of(2)
+    }
+
+    fn pool_of(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool")
     }
 
     /// An `Awake` whose spinners give up only after `idle`.
@@ -202,12 +230,21 @@ mod tests {
         });
     }
 
-    /// Many passes side by side, each with spinners, nested in each other's joins as the pool
-    /// pleases: all finish (no spinner holds a thread another pass waits for).
+    /// Many passes side by side on 2 and on 4 threads, each with spinners, nested in each
+    /// other's joins as the pool pleases: all finish, long before a spinner would give up for
+    /// want of work (so none held a thread another pass waited for).
     #[test]
     fn passes_side_by_side_all_finish() {
-        let awake = patient(Duration::from_secs(60));
-        let total: u64 = pool().install(|| {
+        for threads in [2, 4] {
+            let awake = patient(Duration::from_secs(60));
+            let t = Instant::now();
+            side_by_side(&awake, &pool_of(threads));
+            assert!(t.elapsed() < Duration::from_secs(20), "{threads} threads: {:?}", t.elapsed());
+        }
+    }
+
+    fn side_by_side(awake: &Awake, pool: &rayon::ThreadPool) {
+        let total: u64 = pool.install(|| {
             (0..64u64)
                 .into_par_iter()
                 .map(|i| awake.run(|| (0..10_000u64).into_par_iter().map(|x| x % (i + 1)).sum::<u64>()))

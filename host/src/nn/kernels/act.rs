@@ -164,7 +164,8 @@ fn softmax_rows_body(x: &mut [f32], cols: usize) {
 }
 
 /// Softmax along each row of `x` (`rows × cols`), in place; `x` must hold whole rows (else
-/// it is left as it is).
+/// it is left as it is). A row masked whole with `-inf` comes out uniform (ONNX Runtime's
+/// gives NaN); masks of `f32::MIN`, what exporters write, behave as in the reference.
 pub(crate) fn softmax_rows(x: &mut [f32], cols: usize) {
     if cols == 0 || !x.len().is_multiple_of(cols) {
         return;
@@ -178,24 +179,27 @@ pub(crate) fn softmax_rows(x: &mut [f32], cols: usize) {
 #[inline(always)]
 fn layer_norm_rows_body(x: &mut [f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32) {
     let inv_n = 1.0 / cols as f32;
-    let lanes_sum = |row: &[f32], f: &dyn Fn(f32) -> f32| {
-        let mut acc = [0f32; 16];
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += f(v);
-            }
-        }
-        acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
-    };
     for row in x.chunks_exact_mut(cols) {
-        let mean = lanes_sum(row, &|v| v) * inv_n;
-        let var = lanes_sum(row, &|v| (v - mean) * (v - mean)) * inv_n;
+        let mean = lanes_sum(row, |v| v) * inv_n;
+        let var = lanes_sum(row, |v| (v - mean) * (v - mean)) * inv_n;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = ((*v - mean) * inv).mul_add(g, b);
         }
     }
+}
+
+/// `Σ f(v)` over `row`, in 16 lanes (so that it vectorises) and then across them.
+#[inline(always)]
+fn lanes_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Layer norm along each row of `x` (`tokens × features`), in place (see

@@ -497,10 +497,16 @@ impl super::Op for Gemm {
     }
 }
 
-/// `MatMul`. Against a constant 2-D matrix (a transformer's dense layers) it runs as
-/// [`Gemm`]'s turned-around product on the matrix packed once at load, every leading axis of
-/// `A` a row: as `X·W` with the activations as the GEMM's unpacked left operand it ran at
-/// 165-250 GFLOP/s, where BERT's own `Wᵀ·Xᵀ` runs at ~270. Anything else: [`matmul`].
+/// The most rows of `A` for which a `MatMul` against a constant matrix runs turned around.
+/// MiniLM as ONNX (`scripts/bench.sh embed`, same runs): 8 rows 2.68 → 1.91 ms turned around,
+/// but 128 rows 18.5 → 20.1 ms and 640 rows 76 → 101 ms, where the transposes in and out and
+/// the zeroed output cost more than the packing saves.
+const DENSE_ROWS: usize = 32;
+
+/// `MatMul`. Against a constant 2-D matrix (a transformer's dense layers) and a few rows (at
+/// most [`DENSE_ROWS`], every leading axis of `A` a row), it runs as [`Gemm`]'s turned-around
+/// product on the matrix packed once at load, where the narrow kernels serve a few columns
+/// well. Anything else: [`matmul`].
 struct MatMul {
     dense: Gemm,
     /// Whether `B` is a constant of the graph (seen by `prepare`): only then is its packing
@@ -519,6 +525,9 @@ impl MatMul {
             return Ok(None);
         }
         let m = a.elem_count() / k;
+        if m > DENSE_ROWS {
+            return Ok(None);
+        }
         let Some(y) = self.dense.fast(&a.reshape((m, k))?, b)? else { return Ok(None) };
         let mut dims = a.dims().to_vec();
         if let Some(last) = dims.last_mut() {
