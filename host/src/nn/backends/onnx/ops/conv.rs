@@ -199,8 +199,7 @@ pub(crate) fn conv2d(
     // The output is not zeroed first: the fast paths write every element once, and the others
     // zero it themselves (`zeroed`).
     let len = n * m * oh * ow;
-    let mut out: Vec<f32> = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
+    let mut out = super::uninit_f32(len)?;
     let buf = &mut out.spare_capacity_mut()[..len];
     with_f32(x, |xs| {
         with_f32(w, |ws| {

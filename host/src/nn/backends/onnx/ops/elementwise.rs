@@ -16,16 +16,12 @@ use crate::nn::kernels::act::{self, Act};
 /// on the calling thread.
 const CHUNK: usize = 16 * 1024;
 
-/// `f` applied in place to a copy of `src`, in chunks of [`CHUNK`] (each copied and then
-/// transformed while in cache), in parallel when there are several. One pass over memory: a
-/// copy first and the transform after cost more than candle's one-thread kernels.
-fn map_chunks(src: &[f32], f: impl Fn(&mut [f32]) + Sync) -> Result<Vec<f32>, NnError> {
-    map_rows(src, 1, f)
-}
-
-/// [`map_chunks`] in chunks of whole rows of `row` floats (`src` holds whole rows).
+/// `f` applied in place to a copy of `src`, in chunks of whole rows of `row` floats (about
+/// [`CHUNK`] floats each; `src` holds whole rows), each copied and then transformed while in
+/// cache, in parallel when there are several. One pass over memory: a copy first and the
+/// transform after cost more than candle's one-thread kernels.
 pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -> Result<Vec<f32>, NnError> {
-    let mut out = uninit(src.len())?;
+    let mut out = super::uninit_f32(src.len())?;
     let each = |(o, s): (&mut [MaybeUninit<f32>], &[f32])| f(init_from(o, s));
     let chunk = (CHUNK / row.max(1)).max(1) * row.max(1);
     if src.len() <= chunk {
@@ -37,13 +33,6 @@ pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -
     // cover them all).
     unsafe { out.set_len(src.len()) };
     Ok(out)
-}
-
-/// An empty vector with room for `len` floats, or `too-large` (the meter bounded `len`).
-fn uninit(len: usize) -> Result<Vec<f32>, NnError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("cannot allocate {len} floats")))?;
-    Ok(v)
 }
 
 /// `dst` (as long as `src`) filled from `src`, as initialised floats.
@@ -115,7 +104,7 @@ impl Arith {
 fn repeat_with(big: &[f32], small: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Vec<f32>, NnError> {
     let (n, period) = (big.len(), small.len());
     assert!(period > 0 && n.is_multiple_of(period), "repeat_with: `big` must hold whole repeats of `small`");
-    let mut out = uninit(n)?;
+    let mut out = super::uninit_f32(n)?;
     let dst = &mut out.spare_capacity_mut()[..n];
     // Writes `o` from `b` (both within one repeat, aligned with `s`).
     let part = |o: &mut [MaybeUninit<f32>], b: &[f32], s: &[f32]| {
@@ -226,7 +215,7 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             if x.dtype() == DType::F32 {
                 // candle's erf is scalar libm, one thread: 45 of a batched MiniLM graph's
                 // 136 ms went there.
-                let v = super::with_f32(x, |x| map_chunks(x, |c| act::activate(c, Act::Erf)))??;
+                let v = super::with_f32(x, |x| map_rows(x, 1, |c| act::activate(c, Act::Erf)))??;
                 return Ok(vec![Tensor::from_vec(v, x.dims(), x.device())?]);
             }
             Ok(vec![x.to_dtype(DType::F64)?.erf()?.to_dtype(x.dtype())?])
@@ -464,8 +453,9 @@ mod timing {
             let candle = rayon::scope(|_| time(&|| a.broadcast_add(&b).unwrap()));
             let erf = rayon::scope(|_| {
                 time(&|| {
-                    let v =
-                        super::super::with_f32(&a, |x| map_chunks(x, |c| act::activate(c, Act::Erf))).unwrap().unwrap();
+                    let v = super::super::with_f32(&a, |x| map_rows(x, 1, |c| act::activate(c, Act::Erf)))
+                        .unwrap()
+                        .unwrap();
                     Tensor::from_vec(v, a.dims(), &dev).unwrap()
                 })
             });

@@ -66,10 +66,33 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NnError> {
 /// `len` zeroed floats, or `too-large` when the allocator cannot supply them: the meter bounds
 /// `len` beforehand; this keeps a host short of memory from aborting on the allocation itself.
 pub(super) fn zeros_f32(len: usize) -> Result<Vec<f32>, NnError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("cannot allocate {len} floats")))?;
+    let mut v = uninit_f32(len)?;
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// An empty vector with room for `len` floats (for a kernel that writes every one into its
+/// spare capacity), or `too-large`, as [`zeros_f32`].
+pub(super) fn uninit_f32(len: usize) -> Result<Vec<f32>, NnError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("cannot allocate {len} floats")))?;
+    Ok(v)
+}
+
+/// `a[m×k] · b[k×n]` on EIR's GEMM (`packed`: `a` packed) into a new vector, not zeroed first:
+/// the GEMM writes every element.
+pub(super) fn gemm_f32(
+    [m, n, k]: [usize; 3],
+    a: &[f32],
+    packed: Option<&crate::nn::kernels::sgemm::Packed>,
+    b: &[f32],
+) -> Result<Vec<f32>, NnError> {
+    let len = m.checked_mul(n).ok_or_else(|| NnError::too_large("a product's size overflows"))?;
+    let mut y = uninit_f32(len)?;
+    crate::nn::kernels::sgemm::gemm_into(1, [m, n, k], a, packed, b, &mut y.spare_capacity_mut()[..len], None, None)?;
+    // SAFETY: `gemm_into` returned Ok, so it wrote all `m·n` elements.
+    unsafe { y.set_len(len) };
+    Ok(y)
 }
 
 /// Bytes a tensor's elements take (views count at their full logical size).

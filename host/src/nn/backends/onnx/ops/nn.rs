@@ -143,10 +143,7 @@ fn matmul_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
         return Ok(None);
     }
     let m = a.elem_count() / k;
-    let mut y = super::zeros_f32(m * n)?;
-    super::with_f32(a, |a_rows| {
-        super::with_f32(b, |b_kn| sgemm::gemm([m, n, k], a_rows, None, b_kn, &mut y, None, None))
-    })???;
+    let y = super::with_f32(a, |a_rows| super::with_f32(b, |b_kn| super::gemm_f32([m, n, k], a_rows, None, b_kn)))???;
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
@@ -172,17 +169,22 @@ fn matmul_batched(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
         return Ok(None);
     }
     let batch = a.elem_count() / (m * k);
-    let mut y = super::zeros_f32(batch * m * n)?;
+    let len = batch * m * n;
+    let mut y = super::uninit_f32(len)?;
     // A view (Kᵀ out of a Transpose) is copied out first (`matmul_bound` reserves it).
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     super::with_f32(&a, |a| {
         super::with_f32(&b, |b| {
-            y.par_chunks_mut(m * n)
+            y.spare_capacity_mut()[..len]
+                .par_chunks_mut(m * n)
                 .zip(a.par_chunks(m * k))
                 .zip(b.par_chunks(k * n))
-                .try_for_each(|((y, a), b)| sgemm::gemm([m, n, k], a, None, b, y, None, None))
+                .try_for_each(|((y, a), b)| sgemm::gemm_into(1, [m, n, k], a, None, b, y, None, None))
         })
     })???;
+    // SAFETY: every product returned Ok, so each wrote its `m·n` elements, and the `batch`
+    // chunks of `m·n` cover all `len`.
+    unsafe { y.set_len(len) };
     let mut dims = a.dims().to_vec();
     dims[r - 1] = n;
     Ok(Some(Tensor::from_vec(y, dims, a.device())?))
@@ -230,6 +232,10 @@ fn batch_norm(i: &[Option<&Tensor>], eps: f64) -> Result<Tensor, NnError> {
 
 fn softmax(x: &Tensor, ax: i64, legacy: bool, log: bool) -> Result<Tensor, NnError> {
     let a = axis(ax, x.rank())?;
+    if x.elem_count() == 0 {
+        // Nothing to normalise (candle's kernel panics on rows of length 0).
+        return Ok(x.clone());
+    }
     // Rows of the last axis (before opset 13, of everything from `a` on) in parallel on EIR's
     // vectorised exp: candle's runs on one thread (17 of a batched MiniLM graph's 185 ms).
     let cols = if legacy { x.dims()[a..].iter().product() } else { x.dims().get(a).copied().unwrap_or(0) };
@@ -435,8 +441,7 @@ impl Gemm {
         // A'ᵀ (`[K, M]`), the product's right operand.
         let at = super::with_f32(a, |a| act::transpose(a, m, k))?
             .ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
-        let mut yt = super::zeros_f32(n * m)?;
-        sgemm::gemm([n, m, k], w, packed.as_ref(), &at, &mut yt, None, None)?;
+        let yt = super::gemm_f32([n, m, k], w, packed.as_ref(), &at)?;
         let y = act::transpose(&yt, n, m).ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
@@ -1135,5 +1140,12 @@ mod batched_tests {
             (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff <= 1e-4, "Q·Kᵀ: {diff}");
         assert!(matmul_batched(&t(&[2, 3, 4], 1), &t(&[1, 4, 5], 2)).unwrap().is_none());
+        // Empty batches and rows: empty results of the right shape, on each new fast path.
+        assert_eq!(matmul_batched(&t(&[0, 3, 4], 1), &t(&[0, 4, 5], 2)).unwrap().expect("taken").dims(), &[0, 3, 5]);
+        assert_eq!(softmax(&t(&[0, 7], 1), -1, false, false).unwrap().dims(), &[0, 7]);
+        assert_eq!(softmax(&t(&[3, 0, 7], 1), 1, true, false).unwrap().dims(), &[3, 0, 7]);
+        assert_eq!(softmax(&t(&[2, 0], 1), -1, false, true).unwrap().dims(), &[2, 0]);
+        let (x, g) = (t(&[0, 6], 1), t(&[6], 2));
+        assert_eq!(layer_norm(&[Some(&x), Some(&g), Some(&g)], -1, 1e-5).unwrap().dims(), &[0, 6]);
     }
 }
