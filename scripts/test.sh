@@ -24,6 +24,8 @@ if ! command -v docker-registry >/dev/null; then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
 fi
 echo "==> host unit and end-to-end tests"
+# No backtraces: CI keeps the log's tail, and a failing test's own message must be in it.
+export RUST_BACKTRACE="${EIR_TEST_BACKTRACE:-0}"
 cargo test --workspace --locked -- --skip alone_
 echo "==> tests that measure latency, one at a time"
 cargo test --locked -p eir --test e2e alone_ -- --test-threads 1

@@ -443,17 +443,26 @@ async fn staged_rollouts_gate_on_health_and_roll_back_automatically() {
     assert!(pulled.len() >= 2 && pulled[1] * 10 < pulled[0], "{pulled:?}");
     eprintln!("fleet: bytes pulled per device: version 1 (whole) {}, version 2 (update) {}", pulled[0], pulled[1]);
 
-    // Pause after the first step: nothing more is assigned, however long it holds; resume: it
-    // completes; a manual rollback puts every device back on version 2.
-    fleet.apply("edge", &fleet.pinned["tn:1"].clone(), "steps = [25, 50, 100]\nhold = \"3s\"");
+    // Paused during the first step's hold: nothing more is assigned, however long it stays
+    // paused; resume: it completes; a manual rollback puts every device back on version 2.
+    // Which step the pause lands in depends on how fast this machine runs the CLI (a loaded
+    // one can take seconds), so the test pins whatever step it froze, not a particular one.
+    fleet.apply("edge", &fleet.pinned["tn:1"].clone(), "steps = [25, 50, 100]\nhold = \"5s\"");
     fleet.wait_phase("edge", "holding", Duration::from_secs(60));
     let (ok, _, err) = fleet.cli(&["pause", "edge"]);
     assert!(ok, "{err}");
-    fleet.wait_phase("edge", "paused", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(4));
+    let status = fleet.wait_phase("edge", "paused", Duration::from_secs(30));
+    let frozen = status["groups"][0]["status"]["targeted"].as_array().unwrap().len();
+    assert!((1..4).contains(&frozen), "paused before the last step: {status:#}");
+    std::thread::sleep(Duration::from_secs(6));
     let status = fleet.wait_phase("edge", "paused", Duration::from_secs(1));
-    assert_eq!(status["groups"][0]["status"]["targeted"].as_array().unwrap().len(), 1, "{status:#}");
-    assert_eq!(versions(&fleet).await.iter().filter(|v| v.as_deref() == Some("1")).count(), 1);
+    assert_eq!(status["groups"][0]["status"]["targeted"].as_array().unwrap().len(), frozen, "{status:#}");
+    let on_one = || async { versions(&fleet).await.iter().filter(|v| v.as_deref() == Some("1")).count() };
+    let started = Instant::now();
+    while on_one().await != frozen {
+        assert!(started.elapsed() < Duration::from_secs(30), "{frozen} device(s) should serve version 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (ok, _, err) = fleet.cli(&["resume", "edge"]);
     assert!(ok, "{err}");
     fleet.wait_phase("edge", "complete", Duration::from_secs(120));
