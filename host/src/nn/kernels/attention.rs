@@ -175,14 +175,23 @@ mod x86 {
     /// panels for the score tile (`[panel][head][KEYS]`, zero past the last key), so that each
     /// step broadcasts from one contiguous run. (V is read in place: its tile broadcasts from
     /// 8 rows at once, and packing it was a scatter, 11% of the pass.)
+    ///
+    /// The block's queries are copied too (`[head][W]`, zero past the last query): in place,
+    /// their rows lie `tokens` floats apart, which at 1024 tokens puts every row on the same
+    /// L1 sets, so each key panel read them from L2 again (a third of the pass at 8 × 128).
     pub(super) struct Scratch {
         scores: Vec<f32>,
         keys: Vec<f32>,
+        queries: Vec<f32>,
     }
 
     impl Scratch {
         pub(super) fn new(s: &Shape) -> Self {
-            Self { scores: vec![0.0; s.seq * W], keys: vec![0.0; s.seq.div_ceil(KEYS) * KEYS * s.head] }
+            Self {
+                scores: vec![0.0; s.seq * W],
+                keys: vec![0.0; s.seq.div_ceil(KEYS) * KEYS * s.head],
+                queries: vec![0.0; s.head * W],
+            }
         }
     }
 
@@ -253,17 +262,26 @@ mod x86 {
         let scale = _mm512_set1_ps(1.0 / (head as f32).sqrt());
         let scores = &mut scratch.scores[..seq * W];
         let st = scores.as_mut_ptr();
+        let queries = &mut scratch.queries[..head * W];
+        for (d, row) in queries.chunks_exact_mut(W).enumerate() {
+            for (x, &mask) in masks.iter().enumerate() {
+                // SAFETY: d < head and queries ib.. are masked to the w that exist (ib + w ≤
+                // seq): every read lies in this head's Q rows of `qkvt`; lanes 16x.. < W.
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(mask, q.add(d * tokens + ib + 16 * x));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * x), v);
+                }
+            }
+        }
+        let queries = &*queries;
 
         // Scores: st[j][i] = q_i·k_j / √head + mask[j], a panel of KEYS keys at a time.
         for (p, keys) in scratch.keys.chunks_exact(head * KEYS).enumerate() {
             let jp = p * KEYS;
             let mut acc = [[_mm512_setzero_ps(); V]; KEYS];
-            for (d, k) in keys.chunks_exact(KEYS).enumerate() {
-                // SAFETY: d < head and queries ib.. are masked to the w that exist (ib + w ≤
-                // seq): every read lies in this head's Q rows of `qkvt`.
-                let qv: [__m512; V] = std::array::from_fn(|x| unsafe {
-                    _mm512_maskz_loadu_ps(masks[x], q.add(d * tokens + ib + 16 * x))
-                });
+            for (k, qd) in keys.chunks_exact(KEYS).zip(queries.chunks_exact(W)) {
+                // SAFETY: each row of `queries` holds W = 16·2 ≥ 16·V floats.
+                let qv: [__m512; V] = std::array::from_fn(|x| unsafe { _mm512_loadu_ps(qd.as_ptr().add(16 * x)) });
                 for r in 0..KEYS {
                     let kb = _mm512_set1_ps(k[r]);
                     for x in 0..V {

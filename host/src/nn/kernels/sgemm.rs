@@ -486,9 +486,9 @@ mod x86 {
         a: &'a [f32],
         /// The image's `B` (`k × n`).
         b: &'a [f32],
-        /// The image's `B` packed into 32-column strips (`[strip][k][NR]`, zero past `n`), where
-        /// the kernel reads it so.
-        packed_b: Option<&'a [f32]>,
+        /// Whether the unit reads B packed: each slice of `k` of its columns copied into
+        /// 32-column strips (`[strip][slice][NR]`, zero past `n`) before its tiles run.
+        pack_b: bool,
         /// The image's `C` (`m × n`).
         c: *mut f32,
         /// `bias` padded to whole panels.
@@ -566,26 +566,6 @@ mod x86 {
         let per = tiles.div_ceil(want.div_ceil(batch * chunks)).max(1);
         let groups = tiles.div_ceil(per);
         let out = SharedOut(dst);
-        // B packed once for every unit (each image's 32-column strips, k rows each), where the
-        // kernel reads it so: per unit, the copy cost as much as a quarter of the products.
-        let strips = n.div_ceil(NR);
-        let mut packed_b = Vec::new();
-        if let Kernel::Avx512Packed = kernel {
-            packed_b = vec![0f32; batch * strips * k * NR];
-            let pack = |(i, strip): (usize, &mut [f32])| {
-                let (img, j) = (i / strips, (i % strips) * NR);
-                let cols = NR.min(n - j);
-                for (p, dst) in strip.chunks_exact_mut(NR).enumerate() {
-                    let at = (img * k + p) * n + j;
-                    dst[..cols].copy_from_slice(&b[at..at + cols]);
-                }
-            };
-            if big {
-                packed_b.par_chunks_exact_mut(k * NR).enumerate().for_each(pack);
-            } else {
-                packed_b.chunks_exact_mut(k * NR).enumerate().for_each(pack);
-            }
-        }
         let unit = |u: usize| {
             // Image, then chunk, then group: neighbouring units (one thread's range) share B's
             // columns.
@@ -594,16 +574,13 @@ mod x86 {
             let (j0, j1) = (chunk * nc, n.min((chunk + 1) * nc));
             let panels = g * per..tiles.min((g + 1) * per);
             if let Kernel::Avx512 | Kernel::Avx512Packed = kernel {
-                let per_image = strips * k * NR;
-                let packed_b =
-                    matches!(kernel, Kernel::Avx512Packed).then(|| &packed_b[img * per_image..(img + 1) * per_image]);
+                let pack_b = matches!(kernel, Kernel::Avx512Packed);
                 let c = out.at(out_at);
-                let unit = Unit { a: packed, b, packed_b, c, bias: &bias_padded, clamp, gelu, m, n, k, panels, j0, j1 };
+                let unit = Unit { a: packed, b, pack_b, c, bias: &bias_padded, clamp, gelu, m, n, k, panels, j0, j1 };
                 // SAFETY: the CPU has AVX-512F (the caller's contract); `packed` is m×k in
-                // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n (and
-                // `packed_b`, where present, its strips) and `out_at` its m×n in dst; this
-                // unit alone writes its panels' rows at columns j0..j1 (each (image, chunk,
-                // group) is one unit).
+                // MR512-row panels, `bias_padded` covers them, `b` is this image's k×n and
+                // `out_at` its m×n in dst; this unit alone writes its panels' rows at columns
+                // j0..j1 (each (image, chunk, group) is one unit).
                 unsafe { unit512(&unit) };
                 return;
             }
@@ -947,6 +924,11 @@ mod x86 {
         }
     }
 
+    thread_local! {
+        /// [`unit512`]'s packed strips of B, reused by every unit this thread runs.
+        static STRIPS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
     /// Runs one unit's tiles: for each `KC`-deep slice of `k`, each row panel (whose slice of A
     /// then stays in L1) against each 32-column strip of B (streamed from L2, in place or
     /// packed). The first slice writes `C`, later ones add to it, and the last applies bias and
@@ -954,20 +936,39 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512F must be available; `u.a` must hold `u.m`×`u.k` packed in [`MR512`]-row panels,
-    /// `u.bias` one value per row of those panels, `u.b` `u.k`×`u.n` floats and `u.packed_b`
-    /// (if any) `⌈u.n/32⌉·u.k·32`; `u.c` must be writable for `u.m`×`u.n` floats (row stride
+    /// `u.bias` one value per row of those panels, `u.b` `u.k`×`u.n` floats; `u.c` must be writable for `u.m`×`u.n` floats (row stride
     /// `u.n`), of which no other thread touches `u.panels`' rows at columns `u.j0..u.j1`
     /// (≤ `u.n`, `u.j0` a multiple of 32).
     #[target_feature(enable = "avx512f")]
     unsafe fn unit512(u: &Unit<'_>) {
-        let &Unit { a, b, packed_b, c, bias, clamp, gelu, m, n, k, j0, j1, .. } = u;
+        let &Unit { a, b, pack_b, c, bias, clamp, gelu, m, n, k, j0, j1, .. } = u;
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
+        // The strips of B this unit packs, one slice at a time: at most NC columns by KC rows
+        // (393 KiB), kept per thread so no unit allocates. Taken out of the thread-local while
+        // in use, so a nested use could never see it borrowed.
+        let mut local = if pack_b { STRIPS.with(|s| s.take()) } else { Vec::new() };
+        if pack_b {
+            local.resize(strips * kc * NR, 0.0);
+        }
         for s in 0..slices {
             let p0 = s * kc;
             let depth = kc.min(k - p0);
             let (first, last) = (s == 0, s + 1 == slices);
+            if pack_b {
+                // Row by row of B (one contiguous read of the unit's columns each), into the
+                // strips: B's strided rows are read once per slice, not once per panel, and
+                // the copy stays in this core's cache for the panels that read it.
+                for p in 0..depth {
+                    let row = &b[(p0 + p) * n..][j0..j1];
+                    for (i, src) in row.chunks(NR).enumerate() {
+                        let dst = &mut local[(i * depth + p) * NR..][..NR];
+                        dst[..src.len()].copy_from_slice(src);
+                        dst[src.len()..].fill(0.0);
+                    }
+                }
+            }
             for t in u.panels.clone() {
                 let rows = MR512.min(m - t * MR512);
                 let panel = &a[(t * k + p0) * MR512..(t * k + p0 + depth) * MR512];
@@ -975,10 +976,8 @@ mod x86 {
                 for i in 0..strips {
                     let j = j0 + i * NR;
                     let cols = NR.min(j1 - j);
-                    let (bp, ldb) = match packed_b {
-                        Some(packed) => (packed[((j / NR) * k + p0) * NR..].as_ptr(), NR),
-                        None => (b[p0 * n + j..].as_ptr(), n),
-                    };
+                    let (bp, ldb) =
+                        if pack_b { (local[i * depth * NR..].as_ptr(), NR) } else { (b[p0 * n + j..].as_ptr(), n) };
                     let c = c.wrapping_add(t * MR512 * n + j);
                     let job = Tile { k: depth, a: panel, b: bp, ldb, c, ldc: n, rows, cols, bias, clamp, first, last };
                     // SAFETY: AVX-512F is available (the contract); the panel holds depth×MR512
@@ -1002,6 +1001,9 @@ mod x86 {
                     }
                 }
             }
+        }
+        if pack_b {
+            STRIPS.with(|s| s.replace(local));
         }
     }
 
@@ -1431,9 +1433,16 @@ mod tests {
             return; // the AVX-512 tile reading B packed; the AVX2 one always packs
         }
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        for [m, n, k] in
-            [[13, 49, 96], [17, 12, 384], [9, 300, 40], [8, 33, 1], [24, 8, 100], [28, 70, 1000], [5, 17, 385]]
-        {
+        for [m, n, k] in [
+            [13, 49, 96],
+            [17, 12, 384],
+            [9, 300, 40],
+            [8, 33, 1],
+            [24, 8, 100],
+            [28, 70, 1000],
+            [5, 17, 385],
+            [40, 600, 800],
+        ] {
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
             let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
