@@ -639,7 +639,11 @@ mod tests {
         use crate::nn::kernels::simd;
         let dev = Device::Cpu;
         type Case = ([usize; 4], usize, usize, usize, usize, [(usize, usize); 2]);
-        let cases: [Case; 4] = [
+        let cases: [Case; 6] = [
+            // Rows wide enough for the direct depthwise unit, stride 2 and 1: each range's
+            // input rows start mid-plane.
+            ([1, 18, 10, 100], 5, 12, 3, 2, [(0, 1), (0, 1)]),
+            ([2, 9, 7, 60], 4, 10, 3, 1, [(1, 1), (1, 1)]),
             ([3, 20, 9, 11], 5, 7, 3, 1, [(1, 1), (1, 1)]),
             ([2, 33, 16, 16], 8, 24, 5, 2, [(1, 2), (1, 2)]),
             ([1, 17, 40, 40], 3, 40, 3, 1, [(1, 1), (1, 1)]),

@@ -68,6 +68,8 @@ pub(super) struct Depthwise {
     sh: usize,
     sw: usize,
     dh: usize,
+    /// Whether any tap is dilated (then only the blocked units run).
+    dilated: bool,
     oh: usize,
     ow: usize,
     pw: usize,
@@ -101,7 +103,8 @@ impl Depthwise {
         let band = fit.min(oh);
         let tile_rows = (band - 1) * sh + reach_k;
         let offsets = (0..kh * kw).map(|t| (t / kw) * dh * pw + (t % kw) * dw).collect();
-        Some(Depthwise { h, w, pt, pl, kh, kw, sh, sw, dh, oh, ow, pw, band, tile_rows, offsets })
+        let dilated = dh != 1 || dw != 1;
+        Some(Depthwise { h, w, pt, pl, kh, kw, sh, sw, dh, dilated, oh, ow, pw, band, tile_rows, offsets })
     }
 
     /// Input rows (at most) that `rows` output rows read.
@@ -146,7 +149,7 @@ impl Depthwise {
         #[cfg(target_arch = "x86_64")]
         {
             if simd::avx512() {
-                return self.blocks::<16>(xs, ws, out, [n, c], bias, clamp, Self::unit_avx512);
+                return self.blocks::<16>(xs, ws, out, [n, c], bias, clamp, self.unit512());
             }
             if simd::fma() {
                 return self.blocks::<8>(xs, ws, out, [n, c], bias, clamp, Self::unit_avx2);
@@ -188,15 +191,7 @@ impl Depthwise {
         #[cfg(target_arch = "x86_64")]
         {
             if simd::avx512() {
-                return self.banded::<16, T>(
-                    xs,
-                    ws,
-                    [n, c],
-                    bias,
-                    clamp,
-                    (rows, items, source, then),
-                    Self::unit_avx512,
-                );
+                return self.banded::<16, T>(xs, ws, [n, c], bias, clamp, (rows, items, source, then), self.unit512());
             }
             if simd::fma() {
                 return self.banded::<8, T>(xs, ws, [n, c], bias, clamp, (rows, items, source, then), Self::unit_avx2);
@@ -440,6 +435,36 @@ impl Depthwise {
     ) {
         // SAFETY: this CPU supports AVX-512F (this function's own precondition).
         unsafe { self.unit::<16, x86::Avx512>(b, rows, tile, obuf, dst) }
+    }
+
+    /// The AVX-512 unit for this geometry: rows of each channel in place ([`direct`]) where
+    /// output rows are wide and taps undilated with a column stride of 1 or 2, else the
+    /// blocked one.
+    #[cfg(target_arch = "x86_64")]
+    fn unit512(&self) -> Unit<16> {
+        if !self.dilated && self.ow >= direct::MIN_WIDTH && matches!(self.sw, 1 | 2) {
+            Self::unit_direct
+        } else {
+            Self::unit_avx512
+        }
+    }
+
+    /// [`direct::unit`] in [`Unit`]'s shape (it needs neither the tile nor the output band).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `self` must not be dilated, with a column stride of 1
+    /// or 2 ([`Depthwise::unit512`] chooses it only then).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unit_direct(
+        &self,
+        b: Block<'_, 16>,
+        rows: (usize, usize),
+        _: &mut [[f32; 16]],
+        _: &mut [[f32; 16]],
+        dst: &mut Dst<'_, 16>,
+    ) {
+        // SAFETY: forwarded (this function's own preconditions).
+        unsafe { direct::unit(self, &b, rows, dst) }
     }
 
     /// [`Depthwise::unit`] on 8 lanes, compiled for AVX2 + FMA.
@@ -857,6 +882,246 @@ mod x86 {
     }
 }
 
+/// Depthwise convolution along rows, for planes wide enough to fill 16 lanes with output
+/// pixels of one channel: nothing changes layout (the blocked unit spends most of its time
+/// turning 16 planes into pixels of 16 channels and back). Per channel, the input rows a
+/// range reads are copied once into zero-bordered rows (for a column stride of 2, split into
+/// their even and odd columns), so that every tap of 16 neighbouring outputs is one
+/// unaligned load; four vectors of a row share each tap's weight.
+#[cfg(target_arch = "x86_64")]
+mod direct {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use super::{Block, Depthwise, Dst};
+    use crate::nn::kernels::simd::lanes16;
+
+    /// Narrowest output row the direct unit takes. EfficientNet-Lite0 at batch 1 (`bench
+    /// onnx`, 100 passes, three runs each): direct from 48 columns (its 112- and 56-wide
+    /// planes) 6.08-6.37 ms against 6.43-6.94 blocked; from 28 columns its 28-wide blocks
+    /// ran slower (5x5 taps on 2 vectors, 4 of 32 lanes idle: 0.44 -> 0.54 ms for one).
+    pub(super) const MIN_WIDTH: usize = 48;
+
+    /// Vectors of an output row accumulated together.
+    const GROUP: usize = 4;
+
+    thread_local! {
+        /// The padded rows of the channel at hand, reused by every unit a thread runs.
+        static ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// How one channel's padded input rows are laid out: `count` rows of `stride` floats, each
+    /// (stride 2) its even columns then its odd ones, `half` floats apart.
+    struct Layout {
+        count: usize,
+        stride: usize,
+        half: usize,
+    }
+
+    impl Layout {
+        fn new(d: &Depthwise, (from, to): (usize, usize)) -> Self {
+            let count = (to - from - 1) * d.sh + d.kh;
+            // Every tap of every vector of a row, its last vector whole: up to
+            // (⌈ow/16⌉·16 - 1)·sw + kw columns, and the input's own (pl + w).
+            let reach = (d.ow.next_multiple_of(16) - 1) * d.sw + d.kw;
+            let cols = reach.max(d.pl + d.w).next_multiple_of(32);
+            let half = cols / 2 + 16;
+            let stride = if d.sw == 2 { 2 * half } else { cols };
+            Layout { count, stride, half }
+        }
+
+        /// Whether each row holds the 16 floats every tap loads for every whole output
+        /// vector (true by construction in [`Layout::new`]; [`unit`] checks it once).
+        fn covers(&self, d: &Depthwise) -> bool {
+            let last = d.ow.div_ceil(16) * 16;
+            match d.sw {
+                1 => d.kw - 1 + last <= self.stride,
+                2 => (d.kw - 1) / 2 + last <= self.half && self.half + (d.kw - 1) / 2 + last <= self.stride,
+                _ => false,
+            }
+        }
+    }
+
+    /// Every channel of block `b` over output rows `from..to`, into `dst` (each channel's rows
+    /// from `from` on).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `d` must not be dilated, with a column stride of 1 or 2.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn unit(d: &Depthwise, b: &Block<'_, 16>, (from, to): (usize, usize), dst: &mut Dst<'_, 16>) {
+        if from >= to {
+            return;
+        }
+        let layout = Layout::new(d, (from, to));
+        assert!(layout.covers(d), "depthwise: padded rows too short for their taps");
+        // Every float of the rows is written by `fill` before it is read.
+        let mut rows = ROWS.with(|r| r.take());
+        if rows.len() < layout.count * layout.stride {
+            rows.resize(layout.count * layout.stride, 0.0);
+        }
+        let mut padded = vec![0f32; layout.stride];
+        let mut taps = vec![0f32; b.weights.len()];
+        for (cl, out) in dst.iter_mut().enumerate().take(b.lanes) {
+            let Some(out) = out.as_deref_mut() else { continue };
+            let plane = b.src.get(cl * b.plane..(cl + 1) * b.plane).unwrap_or(&[]);
+            fill(d, plane, b.row0, from * d.sh, &layout, &mut padded, &mut rows);
+            for (t, w) in taps.iter_mut().zip(b.weights) {
+                *t = w[cl];
+            }
+            // SAFETY: AVX-512F and the geometry are this function's preconditions; `rows` was
+            // filled for `layout`, `out` holds the channel's rows from `from` (its length is
+            // checked per row inside).
+            unsafe { channel(d, &rows, &layout, &taps, b.bias[cl], b.clamp, (from, to), out) };
+        }
+        ROWS.with(|r| r.set(rows));
+    }
+
+    /// The padded rows (from padded row `top` on) of one channel's `plane` (input rows from
+    /// `row0` on): zeros where a row or column is padding, or outside what `plane` holds.
+    /// `padded` is one row of `l.stride` floats of scratch.
+    #[target_feature(enable = "avx512f")]
+    fn fill(d: &Depthwise, plane: &[f32], row0: usize, top: usize, l: &Layout, padded: &mut [f32], rows: &mut [f32]) {
+        for (r, dst) in rows.chunks_exact_mut(l.stride).enumerate().take(l.count) {
+            let input = (top + r)
+                .checked_sub(d.pt)
+                .filter(|&y| y < d.h && y >= row0)
+                .and_then(|y| plane.get((y - row0) * d.w..(y - row0 + 1) * d.w));
+            let Some(input) = input else {
+                dst.fill(0.0);
+                continue;
+            };
+            if d.sw == 2 {
+                padded[..d.pl].fill(0.0);
+                padded[d.pl..d.pl + d.w].copy_from_slice(input);
+                padded[d.pl + d.w..].fill(0.0);
+                let (even, odd) = dst.split_at_mut(l.half);
+                // 32 columns at a time into 16 even and 16 odd (`half` is a multiple of 16).
+                let pick = |first: i32| {
+                    _mm512_setr_epi32(
+                        first,
+                        first + 2,
+                        first + 4,
+                        first + 6,
+                        first + 8,
+                        first + 10,
+                        first + 12,
+                        first + 14,
+                        first + 16,
+                        first + 18,
+                        first + 20,
+                        first + 22,
+                        first + 24,
+                        first + 26,
+                        first + 28,
+                        first + 30,
+                    )
+                };
+                let (pe, po) = (pick(0), pick(1));
+                for ((pair, e), o) in
+                    padded.chunks_exact(32).zip(even.chunks_exact_mut(16)).zip(odd.chunks_exact_mut(16))
+                {
+                    // SAFETY: `pair` holds 32 floats, `e` and `o` 16 each.
+                    unsafe {
+                        let (a, b) = (_mm512_loadu_ps(pair.as_ptr()), _mm512_loadu_ps(pair.as_ptr().add(16)));
+                        _mm512_storeu_ps(e.as_mut_ptr(), _mm512_permutex2var_ps(a, pe, b));
+                        _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutex2var_ps(a, po, b));
+                    }
+                }
+            } else {
+                dst[..d.pl].fill(0.0);
+                dst[d.pl..d.pl + d.w].copy_from_slice(input);
+                dst[d.pl + d.w..].fill(0.0);
+            }
+        }
+    }
+
+    /// One channel's output rows `from..to` from its padded rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `rows` must hold `l.count` rows of `l.stride` floats
+    /// made by [`fill`] for `d` and this range, `taps` `kh·kw` weights.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn channel(
+        d: &Depthwise,
+        rows: &[f32],
+        l: &Layout,
+        taps: &[f32],
+        bias: f32,
+        clamp: Option<super::Clamp>,
+        (from, to): (usize, usize),
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let vectors = d.ow.div_ceil(16);
+        let (lo, hi) = clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
+        for oy in from..to {
+            let Some(orow) = out.get_mut((oy - from) * d.ow..(oy - from + 1) * d.ow) else { return };
+            let first = (oy - from) * d.sh;
+            let mut v0 = 0;
+            while v0 < vectors {
+                let n = GROUP.min(vectors - v0);
+                // SAFETY: as this function's contract; vectors v0..v0 + n exist in the row.
+                unsafe {
+                    match n {
+                        4 => group::<4>(d, rows, l, taps, bias, (lo, hi), first, v0, orow),
+                        3 => group::<3>(d, rows, l, taps, bias, (lo, hi), first, v0, orow),
+                        2 => group::<2>(d, rows, l, taps, bias, (lo, hi), first, v0, orow),
+                        _ => group::<1>(d, rows, l, taps, bias, (lo, hi), first, v0, orow),
+                    }
+                }
+                v0 += n;
+            }
+        }
+    }
+
+    /// Output vectors `v0..v0 + N` of one row (`orow`, `ow` floats), whose taps start at padded
+    /// row `first`.
+    ///
+    /// # Safety
+    /// As [`channel`], with `v0 + N ≤ ⌈ow/16⌉`, `first + kh ≤ l.count`, `rows` holding
+    /// `l.count · l.stride` floats and `l.covers(d)`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn group<const N: usize>(
+        d: &Depthwise,
+        rows: &[f32],
+        l: &Layout,
+        taps: &[f32],
+        bias: f32,
+        (lo, hi): (f32, f32),
+        first: usize,
+        v0: usize,
+        orow: &mut [MaybeUninit<f32>],
+    ) {
+        let mut acc = [_mm512_set1_ps(bias); N];
+        let vectors = rows.as_ptr().wrapping_add(first * l.stride + v0 * 16);
+        for ky in 0..d.kh {
+            let row = vectors.wrapping_add(ky * l.stride);
+            for kx in 0..d.kw {
+                let w = _mm512_set1_ps(taps[ky * d.kw + kx]);
+                // Column of output x's tap: x·sw + kx; with stride 2, (x + kx/2) of the even
+                // or odd half.
+                let at = row.wrapping_add(if d.sw == 2 { (kx % 2) * l.half + kx / 2 } else { kx });
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: padded row first + ky < l.count lies in `rows`, and every tap of
+                    // every whole vector of it lies inside the row (`Layout::covers`).
+                    let x = unsafe { _mm512_loadu_ps(at.add(16 * j)) };
+                    *acc = _mm512_fmadd_ps(x, w, *acc);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            let x0 = (v0 + j) * 16;
+            let v = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), *acc));
+            let lanes = (d.ow - x0).min(16);
+            let dst = &mut orow[x0..x0 + lanes];
+            // SAFETY: the mask covers exactly `lanes` floats, all inside `dst`.
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().cast::<f32>(), lanes16(lanes), v) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -902,8 +1167,13 @@ mod tests {
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
         type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
-        let cases: [Case; 10] = [
+        let cases: [Case; 13] = [
             ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
+            // Rows wide enough for the direct unit: stride 2 (even and odd columns) with
+            // EfficientNet's asymmetric pads, 5x5 taps, a last vector of 1 and of 13 lanes.
+            ([1, 18, 20, 98], [3, 3], [2, 2], 1, [(0, 1), (0, 1)]),
+            ([2, 17, 24, 122], [5, 5], [2, 2], 1, [(1, 2), (2, 1)]),
+            ([1, 5, 9, 49], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
             // Pads beyond the kernel's reach, above and below, on rows so wide that a band is
             // one row: bands that read no input row at all.
             ([1, 3, 10, 300], [3, 3], [1, 1], 1, [(4, 4), (1, 1)]),
