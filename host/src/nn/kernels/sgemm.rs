@@ -452,8 +452,9 @@ mod x86 {
     pub enum Kernel {
         /// 12 rows × 32 columns in 24 of AVX-512's 32 registers, reading B in place.
         Avx512,
-        /// The same tile reading B packed, once for all units, into contiguous `k × 32` strips
-        /// (see [`super::strided_rows_thrash`] for where that pays).
+        /// The same tile reading B packed into contiguous `depth × 32` strips, each unit packing
+        /// its own columns per `KC` slice (see [`super::strided_rows_thrash`] for where that
+        /// pays).
         Avx512Packed,
         /// 4 rows × 24 columns (twice per 8-row panel) in 12 of AVX2's 16 registers: 7 loads
         /// per 12 FMAs, the best ratio that leaves registers for `B` and the broadcast.
@@ -936,9 +937,9 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512F must be available; `u.a` must hold `u.m`×`u.k` packed in [`MR512`]-row panels,
-    /// `u.bias` one value per row of those panels, `u.b` `u.k`×`u.n` floats; `u.c` must be writable for `u.m`×`u.n` floats (row stride
-    /// `u.n`), of which no other thread touches `u.panels`' rows at columns `u.j0..u.j1`
-    /// (≤ `u.n`, `u.j0` a multiple of 32).
+    /// `u.bias` one value per row of those panels, `u.b` `u.k`×`u.n` floats; `u.c` must be
+    /// writable for `u.m`×`u.n` floats (row stride `u.n`), of which no other thread touches
+    /// `u.panels`' rows at columns `u.j0..u.j1` (≤ `u.n`, `u.j0` a multiple of 32).
     #[target_feature(enable = "avx512f")]
     unsafe fn unit512(u: &Unit<'_>) {
         let &Unit { a, b, pack_b, c, bias, clamp, gelu, m, n, k, j0, j1, .. } = u;
@@ -946,7 +947,7 @@ mod x86 {
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
         // The strips of B this unit packs, one slice at a time: at most NC columns by KC rows
-        // (393 KiB), kept per thread so no unit allocates. Taken out of the thread-local while
+        // (384 KiB), kept per thread so no unit allocates. Taken out of the thread-local while
         // in use, so a nested use could never see it borrowed.
         let mut local = if pack_b { STRIPS.with(|s| s.take()) } else { Vec::new() };
         if pack_b {
@@ -982,8 +983,8 @@ mod x86 {
                     let job = Tile { k: depth, a: panel, b: bp, ldb, c, ldc: n, rows, cols, bias, clamp, first, last };
                     // SAFETY: AVX-512F is available (the contract); the panel holds depth×MR512
                     // values; B's strip holds `depth` rows of `cols` columns at stride `ldb`
-                    // (packed: strip j/32's rows p0.. of k; in place: B from row p0, column j,
-                    // with j + cols ≤ n); the tile's rows and columns lie inside C and belong to
+                    // (packed: this unit's strip i, `depth` rows at stride NR, packed above for
+                    // this slice; in place: B from row p0, column j, with j + cols ≤ n); the tile's rows and columns lie inside C and belong to
                     // this unit. GELU reads and writes the same rows × cols at stride n, which
                     // the tile has just written (last slice).
                     unsafe {

@@ -69,6 +69,7 @@ pub(super) struct Depthwise {
     sw: usize,
     dh: usize,
     /// Whether any tap is dilated (then only the blocked units run).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     dilated: bool,
     oh: usize,
     ow: usize,
@@ -963,29 +964,30 @@ mod direct {
         let mut taps = vec![0f32; b.weights.len()];
         for (cl, out) in dst.iter_mut().enumerate().take(b.lanes) {
             let Some(out) = out.as_deref_mut() else { continue };
-            let plane = b.src.get(cl * b.plane..(cl + 1) * b.plane).unwrap_or(&[]);
+            let plane = &b.src[cl * b.plane..(cl + 1) * b.plane];
             fill(d, plane, b.row0, from * d.sh, &layout, &mut padded, &mut rows);
             for (t, w) in taps.iter_mut().zip(b.weights) {
                 *t = w[cl];
             }
             // SAFETY: AVX-512F and the geometry are this function's preconditions; `rows` was
-            // filled for `layout`, `out` holds the channel's rows from `from` (its length is
-            // checked per row inside).
+            // filled for `layout` and this range (its length checked above), `taps` holds
+            // `kh·kw` weights; `channel` checks `out`'s length per row (and panics if short).
             unsafe { channel(d, &rows, &layout, &taps, b.bias[cl], b.clamp, (from, to), out) };
         }
         ROWS.with(|r| r.set(rows));
     }
 
     /// The padded rows (from padded row `top` on) of one channel's `plane` (input rows from
-    /// `row0` on): zeros where a row or column is padding, or outside what `plane` holds.
-    /// `padded` is one row of `l.stride` floats of scratch.
+    /// `row0` on): zeros where a row or column is padding. `plane` must hold every input row
+    /// the range reads (a caller's band cut short is a bug, and panics rather than reading
+    /// zeros). `padded` is one row of `l.stride` floats of scratch.
     #[target_feature(enable = "avx512f")]
     fn fill(d: &Depthwise, plane: &[f32], row0: usize, top: usize, l: &Layout, padded: &mut [f32], rows: &mut [f32]) {
         for (r, dst) in rows.chunks_exact_mut(l.stride).enumerate().take(l.count) {
-            let input = (top + r)
-                .checked_sub(d.pt)
-                .filter(|&y| y < d.h && y >= row0)
-                .and_then(|y| plane.get((y - row0) * d.w..(y - row0 + 1) * d.w));
+            let input = (top + r).checked_sub(d.pt).filter(|&y| y < d.h).map(|y| {
+                let y = y.checked_sub(row0).expect("depthwise: a band starts below the rows it reads");
+                &plane[y * d.w..(y + 1) * d.w]
+            });
             let Some(input) = input else {
                 dst.fill(0.0);
                 continue;
@@ -1055,7 +1057,9 @@ mod direct {
         let vectors = d.ow.div_ceil(16);
         let (lo, hi) = clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
         for oy in from..to {
-            let Some(orow) = out.get_mut((oy - from) * d.ow..(oy - from + 1) * d.ow) else { return };
+            let orow = out
+                .get_mut((oy - from) * d.ow..(oy - from + 1) * d.ow)
+                .expect("depthwise: output rows shorter than the range");
             let first = (oy - from) * d.sh;
             let mut v0 = 0;
             while v0 < vectors {
