@@ -38,6 +38,11 @@ pub struct Limits {
     /// (activations, attention scores, scratch), reserved before it is allocated; over it, the
     /// guest gets a wasi-nn `too-large` error and may send a smaller batch.
     pub max_compute_memory: ByteSize,
+    /// How long a call may go on running plugin code once its caller went away (its model
+    /// computations end at once); past it the call is dropped at its next yield. Its slots
+    /// stay taken until then, so hanging up and resending gains no concurrency.
+    #[serde(with = "humantime_serde")]
+    pub abandon_grace: Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +58,7 @@ impl Default for Limits {
             max_request: ByteSize::mib(64),
             max_response: ByteSize::mib(64),
             max_compute_memory: ByteSize::b(crate::nn::backend::DEFAULT_COMPUTE_BUDGET),
+            abandon_grace: Duration::from_millis(100),
         }
     }
 }

@@ -62,7 +62,7 @@ path = "{topk}"
 [plugins.hostile]
 path = "{hostile}"
 concurrency = 4
-limits = {{ timeout = "2s", fuel = 100_000_000_000 }}
+limits = {{ timeout = "2s", fuel = 100_000_000_000, abandon_grace = "1s" }}
 
 # alpha may keep one call running at a time: on a 2-core machine that leaves a core to others.
 [tenants.alpha]
@@ -424,9 +424,10 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         body.to_string().len()
     );
     drop(conn);
-    // Its call goes on for a short grace (plugin code is stopped, a forward pass would be
-    // cancelled), and until it has ended the tenant's one slot stays taken: hanging up and
-    // resending gains no concurrency. (Before, the slot was freed at the hang-up.)
+    // Its call goes on for its grace (1 s here, so the resend arrives within it however
+    // loaded the machine; a forward pass would be cancelled at once), and until it has ended
+    // the tenant's one slot stays taken: hanging up and resending gains no concurrency.
+    // (Before, the slot was freed at the hang-up.)
     resend.write_all(request.as_bytes()).unwrap();
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut resend, &mut answer).unwrap();

@@ -47,11 +47,6 @@ pub(super) struct Session {
     idle: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
 }
 
-/// How long a call may go on running plugin code once its caller went away. Its computes end
-/// at once, so a guest normally returns well within this (and keeps its warm instance); one
-/// that runs on is dropped at its next yield (the epoch ticks make plugin code yield).
-const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// How long an idle instance is kept for reuse; older ones are dropped (and free their slot).
 const IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -289,6 +284,10 @@ impl Plugin {
         let started = Instant::now();
         let limits = &self.config.limits;
         let deadline = started + limits.timeout;
+        // How long plugin code may go on once the caller went away: a guest normally returns
+        // well within it (its computes end at once) and keeps its warm instance; one that runs
+        // on is dropped at its next yield (the epoch ticks make plugin code yield).
+        let grace = limits.abandon_grace;
         // Epoch deadlines and yields need the ticker running while this store runs wasm.
         let _ticking = self.engine.ticking();
         session.calls += 1;
@@ -324,7 +323,7 @@ impl Plugin {
                 outcome = f(&mut *session) => outcome,
                 () = async {
                     abandoned.cancelled().await;
-                    tokio::time::sleep(ABANDON_GRACE).await;
+                    tokio::time::sleep(grace).await;
                 } => Err(CallerGone.into()),
             }
         }))
