@@ -284,10 +284,6 @@ impl Plugin {
         let started = Instant::now();
         let limits = &self.config.limits;
         let deadline = started + limits.timeout;
-        // How long plugin code may go on once the caller went away: a guest normally returns
-        // well within it (its computes end at once) and keeps its warm instance; one that runs
-        // on is dropped at its next yield (the epoch ticks make plugin code yield).
-        let grace = limits.abandon_grace;
         // Epoch deadlines and yields need the ticker running while this store runs wasm.
         let _ticking = self.engine.ticking();
         session.calls += 1;
@@ -323,7 +319,10 @@ impl Plugin {
                 outcome = f(&mut *session) => outcome,
                 () = async {
                     abandoned.cancelled().await;
-                    tokio::time::sleep(grace).await;
+                    // A guest normally returns well within the grace (its computes end at
+                    // once) and keeps its warm instance; one that runs on is dropped at its
+                    // next yield (the epoch ticks make plugin code yield).
+                    tokio::time::sleep(limits.abandon_grace).await;
                 } => Err(CallerGone.into()),
             }
         }))

@@ -984,9 +984,10 @@ mod x86 {
                     // SAFETY: AVX-512F is available (the contract); the panel holds depth×MR512
                     // values; B's strip holds `depth` rows of `cols` columns at stride `ldb`
                     // (packed: this unit's strip i, `depth` rows at stride NR, packed above for
-                    // this slice; in place: B from row p0, column j, with j + cols ≤ n); the tile's rows and columns lie inside C and belong to
-                    // this unit. GELU reads and writes the same rows × cols at stride n, which
-                    // the tile has just written (last slice).
+                    // this slice; in place: B from row p0, column j, with j + cols ≤ n); the
+                    // tile's rows and columns lie inside C and belong to this unit. GELU reads
+                    // and writes the same rows × cols at stride n, which the tile has just
+                    // written (last slice).
                     unsafe {
                         match (rows, cols) {
                             (..=4, ..=16) => tile::<4, 1>(&job),
