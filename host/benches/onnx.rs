@@ -65,7 +65,8 @@ fn main() -> anyhow::Result<()> {
         backend::load(Source::Path(&eir::registry::fetch::locate("silero-vad", &models)?), Target::Cpu)?;
 
     let mut eir = Vec::new();
-    // `EIR_BENCH_BATCH=1` (or 8) times one batch size only, for a profiler.
+    // `EIR_BENCH_BATCH=1` (or 8) times one batch size of EfficientNet only, for a profiler:
+    // no Silero and no ONNX Runtime side, whose samples would mix with it.
     let only: Option<u32> = std::env::var("EIR_BENCH_BATCH").ok().and_then(|v| v.parse().ok());
     for batch in [1u32, 8].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
         let x = tensor(vec![batch, 3, 224, 224], &pattern(batch as usize * 3 * 224 * 224, 1.0));
@@ -73,6 +74,12 @@ fn main() -> anyhow::Result<()> {
             std::hint::black_box(eff.compute(vec![("input".into(), x.clone())]).expect("compute"));
         });
         eir.push((format!("efficientnet_b{batch}"), t));
+    }
+    if only.is_some() {
+        for (name, t) in eir {
+            println!("{name:>16}: EIR {:>9.3} ms", t.as_secs_f64() * 1e3);
+        }
+        return Ok(());
     }
     let chunks = pattern(100 * 576, 0.1);
     let sr = HostTensor::new(vec![], TensorType::I64, 16000i64.to_le_bytes().to_vec())?;

@@ -3,6 +3,7 @@
 //!
 //! - depthwise: on blocks of channels, channels innermost ([`super::depthwise`]);
 //! - 1x1, stride 1, no padding: one GEMM over the batch (`W · X`), no im2col;
+//! - few input taps (a stem: 3 channels, 3x3): directly, 16 channels in registers ([`super::stem`]);
 //! - anything else: im2col (padding as zeros) + GEMM per image and group;
 //!
 //! each with a fused epilogue: bias and an optional clamp (Relu, ReLU6/Clip), applied as the
@@ -16,6 +17,7 @@ use candle_core::{DType, Tensor, TensorId};
 use rayon::prelude::*;
 
 use super::depthwise::{self, Depthwise, MAX_LANES};
+use super::stem::Stem;
 use super::with_f32;
 use crate::nn::error::NnError;
 use crate::nn::kernels::sgemm::{Clamp, Packed, gemm_into};
@@ -78,6 +80,8 @@ pub(crate) struct ConvPlan {
     plane: u64,
     /// The depthwise kernel's geometry, where the convolution is depthwise.
     depthwise: Option<Depthwise>,
+    /// The direct kernel's, where the convolution has few input taps (a stem).
+    stem: Option<Stem>,
 }
 
 impl ConvPlan {
@@ -120,7 +124,8 @@ impl ConvPlan {
         } else {
             None
         };
-        Ok(Self { dims: [n, c, h, wd], kernel: [m, cg, kh, kw], out: [oh, ow], plane, depthwise })
+        let stem = Stem::new([n, c, h, wd], [m, cg, kh, kw], [oh, ow], g);
+        Ok(Self { dims: [n, c, h, wd], kernel: [m, cg, kh, kw], out: [oh, ow], plane, depthwise, stem })
     }
 
     /// The input's shape, `[n, c, h, w]`.
@@ -134,8 +139,9 @@ impl ConvPlan {
     }
 
     /// The most bytes the kernels allocate: the output, one group's im2col columns, a padded
-    /// plane for every worker thread, and the depthwise kernel's weights by channel block and
-    /// its tile and output band for every worker thread.
+    /// plane for every worker thread, the depthwise kernel's weights by channel block and
+    /// its tile and output band for every worker thread, and the direct kernel's weights by
+    /// channel group and its phase rows for every worker thread.
     pub(crate) fn bytes(&self) -> Result<u64, NnError> {
         let [n, _, _, _] = self.dims;
         let [m, cg, kh, kw] = self.kernel;
@@ -153,8 +159,19 @@ impl ConvPlan {
             }
             None => 0,
         };
+        let stem = match &self.stem {
+            Some(s) => {
+                let weights = super::count(&[m.next_multiple_of(16), cg * kh * kw + 1])?;
+                s.thread_floats(s.rows(n))
+                    .checked_mul(threads)
+                    .and_then(|t| t.checked_add(weights))
+                    .ok_or_else(too_big)?
+            }
+            None => 0,
+        };
         let floats = output
             .checked_add(columns)
+            .and_then(|v| v.checked_add(stem))
             .and_then(|v| v.checked_add(planes))
             .and_then(|v| v.checked_add(depthwise))
             .ok_or_else(too_big)?;
@@ -165,7 +182,7 @@ impl ConvPlan {
 
 /// Output columns `ox` for which input column `ox*s + off` lies in `0..len` (`off` may be
 /// negative): the valid range, so the inner loops need no bounds branches.
-fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
+pub(super) fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
     let lo = if off < 0 { ((-off) as usize).div_ceil(s) } else { 0 };
     let last = len as isize - 1 - off;
     let hi = if last < 0 { 0 } else { (last as usize / s + 1).min(ow) };
@@ -215,6 +232,9 @@ pub(crate) fn conv2d(
                 let packed = packed(0);
                 let packed = packed.as_ref().map(|p| &p[0]);
                 gemm_into(n, [m, h * wd, c], ws, packed, xs, buf, bias.as_deref(), clamp)
+            } else if let Some(stem) = &plan.stem {
+                stem.run(xs, ws, n, bias.as_deref(), clamp, buf);
+                Ok(())
             } else {
                 let packed = packed(g.group - 1);
                 let w = GemmWeights { ws, packed: packed.as_deref().map(Vec::as_slice), bias: bias.as_deref(), clamp };
@@ -458,7 +478,7 @@ struct GemmWeights<'a> {
 /// specialised for the common steps, so each loop vectorises (a stride-2 gather inside the
 /// im2col closure ran one value at a time, with its bounds reloaded from the stack).
 #[inline(never)]
-fn gather(dst: &mut [f32], src: &[f32], step: usize) {
+pub(super) fn gather(dst: &mut [f32], src: &[f32], step: usize) {
     // One comparison per row: a short source would leave values unwritten, not fail.
     assert!(dst.is_empty() || src.len() > (dst.len() - 1) * step, "im2col: a gather past its source row");
     match step {

@@ -9,6 +9,7 @@ mod nn;
 mod reduce;
 mod rnn;
 mod shape;
+mod stem;
 
 use candle_core::{DType, Tensor};
 
