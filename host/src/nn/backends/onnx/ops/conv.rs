@@ -81,7 +81,7 @@ pub(crate) struct ConvPlan {
     /// The depthwise kernel's geometry, where the convolution is depthwise.
     depthwise: Option<Depthwise>,
     /// The direct kernel's, where the convolution has few input taps (a stem).
-    stem: Option<Stem>,
+    pub(super) stem: Option<Stem>,
 }
 
 impl ConvPlan {
@@ -124,7 +124,7 @@ impl ConvPlan {
         } else {
             None
         };
-        let stem = Stem::new([n, c, h, wd], [m, cg, kh, kw], [oh, ow], g);
+        let stem = Stem::new([n, c, h, wd], [m, cg, kh, kw], [oh, ow], g).filter(|s| s.shares(n));
         Ok(Self { dims: [n, c, h, wd], kernel: [m, cg, kh, kw], out: [oh, ow], plane, depthwise, stem })
     }
 
@@ -232,7 +232,7 @@ pub(crate) fn conv2d(
                 let packed = packed(0);
                 let packed = packed.as_ref().map(|p| &p[0]);
                 gemm_into(n, [m, h * wd, c], ws, packed, xs, buf, bias.as_deref(), clamp)
-            } else if let Some(stem) = &plan.stem {
+            } else if let Some(stem) = plan.stem.as_ref().filter(|_| crate::nn::kernels::simd::avx512()) {
                 stem.run(xs, ws, n, bias.as_deref(), clamp, buf);
                 Ok(())
             } else {
@@ -699,9 +699,13 @@ mod tests {
             check(3, 8, 1, 3, 2, [(0, 1), (0, 1)]);
             check(4, 6, 2, 3, 1, [(1, 1), (1, 1)]);
             check(4, 4, 1, 1, 2, [(0, 0), (0, 0)]);
-            // im2col's gather at steps 1, 2 and 3, with pads that cut rows short
-            check(3, 8, 1, 3, 3, [(1, 2), (2, 1)]);
+            // im2col's gather at steps 1, 2 and 3, with pads that cut rows short (more than
+            // the direct kernel's 32 taps, so im2col runs at every level)
+            check(4, 8, 1, 3, 3, [(1, 2), (2, 1)]);
+            check(5, 8, 1, 3, 2, [(0, 1), (0, 1)]);
             check(2, 5, 1, 5, 2, [(2, 0), (0, 2)]);
+            // the direct kernel (AVX-512), and im2col below it: a stem, stride 3
+            check(3, 8, 1, 3, 3, [(1, 2), (2, 1)]);
         }
     }
 

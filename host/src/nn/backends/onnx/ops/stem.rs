@@ -58,11 +58,12 @@ impl Stem {
         let [sh, sw] = g.strides;
         let applies = g.group == 1
             && cg == c
+            && c >= 1
             && g.dilations == [1, 1]
-            && kh * kw > 1
+            && (kh > 1 || kw > 1)
             && taps <= MAX_TAPS
             && (1..=MAX_STRIDE).contains(&sw)
-            && sh >= 1
+            && (1..=MAX_STRIDE).contains(&sh)
             && m >= 1
             && [h, w, oh, ow].iter().all(|&v| v >= 1);
         if !applies {
@@ -71,7 +72,7 @@ impl Stem {
         let owp = ow.checked_next_multiple_of(L)?;
         let len = owp.checked_add((kw - 1) / sw + 1)?;
         // Every size the kernel forms: a range's phase rows and the output.
-        c.checked_mul(h)?.checked_mul(sw)?.checked_mul(len)?;
+        c.checked_mul(h)?.checked_add(1)?.checked_mul(sw)?.checked_mul(len)?;
         m.checked_mul(oh)?.checked_mul(ow)?;
         Some(Self { c, h, w, m, kh, kw, sh, sw, pt: g.pads[0].0, pl: g.pads[1].0, oh, ow, owp, len })
     }
@@ -87,6 +88,12 @@ impl Stem {
     pub(crate) fn thread_floats(&self, rows: usize) -> u64 {
         let input = ((rows.max(1) - 1) * self.sh + self.kh).min(self.h);
         (self.c * input * self.sw * self.len + self.sw * self.len) as u64
+    }
+
+    /// Whether `n` images give each thread at least two ranges of rows: one row per image (a
+    /// 1-D convolution) would run each image on one thread, where the GEMM splits columns.
+    pub(crate) fn shares(&self, n: usize) -> bool {
+        n.saturating_mul(self.oh) >= 2 * rayon::current_num_threads()
     }
 
     /// Output rows per unit of parallel work: about four units per thread over the batch.
@@ -107,10 +114,24 @@ impl Stem {
         clamp: Option<Clamp>,
         out: &mut [MaybeUninit<f32>],
     ) {
+        self.run_rows(xs, ws, n, (bias, clamp), self.rows(n), out);
+    }
+
+    /// [`Stem::run`], `rows` output rows of one image per unit of parallel work.
+    fn run_rows(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        n: usize,
+        (bias, clamp): (Option<&[f32]>, Option<Clamp>),
+        rows: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (c, m, oplane) = (self.c, self.m, self.oh * self.ow);
         let taps = c * self.kh * self.kw;
         assert!(
-            xs.len() >= n * c * self.h * self.w
+            rows >= 1
+                && xs.len() >= n * c * self.h * self.w
                 && ws.len() >= m * taps
                 && bias.is_none_or(|b| b.len() >= m)
                 && out.len() >= n * m * oplane,
@@ -126,7 +147,6 @@ impl Stem {
             }
             bb[o / L][o % L] = bias.map_or(0.0, |b| b[o]);
         }
-        let rows = self.rows(n);
         // One unit per (image, range of rows): each output channel's rows in that range.
         let mut units = Vec::with_capacity(n * self.oh.div_ceil(rows));
         for (i, image) in out[..n * m * oplane].chunks_exact_mut(m * oplane).enumerate() {
@@ -136,7 +156,9 @@ impl Stem {
             }
         }
         let plane = self.h * self.w;
-        units.into_par_iter().for_each_init(Vec::new, |phases: &mut Vec<f32>, (i, oy0, mut dst)| {
+        // Sized for the largest range up front: grown range by range, `resize` could double it.
+        let phases = || Vec::with_capacity(self.thread_floats(rows) as usize);
+        units.into_par_iter().for_each_init(phases, |phases: &mut Vec<f32>, (i, oy0, mut dst)| {
             let oy1 = (oy0 + rows).min(self.oh);
             let (ya, yb) = self.input_rows(oy0, oy1);
             let image = &xs[i * c * plane..(i + 1) * c * plane];
@@ -240,8 +262,9 @@ fn portable(
         for (&t, w) in taps.iter().zip(weights) {
             let src = phases[t + x0..].first_chunk::<L>().expect("stem: a tap past its phase rows");
             for (a, &wc) in acc.iter_mut().zip(w) {
+                // Not `mul_add`: without FMA in the build it is a libm call per element.
                 for (v, &s) in a.iter_mut().zip(src) {
-                    *v = wc.mul_add(s, *v);
+                    *v += wc * s;
                 }
             }
         }
@@ -334,7 +357,7 @@ mod tests {
                                 }
                             }
                         }
-                        out[((i * m + o) * oh + oy) * ow + ox] = (s as f32).clamp(0.0, 6.0);
+                        out[((i * m + o) * oh + oy) * ow + ox] = s as f32;
                     }
                 }
             }
@@ -342,10 +365,14 @@ mod tests {
         out
     }
 
-    /// Against the definition on ragged shapes: widths that are not whole vectors, channel
-    /// counts that are not whole groups, asymmetric pads, strides 1–3, both code paths.
+    /// Against the definition on ragged shapes, at every SIMD level, with and without bias and
+    /// clamp, on ranges of 1, 2 and 3 rows and whole planes: widths that are not whole vectors
+    /// and that are, channel counts that are not whole groups, asymmetric pads and pads wider
+    /// than the kernel (whole rows, ranges and phases of padding), strides 1–4 (4 wider than
+    /// the kernel), exactly 32 taps.
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
+        use crate::nn::kernels::simd;
         let cases = [
             // [n, c, h, w], [m, kh, kw], strides, pads (top, bottom), (left, right)
             ([1, 3, 17, 35], [32, 3, 3], [2, 2], [(0, 1), (0, 1)]),
@@ -353,7 +380,10 @@ mod tests {
             ([1, 1, 5, 40], [7, 3, 5], [1, 1], [(2, 0), (1, 3)]),
             ([3, 2, 12, 19], [17, 2, 4], [3, 3], [(1, 2), (0, 2)]),
             ([1, 4, 6, 6], [16, 2, 2], [1, 2], [(0, 0), (0, 0)]),
-            ([1, 3, 1, 50], [5, 1, 3], [1, 2], [(0, 0), (1, 1)]),
+            ([4, 3, 1, 50], [5, 1, 3], [1, 2], [(0, 0), (1, 1)]),
+            ([1, 3, 4, 3], [9, 3, 3], [1, 1], [(4, 5), (3, 4)]),
+            ([2, 2, 7, 33], [18, 3, 2], [4, 4], [(1, 1), (2, 0)]),
+            ([1, 2, 8, 32], [33, 4, 4], [2, 1], [(1, 2), (2, 1)]),
         ];
         for (d, [m, kh, kw], strides, pads) in cases {
             let [n, c, h, w] = d;
@@ -361,21 +391,39 @@ mod tests {
             let xs: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
             let ws: Vec<f32> = (0..m * c * kh * kw).map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0).collect();
             let bias: Vec<f32> = (0..m).map(|o| o as f32 / 7.0 - 1.0).collect();
-            let want = reference(&xs, &ws, &bias, d, [m, c, kh, kw], &g);
+            let plain = reference(&xs, &ws, &vec![0.0; m], d, [m, c, kh, kw], &g);
+            let biased = reference(&xs, &ws, &bias, d, [m, c, kh, kw], &g);
             let oh = (h + pads[0].0 + pads[0].1 - kh) / strides[0] + 1;
             let ow = (w + pads[1].0 + pads[1].1 - kw) / strides[1] + 1;
             let stem = Stem::new(d, [m, c, kh, kw], [oh, ow], &g).expect("applies");
-            for avx512 in [true, false] {
-                let _cap = (!avx512).then(|| crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Portable));
-                let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
-                stem.run(&xs, &ws, n, Some(&bias), Some(Clamp { lo: 0.0, hi: 6.0 }), &mut out);
-                for (j, (got, want)) in out.iter().zip(&want).enumerate() {
-                    // SAFETY: initialised above (NaN where the kernel might not write).
-                    let got = unsafe { got.assume_init() };
-                    assert!((got - want).abs() <= 1e-4, "{d:?} {m} {kh}x{kw} at {j}: {got} vs {want}");
+            let clamp = Clamp { lo: -1.5, hi: 2.0 };
+            for level in simd::levels() {
+                let _cap = simd::cap(level);
+                for rows in [1, 2, 3, oh] {
+                    for (bias, clamp, want) in [(None, None, &plain), (Some(&bias[..]), Some(clamp), &biased)] {
+                        let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
+                        stem.run_rows(&xs, &ws, n, (bias, clamp), rows, &mut out);
+                        for (j, (got, &want)) in out.iter().zip(want).enumerate() {
+                            // SAFETY: initialised above (NaN where the kernel might not write).
+                            let got = unsafe { got.assume_init() };
+                            let want = clamp.map_or(want, |c| want.clamp(c.lo, c.hi));
+                            assert!(
+                                (got - want).abs() <= 1e-4,
+                                "{level:?} {d:?} {m} {kh}x{kw} rows {rows} at {j}: {got} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// EfficientNet's stem takes the direct kernel where the plan is made.
+    #[test]
+    fn efficientnets_stem_is_planned_here() {
+        let g = Geometry { pads: [(0, 1); 2], strides: [2, 2], dilations: [1, 1], group: 1 };
+        let plan = super::super::conv::ConvPlan::new(&[1, 3, 224, 224], &[32, 3, 3, 3], &g).expect("plan");
+        assert!(plan.stem.is_some());
     }
 
     #[test]
