@@ -536,7 +536,7 @@ impl Bert {
                 layer.feed_forward(&mid, alive.len() * seq, &mut scratch, &mut xt, &mut profile)?;
             }
             // Rows nobody waits for come back as zeros (their callers are gone).
-            let mut out = vec![0f32; n * seq * h];
+            let mut out = crate::nn::kernels::filled(n * seq * h, 0f32);
             if !alive.is_empty() {
                 let rows_out = act::transpose(&xt, h, alive.len() * seq).ok_or_else(short)?;
                 for (row, &r) in rows_out.chunks_exact(seq * h).zip(&alive) {

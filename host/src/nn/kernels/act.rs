@@ -332,7 +332,7 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32
     if rows.checked_mul(cols)? > src.len() || rows == 0 || cols == 0 {
         return (rows.checked_mul(cols)? <= src.len()).then(Vec::new);
     }
-    let mut dst = vec![0f32; rows * cols];
+    let mut dst = super::filled(rows * cols, 0f32);
     let work = |(b, block): (usize, &mut [f32])| {
         let (c0, n) = (b * C, block.len() / rows);
         for (r, row) in src.chunks_exact(cols).take(rows).enumerate() {

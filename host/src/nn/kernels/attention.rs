@@ -92,7 +92,7 @@ pub(crate) fn by_gemm(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) -
             &qkvt[at..at + seq]
         };
         let mut q = Vec::with_capacity(head * seq);
-        let mut kt = vec![0f32; seq * head];
+        let mut kt = super::filled(seq * head, 0f32);
         let mut v = Vec::with_capacity(head * seq);
         for d in 0..head {
             q.extend(block(0, d).iter().map(|x| x * scale));
@@ -102,10 +102,10 @@ pub(crate) fn by_gemm(s: &Shape, qkvt: &[f32], mask: &[f32], ctxt: &mut [f32]) -
             v.extend_from_slice(block(2, d));
         }
         // Sᵀ[j][i]: key j against query i, plus key j's mask.
-        let mut st = vec![0f32; seq * seq];
+        let mut st = super::filled(seq * seq, 0f32);
         sgemm::gemm([seq, seq, head], &kt, None, &q, &mut st, Some(&mask[b * seq..(b + 1) * seq]), None)?;
         act::softmax_columns(&mut st, seq);
-        let mut ctx = vec![0f32; head * seq];
+        let mut ctx = super::filled(head * seq, 0f32);
         sgemm::gemm([head, seq, seq], &v, None, &st, &mut ctx, None, None)?;
         Ok(ctx)
     };
@@ -188,9 +188,9 @@ mod x86 {
     impl Scratch {
         pub(super) fn new(s: &Shape) -> Self {
             Self {
-                scores: vec![0.0; s.seq * W],
-                keys: vec![0.0; s.seq.div_ceil(KEYS) * KEYS * s.head],
-                queries: vec![0.0; s.head * W],
+                scores: super::super::filled(s.seq * W, 0.0),
+                keys: super::super::filled(s.seq.div_ceil(KEYS) * KEYS * s.head, 0.0),
+                queries: super::super::filled(s.head * W, 0.0),
             }
         }
     }

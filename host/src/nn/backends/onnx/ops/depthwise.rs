@@ -225,8 +225,13 @@ impl Depthwise {
         let skipped = std::sync::atomic::AtomicBool::new(false);
         units.into_par_iter().with_min_len(per_job).for_each_init(
             || {
-                let tile = vec![[0f32; L]; self.tile_rows * self.pw];
-                (tile, vec![[0f32; L]; self.band * self.ow], vec![0f32; c * rows * self.ow], Vec::new())
+                let tile = super::filled(self.tile_rows * self.pw, [0f32; L]);
+                (
+                    tile,
+                    super::filled(self.band * self.ow, [0f32; L]),
+                    super::filled(c * rows * self.ow, 0f32),
+                    Vec::new(),
+                )
             },
             |(tile, obuf, scratch, input), (i, oy0, item)| {
                 let oy1 = (oy0 + rows).min(self.oh);
@@ -321,7 +326,7 @@ impl Depthwise {
         units.into_par_iter().with_min_len(per_job).for_each_init(
             // Per job: the tile (its border columns stay zero: every band writes the same
             // interior) and the output band.
-            || (vec![[0f32; L]; self.tile_rows * self.pw], vec![[0f32; L]; self.band * self.ow]),
+            || (super::filled(self.tile_rows * self.pw, [0f32; L]), super::filled(self.band * self.ow, [0f32; L])),
             |(tile, obuf), (i, gi, lanes, oy0, mut dsts)| {
                 let first = (i * c + gi * L) * plane;
                 let block = Block {
@@ -609,13 +614,13 @@ impl Depthwise {
 /// zero.
 fn by_block<const L: usize>(ws: &[f32], bias: Option<&[f32]>, c: usize, taps: usize) -> (Vec<[f32; L]>, Vec<[f32; L]>) {
     let groups = c.div_ceil(L);
-    let mut wb = vec![[0f32; L]; groups * taps];
+    let mut wb = super::filled(groups * taps, [0f32; L]);
     for (ch, k) in ws.chunks_exact(taps).take(c).enumerate() {
         for (t, &v) in k.iter().enumerate() {
             wb[(ch / L) * taps + t][ch % L] = v;
         }
     }
-    let mut bb = vec![[0f32; L]; groups];
+    let mut bb = super::filled(groups, [0f32; L]);
     if let Some(b) = bias {
         for (ch, &v) in b.iter().take(c).enumerate() {
             bb[ch / L][ch % L] = v;

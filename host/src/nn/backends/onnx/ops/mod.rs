@@ -72,6 +72,8 @@ pub(super) fn zeros_f32(len: usize) -> Result<Vec<f32>, NnError> {
     Ok(v)
 }
 
+pub(super) use crate::nn::kernels::filled;
+
 /// An empty vector with room for `len` floats (for a kernel that writes every one into its
 /// spare capacity), or `too-large`, as [`zeros_f32`].
 pub(super) fn uninit_f32(len: usize) -> Result<Vec<f32>, NnError> {

@@ -139,8 +139,8 @@ impl Stem {
         );
         // Weights by group of 16 output channels, tap-major: `wb[g·taps + t][co]`.
         let groups = m.div_ceil(L);
-        let mut wb = vec![[0f32; L]; groups * taps];
-        let mut bb = vec![[0f32; L]; groups];
+        let mut wb = super::filled(groups * taps, [0f32; L]);
+        let mut bb = super::filled(groups, [0f32; L]);
         for o in 0..m {
             for t in 0..taps {
                 wb[(o / L) * taps + t][o % L] = ws[o * taps + t];
