@@ -150,6 +150,7 @@ impl Program {
         let mut body = Block { steps, outputs: outputs.iter().map(|(_, s)| *s).collect() };
         let input_slots: HashSet<usize> = inputs.iter().map(|i| i.slot).collect();
         fuse_conv_chains(&mut body, &c.consts);
+        fuse_residual_adds(&mut body);
         plan_frees(&mut body, &input_slots);
         prepare(&body, &c.consts);
         let output_shapes = graph.output.iter().map(|o| value_type(o).ok().and_then(|(_, shape)| shape)).collect();
@@ -921,16 +922,7 @@ fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
     // The steps reading each slot, found once (a scan per candidate made loading quadratic in
     // the graph's size). A fusion below keeps it right for every later candidate: the fused
     // step reads the first's inputs, which later candidates do not produce.
-    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (j, step) in block.steps.iter().enumerate() {
-        let mut r = Vec::new();
-        slots_read(step, &mut r);
-        r.sort_unstable();
-        r.dedup();
-        for slot in r {
-            readers.entry(slot).or_default().push(j);
-        }
-    }
+    let readers = readers(block);
     let mut steps: Vec<Option<Step>> = std::mem::take(&mut block.steps).into_iter().map(Some).collect();
     for k in 0..steps.len() {
         let Some(first) = &steps[k] else { continue };
@@ -968,6 +960,63 @@ fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
                 steps[k] = Some(Step { kind: Kind::Op(a), ..first });
                 steps[j] = Some(Step { kind: Kind::Op(b), ..second });
             }
+        }
+    }
+    block.steps = steps.into_iter().flatten().collect();
+}
+
+/// The steps reading each slot, in order.
+fn readers(block: &Block) -> HashMap<usize, Vec<usize>> {
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (j, step) in block.steps.iter().enumerate() {
+        let mut r = Vec::new();
+        slots_read(step, &mut r);
+        r.sort_unstable();
+        r.dedup();
+        for slot in r {
+            readers.entry(slot).or_default().push(j);
+        }
+    }
+    readers
+}
+
+/// Fuses each `Add` that alone reads a step's only output into that step where the step
+/// takes it ([`ops::Op::fuse_residual`]: a fused convolution block), the Add's other operand
+/// appended to its inputs: the block adds its residual while the output is still in cache.
+/// Only where that operand exists before the step runs (a graph input or an earlier step's
+/// output), since the fused step keeps the block's place.
+fn fuse_residual_adds(block: &mut Block) {
+    let kept: HashSet<usize> =
+        block.outputs.iter().filter_map(|s| if let Src::Slot(x) = s { Some(*x) } else { None }).collect();
+    let readers = readers(block);
+    let made_at: HashMap<usize, usize> =
+        block.steps.iter().enumerate().flat_map(|(k, s)| s.outputs.iter().map(move |&o| (o, k))).collect();
+    let mut steps: Vec<Option<Step>> = std::mem::take(&mut block.steps).into_iter().map(Some).collect();
+    for j in 0..steps.len() {
+        let Some(add) = &steps[j] else { continue };
+        let (Kind::Op(_), "Add", &[Some(Src::Slot(a)), Some(Src::Slot(b))]) =
+            (&add.kind, add.name_op(), add.inputs.as_slice())
+        else {
+            continue;
+        };
+        for (out, other) in [(a, b), (b, a)] {
+            let Some(&k) = made_at.get(&out) else { continue };
+            let sole = readers.get(&out).map(Vec::as_slice) == Some(&[j][..]);
+            let ready = made_at.get(&other).is_none_or(|&p| p < k);
+            if out == other || kept.contains(&out) || !sole || !ready {
+                continue;
+            }
+            let Some(Step { kind: Kind::Op(op), outputs, .. }) = steps[k].as_mut() else { continue };
+            if outputs.as_slice() != [out] || !op.fuse_residual() {
+                continue;
+            }
+            let Some(add) = steps[j].take() else { break };
+            if let Some(step) = steps[k].as_mut() {
+                step.inputs.push(Some(Src::Slot(other)));
+                step.name = format!("{}+{}", step.name, add.name);
+                step.outputs = add.outputs;
+            }
+            break;
         }
     }
     block.steps = steps.into_iter().flatten().collect();

@@ -561,6 +561,79 @@ fn convolution_blocks_fuse_only_where_nothing_else_reads_between() {
     }
 }
 
+/// A residual `Add` of a fused block's output and the block's input joins the block (one step),
+/// in either operand order, and adds exactly what the Add would; a residual that broadcasts
+/// ([1, m, 1, 1]) joins too and is added after the pass; an Add whose other operand is made
+/// after the block stays a step of its own.
+#[test]
+fn residual_additions_join_their_block() {
+    let (c, m, h, w) = (12usize, 4usize, 7usize, 9usize);
+    let val =
+        |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * 29 + k * 5) % 19) as f32 / 18.0 - 0.5).collect() };
+    let init = |name: &str, dims: &[usize], k: usize| TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: DataType::Float as i32,
+        float_data: val(dims.iter().product(), k),
+        ..Default::default()
+    };
+    let inits = || {
+        vec![
+            init("we", &[c, m, 1, 1], 1),
+            init("be", &[c], 2),
+            init("wd", &[c, 1, 3, 3], 3),
+            init("bd", &[c], 4),
+            init("wp", &[m, c, 1, 1], 5),
+            init("bp", &[m], 6),
+        ]
+    };
+    let block = |extra: Vec<NodeProto>| {
+        let mut nodes = vec![
+            node("Conv", &["x", "we", "be"], &["e"], vec![]),
+            node("Relu", &["e"], &["er"], vec![]),
+            node(
+                "Conv",
+                &["er", "wd", "bd"],
+                &["d"],
+                vec![attr_int("group", c as i64), attr_ints("pads", &[1, 1, 1, 1])],
+            ),
+            node("Relu", &["d"], &["dr"], vec![]),
+            node("Conv", &["dr", "wp", "bp"], &["y"], vec![]),
+        ];
+        nodes.extend(extra);
+        nodes
+    };
+    let n = 2usize;
+    let xd = [n as i64, m as i64, h as i64, w as i64];
+    let dims = [n as u32, m as u32, h as u32, w as u32];
+    let x = val(n * m * h * w, 7);
+    let s = val(m, 8);
+    let plain = model_with(block(vec![]), inits(), &[("x", &xd)], &["y"], 13);
+    let (_, y) = run(&plain, &[("x", &dims, &x)]).remove(0);
+    let cases = [
+        (vec![node("Add", &["y", "x"], &["z"], vec![])], 1, false),
+        (vec![node("Add", &["x", "y"], &["z"], vec![])], 1, false),
+        (vec![node("Add", &["y", "s"], &["z"], vec![])], 1, true),
+        // The other operand is made after the block: the block cannot take it.
+        (vec![node("Neg", &["x"], &["nx"], vec![]), node("Add", &["y", "nx"], &["z"], vec![])], 3, false),
+    ];
+    for (k, (extra, steps, broadcast)) in cases.into_iter().enumerate() {
+        let sd = [1i64, m as i64, 1, 1];
+        let g = model_with(block(extra), inits(), &[("x", &xd), ("s", &sd)], &["z"], 13);
+        assert_eq!(g.program.steps(), steps, "case {k}");
+        let (zdims, z) = run(&g, &[("x", &dims, &x), ("s", &[1, m as u32, 1, 1], &s)]).remove(0);
+        assert_eq!(zdims, dims.to_vec(), "case {k}");
+        for (j, (&got, &y)) in z.iter().zip(&y).enumerate() {
+            let want = match (k, broadcast) {
+                (3, _) => y - x[j],
+                (_, true) => y + s[(j / (h * w)) % m],
+                _ => y + x[j],
+            };
+            assert!((got - want).abs() <= 1e-6, "case {k} at {j}: {got} vs {want}");
+        }
+    }
+}
+
 /// `Shape` and `Size` declare what they make however few elements their input has (a
 /// `[1, 1, 1]` input's shape is 24 bytes, more than twice its 4): an output over its operator's
 /// declared bound panics in tests (Silero VAD logged it as a warning on every chunk).

@@ -325,8 +325,10 @@ pub(crate) type Pointwise<'a> = (&'a Tensor, Option<&'a Tensor>, Option<Clamp>, 
 /// (at batch 8, EfficientNet's depthwise outputs are 75 MB written and read again). With
 /// `expand` (a pointwise convolution whose only reader is the depthwise one), `x` is the
 /// expand convolution's input and each range computes just the expanded rows it reads, so the
-/// expanded tensor (the block's largest) never exists whole either.
-#[allow(clippy::type_complexity)]
+/// expanded tensor (the block's largest) never exists whole either. With `residual` (of the
+/// output's shape), each range adds its rows of it as it writes the output (a residual
+/// connection's `Add`, which would otherwise read both tensors from memory again).
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub(crate) fn depthwise_pointwise(
     x: &Tensor,
     expand: Option<Pointwise<'_>>,
@@ -334,6 +336,7 @@ pub(crate) fn depthwise_pointwise(
     plan: &ConvPlan,
     rows: usize,
     (wp, bp, clamp_p, cache): Pointwise<'_>,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor, NnError> {
     let [n, c, h, w] = plan.dims;
     let [oh, ow] = plan.out;
@@ -370,6 +373,11 @@ pub(crate) fn depthwise_pointwise(
     let be = f32s(expand.and_then(|e| e.1), c, "expand")?;
     let oplane = oh * ow;
     let len = n * m * oplane;
+    if let Some(r) = residual
+        && r.dims() != [n, m, oh, ow]
+    {
+        return Err(NnError::invalid_argument(format!("Add of {:?} and {:?}", [n, m, oh, ow], r.dims())));
+    }
     if len == 0 || rows == 0 {
         return Ok(Tensor::zeros((n, m, oh, ow), DType::F32, x.device())?);
     }
@@ -386,41 +394,48 @@ pub(crate) fn depthwise_pointwise(
     let failed = std::sync::Mutex::new(None);
     let fail = |e: NnError| *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
     let we = expand.map(|e| e.0).unwrap_or(wp);
-    let complete = with_f32(x, |xs| {
-        with_f32(wd, |wds| {
-            with_f32(wp, |wps| {
-                with_f32(we, |wes| {
-                    let packed = cache.map(|(cache, key)| cache.get(key, || pack_groups(wps, m, c, 1)));
-                    let packed = packed.as_ref().and_then(|p| p.first());
-                    let packed_e =
-                        expand.and_then(|e| e.3).map(|(cache, key)| cache.get(key, || pack_groups(wes, c, c_in, 1)));
-                    let packed_e = packed_e.as_ref().and_then(|p| p.first());
-                    // The expanded rows `ya..yb` of image `i`: the expand product over just
-                    // those rows of its input.
-                    let source = |i: usize, (ya, yb): (usize, usize), input: &mut Vec<f32>| {
-                        let cols = (yb - ya) * w;
-                        let mut band = Vec::with_capacity(c_in * cols);
-                        for plane in xs[i * c_in * h * w..(i + 1) * c_in * h * w].chunks_exact(h * w) {
-                            band.extend_from_slice(&plane[ya * w..yb * w]);
-                        }
-                        input.clear();
-                        input.reserve_exact(c * cols);
-                        let clamp_e = expand.and_then(|e| e.2);
-                        let dst = &mut input.spare_capacity_mut()[..c * cols];
-                        match gemm_into(1, [c, cols, c_in], wes, packed_e, &band, dst, be.as_deref(), clamp_e) {
-                            Ok(()) => {
-                                // SAFETY: `gemm_into` returned Ok, so it wrote all `c * cols`.
-                                unsafe { input.set_len(c * cols) };
-                                true
+    // The residual's floats, borrowed (without one, the depthwise weights stand in, unread).
+    let has_residual = residual.is_some();
+    let complete = with_f32(residual.unwrap_or(wd), |rs| {
+        let residual = has_residual.then_some(rs);
+        with_f32(x, |xs| {
+            with_f32(wd, |wds| {
+                with_f32(wp, |wps| {
+                    with_f32(we, |wes| {
+                        let packed = cache.map(|(cache, key)| cache.get(key, || pack_groups(wps, m, c, 1)));
+                        let packed = packed.as_ref().and_then(|p| p.first());
+                        let packed_e = expand
+                            .and_then(|e| e.3)
+                            .map(|(cache, key)| cache.get(key, || pack_groups(wes, c, c_in, 1)));
+                        let packed_e = packed_e.as_ref().and_then(|p| p.first());
+                        // The expanded rows `ya..yb` of image `i`: the expand product over just
+                        // those rows of its input.
+                        let source = |i: usize, (ya, yb): (usize, usize), input: &mut Vec<f32>| {
+                            let cols = (yb - ya) * w;
+                            let mut band = Vec::with_capacity(c_in * cols);
+                            for plane in xs[i * c_in * h * w..(i + 1) * c_in * h * w].chunks_exact(h * w) {
+                                band.extend_from_slice(&plane[ya * w..yb * w]);
                             }
-                            Err(e) => {
-                                fail(e);
-                                false
+                            input.clear();
+                            input.reserve_exact(c * cols);
+                            let clamp_e = expand.and_then(|e| e.2);
+                            let dst = &mut input.spare_capacity_mut()[..c * cols];
+                            match gemm_into(1, [c, cols, c_in], wes, packed_e, &band, dst, be.as_deref(), clamp_e) {
+                                Ok(()) => {
+                                    // SAFETY: `gemm_into` returned Ok, so it wrote all `c * cols`.
+                                    unsafe { input.set_len(c * cols) };
+                                    true
+                                }
+                                Err(e) => {
+                                    fail(e);
+                                    false
+                                }
                             }
-                        }
-                    };
-                    let then =
-                        |_: usize, (oy0, oy1): (usize, usize), scratch: &[f32], item: Vec<&mut [MaybeUninit<f32>]>| {
+                        };
+                        let then = |i: usize,
+                                    (oy0, oy1): (usize, usize),
+                                    scratch: &[f32],
+                                    item: Vec<&mut [MaybeUninit<f32>]>| {
                             let cols = (oy1 - oy0) * ow;
                             let mut band: Vec<f32> = Vec::with_capacity(m * cols);
                             let result = gemm_into(
@@ -437,21 +452,32 @@ pub(crate) fn depthwise_pointwise(
                                 Ok(()) => {
                                     // SAFETY: `gemm_into` returned Ok, so it wrote all `m * cols` values.
                                     unsafe { band.set_len(m * cols) };
-                                    for (dst, src) in item.into_iter().zip(band.chunks_exact(cols)) {
-                                        for (d, &v) in dst.iter_mut().zip(src) {
-                                            d.write(v);
+                                    for (ch, (dst, src)) in item.into_iter().zip(band.chunks_exact(cols)).enumerate() {
+                                        match residual {
+                                            Some(r) => {
+                                                let at = ((i * m + ch) * oh + oy0) * ow;
+                                                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&r[at..at + cols]) {
+                                                    d.write(v + r);
+                                                }
+                                            }
+                                            None => {
+                                                for (d, &v) in dst.iter_mut().zip(src) {
+                                                    d.write(v);
+                                                }
+                                            }
                                         }
                                     }
                                 }
                                 Err(e) => fail(e),
                             }
                         };
-                    let source: Option<&depthwise::Source<'_>> = expand.is_some().then_some(&source);
-                    dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then))
+                        let source: Option<&depthwise::Source<'_>> = expand.is_some().then_some(&source);
+                        dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then))
+                    })
                 })
             })
         })
-    })????;
+    })?????;
     if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         return Err(e);
     }
@@ -743,7 +769,7 @@ mod tests {
                 let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
                 // No pointwise outputs: an empty result, not a panic.
                 let wp0 = Tensor::zeros((0, c, 1, 1), DType::F32, &dev).unwrap();
-                let empty = depthwise_pointwise(&x, None, (&wd, None, None), &plan, 1, (&wp0, None, None, None));
+                let empty = depthwise_pointwise(&x, None, (&wd, None, None), &plan, 1, (&wp0, None, None, None), None);
                 assert_eq!(empty.unwrap().dims(), &[n, 0, plan.out[0], plan.out[1]]);
                 for rows in [1, 2, plan.out[0]] {
                     for expanding in [false, true] {
@@ -752,21 +778,35 @@ mod tests {
                         } else {
                             (&x, None)
                         };
-                        let got = depthwise_pointwise(
-                            input,
-                            expand,
-                            (&wd, Some(&bd), six),
-                            &plan,
-                            rows,
-                            (&wp, Some(&bp), three, Some((&cache, wp.id()))),
-                        )
-                        .unwrap();
-                        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                        assert!(
-                            diff < 1e-3,
-                            "{level:?} {:?} rows {rows} expanding {expanding}: {diff}",
-                            ([n, c, h, w], c_in, m, k, stride)
-                        );
+                        // Without a residual, and with one added as the output is written.
+                        // A different value at every element, so a misplaced row shows.
+                        let residual = Tensor::arange(0f32, want.elem_count() as f32, &Device::Cpu)
+                            .and_then(|t| t.reshape(want.shape())? * 1e-3)
+                            .unwrap();
+                        for r in [None, Some(&residual)] {
+                            let got = depthwise_pointwise(
+                                input,
+                                expand,
+                                (&wd, Some(&bd), six),
+                                &plan,
+                                rows,
+                                (&wp, Some(&bp), three, Some((&cache, wp.id()))),
+                                r,
+                            )
+                            .unwrap();
+                            let want = match r {
+                                Some(r) => (&want + r).unwrap(),
+                                None => want.clone(),
+                            };
+                            let diff =
+                                (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                            assert!(
+                                diff < 1e-3,
+                                "{level:?} {:?} rows {rows} expanding {expanding} residual {}: {diff}",
+                                ([n, c, h, w], c_in, m, k, stride),
+                                r.is_some()
+                            );
+                        }
                     }
                 }
             }

@@ -164,6 +164,12 @@ pub(super) trait Op: AsAny + Send + Sync {
         false
     }
 
+    /// Takes over an `Add` of its only output and another tensor, which the graph compiler
+    /// then appends as its last input (a residual connection); false if it cannot.
+    fn fuse_residual(&mut self) -> bool {
+        false
+    }
+
     /// Derives at load what it keeps from its constant inputs (`None`: not constant).
     fn prepare(&self, _constants: &[Option<&Tensor>]) {}
 }
@@ -299,6 +305,10 @@ impl Op for FloatOnly {
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
         self.op.fuse_clamp(clamp)
+    }
+
+    fn fuse_residual(&mut self) -> bool {
+        self.op.fuse_residual()
     }
 
     fn prepare(&self, constants: &[Option<&Tensor>]) {

@@ -744,10 +744,13 @@ impl Conv {
 /// depthwise weight and bias, the pointwise weight and bias. Where [`conv::chain_rows`] finds
 /// a split, one pass keeps each range's intermediate results in cache
 /// ([`conv::depthwise_pointwise`]); otherwise the convolutions run one after the other.
+/// With `residual` (an `Add` fused by the graph compiler), one more input follows, added to
+/// the output as the pass writes it (or after, where its shape broadcasts).
 pub(crate) struct ConvChain {
     expand: Option<Conv>,
     dw: Conv,
     pw: Conv,
+    residual: bool,
 }
 
 /// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
@@ -777,7 +780,7 @@ pub(crate) fn chain(
     let first = first.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
     if pair {
         let pw = second.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
-        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw }));
+        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw, residual: false }));
     }
     let chain = second.into_any().downcast::<ConvChain>().unwrap_or_else(|_| unreachable!("checked to be a chain"));
     Ok(Box::new(ConvChain { expand: Some(*first), ..*chain }))
@@ -799,10 +802,85 @@ impl super::Op for ConvChain {
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
-        self.pw.fuse_clamp(clamp)
+        // A clamp after the residual's addition would have to follow it.
+        !self.residual && self.pw.fuse_clamp(clamp)
+    }
+
+    fn fuse_residual(&mut self) -> bool {
+        self.residual = true;
+        true
     }
 
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let convs = self.bound_convs(i)?;
+        // Where the residual broadcasts, its addition makes one more tensor of the output's
+        // shape broadcast against it.
+        let added = match self.residual(i)? {
+            Some(r) => {
+                let (_, pw) = self.planned(i)?;
+                let [n, _, _, _] = pw.dims();
+                let [oh, ow] = pw.out();
+                let m = input(i, self.offset() + 3, "Conv")?.dims()[0];
+                let out = [n, m, oh, ow];
+                let rd = r.dims();
+                if rd.len() > 4 {
+                    return Err(NnError::invalid_argument(format!("Add of {out:?} and {rd:?}")));
+                }
+                // Right-aligned, the larger of each pair (a mismatch fails in the addition).
+                let mut dims = out.to_vec();
+                for (d, &x) in dims.iter_mut().rev().zip(rd.iter().rev()) {
+                    *d = (*d).max(x);
+                }
+                wide(count(&dims)?, 1)?
+            }
+            None => 0,
+        };
+        Ok(convs.saturating_add(added))
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let residual = self.residual(i)?;
+        let (mut outs, added) = self.run_chain(i, residual)?;
+        if let (Some(r), false) = (residual, added) {
+            let y = outs.pop().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+            outs.push(y.broadcast_add(r)?);
+        }
+        Ok(outs)
+    }
+}
+
+impl ConvChain {
+    /// The fused residual, where there is one: the input after the convolutions' operands.
+    fn residual<'a>(&self, i: &[Option<&'a Tensor>]) -> Result<Option<&'a Tensor>, NnError> {
+        if !self.residual {
+            return Ok(None);
+        }
+        Ok(Some(input(i, self.offset() + 5, "Add")?))
+    }
+
+    /// The depthwise and pointwise convolutions' plans for these inputs.
+    fn planned(&self, i: &[Option<&Tensor>]) -> Result<(conv::ConvPlan, conv::ConvPlan), NnError> {
+        let o = self.offset();
+        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
+        let xd = match &self.expand {
+            Some(e) => {
+                let (_, plan, _) = e.plan(x, input(i, 1, "Conv")?)?;
+                let [n, _, _, _] = plan.dims();
+                let [h, w] = plan.out();
+                vec![n, input(i, 1, "Conv")?.dims()[0], h, w]
+            }
+            None => x.dims().to_vec(),
+        };
+        let (_, dw, _) = self.dw.plan_dims(&xd, wd.dims())?;
+        let [n, _, _, _] = dw.dims();
+        let [oh, ow] = dw.out();
+        let mid = if xd.len() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
+        let (_, pw, _) = self.pw.plan_dims(&mid, wp.dims())?;
+        Ok((dw, pw))
+    }
+
+    /// What the convolutions allocate (without the residual's addition).
+    fn bound_convs(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let o = self.offset();
         let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
         // The expanded input's shape, and what the expand convolution holds.
@@ -839,7 +917,9 @@ impl super::Op for ConvChain {
         Ok(apart.max(fused).max(after_expand))
     }
 
-    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+    /// The chain's output, and whether `residual` was added to it (by the fused pass, where
+    /// it has the output's shape).
+    fn run_chain(&self, i: &[Option<&Tensor>], residual: Option<&Tensor>) -> Result<(Vec<Tensor>, bool), NnError> {
         let o = self.offset();
         let x = input(i, 0, "Conv")?;
         let (wd, wp) = (input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
@@ -849,9 +929,14 @@ impl super::Op for ConvChain {
             None => None,
         };
         // The depthwise and pointwise convolutions of `x` in one pass, after `expand` if given.
-        let fused = |x: &Tensor, expand, plan: &conv::ConvPlan, rows| -> Result<Vec<Tensor>, NnError> {
+        let fused = |x: &Tensor, expand, plan: &conv::ConvPlan, rows| -> Result<(Vec<Tensor>, bool), NnError> {
             let pointwise = (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id())));
-            Ok(vec![conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise)?])
+            let [n, _, _, _] = plan.dims();
+            let [oh, ow] = plan.out();
+            let out = [n, wp.dims()[0], oh, ow];
+            let residual = residual.filter(|r| r.dims() == out && r.dtype() == DType::F32);
+            let y = conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise, residual)?;
+            Ok((vec![y], residual.is_some()))
         };
         // The whole chain in one pass where it splits well; else the expand on its own and
         // the rest in one pass; else each on its own.
@@ -859,7 +944,7 @@ impl super::Op for ConvChain {
             return fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), &plan, rows);
         }
         let expanded = match expand {
-            Some((e, we, be)) => e.run(&[Some(x), Some(we), be])?,
+            Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be])?,
             None => vec![x.clone()],
         };
         let x = expanded.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
@@ -868,9 +953,9 @@ impl super::Op for ConvChain {
         {
             return fused(x, None, &plan, rows);
         }
-        let mid = self.dw.run(&[Some(x), Some(wd), bd])?;
+        let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
         let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-        self.pw.run(&[Some(mid), Some(wp), bp])
+        Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
     }
 }
 
