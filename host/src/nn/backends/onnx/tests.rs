@@ -603,6 +603,18 @@ fn residual_additions_join_their_block() {
         nodes.extend(extra);
         nodes
     };
+    // Two threads, so the block's split takes the fused pass (with more, it would run apart).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
+    pool.install(|| residual_cases([m, h, w], &val, &inits, &block));
+}
+
+#[allow(clippy::type_complexity)]
+fn residual_cases(
+    [m, h, w]: [usize; 3],
+    val: &dyn Fn(usize, usize) -> Vec<f32>,
+    inits: &dyn Fn() -> Vec<TensorProto>,
+    block: &dyn Fn(Vec<NodeProto>) -> Vec<NodeProto>,
+) {
     let n = 2usize;
     let xd = [n as i64, m as i64, h as i64, w as i64];
     let dims = [n as u32, m as u32, h as u32, w as u32];

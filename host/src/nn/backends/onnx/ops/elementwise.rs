@@ -352,6 +352,14 @@ fn pow(i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
     Ok(vec![Tensor::from_vec(out, shape, x.device())?.to_dtype(dtype)?])
 }
 
+/// `a + b` with numpy broadcasting, on the parallel f32 path where it applies.
+pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor, NnError> {
+    match Arith::Add.fast(a, b)? {
+        Some(t) => Ok(t),
+        None => Ok(a.broadcast_add(b)?),
+    }
+}
+
 /// The numpy broadcast of several shapes.
 pub(super) fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>, NnError> {
     let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);

@@ -771,7 +771,9 @@ pub(crate) fn chain(
     };
     let front = match (a, (*second).as_any().downcast_ref::<ConvChain>()) {
         // `w2` is then the chain's depthwise weight: its channels are the expand outputs.
-        (Some(a), Some(chain)) => chain.expand.is_none() && a.is_pointwise(w1) && w1.first() == w2.first(),
+        (Some(a), Some(chain)) => {
+            chain.expand.is_none() && !chain.residual && a.is_pointwise(w1) && w1.first() == w2.first()
+        }
         _ => false,
     };
     if !pair && !front {
@@ -807,14 +809,14 @@ impl super::Op for ConvChain {
     }
 
     fn fuse_residual(&mut self) -> bool {
-        self.residual = true;
-        true
+        // One residual: a second would have nowhere to go.
+        !std::mem::replace(&mut self.residual, true)
     }
 
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let convs = self.bound_convs(i)?;
-        // Where the residual broadcasts, its addition makes one more tensor of the output's
-        // shape broadcast against it.
+        // Where the residual is not added during the pass (it broadcasts, or the pass does not
+        // fuse), its addition makes one more tensor: the output's shape broadcast against it.
         let added = match self.residual(i)? {
             Some(r) => {
                 let (_, pw) = self.planned(i)?;
@@ -822,16 +824,7 @@ impl super::Op for ConvChain {
                 let [oh, ow] = pw.out();
                 let m = input(i, self.offset() + 3, "Conv")?.dims()[0];
                 let out = [n, m, oh, ow];
-                let rd = r.dims();
-                if rd.len() > 4 {
-                    return Err(NnError::invalid_argument(format!("Add of {out:?} and {rd:?}")));
-                }
-                // Right-aligned, the larger of each pair (a mismatch fails in the addition).
-                let mut dims = out.to_vec();
-                for (d, &x) in dims.iter_mut().rev().zip(rd.iter().rev()) {
-                    *d = (*d).max(x);
-                }
-                wide(count(&dims)?, 1)?
+                wide(count(&super::elementwise::broadcast_shape(&[&out, r.dims()])?)?, 1)?
             }
             None => 0,
         };
@@ -843,19 +836,23 @@ impl super::Op for ConvChain {
         let (mut outs, added) = self.run_chain(i, residual)?;
         if let (Some(r), false) = (residual, added) {
             let y = outs.pop().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-            outs.push(y.broadcast_add(r)?);
+            outs.push(super::elementwise::add(&y, r)?);
         }
         Ok(outs)
     }
 }
 
 impl ConvChain {
-    /// The fused residual, where there is one: the input after the convolutions' operands.
+    /// The fused residual, where there is one: the last input, after the convolutions'
+    /// operands.
     fn residual<'a>(&self, i: &[Option<&'a Tensor>]) -> Result<Option<&'a Tensor>, NnError> {
         if !self.residual {
             return Ok(None);
         }
-        Ok(Some(input(i, self.offset() + 5, "Add")?))
+        if i.len() < self.offset() + 6 {
+            return Err(NnError::runtime("Add: the fused block has no residual input"));
+        }
+        Ok(Some(input(i, i.len() - 1, "Add")?))
     }
 
     /// The depthwise and pointwise convolutions' plans for these inputs.
