@@ -474,47 +474,54 @@ fn lstm_matches_its_equations_in_every_direction_and_sees_new_weights() {
     }
 }
 
+/// Values for a block test's tensors: `n` of them, varied by `k`.
+fn block_values(n: usize, k: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 31 + k * 7) % 17) as f32 / 16.0 - 0.5).collect()
+}
+
+/// A MobileNet block's constants: expand `we`/`be` (`c_in` → `c`), depthwise `wd`/`bd` (3x3),
+/// project `wp`/`bp` (`c` → `m`), from [`block_values`] with `k` 1 to 6 in that order.
+fn block_inits(c_in: usize, c: usize, m: usize) -> Vec<TensorProto> {
+    let init = |name: &str, dims: &[usize], k: usize| TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: DataType::Float as i32,
+        float_data: block_values(dims.iter().product(), k),
+        ..Default::default()
+    };
+    vec![
+        init("we", &[c, c_in, 1, 1], 1),
+        init("be", &[c], 2),
+        init("wd", &[c, 1, 3, 3], 3),
+        init("bd", &[c], 4),
+        init("wp", &[m, c, 1, 1], 5),
+        init("bp", &[m], 6),
+    ]
+}
+
+/// The block's nodes on [`block_inits`]: `x` → expand, Relu → depthwise (`c` channels, pads 1),
+/// Relu → project → `y`, then `extra`.
+fn block_nodes(c: usize, extra: Vec<NodeProto>) -> Vec<NodeProto> {
+    let mut nodes = vec![
+        node("Conv", &["x", "we", "be"], &["e"], vec![]),
+        node("Relu", &["e"], &["er"], vec![]),
+        node("Conv", &["er", "wd", "bd"], &["d"], vec![attr_int("group", c as i64), attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Relu", &["d"], &["dr"], vec![]),
+        node("Conv", &["dr", "wp", "bp"], &["y"], vec![]),
+    ];
+    nodes.extend(extra);
+    nodes
+}
+
 /// An expand, depthwise and project Conv (with their ReLUs) fuse into one step where nothing
 /// else reads between them, and compute what the three compute one after the other; where the
 /// depthwise output is also a graph output, or a second node reads it, that pair stays apart.
 #[test]
 fn convolution_blocks_fuse_only_where_nothing_else_reads_between() {
     let (c_in, c, m, h, w) = (3usize, 20usize, 5usize, 9usize, 9usize);
-    let val =
-        |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * 31 + k * 7) % 17) as f32 / 16.0 - 0.5).collect() };
-    let init = |name: &str, dims: &[usize], k: usize| TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Float as i32,
-        float_data: val(dims.iter().product(), k),
-        ..Default::default()
-    };
-    let inits = || {
-        vec![
-            init("we", &[c, c_in, 1, 1], 1),
-            init("be", &[c], 2),
-            init("wd", &[c, 1, 3, 3], 3),
-            init("bd", &[c], 4),
-            init("wp", &[m, c, 1, 1], 5),
-            init("bp", &[m], 6),
-        ]
-    };
-    let block = |extra: Vec<NodeProto>| {
-        let mut nodes = vec![
-            node("Conv", &["x", "we", "be"], &["e"], vec![]),
-            node("Relu", &["e"], &["er"], vec![]),
-            node(
-                "Conv",
-                &["er", "wd", "bd"],
-                &["d"],
-                vec![attr_int("group", c as i64), attr_ints("pads", &[1, 1, 1, 1])],
-            ),
-            node("Relu", &["d"], &["dr"], vec![]),
-            node("Conv", &["dr", "wp", "bp"], &["y"], vec![]),
-        ];
-        nodes.extend(extra);
-        nodes
-    };
+    let val = block_values;
+    let inits = || block_inits(c_in, c, m);
+    let block = |extra| block_nodes(c, extra);
     let x = val(2 * c_in * h * w, 7);
     let dims = [2u32, c_in as u32, h as u32, w as u32];
     let xd = [2i64, c_in as i64, h as i64, w as i64];
@@ -567,83 +574,40 @@ fn convolution_blocks_fuse_only_where_nothing_else_reads_between() {
 /// after the block stays a step of its own.
 #[test]
 fn residual_additions_join_their_block() {
-    let (c, m, h, w) = (12usize, 4usize, 7usize, 9usize);
-    let val =
-        |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * 29 + k * 5) % 19) as f32 / 18.0 - 0.5).collect() };
-    let init = |name: &str, dims: &[usize], k: usize| TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Float as i32,
-        float_data: val(dims.iter().product(), k),
-        ..Default::default()
-    };
-    let inits = || {
-        vec![
-            init("we", &[c, m, 1, 1], 1),
-            init("be", &[c], 2),
-            init("wd", &[c, 1, 3, 3], 3),
-            init("bd", &[c], 4),
-            init("wp", &[m, c, 1, 1], 5),
-            init("bp", &[m], 6),
-        ]
-    };
-    let block = |extra: Vec<NodeProto>| {
-        let mut nodes = vec![
-            node("Conv", &["x", "we", "be"], &["e"], vec![]),
-            node("Relu", &["e"], &["er"], vec![]),
-            node(
-                "Conv",
-                &["er", "wd", "bd"],
-                &["d"],
-                vec![attr_int("group", c as i64), attr_ints("pads", &[1, 1, 1, 1])],
-            ),
-            node("Relu", &["d"], &["dr"], vec![]),
-            node("Conv", &["dr", "wp", "bp"], &["y"], vec![]),
-        ];
-        nodes.extend(extra);
-        nodes
-    };
     // Two threads, so the block's split takes the fused pass (with more, it would run apart).
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
-    pool.install(|| residual_cases([m, h, w], &val, &inits, &block));
-}
-
-#[allow(clippy::type_complexity)]
-fn residual_cases(
-    [m, h, w]: [usize; 3],
-    val: &dyn Fn(usize, usize) -> Vec<f32>,
-    inits: &dyn Fn() -> Vec<TensorProto>,
-    block: &dyn Fn(Vec<NodeProto>) -> Vec<NodeProto>,
-) {
-    let n = 2usize;
-    let xd = [n as i64, m as i64, h as i64, w as i64];
-    let dims = [n as u32, m as u32, h as u32, w as u32];
-    let x = val(n * m * h * w, 7);
-    let s = val(m, 8);
-    let plain = model_with(block(vec![]), inits(), &[("x", &xd)], &["y"], 13);
-    let (_, y) = run(&plain, &[("x", &dims, &x)]).remove(0);
-    let cases = [
-        (vec![node("Add", &["y", "x"], &["z"], vec![])], 1, false),
-        (vec![node("Add", &["x", "y"], &["z"], vec![])], 1, false),
-        (vec![node("Add", &["y", "s"], &["z"], vec![])], 1, true),
-        // The other operand is made after the block: the block cannot take it.
-        (vec![node("Neg", &["x"], &["nx"], vec![]), node("Add", &["y", "nx"], &["z"], vec![])], 3, false),
-    ];
-    for (k, (extra, steps, broadcast)) in cases.into_iter().enumerate() {
-        let sd = [1i64, m as i64, 1, 1];
-        let g = model_with(block(extra), inits(), &[("x", &xd), ("s", &sd)], &["z"], 13);
-        assert_eq!(g.program.steps(), steps, "case {k}");
-        let (zdims, z) = run(&g, &[("x", &dims, &x), ("s", &[1, m as u32, 1, 1], &s)]).remove(0);
-        assert_eq!(zdims, dims.to_vec(), "case {k}");
-        for (j, (&got, &y)) in z.iter().zip(&y).enumerate() {
-            let want = match (k, broadcast) {
-                (3, _) => y - x[j],
-                (_, true) => y + s[(j / (h * w)) % m],
-                _ => y + x[j],
-            };
-            assert!((got - want).abs() <= 1e-6, "case {k} at {j}: {got} vs {want}");
+    pool.install(|| {
+        let (c, m, h, w) = (12usize, 4usize, 7usize, 9usize);
+        let n = 2usize;
+        let xd = [n as i64, m as i64, h as i64, w as i64];
+        let dims = [n as u32, m as u32, h as u32, w as u32];
+        let x = block_values(n * m * h * w, 7);
+        let s = block_values(m, 8);
+        let plain = model_with(block_nodes(c, vec![]), block_inits(m, c, m), &[("x", &xd)], &["y"], 13);
+        let (_, y) = run(&plain, &[("x", &dims, &x)]).remove(0);
+        let cases = [
+            (vec![node("Add", &["y", "x"], &["z"], vec![])], 1, false),
+            (vec![node("Add", &["x", "y"], &["z"], vec![])], 1, false),
+            (vec![node("Add", &["y", "s"], &["z"], vec![])], 1, true),
+            // The other operand is made after the block: the block cannot take it.
+            (vec![node("Neg", &["x"], &["nx"], vec![]), node("Add", &["y", "nx"], &["z"], vec![])], 3, false),
+        ];
+        for (k, (extra, steps, broadcast)) in cases.into_iter().enumerate() {
+            let sd = [1i64, m as i64, 1, 1];
+            let g = model_with(block_nodes(c, extra), block_inits(m, c, m), &[("x", &xd), ("s", &sd)], &["z"], 13);
+            assert_eq!(g.program.steps(), steps, "case {k}");
+            let (zdims, z) = run(&g, &[("x", &dims, &x), ("s", &[1, m as u32, 1, 1], &s)]).remove(0);
+            assert_eq!(zdims, dims.to_vec(), "case {k}");
+            for (j, (&got, &y)) in z.iter().zip(&y).enumerate() {
+                let want = match (k, broadcast) {
+                    (3, _) => y - x[j],
+                    (_, true) => y + s[(j / (h * w)) % m],
+                    _ => y + x[j],
+                };
+                assert!((got - want).abs() <= 1e-6, "case {k} at {j}: {got} vs {want}");
+            }
         }
-    }
+    });
 }
 
 /// `Shape` and `Size` declare what they make however few elements their input has (a

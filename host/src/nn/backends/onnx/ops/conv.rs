@@ -160,13 +160,7 @@ impl ConvPlan {
             None => 0,
         };
         let stem = match &self.stem {
-            Some(s) => {
-                let weights = super::count(&[m.next_multiple_of(16), cg * kh * kw + 1])?;
-                s.thread_floats(s.rows(n))
-                    .checked_mul(threads)
-                    .and_then(|t| t.checked_add(weights))
-                    .ok_or_else(too_big)?
-            }
+            Some(s) => s.floats(n, threads).ok_or_else(too_big)?,
             None => 0,
         };
         let floats = output

@@ -814,12 +814,13 @@ impl super::Op for ConvChain {
     }
 
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
-        let convs = self.bound_convs(i)?;
+        let plans = self.planned(i)?;
+        let convs = self.bound_convs(i, &plans)?;
         // Where the residual is not added during the pass (it broadcasts, or the pass does not
         // fuse), its addition makes one more tensor: the output's shape broadcast against it.
         let added = match self.residual(i)? {
             Some(r) => {
-                let (_, pw) = self.planned(i)?;
+                let (_, pw, _) = &plans;
                 let [n, _, _, _] = pw.dims();
                 let [oh, ow] = pw.out();
                 let m = input(i, self.offset() + 3, "Conv")?.dims()[0];
@@ -855,32 +856,12 @@ impl ConvChain {
         Ok(Some(input(i, i.len() - 1, "Add")?))
     }
 
-    /// The depthwise and pointwise convolutions' plans for these inputs.
-    fn planned(&self, i: &[Option<&Tensor>]) -> Result<(conv::ConvPlan, conv::ConvPlan), NnError> {
+    /// The depthwise and pointwise convolutions' plans for these inputs, and what the expand
+    /// convolution (where there is one) holds.
+    fn planned(&self, i: &[Option<&Tensor>]) -> Result<(conv::ConvPlan, conv::ConvPlan, u64), NnError> {
         let o = self.offset();
         let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
-        let xd = match &self.expand {
-            Some(e) => {
-                let (_, plan, _) = e.plan(x, input(i, 1, "Conv")?)?;
-                let [n, _, _, _] = plan.dims();
-                let [h, w] = plan.out();
-                vec![n, input(i, 1, "Conv")?.dims()[0], h, w]
-            }
-            None => x.dims().to_vec(),
-        };
-        let (_, dw, _) = self.dw.plan_dims(&xd, wd.dims())?;
-        let [n, _, _, _] = dw.dims();
-        let [oh, ow] = dw.out();
-        let mid = if xd.len() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
-        let (_, pw, _) = self.pw.plan_dims(&mid, wp.dims())?;
-        Ok((dw, pw))
-    }
-
-    /// What the convolutions allocate (without the residual's addition).
-    fn bound_convs(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
-        let o = self.offset();
-        let (x, wd, wp) = (input(i, 0, "Conv")?, input(i, o + 1, "Conv")?, input(i, o + 3, "Conv")?);
-        // The expanded input's shape, and what the expand convolution holds.
+        // The expanded input's shape.
         let (xd, expanded) = match &self.expand {
             Some(e) => {
                 let (_, plan, _) = e.plan(x, input(i, 1, "Conv")?)?;
@@ -896,19 +877,28 @@ impl ConvChain {
         let [oh, ow] = dw.out();
         let mid = if xd.len() == 3 { vec![n, wd.dims()[0], ow] } else { vec![n, wd.dims()[0], oh, ow] };
         let (_, pw, _) = self.pw.plan_dims(&mid, wp.dims())?;
+        Ok((dw, pw, expanded))
+    }
+
+    /// What the convolutions allocate (without the residual's addition), planned as `planned`.
+    fn bound_convs(
+        &self,
+        i: &[Option<&Tensor>],
+        (dw, pw, expanded): &(conv::ConvPlan, conv::ConvPlan, u64),
+    ) -> Result<u64, NnError> {
+        let (x, m) = (input(i, 0, "Conv")?, input(i, self.offset() + 3, "Conv")?.dims()[0]);
+        let expanded = *expanded;
         // Either path: the convolutions' own bounds (each output held while the next one
         // runs), or the fused pass's output and scratch; the larger.
         let apart = expanded.saturating_add(dw.bytes()?).saturating_add(pw.bytes()?);
         // The whole chain fused, or the expand on its own and the rest fused.
         let c_in = self.expand.as_ref().map(|_| x.dims()[1]);
-        let fused = match conv::chain_rows(&dw, c_in.is_some()) {
-            Some(rows) => conv::chain_bytes(&dw, wp.dims()[0], rows, c_in)?.saturating_add(pw.bytes()?),
+        let fused = match conv::chain_rows(dw, c_in.is_some()) {
+            Some(rows) => conv::chain_bytes(dw, m, rows, c_in)?.saturating_add(pw.bytes()?),
             None => 0,
         };
-        let after_expand = match conv::chain_rows(&dw, false) {
-            Some(rows) => {
-                expanded.saturating_add(conv::chain_bytes(&dw, wp.dims()[0], rows, None)?).saturating_add(pw.bytes()?)
-            }
+        let after_expand = match conv::chain_rows(dw, false) {
+            Some(rows) => expanded.saturating_add(conv::chain_bytes(dw, m, rows, None)?).saturating_add(pw.bytes()?),
             None => 0,
         };
         Ok(apart.max(fused).max(after_expand))

@@ -84,10 +84,18 @@ impl Stem {
         (top, bottom)
     }
 
-    /// Floats a worker's phase rows take for `rows` output rows (what the plan reserves).
-    pub(crate) fn thread_floats(&self, rows: usize) -> u64 {
+    /// Floats a worker's phase rows take for `rows` output rows.
+    fn thread_floats(&self, rows: usize) -> u64 {
         let input = ((rows.max(1) - 1) * self.sh + self.kh).min(self.h);
         (self.c * input * self.sw * self.len + self.sw * self.len) as u64
+    }
+
+    /// The most floats [`Stem::run`] allocates for `n` images beyond the output (what the plan
+    /// reserves): the weights and bias by group, and the phase rows of up to `threads` workers.
+    pub(crate) fn floats(&self, n: usize, threads: u64) -> Option<u64> {
+        let groups = (self.m.div_ceil(L) * L) as u64;
+        let weights = groups.checked_mul((self.c * self.kh * self.kw + 1) as u64)?;
+        self.thread_floats(self.rows(n)).checked_mul(threads)?.checked_add(weights)
     }
 
     /// Whether `n` images give each thread at least two ranges of rows: one row per image (a
@@ -97,14 +105,13 @@ impl Stem {
     }
 
     /// Output rows per unit of parallel work: about four units per thread over the batch.
-    pub(crate) fn rows(&self, n: usize) -> usize {
+    fn rows(&self, n: usize) -> usize {
         let ranges = (4 * rayon::current_num_threads()).div_ceil(n.max(1)).clamp(1, self.oh);
         self.oh.div_ceil(ranges)
     }
 
     /// `out = clamp(conv(xs, ws) + bias)` for `n` images: `xs` `[n, c, h, w]`, `ws`
     /// `[m, c, kh, kw]`, `out` `[n, m, oh, ow]`, every element of which is written.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
         &self,
         xs: &[f32],
@@ -435,5 +442,9 @@ mod tests {
         assert!(Stem::new([1, 3, 8, 8], [8, 3, 3, 3], [4, 4], &g(1, [2, 2])).is_none());
         assert!(Stem::new([1, 3, 8, 8], [8, 3, 1, 1], [8, 8], &g(1, [1, 1])).is_none());
         assert!(Stem::new([1, 3, 8, 8], [8, 3, 3, 3], [6, 6], &g(1, [1, 1])).is_some());
+        // Sizes whose phase rows or output would overflow are refused, not wrapped.
+        let huge = usize::MAX / 4;
+        assert!(Stem::new([1, 3, 8, huge], [8, 3, 3, 3], [6, huge - 2], &g(1, [1, 1])).is_none());
+        assert!(Stem::new([1, 3, huge, 8], [8, 3, 3, 3], [huge - 2, 6], &g(1, [1, 1])).is_none());
     }
 }
