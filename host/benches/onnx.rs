@@ -31,10 +31,17 @@ fn tensor(dims: Vec<u32>, values: &[f32]) -> HostTensor {
 /// pool's other threads, as ONNX Runtime's caller joins its own pool, rather than waking the
 /// pool from outside and sleeping until it is done. Each run keeps the other threads awake as
 /// the scheduler does for a pass running alone (`EIR_BENCH_SPIN=0`: not).
+/// Passes before timing: at least what the ONNX backend's tuner takes.
+const WARMUP: usize = 30;
+
 fn median_time(iters: usize, mut f: impl FnMut() + Send) -> Duration {
     let awake = eir::scheduler::Awake::new(std::env::var("EIR_BENCH_SPIN").map_or(true, |v| v != "0"));
     rayon::scope(|_| {
-        f();
+        // The first passes of a shape time each way its fused blocks can split (the ONNX
+        // backend's tuner, three runs of each of at most nine): those are warm-up.
+        for _ in 0..WARMUP {
+            f();
+        }
         let mut v: Vec<Duration> = (0..iters)
             .map(|_| {
                 let t = Instant::now();

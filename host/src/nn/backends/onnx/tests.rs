@@ -610,6 +610,35 @@ fn residual_additions_join_their_block() {
     });
 }
 
+/// A fused block's first passes on a shape each run one of the ways it can split (fused
+/// ranges of several sizes, the expand apart, each convolution apart), timed to keep the
+/// fastest: every one of them computes the same numbers, to the bit, so which one wins never
+/// shows in a result.
+#[test]
+fn every_split_a_block_is_timed_on_computes_the_same_numbers() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
+    pool.install(|| {
+        // 21 rows at batch 1: ranges of 6, 11 and 21 rows (and 3), the expand fused or apart.
+        // 400 input channels: the project's reduction is deeper than one slice of the GEMM's k.
+        let (c_in, c, m, h, w) = (5usize, 400usize, 24usize, 21usize, 19usize);
+        let xd = [1i64, c_in as i64, h as i64, w as i64];
+        let dims = [1u32, c_in as u32, h as u32, w as u32];
+        let x = block_values(c_in * h * w, 7);
+        let g = model_with(block_nodes(c, vec![]), block_inits(c_in, c, m), &[("x", &xd)], &["y"], 13);
+        assert_eq!(g.program.steps(), 1);
+        let (_, first) = run(&g, &[("x", &dims, &x)]).remove(0);
+        for pass in 0..40 {
+            let (_, y) = run(&g, &[("x", &dims, &x)]).remove(0);
+            assert!(y.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "pass {pass} differs");
+        }
+        let runs = super::ops::SPLITS_RUN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut splits: Vec<&String> = runs.iter().filter(|(d, _)| d == &[1, c_in, h, w]).map(|(_, s)| s).collect();
+        splits.sort();
+        splits.dedup();
+        assert!(splits.len() >= 4, "tried {splits:?}");
+    });
+}
+
 /// `Shape` and `Size` declare what they make however few elements their input has (a
 /// `[1, 1, 1]` input's shape is 24 bytes, more than twice its 4): an output over its operator's
 /// declared bound panics in tests (Silero VAD logged it as a warning on every chunk).

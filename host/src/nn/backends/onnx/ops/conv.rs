@@ -255,6 +255,15 @@ const WHOLE_PLANE: usize = 9 << 14;
 /// outputs would read without the kernel's overlap (above this the expand runs on its own).
 const MAX_HALO: f64 = 1.34;
 
+/// The most of the expanded rows a fused expand may compute twice in a split that is timed
+/// against the others ([`chain_candidates`]).
+const TUNED_HALO: f64 = 1.6;
+
+/// The fewest columns of a timed split's product: a narrower one would take the GEMM's
+/// turned-around kernel, whose summation order differs, and every split must compute the
+/// same numbers.
+const TUNED_COLUMNS: usize = 16;
+
 /// How a fused depthwise + pointwise pass splits its output: `rows` output rows of one image
 /// at a time (ranges as even as they can be), or `None` where the split would leave threads
 /// idle or products too narrow to pay (a batch of one 7x7 plane: the kernels then run one
@@ -262,13 +271,56 @@ const MAX_HALO: f64 = 1.34;
 /// the depthwise input range by range, which must fit [`EXPAND_SCRATCH`] without computing
 /// more than [`MAX_HALO`] of it.
 pub(crate) fn chain_rows(plan: &ConvPlan, expanding: bool) -> Option<usize> {
+    let (most, threads) = chain_limit(plan, expanding)?;
+    let [n, _, _, _] = plan.dims;
+    let [oh, _] = plan.out;
+    // At least two ranges per thread, and where there are few, as many for each thread (7
+    // ranges on 2 threads take as long as 8: EfficientNet's first block at batch 1, 0.45 →
+    // 0.31 ms as 8).
+    let mut ranges = oh.div_ceil(most).max((2 * threads).div_ceil(n)).min(oh);
+    if n * ranges < 8 * threads {
+        ranges = (n * ranges).next_multiple_of(threads).div_ceil(n).min(oh);
+    }
+    let rows = oh.div_ceil(ranges);
+    // (A range of a whole plane computes no row twice, whatever its padding.)
+    if expanding && rows < oh && plan.depthwise.as_ref()?.halo(rows) > MAX_HALO {
+        return None;
+    }
+    chain_pays(plan, rows, threads, 32).then_some(rows)
+}
+
+/// Every split of a fused pass worth timing ([`super::tune`]): [`chain_rows`]'s first, then
+/// those giving each thread one, two or four ranges of rows, within the same scratch limits;
+/// with `expanding`, none that computes more than [`TUNED_HALO`] of the expanded rows.
+pub(crate) fn chain_candidates(plan: &ConvPlan, expanding: bool) -> Vec<usize> {
+    let mut rows: Vec<usize> = chain_rows(plan, expanding).into_iter().collect();
+    let (Some((most, threads)), Some(dw)) = (chain_limit(plan, expanding), plan.depthwise.as_ref()) else {
+        return rows;
+    };
+    let [n, _, _, _] = plan.dims;
+    let [oh, _] = plan.out;
+    for per_thread in [1, 2, 4] {
+        let ranges = (per_thread * threads).div_ceil(n).max(oh.div_ceil(most)).min(oh);
+        let r = oh.div_ceil(ranges);
+        let halo_ok = !expanding || r == oh || dw.halo(r) <= TUNED_HALO;
+        if halo_ok && chain_pays(plan, r, threads, TUNED_COLUMNS) && !rows.contains(&r) {
+            rows.push(r);
+        }
+    }
+    rows
+}
+
+/// The most output rows one range of a fused pass may hold (its scratch within
+/// [`CHAIN_SCRATCH`], and with `expanding` its expanded rows within [`EXPAND_SCRATCH`], unless
+/// a whole plane fits [`WHOLE_PLANE`]), and the threads it is shared among; `None` for a
+/// plan that is not depthwise or an empty batch.
+fn chain_limit(plan: &ConvPlan, expanding: bool) -> Option<(usize, usize)> {
     let [n, c, _, w] = plan.dims;
     let [oh, ow] = plan.out;
     let dw = plan.depthwise.as_ref()?;
     if n == 0 || c == 0 {
         return None;
     }
-    let threads = rayon::current_num_threads();
     let whole = c * oh * ow <= WHOLE_PLANE && (!expanding || c * dw.input_rows(oh) * w <= WHOLE_PLANE);
     let mut most = if whole { oh } else { (CHAIN_SCRATCH / (c * ow).max(1)).clamp(1, oh) };
     if expanding && !whole {
@@ -276,14 +328,15 @@ pub(crate) fn chain_rows(plan: &ConvPlan, expanding: bool) -> Option<usize> {
             most -= 1;
         }
     }
-    // At least two ranges per thread.
-    let ranges = oh.div_ceil(most).max((2 * threads).div_ceil(n)).min(oh);
-    let rows = oh.div_ceil(ranges);
-    // (A range of a whole plane computes no row twice, whatever its padding.)
-    if expanding && rows < oh && dw.halo(rows) > MAX_HALO {
-        return None;
-    }
-    (rows * ow >= 32 && n * oh.div_ceil(rows) >= threads).then_some(rows)
+    Some((most, rayon::current_num_threads()))
+}
+
+/// Whether ranges of `rows` rows keep every thread busy and each range's product at least
+/// `columns` wide.
+fn chain_pays(plan: &ConvPlan, rows: usize, threads: usize, columns: usize) -> bool {
+    let [n, _, _, _] = plan.dims;
+    let [oh, ow] = plan.out;
+    rows * ow >= columns && n * oh.div_ceil(rows) >= threads
 }
 
 /// The most bytes a fused pass (`plan` the depthwise convolution's, `m` the pointwise

@@ -10,6 +10,7 @@ mod reduce;
 mod rnn;
 mod shape;
 mod stem;
+mod tune;
 
 use candle_core::{DType, Tensor};
 
@@ -22,6 +23,8 @@ pub(super) use crate::nn::kernels::sgemm::Clamp;
 #[cfg(test)]
 pub(super) use crate::nn::kernels::simd::{cap as simd_cap, levels as simd_levels};
 pub(super) use control::constant_value;
+#[cfg(test)]
+pub(super) use nn::SPLITS_RUN;
 
 /// Data an operator derives from its inputs (packed or transposed weights), kept between runs
 /// for as long as those inputs are the same tensors (`K`: one tensor's id, or a tuple of them):

@@ -751,6 +751,25 @@ pub(crate) struct ConvChain {
     dw: Conv,
     pw: Conv,
     residual: bool,
+    /// Per input shape, the fastest [`Split`] (every split computes the same numbers).
+    tuner: super::tune::Tuner<Split>,
+}
+
+/// Each fused block's input shape and the split it ran, for the tests' check that every
+/// split was tried and computed the same numbers.
+#[cfg(test)]
+pub(crate) static SPLITS_RUN: std::sync::Mutex<Vec<(Vec<usize>, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// How a [`ConvChain`] runs: the candidates its tuner times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Split {
+    /// The whole chain in one pass, `rows` output rows at a time (with an expand convolution,
+    /// each range computes the expanded rows it reads).
+    Fused(usize),
+    /// The expand convolution on its own, then the rest in one pass of `rows` rows at a time.
+    AfterExpand(usize),
+    /// Each convolution on its own, in parallel within itself.
+    Apart,
 }
 
 /// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
@@ -782,7 +801,8 @@ pub(crate) fn chain(
     let first = first.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
     if pair {
         let pw = second.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
-        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw, residual: false }));
+        let tuner = Default::default();
+        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw, residual: false, tuner }));
     }
     let chain = second.into_any().downcast::<ConvChain>().unwrap_or_else(|_| unreachable!("checked to be a chain"));
     Ok(Box::new(ConvChain { expand: Some(*first), ..*chain }))
@@ -888,20 +908,22 @@ impl ConvChain {
     ) -> Result<u64, NnError> {
         let (x, m) = (input(i, 0, "Conv")?, input(i, self.offset() + 3, "Conv")?.dims()[0]);
         let expanded = *expanded;
-        // Either path: the convolutions' own bounds (each output held while the next one
-        // runs), or the fused pass's output and scratch; the larger.
+        // Any split: the convolutions' own bounds (each output held while the next one runs),
+        // or a fused pass's output and scratch; the largest.
         let apart = expanded.saturating_add(dw.bytes()?).saturating_add(pw.bytes()?);
+        let mut most = apart;
         // The whole chain fused, or the expand on its own and the rest fused.
         let c_in = self.expand.as_ref().map(|_| x.dims()[1]);
-        let fused = match conv::chain_rows(dw, c_in.is_some()) {
-            Some(rows) => conv::chain_bytes(dw, m, rows, c_in)?.saturating_add(pw.bytes()?),
-            None => 0,
-        };
-        let after_expand = match conv::chain_rows(dw, false) {
-            Some(rows) => expanded.saturating_add(conv::chain_bytes(dw, m, rows, None)?).saturating_add(pw.bytes()?),
-            None => 0,
-        };
-        Ok(apart.max(fused).max(after_expand))
+        if c_in.is_some() {
+            for rows in conv::chain_candidates(dw, true) {
+                most = most.max(conv::chain_bytes(dw, m, rows, c_in)?.saturating_add(pw.bytes()?));
+            }
+        }
+        for rows in conv::chain_candidates(dw, false) {
+            let fused = conv::chain_bytes(dw, m, rows, None)?.saturating_add(pw.bytes()?);
+            most = most.max(expanded.saturating_add(fused));
+        }
+        Ok(most)
     }
 
     /// The chain's output, and whether `residual` was added to it (by the fused pass, where
@@ -925,24 +947,46 @@ impl ConvChain {
             let y = conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise, residual)?;
             Ok((vec![y], residual.is_some()))
         };
-        // The whole chain in one pass where it splits well; else the expand on its own and
-        // the rest in one pass; else each on its own.
-        if let Some((plan, rows)) = self.fused(x, expand.map(|e| e.1), wd, wp)? {
-            return fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), &plan, rows);
+        let (plan, splits) = self.splits(x, expand.map(|e| e.1), wd, wp)?;
+        // Keyed by what the candidates depend on: the pool's size, then for each operand
+        // whether it is f32, its rank and its shape.
+        let mut key = vec![rayon::current_num_threads()];
+        for t in [Some(x), expand.map(|e| e.1), Some(wd), Some(wp)] {
+            let dims = t.map(Tensor::dims).unwrap_or_default();
+            key.extend([usize::from(t.is_some_and(|t| t.dtype() == DType::F32)), dims.len()]);
+            key.extend(dims);
         }
-        let expanded = match expand {
-            Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be])?,
-            None => vec![x.clone()],
+        let (split, ticket) = self.tuner.pick(&key, || splits).unwrap_or((Split::Apart, None));
+        #[cfg(test)]
+        SPLITS_RUN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((x.dims().to_vec(), format!("{split:?}")));
+        let started = std::time::Instant::now();
+        let expanded = |x: &Tensor| match expand {
+            Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be]),
+            None => Ok(vec![x.clone()]),
         };
-        let x = expanded.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-        if expand.is_some()
-            && let Some((plan, rows)) = self.fused(x, None, wd, wp)?
-        {
-            return fused(x, None, &plan, rows);
+        let out = match (split, &plan) {
+            (Split::Fused(rows), Some(plan)) => {
+                fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), plan, rows)
+            }
+            (Split::AfterExpand(rows), Some(plan)) => {
+                let x = expanded(x)?;
+                fused(x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?, None, plan, rows)
+            }
+            _ => {
+                let x = expanded(x)?;
+                let x = x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+                let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
+                let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+                Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+            }
+        }?;
+        if let Some(ticket) = ticket {
+            self.tuner.record(ticket, started.elapsed());
         }
-        let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
-        let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-        Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+        Ok(out)
     }
 }
 
@@ -952,32 +996,40 @@ impl ConvChain {
         if self.expand.is_some() { 2 } else { 0 }
     }
 
-    /// The depthwise plan and, where the fused pass runs, its split (with the expand where `we`,
-    /// its weight, is given; without it, on `x` already expanded).
-    fn fused(
+    /// The depthwise convolution's plan on the expanded input where a fused pass can run
+    /// (`we`: the expand convolution's weight, if there is one), and the splits to time:
+    /// the fused ones (the default first), then [`Split::Apart`], which always runs.
+    fn splits(
         &self,
         x: &Tensor,
         we: Option<&Tensor>,
         wd: &Tensor,
         wp: &Tensor,
-    ) -> Result<Option<(conv::ConvPlan, usize)>, NnError> {
+    ) -> Result<(Option<conv::ConvPlan>, Vec<Split>), NnError> {
         let f32s = [Some(x), we, Some(wd), Some(wp)].iter().flatten().all(|t| t.dtype() == DType::F32);
         let pointwise = |c: &Conv, w: &Tensor| c.is_pointwise(w.dims());
-        // `we` is None once the expand has run on its own.
         let expand_ok = match (&self.expand, we) {
             (Some(e), Some(we)) => pointwise(e, we),
-            (_, None) => true,
-            (None, Some(_)) => false,
+            (None, None) => true,
+            _ => false,
         };
         if !f32s || x.rank() != 4 || !pointwise(&self.pw, wp) || !expand_ok {
-            return Ok(None);
+            return Ok((None, vec![Split::Apart]));
         }
         let xd = match we {
             Some(we) => vec![x.dims()[0], we.dims()[0], x.dims()[2], x.dims()[3]],
             None => x.dims().to_vec(),
         };
         let (_, plan, _) = self.dw.plan_dims(&xd, wd.dims())?;
-        Ok(conv::chain_rows(&plan, we.is_some()).map(|rows| (plan, rows)))
+        let mut splits: Vec<Split> = Vec::new();
+        if we.is_some() {
+            splits.extend(conv::chain_candidates(&plan, true).into_iter().map(Split::Fused));
+            splits.extend(conv::chain_candidates(&plan, false).into_iter().map(Split::AfterExpand));
+        } else {
+            splits.extend(conv::chain_candidates(&plan, false).into_iter().map(Split::Fused));
+        }
+        splits.push(Split::Apart);
+        Ok((Some(plan), splits))
     }
 }
 
