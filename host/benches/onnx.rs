@@ -60,7 +60,9 @@ fn main() -> anyhow::Result<()> {
     unsafe { eir::scheduler::one_compute_pool() };
     // `EIR_ONNX_PROFILE=1` logs each pass's time by operator (the executor logs through tracing).
     if std::env::var_os("EIR_ONNX_PROFILE").is_some() {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+        // RUST_LOG=eir::nn::backends::onnx::ops::tune=debug adds which split each block chose.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let threads = rayon::current_num_threads();

@@ -50,6 +50,14 @@ const NARROW_MIN: usize = 8;
 /// costs tens of microseconds.
 const PARALLEL_MIN: usize = 1 << 20;
 
+/// Whether a column of C comes out the same, to the bit, whichever other columns share its
+/// product: so with the AVX-512 kernels, which compute every element in one order (the
+/// AVX2 tile leaves mid-width products to the `gemm` crate, whose blocking depends on the
+/// shape). Callers that choose between splits of a product by timing rely on it.
+pub(crate) fn columns_independent() -> bool {
+    simd::avx512()
+}
+
 /// `A` (`m×k`) laid out for the tile kernels, `[panel][k][mr]` with rows past `m` zero: `mr`
 /// is [`MR512`] for the AVX-512 tile and [`MR`] for the AVX2 one, chosen by the CPU when
 /// packing. Convolution and dense-layer weights are packed once and kept.
@@ -946,6 +954,13 @@ mod x86 {
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
         let strips = (j1 - j0).div_ceil(NR);
+        // The last strip's columns past a whole register (all of them, if they are few) that
+        // run turned around, for all of the unit's panels at once (`tail`).
+        let tail = match (j1 - j0) - (strips - 1) * NR {
+            c if c <= TAIL => c,
+            c if c > 16 && c - 16 <= TAIL => c - 16,
+            _ => 0,
+        };
         // The strips of B this unit packs, one slice at a time: at most NC columns by KC rows
         // (384 KiB), kept per thread so no unit allocates. Taken out of the thread-local while
         // in use, so a nested use could never see it borrowed.
@@ -976,7 +991,10 @@ mod x86 {
                 let bias = &bias[t * MR512..(t + 1) * MR512];
                 for i in 0..strips {
                     let j = j0 + i * NR;
-                    let cols = NR.min(j1 - j);
+                    let cols = NR.min(j1 - j) - if i + 1 == strips { tail } else { 0 };
+                    if cols == 0 {
+                        continue;
+                    }
                     let (bp, ldb) =
                         if pack_b { (local[i * depth * NR..].as_ptr(), NR) } else { (b[p0 * n + j..].as_ptr(), n) };
                     let c = c.wrapping_add(t * MR512 * n + j);
@@ -1003,9 +1021,185 @@ mod x86 {
                     }
                 }
             }
+            if tail > 0 {
+                let jt = j1 - tail;
+                let (bp, ldb) = if pack_b {
+                    (local[(strips - 1) * depth * NR + (jt - j0 - (strips - 1) * NR)..].as_ptr(), NR)
+                } else {
+                    (b[p0 * n + jt..].as_ptr(), n)
+                };
+                let mut t = u.panels.start;
+                while t < u.panels.end {
+                    let (p, kernel) = tail_kernel(tail, u.panels.end - t);
+                    let rows = (m - t * MR512).min(p * MR512);
+                    let c = c.wrapping_add(t * MR512 * n + jt);
+                    let job = Tail {
+                        k: depth,
+                        a: &a[(t * k + p0) * MR512..],
+                        stride: k * MR512,
+                        b: bp,
+                        ldb,
+                        c,
+                        ldc: n,
+                        rows,
+                        bias: &bias[t * MR512..(t + p) * MR512],
+                        clamp,
+                        first,
+                        last,
+                    };
+                    // SAFETY: AVX-512F is available (the contract); `kernel` takes `p` panels
+                    // (`tail_kernel`, p ≤ the unit's panels left) of `tail` columns: panels
+                    // t..t+p hold k×MR512 values each from `a[t·k·MR512..]`, and this slice's
+                    // `depth` steps from p0 lie inside them; B's columns jt..j1 are inside its
+                    // strip for `depth` rows at stride `ldb` (packed: the last strip, packed
+                    // above for this slice; in place: from row p0, with j1 ≤ n); the rows
+                    // t·MR512.. (up to m) at columns jt..j1 of C are this unit's alone, and
+                    // GELU rewrites only those, just written.
+                    unsafe {
+                        kernel(&job);
+                        if gelu && last {
+                            gelu_rows(c, rows, tail, n);
+                        }
+                    }
+                    t += p;
+                }
+            }
         }
         if pack_b {
             STRIPS.with(|s| s.replace(local));
+        }
+    }
+
+    /// Most columns [`tail`] takes: a 12×16 tile spends 12 FMAs per step of `k` on them
+    /// whatever their number, the turned-around kernel one per column per panel, for up to
+    /// four panels at once (so the FMA chains hide each other's latency). A 7x7 plane's 49
+    /// columns are a 32-column strip, a 16-column one and one column that way, where the
+    /// strips alone ran 64 (EfficientNet's 7x7 products, 1152x49x192 and 192x49x1152, ran
+    /// 1.2x faster; `sgemm::timing`).
+    const TAIL: usize = 8;
+
+    /// One slice of `k` for the last `N` (≤ [`TAIL`]) columns of a unit's strip, for `P`
+    /// panels: `rows` rows of C at `c` (row stride `ldc`), the panels `stride` floats apart in
+    /// `a` (each from this slice's first step).
+    struct Tail<'a> {
+        k: usize,
+        a: &'a [f32],
+        stride: usize,
+        /// Row 0 of the columns in B (row stride `ldb`).
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        /// One value per row of the panels.
+        bias: &'a [f32],
+        clamp: Option<Clamp>,
+        /// As [`Tile`]'s: C is written on the first slice, added to after it, and gets bias and
+        /// clamp on the last.
+        first: bool,
+        last: bool,
+    }
+
+    /// The [`tail`] kernel for `n` (1..=[`TAIL`]) columns and the panels it takes, given
+    /// `left` (at least 1) panels: as many as leave registers for A's loads and B's broadcast
+    /// (`P·n ≤ 24`, at most 4) where that many are left, else one.
+    fn tail_kernel(n: usize, left: usize) -> (usize, unsafe fn(&Tail<'_>)) {
+        let many = left >= if n <= 6 { 4 } else { 3 };
+        match (n, many) {
+            (1, true) => (4, tail::<1, 4>),
+            (2, true) => (4, tail::<2, 4>),
+            (3, true) => (4, tail::<3, 4>),
+            (4, true) => (4, tail::<4, 4>),
+            (5, true) => (4, tail::<5, 4>),
+            (6, true) => (4, tail::<6, 4>),
+            (7, true) => (3, tail::<7, 3>),
+            (_, true) => (3, tail::<8, 3>),
+            (1, false) => (1, tail::<1, 1>),
+            (2, false) => (1, tail::<2, 1>),
+            (3, false) => (1, tail::<3, 1>),
+            (4, false) => (1, tail::<4, 1>),
+            (5, false) => (1, tail::<5, 1>),
+            (6, false) => (1, tail::<6, 1>),
+            (7, false) => (1, tail::<7, 1>),
+            (_, false) => (1, tail::<8, 1>),
+        }
+    }
+
+    /// `N` columns × `P` panels of C for one slice of `k`, turned around: each (panel, column)
+    /// one register of 12 rows, a panel's step of A one masked load, B's values broadcast.
+    /// Every element takes the same operations in the same order as in [`tile`] (products
+    /// added from zero along the slice, then C's partial sum, then bias and clamp), so a
+    /// column's values do not depend on which kernel ran it.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `N ≤ TAIL`; `t.b` must be readable for `t.k` rows of `N`
+    /// floats at stride `t.ldb`, and `t.c` readable and writable for `t.rows` rows of `N`
+    /// floats at stride `t.ldc` (initialised unless `t.first`). The operands' lengths are
+    /// asserted.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tail<const N: usize, const P: usize>(t: &Tail<'_>) {
+        const PANEL: __mmask16 = (1 << MR512) - 1;
+        assert!(
+            t.rows <= P * MR512
+                && t.bias.len() >= P * MR512
+                && t.a.len() >= (P - 1) * t.stride + t.k * MR512
+                && t.stride >= t.k * MR512,
+            "sgemm: tail operands do not match"
+        );
+        let mut acc = [[_mm512_setzero_ps(); N]; P];
+        let (mut ap, mut brow) = (t.a.as_ptr(), t.b);
+        for _ in 0..t.k {
+            let mut av = [_mm512_setzero_ps(); P];
+            for q in 0..P {
+                // SAFETY: panel q's step p (`ap` = a + p·MR512, p < k, within the asserted
+                // length): 12 values, masked.
+                av[q] = unsafe { _mm512_maskz_loadu_ps(PANEL, ap.add(q * t.stride)) };
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(q * t.stride + 16 * MR512).cast::<i8>());
+            }
+            for j in 0..N {
+                // SAFETY: row p of B's columns (`brow` = b + p·ldb, p < k), column j < N.
+                let bv = _mm512_set1_ps(unsafe { *brow.add(j) });
+                for q in 0..P {
+                    acc[q][j] = _mm512_fmadd_ps(av[q], bv, acc[q][j]);
+                }
+            }
+            ap = ap.wrapping_add(MR512);
+            brow = brow.wrapping_add(t.ldb);
+        }
+        for q in 0..P {
+            let live = t.rows.saturating_sub(q * MR512).min(MR512);
+            if live == 0 {
+                break;
+            }
+            // SAFETY: 12 bias values of panel q (asserted length), masked.
+            let bias = unsafe { _mm512_maskz_loadu_ps(PANEL, t.bias.as_ptr().add(q * MR512)) };
+            for j in 0..N {
+                // Column j of the panel's rows: row r at `col + r·ldc`, r < live.
+                let col = t.c.wrapping_add(q * MR512 * t.ldc + j);
+                let mut x = acc[q][j];
+                let mut lanes = [0f32; 16];
+                if !t.first {
+                    for (r, v) in lanes.iter_mut().enumerate().take(live) {
+                        // SAFETY: row q·12 + r < rows, column j < N: inside C, initialised.
+                        *v = unsafe { *col.add(r * t.ldc) };
+                    }
+                    // SAFETY: `lanes` holds 16 floats.
+                    x = _mm512_add_ps(x, unsafe { _mm512_loadu_ps(lanes.as_ptr()) });
+                }
+                if t.last {
+                    x = _mm512_add_ps(x, bias);
+                    if let Some(Clamp { lo, hi }) = t.clamp {
+                        x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                    }
+                }
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
+                for (r, &v) in lanes.iter().enumerate().take(live) {
+                    // SAFETY: as above.
+                    unsafe { *col.add(r * t.ldc) = v };
+                }
+            }
         }
     }
 
@@ -1385,6 +1579,73 @@ mod tests {
                         epilogue(&mut other, n, Some(&bias), clamp);
                         let worst = other.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                         assert!(worst < 1e-4, "portable {m}x{n}x{k}: {worst}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A column of C comes out the same, to the bit, whichever other columns share its product
+    /// and whichever kernel runs it (a whole strip, a 16-column tile, the turned-around tail,
+    /// B read in place or packed): a fused convolution block splits its rows into ranges of
+    /// many sizes, and every split must compute the same numbers.
+    #[test]
+    fn a_column_does_not_depend_on_its_neighbours() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            if !columns_independent() {
+                continue;
+            }
+            // k deeper than one slice (partial sums go back to C) and not; partial panels.
+            for [m, k] in [[24, 1152], [50, 192], [13, 40]] {
+                let a: Vec<f32> = (0..m * k).map(value).collect();
+                let bias: Vec<f32> = (0..m).map(|i| value(i + 11)).collect();
+                let packed = Packed::new(m, k, &a);
+                let clamp = Some(Clamp { lo: -0.5, hi: 6.0 });
+                for n in [9, 14, 17, 21, 24, 28, 33, 40, 49, 56, 98, 196] {
+                    let b: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+                    let columns = |from: usize, to: usize| -> Vec<f32> {
+                        let w = to - from;
+                        let part: Vec<f32> = b.chunks_exact(n).flat_map(|row| &row[from..to]).copied().collect();
+                        let mut c = vec![f32::NAN; m * w];
+                        gemm([m, w, k], &a, packed.as_ref(), &part, &mut c, Some(&bias), clamp).unwrap();
+                        c
+                    };
+                    let whole = columns(0, n);
+                    // Ranges of rows of a 7- or 14-wide plane, and cuts at every strip's edge.
+                    for cut in [7, 9, 14, 16, 17, 21, 28, 32, 40, 48] {
+                        if cut >= n || n - cut < 9 || cut < 9 {
+                            continue;
+                        }
+                        for (from, to) in [(0, cut), (cut, n)] {
+                            let part = columns(from, to);
+                            for (r, row) in part.chunks_exact(to - from).enumerate() {
+                                let want = &whole[r * n + from..r * n + to];
+                                let same = row.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits());
+                                assert!(same, "{level:?} {m}x{n}x{k}, columns {from}..{to}, row {r}");
+                            }
+                        }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if let (true, Some(packed)) = (simd::avx512(), &packed) {
+                        let shape = GemmShape::new(1, [m, n, k], a.len(), b.len(), m * n, Some(m)).unwrap();
+                        let mut c = vec![f32::NAN; m * n];
+                        // SAFETY: the CPU has AVX-512F (checked); `shape` was checked against
+                        // these operands; `packed` is this m×k; c holds m·n floats.
+                        unsafe {
+                            x86::gemm(
+                                x86::Kernel::Avx512Packed,
+                                &shape,
+                                packed,
+                                &b,
+                                c.as_mut_ptr(),
+                                Some(&bias),
+                                clamp,
+                                false,
+                            )
+                        };
+                        assert!(c.iter().zip(&whole).all(|(x, y)| x.to_bits() == y.to_bits()), "packed B {m}x{n}x{k}");
                     }
                 }
             }

@@ -635,7 +635,9 @@ fn every_split_a_block_is_timed_on_computes_the_same_numbers() {
         let mut splits: Vec<&String> = runs.iter().filter(|(d, _)| d == &[1, c_in, h, w]).map(|(_, s)| s).collect();
         splits.sort();
         splits.dedup();
-        assert!(splits.len() >= 4, "tried {splits:?}");
+        // Where the GEMM's columns depend on their neighbours, only the default runs.
+        let timed = crate::nn::kernels::sgemm::columns_independent();
+        assert!(if timed { splits.len() >= 4 } else { splits.len() == 1 }, "tried {splits:?}");
     });
 }
 

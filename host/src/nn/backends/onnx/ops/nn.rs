@@ -998,7 +998,9 @@ impl ConvChain {
 
     /// The depthwise convolution's plan on the expanded input where a fused pass can run
     /// (`we`: the expand convolution's weight, if there is one), and the splits to time:
-    /// the fused ones (the default first), then [`Split::Apart`], which always runs.
+    /// the one [`conv::chain_rows`]'s rule picks first, then the other fused ones and
+    /// [`Split::Apart`], which always runs. Where the GEMM's columns are not computed
+    /// independently of each other, only the rule's.
     fn splits(
         &self,
         x: &Tensor,
@@ -1021,14 +1023,27 @@ impl ConvChain {
             None => x.dims().to_vec(),
         };
         let (_, plan, _) = self.dw.plan_dims(&xd, wd.dims())?;
-        let mut splits: Vec<Split> = Vec::new();
-        if we.is_some() {
-            splits.extend(conv::chain_candidates(&plan, true).into_iter().map(Split::Fused));
-            splits.extend(conv::chain_candidates(&plan, false).into_iter().map(Split::AfterExpand));
-        } else {
-            splits.extend(conv::chain_candidates(&plan, false).into_iter().map(Split::Fused));
+        // The rule's split first: the tuner keeps it unless another is clearly faster.
+        let rule = match (we, conv::chain_rows(&plan, we.is_some()), conv::chain_rows(&plan, false)) {
+            (_, Some(rows), _) => Split::Fused(rows),
+            (Some(_), None, Some(rows)) => Split::AfterExpand(rows),
+            _ => Split::Apart,
+        };
+        let mut splits = vec![rule];
+        if !sgemm::columns_independent() {
+            // Splits would differ in the last bits: the rule decides, untimed.
+            return Ok((Some(plan), splits));
         }
-        splits.push(Split::Apart);
+        let fused = |expanding| conv::chain_candidates(&plan, expanding).into_iter();
+        let others: Vec<Split> = match we {
+            Some(_) => fused(true).map(Split::Fused).chain(fused(false).map(Split::AfterExpand)).collect(),
+            None => fused(false).map(Split::Fused).collect(),
+        };
+        for split in others.into_iter().chain([Split::Apart]) {
+            if !splits.contains(&split) {
+                splits.push(split);
+            }
+        }
         Ok((Some(plan), splits))
     }
 }
