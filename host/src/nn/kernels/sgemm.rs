@@ -1795,7 +1795,11 @@ mod timing {
     #[ignore]
     fn kernel_against_the_gemm_crate() {
         let _cap = simd::cap(simd::Level::Avx512);
-        let shapes: [(&str, [usize; 3]); 15] = [
+        let shapes: [(&str, [usize; 3]); 19] = [
+            ("expand 112->672 @14", [672, 196, 112]),
+            ("project 672->112 @14", [112, 196, 672]),
+            ("expand 112->672 @14x4rows", [672, 56, 112]),
+            ("project 672->112 @14x4rows", [112, 56, 672]),
             ("pw 16->96 @112", [96, 12544, 16]),
             ("pw 144->24 @56", [24, 3136, 144]),
             ("pw 240->80 @14", [80, 196, 240]),

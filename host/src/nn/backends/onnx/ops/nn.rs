@@ -956,37 +956,50 @@ impl ConvChain {
             key.extend([usize::from(t.is_some_and(|t| t.dtype() == DType::F32)), dims.len()]);
             key.extend(dims);
         }
-        let (split, ticket) = self.tuner.pick(&key, || splits).unwrap_or((Split::Apart, None));
-        #[cfg(test)]
-        SPLITS_RUN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((x.dims().to_vec(), format!("{split:?}")));
-        let started = std::time::Instant::now();
+        let rule = splits.first().copied().unwrap_or(Split::Apart);
+        let (split, ticket) = self.tuner.pick(&key, || splits).unwrap_or((rule, None));
         let expanded = |x: &Tensor| match expand {
             Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be]),
             None => Ok(vec![x.clone()]),
         };
-        let out = match (split, &plan) {
-            (Split::Fused(rows), Some(plan)) => {
-                fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), plan, rows)
+        let run = |split: Split| -> Result<(Vec<Tensor>, bool), NnError> {
+            #[cfg(test)]
+            SPLITS_RUN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((x.dims().to_vec(), format!("{split:?}")));
+            match (split, &plan) {
+                (Split::Fused(rows), Some(plan)) => {
+                    fused(x, expand.map(|(e, we, be)| (we, be, e.clamp, Some((&e.packed, we.id())))), plan, rows)
+                }
+                (Split::AfterExpand(rows), Some(plan)) => {
+                    let x = expanded(x)?;
+                    fused(x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?, None, plan, rows)
+                }
+                _ => {
+                    let x = expanded(x)?;
+                    let x = x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+                    let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
+                    let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+                    Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+                }
             }
-            (Split::AfterExpand(rows), Some(plan)) => {
-                let x = expanded(x)?;
-                fused(x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?, None, plan, rows)
+        };
+        let Some(ticket) = ticket else { return run(split) };
+        let started = std::time::Instant::now();
+        match run(split) {
+            Ok(out) => {
+                self.tuner.record(ticket, started.elapsed());
+                Ok(out)
             }
-            _ => {
-                let x = expanded(x)?;
-                let x = x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-                let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
-                let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-                Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+            // A split the rule would not have run fails (its larger scratch could not be
+            // allocated): never again, and this pass runs the rule's.
+            Err(_) if split != rule => {
+                self.tuner.reject(ticket);
+                run(rule)
             }
-        }?;
-        if let Some(ticket) = ticket {
-            self.tuner.record(ticket, started.elapsed());
+            Err(e) => Err(e),
         }
-        Ok(out)
     }
 }
 

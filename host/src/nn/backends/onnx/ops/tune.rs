@@ -81,6 +81,16 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
         shape.candidates.get(index).map(|c| (c.clone(), Some(ticket)))
     }
 
+    /// Rules out the candidate of `ticket` (its run failed): it is not run again, nor chosen.
+    pub(super) fn reject(&self, ticket: Ticket) {
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(shape) = shapes.iter_mut().find(|s| s.key == ticket.key) else { return };
+        if let Some(run) = shape.runs.get_mut(ticket.index) {
+            *run = (SAMPLES, Duration::MAX);
+        }
+        Self::choose(shape);
+    }
+
     /// Records how long the run of `ticket` took; once every candidate of its shape has run
     /// [`SAMPLES`] times, the fastest (by its fastest run) is chosen for good.
     pub(super) fn record(&self, ticket: Ticket, took: Duration) {
@@ -89,6 +99,11 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
         let Some((n, best)) = shape.runs.get_mut(ticket.index) else { return };
         *n += 1;
         *best = (*best).min(took);
+        Self::choose(shape);
+    }
+
+    /// Chooses for `shape` once every candidate has run [`SAMPLES`] times.
+    fn choose(shape: &mut Shape<C>) {
         if shape.chosen.is_none() && shape.runs.iter().all(|(n, _)| *n >= SAMPLES) {
             let fastest = shape.runs.iter().enumerate().min_by_key(|(_, (_, best))| *best).map(|(i, _)| i);
             // The default keeps its place unless another candidate beats it by MARGIN.
@@ -152,6 +167,16 @@ mod tests {
             tuner.record(ticket.unwrap(), Duration::from_micros(if c == 'a' { 1050 } else { 1000 }));
         }
         assert_eq!(tuner.chosen(&[7]), Some('a'));
+        // A candidate whose run failed is not run again, nor chosen.
+        let (c, ticket) = tuner.pick(&[8], || vec!['a', 'b']).unwrap();
+        assert_eq!(c, 'a');
+        tuner.reject(ticket.unwrap());
+        for _ in 0..SAMPLES {
+            let (c, ticket) = tuner.pick(&[8], || unreachable!()).unwrap();
+            assert_eq!(c, 'b');
+            tuner.record(ticket.unwrap(), Duration::from_millis(9));
+        }
+        assert_eq!(tuner.chosen(&[8]), Some('b'));
         // Another shape starts over; a lone candidate is not timed.
         assert!(tuner.pick(&[3], || vec!['a', 'b']).unwrap().1.is_some());
         assert!(tuner.pick(&[4], || vec!['c']).unwrap().1.is_none());
