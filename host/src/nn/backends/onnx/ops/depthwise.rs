@@ -226,12 +226,10 @@ impl Depthwise {
         units.into_par_iter().with_min_len(per_job).for_each_init(
             || {
                 let tile = super::filled(self.tile_rows * self.pw, [0f32; L]);
-                (
-                    tile,
-                    super::filled(self.band * self.ow, [0f32; L]),
-                    super::filled(c * rows * self.ow, 0f32),
-                    Vec::new(),
-                )
+                // The scratch is written whole by each range's units before `then` reads it.
+                let mut scratch: Vec<MaybeUninit<f32>> = Vec::new();
+                scratch.resize_with(c * rows * self.ow, MaybeUninit::uninit);
+                (tile, super::filled(self.band * self.ow, [0f32; L]), scratch, Vec::new())
             },
             |(tile, obuf, scratch, input), (i, oy0, item)| {
                 let oy1 = (oy0 + rows).min(self.oh);
@@ -252,12 +250,7 @@ impl Depthwise {
                 };
                 let scratch = &mut scratch[..c * len];
                 {
-                    // SAFETY: MaybeUninit<f32> has f32's layout, and the kernels write only
-                    // initialised values, so the floats stay initialised.
-                    let raw = unsafe {
-                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<MaybeUninit<f32>>(), scratch.len())
-                    };
-                    let mut channels = raw.chunks_exact_mut(len);
+                    let mut channels = scratch.chunks_exact_mut(len);
                     for gi in 0..groups {
                         let lanes = L.min(c - gi * L);
                         let first = gi * L * plane;
@@ -276,6 +269,11 @@ impl Depthwise {
                         unsafe { unit(self, block, (oy0, oy1), tile, obuf, &mut dsts) }
                     }
                 }
+                // SAFETY: the c channels' rows are the `channels` chunks above, each handed to
+                // one unit as a destination, and a unit writes every element of its
+                // destinations (it panics on one shorter than its rows, as for `run`'s
+                // uninitialised output); MaybeUninit<f32> has f32's layout.
+                let scratch = unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<f32>(), scratch.len()) };
                 then(i, (oy0, oy1), scratch, item);
             },
         );
