@@ -50,10 +50,16 @@ const NARROW_MIN: usize = 8;
 /// costs tens of microseconds.
 const PARALLEL_MIN: usize = 1 << 20;
 
+/// The widest product (columns of C) that runs turned around (`x86::narrow`), which sums all
+/// of `k` in one register where the tile adds slices of it through C.
+pub(crate) const TURNED_MAX: usize = 8;
+
 /// Whether a column of C comes out the same, to the bit, whichever other columns share its
-/// product: so with the AVX-512 kernels, which compute every element in one order (the
-/// AVX2 tile leaves mid-width products to the `gemm` crate, whose blocking depends on the
-/// shape). Callers that choose between splits of a product by timing rely on it.
+/// product, for products of at least 4 rows and more than [`TURNED_MAX`] columns (fewer rows
+/// stream B's rows instead, fewer columns run turned around): so with the AVX-512 kernels,
+/// which compute every such element in one order (the AVX2 tile leaves mid-width products to
+/// the `gemm` crate, whose blocking depends on the shape). Callers that choose between splits
+/// of a product by timing rely on it.
 pub(crate) fn columns_independent() -> bool {
     simd::avx512()
 }
@@ -673,7 +679,7 @@ mod x86 {
     /// (Xeon, AVX-512, 2 threads), narrow against the tile, µs: MiniLM's qkv at 8 tokens
     /// (1152x8x384) 64 against 94; ffn1 (1536x8x384) 88 against 126; ffn2 (384x8x1536) 82
     /// against 134; at 4 tokens 58 against 134.
-    pub const NT: usize = 8;
+    pub const NT: usize = super::TURNED_MAX;
 
     /// `C = clamp(A·B + bias)` for `n ≤ NT` columns, turned around: each register holds 12
     /// rows of one column of `C` (a panel's step of A is one masked load), B's values are

@@ -20,7 +20,7 @@ use super::depthwise::{self, Depthwise, MAX_LANES};
 use super::stem::Stem;
 use super::with_f32;
 use crate::nn::error::NnError;
-use crate::nn::kernels::sgemm::{Clamp, Packed, gemm_into};
+use crate::nn::kernels::sgemm::{self, Clamp, Packed, gemm_into};
 
 /// Geometry of a 2-D convolution.
 pub(crate) struct Geometry {
@@ -308,6 +308,22 @@ pub(crate) fn chain_candidates(plan: &ConvPlan, expanding: bool) -> Vec<usize> {
         }
     }
     rows
+}
+
+/// Whether every range of `rows` output rows (the last may be shorter) gives the fused
+/// pass's products more than [`sgemm::TURNED_MAX`] columns: the project's, and with
+/// `expanding` the expand's over the input rows the range reads. Narrower ones run turned
+/// around, in another order of summation than the same columns in a wider product.
+pub(crate) fn chain_tiled(plan: &ConvPlan, rows: usize, expanding: bool) -> bool {
+    let [_, _, _, w] = plan.dims;
+    let [oh, ow] = plan.out;
+    let Some(dw) = plan.depthwise.as_ref() else { return false };
+    rows > 0
+        && (0..oh).step_by(rows).all(|oy0| {
+            let oy1 = (oy0 + rows).min(oh);
+            let (ya, yb) = dw.input_span(oy0, oy1);
+            (oy1 - oy0) * ow > sgemm::TURNED_MAX && (!expanding || (yb - ya) * w > sgemm::TURNED_MAX)
+        })
 }
 
 /// The most output rows one range of a fused pass may hold (its scratch within

@@ -113,6 +113,16 @@ impl Depthwise {
         (rows.max(1) - 1) * self.sh + (self.kh - 1) * self.dh + 1
     }
 
+    /// The input rows `ya..yb` that output rows `oy0..oy1` (`oy0 < oy1 ≤ oh`) read, within the
+    /// input (padding rows are not among them).
+    pub(super) fn input_span(&self, oy0: usize, oy1: usize) -> (usize, usize) {
+        let reach = (self.kh - 1) * self.dh + 1;
+        let top = oy0 * self.sh;
+        let ya = top.saturating_sub(self.pt).min(self.h);
+        let yb = (top + (oy1 - oy0 - 1) * self.sh + reach).saturating_sub(self.pt).min(self.h).max(ya);
+        (ya, yb)
+    }
+
     /// How many times the input rows that `rows` output rows read exceed the rows they advance
     /// by (`rows` times the stride): what a producer computing each range's input computes.
     pub(super) fn halo(&self, rows: usize) -> f64 {
@@ -221,7 +231,6 @@ impl Depthwise {
         let units: Vec<(usize, usize, T)> =
             items.into_iter().enumerate().map(|(u, t)| (u / ranges, (u % ranges) * rows, t)).collect();
         let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
-        let reach = (self.kh - 1) * self.dh + 1;
         let skipped = std::sync::atomic::AtomicBool::new(false);
         units.into_par_iter().with_min_len(per_job).for_each_init(
             || {
@@ -235,9 +244,7 @@ impl Depthwise {
                 let oy1 = (oy0 + rows).min(self.oh);
                 let len = (oy1 - oy0) * self.ow;
                 // The input rows these output rows read: from `source`, or this image's.
-                let top = oy0 * self.sh;
-                let ya = top.saturating_sub(self.pt).min(self.h);
-                let yb = (top + (oy1 - oy0 - 1) * self.sh + reach).saturating_sub(self.pt).min(self.h).max(ya);
+                let (ya, yb) = self.input_span(oy0, oy1);
                 let (src, plane, row0) = match source {
                     Some(source) => {
                         if !source(i, (ya, yb), input) || input.len() < c * (yb - ya) * self.w {

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::conv;
 use super::elementwise::{broadcast_bound, broadcast_shape};
 use super::{Built, Node, axis, count, input, op, op_sized, wide};
+use crate::nn::bindings::errors::ErrorCode;
 use crate::nn::error::NnError;
 use crate::nn::kernels::act;
 use crate::nn::kernels::sgemm::{self, Clamp, Packed};
@@ -948,9 +949,9 @@ impl ConvChain {
             Ok((vec![y], residual.is_some()))
         };
         let (plan, splits) = self.splits(x, expand.map(|e| e.1), wd, wp)?;
-        // Keyed by what the candidates depend on: the pool's size, then for each operand
-        // whether it is f32, its rank and its shape.
-        let mut key = vec![rayon::current_num_threads()];
+        // Keyed by what the candidates depend on: the pool's size and the GEMM's kernels, then
+        // for each operand whether it is f32, its rank and its shape.
+        let mut key = vec![rayon::current_num_threads(), usize::from(sgemm::columns_independent())];
         for t in [Some(x), expand.map(|e| e.1), Some(wd), Some(wp)] {
             let dims = t.map(Tensor::dims).unwrap_or_default();
             key.extend([usize::from(t.is_some_and(|t| t.dtype() == DType::F32)), dims.len()]);
@@ -985,20 +986,21 @@ impl ConvChain {
                 }
             }
         };
-        let Some(ticket) = ticket else { return run(split) };
+        // A split other than the rule's that cannot allocate its larger scratch leaves the pass
+        // to the rule's (and while being timed, is ruled out).
         let started = std::time::Instant::now();
-        match run(split) {
-            Ok(out) => {
+        match (run(split), ticket) {
+            (Ok(out), Some(ticket)) => {
                 self.tuner.record(ticket, started.elapsed());
                 Ok(out)
             }
-            // A split the rule would not have run fails (its larger scratch could not be
-            // allocated): never again, and this pass runs the rule's.
-            Err(_) if split != rule => {
-                self.tuner.reject(ticket);
+            (Err(e), ticket) if split != rule && e.code == ErrorCode::TooLarge => {
+                if let Some(ticket) = ticket {
+                    self.tuner.reject(ticket);
+                }
                 run(rule)
             }
-            Err(e) => Err(e),
+            (out, _) => out,
         }
     }
 }
@@ -1043,8 +1045,21 @@ impl ConvChain {
             _ => Split::Apart,
         };
         let mut splits = vec![rule];
-        if !sgemm::columns_independent() {
-            // Splits would differ in the last bits: the rule decides, untimed.
+        // Whether every product of a split runs on the tile kernel, which computes a column
+        // the same whatever its neighbours (at least 4 rows, more than TURNED_MAX columns):
+        // only then do all splits compute the same numbers.
+        let [_, c, h, w] = plan.dims();
+        let [oh, ow] = plan.out();
+        let narrow = |cols: usize| cols <= sgemm::TURNED_MAX;
+        let rows_ok = wp.dims()[0] >= 4 && (we.is_none() || c >= 4);
+        let whole_ok = !narrow(oh * ow) && (we.is_none() || !narrow(h * w));
+        let tiled = |split: Split| match split {
+            Split::Fused(rows) => conv::chain_tiled(&plan, rows, we.is_some()),
+            Split::AfterExpand(rows) => conv::chain_tiled(&plan, rows, false) && whole_ok,
+            Split::Apart => whole_ok,
+        };
+        if !sgemm::columns_independent() || !rows_ok || !tiled(rule) {
+            // Splits could differ in the last bits: the rule decides, untimed.
             return Ok((Some(plan), splits));
         }
         let fused = |expanding| conv::chain_candidates(&plan, expanding).into_iter();
@@ -1053,7 +1068,7 @@ impl ConvChain {
             None => fused(false).map(Split::Fused).collect(),
         };
         for split in others.into_iter().chain([Split::Apart]) {
-            if !splits.contains(&split) {
+            if !splits.contains(&split) && tiled(split) {
                 splits.push(split);
             }
         }

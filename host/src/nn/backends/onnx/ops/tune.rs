@@ -35,9 +35,17 @@ pub(super) struct Tuner<C> {
 struct Shape<C> {
     key: Vec<usize>,
     candidates: Vec<C>,
-    /// Per candidate, its runs timed so far and the fastest of them.
-    runs: Vec<(u32, Duration)>,
+    runs: Vec<Runs>,
     chosen: Option<usize>,
+}
+
+/// One candidate's timed runs.
+#[derive(Clone, Copy)]
+struct Runs {
+    count: u32,
+    best: Duration,
+    /// A run failed: the candidate is not run again, nor chosen.
+    rejected: bool,
 }
 
 /// A run to time: the shape and the candidate it ran ([`Tuner::record`] takes it back).
@@ -67,7 +75,7 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
                 if candidates.len() <= 1 || shapes.len() >= SHAPES {
                     return candidates.into_iter().next().map(|c| (c, None));
                 }
-                let runs = vec![(0, Duration::MAX); candidates.len()];
+                let runs = vec![Runs { count: 0, best: Duration::MAX, rejected: false }; candidates.len()];
                 shapes.push(Shape { key: key.to_vec(), candidates, runs, chosen: None });
                 shapes.len() - 1
             }
@@ -76,7 +84,7 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
         if let Some(chosen) = shape.chosen {
             return shape.candidates.get(chosen).map(|c| (c.clone(), None));
         }
-        let (index, _) = shape.runs.iter().enumerate().min_by_key(|(_, (n, _))| *n)?;
+        let (index, _) = shape.runs.iter().enumerate().filter(|(_, r)| !r.rejected).min_by_key(|(_, r)| r.count)?;
         let ticket = Ticket { key: key.to_vec(), index };
         shape.candidates.get(index).map(|c| (c.clone(), Some(ticket)))
     }
@@ -85,8 +93,8 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
     pub(super) fn reject(&self, ticket: Ticket) {
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(shape) = shapes.iter_mut().find(|s| s.key == ticket.key) else { return };
-        if let Some(run) = shape.runs.get_mut(ticket.index) {
-            *run = (SAMPLES, Duration::MAX);
+        if let Some(runs) = shape.runs.get_mut(ticket.index) {
+            runs.rejected = true;
         }
         Self::choose(shape);
     }
@@ -96,20 +104,25 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
     pub(super) fn record(&self, ticket: Ticket, took: Duration) {
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(shape) = shapes.iter_mut().find(|s| s.key == ticket.key) else { return };
-        let Some((n, best)) = shape.runs.get_mut(ticket.index) else { return };
-        *n += 1;
-        *best = (*best).min(took);
+        let Some(runs) = shape.runs.get_mut(ticket.index) else { return };
+        // A rejected candidate stays so, whatever a concurrent run of it reports.
+        if runs.rejected {
+            return;
+        }
+        runs.count += 1;
+        runs.best = runs.best.min(took);
         Self::choose(shape);
     }
 
     /// Chooses for `shape` once every candidate has run [`SAMPLES`] times.
     fn choose(shape: &mut Shape<C>) {
-        if shape.chosen.is_none() && shape.runs.iter().all(|(n, _)| *n >= SAMPLES) {
-            let fastest = shape.runs.iter().enumerate().min_by_key(|(_, (_, best))| *best).map(|(i, _)| i);
+        if shape.chosen.is_none() && shape.runs.iter().all(|r| r.rejected || r.count >= SAMPLES) {
+            let live = shape.runs.iter().enumerate().filter(|(_, r)| !r.rejected);
+            let fastest = live.min_by_key(|(_, r)| r.best).map(|(i, _)| i);
             // The default keeps its place unless another candidate beats it by MARGIN.
-            let default = shape.runs.first().map(|(_, t)| t.as_secs_f64());
+            let default = shape.runs.first().filter(|r| !r.rejected).map(|r| r.best.as_secs_f64());
             let chosen = match (fastest, default) {
-                (Some(i), Some(d)) if d > shape.runs[i].1.as_secs_f64() * (1.0 + MARGIN) => Some(i),
+                (Some(i), Some(d)) if d > shape.runs[i].best.as_secs_f64() * (1.0 + MARGIN) => Some(i),
                 (Some(_), Some(_)) => Some(0),
                 _ => fastest,
             };
@@ -117,7 +130,7 @@ impl<C: Clone + std::fmt::Debug> Tuner<C> {
             tracing::debug!(
                 shape = ?shape.key,
                 chosen = ?chosen.and_then(|i| shape.candidates.get(i)),
-                timed = ?shape.candidates.iter().zip(&shape.runs).map(|(c, (_, t))| (c, *t)).collect::<Vec<_>>(),
+                timed = ?shape.candidates.iter().zip(&shape.runs).map(|(c, r)| (c, r.best)).collect::<Vec<_>>(),
                 "tuned"
             );
         }
@@ -177,6 +190,20 @@ mod tests {
             tuner.record(ticket.unwrap(), Duration::from_millis(9));
         }
         assert_eq!(tuner.chosen(&[8]), Some('b'));
+        // A run of a rejected candidate that ends after the rejection does not bring it back.
+        let (c, first) = tuner.pick(&[9], || vec!['a', 'b']).unwrap();
+        let (_, second) = tuner.pick(&[9], || unreachable!()).unwrap();
+        assert_eq!(c, 'a');
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(first.index, second.index);
+        tuner.reject(first);
+        tuner.record(second, Duration::from_nanos(1));
+        for _ in 0..SAMPLES {
+            let (c, ticket) = tuner.pick(&[9], || unreachable!()).unwrap();
+            assert_eq!(c, 'b');
+            tuner.record(ticket.unwrap(), Duration::from_millis(9));
+        }
+        assert_eq!(tuner.chosen(&[9]), Some('b'));
         // Another shape starts over; a lone candidate is not timed.
         assert!(tuner.pick(&[3], || vec!['a', 'b']).unwrap().1.is_some());
         assert!(tuner.pick(&[4], || vec!['c']).unwrap().1.is_none());
