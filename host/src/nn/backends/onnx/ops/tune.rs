@@ -4,8 +4,9 @@
 //! the channel count, the caches and the cores together, in ways no one rule captures: on
 //! EfficientNet at batch 1, one range of rows per thread wins on a 14x14 plane and loses on a
 //! 7x7 one. Where every candidate computes the same numbers, an operator can instead time
-//! each a few times on the first passes of each input shape and keep the fastest (as cuDNN's
-//! and oneDNN's autotuners do), so a choice is never worse than the measured alternatives.
+//! each a few times on the first passes of each input shape and keep the fastest (as
+//! PyTorch's `cudnn.benchmark` mode times cuDNN's algorithms per shape), so a choice is never
+//! clearly worse than the measured alternatives.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
