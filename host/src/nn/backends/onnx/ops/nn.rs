@@ -948,7 +948,7 @@ impl ConvChain {
             let y = conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise, residual)?;
             Ok((vec![y], residual.is_some()))
         };
-        let (plan, splits) = self.splits(x, expand.map(|e| e.1), wd, wp)?;
+        let (plan, rule) = self.rule(x, expand.map(|e| e.1), wd, wp)?;
         // Keyed by what the candidates depend on: the pool's size and the GEMM's kernels, then
         // for each operand whether it is f32, its rank and its shape.
         let mut key = vec![rayon::current_num_threads(), usize::from(sgemm::columns_independent())];
@@ -957,8 +957,12 @@ impl ConvChain {
             key.extend([usize::from(t.is_some_and(|t| t.dtype() == DType::F32)), dims.len()]);
             key.extend(dims);
         }
-        let rule = splits.first().copied().unwrap_or(Split::Apart);
-        let (split, ticket) = self.tuner.pick(&key, || splits).unwrap_or((rule, None));
+        // The candidates are worked out only for a shape the tuner has not seen.
+        let candidates = || match &plan {
+            Some(plan) => self.candidates(plan, rule, expand.map(|e| e.1), wp),
+            None => vec![rule],
+        };
+        let (split, ticket) = self.tuner.pick(&key, candidates).unwrap_or((rule, None));
         let expanded = |x: &Tensor| match expand {
             Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be]),
             None => Ok(vec![x.clone()]),
@@ -1012,17 +1016,15 @@ impl ConvChain {
     }
 
     /// The depthwise convolution's plan on the expanded input where a fused pass can run
-    /// (`we`: the expand convolution's weight, if there is one), and the splits to time:
-    /// the one [`conv::chain_rows`]'s rule picks first, then the other fused ones and
-    /// [`Split::Apart`], which always runs. Where the GEMM's columns are not computed
-    /// independently of each other, only the rule's.
-    fn splits(
+    /// (`we`: the expand convolution's weight, if there is one), and the split
+    /// [`conv::chain_rows`]'s rule picks ([`Split::Apart`] where no fused pass runs).
+    fn rule(
         &self,
         x: &Tensor,
         we: Option<&Tensor>,
         wd: &Tensor,
         wp: &Tensor,
-    ) -> Result<(Option<conv::ConvPlan>, Vec<Split>), NnError> {
+    ) -> Result<(Option<conv::ConvPlan>, Split), NnError> {
         let f32s = [Some(x), we, Some(wd), Some(wp)].iter().flatten().all(|t| t.dtype() == DType::F32);
         let pointwise = |c: &Conv, w: &Tensor| c.is_pointwise(w.dims());
         let expand_ok = match (&self.expand, we) {
@@ -1031,19 +1033,26 @@ impl ConvChain {
             _ => false,
         };
         if !f32s || x.rank() != 4 || !pointwise(&self.pw, wp) || !expand_ok {
-            return Ok((None, vec![Split::Apart]));
+            return Ok((None, Split::Apart));
         }
         let xd = match we {
             Some(we) => vec![x.dims()[0], we.dims()[0], x.dims()[2], x.dims()[3]],
             None => x.dims().to_vec(),
         };
         let (_, plan, _) = self.dw.plan_dims(&xd, wd.dims())?;
-        // The rule's split first: the tuner keeps it unless another is clearly faster.
         let rule = match (we, conv::chain_rows(&plan, we.is_some()), conv::chain_rows(&plan, false)) {
             (_, Some(rows), _) => Split::Fused(rows),
             (Some(_), None, Some(rows)) => Split::AfterExpand(rows),
             _ => Split::Apart,
         };
+        Ok((Some(plan), rule))
+    }
+
+    /// The splits to time on `plan` (made by [`ConvChain::rule`]): the rule's first (the tuner
+    /// keeps it unless another is clearly faster), then the other fused ones and
+    /// [`Split::Apart`]. Where the GEMM's columns are not computed independently of each
+    /// other, only the rule's.
+    fn candidates(&self, plan: &conv::ConvPlan, rule: Split, we: Option<&Tensor>, wp: &Tensor) -> Vec<Split> {
         let mut splits = vec![rule];
         // Whether every product of a split runs on the tile kernel, which computes a column
         // the same whatever its neighbours (at least 4 rows, more than TURNED_MAX columns):
@@ -1054,15 +1063,15 @@ impl ConvChain {
         let rows_ok = wp.dims()[0] >= 4 && (we.is_none() || c >= 4);
         let whole_ok = !narrow(oh * ow) && (we.is_none() || !narrow(h * w));
         let tiled = |split: Split| match split {
-            Split::Fused(rows) => conv::chain_tiled(&plan, rows, we.is_some()),
-            Split::AfterExpand(rows) => conv::chain_tiled(&plan, rows, false) && whole_ok,
+            Split::Fused(rows) => conv::chain_tiled(plan, rows, we.is_some()),
+            Split::AfterExpand(rows) => conv::chain_tiled(plan, rows, false) && whole_ok,
             Split::Apart => whole_ok,
         };
         if !sgemm::columns_independent() || !rows_ok || !tiled(rule) {
             // Splits could differ in the last bits: the rule decides, untimed.
-            return Ok((Some(plan), splits));
+            return splits;
         }
-        let fused = |expanding| conv::chain_candidates(&plan, expanding).into_iter();
+        let fused = |expanding| conv::chain_candidates(plan, expanding).into_iter();
         let others: Vec<Split> = match we {
             Some(_) => fused(true).map(Split::Fused).chain(fused(false).map(Split::AfterExpand)).collect(),
             None => fused(false).map(Split::Fused).collect(),
@@ -1072,7 +1081,7 @@ impl ConvChain {
                 splits.push(split);
             }
         }
-        Ok((Some(plan), splits))
+        splits
     }
 }
 
