@@ -93,6 +93,80 @@ pub(crate) fn lanes16(n: usize) -> std::arch::x86_64::__mmask16 {
     if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as std::arch::x86_64::__mmask16 }
 }
 
+/// Transposes 16 rows of 16 floats held in registers (row `i` in `r[i]`; column `j` comes out
+/// in `r[j]`): unpacks of pairs of rows, then of pairs of pairs, then two rounds of 128-bit
+/// lane shuffles. The depthwise kernel's layout changes and [`super::act::transpose`] share it.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // Loops, not `array::from_fn`: a closure would not inherit the caller's AVX-512 and would
+    // run each shuffle as a call.
+    // SAFETY (all below): register shuffles only; the caller's CPU has AVX-512F.
+    unsafe {
+        let mut t = *r;
+        for i in 0..16 {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            t[i] = if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) };
+        }
+        // u[4g + j]: in each 128-bit lane k, column 4k + j of rows 4g..4g + 4.
+        let mut u = t;
+        for i in 0..16 {
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
+            u[i] = _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
+        }
+        // v[8h + j]: rows 8h..8h + 8; lanes 0 and 1 hold columns j and 8 + j (or 4 + j and
+        // 12 + j for v[8h + 4 + j]).
+        let mut v = u;
+        for h in 0..2 {
+            for i in 0..8 {
+                let (a, b) = (u[8 * h + i % 4], u[8 * h + 4 + i % 4]);
+                v[8 * h + i] =
+                    if i < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) };
+            }
+        }
+        for col in 0..16 {
+            let j = col % 4 + 4 * ((col / 4) % 2);
+            let (a, b) = (v[j], v[8 + j]);
+            r[col] = if col >= 8 { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
+        }
+    }
+}
+
+/// Transposes 8 rows of 8 floats held in registers, as [`transpose16`] does 16.
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) unsafe fn transpose8(r: &mut [std::arch::x86_64::__m256; 8]) {
+    use std::arch::x86_64::*;
+    // SAFETY (all below): register shuffles only; the caller's CPU has AVX. Loops, as above.
+    unsafe {
+        let mut t = *r;
+        for i in 0..8 {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            t[i] = if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) };
+        }
+        let mut u = t;
+        for i in 0..8 {
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (_mm256_castps_pd(t[4 * g + j / 2]), _mm256_castps_pd(t[4 * g + j / 2 + 2]));
+            u[i] = _mm256_castpd_ps(if j % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) });
+        }
+        for col in 0..8 {
+            let (a, b) = (u[col % 4], u[4 + col % 4]);
+            r[col] = if col < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) };
+        }
+    }
+}
+
 /// The levels this CPU has, lowest first (for tests that run every path).
 #[cfg(test)]
 pub fn levels() -> Vec<Level> {

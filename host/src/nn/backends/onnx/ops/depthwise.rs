@@ -712,6 +712,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Lanes;
+    use crate::nn::kernels::simd;
 
     /// AVX-512F: 16 lanes, fused multiply-add.
     pub(super) struct Avx512;
@@ -798,16 +799,13 @@ mod x86 {
         unsafe { t16(m) }
     }
 
-    /// Transposes a 16x16 square in place: unpacks of pairs of rows, then of pairs of pairs,
-    /// then two rounds of 128-bit lane shuffles.
+    /// Transposes a 16x16 square in place ([`simd::transpose16`]).
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn t16(m: &mut [[f32; 16]; 16]) {
-        // Loops, not `array::from_fn`: a closure would not inherit the caller's AVX-512 and
-        // would run each shuffle as a call.
         // SAFETY (all below): the caller's CPU has AVX-512F; each row is 16 floats, what one
         // unaligned 512-bit load or store covers.
         unsafe {
@@ -815,34 +813,9 @@ mod x86 {
             for i in 0..16 {
                 r[i] = _mm512_loadu_ps(m[i].as_ptr());
             }
-            let mut t = r;
+            simd::transpose16(&mut r);
             for i in 0..16 {
-                let (a, b) = (r[i & !1], r[i | 1]);
-                t[i] = if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) };
-            }
-            // u[4g + j]: in each 128-bit lane k, column 4k + j of rows 4g..4g + 4.
-            let mut u = t;
-            for i in 0..16 {
-                let (g, j) = (i / 4, i % 4);
-                let (a, b) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
-                u[i] = _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
-            }
-            // v[8h + j]: rows 8h..8h + 8; lanes 0 and 1 hold columns j and 8 + j (or 4 + j and
-            // 12 + j for v[8h + 4 + j]).
-            let mut v = u;
-            for h in 0..2 {
-                for i in 0..8 {
-                    let (a, b) = (u[8 * h + i % 4], u[8 * h + 4 + i % 4]);
-                    v[8 * h + i] =
-                        if i < 4 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) };
-                }
-            }
-            for col in 0..16 {
-                let j = col % 4 + 4 * ((col / 4) % 2);
-                let (a, b) = (v[j], v[8 + j]);
-                let out =
-                    if col >= 8 { _mm512_shuffle_f32x4::<0xdd>(a, b) } else { _mm512_shuffle_f32x4::<0x88>(a, b) };
-                _mm512_storeu_ps(m[col].as_mut_ptr(), out);
+                _mm512_storeu_ps(m[i].as_mut_ptr(), r[i]);
             }
         }
     }
@@ -858,7 +831,7 @@ mod x86 {
         unsafe { t8(m) }
     }
 
-    /// Transposes an 8x8 square in place.
+    /// Transposes an 8x8 square in place ([`simd::transpose8`]).
     ///
     /// # Safety
     /// The CPU must support AVX.
@@ -866,28 +839,15 @@ mod x86 {
     #[allow(clippy::needless_range_loop)]
     unsafe fn t8(m: &mut [[f32; 8]; 8]) {
         // SAFETY (all below): the caller's CPU has AVX; each row is 8 floats, what one
-        // unaligned 256-bit load or store covers. Loops, as in `t16`.
+        // unaligned 256-bit load or store covers.
         unsafe {
             let mut r = [_mm256_setzero_ps(); 8];
             for i in 0..8 {
                 r[i] = _mm256_loadu_ps(m[i].as_ptr());
             }
-            let mut t = r;
+            simd::transpose8(&mut r);
             for i in 0..8 {
-                let (a, b) = (r[i & !1], r[i | 1]);
-                t[i] = if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) };
-            }
-            let mut u = t;
-            for i in 0..8 {
-                let (g, j) = (i / 4, i % 4);
-                let (a, b) = (_mm256_castps_pd(t[4 * g + j / 2]), _mm256_castps_pd(t[4 * g + j / 2 + 2]));
-                u[i] = _mm256_castpd_ps(if j % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) });
-            }
-            for col in 0..8 {
-                let (a, b) = (u[col % 4], u[4 + col % 4]);
-                let out =
-                    if col < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) };
-                _mm256_storeu_ps(m[col].as_mut_ptr(), out);
+                _mm256_storeu_ps(m[i].as_mut_ptr(), r[i]);
             }
         }
     }
