@@ -207,6 +207,20 @@ pub(crate) fn gemm_into(
     product(batch, dims, a, packed, b, dst, bias, clamp, false)
 }
 
+/// [`gemm_into`] for one product, with GELU after the bias where `gelu` ([`gemm_gelu`]'s
+/// epilogue), into a buffer that need not be initialised.
+pub(crate) fn gemm_act_into(
+    dims: [usize; 3],
+    a: &[f32],
+    packed: Option<&Packed>,
+    b: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<(), NnError> {
+    product(1, dims, a, packed, b, dst, bias, None, gelu)
+}
+
 /// `dst[m×n] = gelu(a[m×k] · b[k×n] + bias[m])` ([`act::Act::Gelu`], exact erf), as [`gemm`]
 /// does otherwise: the AVX-512 kernels apply GELU to each tile as soon as it is stored, in L1
 /// and in parallel with the products (as a pass of its own afterwards, it ran on one thread
@@ -1801,7 +1815,14 @@ mod timing {
     #[ignore]
     fn kernel_against_the_gemm_crate() {
         let _cap = simd::cap(simd::Level::Avx512);
-        let shapes: [(&str, [usize; 3]); 19] = [
+        let shapes: [(&str, [usize; 3]); 26] = [
+            ("onnx dense 384->1536 x 64 rows", [64, 1536, 384]),
+            ("onnx dense 1536->384 x 64 rows", [64, 384, 1536]),
+            ("onnx dense 384->384 x 64 rows", [64, 384, 384]),
+            ("head 320->1280 @7", [1280, 49, 320]),
+            ("bert qkv 384 x 64 tok", [1152, 64, 384]),
+            ("bert ffn 384->1536 x 64 tok", [1536, 64, 384]),
+            ("bert ffn 1536->384 x 64 tok", [384, 64, 1536]),
             ("expand 112->672 @14", [672, 196, 112]),
             ("project 672->112 @14", [112, 196, 672]),
             ("expand 112->672 @14x4rows", [672, 56, 112]),

@@ -407,20 +407,38 @@ impl Compiler<'_> {
             sorted = topological(g, scope)?;
             &sorted
         };
-        let consumers = consumer_counts(g);
+        let mut consumers = consumer_counts(g);
         let pad_folds = self.pad_folds(g, scope, &consumers);
+        let gelu_folds = self.gelu_folds(g, scope, &consumers);
+        let folded_into_gelu: HashSet<usize> = gelu_folds.values().flat_map(|f| f.nodes).collect();
+        for fold in gelu_folds.values() {
+            // `y`'s two readers in the decomposition become the one Gelu.
+            if let Some(n) = consumers.get_mut(fold.input.as_str()) {
+                *n -= 1;
+            }
+        }
         // Producer step of each value name in this block, for fusing BatchNormalization.
         let mut producer: HashMap<String, usize> = HashMap::new();
 
         for (k, node) in g.node.iter().enumerate() {
-            if pad_folds.values().any(|f| f.pad_node == k) {
-                continue; // folded into its Conv
+            if pad_folds.values().any(|f| f.pad_node == k) || folded_into_gelu.contains(&k) {
+                continue; // folded into its Conv, or into a Gelu
             }
             let mut node_owned;
             let mut node = node;
             if let Some(fold) = pad_folds.get(&k) {
                 node_owned = node.clone();
                 fold.apply(&mut node_owned);
+                node = &node_owned;
+            }
+            if let Some(fold) = gelu_folds.get(&k) {
+                node_owned = NodeProto {
+                    op_type: "Gelu".into(),
+                    name: node.name.clone(),
+                    input: vec![fold.input.clone()],
+                    output: node.output.clone(),
+                    ..Default::default()
+                };
                 node = &node_owned;
             }
             let inputs = node
@@ -448,7 +466,7 @@ impl Compiler<'_> {
                     }
                 }
                 "If" => self.if_node(node, &inputs, scope, steps, depth)?,
-                "Relu" | "Clip" | "BatchNormalization"
+                "Relu" | "Clip" | "BatchNormalization" | "Add" | "Gelu"
                     if let Some(idx) = sole_producer(node, &producer, &consumers)
                         && self.fuse_into(node, &inputs, &mut steps[idx])? =>
                 {
@@ -591,12 +609,29 @@ impl Compiler<'_> {
         Ok(true)
     }
 
-    /// Fuses `node` (an activation or a batch norm) into the step producing its input.
+    /// Fuses `node` (an activation, a batch norm or a bias) into the step producing its input.
     fn fuse_into(&mut self, node: &NodeProto, inputs: &[Option<Src>], step: &mut Step) -> Result<bool, NnError> {
-        match node.op_type.as_str() {
-            "BatchNormalization" => self.fold_batch_norm(node, inputs, step),
-            _ => self.fuse_clamp(node, inputs, step),
+        let Kind::Op(op) = &mut step.kind else { return Ok(false) };
+        let fused = match node.op_type.as_str() {
+            "BatchNormalization" => return self.fold_batch_norm(node, inputs, step),
+            "Add" => {
+                // A constant vector as the second operand: a dense layer's bias.
+                let bias = self.const_value(inputs.get(1).copied().flatten()).filter(|b| b.rank() == 1);
+                match bias.and_then(|b| b.to_dtype(DType::F32).ok()?.to_vec1::<f32>().ok()) {
+                    Some(bias) if node.input.len() == 2 => op.fuse_bias(&bias),
+                    _ => false,
+                }
+            }
+            "Gelu" => {
+                let exact = node.attribute.iter().find(|a| a.name == "approximate").is_none_or(|a| a.s == b"none");
+                exact && op.fuse_gelu()
+            }
+            _ => return self.fuse_clamp(node, inputs, step),
+        };
+        if fused {
+            step.name = format!("{}+{}", step.name, step_name(node));
         }
+        Ok(fused)
     }
 
     /// Folds an inference BatchNormalization into the Conv that feeds only it:
@@ -686,6 +721,106 @@ impl Compiler<'_> {
                 let end = pads[rank + 2..].to_vec();
                 debug_assert_eq!(begin.len(), spatial);
                 folds.insert(c, PadFold { pad_node: k, input: pad.input[0].clone(), begin, end });
+            }
+        }
+        folds
+    }
+}
+
+/// An exact GELU written out as exporters decompose it, `y·½·(1 + erf(y/√2))`: the nodes it
+/// replaces (all but the last, which becomes a `Gelu` of `input`).
+struct GeluFold {
+    nodes: [usize; 4],
+    input: String,
+}
+
+impl Compiler<'_> {
+    /// The exact GELUs among `g`'s nodes, keyed by their last node: `Mul(Mul(y, ½), Add(Erf(y
+    /// / √2), 1))` (Hugging Face's exports) or `Mul(Mul(y, Add(Erf(y / √2), 1)), ½)` (PyTorch's
+    /// `nn.GELU`), in either operand order, `y / √2` also as `y · (1/√2)`. Every value inside
+    /// must have no other reader, and `y` only these two.
+    fn gelu_folds(
+        &self,
+        g: &GraphProto,
+        scope: &Scope<'_>,
+        consumers: &HashMap<&str, usize>,
+    ) -> HashMap<usize, GeluFold> {
+        let made_by: HashMap<&str, usize> =
+            g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
+        let scalar = |name: &str| -> Option<f32> {
+            let t = self.const_value(scope.get(name))?;
+            if t.elem_count() != 1 {
+                return None;
+            }
+            t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
+        };
+        // The node making `name`, if it is an `op` of two inputs and one output read only once.
+        let only = |name: &str, op: &str| -> Option<&NodeProto> {
+            let n = &g.node[*made_by.get(name)?];
+            (n.op_type == op && n.input.len() == 2 && n.output.len() == 1 && consumers.get(name) == Some(&1))
+                .then_some(n)
+        };
+        // Of a binary node, the operand whose other operand is the constant `want`.
+        let times = |n: &NodeProto, want: f32| -> Option<String> {
+            let (a, b) = (&n.input[0], &n.input[1]);
+            [(a, b), (b, a)]
+                .into_iter()
+                .find(|(x, c)| scalar(x).is_none() && scalar(c).is_some_and(|v| (v - want).abs() <= 1e-6 * want.abs()))
+                .map(|(x, _)| x.clone())
+        };
+        let index = |n: &NodeProto| made_by.get(n.output[0].as_str()).copied();
+        // `1 + erf(y/√2)` as the value `name`: y and the three nodes.
+        let plus_erf = |name: &str| -> Option<(String, [usize; 3])> {
+            let add = only(name, "Add")?;
+            let e = times(add, 1.0)?;
+            let erf = &g.node[*made_by.get(e.as_str())?];
+            if erf.op_type != "Erf"
+                || erf.input.len() != 1
+                || erf.output.len() != 1
+                || consumers.get(e.as_str()) != Some(&1)
+            {
+                return None;
+            }
+            let d = erf.input[0].as_str();
+            let (y, scale) = if let Some(div) = only(d, "Div") {
+                // y / √2: the divisor must be the constant (a Div does not commute).
+                let sqrt2 = scalar(&div.input[1]).is_some_and(|v| (v - std::f32::consts::SQRT_2).abs() <= 1e-6);
+                if !sqrt2 || scalar(&div.input[0]).is_some() {
+                    return None;
+                }
+                (div.input[0].clone(), div)
+            } else {
+                let mul = only(d, "Mul")?;
+                (times(mul, std::f32::consts::FRAC_1_SQRT_2)?, mul)
+            };
+            Some((y, [index(add)?, index(erf)?, index(scale)?]))
+        };
+        let mut folds = HashMap::new();
+        for (k, last) in g.node.iter().enumerate() {
+            if last.op_type != "Mul" || last.input.len() != 2 || last.output.len() != 1 {
+                continue;
+            }
+            let (a, b) = (last.input[0].as_str(), last.input[1].as_str());
+            let found = [(a, b), (b, a)].into_iter().find_map(|(p, q)| {
+                // Hugging Face: Mul(Mul(y, ½), 1 + erf).
+                if let (Some((y, three)), Some(half)) = (plus_erf(q), only(p, "Mul"))
+                    && times(half, 0.5).as_deref() == Some(y.as_str())
+                {
+                    return Some((y, [three[0], three[1], three[2], index(half)?]));
+                }
+                // PyTorch: Mul(Mul(y, 1 + erf), ½).
+                let inner = only(p, "Mul").filter(|_| scalar(q).is_some_and(|v| v == 0.5))?;
+                let (x0, x1) = (inner.input[0].as_str(), inner.input[1].as_str());
+                [(x0, x1), (x1, x0)].into_iter().find_map(|(y, e)| {
+                    let (y2, three) = plus_erf(e)?;
+                    let inner = index(inner)?;
+                    (y2 == y).then_some((y2, [three[0], three[1], three[2], inner]))
+                })
+            });
+            if let Some((input, nodes)) = found
+                && consumers.get(input.as_str()) == Some(&2)
+            {
+                folds.insert(k, GeluFold { nodes, input });
             }
         }
         folds

@@ -706,3 +706,82 @@ fn matmul_against_a_constant_and_a_computed_matrix_matches_the_definition() {
         assert!(worst <= 1e-4, "worst {worst}");
     }
 }
+
+/// A dense layer as exporters write it (MatMul by a matrix, Add of a constant bias, exact GELU
+/// decomposed into Div or Mul, Erf, Add and two Muls, in Hugging Face's order and in PyTorch's)
+/// runs as one step, by a constant matrix (the packed, turned-around product, bias and GELU in
+/// its epilogue) and by a computed one (the plain product); the numbers match the definition
+/// in f64. A decomposition whose inner value is also read elsewhere is left as it is.
+#[test]
+fn dense_layers_with_a_bias_and_gelu_fuse_into_one_step_and_match_the_definition() {
+    let (rows, k, n) = (2 * 20, 24, 40);
+    let val =
+        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
+    let (w, bias, x) = (val(k * n, 1), val(n, 3), val(rows * k, 2));
+    let tensor = |name: &str, dims: &[i64], v: &[f32]| TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        float_data: v.to_vec(),
+        ..Default::default()
+    };
+    let consts = || {
+        vec![
+            tensor("w", &[k as i64, n as i64], &w),
+            tensor("bias", &[n as i64], &bias),
+            tensor("half", &[], &[0.5]),
+            tensor("one", &[], &[1.0]),
+            tensor("sqrt2", &[], &[std::f32::consts::SQRT_2]),
+            tensor("inv_sqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]),
+        ]
+    };
+    let dense = |b: &str| vec![node("MatMul", &["x", b], &["m"], vec![]), node("Add", &["m", "bias"], &["y"], vec![])];
+    let erf_of = |scaled: NodeProto| {
+        vec![scaled, node("Erf", &["d"], &["e"], vec![]), node("Add", &["e", "one"], &["p"], vec![])]
+    };
+    let div = || node("Div", &["y", "sqrt2"], &["d"], vec![]);
+    // Hugging Face: y·½ · (1 + erf(y/√2)).
+    let hf = |b: &str, scaled: NodeProto| {
+        let mut v = dense(b);
+        v.extend(erf_of(scaled));
+        v.extend([node("Mul", &["y", "half"], &["h"], vec![]), node("Mul", &["h", "p"], &["out"], vec![])]);
+        v
+    };
+    // PyTorch: (y · (1 + erf(y/√2))) · ½.
+    let torch = {
+        let mut v = dense("w");
+        v.extend(erf_of(div()));
+        v.extend([node("Mul", &["p", "y"], &["t"], vec![]), node("Mul", &["t", "half"], &["out"], vec![])]);
+        v
+    };
+    let inputs: [(&str, &[i64]); 2] = [("x", &[2, 20, k as i64]), ("b", &[k as i64, n as i64])];
+    let cases = [
+        ("Hugging Face's", hf("w", div()), &["out"][..], 1),
+        ("PyTorch's", torch, &["out"][..], 1),
+        ("times 1/√2", hf("w", node("Mul", &["inv_sqrt2", "y"], &["d"], vec![])), &["out"][..], 1),
+        ("by a computed matrix", hf("b", div()), &["out"][..], 1),
+        // erf's output is also a graph output: only the bias fuses.
+        ("erf read twice", hf("w", div()), &["out", "e"][..], 6),
+    ];
+    // erf(z) in f64 (Abramowitz and Stegun 7.1.26: |error| < 1.5e-7).
+    let erf = |z: f64| {
+        let t = 1.0 / (1.0 + 0.3275911 * z.abs());
+        let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+        (1.0 - poly * (-z * z).exp()).copysign(z)
+    };
+    let want: Vec<f32> = (0..rows * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            let y = (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[j * n + c])).sum::<f64>() + f64::from(bias[c]);
+            (y * 0.5 * (1.0 + erf(y / std::f64::consts::SQRT_2))) as f32
+        })
+        .collect();
+    for (name, nodes, outputs, steps) in cases {
+        let m = model_with(nodes, consts(), &inputs, outputs, 13);
+        assert_eq!(m.program.steps(), steps, "{name}");
+        let out = run(&m, &[("x", &[2, 20, k as u32], &x), ("b", &[k as u32, n as u32], &w)]);
+        assert_eq!(out[0].0, [2, 20, n as u32], "{name}");
+        let worst = out[0].1.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: worst {worst}");
+    }
+}

@@ -88,14 +88,27 @@ pub(super) fn uninit_f32(len: usize) -> Result<Vec<f32>, NnError> {
 /// `a[m×k] · b[k×n]` on EIR's GEMM (`packed`: `a` packed) into a new vector, not zeroed first:
 /// the GEMM writes every element.
 pub(super) fn gemm_f32(
-    [m, n, k]: [usize; 3],
+    dims: [usize; 3],
     a: &[f32],
     packed: Option<&crate::nn::kernels::sgemm::Packed>,
     b: &[f32],
 ) -> Result<Vec<f32>, NnError> {
+    gemm_f32_with(dims, a, packed, b, None, false)
+}
+
+/// [`gemm_f32`] with a bias per row of the product (`m` values) and, where `gelu`, GELU after
+/// it, both applied as each tile of the product is stored.
+pub(super) fn gemm_f32_with(
+    [m, n, k]: [usize; 3],
+    a: &[f32],
+    packed: Option<&crate::nn::kernels::sgemm::Packed>,
+    b: &[f32],
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<Vec<f32>, NnError> {
     let len = m.checked_mul(n).ok_or_else(|| NnError::too_large("a product's size overflows"))?;
     let mut y = uninit_f32(len)?;
-    crate::nn::kernels::sgemm::gemm_into(1, [m, n, k], a, packed, b, &mut y.spare_capacity_mut()[..len], None, None)?;
+    crate::nn::kernels::sgemm::gemm_act_into([m, n, k], a, packed, b, &mut y.spare_capacity_mut()[..len], bias, gelu)?;
     // SAFETY: `gemm_into` returned Ok, so it wrote all `m·n` elements.
     unsafe { y.set_len(len) };
     Ok(y)
@@ -170,6 +183,17 @@ pub(super) trait Op: AsAny + Send + Sync {
     /// Takes over an `Add` of its only output and another tensor, which the graph compiler
     /// then appends as its last input (a residual connection); false if it cannot.
     fn fuse_residual(&mut self) -> bool {
+        false
+    }
+
+    /// Takes over an `Add` of its only output and a constant vector `bias` along its last axis
+    /// (a dense layer's bias); false if it cannot.
+    fn fuse_bias(&mut self, _bias: &[f32]) -> bool {
+        false
+    }
+
+    /// Takes over an exact (erf) GELU of its only output; false if it cannot.
+    fn fuse_gelu(&mut self) -> bool {
         false
     }
 
@@ -312,6 +336,14 @@ impl Op for FloatOnly {
 
     fn fuse_residual(&mut self) -> bool {
         self.op.fuse_residual()
+    }
+
+    fn fuse_bias(&mut self, bias: &[f32]) -> bool {
+        self.op.fuse_bias(bias)
+    }
+
+    fn fuse_gelu(&mut self) -> bool {
+        self.op.fuse_gelu()
     }
 
     fn prepare(&self, constants: &[Option<&Tensor>]) {

@@ -23,6 +23,8 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         "MatMul" => Ok(Box::new(MatMul {
             dense: Gemm { alpha: 1.0, beta: 1.0, ta: false, tb: false, weights: Default::default() },
             constant_b: std::sync::atomic::AtomicBool::new(false),
+            bias: None,
+            gelu: false,
         })),
         "Flatten" => {
             let ax = node.int_or("axis", 1);
@@ -426,12 +428,18 @@ impl Gemm {
 
     /// `A'·B'` on EIR's GEMM, or `None` where it does not apply.
     fn fast(&self, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>, NnError> {
+        self.fast_with(a, b, None, false)
+    }
+
+    /// [`Gemm::fast`] with a bias per output column (`N` values) and, where `gelu`, GELU
+    /// after it, both in the product's epilogue.
+    fn fast_with(&self, a: &Tensor, b: &Tensor, bias: Option<&[f32]>, gelu: bool) -> Result<Option<Tensor>, NnError> {
         if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 2 || b.rank() != 2 || self.ta {
             return Ok(None);
         }
         let ((m, k), (b0, b1)) = (a.dims2()?, b.dims2()?);
         let (kb, n) = if self.tb { (b1, b0) } else { (b0, b1) };
-        if kb != k || n < 16 {
+        if kb != k || n < 16 || bias.is_some_and(|b| b.len() != n) {
             return Ok(None);
         }
         let weights = self.weights.get(b.id(), || Self::weights(b, self.tb));
@@ -442,7 +450,8 @@ impl Gemm {
         // A'ᵀ (`[K, M]`), the product's right operand.
         let at = super::with_f32(a, |a| act::transpose(a, m, k))?
             .ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
-        let yt = super::gemm_f32([n, m, k], w, packed.as_ref(), &at)?;
+        // Yᵀ's rows are the output's columns: the bias is one value per row of the product.
+        let yt = super::gemm_f32_with([n, m, k], w, packed.as_ref(), &at, bias, gelu)?;
         let y = act::transpose(&yt, n, m).ok_or_else(|| NnError::runtime("Gemm: operand sizes do not match"))?;
         Ok(Some(Tensor::from_vec(y, (m, n), a.device())?))
     }
@@ -503,21 +512,22 @@ impl super::Op for Gemm {
     }
 }
 
-/// The most rows of `A` for which a `MatMul` against a constant matrix runs turned around.
-/// MiniLM as ONNX (`scripts/bench.sh embed`, same runs): 8 rows 2.68 → 1.91 ms turned around,
-/// but 128 rows 18.5 → 20.1 ms and 640 rows 76 → 101 ms, where the transposes in and out and
-/// the zeroed output cost more than the packing saves.
-const DENSE_ROWS: usize = 32;
-
-/// `MatMul`. Against a constant 2-D matrix (a transformer's dense layers) and a few rows (at
-/// most [`DENSE_ROWS`], every leading axis of `A` a row), it runs as [`Gemm`]'s turned-around
-/// product on the matrix packed once at load, where the narrow kernels serve a few columns
-/// well. Anything else: [`matmul`].
+/// `MatMul`. Against a constant 2-D matrix (a transformer's dense layers, every leading axis of
+/// `A` a row), it runs as [`Gemm`]'s turned-around product on the matrix packed once at load:
+/// the weights stream through the tile kernels in order (as `A` rows, the weights were read in
+/// place a row of the matrix apart; MiniLM as ONNX at 8x128 tokens: 146-151 → 133-139 ms),
+/// and a following `Add` of a constant bias and an exact GELU (`x·½(1 + erf(x/√2))`, as
+/// exporters write it, or ONNX's `Gelu`) run in its epilogue once the graph compiler fuses them.
+/// Anything else: [`matmul`], then the fused bias and GELU.
 struct MatMul {
     dense: Gemm,
     /// Whether `B` is a constant of the graph (seen by `prepare`): only then is its packing
     /// kept, so that a `B` computed per pass is not packed for nothing.
     constant_b: std::sync::atomic::AtomicBool,
+    /// A fused `Add` of a constant vector along the last axis.
+    bias: Option<Vec<f32>>,
+    /// A fused GELU (after the bias).
+    gelu: bool,
 }
 
 impl MatMul {
@@ -531,15 +541,26 @@ impl MatMul {
             return Ok(None);
         }
         let m = a.elem_count() / k;
-        if m > DENSE_ROWS {
+        let Some(y) = self.dense.fast_with(&a.reshape((m, k))?, b, self.bias.as_deref(), self.gelu)? else {
             return Ok(None);
-        }
-        let Some(y) = self.dense.fast(&a.reshape((m, k))?, b)? else { return Ok(None) };
+        };
         let mut dims = a.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
         Ok(Some(y.reshape(dims)?))
+    }
+
+    /// The plain product with the fused bias and GELU applied after it.
+    fn plain(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, NnError> {
+        let mut y = matmul(a, b)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&Tensor::from_slice(bias, bias.len(), y.device())?.to_dtype(y.dtype())?)?;
+        }
+        if self.gelu {
+            y = y.gelu_erf()?;
+        }
+        Ok(y)
     }
 }
 
@@ -548,7 +569,7 @@ impl super::Op for MatMul {
         let (a, b) = (input(i, 0, "MatMul")?.dims(), input(i, 1, "MatMul")?.dims());
         let plain = matmul_bound(a, b)?;
         // The turned-around product's `Aᵀ`, `Yᵀ` and `Y` (its derived weights are kept
-        // beside the model, as `Gemm`'s are).
+        // beside the model, as `Gemm`'s are); the plain one's bias and GELU allocate as much.
         let (&[k, n], true) = (b, a.len() >= 2) else { return Ok(plain) };
         let m = count(a)? / (k.max(1) as u64);
         let extra = (m.checked_mul(n as u64).and_then(|mn| mn.checked_mul(2)))
@@ -564,11 +585,24 @@ impl super::Op for MatMul {
         }
     }
 
+    fn fuse_bias(&mut self, bias: &[f32]) -> bool {
+        // A bias added after the GELU is not the dense layer's.
+        if self.bias.is_some() || self.gelu {
+            return false;
+        }
+        self.bias = Some(bias.to_vec());
+        true
+    }
+
+    fn fuse_gelu(&mut self) -> bool {
+        !std::mem::replace(&mut self.gelu, true)
+    }
+
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
         let (a, b) = (input(i, 0, "MatMul")?, input(i, 1, "MatMul")?);
         match self.dense(a, b)? {
             Some(y) => Ok(vec![y]),
-            None => Ok(vec![matmul(a, b)?]),
+            None => Ok(vec![self.plain(a, b)?]),
         }
     }
 }
