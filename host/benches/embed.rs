@@ -180,7 +180,19 @@ fn versus_onnx_runtime(bert: &Bert, dir: &std::path::Path, iters: usize) -> anyh
     let threads = std::thread::available_parallelism()?.get();
     let python = std::env::var("EIR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bert.py");
-    let shapes: Vec<String> = ORT_SHAPES.iter().map(|(b, s)| format!("{b}x{s}")).collect();
+    // `EIR_BENCH_SHAPES="1x8,4x8,16x8"` compares other shapes (batch x tokens) instead.
+    let picked: Vec<(usize, usize)> = match std::env::var("EIR_BENCH_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (b, t) = s.trim().split_once('x').unwrap_or(("", ""));
+                Ok((b.parse()?, t.parse()?))
+            })
+            .collect::<Result<_, std::num::ParseIntError>>()
+            .map_err(|e| anyhow::anyhow!("EIR_BENCH_SHAPES={list:?}: want BATCHxTOKENS,...: {e}"))?,
+        Err(_) => ORT_SHAPES.to_vec(),
+    };
+    let shapes: Vec<String> = picked.iter().map(|(b, s)| format!("{b}x{s}")).collect();
     let graph_dir = tempfile::tempdir()?;
     let graph = graph_dir.path().join("minilm.onnx");
     let out = std::process::Command::new(&python)
@@ -201,7 +213,7 @@ fn versus_onnx_runtime(bert: &Bert, dir: &std::path::Path, iters: usize) -> anyh
     println!("  (and EIR's ONNX backend on the graph ONNX Runtime ran: the generic path for transformer graphs)");
     let graph = eir::nn::backend::load(eir::nn::backend::Source::Path(&graph), eir::nn::backend::Target::Cpu)?;
     let dev = Device::Cpu;
-    for ((batch, seq), name) in ORT_SHAPES.iter().zip(&shapes) {
+    for ((batch, seq), name) in picked.iter().zip(&shapes) {
         let ids = CTensor::from_vec(synthetic_ids(*batch, *seq), (*batch, *seq), &dev)?;
         let mask = CTensor::ones((*batch, *seq), candle_core::DType::I64, &dev)?;
         let types = CTensor::zeros((*batch, *seq), candle_core::DType::I64, &dev)?;

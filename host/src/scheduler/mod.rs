@@ -729,9 +729,18 @@ impl Shared {
         // Charged: the cores' time this pass shared with the others running, not the time it
         // stood aside for a priority pass (that pass's, while it had the cores to itself).
         let account = Occupancy::start(&self.clock);
+        let began = Instant::now();
         let answers = self.awake.run(|| self.compute(&mut pass, &mut peak, &account));
         let elapsed = account.finish();
         let units: u64 = pass.jobs.iter().map(|j| j.units).sum::<u64>().max(1);
+        tracing::debug!(
+            model = %pass.name,
+            jobs = pass.jobs.len(),
+            units,
+            wall = ?began.elapsed(),
+            charged = elapsed,
+            "pass"
+        );
         let now = Instant::now();
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
