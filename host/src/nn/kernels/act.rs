@@ -370,7 +370,7 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32
             out.chunks_mut(rows * C).enumerate().for_each(work);
         }
     }
-    // SAFETY: the blocks of `rows·16` cover all `len` elements, and in each, every (row, column)
+    // SAFETY: the blocks of `rows·C` cover all `len` elements, and in each, every (row, column)
     // is written once: by a square where both lie in whole squares, else by the loop after.
     unsafe { dst.set_len(len) };
     Some(dst)

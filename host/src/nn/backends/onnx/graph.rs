@@ -29,6 +29,8 @@ enum Kind {
 
 struct Step {
     kind: Kind,
+    /// The operator of the node that made it (steps fused into it keep it).
+    op: String,
     name: String,
     inputs: Vec<Option<Src>>,
     outputs: Vec<usize>,
@@ -467,7 +469,7 @@ impl Compiler<'_> {
                 }
                 "If" => self.if_node(node, &inputs, scope, steps, depth)?,
                 "Relu" | "Clip" | "BatchNormalization" | "Add" | "Gelu"
-                    if let Some(idx) = sole_producer(node, &producer, &consumers)
+                    if let Some(idx) = self.fusing_into(node, &inputs, &producer, &consumers)
                         && self.fuse_into(node, &inputs, &mut steps[idx])? =>
                 {
                     // The producing step now computes this node's output too.
@@ -511,7 +513,14 @@ impl Compiler<'_> {
                             producer.insert(name.clone(), steps.len());
                         }
                     }
-                    steps.push(Step { kind: Kind::Op(op), name: step_name(node), inputs, outputs, free: Vec::new() });
+                    steps.push(Step {
+                        kind: Kind::Op(op),
+                        op: node.op_type.clone(),
+                        name: step_name(node),
+                        inputs,
+                        outputs,
+                        free: Vec::new(),
+                    });
                 }
             }
         }
@@ -574,12 +583,31 @@ impl Compiler<'_> {
         }
         steps.push(Step {
             kind: Kind::If { then_block, else_block },
+            op: node.op_type.clone(),
             name: step_name(node),
             inputs: inputs.to_vec(),
             outputs,
             free: Vec::new(),
         });
         Ok(())
+    }
+
+    /// The step `node` may fuse into: the producer of its first input, where `node` is that
+    /// value's only reader (for an `Add` of a constant, the producer of its other operand).
+    fn fusing_into(
+        &self,
+        node: &NodeProto,
+        inputs: &[Option<Src>],
+        producer: &HashMap<String, usize>,
+        consumers: &HashMap<&str, usize>,
+    ) -> Option<usize> {
+        let operand = match inputs {
+            [Some(first), Some(_)] if node.op_type == "Add" && self.const_value(Some(*first)).is_some() => 1,
+            _ => 0,
+        };
+        let input = node.input.get(operand)?;
+        let &idx = producer.get(input)?;
+        (consumers.get(input.as_str()) == Some(&1) && node.output.len() == 1).then_some(idx)
     }
 
     /// Moves a Relu or a Clip with constant bounds into the step that feeds only it (a
@@ -615,11 +643,14 @@ impl Compiler<'_> {
         let fused = match node.op_type.as_str() {
             "BatchNormalization" => return self.fold_batch_norm(node, inputs, step),
             "Add" => {
-                // A constant vector as the second operand: a dense layer's bias.
-                let bias = self.const_value(inputs.get(1).copied().flatten()).filter(|b| b.rank() == 1);
-                match bias.and_then(|b| b.to_dtype(DType::F32).ok()?.to_vec1::<f32>().ok()) {
-                    Some(bias) if node.input.len() == 2 => op.fuse_bias(&bias),
-                    _ => false,
+                // A constant f32 vector as either operand: a dense layer's bias.
+                let bias = inputs
+                    .iter()
+                    .find_map(|&i| self.const_value(i))
+                    .filter(|b| b.rank() == 1 && b.dtype() == DType::F32 && inputs.len() == 2);
+                match bias.and_then(|b| b.to_vec1::<f32>().ok()) {
+                    Some(bias) => op.fuse_bias(&bias),
+                    None => false,
                 }
             }
             "Gelu" => {
@@ -747,18 +778,24 @@ impl Compiler<'_> {
     ) -> HashMap<usize, GeluFold> {
         let made_by: HashMap<&str, usize> =
             g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
+        // A constant of one value that broadcasts without changing a shape (rank 0 or [1]).
         let scalar = |name: &str| -> Option<f32> {
             let t = self.const_value(scope.get(name))?;
-            if t.elem_count() != 1 {
+            if t.elem_count() != 1 || t.rank() > 1 {
                 return None;
             }
             t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
         };
         // The node making `name`, if it is an `op` of two inputs and one output read only once.
+        let standard = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
         let only = |name: &str, op: &str| -> Option<&NodeProto> {
             let n = &g.node[*made_by.get(name)?];
-            (n.op_type == op && n.input.len() == 2 && n.output.len() == 1 && consumers.get(name) == Some(&1))
-                .then_some(n)
+            (n.op_type == op
+                && standard(n)
+                && n.input.len() == 2
+                && n.output.len() == 1
+                && consumers.get(name) == Some(&1))
+            .then_some(n)
         };
         // Of a binary node, the operand whose other operand is the constant `want`.
         let times = |n: &NodeProto, want: f32| -> Option<String> {
@@ -775,6 +812,7 @@ impl Compiler<'_> {
             let e = times(add, 1.0)?;
             let erf = &g.node[*made_by.get(e.as_str())?];
             if erf.op_type != "Erf"
+                || !standard(erf)
                 || erf.input.len() != 1
                 || erf.output.len() != 1
                 || consumers.get(e.as_str()) != Some(&1)
@@ -797,7 +835,7 @@ impl Compiler<'_> {
         };
         let mut folds = HashMap::new();
         for (k, last) in g.node.iter().enumerate() {
-            if last.op_type != "Mul" || last.input.len() != 2 || last.output.len() != 1 {
+            if last.op_type != "Mul" || !standard(last) || last.input.len() != 2 || last.output.len() != 1 {
                 continue;
             }
             let (a, b) = (last.input[0].as_str(), last.input[1].as_str());
@@ -825,18 +863,6 @@ impl Compiler<'_> {
         }
         folds
     }
-}
-
-/// The step producing `node`'s first input, when `node` is that value's only reader and has
-/// one output: the condition for fusing `node` into the step.
-fn sole_producer(
-    node: &NodeProto,
-    producer: &HashMap<String, usize>,
-    consumers: &HashMap<&str, usize>,
-) -> Option<usize> {
-    let input = node.input.first()?;
-    let &idx = producer.get(input)?;
-    (consumers.get(input.as_str()) == Some(&1) && node.output.len() == 1).then_some(idx)
 }
 
 /// A zero Pad merged into the Conv after it.
@@ -1085,6 +1111,7 @@ fn fuse_conv_pairs(block: &mut Block, consts: &[Tensor]) {
                 inputs.extend((1..=tail).map(|i| at(&second.inputs, i)));
                 steps[j] = Some(Step {
                     kind: Kind::Op(op),
+                    op: first.op,
                     name: format!("{}+{}", first.name, second.name),
                     inputs,
                     outputs: second.outputs,
@@ -1129,8 +1156,10 @@ fn fuse_residual_adds(block: &mut Block) {
     let mut steps: Vec<Option<Step>> = std::mem::take(&mut block.steps).into_iter().map(Some).collect();
     for j in 0..steps.len() {
         let Some(add) = &steps[j] else { continue };
+        // An Add node's own step: a step that has taken an Add over (a dense layer's bias)
+        // is named after it but is not one.
         let (Kind::Op(_), "Add", &[Some(Src::Slot(a)), Some(Src::Slot(b))]) =
-            (&add.kind, add.name_op(), add.inputs.as_slice())
+            (&add.kind, add.op.as_str(), add.inputs.as_slice())
         else {
             continue;
         };

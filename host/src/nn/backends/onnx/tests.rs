@@ -785,3 +785,47 @@ fn dense_layers_with_a_bias_and_gelu_fuse_into_one_step_and_match_the_definition
         assert!(worst <= 1e-4, "{name}: worst {worst}");
     }
 }
+
+/// A dense layer whose bias is the `Add`'s first operand fuses too; and a product that has
+/// taken its bias over is not an `Add` of two values: after a convolution block (which takes a
+/// residual `Add` into itself), `MatMul(block, B) + bias` stays the product, not `block + B`.
+#[test]
+fn a_fused_bias_is_not_a_residual_add() {
+    let (c_in, c, m, h, w) = (3usize, 20usize, 5usize, 9usize, 9usize);
+    let xd = [2i64, c_in as i64, h as i64, w as i64];
+    let dims = [2u32, c_in as u32, h as u32, w as u32];
+    let x = block_values(2 * c_in * h * w, 7);
+    let b = block_values(w * w, 8);
+    let bias = block_values(w, 9);
+    let bias_init = TensorProto {
+        name: "bias".into(),
+        dims: vec![w as i64],
+        data_type: DataType::Float as i32,
+        float_data: bias.clone(),
+        ..Default::default()
+    };
+    let with = |add: NodeProto| {
+        let mut inits = block_inits(c_in, c, m);
+        inits.push(bias_init.clone());
+        let nodes = block_nodes(c, vec![node("MatMul", &["y", "b"], &["mm"], vec![]), add]);
+        model_with(nodes, inits, &[("x", &xd), ("b", &[w as i64, w as i64])], &["out"], 13)
+    };
+    let block = model_with(block_nodes(c, vec![]), block_inits(c_in, c, m), &[("x", &xd)], &["y"], 13);
+    let y = &run(&block, &[("x", &dims, &x)])[0].1;
+    let want: Vec<f32> = (0..y.len())
+        .map(|i| {
+            let (row, col) = (i / w, i % w);
+            (0..w).map(|j| f64::from(y[row * w + j]) * f64::from(b[j * w + col])).sum::<f64>() as f32 + bias[col]
+        })
+        .collect();
+    for (order, add) in [
+        ("bias second", node("Add", &["mm", "bias"], &["out"], vec![])),
+        ("bias first", node("Add", &["bias", "mm"], &["out"], vec![])),
+    ] {
+        let m = with(add);
+        assert_eq!(m.program.steps(), 2, "{order}: the block, then the product with its bias");
+        let out = run(&m, &[("x", &dims, &x), ("b", &[w as u32, w as u32], &b)]);
+        let worst = out[0].1.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{order}: worst {worst}");
+    }
+}

@@ -245,7 +245,7 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         "Gelu" => {
             let approximate = node.string("approximate").unwrap_or_else(|| "none".into());
             match approximate.as_str() {
-                "none" => unary(Tensor::gelu_erf),
+                "none" => op(|i| Ok(vec![gelu_erf(input(i, 0, "Gelu")?)?])),
                 "tanh" => unary(Tensor::gelu),
                 other => Err(node.bad(format!("unknown approximate `{other}`"))),
             }
@@ -375,6 +375,16 @@ pub(super) fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>, NnError
         }
     }
     Ok(out)
+}
+
+/// The exact (erf) GELU: f32 on EIR's vectorised kernel in parallel rows (candle's runs libm's
+/// scalar erf on one thread), other types on candle's.
+pub(super) fn gelu_erf(x: &Tensor) -> Result<Tensor, NnError> {
+    if x.dtype() == DType::F32 {
+        let v = super::with_f32(x, |x| map_rows(x, 1, |c| act::activate(c, Act::Gelu)))??;
+        return Ok(Tensor::from_vec(v, x.dims(), x.device())?);
+    }
+    Ok(x.gelu_erf()?)
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ pub(super) fn gemm_f32_with(
     let len = m.checked_mul(n).ok_or_else(|| NnError::too_large("a product's size overflows"))?;
     let mut y = uninit_f32(len)?;
     crate::nn::kernels::sgemm::gemm_act_into([m, n, k], a, packed, b, &mut y.spare_capacity_mut()[..len], bias, gelu)?;
-    // SAFETY: `gemm_into` returned Ok, so it wrote all `m·n` elements.
+    // SAFETY: `gemm_act_into` returned Ok, so it wrote all `m·n` elements.
     unsafe { y.set_len(len) };
     Ok(y)
 }

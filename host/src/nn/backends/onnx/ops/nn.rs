@@ -558,7 +558,7 @@ impl MatMul {
             y = y.broadcast_add(&Tensor::from_slice(bias, bias.len(), y.device())?.to_dtype(y.dtype())?)?;
         }
         if self.gelu {
-            y = y.gelu_erf()?;
+            y = super::elementwise::gelu_erf(&y)?;
         }
         Ok(y)
     }
@@ -567,9 +567,14 @@ impl MatMul {
 impl super::Op for MatMul {
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let (a, b) = (input(i, 0, "MatMul")?.dims(), input(i, 1, "MatMul")?.dims());
-        let plain = matmul_bound(a, b)?;
+        let mut plain = matmul_bound(a, b)?;
+        if self.bias.is_some() || self.gelu {
+            // The plain product's fused bias and GELU each write a copy of its output: at most
+            // what the product's own bound holds.
+            plain = plain.checked_mul(2).ok_or_else(|| NnError::too_large("MatMul sizes overflow"))?;
+        }
         // The turned-around product's `Aᵀ`, `Yᵀ` and `Y` (its derived weights are kept
-        // beside the model, as `Gemm`'s are); the plain one's bias and GELU allocate as much.
+        // beside the model, as `Gemm`'s are).
         let (&[k, n], true) = (b, a.len() >= 2) else { return Ok(plain) };
         let m = count(a)? / (k.max(1) as u64);
         let extra = (m.checked_mul(n as u64).and_then(|mn| mn.checked_mul(2)))
