@@ -412,7 +412,12 @@ impl Compiler<'_> {
         let mut consumers = consumer_counts(g);
         let pad_folds = self.pad_folds(g, scope, &consumers);
         let gelu_folds = self.gelu_folds(g, scope, &consumers);
-        let folded_into_gelu: HashSet<usize> = gelu_folds.values().flat_map(|f| f.nodes).collect();
+        let attention_folds = self.attention_folds(g, scope, &consumers);
+        let folded: HashSet<usize> = gelu_folds
+            .values()
+            .flat_map(|f| f.nodes)
+            .chain(attention_folds.values().flat_map(|f| f.nodes.iter().copied()))
+            .collect();
         for fold in gelu_folds.values() {
             // `y`'s two readers in the decomposition become the one Gelu.
             if let Some(n) = consumers.get_mut(fold.input.as_str()) {
@@ -423,8 +428,36 @@ impl Compiler<'_> {
         let mut producer: HashMap<String, usize> = HashMap::new();
 
         for (k, node) in g.node.iter().enumerate() {
-            if pad_folds.values().any(|f| f.pad_node == k) || folded_into_gelu.contains(&k) {
-                continue; // folded into its Conv, or into a Gelu
+            if pad_folds.values().any(|f| f.pad_node == k) || folded.contains(&k) {
+                continue; // folded into its Conv, a Gelu or an attention step
+            }
+            if let Some(fold) = attention_folds.get(&k) {
+                let inputs = fold
+                    .inputs
+                    .iter()
+                    .map(|name| {
+                        scope.get(name).map(Some).ok_or_else(|| {
+                            NnError::invalid_encoding(format!(
+                                "node `{}` uses `{name}` before it is defined",
+                                node.name
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let outputs: Vec<usize> = node.output.iter().map(|_| self.slot()).collect();
+                for (name, &slot) in node.output.iter().zip(&outputs) {
+                    scope.names.insert(name.clone(), Src::Slot(slot));
+                    producer.insert(name.clone(), steps.len());
+                }
+                steps.push(Step {
+                    kind: Kind::Op(ops::attention(fold.scale, fold.inputs.len() == 4)),
+                    op: "Attention".into(),
+                    name: fold.name.clone(),
+                    inputs,
+                    outputs,
+                    free: Vec::new(),
+                });
+                continue;
             }
             let mut node_owned;
             let mut node = node;
@@ -753,6 +786,103 @@ impl Compiler<'_> {
                 debug_assert_eq!(begin.len(), spatial);
                 folds.insert(c, PadFold { pad_node: k, input: pad.input[0].clone(), begin, end });
             }
+        }
+        folds
+    }
+}
+
+/// Scaled, masked attention written out as exporters do: the nodes it replaces (all but the last
+/// `MatMul`, whose place the fused step takes), its inputs (`Q`, `Kᵀ`, `V`, the mask if any)
+/// and its scale.
+struct AttentionFold {
+    nodes: Vec<usize>,
+    inputs: Vec<String>,
+    scale: Option<(f32, bool)>,
+    name: String,
+}
+
+impl Compiler<'_> {
+    /// `MatMul(Softmax(Add(Mul(MatMul(Q, Kᵀ), c), mask)), V)` among `g`'s nodes, keyed by the last
+    /// MatMul ([`ops::attention`]): the scale a `Mul` by a constant (either operand) or a `Div`
+    /// by one, or none; the mask either operand of the `Add`, or none; the softmax over the last
+    /// axis (`axis` -1, or opset 13's default). Every value inside must have no other reader.
+    fn attention_folds(
+        &self,
+        g: &GraphProto,
+        scope: &Scope<'_>,
+        consumers: &HashMap<&str, usize>,
+    ) -> HashMap<usize, AttentionFold> {
+        let made_by: HashMap<&str, usize> =
+            g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
+        let standard = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+        // The node making `name` if it is an `op` of `inputs` inputs and one output read once.
+        let only = |name: &str, op: &str, inputs: usize| -> Option<usize> {
+            let k = *made_by.get(name)?;
+            let n = &g.node[k];
+            (n.op_type == op
+                && standard(n)
+                && n.input.len() == inputs
+                && n.output.len() == 1
+                && consumers.get(name) == Some(&1))
+            .then_some(k)
+        };
+        let scalar = |name: &str| -> Option<f32> {
+            let t = self.const_value(scope.get(name))?;
+            if t.elem_count() != 1 || t.rank() > 1 || t.dtype() != DType::F32 {
+                return None;
+            }
+            t.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
+        };
+        // `MatMul(Q, Kᵀ)`, scaled or not, as the value `name`: its nodes, Q, Kᵀ and the scale.
+        type Scores = (Vec<usize>, [String; 2], Option<(f32, bool)>);
+        let scores = |name: &str| -> Option<Scores> {
+            let (k, scale, inner) = if let Some(k) = only(name, "Mul", 2) {
+                let n = &g.node[k];
+                let (x, c) = [(&n.input[0], &n.input[1]), (&n.input[1], &n.input[0])]
+                    .into_iter()
+                    .find(|(x, c)| scalar(x).is_none() && scalar(c).is_some())?;
+                (Some(k), Some((scalar(c)?, false)), x.clone())
+            } else if let Some(k) = only(name, "Div", 2) {
+                let n = &g.node[k];
+                (Some(k), Some((scalar(&n.input[1])?, true)), n.input[0].clone())
+            } else {
+                (None, None, name.to_string())
+            };
+            let mm = only(&inner, "MatMul", 2)?;
+            let n = &g.node[mm];
+            Some((k.into_iter().chain([mm]).collect(), [n.input[0].clone(), n.input[1].clone()], scale))
+        };
+        let mut folds = HashMap::new();
+        for (k, last) in g.node.iter().enumerate() {
+            if last.op_type != "MatMul" || !standard(last) || last.input.len() != 2 || last.output.len() != 1 {
+                continue;
+            }
+            let Some(sm) = only(&last.input[0], "Softmax", 1) else { continue };
+            let axis = g.node[sm].attribute.iter().find(|a| a.name == "axis").map(|a| a.i);
+            if !(axis == Some(-1) || (axis.is_none() && self.opset >= 13)) {
+                continue;
+            }
+            let x = g.node[sm].input[0].as_str();
+            // Masked: an Add of the scores and the mask, in either order.
+            let found = match only(x, "Add", 2) {
+                Some(add) => {
+                    let n = &g.node[add];
+                    [(&n.input[0], &n.input[1]), (&n.input[1], &n.input[0])].into_iter().find_map(|(s, m)| {
+                        let (mut nodes, [q, kt], scale) = scores(s)?;
+                        nodes.push(add);
+                        Some((nodes, vec![q, kt, last.input[1].clone(), m.clone()], scale))
+                    })
+                }
+                None => scores(x).map(|(nodes, [q, kt], scale)| (nodes, vec![q, kt, last.input[1].clone()], scale)),
+            };
+            let Some((mut nodes, inputs, scale)) = found else { continue };
+            // A zero scale divides by zero: left to the graph's own Div.
+            if scale.is_some_and(|(c, divide)| divide && c == 0.0) || inputs.iter().any(String::is_empty) {
+                continue;
+            }
+            nodes.push(sm);
+            let name = format!("{}(Attention)", if last.name.is_empty() { &last.output[0] } else { &last.name });
+            folds.insert(k, AttentionFold { nodes, inputs, scale, name });
         }
         folds
     }

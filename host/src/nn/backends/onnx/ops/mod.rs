@@ -25,6 +25,7 @@ pub(super) use crate::nn::kernels::simd::{cap as simd_cap, levels as simd_levels
 pub(super) use control::constant_value;
 #[cfg(test)]
 pub(super) use nn::SPLITS_RUN;
+pub(super) use nn::attention;
 
 /// Data an operator derives from its inputs (packed or transposed weights), kept between runs
 /// for as long as those inputs are the same tensors (`K`: one tensor's id, or a tuple of them):
@@ -50,6 +51,21 @@ impl<T, K: PartialEq> Derived<T, K> {
                 kept
             }
         }
+    }
+}
+
+/// Runs `f` on `t`'s f32 CPU storage as it lies, with the offset of `t`'s first element and its
+/// strides (so a view out of a Transpose is read in place, not copied); `None` where `t` is not
+/// an f32 tensor on the CPU.
+fn with_f32_view<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, &[usize]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(v, layout.start_offset(), layout.stride())),
+        _ => None,
     }
 }
 

@@ -612,6 +612,216 @@ impl super::Op for MatMul {
     }
 }
 
+/// Scaled, masked dot-product attention as exporters write it, which the graph compiler fuses
+/// into this one step: `MatMul(Softmax(Add(Mul(MatMul(Q, Kᵀ), scale), mask)), V)`, the scale a
+/// `Mul` or a `Div` by a constant (or none), the mask any tensor that broadcasts to the scores
+/// (or none), the softmax over the last axis. Each (batch, head) entry's `s_q × s_k` scores stay
+/// in a per-thread scratch while they are scaled, masked and normalised and then multiply `V`;
+/// unfused, the four steps wrote and read `batch × heads × s_q × s_k` through memory. The same
+/// kernels as the unfused steps, in the same order, so the numbers are the same.
+struct Attention {
+    /// The constant the scores are multiplied by (or, where `divide`, divided by).
+    scale: Option<(f32, bool)>,
+    /// Whether input 3 is a mask added to the scaled scores.
+    masked: bool,
+}
+
+/// The fused attention step ([`Attention`]); its inputs are `Q`, `Kᵀ`, `V` and the mask.
+pub(in crate::nn::backends::onnx) fn attention(scale: Option<(f32, bool)>, masked: bool) -> Box<dyn super::Op> {
+    Box::new(Attention { scale, masked })
+}
+
+impl Attention {
+    /// The scores' shape, `[batch axes.., s_q, s_k]`, from `Q`'s and `Kᵀ`'s.
+    fn scores_dims(q: &[usize], kt: &[usize]) -> Result<Vec<usize>, NnError> {
+        match (q.split_last(), kt.last()) {
+            (Some((_, rest)), Some(&sk)) if q.len() >= 2 => Ok([rest, &[sk]].concat()),
+            _ => Err(NnError::invalid_argument(format!("attention of {q:?} and {kt:?}"))),
+        }
+    }
+
+    /// Every (batch, head) entry at once, or `None` where the operands are not f32 with the
+    /// same batch axes, or the mask does not broadcast over whole rows of the scores.
+    fn fused(&self, q: &Tensor, kt: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>, NnError> {
+        let r = q.rank();
+        if r < 3 || kt.rank() != r || v.rank() != r || [q, kt, v].iter().any(|t| t.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let axes = &q.dims()[..r - 2];
+        if &kt.dims()[..r - 2] != axes || &v.dims()[..r - 2] != axes {
+            return Ok(None);
+        }
+        let ([sq, d], [d2, sk], [sk2, dv]) = (
+            [q.dims()[r - 2], q.dims()[r - 1]],
+            [kt.dims()[r - 2], kt.dims()[r - 1]],
+            [v.dims()[r - 2], v.dims()[r - 1]],
+        );
+        if d != d2 || sk != sk2 || [sq, sk, d, dv].contains(&0) {
+            return Ok(None);
+        }
+        let batch: usize = axes.iter().product();
+        // The mask over the batch axes (its rows stay one where it has one): `[batch, mq, sk]`.
+        let mask = match mask {
+            None => None,
+            Some(m) if m.dtype() == DType::F32 && m.rank() <= r => {
+                let mut md = vec![1usize; r - m.rank()];
+                md.extend_from_slice(m.dims());
+                let mq = md[r - 2];
+                let fits = md[r - 1] == sk
+                    && (mq == 1 || mq == sq)
+                    && md[..r - 2].iter().zip(axes).all(|(&a, &b)| a == 1 || a == b);
+                if !fits {
+                    return Ok(None);
+                }
+                let target: Vec<usize> = [axes, &[mq, sk]].concat();
+                let values = m.reshape(md)?.broadcast_as(target)?.flatten_all()?.to_vec1::<f32>()?;
+                Some((values, mq))
+            }
+            Some(_) => return Ok(None),
+        };
+        let len = batch * sq * dv;
+        let mut out = super::uninit_f32(len)?;
+        let scale = self.scale;
+        // Q, Kᵀ and V are read where they lie (views out of Transposes, as exporters leave
+        // them), each entry gathered into a per-thread buffer; copying them whole first (the
+        // unfused steps' way) was a pass of its own over each.
+        let mut run = |q: View<'_>, kt: View<'_>, v: View<'_>| {
+            out.spare_capacity_mut()[..len].par_chunks_mut(sq * dv).enumerate().try_for_each_init(
+                || [Vec::<f32>::new(), Vec::new(), Vec::new(), Vec::new()],
+                |[scores, qe, kte, ve], (e, o)| -> Result<(), NnError> {
+                    for (buf, want) in
+                        [(&mut *scores, sq * sk), (&mut *qe, sq * d), (&mut *kte, d * sk), (&mut *ve, sk * dv)]
+                    {
+                        if buf.len() < want {
+                            buf.resize(want, 0.0);
+                        }
+                    }
+                    let (qe, kte, ve) = (&mut qe[..sq * d], &mut kte[..d * sk], &mut ve[..sk * dv]);
+                    q.gather(e, qe);
+                    kt.gather(e, kte);
+                    v.gather(e, ve);
+                    let s = &mut scores[..sq * sk];
+                    sgemm::gemm([sq, sk, d], qe, None, kte, s, None, None)?;
+                    for (i, row) in s.chunks_exact_mut(sk).enumerate() {
+                        match scale {
+                            Some((c, true)) => row.iter_mut().for_each(|x| *x /= c),
+                            Some((c, false)) => row.iter_mut().for_each(|x| *x *= c),
+                            None => {}
+                        }
+                        if let Some((values, mq)) = &mask {
+                            let at = (e * mq + if *mq == 1 { 0 } else { i }) * sk;
+                            row.iter_mut().zip(&values[at..at + sk]).for_each(|(x, m)| *x += m);
+                        }
+                    }
+                    act::softmax_rows(s, sk);
+                    sgemm::gemm_into(1, [sq, dv, sk], s, None, ve, o, None, None)
+                },
+            )
+        };
+        let viewed = super::with_f32_view(q, |qd, qs, qst| {
+            super::with_f32_view(kt, |kd, ks, kst| {
+                super::with_f32_view(v, |vd, vs, vst| {
+                    let views = (
+                        View::new(qd, qs, qst, q.dims()),
+                        View::new(kd, ks, kst, kt.dims()),
+                        View::new(vd, vs, vst, v.dims()),
+                    );
+                    match views {
+                        (Some(a), Some(b), Some(c)) => Some(run(a, b, c)),
+                        _ => None,
+                    }
+                })
+            })
+        });
+        match viewed.flatten().flatten().flatten() {
+            Some(done) => done?,
+            None => return Ok(None),
+        }
+        // SAFETY: every entry's product returned Ok, so each wrote its `s_q·d_v` elements, and
+        // the `batch` chunks of `s_q·d_v` cover all `len`.
+        unsafe { out.set_len(len) };
+        let mut dims = q.dims().to_vec();
+        dims[r - 1] = dv;
+        Ok(Some(Tensor::from_vec(out, dims, q.device())?))
+    }
+}
+
+/// A rank-r f32 tensor as it lies in its storage: the batch entries' matrices (the last two
+/// axes), each gathered on demand.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    strides: &'a [usize],
+    dims: &'a [usize],
+}
+
+impl<'a> View<'a> {
+    /// `None` unless every element the shape and strides reach lies inside `data` (checked
+    /// once, so gathering cannot run past it).
+    fn new(data: &'a [f32], start: usize, strides: &'a [usize], dims: &'a [usize]) -> Option<Self> {
+        if strides.len() != dims.len() || dims.len() < 2 || dims.contains(&0) {
+            return None;
+        }
+        let last = dims.iter().zip(strides).try_fold(start, |at, (&n, &s)| at.checked_add((n - 1).checked_mul(s)?))?;
+        (last < data.len()).then_some(View { data, start, strides, dims })
+    }
+
+    /// Entry `e`'s matrix (`e` counts the batch axes in row-major order), row-major into `out`.
+    fn gather(&self, e: usize, out: &mut [f32]) {
+        let r = self.dims.len();
+        let (mut rest, mut base) = (e, self.start);
+        for a in (0..r - 2).rev() {
+            base += (rest % self.dims[a]) * self.strides[a];
+            rest /= self.dims[a];
+        }
+        let (cols, rs, cs) = (self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
+        for (i, row) in out.chunks_exact_mut(cols).take(self.dims[r - 2]).enumerate() {
+            let at = base + i * rs;
+            if cs == 1 {
+                row.copy_from_slice(&self.data[at..at + cols]);
+            } else {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = self.data[at + j * cs];
+                }
+            }
+        }
+    }
+}
+
+impl super::Op for Attention {
+    fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        let (q, kt, v) =
+            (input(i, 0, "Attention")?.dims(), input(i, 1, "Attention")?.dims(), input(i, 2, "Attention")?.dims());
+        // The unfused steps' (the fused path holds less): the scores' product, three copies of
+        // the scores (scaled, masked, normalised), the mask broadcast to them, the second product.
+        let scores = Self::scores_dims(q, kt)?;
+        let n = count(&scores)?;
+        let products = matmul_bound(q, kt)?.checked_add(matmul_bound(&scores, v)?);
+        products
+            .and_then(|p| p.checked_add(wide(n, 4).ok()?))
+            .ok_or_else(|| NnError::too_large("attention sizes overflow"))
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let (q, kt, v) = (input(i, 0, "Attention")?, input(i, 1, "Attention")?, input(i, 2, "Attention")?);
+        let mask = if self.masked { Some(input(i, 3, "Attention")?) } else { None };
+        if let Some(y) = self.fused(q, kt, v, mask)? {
+            return Ok(vec![y]);
+        }
+        // The steps as the graph wrote them.
+        let mut s = matmul(q, kt)?;
+        if let Some((c, divide)) = self.scale {
+            let c = Tensor::new(c, s.device())?.to_dtype(s.dtype())?;
+            s = if divide { s.broadcast_div(&c)? } else { s.broadcast_mul(&c)? };
+        }
+        if let Some(m) = mask {
+            s = s.broadcast_add(m)?;
+        }
+        Ok(vec![matmul(&softmax(&s, -1, false, false)?, v)?])
+    }
+}
+
 /// A convolution's checked 2-D geometry, its plan and the padding per spatial axis.
 type ConvSetup = (conv::Geometry, conv::ConvPlan, Vec<(usize, usize)>);
 
