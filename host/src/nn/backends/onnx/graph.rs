@@ -876,8 +876,14 @@ impl Compiler<'_> {
                 None => scores(x).map(|(nodes, [q, kt], scale)| (nodes, vec![q, kt, last.input[1].clone()], scale)),
             };
             let Some((mut nodes, inputs, scale)) = found else { continue };
-            // A zero scale divides by zero: left to the graph's own Div.
-            if scale.is_some_and(|(c, divide)| divide && c == 0.0) || inputs.iter().any(String::is_empty) {
+            // Left as they are: a zero scale (the graph's own Div divides by it); a `Kᵀ` that is
+            // a constant (a product by weights, which MatMul packs, not attention); a product
+            // that is the last step of an attention already folded (a chain of two).
+            if scale.is_some_and(|(c, divide)| divide && c == 0.0)
+                || inputs.iter().any(String::is_empty)
+                || self.const_value(scope.get(&inputs[1])).is_some()
+                || nodes.iter().any(|n| folds.contains_key(n))
+            {
                 continue;
             }
             nodes.push(sm);

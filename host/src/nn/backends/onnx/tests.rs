@@ -974,3 +974,65 @@ fn attention_reads_transposed_views_in_place() {
     assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, d as u32]);
     assert_eq!(got[0].1, want[0].1);
 }
+
+/// Shapes the fused attention leaves to the unfused steps, which it then runs itself, within
+/// the bytes it reserved (the executor checks that in tests): a mask that broadcasts over more
+/// entries than Q has, a rank-1 `Kᵀ` (attention pooling); and two attentions in a chain, the
+/// first one's output the second one's scores, which fold as one and leave the other apart.
+#[test]
+fn attention_shapes_it_does_not_fuse_run_as_the_steps_do() {
+    let val =
+        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
+    let axis = AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
+    let softmax = |x: &str, y: &str| node("Softmax", &[x], &[y], vec![axis.clone()]);
+    let check = |name: &str, nodes: Vec<NodeProto>, inputs: &[(&str, &[i64])], steps: usize| {
+        let fused = model(nodes.clone(), inputs, &["out"], 13);
+        let apart = model(nodes, inputs, &["out", "p"], 13);
+        assert_eq!(fused.program.steps(), steps, "{name}");
+        let values: Vec<(String, Vec<u32>, Vec<f32>)> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, (n, d))| {
+                (n.to_string(), d.iter().map(|&x| x as u32).collect(), val(d.iter().product::<i64>() as usize, k))
+            })
+            .collect();
+        let feed: Vec<(&str, &[u32], &[f32])> =
+            values.iter().map(|(n, d, v)| (n.as_str(), d.as_slice(), v.as_slice())).collect();
+        let (got, want) = (run(&fused, &feed), run(&apart, &feed));
+        assert_eq!(got[0], want[0], "{name}");
+    };
+    let (b, dv) = (5i64, 1000i64);
+    check(
+        "a mask over more entries than Q",
+        vec![
+            node("MatMul", &["q", "kt"], &["s"], vec![]),
+            node("Add", &["s", "mask"], &["a"], vec![]),
+            softmax("a", "p"),
+            node("MatMul", &["p", "v"], &["out"], vec![]),
+        ],
+        &[("q", &[1, 1, 1, 1]), ("kt", &[1, 1, 1, 1]), ("v", &[1, 1, 1, dv]), ("mask", &[b, 1, 1, 1])],
+        1,
+    );
+    check(
+        "a rank-1 Kᵀ",
+        vec![
+            node("MatMul", &["q", "kt"], &["s"], vec![]),
+            softmax("s", "p"),
+            node("MatMul", &["p", "v"], &["out"], vec![]),
+        ],
+        &[("q", &[5, 4]), ("kt", &[4]), ("v", &[5, 7])],
+        1,
+    );
+    check(
+        "two in a chain",
+        vec![
+            node("MatMul", &["q", "kt"], &["s"], vec![]),
+            softmax("s", "p"),
+            node("MatMul", &["p", "v"], &["o"], vec![]),
+            softmax("o", "p2"),
+            node("MatMul", &["p2", "w"], &["out"], vec![]),
+        ],
+        &[("q", &[2, 3, 5, 4]), ("kt", &[2, 3, 4, 6]), ("v", &[2, 3, 6, 6]), ("w", &[2, 3, 6, 7])],
+        3,
+    );
+}

@@ -632,12 +632,29 @@ pub(in crate::nn::backends::onnx) fn attention(scale: Option<(f32, bool)>, maske
 }
 
 impl Attention {
-    /// The scores' shape, `[batch axes.., s_q, s_k]`, from `Q`'s and `Kᵀ`'s.
-    fn scores_dims(q: &[usize], kt: &[usize]) -> Result<Vec<usize>, NnError> {
-        match (q.split_last(), kt.last()) {
-            (Some((_, rest)), Some(&sk)) if q.len() >= 2 => Ok([rest, &[sk]].concat()),
-            _ => Err(NnError::invalid_argument(format!("attention of {q:?} and {kt:?}"))),
+    /// The shape numpy's `matmul` gives `a · b`: 1-D operands promoted (and their added axis
+    /// dropped again), batch axes broadcast.
+    fn product_dims(a: &[usize], b: &[usize]) -> Result<Vec<usize>, NnError> {
+        let bad = || NnError::invalid_argument(format!("MatMul of {a:?} and {b:?}"));
+        let (a2, b2) = (
+            if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() },
+            if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() },
+        );
+        let (Some((ab, &[m, k])), Some((bb, &[k2, n]))) = (a2.split_last_chunk::<2>(), b2.split_last_chunk::<2>())
+        else {
+            return Err(bad());
+        };
+        if k != k2 {
+            return Err(bad());
         }
+        let mut dims = broadcast_shape(&[ab, bb])?;
+        if a.len() > 1 {
+            dims.push(m);
+        }
+        if b.len() > 1 {
+            dims.push(n);
+        }
+        Ok(dims)
     }
 
     /// Every (batch, head) entry at once, or `None` where the operands are not f32 with the
@@ -793,9 +810,13 @@ impl super::Op for Attention {
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let (q, kt, v) =
             (input(i, 0, "Attention")?.dims(), input(i, 1, "Attention")?.dims(), input(i, 2, "Attention")?.dims());
-        // The unfused steps' (the fused path holds less): the scores' product, three copies of
-        // the scores (scaled, masked, normalised), the mask broadcast to them, the second product.
-        let scores = Self::scores_dims(q, kt)?;
+        // The unfused steps' (the fused path holds less): the scores' product, the scores
+        // broadcast with the mask three times (scaled, masked, normalised), the mask broadcast
+        // to them, and the second product.
+        let mut scores = Self::product_dims(q, kt)?;
+        if let Some(mask) = i.get(3).copied().flatten().filter(|_| self.masked) {
+            scores = broadcast_shape(&[&scores, mask.dims()])?;
+        }
         let n = count(&scores)?;
         let products = matmul_bound(q, kt)?.checked_add(matmul_bound(&scores, v)?);
         products
