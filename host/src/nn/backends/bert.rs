@@ -747,18 +747,7 @@ mod timing {
         let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
         let layer = &bert.layers[0];
-        let time = |f: &mut dyn FnMut()| {
-            f();
-            let mut v: Vec<f64> = (0..20)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(20, f).as_secs_f64() * 1e3;
         for (rows, seq) in [(1usize, 8usize), (1, 128), (32, 20), (8, 128)] {
             let tokens = rows * seq;
             let h = bert.config.hidden_size;

@@ -664,18 +664,7 @@ mod tests {
     #[test]
     #[ignore]
     fn transpose_against_the_crate() {
-        let time = |f: &mut dyn FnMut()| {
-            f();
-            let mut v: Vec<std::time::Duration> = (0..31)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect();
-            v.sort();
-            v[v.len() / 2]
-        };
+        let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(31, f);
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         for (rows, cols) in [(64, 384), (64, 1536), (1536, 64), (128, 1152), (640, 384), (640, 1536), (37, 70)] {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();

@@ -18,3 +18,18 @@ pub(crate) fn filled<T: Clone>(len: usize, v: T) -> Vec<T> {
     out.resize(len, v);
     out
 }
+
+/// The median time of `runs` calls of `f`, after one untimed call (the kernels' timing tests).
+#[cfg(test)]
+pub(crate) fn median_time(runs: usize, f: &mut dyn FnMut()) -> std::time::Duration {
+    f();
+    let mut v: Vec<std::time::Duration> = (0..runs.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v[v.len() / 2]
+}

@@ -1843,18 +1843,7 @@ mod timing {
             ("bert ffn 384->1536 x 512 tok", [1536, 512, 384]),
             ("bert ffn 1536->384 x 512 tok", [384, 512, 1536]),
         ];
-        let time = |f: &mut dyn FnMut()| {
-            f();
-            let mut v: Vec<std::time::Duration> = (0..15)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect();
-            v.sort();
-            v[v.len() / 2]
-        };
+        let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(15, f);
         for (name, [m, n, k]) in shapes {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();

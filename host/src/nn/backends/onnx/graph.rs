@@ -411,8 +411,10 @@ impl Compiler<'_> {
         };
         let mut consumers = consumer_counts(g);
         let pad_folds = self.pad_folds(g, scope, &consumers);
-        let gelu_folds = self.gelu_folds(g, scope, &consumers);
-        let attention_folds = self.attention_folds(g, scope, &consumers);
+        let (gelu_folds, attention_folds) = {
+            let nodes = Nodes::new(g, &consumers);
+            (self.gelu_folds(&nodes, scope), self.attention_folds(&nodes, scope))
+        };
         let folded: HashSet<usize> = gelu_folds
             .values()
             .flat_map(|f| f.nodes)
@@ -791,6 +793,51 @@ impl Compiler<'_> {
     }
 }
 
+/// A block's nodes by the value each makes, with each value's readers: what the pattern folds
+/// (GELU, attention) walk.
+struct Nodes<'g, 'c> {
+    g: &'g GraphProto,
+    made_by: HashMap<&'g str, usize>,
+    consumers: &'c HashMap<&'g str, usize>,
+}
+
+impl<'g, 'c> Nodes<'g, 'c> {
+    fn new(g: &'g GraphProto, consumers: &'c HashMap<&'g str, usize>) -> Self {
+        let made_by =
+            g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
+        Nodes { g, made_by, consumers }
+    }
+
+    /// Whether `n` is an `op` of the standard domain with `inputs` inputs and one output.
+    fn is(n: &NodeProto, op: &str, inputs: usize) -> bool {
+        n.op_type == op
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+            && n.input.len() == inputs
+            && n.output.len() == 1
+    }
+
+    /// The node making `name` (and its index), if it [`is`](Self::is) an `op` of `inputs`
+    /// inputs and no other node reads `name`.
+    fn only(&self, name: &str, op: &str, inputs: usize) -> Option<(usize, &'g NodeProto)> {
+        let k = *self.made_by.get(name)?;
+        let n = &self.g.node[k];
+        (Self::is(n, op, inputs) && self.consumers.get(name) == Some(&1)).then_some((k, n))
+    }
+}
+
+impl Compiler<'_> {
+    /// A constant of one value that broadcasts without changing a shape (rank 0 or `[1]`): the
+    /// value as f32, and the constant's own type.
+    fn one_value(&self, scope: &Scope<'_>, name: &str) -> Option<(f32, DType)> {
+        let t = self.const_value(scope.get(name))?;
+        if t.elem_count() != 1 || t.rank() > 1 {
+            return None;
+        }
+        let v = t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()?;
+        Some((v, t.dtype()))
+    }
+}
+
 /// Scaled, masked attention written out as exporters do: the nodes it replaces (all but the last
 /// `MatMul`, whose place the fused step takes), its inputs (`Q`, `Kᵀ`, `V`, the mask if any)
 /// and its scale.
@@ -806,33 +853,11 @@ impl Compiler<'_> {
     /// MatMul ([`ops::attention`]): the scale a `Mul` by a constant (either operand) or a `Div`
     /// by one, or none; the mask either operand of the `Add`, or none; the softmax over the last
     /// axis (`axis` -1, or opset 13's default). Every value inside must have no other reader.
-    fn attention_folds(
-        &self,
-        g: &GraphProto,
-        scope: &Scope<'_>,
-        consumers: &HashMap<&str, usize>,
-    ) -> HashMap<usize, AttentionFold> {
-        let made_by: HashMap<&str, usize> =
-            g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
-        let standard = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
-        // The node making `name` if it is an `op` of `inputs` inputs and one output read once.
-        let only = |name: &str, op: &str, inputs: usize| -> Option<usize> {
-            let k = *made_by.get(name)?;
-            let n = &g.node[k];
-            (n.op_type == op
-                && standard(n)
-                && n.input.len() == inputs
-                && n.output.len() == 1
-                && consumers.get(name) == Some(&1))
-            .then_some(k)
-        };
-        let scalar = |name: &str| -> Option<f32> {
-            let t = self.const_value(scope.get(name))?;
-            if t.elem_count() != 1 || t.rank() > 1 || t.dtype() != DType::F32 {
-                return None;
-            }
-            t.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
-        };
+    fn attention_folds(&self, nodes: &Nodes<'_, '_>, scope: &Scope<'_>) -> HashMap<usize, AttentionFold> {
+        let g = nodes.g;
+        let only = |name: &str, op: &str, inputs: usize| nodes.only(name, op, inputs).map(|(k, _)| k);
+        // The fused step scales in f32: only an f32 constant.
+        let scalar = |name: &str| self.one_value(scope, name).filter(|&(_, t)| t == DType::F32).map(|(v, _)| v);
         // `MatMul(Q, Kᵀ)`, scaled or not, as the value `name`: its nodes, Q, Kᵀ and the scale.
         type Scores = (Vec<usize>, [String; 2], Option<(f32, bool)>);
         let scores = |name: &str| -> Option<Scores> {
@@ -854,7 +879,7 @@ impl Compiler<'_> {
         };
         let mut folds = HashMap::new();
         for (k, last) in g.node.iter().enumerate() {
-            if last.op_type != "MatMul" || !standard(last) || last.input.len() != 2 || last.output.len() != 1 {
+            if !Nodes::is(last, "MatMul", 2) {
                 continue;
             }
             let Some(sm) = only(&last.input[0], "Softmax", 1) else { continue };
@@ -906,33 +931,9 @@ impl Compiler<'_> {
     /// / √2), 1))` (Hugging Face's exports) or `Mul(Mul(y, Add(Erf(y / √2), 1)), ½)` (PyTorch's
     /// `nn.GELU`), in either operand order, `y / √2` also as `y · (1/√2)`. Every value inside
     /// must have no other reader, and `y` only these two.
-    fn gelu_folds(
-        &self,
-        g: &GraphProto,
-        scope: &Scope<'_>,
-        consumers: &HashMap<&str, usize>,
-    ) -> HashMap<usize, GeluFold> {
-        let made_by: HashMap<&str, usize> =
-            g.node.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k))).collect();
-        // A constant of one value that broadcasts without changing a shape (rank 0 or [1]).
-        let scalar = |name: &str| -> Option<f32> {
-            let t = self.const_value(scope.get(name))?;
-            if t.elem_count() != 1 || t.rank() > 1 {
-                return None;
-            }
-            t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied()
-        };
-        // The node making `name`, if it is an `op` of two inputs and one output read only once.
-        let standard = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
-        let only = |name: &str, op: &str| -> Option<&NodeProto> {
-            let n = &g.node[*made_by.get(name)?];
-            (n.op_type == op
-                && standard(n)
-                && n.input.len() == 2
-                && n.output.len() == 1
-                && consumers.get(name) == Some(&1))
-            .then_some(n)
-        };
+    fn gelu_folds(&self, nodes: &Nodes<'_, '_>, scope: &Scope<'_>) -> HashMap<usize, GeluFold> {
+        let scalar = |name: &str| self.one_value(scope, name).map(|(v, _)| v);
+        let only = |name: &str, op: &str| nodes.only(name, op, 2);
         // Of a binary node, the operand whose other operand is the constant `want`.
         let times = |n: &NodeProto, want: f32| -> Option<String> {
             let (a, b) = (&n.input[0], &n.input[1]);
@@ -941,60 +942,50 @@ impl Compiler<'_> {
                 .find(|(x, c)| scalar(x).is_none() && scalar(c).is_some_and(|v| (v - want).abs() <= 1e-6 * want.abs()))
                 .map(|(x, _)| x.clone())
         };
-        let index = |n: &NodeProto| made_by.get(n.output[0].as_str()).copied();
         // `1 + erf(y/√2)` as the value `name`: y and the three nodes.
         let plus_erf = |name: &str| -> Option<(String, [usize; 3])> {
-            let add = only(name, "Add")?;
+            let (add_k, add) = only(name, "Add")?;
             let e = times(add, 1.0)?;
-            let erf = &g.node[*made_by.get(e.as_str())?];
-            if erf.op_type != "Erf"
-                || !standard(erf)
-                || erf.input.len() != 1
-                || erf.output.len() != 1
-                || consumers.get(e.as_str()) != Some(&1)
-            {
-                return None;
-            }
+            let (erf_k, erf) = nodes.only(&e, "Erf", 1)?;
             let d = erf.input[0].as_str();
-            let (y, scale) = if let Some(div) = only(d, "Div") {
+            let (y, scale_k) = if let Some((div_k, div)) = only(d, "Div") {
                 // y / √2: the divisor must be the constant (a Div does not commute).
                 let sqrt2 = scalar(&div.input[1]).is_some_and(|v| (v - std::f32::consts::SQRT_2).abs() <= 1e-6);
                 if !sqrt2 || scalar(&div.input[0]).is_some() {
                     return None;
                 }
-                (div.input[0].clone(), div)
+                (div.input[0].clone(), div_k)
             } else {
-                let mul = only(d, "Mul")?;
-                (times(mul, std::f32::consts::FRAC_1_SQRT_2)?, mul)
+                let (mul_k, mul) = only(d, "Mul")?;
+                (times(mul, std::f32::consts::FRAC_1_SQRT_2)?, mul_k)
             };
-            Some((y, [index(add)?, index(erf)?, index(scale)?]))
+            Some((y, [add_k, erf_k, scale_k]))
         };
         let mut folds = HashMap::new();
-        for (k, last) in g.node.iter().enumerate() {
-            if last.op_type != "Mul" || !standard(last) || last.input.len() != 2 || last.output.len() != 1 {
+        for (k, last) in nodes.g.node.iter().enumerate() {
+            if !Nodes::is(last, "Mul", 2) {
                 continue;
             }
             let (a, b) = (last.input[0].as_str(), last.input[1].as_str());
             let found = [(a, b), (b, a)].into_iter().find_map(|(p, q)| {
                 // Hugging Face: Mul(Mul(y, ½), 1 + erf).
-                if let (Some((y, three)), Some(half)) = (plus_erf(q), only(p, "Mul"))
+                if let (Some((y, three)), Some((half_k, half))) = (plus_erf(q), only(p, "Mul"))
                     && times(half, 0.5).as_deref() == Some(y.as_str())
                 {
-                    return Some((y, [three[0], three[1], three[2], index(half)?]));
+                    return Some((y, [three[0], three[1], three[2], half_k]));
                 }
                 // PyTorch: Mul(Mul(y, 1 + erf), ½).
-                let inner = only(p, "Mul").filter(|_| scalar(q).is_some_and(|v| v == 0.5))?;
+                let (inner_k, inner) = only(p, "Mul").filter(|_| scalar(q).is_some_and(|v| v == 0.5))?;
                 let (x0, x1) = (inner.input[0].as_str(), inner.input[1].as_str());
                 [(x0, x1), (x1, x0)].into_iter().find_map(|(y, e)| {
                     let (y2, three) = plus_erf(e)?;
-                    let inner = index(inner)?;
-                    (y2 == y).then_some((y2, [three[0], three[1], three[2], inner]))
+                    (y2 == y).then_some((y2, [three[0], three[1], three[2], inner_k]))
                 })
             });
-            if let Some((input, nodes)) = found
-                && consumers.get(input.as_str()) == Some(&2)
+            if let Some((input, folded)) = found
+                && nodes.consumers.get(input.as_str()) == Some(&2)
             {
-                folds.insert(k, GeluFold { nodes, input });
+                folds.insert(k, GeluFold { nodes: folded, input });
             }
         }
         folds
