@@ -97,6 +97,72 @@ impl Packed {
     }
 }
 
+/// `B` (`k×n`) laid out for [`gemm_strips`]: 32-column strips, each `[k][32]` contiguous
+/// (`[strip][k][32]`, zero past `n`). A dense layer's weights are packed so once, at load, and
+/// then stream through the tile in order, as the right operand of `X·W`.
+pub(crate) struct Strips {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Strips {
+    /// Packs `B` given as `Bᵀ` (`bt`, `n×k` row-major: a dense layer's `[out, in]` weights);
+    /// `None` without AVX-512 (the only kernel that reads strips), for an empty `k` or `n`, or
+    /// where `bt` is too short.
+    pub(crate) fn from_transposed(n: usize, k: usize, bt: &[f32]) -> Option<Strips> {
+        if k == 0 || n == 0 || n.checked_mul(k).is_none_or(|nk| bt.len() < nk) || !simd::avx512() {
+            return None;
+        }
+        let strips = n.div_ceil(NR);
+        let mut data = vec![0f32; strips.checked_mul(k)?.checked_mul(NR)?];
+        for (i, strip) in data.chunks_exact_mut(k * NR).enumerate() {
+            for (c, row) in bt[i * NR * k..(i * NR + NR.min(n - i * NR)) * k].chunks_exact(k).enumerate() {
+                for (p, &v) in row.iter().enumerate() {
+                    strip[p * NR + c] = v;
+                }
+            }
+        }
+        Some(Strips { k, n, data })
+    }
+
+    /// Columns of `B`.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// `dst[m×n] = gelu?(a[m×k] · B + bias[n])`, `B` packed in [`Strips`], `a` read in place
+/// (row-major, rows `k` apart) and `bias` one value per column: a dense layer `X·W` over the
+/// activations as they lie, with neither operand transposed nor the output turned back.
+/// Every element of `dst`'s first `m·n` is written. The same products as [`gemm`] of `Bᵀ`
+/// by `aᵀ`, summed in the same order, so the two agree to the bit.
+pub(crate) fn gemm_strips(
+    m: usize,
+    a: &[f32],
+    b: &Strips,
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<(), NnError> {
+    let (k, n) = (b.k, b.n);
+    let fits = |x: Option<usize>, have: usize| x.is_some_and(|x| x <= have);
+    if !fits(m.checked_mul(k), a.len()) || !fits(m.checked_mul(n), dst.len()) || bias.is_some_and(|b| b.len() != n) {
+        return Err(NnError::runtime("gemm: operand sizes do not match"));
+    }
+    if !simd::avx512() {
+        return Err(NnError::runtime("gemm: packed strips need AVX-512"));
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    // SAFETY: the CPU has AVX-512F (checked above); `a` holds m·k floats, `dst` m·n (checked
+    // above, both without overflow) and is a distinct &mut; `b.data` holds its n.div_ceil(32)
+    // strips of k×32 floats (`Strips::from_transposed`); `bias` holds n values (checked).
+    unsafe { x86::gemm_strips([m, n, k], a.as_ptr(), &b.data, dst.as_mut_ptr().cast::<f32>(), bias, gelu) };
+    Ok(())
+}
+
 /// `batch` products `[m×k]·[k×n]` whose sizes were checked against the operands they were
 /// made for: `a` holds `m·k` floats, `b` `batch·k·n`, `dst` `batch·m·n` and `bias` (if any) `m`,
 /// every product computed without overflow. The tile kernels take only this type.
@@ -1351,6 +1417,212 @@ mod x86 {
         }
     }
 
+    /// `dst[m×n] = gelu?(A·B + bias[n])` for `A` read in place (`m×k`, row-major) and `B` in
+    /// [`super::Strips`]: units of row panels × 32-column strips, in parallel where the product
+    /// is large. Each unit walks `k` in slices; per slice, each panel of 12 rows of `A` (its
+    /// slice stays in L1) meets each of the unit's strips (streamed from L2).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `a` must be readable for `m·k` floats; `strips` must hold
+    /// `n.div_ceil(32)` strips of `k×32` floats; `dst` must be writable for `m·n` floats (it need
+    /// not be initialised) and alias neither; `bias`, if given, holds `n` values.
+    pub unsafe fn gemm_strips(
+        [m, n, k]: [usize; 3],
+        a: *const f32,
+        strips: &[f32],
+        dst: *mut f32,
+        bias: Option<&[f32]>,
+        gelu: bool,
+    ) {
+        let panels = m.div_ceil(MR512);
+        let strips_n = n.div_ceil(NR);
+        assert!(strips.len() >= strips_n * k * NR, "sgemm: strips too short for {k}x{n}");
+        assert!(bias.is_none_or(|b| b.len() >= n), "sgemm: bias too short for {n} columns");
+        // About four units per thread: chunks of up to 8 strips (256 columns, 384 KiB of a
+        // slice in L2), then as many row groups as that leaves wanting.
+        let want = 4 * rayon::current_num_threads();
+        let per_chunk = strips_n.div_ceil(strips_n.div_ceil(NC / NR)).max(1);
+        let chunks = strips_n.div_ceil(per_chunk);
+        let per_group = panels.div_ceil(want.div_ceil(chunks)).max(1);
+        let groups = panels.div_ceil(per_group);
+        let (a, out) = (SharedIn(a), SharedOut(dst));
+        let unit = |u: usize| {
+            let (g, chunk) = (u / chunks, u % chunks);
+            let tiles = g * per_group..panels.min((g + 1) * per_group);
+            let cols = chunk * per_chunk..strips_n.min((chunk + 1) * per_chunk);
+            // SAFETY: forwarded from this function's contract; this unit alone writes rows
+            // `tiles` (×12) at columns `cols` (×32) of dst (units are distinct (group, chunk)).
+            unsafe { strips_unit([m, n, k], a.get(), strips, out.at(0), bias, gelu, tiles, cols) };
+        };
+        let units = groups * chunks;
+        if m * n * k < PARALLEL_MIN {
+            (0..units).for_each(unit);
+        } else {
+            (0..units).into_par_iter().for_each(unit);
+        }
+    }
+
+    /// A read-only pointer shared by the units of one product (they only read through it).
+    #[derive(Clone, Copy)]
+    struct SharedIn(*const f32);
+    // SAFETY: only read through, while the caller of `gemm_strips` keeps it alive and unwritten.
+    unsafe impl Send for SharedIn {}
+    // SAFETY: as above.
+    unsafe impl Sync for SharedIn {}
+
+    impl SharedIn {
+        /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+        fn get(self) -> *const f32 {
+            self.0
+        }
+    }
+
+    /// One unit of [`gemm_strips`]: row panels `tiles` against strips `cols`.
+    ///
+    /// # Safety
+    /// As [`gemm_strips`], with `tiles` within `m.div_ceil(12)` and `cols` within
+    /// `n.div_ceil(32)`: the unit reads and writes only those rows and columns of dst.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn strips_unit(
+        [m, n, k]: [usize; 3],
+        a: *const f32,
+        strips: &[f32],
+        c: *mut f32,
+        bias: Option<&[f32]>,
+        gelu: bool,
+        tiles: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
+        // The same slices of k as `unit512`, so each element is summed in the same order.
+        let slices = k.div_ceil(KC).max(1);
+        let kc = k.div_ceil(slices);
+        for s in 0..slices {
+            let p0 = s * kc;
+            let depth = kc.min(k - p0);
+            let (first, last) = (s == 0, s + 1 == slices);
+            for t in tiles.clone() {
+                let rows = MR512.min(m - t * MR512);
+                for i in cols.clone() {
+                    let j = i * NR;
+                    let width = NR.min(n - j);
+                    let job = RowTile {
+                        k: depth,
+                        a: a.wrapping_add(t * MR512 * k + p0),
+                        lda: k,
+                        b: strips[(i * k + p0) * NR..][..depth * NR].as_ptr(),
+                        c: c.wrapping_add(t * MR512 * n + j),
+                        ldc: n,
+                        cols: width,
+                        bias: bias.map(|b| b[j..].as_ptr()),
+                        first,
+                        last,
+                    };
+                    // SAFETY: AVX-512F is available (the contract); A's rows t·12..+rows hold
+                    // k floats each and this slice's columns p0..p0+depth lie inside them; the
+                    // strip's slice was sliced just above (depth steps of 32); C's rows × columns
+                    // j..j+width lie inside m×n and belong to this unit; the bias has n - j ≥
+                    // width values from j. GELU rewrites only the tile just stored.
+                    unsafe {
+                        match rows {
+                            12 => tile_rows::<12>(&job),
+                            11 => tile_rows::<11>(&job),
+                            10 => tile_rows::<10>(&job),
+                            9 => tile_rows::<9>(&job),
+                            8 => tile_rows::<8>(&job),
+                            7 => tile_rows::<7>(&job),
+                            6 => tile_rows::<6>(&job),
+                            5 => tile_rows::<5>(&job),
+                            4 => tile_rows::<4>(&job),
+                            3 => tile_rows::<3>(&job),
+                            2 => tile_rows::<2>(&job),
+                            _ => tile_rows::<1>(&job),
+                        }
+                        if gelu && last {
+                            gelu_rows(job.c, rows, width, n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One [`tile_rows`] job: `R` rows of `A` in place against one strip of `B`.
+    struct RowTile {
+        k: usize,
+        /// Row 0 of the tile's rows of A, at this slice's first column (rows `lda` apart).
+        a: *const f32,
+        lda: usize,
+        /// The strip at this slice's first step (`k` steps of 32 floats).
+        b: *const f32,
+        /// The tile's corner in C (row stride `ldc`).
+        c: *mut f32,
+        ldc: usize,
+        /// Columns of C written (≤ 32; the strip is zero past them).
+        cols: usize,
+        /// The bias at the tile's first column (`cols` values), added with the last slice.
+        bias: Option<*const f32>,
+        first: bool,
+        last: bool,
+    }
+
+    /// An `R × cols` tile of C over a slice of `k`: each step broadcasts one value of each of
+    /// `R` rows of A read in place and multiplies two registers of the strip, as [`tile`] does
+    /// with A's packed panel (the same FMAs in the same order); then C is added unless
+    /// `first`, and the bias (one value per column) if `last`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `t.a` must be readable for `R` rows (stride `t.lda`) of
+    /// `t.k` floats; `t.b` for `t.k × 32` floats; `t.c` readable (unless `t.first`) and
+    /// writable for `R` rows of `t.cols` (≤ 32) floats at stride `t.ldc`; `t.bias`, if given,
+    /// for `t.cols` floats.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_rows<const R: usize>(t: &RowTile) {
+        let masks = [lanes16(t.cols), lanes16(t.cols.saturating_sub(16))];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // Rows of A by pointer (the offsets r·lda are loop-invariant), each advanced one column
+        // per step.
+        let rows: [*const f32; R] = std::array::from_fn(|r| t.a.wrapping_add(r * t.lda));
+        let mut b = t.b;
+        for p in 0..t.k {
+            // SAFETY: step p < k of the strip: 32 floats at b + 32p.
+            let bv = unsafe { [_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16))] };
+            for r in 0..R {
+                // SAFETY: row r < R of A at column p < k (the contract).
+                let av = _mm512_set1_ps(unsafe { *rows[r].add(p) });
+                acc[r][0] = _mm512_fmadd_ps(av, bv[0], acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(av, bv[1], acc[r][1]);
+            }
+            b = b.wrapping_add(NR);
+        }
+        let bias: [__m512; 2] = match t.bias {
+            // SAFETY: `cols` bias values from t.bias (the contract), masked to them.
+            Some(bias) if t.last => unsafe {
+                [_mm512_maskz_loadu_ps(masks[0], bias), _mm512_maskz_loadu_ps(masks[1], bias.wrapping_add(16))]
+            },
+            _ => [_mm512_setzero_ps(); 2],
+        };
+        let mut row = t.c;
+        for r in 0..R {
+            for v in 0..2 {
+                let at = row.wrapping_add(16 * v);
+                let mut x = acc[r][v];
+                if !t.first {
+                    // SAFETY: row r < R of the tile, masked to its columns; an earlier slice
+                    // wrote it.
+                    x = _mm512_add_ps(x, unsafe { _mm512_maskz_loadu_ps(masks[v], at) });
+                }
+                if t.last {
+                    x = _mm512_add_ps(x, bias[v]);
+                }
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(at, masks[v], x) };
+            }
+            row = row.wrapping_add(t.ldc);
+        }
+    }
+
     /// One `MR × cols` tile of C (`cols ≤ 24`) with AVX2 + FMA, as two halves of 4 rows
     /// ([`half_avx2`]) that each keep the whole of `k` in up to 12 registers; a partial strip
     /// (a 7x7 plane's 49th column) runs only the registers it needs.
@@ -1495,6 +1767,10 @@ mod x86 {
         _: Option<Clamp>,
     ) {
         unreachable!("simd::avx512() and simd::fma() are false off x86_64")
+    }
+
+    pub unsafe fn gemm_strips(_: [usize; 3], _: *const f32, _: &[f32], _: *mut f32, _: Option<&[f32]>, _: bool) {
+        unreachable!("simd::avx512() is false off x86_64")
     }
 }
 
@@ -1744,6 +2020,66 @@ mod tests {
         }
     }
 
+    /// `X·W` with `W` in strips, `X` in place and the bias per column: against the f64
+    /// reference on ragged shapes (rows of every count mod 12, a last strip of 1–31 columns,
+    /// `k` past a slice), and to the bit against the turned-around product `(Wᵀ·Xᵀ)ᵀ` it
+    /// replaces, with and without GELU.
+    #[test]
+    fn strips_match_a_reference_and_the_turned_around_product() {
+        let _cap = simd::cap(simd::Level::Avx512);
+        if !simd::avx512() {
+            assert!(Strips::from_transposed(32, 4, &[0.0; 128]).is_none(), "strips only with AVX-512");
+            return;
+        }
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for [m, n, k] in
+            [[1, 16, 3], [13, 49, 96], [25, 33, 385], [12, 32, 1], [64, 384, 384], [100, 70, 1000], [7, 1536, 40]]
+        {
+            let x: Vec<f32> = (0..m * k).map(value).collect();
+            // Wᵀ, [n, k]: a dense layer's weights as ONNX's Gemm with transB or PyTorch keep them.
+            let wt: Vec<f32> = (0..n * k).map(|i| value(i + 3)).collect();
+            let bias: Vec<f32> = (0..n).map(|i| value(i + 11)).collect();
+            let strips = Strips::from_transposed(n, k, &wt).unwrap();
+            for gelu in [false, true] {
+                let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+                gemm_strips(m, &x, &strips, &mut got, Some(&bias), gelu).unwrap();
+                // SAFETY: gemm_strips returned Ok, so it wrote all m·n values.
+                let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+                // The turned-around product: Yᵀ = Wᵀ·Xᵀ with the bias per row, turned back.
+                let xt = act::transpose(&x, m, k).unwrap();
+                let mut yt = vec![0f32; n * m];
+                if gelu {
+                    gemm_gelu([n, m, k], &wt, None, &xt, &mut yt, Some(&bias)).unwrap();
+                } else {
+                    gemm([n, m, k], &wt, None, &xt, &mut yt, Some(&bias), None).unwrap();
+                }
+                let turned = act::transpose(&yt, n, m).unwrap();
+                if m > TURNED_MAX {
+                    // Below that many rows the turned-around product runs the column kernel,
+                    // which sums in another order.
+                    let same = got.iter().zip(&turned).all(|(g, t)| g.to_bits() == t.to_bits());
+                    assert!(same, "{m}x{n}x{k} (gelu {gelu}): not the turned-around product's bits");
+                }
+                // The f64 reference of X·W + bias: the reference takes Wᵀ as rows (so Yᵀ).
+                let mut want = reference([n, m, k], &wt, &xt, &bias, None);
+                if gelu {
+                    act::activate(&mut want, act::Act::Gelu);
+                }
+                let want = act::transpose(&want, n, m).unwrap();
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{m}x{n}x{k} (gelu {gelu}): {worst}");
+            }
+            // Without a bias, and with operands of the wrong size (an error, nothing written).
+            let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+            gemm_strips(m, &x, &strips, &mut got, None, false).unwrap();
+            assert!(gemm_strips(m + 1, &x, &strips, &mut got, None, false).is_err());
+            assert!(gemm_strips(m, &x, &strips, &mut got[1..], None, false).is_err());
+            assert!(gemm_strips(m, &x, &strips, &mut got, Some(&bias[1..]), false).is_err());
+        }
+        assert!(Strips::from_transposed(32, 4, &[0.0; 127]).is_none(), "Wᵀ too short");
+        assert!(Strips::from_transposed(usize::MAX, 2, &[0.0; 8]).is_none(), "sizes overflow");
+    }
+
     #[test]
     fn a_batch_is_each_image_on_its_own() {
         for level in simd::levels() {
@@ -1895,6 +2231,51 @@ mod timing {
                 theirs.as_secs_f64() * 1e3,
                 ours.as_secs_f64() / theirs.as_secs_f64()
             );
+        }
+    }
+
+    /// Not a test: `cargo test -p eir --lib sgemm::timing::strips -- --ignored --nocapture`
+    /// prints a dense layer `X·W + b` as `gemm_strips` runs it (X in place, W in strips)
+    /// against the turned-around product it replaces (X transposed, `Wᵀ·Xᵀ`, turned back), on
+    /// MiniLM's layers at several token counts, as a ratio measured in the same run.
+    #[test]
+    #[ignore]
+    fn strips_against_turned_around() {
+        let _cap = simd::cap(simd::Level::Avx512);
+        if !simd::avx512() {
+            eprintln!("no AVX-512 on this CPU");
+            return;
+        }
+        let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(15, f);
+        for tokens in [8, 16, 24, 32, 64, 160, 640, 1024] {
+            for (name, n, k) in [("qkv", 384, 384), ("ffn1", 1536, 384), ("ffn2", 384, 1536)] {
+                let x: Vec<f32> = (0..tokens * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+                let wt: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+                let bias = vec![0.5f32; n];
+                let strips = Strips::from_transposed(n, k, &wt).unwrap();
+                let packed = Packed::new(n, k, &wt).unwrap();
+                let mut y = vec![MaybeUninit::new(0f32); tokens * n];
+                let ours = time(&mut || gemm_strips(tokens, &x, &strips, &mut y, Some(&bias), false).unwrap());
+                let turned = time(&mut || {
+                    let xt = act::transpose(&x, tokens, k).unwrap();
+                    // As the ONNX backend runs it: into a fresh vector, not zeroed first.
+                    let mut yt = Vec::with_capacity(n * tokens);
+                    gemm_act_into([n, tokens, k], &wt, Some(&packed), &xt, yt.spare_capacity_mut(), Some(&bias), false)
+                        .unwrap();
+                    // SAFETY: gemm_act_into returned Ok, so it wrote all n·tokens values.
+                    unsafe { yt.set_len(n * tokens) };
+                    std::hint::black_box(act::transpose(&yt, n, tokens).unwrap());
+                });
+                let gflops = |t: std::time::Duration| 2.0 * (tokens * n * k) as f64 / t.as_secs_f64() / 1e9;
+                eprintln!(
+                    "{name:>5} x {tokens:>4} tokens: strips {:>7.3} ms ({:.0} GFLOP/s) | turned around {:>7.3} ms ({:.0}) | strips / turned = {:.2}x",
+                    ours.as_secs_f64() * 1e3,
+                    gflops(ours),
+                    turned.as_secs_f64() * 1e3,
+                    gflops(turned),
+                    ours.as_secs_f64() / turned.as_secs_f64()
+                );
+            }
         }
     }
 

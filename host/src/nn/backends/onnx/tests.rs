@@ -669,12 +669,12 @@ fn shape_and_size_of_a_tiny_tensor_stay_within_their_bounds() {
     close(&out[1].1, &[1.0]);
 }
 
-/// `MatMul` against a constant matrix (a dense layer: rows of a rank-3 input, on the packed,
-/// turned-around product) and against a computed one (the plain product) both equal the
-/// definition in f64.
+/// `MatMul` against a constant matrix (a dense layer: rows of a rank-3 input; 10 rows on the
+/// packed, turned-around product, 27 on the weights in strips) and against a computed one (the
+/// plain product) both equal the definition in f64.
 #[test]
 fn matmul_against_a_constant_and_a_computed_matrix_matches_the_definition() {
-    let (rows, k, n) = (2 * 5, 24, 20);
+    let (k, n) = (24, 20);
     let val =
         |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
     let w = val(k * n, 1);
@@ -685,31 +685,34 @@ fn matmul_against_a_constant_and_a_computed_matrix_matches_the_definition() {
         float_data: w.clone(),
         ..Default::default()
     };
-    let m = model_with(
-        vec![node("MatMul", &["x", "w"], &["y"], vec![]), node("MatMul", &["x", "b"], &["z"], vec![])],
-        vec![init],
-        &[("x", &[2, 5, k as i64]), ("b", &[k as i64, n as i64])],
-        &["y", "z"],
-        13,
-    );
-    let x = val(rows * k, 2);
-    let out = run(&m, &[("x", &[2, 5, k as u32], &x), ("b", &[k as u32, n as u32], &w)]);
-    let want: Vec<f32> = (0..rows * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[j * n + c])).sum::<f64>() as f32
-        })
-        .collect();
-    for (dims, got) in &out {
-        assert_eq!(dims, &[2, 5, n as u32]);
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst <= 1e-4, "worst {worst}");
+    for (b0, b1) in [(2usize, 5usize), (3, 9)] {
+        let rows = b0 * b1;
+        let m = model_with(
+            vec![node("MatMul", &["x", "w"], &["y"], vec![]), node("MatMul", &["x", "b"], &["z"], vec![])],
+            vec![init.clone()],
+            &[("x", &[b0 as i64, b1 as i64, k as i64]), ("b", &[k as i64, n as i64])],
+            &["y", "z"],
+            13,
+        );
+        let x = val(rows * k, 2);
+        let out = run(&m, &[("x", &[b0 as u32, b1 as u32, k as u32], &x), ("b", &[k as u32, n as u32], &w)]);
+        let want: Vec<f32> = (0..rows * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[j * n + c])).sum::<f64>() as f32
+            })
+            .collect();
+        for (dims, got) in &out {
+            assert_eq!(dims, &[b0 as u32, b1 as u32, n as u32]);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-4, "{rows} rows: worst {worst}");
+        }
     }
 }
 
 /// A dense layer as exporters write it (MatMul by a matrix, Add of a constant bias, exact GELU
 /// decomposed into Div or Mul, Erf, Add and two Muls, in Hugging Face's order and in PyTorch's)
-/// runs as one step, by a constant matrix (the packed, turned-around product, bias and GELU in
+/// runs as one step, by a constant matrix (40 rows: the weights in strips, bias and GELU in
 /// its epilogue) and by a computed one (the plain product); the numbers match the definition
 /// in f64. A decomposition whose inner value is also read elsewhere is left as it is.
 #[test]

@@ -130,6 +130,25 @@ pub(super) fn gemm_f32_with(
     Ok(y)
 }
 
+/// `a[m×k] · B` with `B` in strips and `bias` one value per column, GELU after it where
+/// `gelu` ([`sgemm::gemm_strips`]), into a new vector, not zeroed first.
+///
+/// [`sgemm::gemm_strips`]: crate::nn::kernels::sgemm::gemm_strips
+pub(super) fn gemm_strips_f32(
+    m: usize,
+    a: &[f32],
+    b: &crate::nn::kernels::sgemm::Strips,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<Vec<f32>, NnError> {
+    let len = m.checked_mul(b.n()).ok_or_else(|| NnError::too_large("a product's size overflows"))?;
+    let mut y = uninit_f32(len)?;
+    crate::nn::kernels::sgemm::gemm_strips(m, a, b, &mut y.spare_capacity_mut()[..len], bias, gelu)?;
+    // SAFETY: `gemm_strips` returned Ok, so it wrote all `m·n` elements.
+    unsafe { y.set_len(len) };
+    Ok(y)
+}
+
 /// Bytes a tensor's elements take (views count at their full logical size).
 pub(super) fn tensor_bytes(t: &Tensor) -> Result<u64, NnError> {
     bytes_of(t.dims(), t.dtype().size_in_bytes(), &"a value")

@@ -10,7 +10,7 @@ use super::{Built, Node, axis, count, input, op, op_sized, wide};
 use crate::nn::bindings::errors::ErrorCode;
 use crate::nn::error::NnError;
 use crate::nn::kernels::act;
-use crate::nn::kernels::sgemm::{self, Clamp, Packed};
+use crate::nn::kernels::sgemm::{self, Clamp, Packed, Strips};
 
 pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
     Some(match name {
@@ -21,7 +21,14 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
         }
         "Gemm" => Gemm::build(node),
         "MatMul" => Ok(Box::new(MatMul {
-            dense: Gemm { alpha: 1.0, beta: 1.0, ta: false, tb: false, weights: Default::default() },
+            dense: Gemm {
+                alpha: 1.0,
+                beta: 1.0,
+                ta: false,
+                tb: false,
+                weights: Default::default(),
+                strips: Default::default(),
+            },
             constant_b: std::sync::atomic::AtomicBool::new(false),
             bias: None,
             gelu: false,
@@ -400,7 +407,15 @@ struct Gemm {
     tb: bool,
     /// `B'ᵀ` contiguous `[N, K]`, and packed for the tile kernels where the CPU has them.
     weights: super::Derived<(Vec<f32>, Option<Packed>)>,
+    /// `B'` in strips for `A'·B'` over more than [`STRIPS_MIN_ROWS`] rows, made on the first
+    /// such product (or at load, for `MatMul`'s dense layers).
+    strips: super::Derived<Option<Strips>>,
 }
+
+/// Fewest rows of `A'` that run as `A'·B'` on [`Strips`] (`sgemm::timing::strips`: from 24
+/// rows up 0.43–0.83x the turned-around product with its two transposes, MiniLM's layers;
+/// at 16 rows 0.94–1.12x; up to 8 the turned-around column kernel wins).
+const STRIPS_MIN_ROWS: usize = 17;
 
 impl Gemm {
     fn build(node: &Node<'_>) -> Built {
@@ -410,6 +425,7 @@ impl Gemm {
             ta: node.int_or("transA", 0) != 0,
             tb: node.int_or("transB", 0) != 0,
             weights: Default::default(),
+            strips: Default::default(),
         }))
     }
 
@@ -424,6 +440,11 @@ impl Gemm {
             }
             Err(_) => (Vec::new(), None),
         }
+    }
+
+    /// `B'` (of which `w` is `B'ᵀ`, `n×k`) in strips, made on first use.
+    fn strips(&self, b: &Tensor, w: &[f32], n: usize, k: usize) -> std::sync::Arc<Option<Strips>> {
+        self.strips.get(b.id(), || Strips::from_transposed(n, k, w))
     }
 
     /// `A'·B'` on EIR's GEMM, or `None` where it does not apply.
@@ -446,6 +467,13 @@ impl Gemm {
         let (w, packed) = &*weights;
         if w.len() != n * k {
             return Ok(None);
+        }
+        if m >= STRIPS_MIN_ROWS
+            && let Some(strips) = &*self.strips(b, w, n, k)
+        {
+            // A' in place against B' in strips: neither transposed, the output as it lies.
+            let y = super::with_f32(a, |a| super::gemm_strips_f32(m, a, strips, bias, gelu))??;
+            return Ok(Some(Tensor::from_vec(y, (m, n), a.device())?));
         }
         // A'ᵀ (`[K, M]`), the product's right operand.
         let at = super::with_f32(a, |a| act::transpose(a, m, k))?
@@ -587,6 +615,16 @@ impl super::Op for MatMul {
         if let Some(Some(b)) = constants.get(1) {
             self.constant_b.store(true, std::sync::atomic::Ordering::Relaxed);
             super::Op::prepare(&self.dense, &[None, Some(b)]);
+            // A transformer's dense layers run over many tokens: their strips too, at load.
+            if let Ok((k, n)) = b.dims2()
+                && b.dtype() == DType::F32
+                && n >= 16
+            {
+                let weights = self.dense.weights.get(b.id(), || Gemm::weights(b, self.dense.tb));
+                if weights.0.len() == n * k {
+                    let _ = self.dense.strips(b, &weights.0, n, k);
+                }
+            }
         }
     }
 
