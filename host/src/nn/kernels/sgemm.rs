@@ -108,14 +108,18 @@ pub(crate) struct Strips {
 
 impl Strips {
     /// Packs `B` given as `Bᵀ` (`bt`, `n×k` row-major: a dense layer's `[out, in]` weights);
-    /// `None` without AVX-512 (the only kernel that reads strips), for an empty `k` or `n`, or
-    /// where `bt` is too short.
+    /// `None` without AVX-512 (the only kernel that reads strips), for an empty `k` or `n`,
+    /// where `bt` is too short, or where the strips cannot be allocated.
     pub(crate) fn from_transposed(n: usize, k: usize, bt: &[f32]) -> Option<Strips> {
         if k == 0 || n == 0 || n.checked_mul(k).is_none_or(|nk| bt.len() < nk) || !simd::avx512() {
             return None;
         }
-        let strips = n.div_ceil(NR);
-        let mut data = vec![0f32; strips.checked_mul(k)?.checked_mul(NR)?];
+        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
+        // A host short of memory gets `None` (the caller then runs the turned-around product),
+        // not an abort.
+        let mut data = Vec::new();
+        data.try_reserve_exact(len).ok()?;
+        data.resize(len, 0f32);
         for (i, strip) in data.chunks_exact_mut(k * NR).enumerate() {
             for (c, row) in bt[i * NR * k..(i * NR + NR.min(n - i * NR)) * k].chunks_exact(k).enumerate() {
                 for (p, &v) in row.iter().enumerate() {
@@ -135,8 +139,10 @@ impl Strips {
 /// `dst[m×n] = gelu?(a[m×k] · B + bias[n])`, `B` packed in [`Strips`], `a` read in place
 /// (row-major, rows `k` apart) and `bias` one value per column: a dense layer `X·W` over the
 /// activations as they lie, with neither operand transposed nor the output turned back.
-/// Every element of `dst`'s first `m·n` is written. The same products as [`gemm`] of `Bᵀ`
-/// by `aᵀ`, summed in the same order, so the two agree to the bit.
+/// Every element of `dst`'s first `m·n` is written. Where [`gemm`] of `Bᵀ` by `aᵀ` runs its
+/// tile kernels (AVX-512, more than [`TURNED_MAX`] rows of `a`, at least 4 columns of `B`),
+/// the two compute the same products summed in the same order, so they agree to the bit
+/// (NaN payloads aside).
 pub(crate) fn gemm_strips(
     m: usize,
     a: &[f32],
@@ -1455,7 +1461,7 @@ mod x86 {
             unsafe { strips_unit([m, n, k], a.get(), strips, out.at(0), bias, gelu, tiles, cols) };
         };
         let units = groups * chunks;
-        if m * n * k < PARALLEL_MIN {
+        if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
             (0..units).for_each(unit);
         } else {
             (0..units).into_par_iter().for_each(unit);

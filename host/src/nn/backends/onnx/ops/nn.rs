@@ -407,7 +407,7 @@ struct Gemm {
     tb: bool,
     /// `B'ᵀ` contiguous `[N, K]`, and packed for the tile kernels where the CPU has them.
     weights: super::Derived<(Vec<f32>, Option<Packed>)>,
-    /// `B'` in strips for `A'·B'` over more than [`STRIPS_MIN_ROWS`] rows, made on the first
+    /// `B'` in strips for `A'·B'` over at least [`STRIPS_MIN_ROWS`] rows, made on the first
     /// such product (or at load, for `MatMul`'s dense layers).
     strips: super::Derived<Option<Strips>>,
 }
@@ -468,7 +468,9 @@ impl Gemm {
         if w.len() != n * k {
             return Ok(None);
         }
+        // (Strips are made only with AVX-512; a test may lower the level after they were.)
         if m >= STRIPS_MIN_ROWS
+            && crate::nn::kernels::simd::avx512()
             && let Some(strips) = &*self.strips(b, w, n, k)
         {
             // A' in place against B' in strips: neither transposed, the output as it lies.
@@ -499,10 +501,12 @@ impl super::Op for Gemm {
         let n = if self.tb { b0 } else { b1 };
         let c = i.get(2).copied().flatten().map_or(Ok(0), |c| count(c.dims()))?;
         let out = count(&[m, n])?;
-        // The output, its transpose and a copy with C added; B' (derived) and its packing
-        // (whole panels of up to 16 rows); A' and its transpose; C.
+        // The output, its transpose and a copy with C added; B' (derived), its packing (whole
+        // panels of up to 16 rows) and its strips (whole strips of 32 columns); A' and its
+        // transpose; C.
         let packed = count(&[k, n.saturating_add(16)])?;
-        let all = [out, out, out, count(&[k, n])?, packed, count(&[m, k])?, count(&[m, k])?, c]
+        let strips = count(&[k, n.saturating_add(31)])?;
+        let all = [out, out, out, count(&[k, n])?, packed, strips, count(&[m, k])?, count(&[m, k])?, c]
             .iter()
             .try_fold(0u64, |acc, &x| acc.checked_add(x));
         wide(all.ok_or_else(|| NnError::too_large("Gemm sizes overflow"))?, 1)
