@@ -134,6 +134,19 @@ impl Strips {
     pub(crate) fn n(&self) -> usize {
         self.n
     }
+
+    /// Strips a caller laid out itself (`data`: `[strip][k][32]`, `n.div_ceil(32)` strips; what
+    /// lies past column `n` is never stored): a per-request operand packed straight from where
+    /// it lies. `None` without AVX-512, for an empty `k` or `n`, or a length that does not fit.
+    pub(crate) fn from_layout(k: usize, n: usize, data: Vec<f32>) -> Option<Strips> {
+        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
+        (k > 0 && n > 0 && data.len() == len && simd::avx512()).then_some(Strips { k, n, data })
+    }
+
+    /// The strips' buffer back, to be filled again.
+    pub(crate) fn into_data(self) -> Vec<f32> {
+        self.data
+    }
 }
 
 /// `dst[m×n] = gelu?(a[m×k] · B + bias[n])`, `B` packed in [`Strips`], `a` read in place
@@ -151,9 +164,25 @@ pub(crate) fn gemm_strips(
     bias: Option<&[f32]>,
     gelu: bool,
 ) -> Result<(), NnError> {
+    gemm_strips_lda(m, a, b.k, b, dst, bias, gelu)
+}
+
+/// [`gemm_strips`] with `a`'s rows `lda` floats apart (`lda ≥ k`): one head's rows of a
+/// projection that holds every head side by side, read where they lie.
+pub(crate) fn gemm_strips_lda(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &Strips,
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<(), NnError> {
     let (k, n) = (b.k, b.n);
     let fits = |x: Option<usize>, have: usize| x.is_some_and(|x| x <= have);
-    if !fits(m.checked_mul(k), a.len()) || !fits(m.checked_mul(n), dst.len()) || bias.is_some_and(|b| b.len() != n) {
+    // A's last row ends at (m - 1)·lda + k.
+    let a_end = m.checked_sub(1).map_or(Some(0), |rows| rows.checked_mul(lda).and_then(|x| x.checked_add(k)));
+    if lda < k || !fits(a_end, a.len()) || !fits(m.checked_mul(n), dst.len()) || bias.is_some_and(|b| b.len() != n) {
         return Err(NnError::runtime("gemm: operand sizes do not match"));
     }
     if !simd::avx512() {
@@ -162,11 +191,20 @@ pub(crate) fn gemm_strips(
     if m == 0 {
         return Ok(());
     }
-    // SAFETY: the CPU has AVX-512F (checked above); `a` holds m·k floats, `dst` m·n (checked
-    // above, both without overflow) and is a distinct &mut; `b.data` holds its n.div_ceil(32)
-    // strips of k×32 floats (`Strips::from_transposed`); `bias` holds n values (checked).
-    unsafe { x86::gemm_strips([m, n, k], a.as_ptr(), &b.data, dst.as_mut_ptr().cast::<f32>(), bias, gelu) };
+    // SAFETY: the CPU has AVX-512F (checked above); `a` holds m rows of k floats `lda` apart,
+    // `dst` m·n floats (checked above, without overflow) and is a distinct &mut; `b.data`
+    // holds its n.div_ceil(32) strips of k×32 floats (`Strips`' constructors); `bias` holds n
+    // values (checked).
+    unsafe { x86::gemm_strips([m, n, k], a.as_ptr(), lda, &b.data, dst.as_mut_ptr().cast::<f32>(), bias, gelu) };
     Ok(())
+}
+
+/// [`gemm_strips_lda`] into an initialised buffer (overwritten).
+pub(crate) fn gemm_strips_over(m: usize, a: &[f32], lda: usize, b: &Strips, dst: &mut [f32]) -> Result<(), NnError> {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and `gemm_strips_lda` writes only
+    // initialised values.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<MaybeUninit<f32>>(), dst.len()) };
+    gemm_strips_lda(m, a, lda, b, dst, None, false)
 }
 
 /// `batch` products `[m×k]·[k×n]` whose sizes were checked against the operands they were
@@ -1429,12 +1467,15 @@ mod x86 {
     /// slice stays in L1) meets each of the unit's strips (streamed from L2).
     ///
     /// # Safety
-    /// AVX-512F must be available; `a` must be readable for `m·k` floats; `strips` must hold
+    /// AVX-512F must be available; `a` must be readable for `m` rows of `k` floats, `lda ≥ k`
+    /// apart; `strips` must hold
     /// `n.div_ceil(32)` strips of `k×32` floats; `dst` must be writable for `m·n` floats (it need
     /// not be initialised) and alias neither; `bias`, if given, holds `n` values.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm_strips(
         [m, n, k]: [usize; 3],
         a: *const f32,
+        lda: usize,
         strips: &[f32],
         dst: *mut f32,
         bias: Option<&[f32]>,
@@ -1458,7 +1499,7 @@ mod x86 {
             let cols = chunk * per_chunk..strips_n.min((chunk + 1) * per_chunk);
             // SAFETY: forwarded from this function's contract; this unit alone writes rows
             // `tiles` (×12) at columns `cols` (×32) of dst (units are distinct (group, chunk)).
-            unsafe { strips_unit([m, n, k], a.get(), strips, out.at(0), bias, gelu, tiles, cols) };
+            unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), bias, gelu, tiles, cols) };
         };
         let units = groups * chunks;
         if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
@@ -1492,7 +1533,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn strips_unit(
         [m, n, k]: [usize; 3],
-        a: *const f32,
+        (a, lda): (*const f32, usize),
         strips: &[f32],
         c: *mut f32,
         bias: Option<&[f32]>,
@@ -1514,8 +1555,8 @@ mod x86 {
                     let width = NR.min(n - j);
                     let job = RowTile {
                         k: depth,
-                        a: a.wrapping_add(t * MR512 * k + p0),
-                        lda: k,
+                        a: a.wrapping_add(t * MR512 * lda + p0),
+                        lda,
                         b: strips[(i * k + p0) * NR..][..depth * NR].as_ptr(),
                         c: c.wrapping_add(t * MR512 * n + j),
                         ldc: n,
@@ -1525,7 +1566,8 @@ mod x86 {
                         last,
                     };
                     // SAFETY: AVX-512F is available (the contract); A's rows t·12..+rows hold
-                    // k floats each and this slice's columns p0..p0+depth lie inside them; the
+                    // k floats each (lda apart) and this slice's columns p0..p0+depth lie
+                    // inside them; the
                     // strip's slice was sliced just above (depth steps of 32); C's rows × columns
                     // j..j+width lie inside m×n and belong to this unit; the bias has n - j ≥
                     // width values from j. GELU rewrites only the tile just stored.
@@ -1775,7 +1817,15 @@ mod x86 {
         unreachable!("simd::avx512() and simd::fma() are false off x86_64")
     }
 
-    pub unsafe fn gemm_strips(_: [usize; 3], _: *const f32, _: &[f32], _: *mut f32, _: Option<&[f32]>, _: bool) {
+    pub unsafe fn gemm_strips(
+        _: [usize; 3],
+        _: *const f32,
+        _: usize,
+        _: &[f32],
+        _: *mut f32,
+        _: Option<&[f32]>,
+        _: bool,
+    ) {
         unreachable!("simd::avx512() is false off x86_64")
     }
 }
@@ -2075,6 +2125,16 @@ mod tests {
                 let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{m}x{n}x{k} (gelu {gelu}): {worst}");
             }
+            // X's rows 3 floats further apart, read in place: the same bits.
+            let lda = k + 3;
+            let wide: Vec<f32> =
+                (0..m * lda).map(|i| if i % lda < k { x[i / lda * k + i % lda] } else { f32::NAN }).collect();
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            gemm_strips_over(m, &x, k, &strips, &mut a).unwrap();
+            gemm_strips_over(m, &wide[..(m - 1) * lda + k], lda, &strips, &mut b).unwrap();
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{n}x{k}: lda {lda}");
+            assert!(gemm_strips_over(m, &wide[..(m - 1) * lda + k - 1], lda, &strips, &mut b).is_err());
+            assert!(gemm_strips_over(m, &x, k - 1, &strips, &mut b).is_err(), "lda below k");
             // Without a bias, and with operands of the wrong size (an error, nothing written).
             let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
             gemm_strips(m, &x, &strips, &mut got, None, false).unwrap();

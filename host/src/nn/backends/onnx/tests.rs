@@ -839,107 +839,111 @@ fn a_fused_bias_is_not_a_residual_add() {
 /// output is also a graph output) and the definition's in f64.
 #[test]
 fn attention_fuses_into_one_step_and_computes_what_its_steps_do() {
-    let (b, h, sq, sk, d, dv) = (2usize, 3usize, 5usize, 6usize, 4usize, 7usize);
-    let val =
-        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
-    let (q, kt, v) = (val(b * h * sq * d, 1), val(b * h * d * sk, 2), val(b * h * sk * dv, 3));
-    let scalar = |name: &str, x: f32| TensorProto {
-        name: name.into(),
-        dims: vec![],
-        data_type: DataType::Float as i32,
-        float_data: vec![x],
-        ..Default::default()
-    };
-    let axis = AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
-    let tail = |x: &str| {
-        vec![node("Softmax", &[x], &["p"], vec![axis.clone()]), node("MatMul", &["p", "v"], &["out"], vec![])]
-    };
-    let key_mask: Vec<f32> = (0..b * sk).map(|i| if i % sk == sk - 1 { -1e4 } else { 0.0 }).collect();
-    let row_mask = val(h * sq * sk, 4);
-    type Case<'a> = (&'a str, Vec<NodeProto>, Option<(Vec<i64>, &'a [f32])>, Option<(f32, bool)>);
-    let cases: Vec<Case> = vec![
-        (
-            "Mul, mask per key",
-            [
-                vec![
-                    node("MatMul", &["q", "kt"], &["s"], vec![]),
-                    node("Mul", &["c", "s"], &["sc"], vec![]),
-                    node("Add", &["sc", "mask"], &["a"], vec![]),
-                ],
-                tail("a"),
-            ]
-            .concat(),
-            Some((vec![b as i64, 1, 1, sk as i64], &key_mask)),
-            Some((0.5, false)),
-        ),
-        (
-            "Div, mask first, per row",
-            [
-                vec![
-                    node("MatMul", &["q", "kt"], &["s"], vec![]),
-                    node("Div", &["s", "c"], &["sc"], vec![]),
-                    node("Add", &["mask", "sc"], &["a"], vec![]),
-                ],
-                tail("a"),
-            ]
-            .concat(),
-            Some((vec![h as i64, sq as i64, sk as i64], &row_mask)),
-            Some((0.5, true)),
-        ),
-        ("no scale, no mask", [vec![node("MatMul", &["q", "kt"], &["s"], vec![])], tail("s")].concat(), None, None),
-    ];
-    for (name, nodes, mask, scale) in cases {
-        let mut inputs: Vec<(&str, Vec<i64>)> = vec![
-            ("q", vec![b as i64, h as i64, sq as i64, d as i64]),
-            ("kt", vec![b as i64, h as i64, d as i64, sk as i64]),
-            ("v", vec![b as i64, h as i64, sk as i64, dv as i64]),
+    // Small entries (gathered), and entries whose products run on strips (both wider than a strip).
+    for (b, h, sq, sk, d, dv) in [(2usize, 3usize, 5usize, 6usize, 4usize, 7usize), (2, 3, 13, 37, 20, 33)] {
+        let val = |len: usize, s: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect()
+        };
+        let (q, kt, v) = (val(b * h * sq * d, 1), val(b * h * d * sk, 2), val(b * h * sk * dv, 3));
+        let scalar = |name: &str, x: f32| TensorProto {
+            name: name.into(),
+            dims: vec![],
+            data_type: DataType::Float as i32,
+            float_data: vec![x],
+            ..Default::default()
+        };
+        let axis =
+            AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
+        let tail = |x: &str| {
+            vec![node("Softmax", &[x], &["p"], vec![axis.clone()]), node("MatMul", &["p", "v"], &["out"], vec![])]
+        };
+        let key_mask: Vec<f32> = (0..b * sk).map(|i| if i % sk == sk - 1 { -1e4 } else { 0.0 }).collect();
+        let row_mask = val(h * sq * sk, 4);
+        type Case<'a> = (&'a str, Vec<NodeProto>, Option<(Vec<i64>, &'a [f32])>, Option<(f32, bool)>);
+        let cases: Vec<Case> = vec![
+            (
+                "Mul, mask per key",
+                [
+                    vec![
+                        node("MatMul", &["q", "kt"], &["s"], vec![]),
+                        node("Mul", &["c", "s"], &["sc"], vec![]),
+                        node("Add", &["sc", "mask"], &["a"], vec![]),
+                    ],
+                    tail("a"),
+                ]
+                .concat(),
+                Some((vec![b as i64, 1, 1, sk as i64], &key_mask)),
+                Some((0.5, false)),
+            ),
+            (
+                "Div, mask first, per row",
+                [
+                    vec![
+                        node("MatMul", &["q", "kt"], &["s"], vec![]),
+                        node("Div", &["s", "c"], &["sc"], vec![]),
+                        node("Add", &["mask", "sc"], &["a"], vec![]),
+                    ],
+                    tail("a"),
+                ]
+                .concat(),
+                Some((vec![h as i64, sq as i64, sk as i64], &row_mask)),
+                Some((0.5, true)),
+            ),
+            ("no scale, no mask", [vec![node("MatMul", &["q", "kt"], &["s"], vec![])], tail("s")].concat(), None, None),
         ];
-        let mut feed: Vec<(&str, Vec<u32>, &[f32])> = vec![
-            ("q", vec![b as u32, h as u32, sq as u32, d as u32], &q),
-            ("kt", vec![b as u32, h as u32, d as u32, sk as u32], &kt),
-            ("v", vec![b as u32, h as u32, sk as u32, dv as u32], &v),
-        ];
-        if let Some((dims, values)) = &mask {
-            inputs.push(("mask", dims.clone()));
-            feed.push(("mask", dims.iter().map(|&x| x as u32).collect(), values));
-        }
-        let inputs: Vec<(&str, &[i64])> = inputs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-        let feed: Vec<(&str, &[u32], &[f32])> = feed.iter().map(|(n, d, v)| (*n, d.as_slice(), *v)).collect();
-        let fused = model_with(nodes.clone(), vec![scalar("c", 0.5)], &inputs, &["out"], 13);
-        let apart = model_with(nodes.clone(), vec![scalar("c", 0.5)], &inputs, &["out", "p"], 13);
-        assert_eq!(fused.program.steps(), 1, "{name}");
-        assert_eq!(apart.program.steps(), nodes.len(), "{name}: the softmax is read twice");
-        let (got, want) = (run(&fused, &feed), run(&apart, &feed));
-        assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, dv as u32], "{name}");
-        assert_eq!(got[0].1, want[0].1, "{name}: the fused step computes what the steps do");
-        // The definition, in f64.
-        for e in 0..b * h {
-            for i in 0..sq {
-                let mut row: Vec<f64> = (0..sk)
-                    .map(|j| {
-                        let dot: f64 = (0..d)
-                            .map(|t| f64::from(q[(e * sq + i) * d + t]) * f64::from(kt[(e * d + t) * sk + j]))
-                            .sum();
-                        let scaled = match scale {
-                            Some((c, true)) => dot / f64::from(c),
-                            Some((c, false)) => dot * f64::from(c),
-                            None => dot,
-                        };
-                        let m = match &mask {
-                            Some((dims, values)) if dims.len() == 4 => f64::from(values[(e / h) * sk + j]),
-                            Some((_, values)) => f64::from(values[((e % h) * sq + i) * sk + j]),
-                            None => 0.0,
-                        };
-                        scaled + m
-                    })
-                    .collect();
-                let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                row.iter_mut().for_each(|x| *x = (*x - top).exp());
-                let sum: f64 = row.iter().sum();
-                for c in 0..dv {
-                    let want: f64 = (0..sk).map(|j| row[j] / sum * f64::from(v[(e * sk + j) * dv + c])).sum();
-                    let got = got[0].1[(e * sq + i) * dv + c];
-                    assert!((f64::from(got) - want).abs() < 1e-4, "{name}: {got} against {want}");
+        for (name, nodes, mask, scale) in cases {
+            let mut inputs: Vec<(&str, Vec<i64>)> = vec![
+                ("q", vec![b as i64, h as i64, sq as i64, d as i64]),
+                ("kt", vec![b as i64, h as i64, d as i64, sk as i64]),
+                ("v", vec![b as i64, h as i64, sk as i64, dv as i64]),
+            ];
+            let mut feed: Vec<(&str, Vec<u32>, &[f32])> = vec![
+                ("q", vec![b as u32, h as u32, sq as u32, d as u32], &q),
+                ("kt", vec![b as u32, h as u32, d as u32, sk as u32], &kt),
+                ("v", vec![b as u32, h as u32, sk as u32, dv as u32], &v),
+            ];
+            if let Some((dims, values)) = &mask {
+                inputs.push(("mask", dims.clone()));
+                feed.push(("mask", dims.iter().map(|&x| x as u32).collect(), values));
+            }
+            let inputs: Vec<(&str, &[i64])> = inputs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            let feed: Vec<(&str, &[u32], &[f32])> = feed.iter().map(|(n, d, v)| (*n, d.as_slice(), *v)).collect();
+            let fused = model_with(nodes.clone(), vec![scalar("c", 0.5)], &inputs, &["out"], 13);
+            let apart = model_with(nodes.clone(), vec![scalar("c", 0.5)], &inputs, &["out", "p"], 13);
+            assert_eq!(fused.program.steps(), 1, "{name}");
+            assert_eq!(apart.program.steps(), nodes.len(), "{name}: the softmax is read twice");
+            let (got, want) = (run(&fused, &feed), run(&apart, &feed));
+            assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, dv as u32], "{name}");
+            assert_eq!(got[0].1, want[0].1, "{name}: the fused step computes what the steps do");
+            // The definition, in f64.
+            for e in 0..b * h {
+                for i in 0..sq {
+                    let mut row: Vec<f64> = (0..sk)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|t| f64::from(q[(e * sq + i) * d + t]) * f64::from(kt[(e * d + t) * sk + j]))
+                                .sum();
+                            let scaled = match scale {
+                                Some((c, true)) => dot / f64::from(c),
+                                Some((c, false)) => dot * f64::from(c),
+                                None => dot,
+                            };
+                            let m = match &mask {
+                                Some((dims, values)) if dims.len() == 4 => f64::from(values[(e / h) * sk + j]),
+                                Some((_, values)) => f64::from(values[((e % h) * sq + i) * sk + j]),
+                                None => 0.0,
+                            };
+                            scaled + m
+                        })
+                        .collect();
+                    let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    row.iter_mut().for_each(|x| *x = (*x - top).exp());
+                    let sum: f64 = row.iter().sum();
+                    for c in 0..dv {
+                        let want: f64 = (0..sk).map(|j| row[j] / sum * f64::from(v[(e * sk + j) * dv + c])).sum();
+                        let got = got[0].1[(e * sq + i) * dv + c];
+                        assert!((f64::from(got) - want).abs() < 1e-4, "{name}: {got} against {want}");
+                    }
                 }
             }
         }
@@ -950,32 +954,36 @@ fn attention_fuses_into_one_step_and_computes_what_its_steps_do() {
 /// exporters split heads), and computes what the unfused steps do on the copies.
 #[test]
 fn attention_reads_transposed_views_in_place() {
-    let (b, h, sq, sk, d) = (2usize, 3usize, 5usize, 6usize, 4usize);
-    let val =
-        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
-    let (q, k, v) = (val(b * sq * h * d, 1), val(b * sk * h * d, 2), val(b * sk * h * d, 3));
-    let perm = |p: &[i64]| attr_ints("perm", p);
-    let axis = AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
-    let nodes = vec![
-        node("Transpose", &["q"], &["qh"], vec![perm(&[0, 2, 1, 3])]),
-        node("Transpose", &["k"], &["kt"], vec![perm(&[0, 2, 3, 1])]),
-        node("Transpose", &["v"], &["vh"], vec![perm(&[0, 2, 1, 3])]),
-        node("MatMul", &["qh", "kt"], &["s"], vec![]),
-        node("Softmax", &["s"], &["p"], vec![axis]),
-        node("MatMul", &["p", "vh"], &["out"], vec![]),
-    ];
-    let dims = [b as i64, sq as i64, h as i64, d as i64];
-    let kdims = [b as i64, sk as i64, h as i64, d as i64];
-    let inputs: [(&str, &[i64]); 3] = [("q", &dims), ("k", &kdims), ("v", &kdims)];
-    let fused = model(nodes.clone(), &inputs, &["out"], 13);
-    let apart = model(nodes, &inputs, &["out", "p"], 13);
-    assert_eq!(fused.program.steps(), 4, "three Transposes and the attention");
-    assert_eq!(apart.program.steps(), 6);
-    let (ud, ukd) = ([b as u32, sq as u32, h as u32, d as u32], [b as u32, sk as u32, h as u32, d as u32]);
-    let feed: [(&str, &[u32], &[f32]); 3] = [("q", &ud, &q), ("k", &ukd, &k), ("v", &ukd, &v)];
-    let (got, want) = (run(&fused, &feed), run(&apart, &feed));
-    assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, d as u32]);
-    assert_eq!(got[0].1, want[0].1);
+    // Small entries (gathered), and entries whose products run on strips (Q read in place).
+    for (b, h, sq, sk, d) in [(2usize, 3usize, 5usize, 6usize, 4usize), (2, 3, 13, 37, 24)] {
+        let val = |len: usize, s: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect()
+        };
+        let (q, k, v) = (val(b * sq * h * d, 1), val(b * sk * h * d, 2), val(b * sk * h * d, 3));
+        let perm = |p: &[i64]| attr_ints("perm", p);
+        let axis =
+            AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
+        let nodes = vec![
+            node("Transpose", &["q"], &["qh"], vec![perm(&[0, 2, 1, 3])]),
+            node("Transpose", &["k"], &["kt"], vec![perm(&[0, 2, 3, 1])]),
+            node("Transpose", &["v"], &["vh"], vec![perm(&[0, 2, 1, 3])]),
+            node("MatMul", &["qh", "kt"], &["s"], vec![]),
+            node("Softmax", &["s"], &["p"], vec![axis]),
+            node("MatMul", &["p", "vh"], &["out"], vec![]),
+        ];
+        let dims = [b as i64, sq as i64, h as i64, d as i64];
+        let kdims = [b as i64, sk as i64, h as i64, d as i64];
+        let inputs: [(&str, &[i64]); 3] = [("q", &dims), ("k", &kdims), ("v", &kdims)];
+        let fused = model(nodes.clone(), &inputs, &["out"], 13);
+        let apart = model(nodes, &inputs, &["out", "p"], 13);
+        assert_eq!(fused.program.steps(), 4, "three Transposes and the attention");
+        assert_eq!(apart.program.steps(), 6);
+        let (ud, ukd) = ([b as u32, sq as u32, h as u32, d as u32], [b as u32, sk as u32, h as u32, d as u32]);
+        let feed: [(&str, &[u32], &[f32]); 3] = [("q", &ud, &q), ("k", &ukd, &k), ("v", &ukd, &v)];
+        let (got, want) = (run(&fused, &feed), run(&apart, &feed));
+        assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, d as u32]);
+        assert_eq!(got[0].1, want[0].1);
+    }
 }
 
 /// Shapes the fused attention leaves to the unfused steps, which it then runs itself, within

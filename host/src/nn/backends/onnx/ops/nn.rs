@@ -699,6 +699,23 @@ impl Attention {
         Ok(dims)
     }
 
+    /// Entry `e`'s scores (`s`, rows of `sk`) scaled, masked and normalised, as the unfused
+    /// steps do (`mask`: values over `[batch, mq, sk]`).
+    fn normalise(s: &mut [f32], sk: usize, e: usize, scale: Option<(f32, bool)>, mask: Option<&(Vec<f32>, usize)>) {
+        for (i, row) in s.chunks_exact_mut(sk).enumerate() {
+            match scale {
+                Some((c, true)) => row.iter_mut().for_each(|x| *x /= c),
+                Some((c, false)) => row.iter_mut().for_each(|x| *x *= c),
+                None => {}
+            }
+            if let Some((values, mq)) = mask {
+                let at = (e * mq + if *mq == 1 { 0 } else { i }) * sk;
+                row.iter_mut().zip(&values[at..at + sk]).for_each(|(x, m)| *x += m);
+            }
+        }
+        act::softmax_rows(s, sk);
+    }
+
     /// Every (batch, head) entry at once, or `None` where the operands are not f32 with the
     /// same batch axes, or the mask does not broadcast over whole rows of the scores.
     fn fused(&self, q: &Tensor, kt: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>, NnError> {
@@ -741,6 +758,11 @@ impl Attention {
         let len = batch * sq * dv;
         let mut out = super::uninit_f32(len)?;
         let scale = self.scale;
+        // Where both products run on the GEMM's tile (at least 4 rows, more than TURNED_MAX
+        // columns), they run as `X·W` on strips instead, which sums in the tile's order: Q and
+        // the scores are read in place, Kᵀ and V packed straight into strips from where they
+        // lie. Otherwise each entry's operands are gathered.
+        let strips = sq >= 4 && sk > sgemm::TURNED_MAX && dv > sgemm::TURNED_MAX && crate::nn::kernels::simd::avx512();
         // Q, Kᵀ and V are read where they lie (views out of Transposes, as exporters leave
         // them), each entry gathered into a per-thread buffer; copying them whole first (the
         // unfused steps' way) was a pass of its own over each.
@@ -748,6 +770,29 @@ impl Attention {
             out.spare_capacity_mut()[..len].par_chunks_mut(sq * dv).enumerate().try_for_each_init(
                 || [Vec::<f32>::new(), Vec::new(), Vec::new(), Vec::new()],
                 |[scores, qe, kte, ve], (e, o)| -> Result<(), NnError> {
+                    if strips {
+                        if scores.len() < sq * sk {
+                            scores.resize(sq * sk, 0.0);
+                        }
+                        let s = &mut scores[..sq * sk];
+                        // Q in place where its rows are contiguous, else gathered.
+                        let (qa, lda) = match q.rows_in_place(e) {
+                            Some(rows) => rows,
+                            None => {
+                                qe.resize(sq * d, 0.0);
+                                q.gather(e, qe);
+                                (&qe[..sq * d], d)
+                            }
+                        };
+                        let ks = kt.strips(e, std::mem::take(kte))?;
+                        sgemm::gemm_strips_over(sq, qa, lda, &ks, s)?;
+                        *kte = ks.into_data();
+                        Self::normalise(s, sk, e, scale, mask.as_ref());
+                        let vs = v.strips(e, std::mem::take(ve))?;
+                        sgemm::gemm_strips_lda(sq, s, sk, &vs, o, None, false)?;
+                        *ve = vs.into_data();
+                        return Ok(());
+                    }
                     for (buf, want) in
                         [(&mut *scores, sq * sk), (&mut *qe, sq * d), (&mut *kte, d * sk), (&mut *ve, sk * dv)]
                     {
@@ -761,18 +806,7 @@ impl Attention {
                     v.gather(e, ve);
                     let s = &mut scores[..sq * sk];
                     sgemm::gemm([sq, sk, d], qe, None, kte, s, None, None)?;
-                    for (i, row) in s.chunks_exact_mut(sk).enumerate() {
-                        match scale {
-                            Some((c, true)) => row.iter_mut().for_each(|x| *x /= c),
-                            Some((c, false)) => row.iter_mut().for_each(|x| *x *= c),
-                            None => {}
-                        }
-                        if let Some((values, mq)) = &mask {
-                            let at = (e * mq + if *mq == 1 { 0 } else { i }) * sk;
-                            row.iter_mut().zip(&values[at..at + sk]).for_each(|(x, m)| *x += m);
-                        }
-                    }
-                    act::softmax_rows(s, sk);
+                    Self::normalise(s, sk, e, scale, mask.as_ref());
                     sgemm::gemm_into(1, [sq, dv, sk], s, None, ve, o, None, None)
                 },
             )
@@ -826,14 +860,68 @@ impl<'a> View<'a> {
         (last < data.len()).then_some(View { data, start, strides, dims })
     }
 
-    /// Entry `e`'s matrix (`e` counts the batch axes in row-major order), row-major into `out`.
-    fn gather(&self, e: usize, out: &mut [f32]) {
+    /// Where entry `e`'s matrix starts (`e` counts the batch axes in row-major order).
+    fn base(&self, e: usize) -> usize {
         let r = self.dims.len();
         let (mut rest, mut base) = (e, self.start);
         for a in (0..r - 2).rev() {
             base += (rest % self.dims[a]) * self.strides[a];
             rest /= self.dims[a];
         }
+        base
+    }
+
+    /// Entry `e`'s rows as they lie, and how far apart they start, where each row's values are
+    /// contiguous and rows do not overlap.
+    fn rows_in_place(&self, e: usize) -> Option<(&'a [f32], usize)> {
+        let r = self.dims.len();
+        let (rows, cols, rs, cs) = (self.dims[r - 2], self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
+        if cs != 1 || (rows > 1 && rs < cols) {
+            return None;
+        }
+        // `new` checked that every element the view reaches lies inside `data`.
+        let base = self.base(e);
+        Some((&self.data[base..base + (rows - 1) * rs + cols], rs.max(cols)))
+    }
+
+    /// Entry `e`'s matrix (`k × n`) packed into strips for [`sgemm::gemm_strips_lda`], in
+    /// `buf` (reused; grown as needed).
+    fn strips(&self, e: usize, mut buf: Vec<f32>) -> Result<sgemm::Strips, NnError> {
+        let r = self.dims.len();
+        let (k, n, rs, cs) = (self.dims[r - 2], self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
+        let base = self.base(e);
+        let len = n.div_ceil(32) * k * 32;
+        if buf.len() < len {
+            buf.try_reserve_exact(len - buf.len()).map_err(|_| NnError::too_large("attention scratch"))?;
+            buf.resize(len, 0.0);
+        }
+        buf.truncate(len);
+        for (i, strip) in buf.chunks_exact_mut(k * 32).enumerate() {
+            let width = 32.min(n - i * 32);
+            if cs == 1 {
+                // Rows of B contiguous (V as exporters leave it): one copy per step.
+                for (p, step) in strip.chunks_exact_mut(32).enumerate() {
+                    let at = base + p * rs + i * 32;
+                    step[..width].copy_from_slice(&self.data[at..at + width]);
+                }
+            } else {
+                // Columns of B contiguous where `rs` is 1 (Kᵀ: each key's row of K): read down
+                // each column.
+                for c in 0..width {
+                    let col = base + (i * 32 + c) * cs;
+                    for (p, step) in strip.chunks_exact_mut(32).enumerate() {
+                        step[c] = self.data[col + p * rs];
+                    }
+                }
+            }
+        }
+        sgemm::Strips::from_layout(k, n, buf).ok_or_else(|| NnError::runtime("attention: strips need AVX-512"))
+    }
+
+    /// Entry `e`'s matrix (`e` counts the batch axes in row-major order), row-major into `out`.
+    fn gather(&self, e: usize, out: &mut [f32]) {
+        let r = self.dims.len();
+        let base = self.base(e);
         let (cols, rs, cs) = (self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
         for (i, row) in out.chunks_exact_mut(cols).take(self.dims[r - 2]).enumerate() {
             let at = base + i * rs;
