@@ -839,6 +839,8 @@ fn a_fused_bias_is_not_a_residual_add() {
 /// output is also a graph output) and the definition's in f64.
 #[test]
 fn attention_fuses_into_one_step_and_computes_what_its_steps_do() {
+    // Pinned (and held: tests that lower the level wait), so both paths run as chosen.
+    let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
     // Small entries (gathered), and entries whose products run on strips (both wider than a strip).
     for (b, h, sq, sk, d, dv) in [(2usize, 3usize, 5usize, 6usize, 4usize, 7usize), (2, 3, 13, 37, 20, 33)] {
         let val = |len: usize, s: usize| -> Vec<f32> {
@@ -954,6 +956,8 @@ fn attention_fuses_into_one_step_and_computes_what_its_steps_do() {
 /// exporters split heads), and computes what the unfused steps do on the copies.
 #[test]
 fn attention_reads_transposed_views_in_place() {
+    // Pinned (and held: tests that lower the level wait), so both paths run as chosen.
+    let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
     // Small entries (gathered), and entries whose products run on strips (Q read in place).
     for (b, h, sq, sk, d) in [(2usize, 3usize, 5usize, 6usize, 4usize), (2, 3, 13, 37, 24)] {
         let val = |len: usize, s: usize| -> Vec<f32> {
@@ -984,6 +988,47 @@ fn attention_reads_transposed_views_in_place() {
         assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, d as u32]);
         assert_eq!(got[0].1, want[0].1);
     }
+}
+
+/// Entries on strips where Q and V come out of Transposes across their last two axes (Q
+/// gathered, V packed down its columns) and the keys are more than a slice of the GEMM's k (the
+/// value product sums in two slices): the unfused steps' numbers, to the bit.
+#[test]
+fn attention_on_strips_reads_any_strides() {
+    let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
+    if !crate::nn::kernels::simd::avx512() {
+        eprintln!("no AVX-512: the strips path is not reached here");
+        return;
+    }
+    let (b, h, sq, sk, d) = (1usize, 2usize, 9usize, 400usize, 24usize);
+    let val =
+        |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| ((i * 13 + s * 5) % 19) as f32 / 9.0 - 1.0).collect() };
+    // Q and V given with their last two axes swapped; Kᵀ as it is.
+    let (q, kt, v) = (val(b * h * d * sq, 1), val(b * h * d * sk, 2), val(b * h * d * sk, 3));
+    let perm = |p: &[i64]| attr_ints("perm", p);
+    let axis = AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: -1, ..Default::default() };
+    let nodes = vec![
+        node("Transpose", &["q"], &["qh"], vec![perm(&[0, 1, 3, 2])]),
+        node("Transpose", &["v"], &["vh"], vec![perm(&[0, 1, 3, 2])]),
+        node("MatMul", &["qh", "kt"], &["s"], vec![]),
+        node("Softmax", &["s"], &["p"], vec![axis]),
+        node("MatMul", &["p", "vh"], &["out"], vec![]),
+    ];
+    let (qd, kd, vd) = (
+        [b as i64, h as i64, d as i64, sq as i64],
+        [b as i64, h as i64, d as i64, sk as i64],
+        [b as i64, h as i64, d as i64, sk as i64],
+    );
+    let inputs: [(&str, &[i64]); 3] = [("q", &qd), ("kt", &kd), ("v", &vd)];
+    let fused = model(nodes.clone(), &inputs, &["out"], 13);
+    let apart = model(nodes, &inputs, &["out", "p"], 13);
+    assert_eq!(fused.program.steps(), 3, "two Transposes and the attention");
+    let u = |d: [i64; 4]| d.map(|x| x as u32);
+    let (uq, uk, uv) = (u(qd), u(kd), u(vd));
+    let feed: [(&str, &[u32], &[f32]); 3] = [("q", &uq, &q), ("kt", &uk, &kt), ("v", &uv, &v)];
+    let (got, want) = (run(&fused, &feed), run(&apart, &feed));
+    assert_eq!(got[0].0, [b as u32, h as u32, sq as u32, d as u32]);
+    assert!(got[0].1.iter().zip(&want[0].1).all(|(a, b)| a.to_bits() == b.to_bits()), "not the unfused steps' bits");
 }
 
 /// Shapes the fused attention leaves to the unfused steps, which it then runs itself, within

@@ -784,14 +784,17 @@ impl Attention {
                                 (&qe[..sq * d], d)
                             }
                         };
-                        let ks = kt.strips(e, std::mem::take(kte))?;
-                        sgemm::gemm_strips_over(sq, qa, lda, &ks, s)?;
-                        *kte = ks.into_data();
-                        Self::normalise(s, sk, e, scale, mask.as_ref());
-                        let vs = v.strips(e, std::mem::take(ve))?;
-                        sgemm::gemm_strips_lda(sq, s, sk, &vs, o, None, false)?;
-                        *ve = vs.into_data();
-                        return Ok(());
+                        // (No strips only where the SIMD level was lowered since `strips`
+                        // was decided, in tests: the entry is then gathered below.)
+                        if let (Some(ks), Some(vs)) =
+                            (kt.strips(e, std::mem::take(kte))?, v.strips(e, std::mem::take(ve))?)
+                        {
+                            sgemm::gemm_strips_over(sq, qa, lda, &ks, s)?;
+                            Self::normalise(s, sk, e, scale, mask.as_ref());
+                            sgemm::gemm_strips_lda(sq, s, sk, &vs, o, None, false)?;
+                            (*kte, *ve) = (ks.into_data(), vs.into_data());
+                            return Ok(());
+                        }
                     }
                     for (buf, want) in
                         [(&mut *scores, sq * sk), (&mut *qe, sq * d), (&mut *kte, d * sk), (&mut *ve, sk * dv)]
@@ -885,12 +888,16 @@ impl<'a> View<'a> {
     }
 
     /// Entry `e`'s matrix (`k × n`) packed into strips for [`sgemm::gemm_strips_lda`], in
-    /// `buf` (reused; grown as needed).
-    fn strips(&self, e: usize, mut buf: Vec<f32>) -> Result<sgemm::Strips, NnError> {
+    /// `buf` (reused; grown as needed); `None` where this CPU has no strips kernel.
+    fn strips(&self, e: usize, mut buf: Vec<f32>) -> Result<Option<sgemm::Strips>, NnError> {
         let r = self.dims.len();
         let (k, n, rs, cs) = (self.dims[r - 2], self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
         let base = self.base(e);
-        let len = n.div_ceil(32) * k * 32;
+        let len = n
+            .div_ceil(32)
+            .checked_mul(k)
+            .and_then(|x| x.checked_mul(32))
+            .ok_or_else(|| NnError::too_large("attention: an operand's strips overflow"))?;
         if buf.len() < len {
             buf.try_reserve_exact(len - buf.len()).map_err(|_| NnError::too_large("attention scratch"))?;
             buf.resize(len, 0.0);
@@ -915,7 +922,7 @@ impl<'a> View<'a> {
                 }
             }
         }
-        sgemm::Strips::from_layout(k, n, buf).ok_or_else(|| NnError::runtime("attention: strips need AVX-512"))
+        Ok(sgemm::Strips::from_layout(k, n, buf))
     }
 
     /// Entry `e`'s matrix (`e` counts the batch axes in row-major order), row-major into `out`.
