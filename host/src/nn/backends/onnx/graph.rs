@@ -154,6 +154,9 @@ impl Program {
         fuse_conv_chains(&mut body, &c.consts);
         fuse_residual_adds(&mut body);
         plan_frees(&mut body, &input_slots);
+        // What the operators derive from their constants (packed weights) is kept beside them
+        // for the model's life: charged to the load budget before it is made.
+        c.meter.reserve(prepared_bytes(&body, &c.consts), &"the operators' packed weights")?.keep();
         prepare(&body, &c.consts);
         let output_shapes = graph.output.iter().map(|o| value_type(o).ok().and_then(|(_, shape)| shape)).collect();
         Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, output_shapes, body })
@@ -1149,28 +1152,41 @@ fn consumer_counts(g: &GraphProto) -> HashMap<&str, usize> {
 }
 
 /// Frees each slot defined in a block right after its last reader in that block.
+/// Each step's constant inputs (`None` where an input is not a constant).
+fn constant_inputs<'a>(step: &Step, consts: &'a [Tensor]) -> Vec<Option<&'a Tensor>> {
+    step.inputs
+        .iter()
+        .map(|s| match s {
+            Some(Src::Const(k)) => consts.get(*k),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Lets each operator derive what it keeps from its constant inputs (packed weights) now, at
 /// load, rather than on the first request.
 fn prepare(block: &Block, consts: &[Tensor]) {
     for step in &block.steps {
         match &step.kind {
-            Kind::Op(op) => {
-                let inputs: Vec<Option<&Tensor>> = step
-                    .inputs
-                    .iter()
-                    .map(|s| match s {
-                        Some(Src::Const(k)) => consts.get(*k),
-                        _ => None,
-                    })
-                    .collect();
-                op.prepare(&inputs);
-            }
+            Kind::Op(op) => op.prepare(&constant_inputs(step, consts)),
             Kind::If { then_block, else_block } => {
                 prepare(then_block, consts);
                 prepare(else_block, consts);
             }
         }
     }
+}
+
+/// At most the bytes [`prepare`] keeps, over the block and its branches.
+fn prepared_bytes(block: &Block, consts: &[Tensor]) -> u64 {
+    block.steps.iter().fold(0u64, |acc, step| {
+        acc.saturating_add(match &step.kind {
+            Kind::Op(op) => op.prepared_bytes(&constant_inputs(step, consts)),
+            Kind::If { then_block, else_block } => {
+                prepared_bytes(then_block, consts).saturating_add(prepared_bytes(else_block, consts))
+            }
+        })
+    })
 }
 
 /// The slots `step` reads, its branches' included.

@@ -323,6 +323,46 @@ fn a_compute_over_its_budget_is_too_large_and_holds_nothing_after() {
     assert!(meter.peak() <= 1 << 20 && meter.peak() > 64 * 64 * 4, "peak {}", meter.peak());
 }
 
+/// What the operators derive from a constant at load (a dense layer's weights transposed,
+/// packed and in strips) is charged to the load budget before it is made: a budget that holds
+/// the constant but not those is a too-large load naming them, and what loads keeps them
+/// charged.
+#[test]
+fn packed_weights_are_charged_to_the_load_budget() {
+    use crate::nn::Meter;
+    let (k, n) = (64usize, 64usize);
+    let graph = GraphProto {
+        node: vec![node("MatMul", &["x", "w"], &["y"], vec![])],
+        initializer: vec![TensorProto {
+            name: "w".into(),
+            dims: vec![k as i64, n as i64],
+            data_type: DataType::Float as i32,
+            float_data: vec![0.5; k * n],
+            ..Default::default()
+        }],
+        name: "test".into(),
+        input: vec![value("x", &[-1, k as i64])],
+        output: vec![ValueInfoProto { name: "y".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let bytes = proto.encode_to_vec();
+    let weights = (k * n * 4) as u64;
+    // The constant fits, its derived copies (about three more of it) do not.
+    let meter = Meter::for_load(2 * weights, Default::default(), None);
+    let err = Onnx::from_bytes_with(&bytes, &Device::Cpu, &meter).map(|_| ()).unwrap_err();
+    assert_eq!(err.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{err}");
+    assert!(err.message.contains("packed weights"), "the error says what: {err}");
+    let meter = Meter::for_load(16 * weights, Default::default(), None);
+    Onnx::from_bytes_with(&bytes, &Device::Cpu, &meter).unwrap();
+    assert!(meter.live() >= 4 * weights, "the constant and its derived weights stay charged: {}", meter.live());
+}
+
 #[test]
 fn a_cancelled_compute_stops_at_the_next_node() {
     use crate::nn::{CancelToken, Meter};

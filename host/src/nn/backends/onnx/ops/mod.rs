@@ -234,6 +234,18 @@ pub(super) trait Op: AsAny + Send + Sync {
 
     /// Derives at load what it keeps from its constant inputs (`None`: not constant).
     fn prepare(&self, _constants: &[Option<&Tensor>]) {}
+
+    /// At most the bytes [`Op::prepare`] keeps (and briefly holds) for these constant inputs:
+    /// charged to the load budget before it runs, so a model's derived weights cannot exceed
+    /// the budget its own bytes set.
+    fn prepared_bytes(&self, _constants: &[Option<&Tensor>]) -> u64 {
+        0
+    }
+}
+
+/// Bytes of `floats` f32 values, saturating (a bound, never a wrapped size).
+pub(super) fn f32_bytes(floats: u64) -> u64 {
+    floats.saturating_mul(4)
 }
 
 /// What an operator builder sees of its node.
@@ -383,6 +395,10 @@ impl Op for FloatOnly {
 
     fn prepare(&self, constants: &[Option<&Tensor>]) {
         self.op.prepare(constants)
+    }
+
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        self.op.prepared_bytes(constants)
     }
 }
 

@@ -442,6 +442,15 @@ impl Gemm {
         }
     }
 
+    /// `B'`'s `(k, n)` where `prepare` derives its weights: a constant f32 matrix at least 16
+    /// columns wide.
+    fn prepares(&self, constants: &[Option<&Tensor>]) -> Option<(u64, u64)> {
+        let b = constants.get(1).copied().flatten()?;
+        let (b0, b1) = b.dims2().ok()?;
+        let (k, n) = if self.tb { (b1, b0) } else { (b0, b1) };
+        (b.dtype() == DType::F32 && n >= 16).then_some((k as u64, n as u64))
+    }
+
     /// `B'` (of which `w` is `B'ᵀ`, `n×k`) in strips, made on first use.
     fn strips(&self, b: &Tensor, w: &[f32], n: usize, k: usize) -> std::sync::Arc<Option<Strips>> {
         self.strips.get(b.id(), || Strips::from_transposed(n, k, w))
@@ -513,13 +522,17 @@ impl super::Op for Gemm {
     }
 
     fn prepare(&self, constants: &[Option<&Tensor>]) {
-        if let Some(Some(b)) = constants.get(1)
-            && b.dtype() == DType::F32
-            && b.rank() == 2
-            && b.dims()[if self.tb { 0 } else { 1 }] >= 16
+        if self.prepares(constants).is_some()
+            && let Some(Some(b)) = constants.get(1)
         {
             let _ = self.weights.get(b.id(), || Self::weights(b, self.tb));
         }
+    }
+
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        // B'ᵀ, its packing (whole panels of up to 16 rows) and, while it is derived, a copy of
+        // B (a transpose).
+        self.prepares(constants).map_or(0, |(k, n)| super::f32_bytes(k.saturating_mul(3 * n + 16)))
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
@@ -620,9 +633,8 @@ impl super::Op for MatMul {
             self.constant_b.store(true, std::sync::atomic::Ordering::Relaxed);
             super::Op::prepare(&self.dense, &[None, Some(b)]);
             // A transformer's dense layers run over many tokens: their strips too, at load.
-            if let Ok((k, n)) = b.dims2()
-                && b.dtype() == DType::F32
-                && n >= 16
+            if self.dense.prepares(constants).is_some()
+                && let Ok((k, n)) = b.dims2()
             {
                 let weights = self.dense.weights.get(b.id(), || Gemm::weights(b, self.dense.tb));
                 if weights.0.len() == n * k {
@@ -630,6 +642,12 @@ impl super::Op for MatMul {
                 }
             }
         }
+    }
+
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        // Gemm's, and the strips (whole strips of 32 columns).
+        let strips = self.dense.prepares(constants).map_or(0, |(k, n)| super::f32_bytes(k.saturating_mul(n + 31)));
+        super::Op::prepared_bytes(&self.dense, constants).saturating_add(strips)
     }
 
     fn fuse_bias(&mut self, bias: &[f32]) -> bool {
@@ -1088,6 +1106,13 @@ impl super::Op for Conv {
         }
     }
 
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        match constants.get(1) {
+            Some(Some(w)) if w.dtype() == DType::F32 => conv::prepacked_bytes(w, self.group),
+            _ => 0,
+        }
+    }
+
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
         self.clamp = Some(match self.clamp {
             Some(c) => Clamp { lo: c.lo.max(clamp.lo), hi: c.hi.min(clamp.hi) },
@@ -1229,6 +1254,16 @@ impl super::Op for ConvChain {
         {
             conv::prepack(&self.pw.packed, w, 1);
         }
+    }
+
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        let o = self.offset();
+        let packed = |at: usize| match constants.get(at) {
+            Some(Some(w)) if w.dtype() == DType::F32 => conv::prepacked_bytes(w, 1),
+            _ => 0,
+        };
+        let expand = if self.expand.is_some() { packed(1) } else { 0 };
+        expand.saturating_add(packed(o + 3))
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {

@@ -100,6 +100,21 @@ impl super::Op for Lstm {
         wide(outputs.saturating_add(step).saturating_add(copies), 2)
     }
 
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+        // W and R joined, then packed (whole panels), and f32 copies while they are read: at
+        // most four times their values, plus a panel's padding per direction.
+        match (constants.get(1), constants.get(2)) {
+            (Some(Some(w)), Some(Some(r))) => {
+                let values = (w.elem_count() as u64).saturating_add(r.elem_count() as u64);
+                let pad = (self.directions.len() as u64)
+                    .saturating_mul(16)
+                    .saturating_mul(w.dims().last().map_or(0, |&f| f as u64).saturating_add(self.hidden as u64));
+                super::f32_bytes(values.saturating_mul(4).saturating_add(pad))
+            }
+            _ => 0,
+        }
+    }
+
     fn prepare(&self, constants: &[Option<&Tensor>]) {
         // Constant weights are joined and packed at load, not on the first request.
         if let (Some(Some(w)), Some(Some(r))) = (constants.get(1), constants.get(2))
