@@ -1497,8 +1497,15 @@ mod x86 {
         let per_group = panels.div_ceil(want.div_ceil(chunks)).max(1);
         let groups = panels.div_ceil(per_group);
         let (a, out) = (SharedIn(a), SharedOut(dst));
+        // Which operand a thread's run of neighbouring units shares: where all of A fits in a
+        // core's L2 beside a chunk of strips, the same strips (chunk-major: each thread then
+        // takes half of the columns, where row groups split 11 panels as 6 + 5: MiniLM as ONNX
+        // at 1 x 128, four alternating rounds, 3-8% faster); else the same rows of A, which
+        // would otherwise stream from L3 for every unit (at 1,024 tokens chunk-major ran 10%
+        // slower).
+        let chunk_major = m.saturating_mul(k) <= A_IN_L2;
         let unit = |u: usize| {
-            let (g, chunk) = (u / chunks, u % chunks);
+            let (chunk, g) = if chunk_major { (u / groups, u % groups) } else { (u % chunks, u / chunks) };
             let tiles = g * per_group..panels.min((g + 1) * per_group);
             let cols = chunk * per_chunk..strips_n.min((chunk + 1) * per_chunk);
             // SAFETY: forwarded from this function's contract; this unit alone writes rows
@@ -1512,6 +1519,10 @@ mod x86 {
             (0..units).into_par_iter().for_each(unit);
         }
     }
+
+    /// Floats of A (256 Ki: 1 MiB, half a core's L2) up to which [`gemm_strips`]' units share
+    /// out columns first.
+    const A_IN_L2: usize = 1 << 18;
 
     /// A read-only pointer shared by the units of one product (they only read through it).
     #[derive(Clone, Copy)]
