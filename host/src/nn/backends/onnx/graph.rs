@@ -155,9 +155,14 @@ impl Program {
         fuse_residual_adds(&mut body);
         plan_frees(&mut body, &input_slots);
         // What the operators derive from their constants (packed weights) is kept beside them
-        // for the model's life: charged to the load budget before it is made.
-        c.meter.reserve(prepared_bytes(&body, &c.consts), &"the operators' packed weights")?.keep();
+        // for the model's life: charged to the load budget before it is made, with room for the
+        // largest copy one of them makes on the way.
+        let prepared = prepared_bytes(&body, &c.consts);
+        let kept = c.meter.reserve(prepared.kept, &"the operators' packed weights")?;
+        let transient = c.meter.reserve(prepared.transient, &"a constant read for packing")?;
         prepare(&body, &c.consts);
+        drop(transient);
+        kept.keep();
         let output_shapes = graph.output.iter().map(|o| value_type(o).ok().and_then(|(_, shape)| shape)).collect();
         Ok(Self { consts: c.consts, slots: c.slots, inputs, outputs, output_shapes, body })
     }
@@ -1177,13 +1182,14 @@ fn prepare(block: &Block, consts: &[Tensor]) {
     }
 }
 
-/// At most the bytes [`prepare`] keeps, over the block and its branches.
-fn prepared_bytes(block: &Block, consts: &[Tensor]) -> u64 {
-    block.steps.iter().fold(0u64, |acc, step| {
-        acc.saturating_add(match &step.kind {
+/// At most what [`prepare`] allocates, over the block and its branches (one operator after
+/// another).
+fn prepared_bytes(block: &Block, consts: &[Tensor]) -> ops::Prepared {
+    block.steps.iter().fold(ops::Prepared::default(), |acc, step| {
+        acc.then(match &step.kind {
             Kind::Op(op) => op.prepared_bytes(&constant_inputs(step, consts)),
             Kind::If { then_block, else_block } => {
-                prepared_bytes(then_block, consts).saturating_add(prepared_bytes(else_block, consts))
+                prepared_bytes(then_block, consts).then(prepared_bytes(else_block, consts))
             }
         })
     })

@@ -55,13 +55,16 @@ pub(crate) fn prepack(cache: &PackedWeights, w: &Tensor, group: usize) {
     let _ = with_f32(w, |ws| cache.get(w.id(), || pack_groups(ws, m, kdim, group)));
 }
 
-/// At most the bytes [`prepack`] keeps for `w` (each group's rows in whole panels of up to 12,
-/// plus a copy of `w` while it is read as f32).
-pub(crate) fn prepacked_bytes(w: &Tensor, group: usize) -> u64 {
+/// At most what [`prepack`] allocates for `w`: each group's rows in whole panels of up to 12
+/// kept, and a copy of `w` while it is read as f32.
+pub(crate) fn prepacked_bytes(w: &Tensor, group: usize) -> super::Prepared {
     let m = w.dims().first().copied().unwrap_or(0) as u64;
     let kdim = (w.elem_count() as u64).checked_div(m).unwrap_or(0);
     let rows = m.saturating_add((group as u64).saturating_mul(12));
-    super::f32_bytes(rows.saturating_mul(kdim).saturating_add(w.elem_count() as u64))
+    super::Prepared {
+        kept: super::f32_bytes(rows.saturating_mul(kdim)),
+        transient: super::f32_bytes(w.elem_count() as u64),
+    }
 }
 
 /// Below this many elements a pass runs on the calling thread.

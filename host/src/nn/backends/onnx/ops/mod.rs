@@ -235,11 +235,27 @@ pub(super) trait Op: AsAny + Send + Sync {
     /// Derives at load what it keeps from its constant inputs (`None`: not constant).
     fn prepare(&self, _constants: &[Option<&Tensor>]) {}
 
-    /// At most the bytes [`Op::prepare`] keeps (and briefly holds) for these constant inputs:
-    /// charged to the load budget before it runs, so a model's derived weights cannot exceed
-    /// the budget its own bytes set.
-    fn prepared_bytes(&self, _constants: &[Option<&Tensor>]) -> u64 {
-        0
+    /// At most what [`Op::prepare`] allocates for these constant inputs: charged to the load
+    /// budget before it runs, so a model's derived weights cannot exceed the budget its own
+    /// bytes set.
+    fn prepared_bytes(&self, _constants: &[Option<&Tensor>]) -> Prepared {
+        Prepared::default()
+    }
+}
+
+/// Bytes [`Op::prepare`] allocates: what it keeps for the model's life, and what it holds only
+/// while it runs (copies of a constant it reads).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Prepared {
+    pub(crate) kept: u64,
+    pub(crate) transient: u64,
+}
+
+impl Prepared {
+    /// Both of `self` and `other`, made one after the other: kept bytes add up, transient ones
+    /// do not outlive their maker.
+    pub(crate) fn then(self, other: Prepared) -> Prepared {
+        Prepared { kept: self.kept.saturating_add(other.kept), transient: self.transient.max(other.transient) }
     }
 }
 
@@ -397,7 +413,7 @@ impl Op for FloatOnly {
         self.op.prepare(constants)
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> Prepared {
         self.op.prepared_bytes(constants)
     }
 }

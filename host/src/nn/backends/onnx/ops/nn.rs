@@ -529,10 +529,13 @@ impl super::Op for Gemm {
         }
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
-        // B'ᵀ, its packing (whole panels of up to 16 rows) and, while it is derived, a copy of
-        // B (a transpose).
-        self.prepares(constants).map_or(0, |(k, n)| super::f32_bytes(k.saturating_mul(3 * n + 16)))
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
+        // B'ᵀ and its packing (whole panels of up to 16 rows) kept; while they are made, B
+        // turned contiguous and read out (two copies).
+        self.prepares(constants).map_or_else(Default::default, |(k, n)| super::Prepared {
+            kept: super::f32_bytes(k.saturating_mul(n.saturating_mul(2).saturating_add(16))),
+            transient: super::f32_bytes(k.saturating_mul(n).saturating_mul(2)),
+        })
     }
 
     fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
@@ -644,10 +647,10 @@ impl super::Op for MatMul {
         }
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
         // Gemm's, and the strips (whole strips of 32 columns).
         let strips = self.dense.prepares(constants).map_or(0, |(k, n)| super::f32_bytes(k.saturating_mul(n + 31)));
-        super::Op::prepared_bytes(&self.dense, constants).saturating_add(strips)
+        super::Op::prepared_bytes(&self.dense, constants).then(super::Prepared { kept: strips, transient: 0 })
     }
 
     fn fuse_bias(&mut self, bias: &[f32]) -> bool {
@@ -1106,10 +1109,10 @@ impl super::Op for Conv {
         }
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
         match constants.get(1) {
             Some(Some(w)) if w.dtype() == DType::F32 => conv::prepacked_bytes(w, self.group),
-            _ => 0,
+            _ => Default::default(),
         }
     }
 
@@ -1256,14 +1259,14 @@ impl super::Op for ConvChain {
         }
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
         let o = self.offset();
         let packed = |at: usize| match constants.get(at) {
             Some(Some(w)) if w.dtype() == DType::F32 => conv::prepacked_bytes(w, 1),
-            _ => 0,
+            _ => Default::default(),
         };
-        let expand = if self.expand.is_some() { packed(1) } else { 0 };
-        expand.saturating_add(packed(o + 3))
+        let expand = if self.expand.is_some() { packed(1) } else { Default::default() };
+        expand.then(packed(o + 3))
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {

@@ -100,18 +100,21 @@ impl super::Op for Lstm {
         wide(outputs.saturating_add(step).saturating_add(copies), 2)
     }
 
-    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> u64 {
-        // W and R joined, then packed (whole panels), and f32 copies while they are read: at
-        // most four times their values, plus a panel's padding per direction.
+    fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
+        // W and R joined, then packed (whole panels, a panel's padding per direction), kept;
+        // f32 copies of both while they are read.
         match (constants.get(1), constants.get(2)) {
             (Some(Some(w)), Some(Some(r))) => {
                 let values = (w.elem_count() as u64).saturating_add(r.elem_count() as u64);
                 let pad = (self.directions.len() as u64)
                     .saturating_mul(16)
                     .saturating_mul(w.dims().last().map_or(0, |&f| f as u64).saturating_add(self.hidden as u64));
-                super::f32_bytes(values.saturating_mul(4).saturating_add(pad))
+                super::Prepared {
+                    kept: super::f32_bytes(values.saturating_mul(2).saturating_add(pad)),
+                    transient: super::f32_bytes(values),
+                }
             }
-            _ => 0,
+            _ => Default::default(),
         }
     }
 
