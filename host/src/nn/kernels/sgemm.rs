@@ -109,38 +109,70 @@ pub(crate) struct Strips {
 impl Strips {
     /// Packs `B` given as `Bᵀ` (`bt`, `n×k` row-major: a dense layer's `[out, in]` weights);
     /// `None` without AVX-512 (the only kernel that reads strips), for an empty `k` or `n`,
-    /// where `bt` is too short, or where the strips cannot be allocated.
+    /// where `bt` is too short, or where the strips cannot be allocated (the caller then runs
+    /// the turned-around product: a host short of memory gets no abort).
     pub(crate) fn from_transposed(n: usize, k: usize, bt: &[f32]) -> Option<Strips> {
-        if k == 0 || n == 0 || n.checked_mul(k).is_none_or(|nk| bt.len() < nk) || !simd::avx512() {
-            return None;
+        Self::pack(k, n, bt, 0, [1, k], Vec::new()).ok().flatten()
+    }
+
+    /// Packs `B` (`k×n`) from where it lies: element `[p][j]` at `data[base + p·rs + j·cs]`
+    /// (a matrix, its transpose, or a view out of a Transpose), into `buf` (reused, grown as
+    /// needed; what lies past column `n` in the last strip is never stored, whatever it holds).
+    /// `None` without AVX-512, for an empty `k` or `n`, or where an element lies outside `data`;
+    /// `too-large` where the strips' size overflows or cannot be allocated.
+    pub(crate) fn pack(
+        k: usize,
+        n: usize,
+        data: &[f32],
+        base: usize,
+        [rs, cs]: [usize; 2],
+        mut buf: Vec<f32>,
+    ) -> Result<Option<Strips>, NnError> {
+        let last = (k.checked_sub(1), n.checked_sub(1));
+        let last = match last {
+            (Some(p), Some(j)) => {
+                p.checked_mul(rs).zip(j.checked_mul(cs)).and_then(|(a, b)| base.checked_add(a)?.checked_add(b))
+            }
+            _ => None,
+        };
+        if last.is_none_or(|last| last >= data.len()) || !simd::avx512() {
+            return Ok(None);
         }
-        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
-        // A host short of memory gets `None` (the caller then runs the turned-around product),
-        // not an abort.
-        let mut data = Vec::new();
-        data.try_reserve_exact(len).ok()?;
-        data.resize(len, 0f32);
-        for (i, strip) in data.chunks_exact_mut(k * NR).enumerate() {
-            for (c, row) in bt[i * NR * k..(i * NR + NR.min(n - i * NR)) * k].chunks_exact(k).enumerate() {
-                for (p, &v) in row.iter().enumerate() {
-                    strip[p * NR + c] = v;
+        let len = n
+            .div_ceil(NR)
+            .checked_mul(k)
+            .and_then(|x| x.checked_mul(NR))
+            .ok_or_else(|| NnError::too_large("gemm: the strips' size overflows"))?;
+        if buf.len() < len {
+            buf.try_reserve_exact(len - buf.len()).map_err(|_| NnError::too_large("gemm: cannot allocate strips"))?;
+            buf.resize(len, 0.0);
+        }
+        buf.truncate(len);
+        for (i, strip) in buf.chunks_exact_mut(k * NR).enumerate() {
+            let width = NR.min(n - i * NR);
+            if cs == 1 {
+                // Rows of B contiguous (V as exporters leave it): one copy per step.
+                for (p, step) in strip.chunks_exact_mut(NR).enumerate() {
+                    let at = base + p * rs + i * NR;
+                    step[..width].copy_from_slice(&data[at..at + width]);
+                }
+            } else {
+                // Columns of B contiguous where `rs` is 1 (`Bᵀ`, or Kᵀ out of K): read down each
+                // column.
+                for c in 0..width {
+                    let col = base + (i * NR + c) * cs;
+                    for (p, step) in strip.chunks_exact_mut(NR).enumerate() {
+                        step[c] = data[col + p * rs];
+                    }
                 }
             }
         }
-        Some(Strips { k, n, data })
+        Ok(Some(Strips { k, n, data: buf }))
     }
 
     /// Columns of `B`.
     pub(crate) fn n(&self) -> usize {
         self.n
-    }
-
-    /// Strips a caller laid out itself (`data`: `[strip][k][32]`, `n.div_ceil(32)` strips; what
-    /// lies past column `n` is never stored): a per-request operand packed straight from where
-    /// it lies. `None` without AVX-512, for an empty `k` or `n`, or a length that does not fit.
-    pub(crate) fn from_layout(k: usize, n: usize, data: Vec<f32>) -> Option<Strips> {
-        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
-        (k > 0 && n > 0 && data.len() == len && simd::avx512()).then_some(Strips { k, n, data })
     }
 
     /// The strips' buffer back, to be filled again.
@@ -2159,6 +2191,17 @@ mod tests {
         }
         assert!(Strips::from_transposed(32, 4, &[0.0; 127]).is_none(), "Wᵀ too short");
         assert!(Strips::from_transposed(usize::MAX, 2, &[0.0; 8]).is_none(), "sizes overflow");
+        assert!(Strips::from_transposed(32, 0, &[]).is_none(), "an empty k");
+        // Strided packing: an element past the data, or strides that overflow, pack nothing.
+        assert!(Strips::pack(4, 32, &[0.0; 128], 1, [32, 1], Vec::new()).unwrap().is_none());
+        assert!(Strips::pack(4, 32, &[0.0; 128], 0, [usize::MAX, 1], Vec::new()).unwrap().is_none());
+        // No rows: nothing to write; more rows than A holds, or sizes that overflow: an error.
+        let strips = Strips::from_transposed(32, 4, &[0.5; 128]).unwrap();
+        let mut none: [MaybeUninit<f32>; 0] = [];
+        gemm_strips(0, &[], &strips, &mut none, None, false).unwrap();
+        let mut out = vec![MaybeUninit::new(0f32); 64];
+        assert!(gemm_strips_lda(usize::MAX, &[0.0; 8], 4, &strips, &mut out, None, false).is_err());
+        assert!(gemm_strips_lda(2, &[0.0; 8], usize::MAX, &strips, &mut out, None, false).is_err());
     }
 
     #[test]

@@ -910,40 +910,10 @@ impl<'a> View<'a> {
 
     /// Entry `e`'s matrix (`k × n`) packed into strips for [`sgemm::gemm_strips_lda`], in
     /// `buf` (reused; grown as needed); `None` where this CPU has no strips kernel.
-    fn strips(&self, e: usize, mut buf: Vec<f32>) -> Result<Option<sgemm::Strips>, NnError> {
+    fn strips(&self, e: usize, buf: Vec<f32>) -> Result<Option<sgemm::Strips>, NnError> {
         let r = self.dims.len();
         let (k, n, rs, cs) = (self.dims[r - 2], self.dims[r - 1], self.strides[r - 2], self.strides[r - 1]);
-        let base = self.base(e);
-        let len = n
-            .div_ceil(32)
-            .checked_mul(k)
-            .and_then(|x| x.checked_mul(32))
-            .ok_or_else(|| NnError::too_large("attention: an operand's strips overflow"))?;
-        if buf.len() < len {
-            buf.try_reserve_exact(len - buf.len()).map_err(|_| NnError::too_large("attention scratch"))?;
-            buf.resize(len, 0.0);
-        }
-        buf.truncate(len);
-        for (i, strip) in buf.chunks_exact_mut(k * 32).enumerate() {
-            let width = 32.min(n - i * 32);
-            if cs == 1 {
-                // Rows of B contiguous (V as exporters leave it): one copy per step.
-                for (p, step) in strip.chunks_exact_mut(32).enumerate() {
-                    let at = base + p * rs + i * 32;
-                    step[..width].copy_from_slice(&self.data[at..at + width]);
-                }
-            } else {
-                // Columns of B contiguous where `rs` is 1 (Kᵀ: each key's row of K): read down
-                // each column.
-                for c in 0..width {
-                    let col = base + (i * 32 + c) * cs;
-                    for (p, step) in strip.chunks_exact_mut(32).enumerate() {
-                        step[c] = self.data[col + p * rs];
-                    }
-                }
-            }
-        }
-        Ok(sgemm::Strips::from_layout(k, n, buf))
+        sgemm::Strips::pack(k, n, self.data, self.base(e), [rs, cs], buf)
     }
 
     /// Entry `e`'s matrix (`e` counts the batch axes in row-major order), row-major into `out`.
