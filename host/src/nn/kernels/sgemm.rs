@@ -2403,6 +2403,47 @@ mod timing {
         }
     }
 
+    /// Not a test: `cargo test -p eir --lib sgemm::timing::pointwise_layouts -- --ignored
+    /// --nocapture` sets EfficientNet-Lite0's pointwise convolutions as they run (`W·X`, planes
+    /// in NCHW) against the same products channels-last (`Xᵀ·Wᵀ` on strips), on one thread and
+    /// two: what a channels-last layout would gain in its GEMMs alone. On this machine, about
+    /// nothing on one thread (0.86–1.09× for the wide ones, 1.25–1.54× slower where the
+    /// outputs are 16–40 channels).
+    #[test]
+    #[ignore]
+    fn pointwise_layouts() {
+        let _cap = simd::cap(simd::Level::Avx512);
+        let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(41, f);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                // Pixels, input channels, output channels.
+                for [p, k, n] in [
+                    [49, 192, 1152], [49, 1152, 192], [49, 1152, 320], [49, 320, 1280],
+                    [196, 112, 672], [196, 672, 112], [56, 112, 672], [56, 672, 112],
+                    [112, 40, 240], [112, 240, 40], [112, 24, 144], [112, 144, 24], [224, 16, 96], [224, 32, 16],
+                ] {
+                    let x: Vec<f32> = (0..p * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+                    let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+                    let bias = vec![0.5f32; n];
+                    let strips = Strips::from_transposed(n, k, &w).unwrap();
+                    let packed = Packed::new(n, k, &w).unwrap();
+                    let mut y = vec![MaybeUninit::new(0f32); p * n];
+                    let nhwc = time(&mut || gemm_strips(p, &x, &strips, &mut y, Some(&bias), false).unwrap());
+                    let nchw = time(&mut || {
+                        gemm_into(1, [n, p, k], &w, Some(&packed), &x, &mut y, Some(&bias), None).unwrap()
+                    });
+                    let gf = |t: std::time::Duration| 2.0 * (p * n * k) as f64 / t.as_secs_f64() / 1e9;
+                    eprintln!(
+                        "t{threads} {p:>4} px {k:>5}->{n:<5}: NCHW {:>7.4} ms ({:>3.0}) | strips {:>7.4} ms ({:>3.0}) | {:.2}x",
+                        nchw.as_secs_f64() * 1e3, gf(nchw), nhwc.as_secs_f64() * 1e3, gf(nhwc),
+                        nhwc.as_secs_f64() / nchw.as_secs_f64()
+                    );
+                }
+            });
+        }
+    }
+
     /// Not a test: `cargo test -p eir --lib sgemm::timing::tile_in_l1 -- --ignored --nocapture`
     /// prints the AVX-512 tile's rate on one thread with every operand in L1, B aligned to a cache line
     /// and 4 floats off it: the kernel's own ceiling, against the CPU's peak (two 16-lane FMAs

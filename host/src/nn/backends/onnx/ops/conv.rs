@@ -197,7 +197,7 @@ pub(super) fn valid(ow: usize, len: usize, s: usize, off: isize) -> (usize, usiz
 
 /// A 2-D convolution of `x` `[n, c, h, w]` with `w` `[m, c/group, kh, kw]`, plus bias and clamp,
 /// as `plan` (made from these shapes and `g`) says. `cache` keeps `w` packed between runs, under
-/// the id of the weight tensor it came from.
+/// the id of the weight tensor it came from, and `keep` blocked for a depthwise plan.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -205,7 +205,7 @@ pub(crate) fn conv2d(
     plan: &ConvPlan,
     g: &Geometry,
     clamp: Option<Clamp>,
-    cache: Option<(&PackedWeights, TensorId)>,
+    (cache, keep): (Option<(&PackedWeights, TensorId)>, depthwise::Keep<'_>),
 ) -> Result<Tensor, NnError> {
     if x.dims() != plan.dims || w.dims() != plan.kernel {
         return Err(NnError::runtime("Conv: the plan was made for other shapes"));
@@ -232,7 +232,7 @@ pub(crate) fn conv2d(
                 all.get(grp).is_some().then_some(all)
             };
             if let Some(depthwise) = &plan.depthwise {
-                depthwise.run(xs, ws, buf, [n, c], bias.as_deref(), clamp);
+                depthwise.run(xs, ws, buf, [n, c], bias.as_deref(), clamp, keep);
                 Ok(())
             } else if kh == 1 && kw == 1 && g.group == 1 && g.strides == [1, 1] && g.pads == [(0, 0); 2] {
                 let packed = packed(0);
@@ -407,7 +407,7 @@ pub(crate) type Pointwise<'a> = (&'a Tensor, Option<&'a Tensor>, Option<Clamp>, 
 pub(crate) fn depthwise_pointwise(
     x: &Tensor,
     expand: Option<Pointwise<'_>>,
-    (wd, bd, clamp_d): (&Tensor, Option<&Tensor>, Option<Clamp>),
+    (wd, bd, clamp_d, keep_d): (&Tensor, Option<&Tensor>, Option<Clamp>, depthwise::Keep<'_>),
     plan: &ConvPlan,
     rows: usize,
     (wp, bp, clamp_p, cache): Pointwise<'_>,
@@ -547,7 +547,7 @@ pub(crate) fn depthwise_pointwise(
                             }
                         };
                         let source: Option<&depthwise::Source<'_>> = expand.is_some().then_some(&source);
-                        dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, rows, items, (source, &then))
+                        dw.run_banded(xs, wds, [n, c], bd.as_deref(), clamp_d, keep_d, rows, items, (source, &then))
                     })
                 })
             })
@@ -702,7 +702,7 @@ mod tests {
         cache: Option<(&PackedWeights, TensorId)>,
     ) -> Result<Tensor, NnError> {
         let plan = ConvPlan::new(x.dims(), w.dims(), g)?;
-        conv2d(x, w, bias, &plan, g, clamp, cache)
+        conv2d(x, w, bias, &plan, g, clamp, (cache, None))
     }
     use candle_core::{DType, Device};
 
@@ -829,6 +829,9 @@ mod tests {
             ([4, 48, 7, 7], 16, 12, 5, 1, [(2, 2), (2, 2)]),
         ];
         let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        // One cache of blocked depthwise weights for every level and case: each has its own
+        // weights, and a level its own lanes, which must not meet another's blocks.
+        let blocked = depthwise::BlockedWeights::default();
         for level in simd::levels() {
             let _cap = simd::cap(level);
             for ([n, c, h, w], c_in, m, k, stride, pads) in cases {
@@ -844,7 +847,8 @@ mod tests {
                 let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
                 // No pointwise outputs: an empty result, not a panic.
                 let wp0 = Tensor::zeros((0, c, 1, 1), DType::F32, &dev).unwrap();
-                let empty = depthwise_pointwise(&x, None, (&wd, None, None), &plan, 1, (&wp0, None, None, None), None);
+                let empty =
+                    depthwise_pointwise(&x, None, (&wd, None, None, None), &plan, 1, (&wp0, None, None, None), None);
                 assert_eq!(empty.unwrap().dims(), &[n, 0, plan.out[0], plan.out[1]]);
                 for rows in [1, 2, plan.out[0]] {
                     for expanding in [false, true] {
@@ -862,7 +866,7 @@ mod tests {
                             let got = depthwise_pointwise(
                                 input,
                                 expand,
-                                (&wd, Some(&bd), six),
+                                (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
                                 &plan,
                                 rows,
                                 (&wp, Some(&bp), three, Some((&cache, wp.id()))),

@@ -4,9 +4,9 @@
 use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
-use super::conv;
 use super::elementwise::{broadcast_bound, broadcast_shape};
 use super::{Built, Node, axis, count, input, op, op_sized, wide};
+use super::{conv, depthwise};
 use crate::nn::bindings::errors::ErrorCode;
 use crate::nn::error::NnError;
 use crate::nn::kernels::act;
@@ -984,6 +984,8 @@ struct Conv {
     kernel: Option<Vec<usize>>,
     clamp: Option<Clamp>,
     packed: conv::PackedWeights,
+    /// A depthwise weight by blocks of channels.
+    blocked: depthwise::BlockedWeights,
 }
 
 impl Conv {
@@ -1009,6 +1011,7 @@ impl Conv {
             group: group as usize,
             clamp: None,
             packed: conv::PackedWeights::default(),
+            blocked: Default::default(),
         }))
     }
 
@@ -1076,11 +1079,15 @@ impl super::Op for Conv {
             && w.dtype() == DType::F32
         {
             conv::prepack(&self.packed, w, self.group);
+            if self.is_depthwise(w.dims()) {
+                depthwise::prepare(&self.blocked, w, constants.get(2).copied().flatten());
+            }
         }
     }
 
     fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
         match constants.get(1) {
+            Some(Some(w)) if w.dtype() == DType::F32 && self.is_depthwise(w.dims()) => depthwise::prepared_bytes(w),
             Some(Some(w)) if w.dtype() == DType::F32 => conv::prepacked_bytes(w, self.group),
             _ => Default::default(),
         }
@@ -1108,7 +1115,8 @@ impl super::Op for Conv {
         if x.dtype() == DType::F32 {
             // 1-D convolutions run as 2-D ones with a height of 1.
             let (x2, w2) = if spatial == 1 { (x.unsqueeze(2)?, w.unsqueeze(2)?) } else { (x.clone(), w.clone()) };
-            let y = conv::conv2d(&x2, &w2, bias, &plan, &g, self.clamp, Some((&self.packed, w.id())))?;
+            let keep = Some((&self.blocked, w.id(), bias.map(Tensor::id)));
+            let y = conv::conv2d(&x2, &w2, bias, &plan, &g, self.clamp, (Some((&self.packed, w.id())), keep))?;
             return Ok(vec![if spatial == 1 { y.squeeze(2)? } else { y }]);
         }
         // Non-f32 convolutions: candle, on a padded copy if needed.
@@ -1227,6 +1235,12 @@ impl super::Op for ConvChain {
         {
             conv::prepack(&self.pw.packed, w, 1);
         }
+        if let Some(Some(w)) = constants.get(o + 1)
+            && w.dtype() == DType::F32
+            && self.dw.is_depthwise(w.dims())
+        {
+            depthwise::prepare(&self.dw.blocked, w, constants.get(o + 2).copied().flatten());
+        }
     }
 
     fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
@@ -1236,7 +1250,11 @@ impl super::Op for ConvChain {
             _ => Default::default(),
         };
         let expand = if self.expand.is_some() { packed(1) } else { Default::default() };
-        expand.then(packed(o + 3))
+        let blocked = match constants.get(o + 1) {
+            Some(Some(w)) if w.dtype() == DType::F32 && self.dw.is_depthwise(w.dims()) => depthwise::prepared_bytes(w),
+            _ => Default::default(),
+        };
+        expand.then(packed(o + 3)).then(blocked)
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
@@ -1360,7 +1378,9 @@ impl ConvChain {
             let [oh, ow] = plan.out();
             let out = [n, wp.dims()[0], oh, ow];
             let residual = residual.filter(|r| r.dims() == out && r.dtype() == DType::F32);
-            let y = conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp), plan, rows, pointwise, residual)?;
+            let keep = Some((&self.dw.blocked, wd.id(), bd.map(Tensor::id)));
+            let y =
+                conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp, keep), plan, rows, pointwise, residual)?;
             Ok((vec![y], residual.is_some()))
         };
         let (plan, rule) = self.rule(x, expand.map(|e| e.1), wd, wp)?;
