@@ -955,6 +955,45 @@ mod x86 {
             // SAFETY: the caller's CPU has AVX (this trait's precondition).
             unsafe { t8(m) }
         }
+
+        /// As [`Avx512`]'s: straight from the rows, through registers, into the tile.
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn transpose_in(rows: &[&[f32]; 8], lanes: usize, p0: usize, tile: &mut [[f32; 8]], at: &[usize; 8]) {
+            // SAFETY (all below): the caller's CPU has AVX; every load reads a row's 8 floats
+            // from p0 and every store one pixel of the tile, both slices checked.
+            unsafe {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for i in 0..8 {
+                    if i < lanes {
+                        r[i] = _mm256_loadu_ps(rows[i][p0..p0 + 8].as_ptr());
+                    }
+                }
+                simd::transpose8(&mut r);
+                for j in 0..8 {
+                    _mm256_storeu_ps(tile[at[j]].as_mut_ptr(), r[j]);
+                }
+            }
+        }
+
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn transpose_out(pixels: &[[f32; 8]; 8], dst: &mut super::Dst<'_, 8>, at: usize) {
+            // SAFETY (all below): as above; each store writes 8 floats of a destination sliced
+            // to them (MaybeUninit<f32> has f32's layout).
+            unsafe {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for i in 0..8 {
+                    r[i] = _mm256_loadu_ps(pixels[i].as_ptr());
+                }
+                simd::transpose8(&mut r);
+                for i in 0..8 {
+                    if let Some(d) = &mut dst[i] {
+                        _mm256_storeu_ps(d[at..at + 8].as_mut_ptr().cast::<f32>(), r[i]);
+                    }
+                }
+            }
+        }
     }
 
     /// [`t16`] as a function of its own (for the tests).
@@ -1423,6 +1462,8 @@ mod tests {
     #[test]
     #[ignore]
     fn efficientnet_timings() {
+        // `DW_LEVEL=avx2` times the AVX2 kernels.
+        let _cap = (std::env::var("DW_LEVEL").as_deref() == Ok("avx2")).then(|| simd::cap(simd::Level::Avx2));
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         // Channels, plane, kernel, stride, ONNX Runtime's milliseconds.
         let cases = [
