@@ -436,7 +436,8 @@ impl Depthwise {
                 // SAFETY: as above.
                 unsafe { K::transpose_out(pixels, dst, at + p0 * L) };
             }
-            for (cl, d) in dst.iter_mut().flatten().enumerate() {
+            // Channel `cl` to destination `cl`, as `transpose_out` does.
+            for (cl, d) in dst.iter_mut().enumerate().filter_map(|(cl, d)| Some((cl, d.as_mut()?))) {
                 for (d, o) in d[at + whole..at + out.len()].iter_mut().zip(&out[whole..]) {
                     d.write(o[cl]);
                 }
@@ -689,7 +690,10 @@ impl Blocked {
 pub(crate) fn prepare(cache: &BlockedWeights, w: &Tensor, bias: Option<&Tensor>) {
     let (c, taps) = match w.dims() {
         // (A kernel without taps is left to the plan to refuse.)
-        &[c, 1, kh, kw] if kh > 0 && kw > 0 => (c, kh * kw),
+        &[c, 1, kh, kw] if kh > 0 && kw > 0 => match kh.checked_mul(kw) {
+            Some(taps) => (c, taps),
+            None => return,
+        },
         _ => return,
     };
     let bias = bias.filter(|b| b.dtype() == candle_core::DType::F32 && b.elem_count() == c);
@@ -706,7 +710,8 @@ pub(crate) fn prepare(cache: &BlockedWeights, w: &Tensor, bias: Option<&Tensor>)
 }
 
 /// At most what [`prepare`] allocates for `w`: its blocks (channels rounded up to a block of the
-/// widest lanes, with as many biases) kept, and copies of `w` and the bias while it reads them.
+/// widest lanes, with as many biases) kept, and up to two copies each of `w` and the bias while
+/// it reads them.
 pub(crate) fn prepared_bytes(w: &Tensor) -> super::Prepared {
     let (c, taps) = match w.dims() {
         &[c, 1, kh, kw] => (c as u64, (kh as u64).saturating_mul(kw as u64)),
@@ -715,7 +720,8 @@ pub(crate) fn prepared_bytes(w: &Tensor) -> super::Prepared {
     let channels = c.div_ceil(MAX_LANES as u64).saturating_mul(MAX_LANES as u64);
     super::Prepared {
         kept: super::f32_bytes(channels.saturating_mul(taps.saturating_add(1))),
-        transient: super::f32_bytes(c.saturating_mul(taps.saturating_add(1))),
+        // A constant that is not contiguous is copied twice on its way to f32s, as is the bias.
+        transient: super::f32_bytes(c.saturating_mul(taps.saturating_add(1)).saturating_mul(2)),
     }
 }
 
@@ -1221,7 +1227,7 @@ mod direct {
     /// masked to those lanes, so nothing outside `input` is read.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn padded16(input: &[f32], j: usize, pl: usize) -> __m512 {
+    pub(super) fn padded16(input: &[f32], j: usize, pl: usize) -> __m512 {
         // Lanes before the input's first column, the input column of the first lane after
         // them, and how many lanes from there lie in the input.
         let lo = pl.saturating_sub(j).min(16);
@@ -1419,6 +1425,32 @@ mod tests {
                     "{level:?} {:?}: worst {worst}",
                     ([n, c, h, w], [kh, kw], strides, dil, pads)
                 );
+            }
+        }
+    }
+
+    /// The stride-2 row kernel's masked load against the padded row it stands for: padding
+    /// before the row wider than a vector, rows shorter than one, an empty row.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn padded_loads_read_only_the_row() {
+        if !simd::avx512() {
+            eprintln!("no AVX-512 on this CPU");
+            return;
+        }
+        for len in 0..=40 {
+            let input: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            for pl in 0..=40 {
+                let padded: Vec<f32> =
+                    (0..pl).map(|_| 0.0).chain(input.iter().copied()).chain(std::iter::repeat(0.0)).take(96).collect();
+                for j in (0..80).step_by(16) {
+                    let mut got = [0f32; 16];
+                    // SAFETY: AVX-512F is present (checked above); `got` holds 16 floats.
+                    unsafe {
+                        std::arch::x86_64::_mm512_storeu_ps(got.as_mut_ptr(), direct::padded16(&input, j, pl));
+                    }
+                    assert_eq!(got[..], padded[j..j + 16], "len {len} pl {pl} j {j}");
+                }
             }
         }
     }
