@@ -1202,12 +1202,21 @@ mod direct {
                 // Indexed, not a zip of chunk iterators: that zip's constructor, left out of line
                 // here, divided by the chunk sizes on every row (1% of a batch-1 pass).
                 let pairs = (l.stride / 32).min(even.len() / 16).min(odd.len() / 16);
+                // The pairs whose 32 columns all lie in the input (padded columns pl..pl + w)
+                // load plainly; the masks' arithmetic per vector had cost as much as the loads.
+                let whole = d.pl.div_ceil(32)..(d.pl + d.w) / 32;
                 for i in 0..pairs {
                     let (e, o) = (&mut even[i * 16..][..16], &mut odd[i * 16..][..16]);
                     // The padded row's 32 columns from 32i, read from the input row where they
                     // lie (copying the row into a padded one first cost a fifth of a 112x112
                     // stride-2 convolution); `e` and `o` hold 16 floats each.
-                    let (a, b) = (padded16(input, i * 32, d.pl), padded16(input, i * 32 + 16, d.pl));
+                    let (a, b) = if whole.contains(&i) {
+                        let pair = &input[i * 32 - d.pl..][..32];
+                        // SAFETY: AVX-512F (this function's feature); `pair` holds 32 floats.
+                        unsafe { (_mm512_loadu_ps(pair.as_ptr()), _mm512_loadu_ps(pair.as_ptr().add(16))) }
+                    } else {
+                        (padded16(input, i * 32, d.pl), padded16(input, i * 32 + 16, d.pl))
+                    };
                     // SAFETY: `e` and `o` hold 16 floats each.
                     unsafe {
                         _mm512_storeu_ps(e.as_mut_ptr(), _mm512_permutex2var_ps(a, pe, b));
