@@ -655,10 +655,12 @@ impl Blocked {
         let groups = c.div_ceil(lanes);
         let mut weights = vec![0f32; groups * taps * lanes];
         // (No taps, no weights: `chunks_exact` takes no empty chunks.)
-        for (ch, k) in ws.chunks_exact(taps.max(1)).take(if taps == 0 { 0 } else { c }).enumerate() {
-            let block = &mut weights[(ch / lanes) * taps * lanes..];
-            for (t, &v) in k.iter().enumerate() {
-                block[t * lanes + ch % lanes] = v;
+        if taps > 0 {
+            for (ch, k) in ws.chunks_exact(taps).take(c).enumerate() {
+                let block = &mut weights[(ch / lanes) * taps * lanes..];
+                for (t, &v) in k.iter().enumerate() {
+                    block[t * lanes + ch % lanes] = v;
+                }
             }
         }
         let mut by_lane = vec![0f32; groups * lanes];
@@ -745,16 +747,11 @@ trait Lanes<const L: usize> {
     /// As for [`Lanes::fma`].
     unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L];
 
-    /// Transposes an `L x L` square in place (in registers, inlined into the unit: a call
-    /// per square cost more than the shuffles).
-    ///
-    /// # Safety
-    /// As for [`Lanes::fma`].
-    unsafe fn transpose(m: &mut [[f32; L]; L]);
-
     /// Into the tile: `tile[at[j]][i] = rows[i][p0 + j]` for the first `lanes` rows, zero in
     /// the lanes past them (`L` pixels of `L` channel rows, turned into pixels of channels).
-    /// Panics where a row is shorter than `p0 + L` or an `at` lies outside the tile.
+    /// Panics where a row is shorter than `p0 + L` or an `at` lies outside the tile. The
+    /// vector levels turn the square in registers (inlined into the unit: a call per square
+    /// cost more than the shuffles); this default, through memory, is the portable one.
     ///
     /// # Safety
     /// As for [`Lanes::fma`].
@@ -764,8 +761,7 @@ trait Lanes<const L: usize> {
         for (row, src) in square.iter_mut().zip(&rows[..lanes]) {
             row.copy_from_slice(&src[p0..p0 + L]);
         }
-        // SAFETY: the caller's CPU runs `Self`.
-        unsafe { Self::transpose(&mut square) };
+        transpose(&mut square);
         for (v, &at) in square.iter().zip(at) {
             tile[at] = *v;
         }
@@ -780,8 +776,7 @@ trait Lanes<const L: usize> {
     #[inline(always)]
     unsafe fn transpose_out(pixels: &[[f32; L]; L], dst: &mut Dst<'_, L>, at: usize) {
         let mut square = *pixels;
-        // SAFETY: the caller's CPU runs `Self`.
-        unsafe { Self::transpose(&mut square) };
+        transpose(&mut square);
         for (row, d) in square.iter().zip(dst.iter_mut()) {
             if let Some(d) = d {
                 // One vector store per row (an element-wise `write` loop stays scalar).
@@ -819,19 +814,10 @@ impl<const L: usize> Lanes<L> for Portable {
     unsafe fn clamp(acc: [f32; L], lo: f32, hi: f32) -> [f32; L] {
         acc.map(|v| v.max(lo).min(hi))
     }
-
-    #[inline(always)]
-    unsafe fn transpose(m: &mut [[f32; L]; L]) {
-        // SAFETY: `transpose` runs on any CPU.
-        unsafe { transpose(m) }
-    }
 }
 
 /// Transposes a square in place (any CPU).
-///
-/// # Safety
-/// None: `unsafe` only to share the vector versions' type.
-unsafe fn transpose<const L: usize>(m: &mut [[f32; L]; L]) {
+fn transpose<const L: usize>(m: &mut [[f32; L]; L]) {
     let copy = *m;
     for (i, row) in m.iter_mut().enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
@@ -876,12 +862,6 @@ mod x86 {
                 _mm512_storeu_ps(out.as_mut_ptr(), v);
             }
             out
-        }
-
-        #[inline(always)]
-        unsafe fn transpose(m: &mut [[f32; 16]; 16]) {
-            // SAFETY: the caller's CPU has AVX-512F (this trait's precondition).
-            unsafe { t16(m) }
         }
 
         /// Straight from the rows into registers and from there into the tile: through a
@@ -956,12 +936,6 @@ mod x86 {
             out
         }
 
-        #[inline(always)]
-        unsafe fn transpose(m: &mut [[f32; 8]; 8]) {
-            // SAFETY: the caller's CPU has AVX (this trait's precondition).
-            unsafe { t8(m) }
-        }
-
         /// As [`Avx512`]'s: straight from the rows, through registers, into the tile.
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
@@ -1002,25 +976,16 @@ mod x86 {
         }
     }
 
-    /// [`t16`] as a function of its own (for the tests).
+    /// Transposes a 16x16 square in place through [`simd::transpose16`], as the unit's
+    /// `transpose_in` and `transpose_out` do (for the tests).
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[cfg(test)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose16(m: &mut [[f32; 16]; 16]) {
-        // SAFETY: this CPU supports AVX-512F (this function's own precondition).
-        unsafe { t16(m) }
-    }
-
-    /// Transposes a 16x16 square in place ([`simd::transpose16`]).
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn t16(m: &mut [[f32; 16]; 16]) {
-        // SAFETY (all below): the caller's CPU has AVX-512F; each row is 16 floats, what one
+    pub(super) unsafe fn transpose16(m: &mut [[f32; 16]; 16]) {
+        // SAFETY (all below): this CPU has AVX-512F; each row is 16 floats, what one
         // unaligned 512-bit load or store covers.
         unsafe {
             let mut r = [_mm512_setzero_ps(); 16];
@@ -1034,26 +999,16 @@ mod x86 {
         }
     }
 
-    /// [`t8`] as a function of its own (for the tests).
+    /// Transposes an 8x8 square in place through [`simd::transpose8`] (for the tests).
     ///
     /// # Safety
     /// The CPU must support AVX.
     #[cfg(test)]
     #[target_feature(enable = "avx")]
-    pub(super) unsafe fn transpose8(m: &mut [[f32; 8]; 8]) {
-        // SAFETY: this CPU supports AVX (this function's own precondition).
-        unsafe { t8(m) }
-    }
-
-    /// Transposes an 8x8 square in place ([`simd::transpose8`]).
-    ///
-    /// # Safety
-    /// The CPU must support AVX.
-    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn t8(m: &mut [[f32; 8]; 8]) {
-        // SAFETY (all below): the caller's CPU has AVX; each row is 8 floats, what one
-        // unaligned 256-bit load or store covers.
+    pub(super) unsafe fn transpose8(m: &mut [[f32; 8]; 8]) {
+        // SAFETY (all below): this CPU has AVX; each row is 8 floats, what one unaligned
+        // 256-bit load or store covers.
         unsafe {
             let mut r = [_mm256_setzero_ps(); 8];
             for i in 0..8 {
@@ -1558,8 +1513,7 @@ mod tests {
     #[test]
     fn transposes_agree() {
         let mut m8 = square::<8>();
-        // SAFETY: the portable transpose runs anywhere.
-        unsafe { transpose(&mut m8) };
+        transpose(&mut m8);
         assert!((0..8).all(|i| (0..8).all(|j| m8[i][j] == (j * 8 + i) as f32)));
         #[cfg(target_arch = "x86_64")]
         {
@@ -1571,8 +1525,9 @@ mod tests {
             }
             if std::is_x86_feature_detected!("avx512f") {
                 let (mut v, mut want) = (square::<16>(), square::<16>());
-                // SAFETY: the CPU supports AVX-512F (checked above); the portable one runs anywhere.
-                unsafe { (x86::transpose16(&mut v), transpose(&mut want)) };
+                transpose(&mut want);
+                // SAFETY: the CPU supports AVX-512F (checked above).
+                unsafe { x86::transpose16(&mut v) };
                 assert_eq!(v, want);
             }
         }

@@ -1235,12 +1235,8 @@ impl super::Op for ConvChain {
         {
             conv::prepack(&self.pw.packed, w, 1);
         }
-        if let Some(Some(w)) = constants.get(o + 1)
-            && w.dtype() == DType::F32
-            && self.dw.is_depthwise(w.dims())
-        {
-            depthwise::prepare(&self.dw.blocked, w, constants.get(o + 2).copied().flatten());
-        }
+        // The depthwise Conv's own preparation, on its operands (its input is not a constant).
+        super::Op::prepare(&self.dw, &self.dw_operands(constants));
     }
 
     fn prepared_bytes(&self, constants: &[Option<&Tensor>]) -> super::Prepared {
@@ -1250,11 +1246,7 @@ impl super::Op for ConvChain {
             _ => Default::default(),
         };
         let expand = if self.expand.is_some() { packed(1) } else { Default::default() };
-        let blocked = match constants.get(o + 1) {
-            Some(Some(w)) if w.dtype() == DType::F32 && self.dw.is_depthwise(w.dims()) => depthwise::prepared_bytes(w),
-            _ => Default::default(),
-        };
-        expand.then(packed(o + 3)).then(blocked)
+        expand.then(packed(o + 3)).then(super::Op::prepared_bytes(&self.dw, &self.dw_operands(constants)))
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
@@ -1448,6 +1440,13 @@ impl ConvChain {
     /// Where the depthwise operands start among the inputs (after the expand ones).
     fn offset(&self) -> usize {
         if self.expand.is_some() { 2 } else { 0 }
+    }
+
+    /// The depthwise Conv's own operands among the chain's constants: no input, its weight
+    /// and bias.
+    fn dw_operands<'a>(&self, constants: &[Option<&'a Tensor>]) -> [Option<&'a Tensor>; 3] {
+        let o = self.offset();
+        [None, constants.get(o + 1).copied().flatten(), constants.get(o + 2).copied().flatten()]
     }
 
     /// The depthwise convolution's plan on the expanded input where a fused pass can run
