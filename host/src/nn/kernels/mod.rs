@@ -1,5 +1,5 @@
 //! EIR's own CPU kernels, shared by the backends: the f32 GEMM with its fused epilogue
-//! ([`sgemm`]), fused attention ([`attention`]), vectorised activations ([`act`]) and the run-time choice of vector instructions ([`simd`]). Every kernel keeps a
+//! ([`sgemm`], its work shared out by [`split`]), fused attention ([`attention`]), vectorised activations ([`act`]) and the run-time choice of vector instructions ([`simd`]). Every kernel keeps a
 //! portable path and is tested against a plain reference on ragged shapes.
 
 pub(crate) mod act;
@@ -7,6 +7,7 @@ pub(crate) mod attention;
 pub(crate) mod quant;
 pub(crate) mod sgemm;
 pub(crate) mod simd;
+pub(crate) mod split;
 
 /// `len` copies of `v`, allocated and then written, never as `vec![0; len]`: that asks the
 /// allocator for zeroed memory, which jemalloc provides for a reused large block by handing its

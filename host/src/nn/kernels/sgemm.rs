@@ -716,34 +716,16 @@ mod x86 {
             Kernel::Avx512 | Kernel::Avx512Packed => NR,
             Kernel::Avx2 => NR2,
         };
-        // Row tiles are grouped so that each column strip of B (k × one tile's width) is read
-        // from memory once per group and then from cache for the group's other tiles. About
-        // four units per thread; where few images and chunks would leave one tile per group,
-        // the chunks narrow instead (a 14x14 plane is one chunk of 256 columns), so groups
-        // keep two tiles.
-        let want = 4 * rayon::current_num_threads();
-        let pairs = (2 * want).div_ceil(tiles.max(1));
-        let widest = NC / width * width;
-        let nc = if batch * n.div_ceil(widest) >= pairs {
-            // As many chunks as the widest needs, of even widths: a narrow last chunk would
-            // leave its units short of work (320 columns as 256 + 64 ran 15% slower).
-            n.div_ceil(n.div_ceil(widest)).next_multiple_of(width).min(widest)
-        } else {
-            n.div_ceil(pairs.div_ceil(batch)).next_multiple_of(width).clamp(width, widest)
-        };
-        let chunks = n.div_ceil(nc);
-        // Row tiles shared out evenly over the groups a chunk wants (32 tiles in 3 groups as
-        // 10 + 10 + 10 + 2 left one group short of work).
-        let per = tiles.div_ceil(want.div_ceil(batch * chunks)).max(1);
-        let groups = tiles.div_ceil(per);
+        // Units of (image, columns, row panels), shared out so that the threads finish
+        // together (`split`); run serially, each image's columns in as few ranges as L2 takes.
+        let threads = if big { rayon::current_num_threads() } else { 1 };
+        let pack_b = matches!(kernel, Kernel::Avx512Packed | Kernel::Avx2);
+        let split = crate::nn::kernels::split::Split::choose(batch, [m, n], [mr, width], threads, pack_b);
         let out = SharedOut(dst);
         let unit = |u: usize| {
-            // Image, then chunk, then group: neighbouring units (one thread's range) share B's
-            // columns.
-            let (img, chunk, g) = (u / (groups * chunks), (u / groups) % chunks, u % groups);
+            let (img, cols, panels) = split.unit(u);
             let (b, out_at) = (&b[img * k * n..(img + 1) * k * n], img * m * n);
-            let (j0, j1) = (chunk * nc, n.min((chunk + 1) * nc));
-            let panels = g * per..tiles.min((g + 1) * per);
+            let (j0, j1) = (cols.start, cols.end);
             if let Kernel::Avx512 | Kernel::Avx512Packed = kernel {
                 let pack_b = matches!(kernel, Kernel::Avx512Packed);
                 let c = out.at(out_at);
@@ -779,7 +761,7 @@ mod x86 {
                 j += width;
             }
         };
-        let units = batch * groups * chunks;
+        let units = split.units();
         if !big {
             (0..units).for_each(unit);
         } else {
