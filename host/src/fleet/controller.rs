@@ -66,8 +66,14 @@ pub fn step(
             ..Default::default()
         },
     };
-    // Devices gone (their records expired) or now in another group leave this rollout.
-    status.targeted.retain(|(id, _)| devices.contains_key(id));
+    // Devices gone (their records expired, or missing from this tick's listing) or now in
+    // another group leave this rollout, remembering what they served before it.
+    let (stay, gone): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut status.targeted).into_iter().partition(|(id, _)| devices.contains_key(id));
+    status.targeted = stay;
+    for (id, previous) in gone {
+        status.departed.entry(id).or_insert(previous);
+    }
     status.failed.retain(|id, _| devices.contains_key(id));
     let mut d = Decision::default();
     let apply = Assignment {
@@ -147,7 +153,8 @@ pub fn step(
         // Devices that join the group afterwards get the desired state too.
         for seen in group.iter().filter(|s| !targeted.contains(s.record.id.as_str())) {
             let id = seen.record.id.clone();
-            status.targeted.push((id.clone(), seen.record.bundle.clone()));
+            let previous = status.departed.remove(&id).unwrap_or_else(|| seen.record.bundle.clone());
+            status.targeted.push((id.clone(), previous));
             d.assign.push((id.clone(), apply.clone()));
             d.events.push(("assigned".into(), "ok".into(), Some(id), "joined after completion".into()));
         }
@@ -177,7 +184,8 @@ pub fn step(
     candidates.sort_by_key(|s| (!s.online, s.record.id.clone()));
     for seen in candidates.into_iter().take(want.saturating_sub(targeted.len())) {
         let id = seen.record.id.clone();
-        status.targeted.push((id.clone(), seen.record.bundle.clone()));
+        let previous = status.departed.remove(&id).unwrap_or_else(|| seen.record.bundle.clone());
+        status.targeted.push((id.clone(), previous));
         d.assign.push((id.clone(), apply.clone()));
         d.events.push(("assigned".into(), "ok".into(), Some(id.clone()), spec.bundle.clone()));
         new.push(id);
@@ -649,6 +657,34 @@ max_failures = 1
         let d = step(&spec, Some(d.status), &devices, 10);
         assert!(desired(&spec, &d.status).iter().all(|(id, _)| id != "d0"));
         assert_eq!(d.assign.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["d1"], "25% of the 3 left");
+    }
+
+    /// A device missing from one tick's listing (a record read while it was rewritten) and
+    /// back after the rollout completed is rolled back to what it served before the rollout,
+    /// not to the rollout's bundle it serves by then.
+    #[test]
+    fn a_device_that_comes_back_keeps_what_it_served_before() {
+        let mut spec = spec();
+        spec.steps = vec![100];
+        let mut devices = fleet(2);
+        let before = devices["d1"].record.bundle.clone();
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Active);
+        assert_ne!(devices["d1"].record.bundle, before, "d1 serves the rollout's bundle");
+        let d1 = devices.remove("d1").unwrap();
+        let d = step(&spec, Some(d.status), &devices, 10);
+        assert_eq!(d.status.targeted.len(), 1);
+        let d = step(&spec, Some(d.status), &devices, 2000);
+        assert_eq!(d.status.phase, Phase::Complete);
+        devices.insert("d1".into(), d1);
+        let d = step(&spec, Some(d.status), &devices, 3000);
+        assert_eq!(d.assign.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["d1"], "joins after completion");
+        let mut status = d.status;
+        status.phase = Phase::RolledBack;
+        let back: Vec<_> = desired(&spec, &status).into_iter().filter(|(id, _)| id == "d1").collect();
+        assert_eq!(back.len(), 1, "d1 is targeted again");
+        assert_eq!((back[0].1.action, back[0].1.bundle.clone()), (Action::Rollback, before));
+        assert!(status.departed.is_empty(), "taken back when it rejoined");
     }
 
     #[test]

@@ -329,6 +329,11 @@ pub struct RolloutStatus {
     pub since_ms: u64,
     /// Devices assigned so far, in order, with what each served before.
     pub targeted: Vec<(String, Option<String>)>,
+    /// Devices that were targeted and then left the rollout (their record unseen, or in
+    /// another group), with what each served before it was first targeted: one that comes
+    /// back is rolled back to that, not to the rollout's own bundle it may serve by then.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub departed: BTreeMap<String, Option<String>>,
     /// Devices counted failed, with why.
     pub failed: BTreeMap<String, String>,
     /// The counts at the last tick.
