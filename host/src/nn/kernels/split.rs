@@ -46,6 +46,11 @@ thread_local! {
     static CHOSEN: RefCell<Vec<(Key, Split)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The most threads [`Split::choose`] searches splits for: the search weighs up to `16·T²`
+/// splits of up to `8·T` units (a few hundred microseconds per shape at 16); above it, a
+/// fixed four units per thread.
+const SEARCHED_THREADS: usize = 16;
+
 /// At most this many shapes are remembered per thread (a model has a few dozen).
 const REMEMBERED: usize = 256;
 
@@ -72,6 +77,11 @@ impl Split {
         if threads <= 1 || strips == 0 || tiles == 0 || batch.saturating_mul(base.chunks) >= 4 * threads {
             return base;
         }
+        if threads > SEARCHED_THREADS {
+            // About four units per thread: rows in as many groups as the columns leave wanting.
+            let groups = (4 * threads).div_ceil(batch * base.chunks).min(tiles);
+            return Split { groups, ..base };
+        }
         let key = [batch, m, n, mr, width, threads, usize::from(packs_b)];
         if let Some(found) = CHOSEN.with(|c| c.borrow().iter().find(|(k, _)| *k == key).map(|(_, s)| *s)) {
             return found;
@@ -95,7 +105,7 @@ impl Split {
         let most = (4 * threads).max(base.chunks);
         let mut best: Option<(u64, usize, Split)> = None;
         let mut costs = Vec::new();
-        let mut loads = vec![0u64; threads];
+        let mut loads = std::collections::BinaryHeap::with_capacity(threads);
         for chunks in base.chunks..=most.min(base.strips) {
             for groups in 1..=(4 * threads).min(base.tiles) {
                 let split = Split { chunks, groups, ..base };
@@ -115,13 +125,14 @@ impl Split {
                     }
                 }
                 costs.sort_unstable_by(|a, b| b.cmp(a));
-                loads.iter_mut().for_each(|l| *l = 0);
+                loads.clear();
+                loads.extend(std::iter::repeat_n(std::cmp::Reverse(0u64), threads));
                 for &cost in &costs {
-                    if let Some(least) = loads.iter_mut().min() {
-                        *least += cost;
+                    if let Some(mut least) = loads.peek_mut() {
+                        least.0 += cost;
                     }
                 }
-                let span = loads.iter().copied().max().unwrap_or(0);
+                let span = loads.iter().map(|l| l.0).max().unwrap_or(0);
                 let units = split.units();
                 let better = match best {
                     None => true,
