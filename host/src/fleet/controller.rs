@@ -388,15 +388,28 @@ fn event(who: &str, what: &str, group: Option<&str>, device: Option<String>, out
 async fn tick(bus: &Bus, who: &str, memory: &mut Memory, lease: Lease) -> anyhow::Result<()> {
     // Devices by their key (never by what a record claims), keys that are not device ids
     // skipped.
-    let records: Vec<(String, DeviceRecord)> = super::all_json::<DeviceRecord>(&bus.devices, "")
+    let mut records: Vec<(String, DeviceRecord)> = super::all_json::<DeviceRecord>(&bus.devices, "")
         .await?
         .into_iter()
         .filter(|(key, _)| super::check_name("device id", key).is_ok())
-        .map(|(key, mut r)| {
-            r.id = key.clone();
-            (key, r)
-        })
         .collect();
+    // A key listing can miss a record rewritten while it runs (a heartbeat): a device seen last
+    // tick and missing now is read once more by its key before it counts as gone.
+    let missing: Vec<String> =
+        memory.seen.keys().filter(|id| !records.iter().any(|(k, _)| k == *id)).cloned().collect();
+    for id in missing {
+        // As `all_json` does: a record that cannot be read fails the tick, one that does not
+        // parse is skipped.
+        if let Some(entry) = super::live(&bus.devices, &id).await? {
+            match serde_json::from_slice::<DeviceRecord>(&entry.value) {
+                Ok(r) => records.push((id, r)),
+                Err(e) => tracing::warn!(key = %id, error = %e, "skipping a record that does not parse"),
+            }
+        }
+    }
+    for (key, r) in &mut records {
+        r.id = key.clone();
+    }
     let now = Instant::now();
     memory.seen.retain(|id, _| records.iter().any(|(k, _)| k == id));
     memory.written.retain(|id, _| records.iter().any(|(k, _)| k == id));
