@@ -72,7 +72,15 @@ pub fn step(
         std::mem::take(&mut status.targeted).into_iter().partition(|(id, _)| devices.contains_key(id));
     status.targeted = stay;
     for (id, previous) in gone {
-        status.departed.entry(id).or_insert(previous);
+        status.departed.entry(id).or_insert((previous, now_ms));
+    }
+    let kept = super::DEVICE_RECORD_TTL.as_millis() as u64;
+    status.departed.retain(|_, (_, left)| now_ms.saturating_sub(*left) < kept);
+    while status.departed.len() > super::MAX_DEPARTED {
+        let Some(oldest) = status.departed.iter().min_by_key(|(_, (_, left))| *left).map(|(id, _)| id.clone()) else {
+            break;
+        };
+        status.departed.remove(&oldest);
     }
     status.failed.retain(|id, _| devices.contains_key(id));
     let mut d = Decision::default();
@@ -132,6 +140,22 @@ pub fn step(
     counts.failed = status.failed.len();
     status.counts = counts;
     if status.phase == Phase::RolledBack {
+        // A device that left before the rollback and is back is told its previous bundle too.
+        let mut back = BTreeSet::new();
+        for seen in &group {
+            if let Some((previous, _)) = status.departed.remove(&seen.record.id) {
+                status.targeted.push((seen.record.id.clone(), previous));
+                back.insert(seen.record.id.clone());
+                d.events.push((
+                    "rollback".into(),
+                    "ok".into(),
+                    Some(seen.record.id.clone()),
+                    "back after leaving".into(),
+                ));
+            }
+        }
+        d.assign = desired(spec, &status).into_iter().filter(|(id, _)| back.contains(id)).collect();
+        status.counts.targeted = status.targeted.len();
         return d.with(status);
     }
     // Halt and roll back: past the failure threshold while rolling out, or asked to.
@@ -153,7 +177,7 @@ pub fn step(
         // Devices that join the group afterwards get the desired state too.
         for seen in group.iter().filter(|s| !targeted.contains(s.record.id.as_str())) {
             let id = seen.record.id.clone();
-            let previous = status.departed.remove(&id).unwrap_or_else(|| seen.record.bundle.clone());
+            let previous = status.departed.remove(&id).map_or_else(|| seen.record.bundle.clone(), |(p, _)| p);
             status.targeted.push((id.clone(), previous));
             d.assign.push((id.clone(), apply.clone()));
             d.events.push(("assigned".into(), "ok".into(), Some(id), "joined after completion".into()));
@@ -184,7 +208,7 @@ pub fn step(
     candidates.sort_by_key(|s| (!s.online, s.record.id.clone()));
     for seen in candidates.into_iter().take(want.saturating_sub(targeted.len())) {
         let id = seen.record.id.clone();
-        let previous = status.departed.remove(&id).unwrap_or_else(|| seen.record.bundle.clone());
+        let previous = status.departed.remove(&id).map_or_else(|| seen.record.bundle.clone(), |(p, _)| p);
         status.targeted.push((id.clone(), previous));
         d.assign.push((id.clone(), apply.clone()));
         d.events.push(("assigned".into(), "ok".into(), Some(id.clone()), spec.bundle.clone()));
@@ -698,6 +722,36 @@ max_failures = 1
         assert_eq!(back.len(), 1, "d1 is targeted again");
         assert_eq!((back[0].1.action, back[0].1.bundle.clone()), (Action::Rollback, before));
         assert!(status.departed.is_empty(), "taken back when it rejoined");
+    }
+
+    /// A device that leaves before a rollback and comes back after it is rolled back too; a
+    /// departed device is forgotten once its record would have expired.
+    #[test]
+    fn a_device_back_after_a_rollback_is_rolled_back_and_the_long_gone_are_forgotten() {
+        let mut spec = spec();
+        spec.steps = vec![100];
+        let mut devices = fleet(2);
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Active);
+        let d1 = devices.remove("d1").unwrap();
+        let d = step(&spec, Some(d.status), &devices, 10);
+        spec.rollback = true;
+        let d = step(&spec, Some(d.status), &devices, 20);
+        assert_eq!(d.status.phase, Phase::RolledBack);
+        assert_eq!(d.status.departed.len(), 1);
+        devices.insert("d1".into(), d1);
+        let d = step(&spec, Some(d.status), &devices, 30);
+        let back: Vec<_> = d.assign.iter().map(|(id, a)| (id.as_str(), a.action, a.bundle.clone())).collect();
+        assert_eq!(back, [("d1", Action::Rollback, Some("old".to_string()))]);
+        assert!(desired(&spec, &d.status).iter().any(|(id, _)| id == "d1"));
+        // Gone for longer than a record lives: forgotten.
+        let d2 = devices.remove("d1").unwrap();
+        let d = step(&spec, Some(d.status), &devices, 40);
+        assert_eq!(d.status.departed.len(), 1);
+        let later = 40 + super::super::DEVICE_RECORD_TTL.as_millis() as u64;
+        let d = step(&spec, Some(d.status), &devices, later);
+        assert!(d.status.departed.is_empty());
+        drop(d2);
     }
 
     #[test]

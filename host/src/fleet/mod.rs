@@ -45,6 +45,11 @@ const MAX_EVENT_BYTES: i64 = 64 << 20;
 /// Largest record the fleet buckets and stream accept (a rollout's status names every device it
 /// targeted: about 10,000 devices).
 const MAX_VALUE: i32 = 1 << 20;
+/// Most departed devices a rollout's status remembers ([`RolloutStatus::departed`]): with
+/// devices that come and go under new ids, the status would otherwise grow past
+/// [`MAX_VALUE`]; the longest gone are forgotten first.
+pub const MAX_DEPARTED: usize = 4096;
+
 /// How long a device record outlives the device's last heartbeat (a device gone for good, e.g.
 /// a replaced pod, then leaves every group).
 pub const DEVICE_RECORD_TTL: Duration = Duration::from_secs(3600);
@@ -330,10 +335,12 @@ pub struct RolloutStatus {
     /// Devices assigned so far, in order, with what each served before.
     pub targeted: Vec<(String, Option<String>)>,
     /// Devices that were targeted and then left the rollout (their record unseen, or in
-    /// another group), with what each served before it was first targeted: one that comes
-    /// back is rolled back to that, not to the rollout's own bundle it may serve by then.
+    /// another group): what each served before it was first targeted, and when it left (Unix
+    /// milliseconds). One that comes back is rolled back to that, not to the rollout's own
+    /// bundle it may serve by then. Kept for [`DEVICE_RECORD_TTL`] (a device away longer
+    /// comes back as a new one) and at most [`MAX_DEPARTED`] of them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub departed: BTreeMap<String, Option<String>>,
+    pub departed: BTreeMap<String, (Option<String>, u64)>,
     /// Devices counted failed, with why.
     pub failed: BTreeMap<String, String>,
     /// The counts at the last tick.
