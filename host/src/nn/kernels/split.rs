@@ -86,7 +86,7 @@ impl Split {
         if let Some(found) = CHOSEN.with(|c| c.borrow().iter().find(|(k, _)| *k == key).map(|(_, s)| *s)) {
             return found;
         }
-        let chosen = Self::search(base, m.div_ceil(tiles), m, threads, B_ROWS[usize::from(packs_b)]);
+        let chosen = Self::search(base, mr.max(1), m, threads, B_ROWS[usize::from(packs_b)]);
         CHOSEN.with(|c| {
             let mut c = c.borrow_mut();
             if c.len() >= REMEMBERED {
@@ -103,7 +103,7 @@ impl Split {
     /// units.
     fn search(base: Split, mr: usize, m: usize, threads: usize, b_rows: usize) -> Split {
         let most = (4 * threads).max(base.chunks);
-        let mut best: Option<(u64, usize, Split)> = None;
+        let mut weighed: Vec<(u64, usize, Split)> = Vec::new();
         let mut costs = Vec::new();
         let mut loads = std::collections::BinaryHeap::with_capacity(threads);
         for chunks in base.chunks..=most.min(base.strips) {
@@ -133,24 +133,16 @@ impl Split {
                     }
                 }
                 let span = loads.iter().map(|l| l.0).max().unwrap_or(0);
-                let units = split.units();
-                let better = match best {
-                    None => true,
-                    // Fewer units win within 1%; more must beat the best by that.
-                    Some((s, u, _)) => {
-                        if units < u {
-                            span * 100 <= s * 101
-                        } else {
-                            span * 101 < s * 100
-                        }
-                    }
-                };
-                if better {
-                    best = Some((span, units, split));
-                }
+                weighed.push((span, split.units(), split));
             }
         }
-        best.map_or(base, |(_, _, s)| s)
+        // Of the splits within 1% of the fastest, the fewest units (then the faster).
+        let fastest = weighed.iter().map(|w| w.0).min().unwrap_or(0);
+        weighed
+            .into_iter()
+            .filter(|w| w.0.saturating_mul(100) <= fastest.saturating_mul(101))
+            .min_by_key(|w| (w.1, w.0))
+            .map_or(base, |w| w.2)
     }
 
     /// Units of work: one per image, range of columns and group of rows.
