@@ -11,7 +11,7 @@
 //! failed, or waited for, per the spec. At `max_failures` failed devices the rollout halts and
 //! every device it touched is told to roll back to what it served before.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -419,14 +419,17 @@ async fn tick(bus: &Bus, who: &str, memory: &mut Memory, lease: Lease) -> anyhow
         .collect();
     // A key listing can miss a record rewritten while it runs (a heartbeat): a device seen last
     // tick and missing now is read once more by its key before it counts as gone.
-    let missing: Vec<String> =
-        memory.seen.keys().filter(|id| !records.iter().any(|(k, _)| k == *id)).cloned().collect();
+    let mut listed: HashSet<String> = records.iter().map(|(k, _)| k.clone()).collect();
+    let missing: Vec<String> = memory.seen.keys().filter(|id| !listed.contains(*id)).cloned().collect();
     for id in missing {
         // As `all_json` does: a record that cannot be read fails the tick, one that does not
         // parse is skipped.
         if let Some(entry) = super::live(&bus.devices, &id).await? {
             match serde_json::from_slice::<DeviceRecord>(&entry.value) {
-                Ok(r) => records.push((id, r)),
+                Ok(r) => {
+                    listed.insert(id.clone());
+                    records.push((id, r));
+                }
                 Err(e) => tracing::warn!(key = %id, error = %e, "skipping a record that does not parse"),
             }
         }
@@ -435,8 +438,8 @@ async fn tick(bus: &Bus, who: &str, memory: &mut Memory, lease: Lease) -> anyhow
         r.id = key.clone();
     }
     let now = Instant::now();
-    memory.seen.retain(|id, _| records.iter().any(|(k, _)| k == id));
-    memory.written.retain(|id, _| records.iter().any(|(k, _)| k == id));
+    memory.seen.retain(|id, _| listed.contains(id));
+    memory.written.retain(|id, _| listed.contains(id));
     for (id, r) in &records {
         let entry = memory.seen.entry(id.clone()).or_insert((r.seq, now));
         if entry.0 != r.seq {
@@ -547,6 +550,17 @@ max_failures = 1
             .collect()
     }
 
+    /// A one-step rollout over `n` devices, each of which took its assignment up: the spec,
+    /// the devices and the first decision.
+    fn rolled_out(n: usize) -> (RolloutSpec, BTreeMap<String, Seen>, Decision) {
+        let mut spec = spec();
+        spec.steps = vec![100];
+        let mut devices = fleet(n);
+        let d = step(&spec, None, &devices, 0);
+        obey(&mut devices, &d, DeviceState::Active);
+        (spec, devices, d)
+    }
+
     /// Devices take their assignments up as the agent would.
     fn obey(devices: &mut BTreeMap<String, Seen>, d: &Decision, state: DeviceState) {
         for (id, a) in &d.assign {
@@ -651,11 +665,7 @@ max_failures = 1
 
     #[test]
     fn devices_that_join_after_completion_get_the_bundle_and_a_new_bundle_restarts() {
-        let mut spec = spec();
-        spec.steps = vec![100];
-        let mut devices = fleet(2);
-        let d = step(&spec, None, &devices, 0);
-        obey(&mut devices, &d, DeviceState::Active);
+        let (mut spec, mut devices, d) = rolled_out(2);
         let d = step(&spec, Some(d.status), &devices, 10);
         let d = step(&spec, Some(d.status), &devices, 2000);
         assert_eq!(d.status.phase, Phase::Complete);
@@ -701,12 +711,8 @@ max_failures = 1
     /// not to the rollout's bundle it serves by then.
     #[test]
     fn a_device_that_comes_back_keeps_what_it_served_before() {
-        let mut spec = spec();
-        spec.steps = vec![100];
-        let mut devices = fleet(2);
-        let before = devices["d1"].record.bundle.clone();
-        let d = step(&spec, None, &devices, 0);
-        obey(&mut devices, &d, DeviceState::Active);
+        let before = fleet(2)["d1"].record.bundle.clone();
+        let (spec, mut devices, d) = rolled_out(2);
         assert_ne!(devices["d1"].record.bundle, before, "d1 serves the rollout's bundle");
         let d1 = devices.remove("d1").unwrap();
         let d = step(&spec, Some(d.status), &devices, 10);
@@ -728,11 +734,7 @@ max_failures = 1
     /// departed device is forgotten once its record would have expired.
     #[test]
     fn a_device_back_after_a_rollback_is_rolled_back_and_the_long_gone_are_forgotten() {
-        let mut spec = spec();
-        spec.steps = vec![100];
-        let mut devices = fleet(2);
-        let d = step(&spec, None, &devices, 0);
-        obey(&mut devices, &d, DeviceState::Active);
+        let (mut spec, mut devices, d) = rolled_out(2);
         let d1 = devices.remove("d1").unwrap();
         let d = step(&spec, Some(d.status), &devices, 10);
         spec.rollback = true;
@@ -745,13 +747,12 @@ max_failures = 1
         assert_eq!(back, [("d1", Action::Rollback, Some("old".to_string()))]);
         assert!(desired(&spec, &d.status).iter().any(|(id, _)| id == "d1"));
         // Gone for longer than a record lives: forgotten.
-        let d2 = devices.remove("d1").unwrap();
+        devices.remove("d1");
         let d = step(&spec, Some(d.status), &devices, 40);
         assert_eq!(d.status.departed.len(), 1);
         let later = 40 + super::super::DEVICE_RECORD_TTL.as_millis() as u64;
         let d = step(&spec, Some(d.status), &devices, later);
         assert!(d.status.departed.is_empty());
-        drop(d2);
     }
 
     #[test]

@@ -42,7 +42,7 @@ const NR: usize = 32;
 const KC: usize = 384;
 /// Columns per unit of parallel work (rounded down to a multiple of the kernel's tile width),
 /// small enough that `B`'s panel for short `k` stays in L1.
-const NC: usize = 256;
+pub(super) const NC: usize = 256;
 /// Fewest columns of C the AVX-512 kernels take when `A` is not packed already (fewer go to
 /// dot products): packing A for a product this narrow costs about as much as the product.
 const NARROW_MIN: usize = 8;
@@ -719,8 +719,8 @@ mod x86 {
         // Units of (image, columns, row panels), shared out so that the threads finish
         // together (`split`); run serially, each image's columns in as few ranges as L2 takes.
         let threads = if big { rayon::current_num_threads() } else { 1 };
-        let pack_b = matches!(kernel, Kernel::Avx512Packed | Kernel::Avx2);
-        let split = crate::nn::kernels::split::Split::choose(batch, [m, n], [mr, width], threads, pack_b);
+        let copies_b = matches!(kernel, Kernel::Avx512Packed | Kernel::Avx2);
+        let split = crate::nn::kernels::split::Split::choose(batch, [m, n], [mr, width], threads, copies_b);
         let out = SharedOut(dst);
         let unit = |u: usize| {
             let (img, cols, panels) = split.unit(u);

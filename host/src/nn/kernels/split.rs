@@ -14,9 +14,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-/// Most strips one range of columns takes: 8 strips of 32 (256 columns of `k ≤ 384` rows,
-/// 384 KiB) stay in L2 while the unit's panels run past them.
-const WIDEST: usize = 8;
+use super::sgemm::NC;
 
 /// The cost of reading a unit's columns of B, in rows of product (per column): a copy of B's
 /// strided rows (a packing kernel) costs about what 16 rows of multiply-adds do, a read in
@@ -63,7 +61,8 @@ impl Split {
     /// The split of `batch` products of `m` rows (in panels of `mr`) by `n` columns (in strips
     /// of `width`) over `threads` threads; `packs_b` where the kernel copies B's columns
     /// before it reads them. With one thread (or work for many units already) each image's
-    /// columns split only as far as [`WIDEST`] requires, its rows not at all.
+    /// columns split only as far as the GEMM's widest unit ([`NC`] columns, which stay in L2
+    /// while the unit's panels run past them) requires, its rows not at all.
     pub(crate) fn choose(
         batch: usize,
         [m, n]: [usize; 2],
@@ -73,7 +72,8 @@ impl Split {
     ) -> Self {
         let strips = n.div_ceil(width.max(1));
         let tiles = m.div_ceil(mr.max(1));
-        let base = Split { batch, n, width, strips, chunks: strips.div_ceil(WIDEST).max(1), tiles, groups: 1 };
+        let widest = (NC / width.max(1)).max(1);
+        let base = Split { batch, n, width, strips, chunks: strips.div_ceil(widest).max(1), tiles, groups: 1 };
         if threads <= 1 || strips == 0 || tiles == 0 || batch.saturating_mul(base.chunks) >= 4 * threads {
             return base;
         }
