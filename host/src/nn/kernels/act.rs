@@ -360,12 +360,11 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32
         }
     };
     {
-        use rayon::prelude::*;
         let out = &mut dst.spare_capacity_mut()[..len];
         // Below about a megabyte, waking the pool costs more than a second thread gains
         // (1536x64: 24 us on one thread, 43 on two).
         if len >= 1 << 18 {
-            out.par_chunks_mut(rows * C).enumerate().for_each(work);
+            super::par::for_each(out.chunks_mut(rows * C).enumerate(), work);
         } else {
             out.chunks_mut(rows * C).enumerate().for_each(work);
         }

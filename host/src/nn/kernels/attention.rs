@@ -159,8 +159,7 @@ mod x86 {
         };
         let units = s.units;
         if super::parallel(s) {
-            use rayon::prelude::*;
-            (0..units).into_par_iter().with_min_len(4).for_each_init(|| Scratch::new(s), unit);
+            crate::nn::kernels::par::for_each_init(0..units, || Scratch::new(s), unit);
         } else {
             let mut scratch = Scratch::new(s);
             (0..units).for_each(|u| unit(&mut scratch, u));

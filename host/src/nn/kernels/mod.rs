@@ -1,9 +1,10 @@
 //! EIR's own CPU kernels, shared by the backends: the f32 GEMM with its fused epilogue
-//! ([`sgemm`], its work shared out by [`split`]), fused attention ([`attention`]), vectorised activations ([`act`]) and the run-time choice of vector instructions ([`simd`]). Every kernel keeps a
+//! ([`sgemm`], its work shared out by [`split`]), fused attention ([`attention`]), vectorised activations ([`act`]), parallel loops that do not sleep mid-pass ([`par`]) and the run-time choice of vector instructions ([`simd`]). Every kernel keeps a
 //! portable path and is tested against a plain reference on ragged shapes.
 
 pub(crate) mod act;
 pub(crate) mod attention;
+pub(crate) mod par;
 pub(crate) mod quant;
 pub(crate) mod sgemm;
 pub(crate) mod simd;

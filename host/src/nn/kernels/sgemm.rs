@@ -602,15 +602,13 @@ pub(crate) fn epilogue(out: &mut [f32], plane: usize, bias: Option<&[f32]>, clam
     if out.len() < 1 << 16 {
         out.chunks_mut(plane.max(1)).enumerate().for_each(apply);
     } else {
-        out.par_chunks_mut(plane.max(1)).enumerate().for_each(apply);
+        super::par::for_each(out.chunks_mut(plane.max(1)).enumerate(), apply);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    use rayon::prelude::*;
 
     use super::{Clamp, GemmShape, KC, MR, MR512, NC, NR, PARALLEL_MIN, Packed};
     use crate::nn::kernels::act::{ERF_P, ERF_Q};
@@ -765,7 +763,7 @@ mod x86 {
         if !big {
             (0..units).for_each(unit);
         } else {
-            (0..units).into_par_iter().for_each(unit);
+            crate::nn::kernels::par::for_each(0..units, unit);
         }
     }
 
@@ -892,7 +890,7 @@ mod x86 {
             }
         };
         if big {
-            (0..batch * units).into_par_iter().for_each(unit);
+            crate::nn::kernels::par::for_each(0..batch * units, unit);
         } else {
             (0..batch * units).for_each(unit);
         }
@@ -1530,7 +1528,7 @@ mod x86 {
         if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
             (0..units).for_each(unit);
         } else {
-            (0..units).into_par_iter().for_each(unit);
+            crate::nn::kernels::par::for_each(0..units, unit);
         }
     }
 
@@ -2257,7 +2255,10 @@ mod timing {
     #[ignore]
     fn kernel_against_the_gemm_crate() {
         let _cap = simd::cap(simd::Level::Avx512);
-        let shapes: [(&str, [usize; 3]); 26] = [
+        let shapes: [(&str, [usize; 3]); 29] = [
+            ("pw 32->16 @112x14rows", [16, 1568, 32]),
+            ("pw 32->16 @112x4rows", [16, 448, 32]),
+            ("pw 32->16 @112 whole", [16, 12544, 32]),
             ("onnx dense 384->1536 x 64 rows", [64, 1536, 384]),
             ("onnx dense 1536->384 x 64 rows", [64, 384, 1536]),
             ("onnx dense 384->384 x 64 rows", [64, 384, 384]),

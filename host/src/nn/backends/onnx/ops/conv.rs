@@ -14,7 +14,6 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{DType, Tensor, TensorId};
-use rayon::prelude::*;
 
 use super::depthwise::{self, Depthwise, MAX_LANES};
 use super::stem::Stem;
@@ -384,8 +383,9 @@ pub(crate) fn chain_bytes(plan: &ConvPlan, m: usize, rows: usize, expand: Option
         .checked_add(dw.thread_floats())
         .and_then(|f| f.checked_add(expanded))
         .ok_or_else(too_big)?;
-    // Each job of the pass (about four per thread) holds its own buffers, and a job's products
-    // run in parallel: a thread waiting on one may start another job, so all may be live.
+    // The loop's caller and each of its helpers hold one set of buffers (`kernels::par`: at
+    // most one per pool thread in all); the four per thread this keeps from rayon's former
+    // split of about four jobs per thread over-reserve now.
     let jobs = 4 * rayon::current_num_threads() as u64 + 1;
     per_job.checked_mul(jobs).and_then(|f| f.checked_mul(4)).ok_or_else(too_big)
 }
@@ -651,7 +651,7 @@ fn im2col_gemm(
             if col.len() < PARALLEL_MIN {
                 col.chunks_mut(cols).enumerate().for_each(fill);
             } else {
-                col.par_chunks_mut(cols).enumerate().for_each(fill);
+                crate::nn::kernels::par::for_each(col.chunks_mut(cols).enumerate(), fill);
             }
             let wg = &ws[grp * mg * kdim..(grp + 1) * mg * kdim];
             let dst = &mut out[(i * m + grp * mg) * cols..(i * m + (grp + 1) * mg) * cols];
@@ -917,7 +917,15 @@ mod timing {
     fn layer_timings() {
         let dev = Device::Cpu;
         type Case = (&'static str, [usize; 4], [usize; 4], usize, usize, [(usize, usize); 2]);
-        let cases: [Case; 15] = [
+        let cases: [Case; 23] = [
+            ("b1 pw 112->672 @14", [1, 112, 14, 14], [672, 112, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b1 dw 672 k5 s1 @14", [1, 672, 14, 14], [672, 1, 5, 5], 672, 1, [(2, 2), (2, 2)]),
+            ("b1 pw 672->112 @14", [1, 672, 14, 14], [112, 672, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b1 pw 192->1152 @7", [1, 192, 7, 7], [1152, 192, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b1 dw 1152 k5 s1 @7", [1, 1152, 7, 7], [1152, 1, 5, 5], 1152, 1, [(2, 2), (2, 2)]),
+            ("b1 pw 1152->192 @7", [1, 1152, 7, 7], [192, 1152, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b1 pw 24->144 @56", [1, 24, 56, 56], [144, 24, 1, 1], 1, 1, [(0, 0), (0, 0)]),
+            ("b1 dw 144 k5 s2 @56", [1, 144, 56, 56], [144, 1, 5, 5], 144, 2, [(1, 2), (1, 2)]),
             ("stem 3->32 k3 s2", [1, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
             ("b8 stem 3->32 k3 s2", [8, 3, 224, 224], [32, 3, 3, 3], 1, 2, [(0, 1), (0, 1)]),
             ("dw 96 k3 s2 @112", [1, 96, 112, 112], [96, 1, 3, 3], 96, 2, [(0, 1), (0, 1)]),
@@ -945,10 +953,16 @@ mod timing {
             // Timed on a pool worker, as the scheduler runs passes.
             let t = rayon::scope(|_| {
                 let t = std::time::Instant::now();
-                let iters = if only.is_empty() { 20 } else { 400 };
-                for _ in 0..iters {
-                    planned(&x, &w, None, &g, clamp, Some((&cache, w.id()))).unwrap();
-                }
+                let iters = if only.is_empty() { 200 } else { 2000 };
+                let awake = crate::scheduler::Awake::new(true);
+                let bw = depthwise::BlockedWeights::default();
+                let plan = ConvPlan::new(x.dims(), w.dims(), &g).unwrap();
+                awake.run(|| {
+                    for _ in 0..iters {
+                        conv2d(&x, &w, None, &plan, &g, clamp, (Some((&cache, w.id())), Some((&bw, w.id(), None))))
+                            .unwrap();
+                    }
+                });
                 t.elapsed() / iters
             });
             eprintln!("{name:>20}: {t:?}");

@@ -10,8 +10,6 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use candle_core::{Tensor, TensorId};
 
 use super::conv::Geometry;
@@ -251,9 +249,9 @@ impl Depthwise {
         let ranges = self.oh.div_ceil(rows);
         let units: Vec<(usize, usize, T)> =
             items.into_iter().enumerate().map(|(u, t)| (u / ranges, (u % ranges) * rows, t)).collect();
-        let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
         let skipped = std::sync::atomic::AtomicBool::new(false);
-        units.into_par_iter().with_min_len(per_job).for_each_init(
+        crate::nn::kernels::par::for_each_init(
+            units,
             || {
                 let tile = super::filled(self.tile_rows * self.pw, [0f32; L]);
                 // The scratch is written whole by each range's units before `then` reads it.
@@ -347,11 +345,10 @@ impl Depthwise {
                 }
             }
         }
-        // About four jobs per thread: each job allocates its own buffers.
-        let per_job = units.len().div_ceil(4 * rayon::current_num_threads());
-        units.into_par_iter().with_min_len(per_job).for_each_init(
-            // Per job: the tile (its border columns stay zero: every band writes the same
-            // interior) and the output band.
+        crate::nn::kernels::par::for_each_init(
+            units,
+            // Per job of the loop: the tile (its border columns stay zero: every band writes
+            // the same interior) and the output band.
             || (super::filled(self.tile_rows * self.pw, [0f32; L]), super::filled(self.band * self.ow, [0f32; L])),
             |(tile, obuf), (i, gi, lanes, oy0, mut dsts)| {
                 let first = (i * c + gi * L) * plane;

@@ -5,8 +5,6 @@ use candle_core::{DType, Tensor};
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use super::super::tensor::dtype_of;
 use super::{Built, Node, count, input, op, op_sized, scalar_f64, wide};
 use crate::nn::error::NnError;
@@ -27,7 +25,10 @@ pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -
     if src.len() <= chunk {
         each((&mut out.spare_capacity_mut()[..src.len()], src));
     } else {
-        out.spare_capacity_mut()[..src.len()].par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(each);
+        crate::nn::kernels::par::for_each(
+            out.spare_capacity_mut()[..src.len()].chunks_mut(chunk).zip(src.chunks(chunk)),
+            each,
+        );
     }
     // SAFETY: `init_from` initialised every one of the first `src.len()` elements (the chunks
     // cover them all).
@@ -114,7 +115,7 @@ fn repeat_with(big: &[f32], small: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -
     };
     if period == 1 {
         let s = small[0];
-        dst.par_chunks_mut(CHUNK).zip(big.par_chunks(CHUNK)).for_each(|(o, b)| {
+        crate::nn::kernels::par::for_each(dst.chunks_mut(CHUNK).zip(big.chunks(CHUNK)), |(o, b)| {
             for (o, &b) in o.iter_mut().zip(b) {
                 o.write(f(b, s));
             }
@@ -122,15 +123,15 @@ fn repeat_with(big: &[f32], small: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -
     } else if period >= CHUNK {
         // Long repeats (the same shape): each split into chunks that run in parallel.
         for (o, b) in dst.chunks_mut(period).zip(big.chunks(period)) {
-            o.par_chunks_mut(CHUNK)
-                .zip(b.par_chunks(CHUNK))
-                .zip(small.par_chunks(CHUNK))
-                .for_each(|((o, b), s)| part(o, b, s));
+            crate::nn::kernels::par::for_each(
+                o.chunks_mut(CHUNK).zip(b.chunks(CHUNK)).zip(small.chunks(CHUNK)),
+                |((o, b), s)| part(o, b, s),
+            );
         }
     } else {
         // Short ones (a bias): whole repeats per chunk.
         let per = (CHUNK / period) * period;
-        dst.par_chunks_mut(per).zip(big.par_chunks(per)).for_each(|(o, b)| {
+        crate::nn::kernels::par::for_each(dst.chunks_mut(per).zip(big.chunks(per)), |(o, b)| {
             for (o, b) in o.chunks_mut(period).zip(b.chunks(period)) {
                 part(o, b, small);
             }

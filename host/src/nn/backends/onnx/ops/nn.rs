@@ -1668,7 +1668,7 @@ impl super::Op for Pool {
         let mut out = super::zeros_f32(n * c * oh * ow)?;
         let max = self.max;
         let count_pad = self.count_pad;
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
+        crate::nn::kernels::par::for_each(out.chunks_mut(oh * ow).enumerate(), |(plane, dst)| {
             let src = &xs[plane * h * wd..(plane + 1) * h * wd];
             for oy in 0..oh {
                 for ox in 0..ow {

@@ -11,8 +11,6 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use super::conv::{Geometry, gather, valid};
 use crate::nn::kernels::sgemm::Clamp;
 
@@ -165,7 +163,7 @@ impl Stem {
         let plane = self.h * self.w;
         // Sized for the largest range up front: grown range by range, `resize` could double it.
         let phases = || Vec::with_capacity(self.thread_floats(rows) as usize);
-        units.into_par_iter().for_each_init(phases, |phases: &mut Vec<f32>, (i, oy0, mut dst)| {
+        crate::nn::kernels::par::for_each_init(units, phases, |phases: &mut Vec<f32>, (i, oy0, mut dst)| {
             let oy1 = (oy0 + rows).min(self.oh);
             let (ya, yb) = self.input_rows(oy0, oy1);
             let image = &xs[i * c * plane..(i + 1) * c * plane];
