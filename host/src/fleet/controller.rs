@@ -43,6 +43,13 @@ pub struct Decision {
     pub events: Vec<(String, String, Option<String>, String)>,
 }
 
+/// What `seen` served before this rollout, as it is targeted: what it served when first
+/// targeted if it left the rollout and is back (taken out of `departed`), else what it serves
+/// now.
+fn served_before(status: &mut RolloutStatus, seen: &Seen) -> Option<String> {
+    status.departed.remove(&seen.record.id).map_or_else(|| seen.record.bundle.clone(), |(p, _)| p)
+}
+
 fn selected(spec: &RolloutSpec, r: &DeviceRecord) -> bool {
     spec.selector.iter().all(|(k, v)| r.labels.get(k) == Some(v))
 }
@@ -177,7 +184,7 @@ pub fn step(
         // Devices that join the group afterwards get the desired state too.
         for seen in group.iter().filter(|s| !targeted.contains(s.record.id.as_str())) {
             let id = seen.record.id.clone();
-            let previous = status.departed.remove(&id).map_or_else(|| seen.record.bundle.clone(), |(p, _)| p);
+            let previous = served_before(&mut status, seen);
             status.targeted.push((id.clone(), previous));
             d.assign.push((id.clone(), apply.clone()));
             d.events.push(("assigned".into(), "ok".into(), Some(id), "joined after completion".into()));
@@ -208,7 +215,7 @@ pub fn step(
     candidates.sort_by_key(|s| (!s.online, s.record.id.clone()));
     for seen in candidates.into_iter().take(want.saturating_sub(targeted.len())) {
         let id = seen.record.id.clone();
-        let previous = status.departed.remove(&id).map_or_else(|| seen.record.bundle.clone(), |(p, _)| p);
+        let previous = served_before(&mut status, seen);
         status.targeted.push((id.clone(), previous));
         d.assign.push((id.clone(), apply.clone()));
         d.events.push(("assigned".into(), "ok".into(), Some(id.clone()), spec.bundle.clone()));
