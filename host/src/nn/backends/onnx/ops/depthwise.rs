@@ -1141,6 +1141,7 @@ mod direct {
     /// a bug, and panics rather than reading zeros).
     #[target_feature(enable = "avx512f")]
     fn fill(d: &Depthwise, plane: &[f32], row0: usize, top: usize, l: &Layout, rows: &mut [f32]) {
+        let mut windows: Vec<[Window; 2]> = Vec::new();
         for (r, dst) in rows.chunks_exact_mut(l.stride).enumerate().take(l.count) {
             let input = (top + r).checked_sub(d.pt).filter(|&y| y < d.h).map(|y| {
                 let y = y.checked_sub(row0).expect("depthwise: a band starts below the rows it reads");
@@ -1180,7 +1181,15 @@ mod direct {
                 // The pairs whose 32 columns all lie in the input (padded columns pl..pl + w)
                 // load plainly; the masks' arithmetic per vector had cost as much as the loads.
                 let whole = d.pl.div_ceil(32)..(d.pl + d.w) / 32;
-                for i in 0..pairs {
+                // The other pairs' masked loads, the same for every row (worked out per load,
+                // they cost half of a 56-wide 5x5 convolution's time).
+                if windows.len() != pairs {
+                    windows.clear();
+                    windows.extend(
+                        (0..pairs).map(|i| [Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]),
+                    );
+                }
+                for (i, [wa, wb]) in windows.iter().enumerate() {
                     let (e, o) = (&mut even[i * 16..][..16], &mut odd[i * 16..][..16]);
                     // The padded row's 32 columns from 32i, read from the input row where they
                     // lie (copying the row into a padded one first cost a fifth of a 112x112
@@ -1190,7 +1199,7 @@ mod direct {
                         // SAFETY: AVX-512F (this function's feature); `pair` holds 32 floats.
                         unsafe { (_mm512_loadu_ps(pair.as_ptr()), _mm512_loadu_ps(pair.as_ptr().add(16))) }
                     } else {
-                        (padded16(input, i * 32, d.pl), padded16(input, i * 32 + 16, d.pl))
+                        (wa.load(input), wb.load(input))
                     };
                     // SAFETY: `e` and `o` hold 16 floats each.
                     unsafe {
@@ -1205,26 +1214,51 @@ mod direct {
         }
     }
 
-    /// Columns `j..j + 16` of `input` with `pl` zero columns before it and zeros after:
-    /// `input[j + i - pl]` in lane `i` where that lies in `input`, zero elsewhere. The load is
-    /// masked to those lanes, so nothing outside `input` is read.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(super) fn padded16(input: &[f32], j: usize, pl: usize) -> __m512 {
-        // Lanes before the input's first column, the input column of the first lane after
-        // them, and how many lanes from there lie in the input.
-        let lo = pl.saturating_sub(j).min(16);
-        let start = j.saturating_sub(pl);
-        let live = input.len().saturating_sub(start).min(16 - lo);
-        if live == 0 {
-            return _mm512_setzero_ps();
+    /// Columns `j..j + 16` of a row of `w` floats with `pl` zero columns before it and zeros
+    /// after: the row's `input[j + i - pl]` in lane `i` where that lies in it, zero elsewhere.
+    /// Worked out once for every row of a layout; the load is masked to those lanes, so
+    /// nothing outside the row is read.
+    #[derive(Clone, Copy)]
+    pub(super) struct Window {
+        /// The input columns the live lanes read, `start..end`.
+        start: usize,
+        pub(super) end: usize,
+        /// Lanes before the first live one.
+        lo: usize,
+        /// The live lanes, `lo..lo + (end - start)`.
+        mask: u16,
+    }
+
+    impl Window {
+        /// Columns `j..j + 16` of a row of `w` floats with `pl` zero columns before it.
+        pub(super) fn new(w: usize, j: usize, pl: usize) -> Self {
+            // Lanes before the input's first column, the input column of the first lane after
+            // them, and how many lanes from there lie in the input.
+            let lo = pl.saturating_sub(j).min(16);
+            let start = j.saturating_sub(pl);
+            let live = w.saturating_sub(start).min(16 - lo);
+            if live == 0 {
+                return Window { start: 0, end: 0, lo: 0, mask: 0 };
+            }
+            Window { start, end: start + live, lo, mask: (((1u32 << live) - 1) << lo) as u16 }
         }
-        let mask = (((1u32 << live) - 1) << lo) as u16;
-        // Lane i reads input[start - lo + i], for lo ≤ i < lo + live: input[start..start + live].
-        let base = input.as_ptr().wrapping_add(start).wrapping_sub(lo);
-        // SAFETY: AVX-512F (this function's feature); only the lanes in `mask` are read, each
-        // an element of `input` (start + live ≤ input.len()); the others are not accessed.
-        unsafe { _mm512_maskz_loadu_ps(mask, base) }
+
+        /// The window's lanes of `input` (one row; panics if it is shorter than the window
+        /// reaches), zeros elsewhere.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub(super) fn load(self, input: &[f32]) -> __m512 {
+            assert!(self.end <= input.len(), "depthwise: a row shorter than its window");
+            if self.mask == 0 {
+                return _mm512_setzero_ps();
+            }
+            // Lane i reads input[start - lo + i], for lo ≤ i < lo + live: input[start..end].
+            let base = input.as_ptr().wrapping_add(self.start).wrapping_sub(self.lo);
+            // SAFETY: AVX-512F (this function's feature); only the lanes in `mask` are read
+            // (`new`: lo..lo + end - start), each an element of `input` (end ≤ input.len(),
+            // checked above); the others are not accessed.
+            unsafe { _mm512_maskz_loadu_ps(self.mask, base) }
+        }
     }
 
     /// One channel's output rows `from..to` from its padded rows.
@@ -1523,7 +1557,8 @@ mod tests {
     }
 
     /// The stride-2 row kernel's masked load against the padded row it stands for: padding
-    /// before the row wider than a vector, rows shorter than one, an empty row.
+    /// before the row wider than a vector, rows shorter than one, an empty row; and a row
+    /// shorter than the one its window was made for is refused.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn padded_loads_read_only_the_row() {
@@ -1538,11 +1573,18 @@ mod tests {
                     (0..pl).map(|_| 0.0).chain(input.iter().copied()).chain(std::iter::repeat(0.0)).take(96).collect();
                 for j in (0..80).step_by(16) {
                     let mut got = [0f32; 16];
+                    let window = direct::Window::new(len, j, pl);
                     // SAFETY: AVX-512F is present (checked above); `got` holds 16 floats.
                     unsafe {
-                        std::arch::x86_64::_mm512_storeu_ps(got.as_mut_ptr(), direct::padded16(&input, j, pl));
+                        std::arch::x86_64::_mm512_storeu_ps(got.as_mut_ptr(), window.load(&input));
                     }
                     assert_eq!(got[..], padded[j..j + 16], "len {len} pl {pl} j {j}");
+                    // A row shorter than the window reaches is refused, not read past.
+                    if window.end > 0 {
+                        // SAFETY: as above; the load panics before it reads.
+                        let short = std::panic::catch_unwind(|| unsafe { window.load(&input[..window.end - 1]) });
+                        assert!(short.is_err(), "len {len} pl {pl} j {j}: a short row was read");
+                    }
                 }
             }
         }
