@@ -1070,7 +1070,10 @@ mod direct {
             let count = (to - from - 1) * d.sh + d.kh;
             // Every tap of every vector of a row, its last vector whole: up to
             // (⌈ow/16⌉·16 - 1)·sw + kw columns, and the input's own (pl + w).
-            let reach = (d.ow.next_multiple_of(16) - 1) * d.sw + d.kw;
+            // At stride 1, also the vector after the last ([`fixed_group`] shifts taps out of
+            // two neighbouring vectors).
+            let last = d.ow.next_multiple_of(16);
+            let reach = ((last - 1) * d.sw + d.kw).max(if d.sw == 1 { last + 16 } else { 0 });
             let cols = reach.max(d.pl + d.w).next_multiple_of(32);
             let half = cols / 2 + 16;
             let stride = if d.sw == 2 { 2 * half } else { cols };
@@ -1082,7 +1085,7 @@ mod direct {
         fn covers(&self, d: &Depthwise) -> bool {
             let last = d.ow.div_ceil(16) * 16;
             match d.sw {
-                1 => d.kw - 1 + last <= self.stride,
+                1 => d.kw - 1 + last <= self.stride && last + 16 <= self.stride,
                 2 => (d.kw - 1) / 2 + last <= self.half && self.half + (d.kw - 1) / 2 + last <= self.stride,
                 _ => false,
             }
@@ -1384,6 +1387,23 @@ mod direct {
         let vectors = base.wrapping_add(v0 * 16);
         for (ky, weights) in weights.iter().enumerate() {
             let row = vectors.wrapping_add(ky * l.stride);
+            if S == 1 {
+                // Each vector of the row and the one after it loaded once, and every tap's
+                // columns shifted out of the pair in registers: a third of the loads, none
+                // of them split across cache lines by a tap's offset.
+                // SAFETY: as `group`, and the vector after the group's last lies inside the
+                // row too (`Layout::covers`: last + 16 ≤ stride at stride 1).
+                let loaded: [__m512; 5] = std::array::from_fn(|j| {
+                    if j <= N { unsafe { _mm512_loadu_ps(row.add(16 * j)) } } else { _mm512_setzero_ps() }
+                });
+                for (kx, &w) in weights.iter().enumerate() {
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let x = shifted(loaded[j], loaded[j + 1], kx);
+                        *acc = _mm512_fmadd_ps(x, w, *acc);
+                    }
+                }
+                continue;
+            }
             for (kx, &w) in weights.iter().enumerate() {
                 // Column of output x's tap: x·S + kx; with stride 2, (x + kx/2) of the even
                 // or odd half.
@@ -1404,6 +1424,22 @@ mod direct {
             // SAFETY: the mask covers exactly `lanes` floats, all inside `dst`.
             unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().cast::<f32>(), lanes16(lanes), v) };
         }
+    }
+
+    /// Lanes `by..16` of `a` then lanes `0..by` of `b`: 16 consecutive floats starting `by`
+    /// into `a` where `b` follows `a` in memory (`by` < 16; up to 4 here).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn shifted(a: __m512, b: __m512, by: usize) -> __m512 {
+        let (a, b) = (_mm512_castps_si512(a), _mm512_castps_si512(b));
+        _mm512_castsi512_ps(match by {
+            0 => a,
+            1 => _mm512_alignr_epi32::<1>(b, a),
+            2 => _mm512_alignr_epi32::<2>(b, a),
+            3 => _mm512_alignr_epi32::<3>(b, a),
+            4 => _mm512_alignr_epi32::<4>(b, a),
+            _ => unreachable!("taps at most 5 wide"),
+        })
     }
 
     /// Output vectors `v0..v0 + N` of one row (`orow`, `ow` floats), whose taps start at padded
