@@ -1130,7 +1130,7 @@ mod direct {
                 *t = w[cl];
             }
             // SAFETY: AVX-512F and the geometry are this function's preconditions; `rows` was
-            // filled for `layout` and this range (its length checked above), `taps` holds
+            // filled for `layout` and this range (resized above to hold its rows), `taps` holds
             // `kh·kw` weights; `channel` checks `out`'s length per row (and panics if short).
             unsafe { channel(d, &rows.data, &layout, &taps, b.bias[cl], b.clamp, (from, to), out) };
         }
@@ -1225,7 +1225,7 @@ mod direct {
     pub(super) struct Window {
         /// The input columns the live lanes read, `start..end`.
         start: usize,
-        pub(super) end: usize,
+        end: usize,
         /// Lanes before the first live one.
         lo: usize,
         /// The live lanes, `lo..lo + (end - start)`.
@@ -1244,6 +1244,12 @@ mod direct {
                 return Window { start: 0, end: 0, lo: 0, mask: 0 };
             }
             Window { start, end: start + live, lo, mask: (((1u32 << live) - 1) << lo) as u16 }
+        }
+
+        /// One past the last input column the window reads (0 if it reads none).
+        #[cfg(test)]
+        pub(super) fn end(self) -> usize {
+            self.end
         }
 
         /// The window's lanes of `input` (one row; panics if it is shorter than the window
@@ -1565,30 +1571,38 @@ mod tests {
         let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
         assert!(Depthwise::new([usize::MAX / 4, 3], [3, 3], [usize::MAX / 4, 3], &g).is_none());
         let clamp = Clamp { lo: -0.5, hi: 2.0 };
-        for level in simd::levels() {
-            let _cap = simd::cap(level);
-            for ([n, c, h, w], [kh, kw], strides, dil, pads) in cases {
-                let g = Geometry { pads, strides, dilations: [dil, dil], group: c };
-                let len = |size: usize, (a, b): (usize, usize), k: usize, s: usize| {
-                    (size + a + b - (k - 1) * dil - 1) / s + 1
-                };
-                let (oh, ow) = (len(h, pads[0], kh, strides[0]), len(w, pads[1], kw, strides[1]));
-                let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
-                let k: Vec<f32> = (0..c * kh * kw).map(|i| ((i * 13 % 29) as f32 - 14.0) / 20.0).collect();
-                let bias: Vec<f32> = (0..c).map(|i| i as f32 / 10.0 - 0.4).collect();
-                let want = reference(&x, &k, &bias, [n, c, h, w], [kh, kw], [oh, ow], &g, clamp);
-                let plan = Depthwise::new([h, w], [kh, kw], [oh, ow], &g).expect("fits");
-                let mut out = vec![MaybeUninit::new(f32::NAN); n * c * oh * ow];
-                plan.run(&x, &k, &mut out, [n, c], Some(&bias), Some(clamp), None);
-                // SAFETY: `run` wrote every element (and they started as NaN, which would fail).
-                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(
-                    worst < 1e-4 && got.iter().all(|v| v.is_finite()),
-                    "{level:?} {:?}: worst {worst}",
-                    ([n, c, h, w], [kh, kw], strides, dil, pads)
-                );
-            }
+        // Once in the shared pool and once in a pool of one thread, where every case runs on
+        // the same thread in order (what the stride-2-between case needs to be caught).
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
+        for single in [false, true] {
+            let run = || {
+                for level in simd::levels() {
+                    let _cap = simd::cap(level);
+                    for ([n, c, h, w], [kh, kw], strides, dil, pads) in cases {
+                        let g = Geometry { pads, strides, dilations: [dil, dil], group: c };
+                        let len = |size: usize, (a, b): (usize, usize), k: usize, s: usize| {
+                            (size + a + b - (k - 1) * dil - 1) / s + 1
+                        };
+                        let (oh, ow) = (len(h, pads[0], kh, strides[0]), len(w, pads[1], kw, strides[1]));
+                        let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+                        let k: Vec<f32> = (0..c * kh * kw).map(|i| ((i * 13 % 29) as f32 - 14.0) / 20.0).collect();
+                        let bias: Vec<f32> = (0..c).map(|i| i as f32 / 10.0 - 0.4).collect();
+                        let want = reference(&x, &k, &bias, [n, c, h, w], [kh, kw], [oh, ow], &g, clamp);
+                        let plan = Depthwise::new([h, w], [kh, kw], [oh, ow], &g).expect("fits");
+                        let mut out = vec![MaybeUninit::new(f32::NAN); n * c * oh * ow];
+                        plan.run(&x, &k, &mut out, [n, c], Some(&bias), Some(clamp), None);
+                        // SAFETY: `run` wrote every element (and they started as NaN, which would fail).
+                        let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                        assert!(
+                            worst < 1e-4 && got.iter().all(|v| v.is_finite()),
+                            "{level:?} {:?}: worst {worst}",
+                            ([n, c, h, w], [kh, kw], strides, dil, pads)
+                        );
+                    }
+                }
+            };
+            if single { one.install(run) } else { run() }
         }
     }
 
@@ -1616,9 +1630,9 @@ mod tests {
                     }
                     assert_eq!(got[..], padded[j..j + 16], "len {len} pl {pl} j {j}");
                     // A row shorter than the window reaches is refused, not read past.
-                    if window.end > 0 {
+                    if window.end() > 0 {
                         // SAFETY: as above; the load panics before it reads.
-                        let short = std::panic::catch_unwind(|| unsafe { window.load(&input[..window.end - 1]) });
+                        let short = std::panic::catch_unwind(|| unsafe { window.load(&input[..window.end() - 1]) });
                         assert!(short.is_err(), "len {len} pl {pl} j {j}: a short row was read");
                     }
                 }
