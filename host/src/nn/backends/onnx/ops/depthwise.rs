@@ -604,6 +604,15 @@ impl Depthwise {
         clamp: Option<Clamp>,
         out: &mut [[f32; L]],
     ) {
+        if S != 0 && !self.dilated && self.kh == self.kw {
+            // SAFETY (both): the caller's CPU runs `K`; the kernel is `kh`×`kh`, undilated,
+            // with column stride `S` (checked here).
+            match self.kh {
+                3 => return unsafe { self.pixels_fixed::<L, K, S, R, 3>(tile, base, wb, bias, clamp, out) },
+                5 => return unsafe { self.pixels_fixed::<L, K, S, R, 5>(tile, base, wb, bias, clamp, out) },
+                _ => {}
+            }
+        }
         let sw = if S == 0 { self.sw } else { S };
         let span = (R - 1) * sw + 1;
         let mut acc = [bias; R];
@@ -617,6 +626,47 @@ impl Depthwise {
             } else {
                 for (r, a) in acc.iter_mut().enumerate() {
                     unsafe { K::fma(a, &win[r * S], wv) };
+                }
+            }
+        }
+        for (a, o) in acc.into_iter().zip(out) {
+            // SAFETY: as above.
+            *o = unsafe { finish::<L, K>(a, clamp) };
+        }
+    }
+
+    /// [`Depthwise::pixels`] for an undilated `KS`×`KS` kernel at column stride `S`: the taps
+    /// unrolled, and the window they read checked once rather than per tap (the per-tap
+    /// slicing and the loop over the offsets cost about as much as the multiply-adds).
+    ///
+    /// # Safety
+    /// The CPU must run `K`; `self` must be undilated with `kh = kw = KS` and `sw = S`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pixels_fixed<const L: usize, K: Lanes<L>, const S: usize, const R: usize, const KS: usize>(
+        &self,
+        tile: &[[f32; L]],
+        base: usize,
+        wb: &[[f32; L]],
+        bias: [f32; L],
+        clamp: Option<Clamp>,
+        out: &mut [[f32; L]],
+    ) {
+        let pw = self.pw;
+        // Every tap of the `R` pixels: tap (ky, kx) of pixel r reads `ky·pw + kx + r·S` past
+        // `base` (the offsets of `new`, undilated), at most `(KS-1)·pw + (KS-1) + (R-1)·S`.
+        let win = &tile[base..base + (KS - 1) * pw + (R - 1) * S + KS];
+        let wb = &wb[..KS * KS];
+        let mut acc = [bias; R];
+        for ky in 0..KS {
+            for kx in 0..KS {
+                let wv = &wb[ky * KS + kx];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: ky < KS, kx < KS and r < R, so the index is at most the bound
+                    // above, below `win.len()`.
+                    let t = unsafe { win.get_unchecked(ky * pw + kx + r * S) };
+                    // SAFETY: the caller's CPU runs `K`.
+                    unsafe { K::fma(a, t, wv) };
                 }
             }
         }
