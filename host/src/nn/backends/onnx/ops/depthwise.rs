@@ -920,12 +920,16 @@ mod x86 {
             // SAFETY (all below): the caller's CPU has AVX-512F; every load reads a row's
             // 16 floats from p0 and every store one pixel of the tile, both slices checked.
             unsafe {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for i in 0..16 {
-                    if i < lanes {
-                        r[i] = _mm512_loadu_ps(rows[i][p0..p0 + 16].as_ptr());
-                    }
-                }
+                // A whole block (every block of a channel count divisible by 16) without a
+                // comparison per lane (144 x 56 x 56 5x5 stride 2 on one thread: 0.121-0.131
+                // -> 0.116-0.121 ms).
+                let mut r = if lanes == 16 {
+                    std::array::from_fn(|i| _mm512_loadu_ps(rows[i][p0..p0 + 16].as_ptr()))
+                } else {
+                    std::array::from_fn(|i| {
+                        if i < lanes { _mm512_loadu_ps(rows[i][p0..p0 + 16].as_ptr()) } else { _mm512_setzero_ps() }
+                    })
+                };
                 simd::transpose16(&mut r);
                 for j in 0..16 {
                     _mm512_storeu_ps(tile[at[j]].as_mut_ptr(), r[j]);
