@@ -1134,6 +1134,17 @@ mod direct {
             Layout { count, stride, half }
         }
 
+        /// At stride 2, per pair of 16-float vectors of a row's even and odd halves, the
+        /// masked loads of its 32 padded columns: the same for every row (worked out per load,
+        /// they cost half of a 56-wide 5x5 convolution's time). None at stride 1.
+        fn windows(&self, d: &Depthwise) -> Vec<[Window; 2]> {
+            if d.sw != 2 {
+                return Vec::new();
+            }
+            let pairs = (self.stride / 32).min(self.half / 16).min((self.stride - self.half) / 16);
+            (0..pairs).map(|i| [Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]).collect()
+        }
+
         /// Whether each row holds the 16 floats every tap loads for every whole output
         /// vector (true by construction in [`Layout::new`]; [`unit`] checks it once).
         fn covers(&self, d: &Depthwise) -> bool {
@@ -1175,11 +1186,12 @@ mod direct {
             rows.borders = None;
         }
         let rows = &mut rows;
+        let windows = layout.windows(d);
         let mut taps = vec![0f32; b.weights.len()];
         for (cl, out) in dst.iter_mut().enumerate().take(b.lanes) {
             let Some(out) = out.as_deref_mut() else { continue };
             let plane = &b.src[cl * b.plane..(cl + 1) * b.plane];
-            fill(d, plane, b.row0, from * d.sh, &layout, &mut rows.data);
+            fill(d, plane, b.row0, from * d.sh, &layout, &windows, &mut rows.data);
             for (t, w) in taps.iter_mut().zip(b.weights) {
                 *t = w[cl];
             }
@@ -1197,8 +1209,16 @@ mod direct {
     /// once). `plane` must hold every input row the range reads (a caller's band cut short is
     /// a bug, and panics rather than reading zeros).
     #[target_feature(enable = "avx512f")]
-    fn fill(d: &Depthwise, plane: &[f32], row0: usize, top: usize, l: &Layout, rows: &mut [f32]) {
-        let mut windows: Vec<[Window; 2]> = Vec::new();
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        d: &Depthwise,
+        plane: &[f32],
+        row0: usize,
+        top: usize,
+        l: &Layout,
+        windows: &[[Window; 2]],
+        rows: &mut [f32],
+    ) {
         for (r, dst) in rows.chunks_exact_mut(l.stride).enumerate().take(l.count) {
             let input = (top + r).checked_sub(d.pt).filter(|&y| y < d.h).map(|y| {
                 let y = y.checked_sub(row0).expect("depthwise: a band starts below the rows it reads");
@@ -1232,20 +1252,11 @@ mod direct {
                     )
                 };
                 let (pe, po) = (pick(0), pick(1));
-                // Indexed, not a zip of chunk iterators: that zip's constructor, left out of line
-                // here, divided by the chunk sizes on every row (1% of a batch-1 pass).
-                let pairs = (l.stride / 32).min(even.len() / 16).min(odd.len() / 16);
                 // The pairs whose 32 columns all lie in the input (padded columns pl..pl + w)
                 // load plainly; the masks' arithmetic per vector had cost as much as the loads.
                 let whole = d.pl.div_ceil(32)..(d.pl + d.w) / 32;
-                // The other pairs' masked loads, the same for every row (worked out per load,
-                // they cost half of a 56-wide 5x5 convolution's time).
-                if windows.len() != pairs {
-                    windows.clear();
-                    windows.extend(
-                        (0..pairs).map(|i| [Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]),
-                    );
-                }
+                // Indexed, not a zip of chunk iterators: that zip's constructor, left out of line
+                // here, divided by the chunk sizes on every row (1% of a batch-1 pass).
                 for (i, [wa, wb]) in windows.iter().enumerate() {
                     let (e, o) = (&mut even[i * 16..][..16], &mut odd[i * 16..][..16]);
                     // The padded row's 32 columns from 32i, read from the input row where they
@@ -1429,7 +1440,7 @@ mod direct {
     ///
     /// # Safety
     /// AVX-512F; as [`group`], `base` the first of `K` padded rows inside a buffer of `l`'s
-    /// layout that `l.covers` a `K`-wide kernel of column stride `S`.
+    /// layout that `l.covers` a `K`-wide kernel of column stride `S` (1 or 2).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -1443,6 +1454,7 @@ mod direct {
         ow: usize,
         orow: &mut [MaybeUninit<f32>],
     ) {
+        const { assert!(S == 1 || S == 2, "column stride 1 or 2") };
         let mut acc = [_mm512_set1_ps(bias); N];
         let vectors = base.wrapping_add(v0 * 16);
         for (ky, weights) in weights.iter().enumerate() {
@@ -1464,10 +1476,10 @@ mod direct {
                 }
                 continue;
             }
+            // Stride 2: output x's tap kx reads column 2x + kx, column x + kx/2 of the even or
+            // odd half.
             for (kx, &w) in weights.iter().enumerate() {
-                // Column of output x's tap: x·S + kx; with stride 2, (x + kx/2) of the even
-                // or odd half.
-                let at = row.wrapping_add(if S == 2 { (kx % 2) * l.half + kx / 2 } else { kx });
+                let at = row.wrapping_add((kx % 2) * l.half + kx / 2);
                 for (j, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: as `group`: the padded row lies in the buffer and every tap of
                     // every whole vector of it lies inside the row (`Layout::covers`).
