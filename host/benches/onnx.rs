@@ -38,9 +38,11 @@ fn median_time(iters: usize, mut f: impl FnMut() + Send) -> Duration {
     let awake = eir::scheduler::Awake::new(std::env::var("EIR_BENCH_SPIN").map_or(true, |v| v != "0"));
     rayon::scope(|_| {
         // The first passes of a shape time each way its fused blocks can split (the ONNX
-        // backend's tuner, three runs of each of at most nine): those are warm-up.
+        // backend's tuner, three runs of each of at most nine): those are warm-up, run as the
+        // timed passes are, so the tuner times each split as it will run (with the pool
+        // awake, a split with more parallel sections pays no wake-ups).
         for _ in 0..WARMUP {
-            f();
+            awake.run(&mut f);
         }
         let mut v: Vec<Duration> = (0..iters)
             .map(|_| {
@@ -73,58 +75,86 @@ fn main() -> anyhow::Result<()> {
     let vad: Arc<dyn Model> =
         backend::load(Source::Path(&eir::registry::fetch::locate("silero-vad", &models)?), Target::Cpu)?;
 
-    let mut eir = Vec::new();
     // `EIR_BENCH_BATCH=1` (or 8) times one batch size of EfficientNet only, for a profiler:
     // no Silero and no ONNX Runtime side, whose samples would mix with it.
     let only: Option<u32> = std::env::var("EIR_BENCH_BATCH").ok().and_then(|v| v.parse().ok());
-    for batch in [1u32, 8].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
-        let x = tensor(vec![batch, 3, 224, 224], &pattern(batch as usize * 3 * 224 * 224, 1.0));
-        let t = median_time(iters, || {
-            std::hint::black_box(eff.compute(vec![("input".into(), x.clone())]).expect("compute"));
+    let eir_rows = |iters: usize| -> Vec<(String, Duration)> {
+        let mut eir = Vec::new();
+        for batch in [1u32, 8].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
+            let x = tensor(vec![batch, 3, 224, 224], &pattern(batch as usize * 3 * 224 * 224, 1.0));
+            let t = median_time(iters, || {
+                std::hint::black_box(eff.compute(vec![("input".into(), x.clone())]).expect("compute"));
+            });
+            eir.push((format!("efficientnet_b{batch}"), t));
+        }
+        if only.is_some() {
+            return eir;
+        }
+        let chunks = pattern(100 * 576, 0.1);
+        let sr = HostTensor::new(vec![], TensorType::I64, 16000i64.to_le_bytes().to_vec()).expect("sr");
+        let t = median_time((iters / 4).max(3), || {
+            let mut state = tensor(vec![2, 1, 128], &[0.0; 256]);
+            for c in chunks.chunks(576) {
+                let out = vad
+                    .compute(vec![
+                        ("input".into(), tensor(vec![1, 576], c)),
+                        ("state".into(), state.clone()),
+                        ("sr".into(), sr.clone()),
+                    ])
+                    .expect("compute");
+                state = out[1].1.clone();
+            }
         });
-        eir.push((format!("efficientnet_b{batch}"), t));
-    }
+        eir.push(("silero_chunk".into(), t / 100));
+        eir
+    };
     if only.is_some() {
-        for (name, t) in eir {
+        for (name, t) in eir_rows(iters) {
             println!("{name:>16}: EIR {:>9.3} ms", t.as_secs_f64() * 1e3);
         }
         return Ok(());
     }
-    let chunks = pattern(100 * 576, 0.1);
-    let sr = HostTensor::new(vec![], TensorType::I64, 16000i64.to_le_bytes().to_vec())?;
-    let t = median_time((iters / 4).max(3), || {
-        let mut state = tensor(vec![2, 1, 128], &[0.0; 256]);
-        for c in chunks.chunks(576) {
-            let out = vad
-                .compute(vec![
-                    ("input".into(), tensor(vec![1, 576], c)),
-                    ("state".into(), state.clone()),
-                    ("sr".into(), sr.clone()),
-                ])
-                .expect("compute");
-            state = out[1].1.clone();
-        }
-    });
-    eir.push(("silero_chunk".into(), t / 100));
 
     let python = std::env::var("EIR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bench.py");
-    let out =
-        Command::new(&python).arg(&script).arg(&models).arg(iters.to_string()).arg(threads.to_string()).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ONNX Runtime side failed (set EIR_BENCH_PYTHON to a Python with onnxruntime): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ort: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    println!("threads: {threads}; ONNX Runtime {}; medians of {iters}", ort["version"].as_str().unwrap_or("?"));
-    for (name, t) in eir {
-        let o = ort[&name].as_f64().unwrap_or(f64::NAN);
+    let ort_rows = |iters: usize| -> anyhow::Result<serde_json::Value> {
+        let out =
+            Command::new(&python).arg(&script).arg(&models).arg(iters.to_string()).arg(threads.to_string()).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ONNX Runtime side failed (set EIR_BENCH_PYTHON to a Python with onnxruntime): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // The two sides take turns (`BENCH_ROUNDS`, default 3, each of BENCH_ITERS / rounds
+    // passes per row): on a shared 2-vCPU host the machine's speed drifts by 10-30% within
+    // minutes, and one side measured after the other took that drift into the ratio. Each
+    // round's ratio compares passes a few seconds apart; the median of the rounds is reported.
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let per_round = (iters / rounds).max(3);
+    let mut measured: Vec<(Vec<(String, Duration)>, serde_json::Value)> = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let eir = eir_rows(per_round);
+        measured.push((eir, ort_rows(per_round)?));
+    }
+    let version = measured.first().and_then(|(_, o)| o["version"].as_str()).unwrap_or("?").to_string();
+    println!("threads: {threads}; ONNX Runtime {version}; {rounds} alternating rounds of {per_round} passes per row");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (row, (name, _)) in measured[0].0.iter().enumerate() {
+        let eir: Vec<f64> = measured.iter().map(|(e, _)| e[row].1.as_secs_f64()).collect();
+        let ort: Vec<f64> = measured.iter().map(|(_, o)| o[name].as_f64().unwrap_or(f64::NAN)).collect();
+        let ratios: Vec<f64> = eir.iter().zip(&ort).map(|(e, o)| e / o).collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{name:>16}: EIR {:>9.3} ms | ONNX Runtime {:>9.3} ms | EIR / ORT = {:.2}x",
-            t.as_secs_f64() * 1e3,
-            o * 1e3,
-            t.as_secs_f64() / o
+            "{name:>16}: EIR {:>9.3} ms | ONNX Runtime {:>9.3} ms | EIR / ORT = {:.2}x (rounds: {})",
+            median(eir) * 1e3,
+            median(ort) * 1e3,
+            median(ratios),
+            each.join(" ")
         );
     }
     Ok(())
