@@ -1167,6 +1167,12 @@ mod direct {
         if from >= to {
             return;
         }
+        if d.sw == 2 && d.kh == d.kw && matches!(d.kw, 3 | 5) {
+            // SAFETY: AVX-512F and an undilated geometry are this function's preconditions;
+            // the column stride is 2 and the kernel 3x3 or 5x5 (matched here).
+            unsafe { strided(d, b, (from, to), dst) };
+            return;
+        }
         let layout = Layout::new(d, (from, to));
         assert!(layout.covers(d), "depthwise: padded rows too short for their taps");
         // Every float of the rows is written by `fill` before it is read, or (the borders
@@ -1201,6 +1207,142 @@ mod direct {
             unsafe { channel(d, &rows.data, &layout, &taps, b.bias[cl], b.clamp, (from, to), out) };
         }
         ROWS.with(|r| r.set(std::mem::take(rows)));
+    }
+
+    /// [`unit`] for 3x3 and 5x5 kernels at column stride 2, read straight from the input
+    /// rows: each output vector's taps are split into even and odd columns in registers
+    /// (`vpermt2ps`), and the taps past the first pair shifted out of the next pair
+    /// (`valignd`). Copying every row into split padded rows first ([`fill`]) cost more than
+    /// the taps themselves on a 112-wide plane (`perf`: a row of 112 floats is 4 pairs of
+    /// vectors, each copy with its own loop and bounds checks).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `d` undilated, with a column stride of 2 and a 3x3 or
+    /// 5x5 kernel.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn strided(d: &Depthwise, b: &Block<'_, 16>, (from, to): (usize, usize), dst: &mut Dst<'_, 16>) {
+        let vectors = d.ow.div_ceil(16);
+        // Pair i of a padded row holds its columns 32i..32i + 32. Output vector j's taps read
+        // columns 32j..32j + 31 + kw - 1: pairs j and j + 1.
+        let mut windows = Vec::with_capacity(vectors + 1);
+        for i in 0..=vectors {
+            windows.push([Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]);
+        }
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let split = Split {
+            windows,
+            whole: d.pl.div_ceil(32)..(d.pl + d.w) / 32,
+            pl: d.pl,
+            even,
+            odd: _mm512_add_epi32(even, _mm512_set1_epi32(1)),
+        };
+        let mut taps = vec![0f32; b.weights.len()];
+        for (cl, out) in dst.iter_mut().enumerate().take(b.lanes) {
+            let Some(out) = out.as_deref_mut() else { continue };
+            let plane = &b.src[cl * b.plane..(cl + 1) * b.plane];
+            for (t, w) in taps.iter_mut().zip(b.weights) {
+                *t = w[cl];
+            }
+            let (lo, hi) = b.clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
+            for oy in from..to {
+                let orow = out
+                    .get_mut((oy - from) * d.ow..(oy - from + 1) * d.ow)
+                    .expect("depthwise: output rows shorter than the range");
+                // The input row of each kernel row, None where it is padding.
+                let mut rows: [Option<&[f32]>; 5] = [None; 5];
+                for (ky, row) in rows.iter_mut().enumerate().take(d.kh) {
+                    if let Some(y) = (oy * d.sh + ky).checked_sub(d.pt).filter(|&y| y < d.h) {
+                        let y = y.checked_sub(b.row0).expect("depthwise: a band starts below the rows it reads");
+                        *row = Some(&plane[y * d.w..(y + 1) * d.w]);
+                    }
+                }
+                let mut v0 = 0;
+                while v0 < vectors {
+                    let n = GROUP.min(vectors - v0);
+                    let args = (&split, taps.as_slice(), b.bias[cl], (lo, hi), v0, d.ow);
+                    // SAFETY: AVX-512F (this function's precondition); K is d's kernel size,
+                    // and vectors v0..v0 + n exist in the row.
+                    unsafe {
+                        match (n, d.kw) {
+                            (4, 3) => strided_group::<4, 3>(&rows, args, orow),
+                            (3, 3) => strided_group::<3, 3>(&rows, args, orow),
+                            (2, 3) => strided_group::<2, 3>(&rows, args, orow),
+                            (_, 3) => strided_group::<1, 3>(&rows, args, orow),
+                            (4, _) => strided_group::<4, 5>(&rows, args, orow),
+                            (3, _) => strided_group::<3, 5>(&rows, args, orow),
+                            (2, _) => strided_group::<2, 5>(&rows, args, orow),
+                            (_, _) => strided_group::<1, 5>(&rows, args, orow),
+                        }
+                    }
+                    v0 += n;
+                }
+            }
+        }
+    }
+
+    /// How [`strided`] loads pair `i` of a padded row: plainly where its 32 columns all lie
+    /// in the input (`whole`), through its two windows (`windows[i]`) elsewhere; then split
+    /// into even and odd columns by the permutations `even` and `odd`.
+    struct Split {
+        windows: Vec<[Window; 2]>,
+        whole: std::ops::Range<usize>,
+        pl: usize,
+        even: __m512i,
+        odd: __m512i,
+    }
+
+    /// Output vectors `v0..v0 + N` of one row (`orow`, `ow` floats) of a `K`×`K` kernel at
+    /// column stride 2, from the input row of each kernel row (`rows[ky]`, `None`: padding).
+    ///
+    /// # Safety
+    /// AVX-512F; `K` is 3 or 5 and `taps` holds `K·K` weights.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    unsafe fn strided_group<const N: usize, const K: usize>(
+        rows: &[Option<&[f32]>; 5],
+        (split, taps, bias, (lo, hi), v0, ow): (&Split, &[f32], f32, (f32, f32), usize, usize),
+        orow: &mut [MaybeUninit<f32>],
+    ) {
+        const { assert!((K == 3 || K == 5) && N <= 4, "3x3 or 5x5 taps, at most 4 vectors") };
+        assert!(taps.len() == K * K, "depthwise: one weight per tap");
+        let mut acc = [_mm512_set1_ps(bias); N];
+        for (ky, row) in rows.iter().enumerate().take(K) {
+            // Pairs v0..=v0 + N, split: tap kx of output vector j is the even (kx even) or odd
+            // half of pair j, shifted by kx / 2 lanes into pair j + 1.
+            let mut even = [_mm512_setzero_ps(); 5];
+            let mut odd = [_mm512_setzero_ps(); 5];
+            if let Some(input) = *row {
+                for j in 0..=N {
+                    let i = v0 + j;
+                    let (a, b) = if split.whole.contains(&i) {
+                        let pair = &input[i * 32 - split.pl..][..32];
+                        // SAFETY: AVX-512F (this function's feature); `pair` holds 32 floats.
+                        unsafe { (_mm512_loadu_ps(pair.as_ptr()), _mm512_loadu_ps(pair.as_ptr().add(16))) }
+                    } else {
+                        let [wa, wb] = split.windows[i];
+                        (wa.load(input), wb.load(input))
+                    };
+                    even[j] = _mm512_permutex2var_ps(a, split.even, b);
+                    odd[j] = _mm512_permutex2var_ps(a, split.odd, b);
+                }
+            }
+            for kx in 0..K {
+                let w = _mm512_set1_ps(taps[ky * K + kx]);
+                let half = if kx % 2 == 0 { &even } else { &odd };
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(shifted(half[j], half[j + 1], kx / 2), w, *acc);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            let x0 = (v0 + j) * 16;
+            let v = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), *acc));
+            let lanes = (ow - x0).min(16);
+            let dst = &mut orow[x0..x0 + lanes];
+            // SAFETY: the mask covers exactly `lanes` floats, all inside `dst`.
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().cast::<f32>(), lanes16(lanes), v) };
+        }
     }
 
     /// The padded rows (from padded row `top` on) of one channel's `plane` (input rows from
@@ -1608,7 +1750,7 @@ mod tests {
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
         type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
-        let cases: [Case; 16] = [
+        let cases: [Case; 18] = [
             ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
             // Rows wide enough for the direct unit: stride 2 (even and odd columns) with
             // EfficientNet's asymmetric pads, 5x5 taps, a last vector of 1 and of 13 lanes.
@@ -1624,6 +1766,10 @@ mod tests {
             ([1, 33, 7, 7], [5, 5], [2, 2], 1, [(1, 2), (2, 1)]),
             ([1, 20, 150, 37], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
             ([1, 9, 61, 45], [5, 5], [2, 2], 1, [(2, 2), (1, 2)]),
+            // Column stride 2 read straight from the rows, with left pads of a whole pair and
+            // more: pairs of padding only, then pairs partly and wholly in the row.
+            ([1, 3, 7, 150], [3, 3], [2, 2], 1, [(4, 4), (33, 2)]),
+            ([1, 2, 5, 40], [5, 5], [2, 2], 1, [(1, 1), (60, 3)]),
             ([2, 12, 19, 23], [3, 3], [3, 3], 1, [(1, 1), (1, 1)]),
             ([1, 18, 30, 29], [3, 3], [2, 1], 2, [(2, 1), (1, 2)]),
             // A stride-2 direct convolution between two stride-1 ones of the same layout: it
