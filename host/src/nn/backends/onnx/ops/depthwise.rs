@@ -351,6 +351,13 @@ impl Depthwise {
             // the same interior) and the output band.
             || (super::filled(self.tile_rows * self.pw, [0f32; L]), super::filled(self.band * self.ow, [0f32; L])),
             |(tile, obuf), (i, gi, lanes, oy0, mut dsts)| {
+                // The neighbouring blocks' weights, which this thread most likely takes next
+                // (the loop's caller runs its items in order, its helpers in reverse).
+                for next in [gi.wrapping_sub(1), gi + 1] {
+                    if let Some(ws) = wb.get(next.wrapping_mul(taps)..next.wrapping_add(1).wrapping_mul(taps)) {
+                        crate::nn::kernels::simd::prefetch(ws);
+                    }
+                }
                 let first = (i * c + gi * L) * plane;
                 let block = Block {
                     src: &xs[first..first + lanes * plane],
