@@ -1,7 +1,8 @@
 //! EIR's ONNX backend against ONNX Runtime, in one run: EfficientNet-Lite0 at batch 1 and 8,
 //! and Silero VAD per 32 ms chunk (state carried). Both sides use the same inputs and the same
 //! number of threads; the ONNX Runtime side runs `ort_bench.py` with `$EIR_BENCH_PYTHON`
-//! (a Python with onnxruntime and numpy). Reports medians and EIR / ONNX Runtime.
+//! (a Python with onnxruntime and numpy). The two sides take turns (`BENCH_ROUNDS`); each row
+//! reports medians and the median of the rounds' EIR / ONNX Runtime, with every round's.
 //!
 //! Run: `EIR_BENCH_PYTHON=/path/to/python scripts/bench.sh onnx` (needs `eir models fetch`).
 
