@@ -40,8 +40,8 @@ const NR: usize = 32;
 /// The deepest slice of `k` one AVX-512 tile reduces before its partial sums go back to `C`:
 /// 12 rows of A at this depth (18 KiB) stay in L1 while B's strips stream past from L2.
 const KC: usize = 384;
-/// How many steps of `k` ahead the kernels ask for A's panels into L2, besides the 16 steps
-/// ahead they ask for into L1. In a model's pass the weights come from memory, not L3 (the
+/// How many steps of `k` ahead the AVX-512 kernels ask for A's panels into L2, besides the 16
+/// steps ahead they ask for into L1. In a model's pass the weights come from memory, not L3 (the
 /// pass reads 18 MB of them, and the L3 is shared): 16 steps (768 bytes) did not cover that
 /// latency. EfficientNet-Lite0's 7x7 blocks, one thread, in the pass: expand 120 → 101–104 µs,
 /// project 128 → 112 µs; the pass 4.45–4.57 → 4.35–4.41 ms; MiniLM 32 × 20 tokens 31.5 → 29.5 ms.

@@ -96,7 +96,8 @@ pub(crate) fn prefetch<T>(data: &[T]) {
         use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         let bytes = std::mem::size_of_val(data);
         let start = data.as_ptr().cast::<i8>();
-        for at in (0..bytes).step_by(64) {
+        // Every 64 bytes from the start, and the last byte: `data` need not start on a line.
+        for at in (0..bytes).step_by(64).chain(bytes.checked_sub(1)) {
             // SAFETY: SSE is part of x86_64; a prefetch of an address inside `data` reads
             // nothing and cannot fault.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(at)) };

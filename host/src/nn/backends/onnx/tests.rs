@@ -656,6 +656,9 @@ fn residual_additions_join_their_block() {
 /// shows in a result.
 #[test]
 fn every_split_a_block_is_timed_on_computes_the_same_numbers() {
+    // Holds the level where it is (the cap's lock): a test that caps it meanwhile would switch
+    // kernels between passes, whose numbers then differ in their last bits.
+    let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
     // 21 rows on 2 threads: ranges of several sizes, the expand fused or apart. A 7x7 plane on
     // 3 threads: ranges of 3 rows would leave a last one of 7 columns, which the GEMM runs
     // turned around (another order of summation), so they are not among the splits. 400

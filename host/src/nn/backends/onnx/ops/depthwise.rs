@@ -353,8 +353,8 @@ impl Depthwise {
             |(tile, obuf), (i, gi, lanes, oy0, mut dsts)| {
                 // The neighbouring blocks' weights, which this thread most likely takes next
                 // (the loop's caller runs its items in order, its helpers in reverse).
-                for next in [gi.wrapping_sub(1), gi + 1] {
-                    if let Some(ws) = wb.get(next.wrapping_mul(taps)..next.wrapping_add(1).wrapping_mul(taps)) {
+                for next in [gi.checked_sub(1), Some(gi + 1)].into_iter().flatten() {
+                    if let Some(ws) = wb.get(next * taps..(next + 1) * taps) {
                         crate::nn::kernels::simd::prefetch(ws);
                     }
                 }
@@ -1085,7 +1085,8 @@ mod x86 {
 /// turning 16 planes into pixels of 16 channels and back). Per channel, the input rows a
 /// range reads are copied once into zero-bordered rows (for a column stride of 2, split into
 /// their even and odd columns), so that every tap of 16 neighbouring outputs is one
-/// unaligned load; four vectors of a row share each tap's weight.
+/// unaligned load; four vectors of a row share each tap's weight. 3x3 and 5x5 kernels at
+/// column stride 2 read the input rows in place instead ([`strided`]).
 #[cfg(target_arch = "x86_64")]
 mod direct {
     use std::arch::x86_64::*;
@@ -1230,7 +1231,7 @@ mod direct {
     unsafe fn strided(d: &Depthwise, b: &Block<'_, 16>, (from, to): (usize, usize), dst: &mut Dst<'_, 16>) {
         let vectors = d.ow.div_ceil(16);
         // Pair i of a padded row holds its columns 32i..32i + 32. Output vector j's taps read
-        // columns 32j..32j + 31 + kw - 1: pairs j and j + 1.
+        // columns 32j..=32j + 30 + kw - 1: pairs j and j + 1.
         let mut windows = Vec::with_capacity(vectors + 1);
         for i in 0..=vectors {
             windows.push([Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]);
@@ -1302,7 +1303,7 @@ mod direct {
     /// column stride 2, from the input row of each kernel row (`rows[ky]`, `None`: padding).
     ///
     /// # Safety
-    /// AVX-512F; `K` is 3 or 5 and `taps` holds `K·K` weights.
+    /// The CPU must support AVX-512F (`K` and the length of `taps` are checked: 3 or 5, `K·K`).
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::type_complexity)]
@@ -1510,10 +1511,8 @@ mod direct {
         // stride those of `d` (matched here).
         unsafe {
             match (d.kh, d.kw, d.sw) {
-                (3, 3, 1) => return fixed::<3, 1>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
-                (3, 3, 2) => return fixed::<3, 2>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
-                (5, 5, 1) => return fixed::<5, 1>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
-                (5, 5, 2) => return fixed::<5, 2>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
+                (3, 3, 1) => return fixed::<3>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
+                (5, 5, 1) => return fixed::<5>(d, rows, l, taps, bias, (lo, hi), (from, to), out),
                 _ => {}
             }
         }
@@ -1539,14 +1538,15 @@ mod direct {
         }
     }
 
-    /// [`channel`] for a `K`×`K` kernel with column stride `S` (`d`'s own): the taps' weights
-    /// broadcast once, and every tap of a group of output vectors unrolled.
+    /// [`channel`] for a `K`×`K` kernel at column stride 1 (`d`'s own): the taps' weights
+    /// broadcast once, and every tap of a group of output vectors unrolled. (At column stride
+    /// 2, 3x3 and 5x5 kernels take [`strided`] instead.)
     ///
     /// # Safety
-    /// As [`channel`], with `d.kh = d.kw = K` and `d.sw = S`.
+    /// As [`channel`], with `d.kh = d.kw = K` and `d.sw = 1`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn fixed<const K: usize, const S: usize>(
+    unsafe fn fixed<const K: usize>(
         d: &Depthwise,
         rows: &[f32],
         l: &Layout,
@@ -1573,10 +1573,10 @@ mod direct {
                 // and its padded rows (oy - from)·sh.. + K lie in `rows` (`Layout::new`).
                 unsafe {
                     match n {
-                        4 => fixed_group::<4, K, S>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
-                        3 => fixed_group::<3, K, S>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
-                        2 => fixed_group::<2, K, S>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
-                        _ => fixed_group::<1, K, S>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
+                        4 => fixed_group::<4, K>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
+                        3 => fixed_group::<3, K>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
+                        2 => fixed_group::<2, K>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
+                        _ => fixed_group::<1, K>(l, &weights, bias, (lo, hi), base, v0, d.ow, orow),
                     }
                 }
                 v0 += n;
@@ -1589,11 +1589,11 @@ mod direct {
     ///
     /// # Safety
     /// AVX-512F; as [`group`], `base` the first of `K` padded rows inside a buffer of `l`'s
-    /// layout that `l.covers` a `K`-wide kernel of column stride `S` (1 or 2).
+    /// layout that `l.covers` a `K`-wide kernel of column stride 1.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn fixed_group<const N: usize, const K: usize, const S: usize>(
+    unsafe fn fixed_group<const N: usize, const K: usize>(
         l: &Layout,
         weights: &[[__m512; K]; K],
         bias: f32,
@@ -1603,36 +1603,22 @@ mod direct {
         ow: usize,
         orow: &mut [MaybeUninit<f32>],
     ) {
-        const { assert!(S == 1 || S == 2, "column stride 1 or 2") };
+        const { assert!(K <= 5 && N <= 4, "taps at most 5 wide, at most 4 vectors") };
         let mut acc = [_mm512_set1_ps(bias); N];
         let vectors = base.wrapping_add(v0 * 16);
         for (ky, weights) in weights.iter().enumerate() {
             let row = vectors.wrapping_add(ky * l.stride);
-            if S == 1 {
-                // Each vector of the row and the one after it loaded once, and every tap's
-                // columns shifted out of the pair in registers: a third of the loads, none
-                // of them split across cache lines by a tap's offset.
-                // SAFETY: as `group`, and the vector after the group's last lies inside the
-                // row too (`Layout::covers`: last + 16 ≤ stride at stride 1).
-                let loaded: [__m512; 5] = std::array::from_fn(|j| {
-                    if j <= N { unsafe { _mm512_loadu_ps(row.add(16 * j)) } } else { _mm512_setzero_ps() }
-                });
-                for (kx, &w) in weights.iter().enumerate() {
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        let x = shifted(loaded[j], loaded[j + 1], kx);
-                        *acc = _mm512_fmadd_ps(x, w, *acc);
-                    }
-                }
-                continue;
-            }
-            // Stride 2: output x's tap kx reads column 2x + kx, column x + kx/2 of the even or
-            // odd half.
+            // Each vector of the row and the one after it loaded once, and every tap's columns
+            // shifted out of the pair in registers: a third of the loads, none of them split
+            // across cache lines by a tap's offset.
+            // SAFETY: as `group`, and the vector after the group's last lies inside the row
+            // too (`Layout::covers`: last + 16 ≤ stride at stride 1).
+            let loaded: [__m512; 5] = std::array::from_fn(|j| {
+                if j <= N { unsafe { _mm512_loadu_ps(row.add(16 * j)) } } else { _mm512_setzero_ps() }
+            });
             for (kx, &w) in weights.iter().enumerate() {
-                let at = row.wrapping_add((kx % 2) * l.half + kx / 2);
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: as `group`: the padded row lies in the buffer and every tap of
-                    // every whole vector of it lies inside the row (`Layout::covers`).
-                    let x = unsafe { _mm512_loadu_ps(at.add(16 * j)) };
+                    let x = shifted(loaded[j], loaded[j + 1], kx);
                     *acc = _mm512_fmadd_ps(x, w, *acc);
                 }
             }
@@ -1757,7 +1743,7 @@ mod tests {
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
         type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
-        let cases: [Case; 18] = [
+        let cases: [Case; 26] = [
             ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
             // Rows wide enough for the direct unit: stride 2 (even and odd columns) with
             // EfficientNet's asymmetric pads, 5x5 taps, a last vector of 1 and of 13 lanes.
@@ -1777,13 +1763,24 @@ mod tests {
             // more: pairs of padding only, then pairs partly and wholly in the row.
             ([1, 3, 7, 150], [3, 3], [2, 2], 1, [(4, 4), (33, 2)]),
             ([1, 2, 5, 40], [5, 5], [2, 2], 1, [(1, 1), (60, 3)]),
+            // ... in groups of 4 + 1, 4 + 2 and 4 + 3 vectors of each kernel, with row strides
+            // 1 and 3, and a row of whole vectors (64 columns).
+            ([1, 3, 9, 160], [3, 3], [1, 2], 1, [(1, 1), (1, 1)]),
+            ([1, 2, 7, 220], [3, 3], [2, 2], 1, [(1, 1), (1, 1)]),
+            ([1, 2, 6, 150], [5, 5], [2, 2], 1, [(2, 2), (2, 2)]),
+            ([1, 2, 6, 190], [5, 5], [2, 2], 1, [(2, 2), (2, 2)]),
+            ([1, 3, 11, 200], [5, 5], [3, 2], 1, [(2, 2), (2, 1)]),
+            ([1, 2, 6, 128], [3, 3], [2, 2], 1, [(0, 1), (0, 1)]),
+            // Other kernels at column stride 2 still copy split rows (7x7, 3x5).
+            ([1, 3, 15, 110], [7, 7], [2, 2], 1, [(3, 3), (3, 3)]),
+            ([1, 3, 9, 100], [3, 5], [2, 2], 1, [(1, 1), (2, 2)]),
             ([2, 12, 19, 23], [3, 3], [3, 3], 1, [(1, 1), (1, 1)]),
             ([1, 18, 30, 29], [3, 3], [2, 1], 2, [(2, 1), (1, 2)]),
-            // A stride-2 direct convolution between two stride-1 ones of the same layout: it
-            // writes every column of a thread's rows, whose zero borders the second must not
-            // take as kept.
+            // A stride-2 direct convolution that copies split rows (7x7) between two stride-1
+            // ones of the same layout: it writes every column of a thread's rows, whose zero
+            // borders the second must not take as kept.
             ([1, 5, 9, 49], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
-            ([1, 4, 12, 100], [3, 3], [2, 2], 1, [(1, 1), (1, 1)]),
+            ([1, 4, 12, 100], [7, 7], [2, 2], 1, [(3, 3), (3, 3)]),
             ([1, 5, 9, 49], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
         ];
         // A tile too large to size is refused, not allocated.
