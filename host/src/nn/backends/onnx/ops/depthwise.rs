@@ -1743,7 +1743,7 @@ mod tests {
     #[test]
     fn matches_the_definition_on_ragged_shapes() {
         type Case = ([usize; 4], [usize; 2], [usize; 2], usize, [(usize, usize); 2]);
-        let cases: [Case; 26] = [
+        let cases: [Case; 31] = [
             ([1, 1, 5, 4], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
             // Rows wide enough for the direct unit: stride 2 (even and odd columns) with
             // EfficientNet's asymmetric pads, 5x5 taps, a last vector of 1 and of 13 lanes.
@@ -1776,6 +1776,13 @@ mod tests {
             ([1, 3, 9, 100], [3, 5], [2, 2], 1, [(1, 1), (2, 2)]),
             ([2, 12, 19, 23], [3, 3], [3, 3], 1, [(1, 1), (1, 1)]),
             ([1, 18, 30, 29], [3, 3], [2, 1], 2, [(2, 1), (1, 2)]),
+            // Stride 1, in groups of 4 + 1, 4 + 2 and 4 + 3 vectors of each kernel, a row of
+            // whole vectors, and a left pad past a whole vector.
+            ([1, 2, 5, 90], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
+            ([1, 2, 5, 110], [5, 5], [1, 1], 1, [(2, 2), (2, 2)]),
+            ([1, 2, 5, 75], [5, 5], [1, 1], 1, [(1, 1), (3, 1)]),
+            ([1, 2, 6, 96], [3, 3], [1, 1], 1, [(1, 1), (1, 1)]),
+            ([1, 2, 5, 60], [3, 3], [1, 1], 1, [(1, 1), (20, 0)]),
             // A stride-2 direct convolution that copies split rows (7x7) between two stride-1
             // ones of the same layout: it writes every column of a thread's rows, whose zero
             // borders the second must not take as kept.
