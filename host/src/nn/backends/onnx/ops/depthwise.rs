@@ -1236,14 +1236,8 @@ mod direct {
         for i in 0..=vectors {
             windows.push([Window::new(d.w, i * 32, d.pl), Window::new(d.w, i * 32 + 16, d.pl)]);
         }
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let split = Split {
-            windows,
-            whole: d.pl.div_ceil(32)..(d.pl + d.w) / 32,
-            pl: d.pl,
-            even,
-            odd: _mm512_add_epi32(even, _mm512_set1_epi32(1)),
-        };
+        let (even, odd) = halves();
+        let split = Split { windows, whole: d.pl.div_ceil(32)..(d.pl + d.w) / 32, pl: d.pl, even, odd };
         let mut taps = vec![0f32; b.weights.len()];
         for (cl, out) in dst.iter_mut().enumerate().take(b.lanes) {
             let Some(out) = out.as_deref_mut() else { continue };
@@ -1381,27 +1375,7 @@ mod direct {
             if d.sw == 2 {
                 let (even, odd) = dst.split_at_mut(l.half);
                 // 32 columns at a time into 16 even and 16 odd (`half` is a multiple of 16).
-                let pick = |first: i32| {
-                    _mm512_setr_epi32(
-                        first,
-                        first + 2,
-                        first + 4,
-                        first + 6,
-                        first + 8,
-                        first + 10,
-                        first + 12,
-                        first + 14,
-                        first + 16,
-                        first + 18,
-                        first + 20,
-                        first + 22,
-                        first + 24,
-                        first + 26,
-                        first + 28,
-                        first + 30,
-                    )
-                };
-                let (pe, po) = (pick(0), pick(1));
+                let (pe, po) = halves();
                 // The pairs whose 32 columns all lie in the input (padded columns pl..pl + w)
                 // load plainly; the masks' arithmetic per vector had cost as much as the loads.
                 let whole = d.pl.div_ceil(32)..(d.pl + d.w) / 32;
@@ -1694,6 +1668,15 @@ mod direct {
             // SAFETY: the mask covers exactly `lanes` floats, all inside `dst`.
             unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().cast::<f32>(), lanes16(lanes), v) };
         }
+    }
+
+    /// The permutations that take the even and the odd columns out of 32 consecutive ones
+    /// held in two vectors (`_mm512_permutex2var_ps`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn halves() -> (__m512i, __m512i) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        (even, _mm512_add_epi32(even, _mm512_set1_epi32(1)))
     }
 }
 
