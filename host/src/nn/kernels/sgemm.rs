@@ -216,6 +216,30 @@ pub(crate) fn gemm_strips_lda(
     bias: Option<&[f32]>,
     gelu: bool,
 ) -> Result<(), NnError> {
+    strips_checked(m, (a, lda), b, dst, (bias, None, gelu))
+}
+
+/// [`gemm_strips`] with `clamp` applied after the bias (a convolution's fused activation), as
+/// [`gemm`]'s tile kernels apply it: the two still agree to the bit.
+pub(crate) fn gemm_strips_clamped(
+    m: usize,
+    a: &[f32],
+    b: &Strips,
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false))
+}
+
+/// The operand checks of the strips products, then the kernel.
+fn strips_checked(
+    m: usize,
+    (a, lda): (&[f32], usize),
+    b: &Strips,
+    dst: &mut [MaybeUninit<f32>],
+    (bias, clamp, gelu): (Option<&[f32]>, Option<Clamp>, bool),
+) -> Result<(), NnError> {
     let (k, n) = (b.k, b.n);
     let fits = |x: Option<usize>, have: usize| x.is_some_and(|x| x <= have);
     // A's last row ends at (m - 1)·lda + k.
@@ -233,7 +257,9 @@ pub(crate) fn gemm_strips_lda(
     // `dst` m·n floats (checked above, without overflow) and is a distinct &mut; `b.data`
     // holds its n.div_ceil(32) strips of k×32 floats (`Strips`' constructors); `bias` holds n
     // values (checked).
-    unsafe { x86::gemm_strips([m, n, k], a.as_ptr(), lda, &b.data, dst.as_mut_ptr().cast::<f32>(), bias, gelu) };
+    unsafe {
+        x86::gemm_strips([m, n, k], a.as_ptr(), lda, &b.data, dst.as_mut_ptr().cast::<f32>(), (bias, clamp, gelu))
+    };
     Ok(())
 }
 
@@ -1504,8 +1530,7 @@ mod x86 {
         lda: usize,
         strips: &[f32],
         dst: *mut f32,
-        bias: Option<&[f32]>,
-        gelu: bool,
+        (bias, clamp, gelu): (Option<&[f32]>, Option<Clamp>, bool),
     ) {
         let panels = m.div_ceil(MR512);
         let strips_n = n.div_ceil(NR);
@@ -1532,7 +1557,7 @@ mod x86 {
             let cols = chunk * per_chunk..strips_n.min((chunk + 1) * per_chunk);
             // SAFETY: forwarded from this function's contract; this unit alone writes rows
             // `tiles` (×12) at columns `cols` (×32) of dst (units are distinct (group, chunk)).
-            unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), bias, gelu, tiles, cols) };
+            unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), (bias, clamp, gelu), tiles, cols) };
         };
         let units = groups * chunks;
         if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
@@ -1573,8 +1598,7 @@ mod x86 {
         (a, lda): (*const f32, usize),
         strips: &[f32],
         c: *mut f32,
-        bias: Option<&[f32]>,
-        gelu: bool,
+        (bias, clamp, gelu): (Option<&[f32]>, Option<Clamp>, bool),
         tiles: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) {
@@ -1599,6 +1623,7 @@ mod x86 {
                         ldc: n,
                         cols: width,
                         bias: bias.map(|b| b[j..].as_ptr()),
+                        clamp,
                         first,
                         last,
                     };
@@ -1647,6 +1672,8 @@ mod x86 {
         cols: usize,
         /// The bias at the tile's first column (`cols` values), added with the last slice.
         bias: Option<*const f32>,
+        /// Applied after the bias, with the last slice.
+        clamp: Option<Clamp>,
         first: bool,
         last: bool,
     }
@@ -1673,6 +1700,12 @@ mod x86 {
         for p in 0..t.k {
             // SAFETY: step p < k of the strip: 32 floats at b + 32p.
             let bv = unsafe { [_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16))] };
+            // The strip is a layer's weights: inside a model's pass they stream from memory
+            // (see AHEAD), so ask for them ahead into L2, both lines of each step. A prefetch
+            // never faults, so running past the strip is harmless.
+            let ahead = b.wrapping_add(super::AHEAD * NR);
+            _mm_prefetch::<_MM_HINT_T1>(ahead.cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(16).cast::<i8>());
             for r in 0..R {
                 // SAFETY: row r < R of A at column p < k (the contract).
                 let av = _mm512_set1_ps(unsafe { *rows[r].add(p) });
@@ -1700,6 +1733,9 @@ mod x86 {
                 }
                 if t.last {
                     x = _mm512_add_ps(x, bias[v]);
+                    if let Some(Clamp { lo, hi }) = t.clamp {
+                        x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { _mm512_mask_storeu_ps(at, masks[v], x) };
@@ -1860,8 +1896,7 @@ mod x86 {
         _: usize,
         _: &[f32],
         _: *mut f32,
-        _: Option<&[f32]>,
-        _: bool,
+        _: (Option<&[f32]>, Option<Clamp>, bool),
     ) {
         unreachable!("simd::avx512() is false off x86_64")
     }

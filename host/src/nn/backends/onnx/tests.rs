@@ -661,9 +661,10 @@ fn every_split_a_block_is_timed_on_computes_the_same_numbers() {
     let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
     // 21 rows on 2 threads: ranges of several sizes, the expand fused or apart. A 7x7 plane on
     // 3 threads: ranges of 3 rows would leave a last one of 7 columns, which the GEMM runs
-    // turned around (another order of summation), so they are not among the splits. 400
-    // channels: the project's reduction is deeper than one slice of the GEMM's k.
-    for (threads, h, w, at_least) in [(2, 21usize, 19usize, 4), (3, 7, 7, 1)] {
+    // turned around (another order of summation), so they are not among the splits; running
+    // channels last is. 400 channels: the project's reduction is deeper than one slice of the
+    // GEMM's k.
+    for (threads, h, w, at_least) in [(2, 21usize, 19usize, 4), (3, 7, 7, 2)] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
         pool.install(|| {
             let (c_in, c, m) = (5usize, 400usize, 24usize);
@@ -687,6 +688,9 @@ fn every_split_a_block_is_timed_on_computes_the_same_numbers() {
             let timed = crate::nn::kernels::sgemm::columns_independent();
             let enough = if timed { splits.len() >= at_least } else { splits.len() == 1 };
             assert!(enough, "{h}x{w} on {threads} threads tried {splits:?}");
+            // The 7x7 plane is small enough to run channels last, the rule there with AVX-512.
+            let last = splits.iter().any(|s| s.as_str() == "ChannelsLast");
+            assert_eq!(last, h == 7 && crate::nn::kernels::simd::avx512(), "{h}x{w} tried {splits:?}");
         });
     }
 }

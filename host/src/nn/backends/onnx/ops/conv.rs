@@ -19,6 +19,7 @@ use super::depthwise::{self, Depthwise, MAX_LANES};
 use super::stem::Stem;
 use super::with_f32;
 use crate::nn::error::NnError;
+use crate::nn::kernels::act;
 use crate::nn::kernels::sgemm::{self, Clamp, Packed, gemm_into};
 
 /// Geometry of a 2-D convolution.
@@ -147,6 +148,11 @@ impl ConvPlan {
     /// The output's height and width.
     pub(crate) fn out(&self) -> [usize; 2] {
         self.out
+    }
+
+    /// Whether [`channels_last`] runs a block on this depthwise plan.
+    pub(crate) fn takes_channels_last(&self) -> bool {
+        self.depthwise.as_ref().is_some_and(Depthwise::takes_channels_last) && self.dims[1].is_multiple_of(16)
     }
 
     /// The most bytes the kernels allocate: the output, one group's im2col columns, a padded
@@ -566,6 +572,129 @@ pub(crate) fn depthwise_pointwise(
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
 
+/// A pointwise convolution's operands for [`channels_last`]: weights (`[m, c, 1, 1]`), bias,
+/// clamp, and where its weights are kept in strips.
+pub(crate) type PointwiseStrips<'a> =
+    (&'a Tensor, Option<&'a Tensor>, Option<Clamp>, &'a super::Derived<Option<sgemm::Strips>>);
+
+/// What [`channels_last`] allocates for an `[n, c, h, w]` depthwise plan after an expand from
+/// `c_in` channels and before a pointwise into `m`, output included.
+pub(crate) fn channels_last_bytes(plan: &ConvPlan, c_in: usize, m: usize) -> Result<u64, NnError> {
+    let [n, c, h, w] = plan.dims;
+    let per_pixel = c_in
+        .checked_add(c.checked_mul(2).ok_or_else(|| NnError::too_large("Conv: too many channels"))?)
+        .and_then(|f| f.checked_add(m.checked_mul(2)?))
+        .ok_or_else(|| NnError::too_large("Conv: too many channels"))?;
+    super::count(&[n, h, w, per_pixel, 4])
+}
+
+/// An expand, a depthwise and a pointwise convolution (then `residual`, if given, added) run
+/// channels last: the input turned into `[n·h·w, c_in]` rows of pixels, the two pointwise
+/// products as `X·Wᵀ` on the strips kernel (pixels are rows there, and a ragged count of them
+/// costs little, where the planar product's 49 columns of a 7x7 plane run a 32-, a 16- and a
+/// one-column kernel), the depthwise convolution on the pixels' channels
+/// ([`Depthwise::channels_last`]), and only the result turned back. Every product and tap is
+/// summed in the order of the planar kernels, so the numbers are the same to the bit.
+/// `Ok(None)` where it does not apply: a plan [`Depthwise::channels_last`] does not take, or
+/// weights the strips kernel cannot hold (no AVX-512).
+pub(crate) fn channels_last(
+    x: &Tensor,
+    (we, be, clamp_e, strips_e): PointwiseStrips<'_>,
+    (wd, bd, clamp_d, keep_d): (&Tensor, Option<&Tensor>, Option<Clamp>, depthwise::Keep<'_>),
+    plan: &ConvPlan,
+    (wp, bp, clamp_p, strips_p): PointwiseStrips<'_>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>, NnError> {
+    let [n, c, h, w] = plan.dims;
+    let Some(dw) = plan.depthwise.as_ref().filter(|d| d.takes_channels_last() && c.is_multiple_of(16)) else {
+        return Ok(None);
+    };
+    let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
+    let c_in = match (x.dims(), we.dims()) {
+        (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
+        _ => return Err(shapes("the expand convolution")),
+    };
+    let m = match wp.dims() {
+        &[m, cp, 1, 1] if cp == c => m,
+        _ => return Err(shapes("the pointwise convolution")),
+    };
+    if wd.dims() != plan.kernel {
+        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
+    }
+    if residual.is_some_and(|r| r.dims() != [n, m, h, w]) {
+        return Err(shapes("the residual"));
+    }
+    let biases = |t: Option<&Tensor>, len: usize| -> Result<Option<Vec<f32>>, NnError> {
+        let v = t.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
+        match v {
+            Some(v) if v.len() != len => Err(shapes("a bias")),
+            v => Ok(v),
+        }
+    };
+    let (be, bd, bp) = (biases(be, c)?, biases(bd, c)?, biases(bp, m)?);
+    let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
+    let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
+    let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
+        return Ok(None);
+    };
+    let (plane, pixels) = (h * w, n * h * w);
+    let floats = |len: usize| -> Result<Vec<f32>, NnError> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
+        Ok(v)
+    };
+    // A product of `rows` pixels by `strips` into a new buffer.
+    let product = |rows: &[f32], strips: &sgemm::Strips, bias: Option<&[f32]>, clamp| -> Result<Vec<f32>, NnError> {
+        let len = pixels * strips.n();
+        let mut v = floats(len)?;
+        sgemm::gemm_strips_clamped(pixels, rows, strips, &mut v.spare_capacity_mut()[..len], bias, clamp)?;
+        // SAFETY: `gemm_strips_clamped` returned Ok, so it wrote all `pixels·n` values.
+        unsafe { v.set_len(len) };
+        Ok(v)
+    };
+    let turned = || NnError::too_large("Conv: cannot allocate a transposed image");
+    // The input's pixels as rows.
+    let rows = with_f32(x, |xs| -> Result<Vec<f32>, NnError> {
+        if n == 1 {
+            return act::transpose(xs, c_in, plane).ok_or_else(turned);
+        }
+        let mut rows = floats(pixels * c_in)?;
+        for image in xs.chunks_exact(c_in * plane).take(n) {
+            rows.extend_from_slice(&act::transpose(image, c_in, plane).ok_or_else(turned)?);
+        }
+        Ok(rows)
+    })??;
+    let expanded = product(&rows, se, be.as_deref(), clamp_e)?;
+    drop(rows);
+    let mut mid = floats(pixels * c)?;
+    let ran = with_f32(wd, |wds| {
+        let out = &mut mid.spare_capacity_mut()[..pixels * c];
+        dw.channels_last(&expanded, wds, [n, c], bd.as_deref(), clamp_d, keep_d, out)
+    })?;
+    if !ran {
+        return Ok(None);
+    }
+    // SAFETY: `channels_last` ran, and it writes every element of its n·h·w·c output.
+    unsafe { mid.set_len(pixels * c) };
+    drop(expanded);
+    let projected = product(&mid, sp, bp.as_deref(), clamp_p)?;
+    drop(mid);
+    // Back to planes, then the residual added.
+    let mut out = if n == 1 {
+        act::transpose(&projected, plane, m).ok_or_else(turned)?
+    } else {
+        let mut out = floats(pixels * m)?;
+        for image in projected.chunks_exact(plane * m) {
+            out.extend_from_slice(&act::transpose(image, plane, m).ok_or_else(turned)?);
+        }
+        out
+    };
+    if let Some(r) = residual {
+        with_f32(r, |rs| out.iter_mut().zip(rs).for_each(|(o, r)| *o += r))?;
+    }
+    Ok(Some(Tensor::from_vec(out, (n, m, h, w), x.device())?))
+}
+
 /// A convolution's weights as its GEMMs take them, with the epilogue.
 struct GemmWeights<'a> {
     ws: &'a [f32],
@@ -892,6 +1021,80 @@ mod tests {
         }
     }
 
+    /// A block run channels last computes what its three convolutions compute one after the
+    /// other (then the residual), to the bit where every product has more than TURNED_MAX
+    /// pixels (both then sum in the tile kernels' order), and within float rounding on planes
+    /// of fewer; batches, both kernel sizes, with and without the pointwise clamp. Planes it
+    /// does not take (stride 2, wider than 8, channels not a multiple of 16) and CPUs without
+    /// AVX-512 get `None`, and run another split.
+    #[test]
+    fn channels_last_is_the_three_convolutions() {
+        let dev = Device::Cpu;
+        let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+        // [n, c_in, h, w], expanded channels, outputs, kernel, stride.
+        let cases: [([usize; 4], usize, usize, usize, usize); 9] = [
+            ([1, 24, 7, 7], 48, 16, 5, 1),
+            ([2, 8, 7, 7], 32, 24, 3, 1),
+            ([3, 5, 8, 6], 16, 7, 5, 1),
+            ([1, 12, 4, 3], 32, 9, 3, 1),
+            ([2, 3, 1, 1], 16, 4, 3, 1),
+            ([1, 40, 7, 7], 400, 24, 3, 1),
+            ([1, 8, 7, 7], 24, 8, 3, 1),
+            ([1, 8, 14, 14], 32, 8, 3, 2),
+            ([1, 8, 9, 9], 32, 8, 3, 1),
+        ];
+        for ([n, c_in, h, w], c, m, k, stride) in cases {
+            let (x, we, be) = (randn(&[n, c_in, h, w]), randn(&[c, c_in, 1, 1]), randn(&[c]));
+            let (wd, bd, wp, bp) = (randn(&[c, 1, k, k]), randn(&[c]), randn(&[m, c, 1, 1]), randn(&[m]));
+            let p = k / 2;
+            let pads = if stride == 1 { [(p, p); 2] } else { [(p - 1, p); 2] };
+            let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
+            let g1 = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
+            let plan = ConvPlan::new(&[n, c, h, w], wd.dims(), &g).unwrap();
+            let takes = crate::nn::kernels::simd::avx512() && stride == 1 && w <= 8 && c % 16 == 0;
+            assert_eq!(plan.takes_channels_last(), takes, "{:?}", (n, c_in, h, w, c, k, stride));
+            for (clamp_p, with_residual) in [(None, true), (six, false)] {
+                let e = planned(&x, &we, Some(&be), &g1, six, None).unwrap();
+                let d = planned(&e, &wd, Some(&bd), &g, six, None).unwrap();
+                let mut want = planned(&d, &wp, Some(&bp), &g1, clamp_p, None).unwrap();
+                let residual = with_residual.then(|| randn(want.dims()));
+                if let Some(r) = &residual {
+                    want = (want + r).unwrap();
+                }
+                let (se, sp, blocked) = Default::default();
+                let blocked: depthwise::BlockedWeights = blocked;
+                let got = channels_last(
+                    &x,
+                    (&we, Some(&be), six, &se),
+                    (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                    &plan,
+                    (&wp, Some(&bp), clamp_p, &sp),
+                    residual.as_ref(),
+                )
+                .unwrap();
+                let Some(got) = got else {
+                    assert!(!takes, "{:?}: declined", (n, c_in, h, w, c, k));
+                    continue;
+                };
+                assert!(takes, "{:?}: ran a plan it does not take", (n, c_in, h, w, c, k, stride));
+                assert_eq!(got.dims(), want.dims());
+                let (got, want) = (
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                if h * w > sgemm::TURNED_MAX {
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{:?}: not the same bits", (n, c_in, h, w, c, m, k));
+                } else {
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{:?}: {a} vs {b}", (n, c_in, h, w, c, m, k));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn epilogue_adds_bias_and_clamps() {
         let dev = Device::Cpu;
@@ -967,6 +1170,89 @@ mod timing {
                 t.elapsed() / iters
             });
             eprintln!("{name:>20}: {t:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod fused_timing {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    #[ignore]
+    fn fused_timings() {
+        let dev = Device::Cpu;
+        let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let only = std::env::var("FUSED_CASE").unwrap_or_default();
+        // name, x dims (input of the expand or of the dw), expanded c, m, k, stride, pads, rows
+        type Case = (&'static str, [usize; 4], Option<usize>, usize, usize, usize, [(usize, usize); 2], usize);
+        let cases: [Case; 4] = [
+            ("block1", [1, 32, 112, 112], None, 16, 3, 1, [(1, 1), (1, 1)], 16),
+            ("block2", [1, 16, 112, 112], Some(96), 24, 3, 2, [(0, 1), (0, 1)], 10),
+            ("block7", [1, 192, 7, 7], Some(1152), 192, 5, 1, [(2, 2), (2, 2)], 7),
+            ("block56", [1, 24, 56, 56], Some(144), 24, 3, 1, [(1, 1), (1, 1)], 8),
+        ];
+        for (name, xd, expand, m, k, stride, pads, rows) in cases.into_iter().filter(|c| c.0.contains(&only)) {
+            let c = expand.unwrap_or(xd[1]);
+            let xin = randn(&xd);
+            let (we, be) = (randn(&[c, xd[1], 1, 1]), randn(&[c]));
+            let (wd, bd, wp, bp) = (randn(&[c, 1, k, k]), randn(&[c]), randn(&[m, c, 1, 1]), randn(&[m]));
+            let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
+            let plan = ConvPlan::new(&[xd[0], c, xd[2], xd[3]], wd.dims(), &g).unwrap();
+            let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
+            let blocked = depthwise::BlockedWeights::default();
+            let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+            let t = rayon::scope(|_| {
+                let awake = crate::scheduler::Awake::new(true);
+                awake.run(|| {
+                    crate::nn::kernels::median_time(2001, &mut || {
+                        depthwise_pointwise(
+                            &xin,
+                            expand.map(|_| (&we, Some(&be), six, Some((&cache_e, we.id())))),
+                            (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                            &plan,
+                            rows,
+                            (&wp, Some(&bp), None, Some((&cache, wp.id()))),
+                            None,
+                        )
+                        .unwrap();
+                    })
+                })
+            });
+            eprintln!("{name}: {t:?}");
+            if expand.is_some() && plan.takes_channels_last() {
+                let (s0, s1) = (super::super::Derived::default(), super::super::Derived::default());
+                let run = || {
+                    channels_last(
+                        &xin,
+                        (&we, Some(&be), six, &s0),
+                        (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                        &plan,
+                        (&wp, Some(&bp), None, &s1),
+                        None,
+                    )
+                    .unwrap()
+                    .unwrap()
+                };
+                let want = depthwise_pointwise(
+                    &xin,
+                    expand.map(|_| (&we, Some(&be), six, Some((&cache_e, we.id())))),
+                    (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                    &plan,
+                    rows,
+                    (&wp, Some(&bp), None, Some((&cache, wp.id()))),
+                    None,
+                )
+                .unwrap();
+                let got = run();
+                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let t = rayon::scope(|_| {
+                    let awake = crate::scheduler::Awake::new(true);
+                    awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
+                });
+                eprintln!("{name} channels last: {t:?} (max diff {diff})");
+            }
         }
     }
 }

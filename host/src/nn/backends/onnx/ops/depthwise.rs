@@ -173,6 +173,87 @@ impl Depthwise {
         self.blocks::<8>(xs, ws, out, [n, c], (bias, clamp, keep), Self::unit_portable)
     }
 
+    /// Whether [`Depthwise::channels_last`] takes this geometry: stride 1, undilated, a 3x3 or
+    /// 5x5 kernel padded by half its size on every side (the output plane is the input's), on
+    /// planes at most [`last::MAX_WIDTH`] wide, with AVX-512.
+    pub(super) fn takes_channels_last(&self) -> bool {
+        cfg!(target_arch = "x86_64")
+            && simd::avx512()
+            && !self.dilated
+            && [self.sh, self.sw] == [1, 1]
+            && self.kh == self.kw
+            && matches!(self.kh, 3 | 5)
+            && [self.pt, self.pl] == [self.kh / 2; 2]
+            && [self.oh, self.ow] == [self.h, self.w]
+            && (1..=last::MAX_WIDTH).contains(&self.w)
+    }
+
+    /// The convolution of `n` images laid out channels last (`xs`: `[n][h][w][c]`) into `out`
+    /// (the same layout; every element written), `c` a multiple of 16. Each output row takes
+    /// one accumulator per pixel and 16 channels, and every tap (the padding's included, as
+    /// zeros) one multiply-add in the blocked kernel's order (bias first, then the taps row by
+    /// row), so it computes the same numbers as [`Depthwise::run`] on the same images laid out
+    /// planar. For small planes (EfficientNet's 7x7 stage) whose pointwise products run
+    /// channels last too, so nothing is transposed between them. Returns false, untouched,
+    /// where [`Depthwise::takes_channels_last`] does not hold or `c` is not a multiple of 16.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn channels_last(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        [n, c]: [usize; 2],
+        bias: Option<&[f32]>,
+        clamp: Option<Clamp>,
+        keep: Keep<'_>,
+        out: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        let taps = self.kh * self.kw;
+        let row = self.w * c;
+        assert!(
+            xs.len() >= n * self.h * row
+                && out.len() >= n * self.h * row
+                && ws.len() >= c * taps
+                && bias.is_none_or(|b| b.len() >= c),
+            "depthwise: operands smaller than their shapes"
+        );
+        if !self.takes_channels_last() || !c.is_multiple_of(16) {
+            return false;
+        }
+        if n == 0 || c == 0 {
+            return true;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let blocked = Blocked::get::<16>(ws, bias, c, taps, keep);
+            let (wb, bb) = blocked.lanes::<16>();
+            // Units of output rows, as many per image as there are threads (the whole image on
+            // one thread): each unit runs block by block of channels, so a block's few input
+            // pixels stay in L1 for all of the unit's rows.
+            let (h, k) = (self.h, self.kh);
+            let per = h.div_ceil(rayon::current_num_threads().clamp(1, h));
+            let units: Vec<(usize, usize, &mut [MaybeUninit<f32>])> = out[..n * h * row]
+                .chunks_exact_mut(h * row)
+                .enumerate()
+                .flat_map(|(i, image)| image.chunks_mut(per * row).enumerate().map(move |(u, o)| (i, u * per, o)))
+                .collect();
+            crate::nn::kernels::par::for_each(units, |(i, oy0, orows)| {
+                let image = &xs[i * h * row..(i + 1) * h * row];
+                // SAFETY: the CPU has AVX-512F (`takes_channels_last`); the kernel is 3x3 or
+                // 5x5 and the width at most MAX_WIDTH (the same); the image holds h rows of
+                // `row` = w·c floats, `c` a multiple of 16 (checked above), `wb` and `bb` are
+                // blocked for `c` channels of `taps` taps, and `orows` holds whole output rows
+                // from `oy0`.
+                unsafe { last::rows(image, oy0, (wb, bb), clamp, [h, self.w, c, k], orows) };
+            });
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = keep;
+            false
+        }
+    }
+
     /// Runs the convolution `rows` output rows of one image at a time (the last range of an
     /// image may be shorter), every channel into a scratch buffer (`[c][rows × ow]`), which
     /// `then` gets with the image, the rows and that range's item of `items` (one per image
@@ -1087,6 +1168,119 @@ mod x86 {
 /// their even and odd columns), so that every tap of 16 neighbouring outputs is one
 /// unaligned load; four vectors of a row share each tap's weight. 3x3 and 5x5 kernels at
 /// column stride 2 read the input rows in place instead ([`strided`]).
+/// The channels-last kernel of [`Depthwise::channels_last`].
+#[cfg(target_arch = "x86_64")]
+mod last {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use super::Clamp;
+
+    /// Widest plane the kernel takes: one accumulator per pixel of a row, beside the row's
+    /// inputs, in the 32 registers.
+    pub(super) const MAX_WIDTH: usize = 8;
+
+    /// Output rows `oy0..` (`out`: whole rows of `w` pixels of `c` channels) of one image
+    /// (`image`: `h` rows of `w·c` floats) by a `k`×`k` kernel (3 or 5) at stride 1, padded by
+    /// `k / 2`, with the weights and biases blocked by 16 channels (`wb`: per block, `k·k`
+    /// taps; `bb`: per block).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `k` 3 or 5, `w` in 1..=MAX_WIDTH, `c` a multiple of 16.
+    /// The operands' lengths are asserted.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rows(
+        image: &[f32],
+        oy0: usize,
+        (wb, bb): (&[[f32; 16]], &[[f32; 16]]),
+        clamp: Option<Clamp>,
+        [h, w, c, k]: [usize; 4],
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        macro_rules! widths {
+            ($k:literal) => {
+                match w {
+                    1 => blocks::<$k, 1>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    2 => blocks::<$k, 2>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    3 => blocks::<$k, 3>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    4 => blocks::<$k, 4>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    5 => blocks::<$k, 5>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    6 => blocks::<$k, 6>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    7 => blocks::<$k, 7>(image, oy0, (wb, bb), clamp, [h, c], out),
+                    _ => blocks::<$k, 8>(image, oy0, (wb, bb), clamp, [h, c], out),
+                }
+            };
+        }
+        assert!((1..=MAX_WIDTH).contains(&w) && matches!(k, 3 | 5), "depthwise: rows this kernel does not take");
+        if k == 3 { widths!(3) } else { widths!(5) }
+    }
+
+    /// [`rows`] for a `K`×`K` kernel on rows of `W` pixels, block by block of 16 channels.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn blocks<const K: usize, const W: usize>(
+        image: &[f32],
+        oy0: usize,
+        (wb, bb): (&[[f32; 16]], &[[f32; 16]]),
+        clamp: Option<Clamp>,
+        [h, c]: [usize; 2],
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (groups, row) = (c / 16, W * c);
+        let count = out.len() / row;
+        assert!(
+            c.is_multiple_of(16)
+                && wb.len() >= groups * K * K
+                && bb.len() >= groups
+                && image.len() >= h * row
+                && oy0 + count <= h,
+            "depthwise: operands smaller than their shapes"
+        );
+        let (lo, hi) = clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
+        let zero = _mm512_setzero_ps();
+        for g in 0..groups {
+            let taps = &wb[g * K * K..(g + 1) * K * K];
+            for (r, orow) in out.chunks_exact_mut(row).enumerate() {
+                let oy = oy0 + r;
+                // SAFETY: `bb[g]` is 16 floats.
+                let mut acc = [unsafe { _mm512_loadu_ps(bb[g].as_ptr()) }; W];
+                for ky in 0..K {
+                    // The input row's pixels at this block (zeros for a padding row: the
+                    // blocked kernel multiplies its padding too, so the sums match it to the
+                    // bit).
+                    let mut x = [zero; W];
+                    if let Some(y) = (oy + ky).checked_sub(K / 2).filter(|&y| y < h) {
+                        let input = &image[y * row..(y + 1) * row];
+                        for (p, x) in x.iter_mut().enumerate() {
+                            // SAFETY: pixel p < W of the row, channels 16g..16g + 16 ≤ c:
+                            // inside its W·c floats.
+                            *x = unsafe { _mm512_loadu_ps(input.as_ptr().add(p * c + 16 * g)) };
+                        }
+                    }
+                    for kx in 0..K {
+                        // SAFETY: tap ky·K + kx < K·K of the block's 16-lane weights.
+                        let wv = unsafe { _mm512_loadu_ps(taps[ky * K + kx].as_ptr()) };
+                        for (o, acc) in acc.iter_mut().enumerate() {
+                            // Input pixel o + kx - K/2; zero past either edge.
+                            let at = (o + kx).checked_sub(K / 2).filter(|&p| p < W);
+                            *acc = _mm512_fmadd_ps(at.map_or(zero, |p| x[p]), wv, *acc);
+                        }
+                    }
+                }
+                for (o, acc) in acc.iter().enumerate() {
+                    let v = match clamp {
+                        Some(_) => _mm512_min_ps(_mm512_max_ps(*acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
+                        None => *acc,
+                    };
+                    let dst = &mut orow[o * c + 16 * g..][..16];
+                    // SAFETY: `dst` holds 16 floats (MaybeUninit<f32> has f32's layout).
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), v) };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod direct {
     use std::arch::x86_64::*;

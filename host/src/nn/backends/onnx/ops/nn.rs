@@ -1167,6 +1167,8 @@ pub(crate) struct ConvChain {
     residual: bool,
     /// Per input shape, the fastest [`Split`] (every split computes the same numbers).
     tuner: super::tune::Tuner<Split>,
+    /// The expand and pointwise weights in strips, for [`Split::ChannelsLast`].
+    strips: [super::Derived<Option<Strips>>; 2],
 }
 
 /// Each fused block's input shape and the split it ran, for the tests' check that every
@@ -1184,6 +1186,9 @@ enum Split {
     AfterExpand(usize),
     /// Each convolution on its own, in parallel within itself.
     Apart,
+    /// The three convolutions channels last ([`conv::channels_last`]): small planes, whose
+    /// ragged pixel count costs the planar products more than the transposes.
+    ChannelsLast,
 }
 
 /// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
@@ -1216,7 +1221,14 @@ pub(crate) fn chain(
     if pair {
         let pw = second.into_any().downcast::<Conv>().unwrap_or_else(|_| unreachable!("checked to be a Conv"));
         let tuner = Default::default();
-        return Ok(Box::new(ConvChain { expand: None, dw: *first, pw: *pw, residual: false, tuner }));
+        return Ok(Box::new(ConvChain {
+            expand: None,
+            dw: *first,
+            pw: *pw,
+            residual: false,
+            tuner,
+            strips: Default::default(),
+        }));
     }
     let chain = second.into_any().downcast::<ConvChain>().unwrap_or_else(|_| unreachable!("checked to be a chain"));
     Ok(Box::new(ConvChain { expand: Some(*first), ..*chain }))
@@ -1349,6 +1361,9 @@ impl ConvChain {
             let fused = conv::chain_bytes(dw, m, rows, None)?.saturating_add(pw.bytes()?);
             most = most.max(expanded.saturating_add(fused));
         }
+        if let Some(c_in) = c_in {
+            most = most.max(conv::channels_last_bytes(dw, c_in, m)?);
+        }
         Ok(most)
     }
 
@@ -1394,6 +1409,13 @@ impl ConvChain {
             Some((e, we, be)) => super::Op::run(e, &[Some(x), Some(we), be]),
             None => Ok(vec![x.clone()]),
         };
+        let apart = || -> Result<(Vec<Tensor>, bool), NnError> {
+            let x = expanded(x)?;
+            let x = x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+            let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
+            let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+            Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+        };
         let run = |split: Split| -> Result<(Vec<Tensor>, bool), NnError> {
             #[cfg(test)]
             SPLITS_RUN
@@ -1408,13 +1430,27 @@ impl ConvChain {
                     let x = expanded(x)?;
                     fused(x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?, None, plan, rows)
                 }
-                _ => {
-                    let x = expanded(x)?;
-                    let x = x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-                    let mid = super::Op::run(&self.dw, &[Some(x), Some(wd), bd])?;
-                    let mid = mid.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-                    Ok((super::Op::run(&self.pw, &[Some(mid), Some(wp), bp])?, false))
+                (Split::ChannelsLast, Some(plan)) => {
+                    if let Some((e, we, be)) = expand {
+                        let [n, _, h, w] = plan.dims();
+                        let out = [n, wp.dims()[0], h, w];
+                        let residual = residual.filter(|r| r.dims() == out && r.dtype() == DType::F32);
+                        let keep = Some((&self.dw.blocked, wd.id(), bd.map(Tensor::id)));
+                        let y = conv::channels_last(
+                            x,
+                            (we, be, e.clamp, &self.strips[0]),
+                            (wd, bd, self.dw.clamp, keep),
+                            plan,
+                            (wp, bp, self.pw.clamp, &self.strips[1]),
+                            residual,
+                        )?;
+                        if let Some(y) = y {
+                            return Ok((vec![y], residual.is_some()));
+                        }
+                    }
+                    apart()
                 }
+                _ => apart(),
             }
         };
         // A split other than the rule's that cannot allocate its larger scratch leaves the pass
@@ -1475,6 +1511,9 @@ impl ConvChain {
         };
         let (_, plan, _) = self.dw.plan_dims(&xd, wd.dims())?;
         let rule = match (we, conv::chain_rows(&plan, we.is_some()), conv::chain_rows(&plan, false)) {
+            // Small planes (EfficientNet-Lite0's 7x7 stage, batch 1, in the pass: 218–236 µs
+            // a block against 241–253 for the best planar split).
+            (Some(_), ..) if plan.takes_channels_last() => Split::ChannelsLast,
             (_, Some(rows), _) => Split::Fused(rows),
             (Some(_), None, Some(rows)) => Split::AfterExpand(rows),
             _ => Split::Apart,
@@ -1500,6 +1539,10 @@ impl ConvChain {
             Split::Fused(rows) => conv::chain_tiled(plan, rows, we.is_some()),
             Split::AfterExpand(rows) => conv::chain_tiled(plan, rows, false) && whole_ok,
             Split::Apart => whole_ok,
+            // Its products' rows are the pixels (more than TURNED_MAX, as `whole_ok` asks of
+            // the planar products' columns), so they run the strips kernel, which sums as the
+            // tile kernels do.
+            Split::ChannelsLast => whole_ok,
         };
         if !sgemm::columns_independent() || !rows_ok || !tiled(rule) {
             // Splits could differ in the last bits: the rule decides, untimed.
@@ -1510,7 +1553,9 @@ impl ConvChain {
             Some(_) => fused(true).map(Split::Fused).chain(fused(false).map(Split::AfterExpand)).collect(),
             None => fused(false).map(Split::Fused).collect(),
         };
-        for split in others.into_iter().chain([Split::Apart]) {
+        let last = we.is_some() && plan.takes_channels_last();
+        let last = last.then_some(Split::ChannelsLast);
+        for split in others.into_iter().chain([Split::Apart]).chain(last) {
             if !splits.contains(&split) && tiled(split) {
                 splits.push(split);
             }
