@@ -77,7 +77,8 @@ fn main() -> anyhow::Result<()> {
         backend::load(Source::Path(&eir::registry::fetch::locate("silero-vad", &models)?), Target::Cpu)?;
 
     // `EIR_BENCH_BATCH=1` (or 8) times one batch size of EfficientNet only, for a profiler:
-    // no Silero and no ONNX Runtime side, whose samples would mix with it.
+    // no Silero and no ONNX Runtime side, whose samples would mix with it. `EIR_BENCH_BATCH=0`
+    // times Silero only.
     let only: Option<u32> = std::env::var("EIR_BENCH_BATCH").ok().and_then(|v| v.parse().ok());
     let eir_rows = |iters: usize| -> Vec<(String, Duration)> {
         let mut eir = Vec::new();
@@ -88,7 +89,7 @@ fn main() -> anyhow::Result<()> {
             });
             eir.push((format!("efficientnet_b{batch}"), t));
         }
-        if only.is_some() {
+        if only.is_some_and(|o| o != 0) {
             return eir;
         }
         let chunks = pattern(100 * 576, 0.1);

@@ -329,15 +329,32 @@ pub(crate) fn lstm_cells(z: &[f32], c: &mut [f32], h: &mut [f32]) {
 /// destination row, and the ragged edges go element by element. Large transposes split the
 /// work across the compute pool. `src` shorter than `rows·cols` is `None`.
 pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32>> {
+    let len = rows.checked_mul(cols)?;
+    let mut dst: Vec<f32> = Vec::with_capacity(len);
+    if !transpose_into(src, rows, cols, &mut dst.spare_capacity_mut()[..len]) {
+        return None;
+    }
+    // SAFETY: `transpose_into` returned true, so it wrote all `len` elements.
+    unsafe { dst.set_len(len) };
+    Some(dst)
+}
+
+/// [`transpose`] into `out` (`cols × rows`, every element written), which the caller
+/// allocated (and could refuse to). False, with `out` untouched, where `src` is shorter than
+/// `rows·cols` or `out` is not that long.
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, out: &mut [std::mem::MaybeUninit<f32>]) -> bool {
     // Destination rows per unit of work: each band of squares reads 4 neighbouring cache
     // lines of a source row (64 columns) rather than one (640x1536: 0.63 -> 0.51 ms on one
     // thread; `transpose_against_the_crate`).
     const C: usize = 64;
-    let len = rows.checked_mul(cols)?;
-    let src = src.get(..len)?;
-    let mut dst: Vec<f32> = Vec::with_capacity(len);
+    let Some(len) = rows.checked_mul(cols).filter(|&len| len == out.len()) else {
+        return false;
+    };
+    let Some(src) = src.get(..len) else {
+        return false;
+    };
     if len == 0 {
-        return Some(dst);
+        return true;
     }
     let square = squares::side();
     let work = |(b, block): (usize, &mut [std::mem::MaybeUninit<f32>])| {
@@ -359,20 +376,16 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Option<Vec<f32
             }
         }
     };
-    {
-        let out = &mut dst.spare_capacity_mut()[..len];
-        // Below about a megabyte, waking the pool costs more than a second thread gains
-        // (1536x64: 24 us on one thread, 43 on two).
-        if len >= 1 << 18 {
-            super::par::for_each(out.chunks_mut(rows * C).enumerate(), work);
-        } else {
-            out.chunks_mut(rows * C).enumerate().for_each(work);
-        }
+    // Below about a megabyte, waking the pool costs more than a second thread gains
+    // (1536x64: 24 us on one thread, 43 on two). The blocks of `rows·C` cover all `len`
+    // elements, and in each, every (row, column) is written once: by a square where both lie
+    // in whole squares, else by the loop after.
+    if len >= 1 << 18 {
+        super::par::for_each(out.chunks_mut(rows * C).enumerate(), work);
+    } else {
+        out.chunks_mut(rows * C).enumerate().for_each(work);
     }
-    // SAFETY: the blocks of `rows·C` cover all `len` elements, and in each, every (row, column)
-    // is written once: by a square where both lie in whole squares, else by the loop after.
-    unsafe { dst.set_len(len) };
-    Some(dst)
+    true
 }
 
 /// The squares [`transpose`] turns in registers.

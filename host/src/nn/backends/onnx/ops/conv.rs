@@ -577,6 +577,15 @@ pub(crate) fn depthwise_pointwise(
 pub(crate) type PointwiseStrips<'a> =
     (&'a Tensor, Option<&'a Tensor>, Option<Clamp>, &'a super::Derived<Option<sgemm::Strips>>);
 
+/// Whether a block's products run channels last on the tile kernels' order of summation (more
+/// than [`sgemm::TURNED_MAX`] pixels, at least 4 channels into each product), so that
+/// [`channels_last`] computes what the planar splits compute, to the bit.
+pub(crate) fn channels_last_tiled(plan: &ConvPlan, we: &Tensor, wp: &Tensor) -> bool {
+    let [_, c, h, w] = plan.dims;
+    let rows = |t: &Tensor| t.dims().first().is_some_and(|&r| r >= 4);
+    h * w > sgemm::TURNED_MAX && c >= 4 && rows(we) && rows(wp)
+}
+
 /// What [`channels_last`] allocates for an `[n, c, h, w]` depthwise plan after an expand from
 /// `c_in` channels and before a pointwise into `m`, output included.
 pub(crate) fn channels_last_bytes(plan: &ConvPlan, c_in: usize, m: usize) -> Result<u64, NnError> {
@@ -637,58 +646,63 @@ pub(crate) fn channels_last(
     let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
         return Ok(None);
     };
-    let (plane, pixels) = (h * w, n * h * w);
+    let too_large = || NnError::too_large("Conv: the block does not fit in memory");
+    let plane = h * w;
+    let pixels = n.checked_mul(plane).ok_or_else(too_large)?;
+    let size = |per_pixel: usize| pixels.checked_mul(per_pixel).ok_or_else(too_large);
     let floats = |len: usize| -> Result<Vec<f32>, NnError> {
         let mut v = Vec::new();
         v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
         Ok(v)
     };
+    // Each image of `from` (`rows × cols` floats apiece) transposed into a new buffer.
+    let turned = |from: &[f32], rows: usize, cols: usize| -> Result<Vec<f32>, NnError> {
+        let image = rows.checked_mul(cols).ok_or_else(too_large)?;
+        let len = n.checked_mul(image).ok_or_else(too_large)?;
+        let mut v = floats(len)?;
+        let whole = from.len() >= len
+            && v.spare_capacity_mut()[..len]
+                .chunks_exact_mut(image)
+                .zip(from.chunks_exact(image))
+                .all(|(dst, src)| act::transpose_into(src, rows, cols, dst));
+        if !whole {
+            return Err(NnError::runtime("Conv: a transpose of the block's images failed"));
+        }
+        // SAFETY: every image's `rows·cols` floats of the `len` were written
+        // (`transpose_into` returned true for each, and they tile `len` exactly).
+        unsafe { v.set_len(len) };
+        Ok(v)
+    };
     // A product of `rows` pixels by `strips` into a new buffer.
     let product = |rows: &[f32], strips: &sgemm::Strips, bias: Option<&[f32]>, clamp| -> Result<Vec<f32>, NnError> {
-        let len = pixels * strips.n();
+        let len = size(strips.n())?;
         let mut v = floats(len)?;
         sgemm::gemm_strips_clamped(pixels, rows, strips, &mut v.spare_capacity_mut()[..len], bias, clamp)?;
         // SAFETY: `gemm_strips_clamped` returned Ok, so it wrote all `pixels·n` values.
         unsafe { v.set_len(len) };
         Ok(v)
     };
-    let turned = || NnError::too_large("Conv: cannot allocate a transposed image");
     // The input's pixels as rows.
-    let rows = with_f32(x, |xs| -> Result<Vec<f32>, NnError> {
-        if n == 1 {
-            return act::transpose(xs, c_in, plane).ok_or_else(turned);
-        }
-        let mut rows = floats(pixels * c_in)?;
-        for image in xs.chunks_exact(c_in * plane).take(n) {
-            rows.extend_from_slice(&act::transpose(image, c_in, plane).ok_or_else(turned)?);
-        }
-        Ok(rows)
-    })??;
+    let rows = with_f32(x, |xs| turned(xs, c_in, plane))??;
     let expanded = product(&rows, se, be.as_deref(), clamp_e)?;
     drop(rows);
-    let mut mid = floats(pixels * c)?;
+    let mid_len = size(c)?;
+    let mut mid = floats(mid_len)?;
     let ran = with_f32(wd, |wds| {
-        let out = &mut mid.spare_capacity_mut()[..pixels * c];
+        let out = &mut mid.spare_capacity_mut()[..mid_len];
         dw.channels_last(&expanded, wds, [n, c], bd.as_deref(), clamp_d, keep_d, out)
     })?;
     if !ran {
         return Ok(None);
     }
     // SAFETY: `channels_last` ran, and it writes every element of its n·h·w·c output.
-    unsafe { mid.set_len(pixels * c) };
+    unsafe { mid.set_len(mid_len) };
     drop(expanded);
     let projected = product(&mid, sp, bp.as_deref(), clamp_p)?;
     drop(mid);
     // Back to planes, then the residual added.
-    let mut out = if n == 1 {
-        act::transpose(&projected, plane, m).ok_or_else(turned)?
-    } else {
-        let mut out = floats(pixels * m)?;
-        for image in projected.chunks_exact(plane * m) {
-            out.extend_from_slice(&act::transpose(image, plane, m).ok_or_else(turned)?);
-        }
-        out
-    };
+    let mut out = turned(&projected, plane, m)?;
+    drop(projected);
     if let Some(r) = residual {
         with_f32(r, |rs| out.iter_mut().zip(rs).for_each(|(o, r)| *o += r))?;
     }
@@ -750,15 +764,22 @@ fn im2col_gemm(
     let kdim = cg * kh * kw;
     let cols = oh * ow;
     let mut col = super::zeros_f32(kdim * cols)?;
+    // Per column of the kernel: its offset in an input row, and the output columns that read
+    // inside the row (the same for every channel and kernel row).
+    let spans: Vec<(isize, usize, usize)> = (0..kw)
+        .map(|kx| {
+            let off = (kx * dw) as isize - pl;
+            let (lo, hi) = valid(ow, w, sw, off);
+            (off, lo, hi)
+        })
+        .collect();
     for i in 0..n {
         for grp in 0..g.group {
             let src = &xs[(i * c + grp * cg) * h * w..(i * c + (grp + 1) * cg) * h * w];
             // Each row of `col` is one (channel, ky, kx) tap over all output positions.
-            let fill = |(r, dst): (usize, &mut [f32])| {
-                let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+            let fill = |(ci, ky, kx): (usize, usize, usize), dst: &mut [f32]| {
                 let plane = &src[ci * h * w..(ci + 1) * h * w];
-                let off = (kx * dw) as isize - pl;
-                let (lo, hi) = valid(ow, w, sw, off);
+                let (off, lo, hi) = spans[kx];
                 for oy in 0..oh {
                     let drow = &mut dst[oy * ow..(oy + 1) * ow];
                     let iy = (oy * sh + ky * dh) as isize - pt;
@@ -778,9 +799,23 @@ fn im2col_gemm(
                 }
             };
             if col.len() < PARALLEL_MIN {
-                col.chunks_mut(cols).enumerate().for_each(fill);
+                // The taps in order, without a division per row: Silero's 1-D convolutions
+                // have 4 columns a row, where working out each row's tap cost more than
+                // copying it (im2col was a fifth of a chunk).
+                let mut rows = col.chunks_mut(cols);
+                for ci in 0..cg {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            if let Some(dst) = rows.next() {
+                                fill((ci, ky, kx), dst);
+                            }
+                        }
+                    }
+                }
             } else {
-                crate::nn::kernels::par::for_each(col.chunks_mut(cols).enumerate(), fill);
+                crate::nn::kernels::par::for_each(col.chunks_mut(cols).enumerate(), |(r, dst)| {
+                    fill((r / (kh * kw), (r / kw) % kh, r % kw), dst)
+                });
             }
             let wg = &ws[grp * mg * kdim..(grp + 1) * mg * kdim];
             let dst = &mut out[(i * m + grp * mg) * cols..(i * m + (grp + 1) * mg) * cols];
@@ -1029,6 +1064,9 @@ mod tests {
     /// AVX-512 get `None`, and run another split.
     #[test]
     fn channels_last_is_the_three_convolutions() {
+        // Holds the SIMD level (the cap's lock): a test capping it meanwhile would turn
+        // AVX-512 off between the plan's check and the run.
+        let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
         let dev = Device::Cpu;
         let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
         let six = Some(Clamp { lo: 0.0, hi: 6.0 });

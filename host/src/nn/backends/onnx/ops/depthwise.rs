@@ -175,7 +175,7 @@ impl Depthwise {
 
     /// Whether [`Depthwise::channels_last`] takes this geometry: stride 1, undilated, a 3x3 or
     /// 5x5 kernel padded by half its size on every side (the output plane is the input's), on
-    /// planes at most [`last::MAX_WIDTH`] wide, with AVX-512.
+    /// planes at most [`CHANNELS_LAST_WIDTH`] wide, with AVX-512.
     pub(super) fn takes_channels_last(&self) -> bool {
         cfg!(target_arch = "x86_64")
             && simd::avx512()
@@ -185,7 +185,7 @@ impl Depthwise {
             && matches!(self.kh, 3 | 5)
             && [self.pt, self.pl] == [self.kh / 2; 2]
             && [self.oh, self.ow] == [self.h, self.w]
-            && (1..=last::MAX_WIDTH).contains(&self.w)
+            && (1..=CHANNELS_LAST_WIDTH).contains(&self.w)
     }
 
     /// The convolution of `n` images laid out channels last (`xs`: `[n][h][w][c]`) into `out`
@@ -208,17 +208,18 @@ impl Depthwise {
         out: &mut [MaybeUninit<f32>],
     ) -> bool {
         let taps = self.kh * self.kw;
-        let row = self.w * c;
-        assert!(
-            xs.len() >= n * self.h * row
-                && out.len() >= n * self.h * row
-                && ws.len() >= c * taps
-                && bias.is_none_or(|b| b.len() >= c),
-            "depthwise: operands smaller than their shapes"
-        );
         if !self.takes_channels_last() || !c.is_multiple_of(16) {
             return false;
         }
+        // (w ≤ 8 and kh·kw ≤ 25 here; n·h·w·c is checked.)
+        let row = self.w * c;
+        let total = n.checked_mul(self.h).and_then(|rows| rows.checked_mul(row));
+        assert!(
+            total.is_some_and(|t| xs.len() >= t && out.len() >= t)
+                && c.checked_mul(taps).is_some_and(|ct| ws.len() >= ct)
+                && bias.is_none_or(|b| b.len() >= c),
+            "depthwise: operands smaller than their shapes"
+        );
         if n == 0 || c == 0 {
             return true;
         }
@@ -1161,24 +1162,17 @@ mod x86 {
     }
 }
 
-/// Depthwise convolution along rows, for planes wide enough to fill 16 lanes with output
-/// pixels of one channel: nothing changes layout (the blocked unit spends most of its time
-/// turning 16 planes into pixels of 16 channels and back). Per channel, the input rows a
-/// range reads are copied once into zero-bordered rows (for a column stride of 2, split into
-/// their even and odd columns), so that every tap of 16 neighbouring outputs is one
-/// unaligned load; four vectors of a row share each tap's weight. 3x3 and 5x5 kernels at
-/// column stride 2 read the input rows in place instead ([`strided`]).
+/// Widest plane [`Depthwise::channels_last`] takes: its kernel keeps an accumulator per pixel
+/// of a row, beside the row's inputs, in the 32 registers.
+const CHANNELS_LAST_WIDTH: usize = 8;
+
 /// The channels-last kernel of [`Depthwise::channels_last`].
 #[cfg(target_arch = "x86_64")]
 mod last {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use super::Clamp;
-
-    /// Widest plane the kernel takes: one accumulator per pixel of a row, beside the row's
-    /// inputs, in the 32 registers.
-    pub(super) const MAX_WIDTH: usize = 8;
+    use super::{CHANNELS_LAST_WIDTH as MAX_WIDTH, Clamp};
 
     /// Output rows `oy0..` (`out`: whole rows of `w` pixels of `c` channels) of one image
     /// (`image`: `h` rows of `w·c` floats) by a `k`×`k` kernel (3 or 5) at stride 1, padded by
@@ -1227,6 +1221,7 @@ mod last {
         out: &mut [MaybeUninit<f32>],
     ) {
         let (groups, row) = (c / 16, W * c);
+        assert!(row > 0 && out.len().is_multiple_of(row), "depthwise: output rows not whole");
         let count = out.len() / row;
         assert!(
             c.is_multiple_of(16)
@@ -1281,6 +1276,13 @@ mod last {
     }
 }
 
+/// Depthwise convolution along rows, for planes wide enough to fill 16 lanes with output
+/// pixels of one channel: nothing changes layout (the blocked unit spends most of its time
+/// turning 16 planes into pixels of 16 channels and back). Per channel, the input rows a
+/// range reads are copied once into zero-bordered rows (for a column stride of 2, split into
+/// their even and odd columns), so that every tap of 16 neighbouring outputs is one
+/// unaligned load; four vectors of a row share each tap's weight. 3x3 and 5x5 kernels at
+/// column stride 2 read the input rows in place instead ([`strided`]).
 #[cfg(target_arch = "x86_64")]
 mod direct {
     use std::arch::x86_64::*;
@@ -1594,8 +1596,17 @@ mod direct {
                     }
                 }
             } else {
-                // The border columns are zero already (`unit`).
-                dst[d.pl..d.pl + d.w].copy_from_slice(input);
+                // The border columns are zero already (`unit`). Sixteen floats at a time, inline:
+                // `copy_from_slice` of a row's run-time length is a call to `memmove` per row.
+                let dst = &mut dst[d.pl..d.pl + d.w];
+                let (whole, rest) = input.as_chunks::<16>();
+                let (to, tail) = dst.as_chunks_mut::<16>();
+                for (t, s) in to.iter_mut().zip(whole) {
+                    *t = *s;
+                }
+                for (t, s) in tail.iter_mut().zip(rest) {
+                    *t = *s;
+                }
             }
         }
     }

@@ -1258,7 +1258,25 @@ impl super::Op for ConvChain {
             _ => Default::default(),
         };
         let expand = if self.expand.is_some() { packed(1) } else { Default::default() };
-        expand.then(packed(o + 3)).then(super::Op::prepared_bytes(&self.dw, &self.dw_operands(constants)))
+        // The expand and project weights in strips, which a block run channels last keeps
+        // (whole strips of 32 columns; the plane's size is not known here, so any block that
+        // may run so is counted).
+        let strips = |at: usize| match constants.get(at) {
+            Some(Some(w)) if w.dtype() == DType::F32 && w.rank() == 4 => {
+                let (n, k) = (w.dims()[0] as u64, w.dims()[1] as u64);
+                super::f32_bytes(k.saturating_mul(n + 31))
+            }
+            _ => 0,
+        };
+        let kept = if self.expand.is_some() && crate::nn::kernels::simd::avx512() {
+            strips(1).saturating_add(strips(o + 3))
+        } else {
+            0
+        };
+        expand
+            .then(packed(o + 3))
+            .then(super::Op::prepared_bytes(&self.dw, &self.dw_operands(constants)))
+            .then(super::Prepared { kept, transient: 0 })
     }
 
     fn fuse_clamp(&mut self, clamp: Clamp) -> bool {
@@ -1513,7 +1531,9 @@ impl ConvChain {
         let rule = match (we, conv::chain_rows(&plan, we.is_some()), conv::chain_rows(&plan, false)) {
             // Small planes (EfficientNet-Lite0's 7x7 stage, batch 1, in the pass: 218–236 µs
             // a block against 241–253 for the best planar split).
-            (Some(_), ..) if plan.takes_channels_last() => Split::ChannelsLast,
+            (Some(we), ..) if plan.takes_channels_last() && conv::channels_last_tiled(&plan, we, wp) => {
+                Split::ChannelsLast
+            }
             (_, Some(rows), _) => Split::Fused(rows),
             (Some(_), None, Some(rows)) => Split::AfterExpand(rows),
             _ => Split::Apart,
