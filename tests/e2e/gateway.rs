@@ -64,6 +64,12 @@ path = "{hostile}"
 concurrency = 4
 limits = {{ timeout = "2s", fuel = 100_000_000_000, abandon_grace = "1s" }}
 
+# The same component with room for the hang-up test: its spinning call outlasts a grace long
+# enough for a resend to land within it on a loaded machine.
+[plugins.patient]
+path = "{hostile}"
+limits = {{ timeout = "20s", fuel = 1_000_000_000_000, abandon_grace = "4s" }}
+
 # alpha may keep one call running at a time: on a 2-core machine that leaves a core to others.
 [tenants.alpha]
 keys_sha256 = ["{alpha}"]
@@ -84,7 +90,7 @@ burst = 2
 
 [tenants.single]
 keys_sha256 = ["{single}"]
-plugins = ["hostile", "text-normalize"]
+plugins = ["hostile", "patient", "text-normalize"]
 max_concurrent = 1
 
 [tenants.narrow]
@@ -395,16 +401,18 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
     use std::io::Write;
     let s = Server::start();
     let running = || async {
-        metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", r#"tenant="single",model="hostile""#)
+        metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", r#"tenant="single",model="patient""#)
     };
     let body = text_request(&["x"]);
     assert_eq!(infer(&s, "text-normalize", "single-key", &body).await.0, 200);
-    // A request that spins for 1.5 s; its client hangs up once it runs.
-    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1500}}).to_string();
+    // A request that would spin for 15 s; its client hangs up once it runs. (With a call that
+    // ended on its own 1.5 s after it started, CI once saw it end before the resend was read,
+    // when the poll that saw it running came late on a loaded machine.)
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 15000}}).to_string();
     let mut conn = std::net::TcpStream::connect(s.url.trim_start_matches("http://")).unwrap();
     write!(
         conn,
-        "POST /v2/models/hostile/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer single-key\r\n\
+        "POST /v2/models/patient/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer single-key\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{slow}",
         slow.len()
     )
@@ -424,7 +432,7 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         body.to_string().len()
     );
     drop(conn);
-    // Its call goes on for its grace (1 s here, so the resend arrives within it however
+    // Its call goes on for its grace (4 s here, so the resend arrives within it however
     // loaded the machine; a forward pass would be cancelled at once), and until it has ended
     // the tenant's one slot stays taken: hanging up and resending gains no concurrency.
     // (Before, the slot was freed at the hang-up.)
