@@ -52,9 +52,12 @@ pub(super) const NC: usize = 256;
 /// Fewest columns of C the AVX-512 kernels take when `A` is not packed already (fewer go to
 /// dot products): packing A for a product this narrow costs about as much as the product.
 const NARROW_MIN: usize = 8;
-/// Below this many multiply-adds the product runs on the calling thread: waking the pool
-/// costs tens of microseconds.
-const PARALLEL_MIN: usize = 1 << 20;
+/// Below this many multiply-adds the product runs on the calling thread: waking a sleeping
+/// pool costs tens of microseconds. Passes run with the pool kept awake
+/// (`scheduler::Awake`), where sharing out a product costs a few: Silero's products of
+/// 0.13–0.26 M multiply-adds on two threads took a chunk from 0.057 to 0.053 ms (at 1 M
+/// before, they ran on one), and no other model's pass moved.
+const PARALLEL_MIN: usize = 1 << 17;
 
 /// The widest product (columns of C) that runs turned around (`x86::narrow`), which sums all
 /// of `k` in one register where the tile adds slices of it through C.
