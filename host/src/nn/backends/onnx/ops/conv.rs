@@ -441,17 +441,8 @@ pub(crate) fn depthwise_pointwise(
         &[m, cp, 1, 1] if cp == c => m,
         d => return Err(NnError::invalid_argument(format!("Conv: pointwise weight {d:?} after {c} channels"))),
     };
-    let f32s = |t: Option<&Tensor>, len: usize, what: &str| -> Result<Option<Vec<f32>>, NnError> {
-        let v = t.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
-        if let Some(v) = &v
-            && v.len() != len
-        {
-            return Err(NnError::invalid_argument(format!("Conv: {what} bias of {} for {len} channels", v.len())));
-        }
-        Ok(v)
-    };
-    let (bd, bp) = (f32s(bd, c, "depthwise")?, f32s(bp, m, "pointwise")?);
-    let be = f32s(expand.and_then(|e| e.1), c, "expand")?;
+    let (bd, bp) = (bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
+    let be = bias_floats(expand.and_then(|e| e.1), c, "expand")?;
     let oplane = oh * ow;
     let len = n * m * oplane;
     if let Some(r) = residual
@@ -572,6 +563,17 @@ pub(crate) fn depthwise_pointwise(
     Ok(Tensor::from_vec(out, (n, m, oh, ow), x.device())?)
 }
 
+/// A fused block's bias `t` (if any) as floats, checked to hold `len` values (`what`: whose).
+fn bias_floats(t: Option<&Tensor>, len: usize, what: &str) -> Result<Option<Vec<f32>>, NnError> {
+    let v = t.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
+    if let Some(v) = &v
+        && v.len() != len
+    {
+        return Err(NnError::invalid_argument(format!("Conv: {what} bias of {} for {len} channels", v.len())));
+    }
+    Ok(v)
+}
+
 /// A pointwise convolution's operands for [`channels_last`]: weights (`[m, c, 1, 1]`), bias,
 /// clamp, and where its weights are kept in strips.
 pub(crate) type PointwiseStrips<'a> =
@@ -615,7 +617,7 @@ pub(crate) fn channels_last(
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>, NnError> {
     let [n, c, h, w] = plan.dims;
-    let Some(dw) = plan.depthwise.as_ref().filter(|d| d.takes_channels_last() && c.is_multiple_of(16)) else {
+    let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_channels_last()) else {
         return Ok(None);
     };
     let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
@@ -633,14 +635,8 @@ pub(crate) fn channels_last(
     if residual.is_some_and(|r| r.dims() != [n, m, h, w]) {
         return Err(shapes("the residual"));
     }
-    let biases = |t: Option<&Tensor>, len: usize| -> Result<Option<Vec<f32>>, NnError> {
-        let v = t.map(|b| with_f32(b, <[f32]>::to_vec)).transpose()?;
-        match v {
-            Some(v) if v.len() != len => Err(shapes("a bias")),
-            v => Ok(v),
-        }
-    };
-    let (be, bd, bp) = (biases(be, c)?, biases(bd, c)?, biases(bp, m)?);
+    let (be, bd, bp) =
+        (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
     let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
     let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
     let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
@@ -650,16 +646,11 @@ pub(crate) fn channels_last(
     let plane = h * w;
     let pixels = n.checked_mul(plane).ok_or_else(too_large)?;
     let size = |per_pixel: usize| pixels.checked_mul(per_pixel).ok_or_else(too_large);
-    let floats = |len: usize| -> Result<Vec<f32>, NnError> {
-        let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| NnError::too_large(format!("Conv: cannot allocate {len} floats")))?;
-        Ok(v)
-    };
     // Each image of `from` (`rows × cols` floats apiece) transposed into a new buffer.
     let turned = |from: &[f32], rows: usize, cols: usize| -> Result<Vec<f32>, NnError> {
         let image = rows.checked_mul(cols).ok_or_else(too_large)?;
         let len = n.checked_mul(image).ok_or_else(too_large)?;
-        let mut v = floats(len)?;
+        let mut v = super::uninit_f32(len)?;
         let whole = from.len() >= len
             && v.spare_capacity_mut()[..len]
                 .chunks_exact_mut(image)
@@ -676,7 +667,7 @@ pub(crate) fn channels_last(
     // A product of `rows` pixels by `strips` into a new buffer.
     let product = |rows: &[f32], strips: &sgemm::Strips, bias: Option<&[f32]>, clamp| -> Result<Vec<f32>, NnError> {
         let len = size(strips.n())?;
-        let mut v = floats(len)?;
+        let mut v = super::uninit_f32(len)?;
         sgemm::gemm_strips_clamped(pixels, rows, strips, &mut v.spare_capacity_mut()[..len], bias, clamp)?;
         // SAFETY: `gemm_strips_clamped` returned Ok, so it wrote all `pixels·n` values.
         unsafe { v.set_len(len) };
@@ -687,7 +678,7 @@ pub(crate) fn channels_last(
     let expanded = product(&rows, se, be.as_deref(), clamp_e)?;
     drop(rows);
     let mid_len = size(c)?;
-    let mut mid = floats(mid_len)?;
+    let mut mid = super::uninit_f32(mid_len)?;
     let ran = with_f32(wd, |wds| {
         let out = &mut mid.spare_capacity_mut()[..mid_len];
         dw.channels_last(&expanded, wds, [n, c], bd.as_deref(), clamp_d, keep_d, out)
@@ -1241,22 +1232,21 @@ mod fused_timing {
             let (cache, cache_e) = (PackedWeights::default(), PackedWeights::default());
             let blocked = depthwise::BlockedWeights::default();
             let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+            let fused = || {
+                depthwise_pointwise(
+                    &xin,
+                    expand.map(|_| (&we, Some(&be), six, Some((&cache_e, we.id())))),
+                    (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                    &plan,
+                    rows,
+                    (&wp, Some(&bp), None, Some((&cache, wp.id()))),
+                    None,
+                )
+                .unwrap()
+            };
             let t = rayon::scope(|_| {
                 let awake = crate::scheduler::Awake::new(true);
-                awake.run(|| {
-                    crate::nn::kernels::median_time(2001, &mut || {
-                        depthwise_pointwise(
-                            &xin,
-                            expand.map(|_| (&we, Some(&be), six, Some((&cache_e, we.id())))),
-                            (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
-                            &plan,
-                            rows,
-                            (&wp, Some(&bp), None, Some((&cache, wp.id()))),
-                            None,
-                        )
-                        .unwrap();
-                    })
-                })
+                awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(fused())))
             });
             eprintln!("{name}: {t:?}");
             if expand.is_some() && plan.takes_channels_last() {
@@ -1273,17 +1263,7 @@ mod fused_timing {
                     .unwrap()
                     .unwrap()
                 };
-                let want = depthwise_pointwise(
-                    &xin,
-                    expand.map(|_| (&we, Some(&be), six, Some((&cache_e, we.id())))),
-                    (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
-                    &plan,
-                    rows,
-                    (&wp, Some(&bp), None, Some((&cache, wp.id()))),
-                    None,
-                )
-                .unwrap();
-                let got = run();
+                let (want, got) = (fused(), run());
                 let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 let t = rayon::scope(|_| {
                     let awake = crate::scheduler::Awake::new(true);

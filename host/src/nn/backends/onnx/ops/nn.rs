@@ -1397,13 +1397,16 @@ impl ConvChain {
             None => None,
         };
         // The depthwise and pointwise convolutions of `x` in one pass, after `expand` if given.
-        let fused = |x: &Tensor, expand, plan: &conv::ConvPlan, rows| -> Result<(Vec<Tensor>, bool), NnError> {
-            let pointwise = (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id())));
+        // The residual where the block's output has its shape (the pass then adds it).
+        let residual_for = |plan: &conv::ConvPlan| {
             let [n, _, _, _] = plan.dims();
             let [oh, ow] = plan.out();
-            let out = [n, wp.dims()[0], oh, ow];
-            let residual = residual.filter(|r| r.dims() == out && r.dtype() == DType::F32);
-            let keep = Some((&self.dw.blocked, wd.id(), bd.map(Tensor::id)));
+            residual.filter(|r| r.dims() == [n, wp.dims()[0], oh, ow] && r.dtype() == DType::F32)
+        };
+        let keep = Some((&self.dw.blocked, wd.id(), bd.map(Tensor::id)));
+        let fused = |x: &Tensor, expand, plan: &conv::ConvPlan, rows| -> Result<(Vec<Tensor>, bool), NnError> {
+            let pointwise = (wp, bp, self.pw.clamp, Some((&self.pw.packed, wp.id())));
+            let residual = residual_for(plan);
             let y =
                 conv::depthwise_pointwise(x, expand, (wd, bd, self.dw.clamp, keep), plan, rows, pointwise, residual)?;
             Ok((vec![y], residual.is_some()))
@@ -1450,10 +1453,7 @@ impl ConvChain {
                 }
                 (Split::ChannelsLast, Some(plan)) => {
                     if let Some((e, we, be)) = expand {
-                        let [n, _, h, w] = plan.dims();
-                        let out = [n, wp.dims()[0], h, w];
-                        let residual = residual.filter(|r| r.dims() == out && r.dtype() == DType::F32);
-                        let keep = Some((&self.dw.blocked, wd.id(), bd.map(Tensor::id)));
+                        let residual = residual_for(plan);
                         let y = conv::channels_last(
                             x,
                             (we, be, e.clamp, &self.strips[0]),
