@@ -1124,6 +1124,35 @@ mod tests {
         }
     }
 
+    /// Below AVX-512 (the AVX2 and portable levels) a 7x7 block is declined, `Ok(None)`, and
+    /// runs a planar split: the channels-last kernels are AVX-512 only.
+    #[test]
+    fn channels_last_declines_below_avx512() {
+        let dev = Device::Cpu;
+        let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let (x, we, wd, wp) =
+            (randn(&[1, 8, 7, 7]), randn(&[32, 8, 1, 1]), randn(&[32, 1, 3, 3]), randn(&[8, 32, 1, 1]));
+        let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 32 };
+        for level in
+            crate::nn::kernels::simd::levels().into_iter().filter(|&l| l != crate::nn::kernels::simd::Level::Avx512)
+        {
+            let _cap = crate::nn::kernels::simd::cap(level);
+            let plan = ConvPlan::new(&[1, 32, 7, 7], wd.dims(), &g).unwrap();
+            assert!(!plan.takes_channels_last(), "{level:?}");
+            let (se, sp, blocked) = Default::default();
+            let blocked: depthwise::BlockedWeights = blocked;
+            let got = channels_last(
+                &x,
+                (&we, None, None, &se),
+                (&wd, None, None, Some((&blocked, wd.id(), None))),
+                &plan,
+                (&wp, None, None, &sp),
+                None,
+            );
+            assert!(got.unwrap().is_none(), "{level:?}: ran without AVX-512");
+        }
+    }
+
     #[test]
     fn epilogue_adds_bias_and_clamps() {
         let dev = Device::Cpu;
