@@ -388,6 +388,51 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, out: &mut [s
     true
 }
 
+/// `src`'s `rows × cols` matrix, its rows `ld_src` floats apart, transposed into `out` (`cols`
+/// rows of `rows` floats, `ld_out` apart), on the calling thread: a band of an image's planes
+/// (rows = channels, `ld_src` = the plane) turned into pixels, or back. False, with `out`
+/// untouched, where either operand is too short or a stride is shorter than its rows.
+pub(crate) fn transpose_strided_into(
+    src: &[f32],
+    [rows, cols]: [usize; 2],
+    ld_src: usize,
+    out: &mut [std::mem::MaybeUninit<f32>],
+    ld_out: usize,
+) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    // The last element each side reads or writes, without overflow.
+    let end = |n: usize, ld: usize, width: usize| (n - 1).checked_mul(ld)?.checked_add(width);
+    let fits = |e: Option<usize>, len: usize| e.is_some_and(|e| e <= len);
+    if ld_src < cols
+        || ld_out < rows
+        || !fits(end(rows, ld_src, cols), src.len())
+        || !fits(end(cols, ld_out, rows), out.len())
+    {
+        return false;
+    }
+    let square = squares::side();
+    let (whole_rows, whole_cols) = match square {
+        0 => (0, 0),
+        s => (rows - rows % s, cols - cols % s),
+    };
+    for r0 in (0..whole_rows).step_by(square.max(1)) {
+        for j0 in (0..whole_cols).step_by(square) {
+            squares::turn(square, &src[r0 * ld_src + j0..], ld_src, &mut out[j0 * ld_out + r0..], ld_out);
+        }
+    }
+    // The rest element by element: the columns past the whole squares in their rows, and every
+    // column of the rows past them.
+    for r in 0..rows {
+        let from = if r < whole_rows { whole_cols } else { 0 };
+        for (j, &v) in src[r * ld_src + from..r * ld_src + cols].iter().enumerate() {
+            out[(from + j) * ld_out + r].write(v);
+        }
+    }
+    true
+}
+
 /// The squares [`transpose`] turns in registers.
 mod squares {
     use std::mem::MaybeUninit;

@@ -219,7 +219,7 @@ pub(crate) fn gemm_strips_lda(
     bias: Option<&[f32]>,
     gelu: bool,
 ) -> Result<(), NnError> {
-    strips_checked(m, (a, lda), b, dst, (bias, None, gelu))
+    strips_checked(m, (a, lda), b, dst, (bias, None, gelu), true)
 }
 
 /// [`gemm_strips`] with `clamp` applied after the bias (a convolution's fused activation), as
@@ -232,7 +232,21 @@ pub(crate) fn gemm_strips_clamped(
     bias: Option<&[f32]>,
     clamp: Option<Clamp>,
 ) -> Result<(), NnError> {
-    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false))
+    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false), true)
+}
+
+/// [`gemm_strips_clamped`] on the calling thread alone: for callers that share their own work
+/// out over the pool already (a band of a channels-last block), where a product shared out
+/// again would only add waits.
+pub(crate) fn gemm_strips_clamped_here(
+    m: usize,
+    a: &[f32],
+    b: &Strips,
+    dst: &mut [MaybeUninit<f32>],
+    bias: Option<&[f32]>,
+    clamp: Option<Clamp>,
+) -> Result<(), NnError> {
+    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false), false)
 }
 
 /// The operand checks of the strips products, then the kernel.
@@ -242,6 +256,7 @@ fn strips_checked(
     b: &Strips,
     dst: &mut [MaybeUninit<f32>],
     (bias, clamp, gelu): (Option<&[f32]>, Option<Clamp>, bool),
+    parallel: bool,
 ) -> Result<(), NnError> {
     let (k, n) = (b.k, b.n);
     let fits = |x: Option<usize>, have: usize| x.is_some_and(|x| x <= have);
@@ -261,7 +276,15 @@ fn strips_checked(
     // holds its n.div_ceil(32) strips of k×32 floats (`Strips`' constructors); `bias` holds n
     // values (checked).
     unsafe {
-        x86::gemm_strips([m, n, k], a.as_ptr(), lda, &b.data, dst.as_mut_ptr().cast::<f32>(), (bias, clamp, gelu))
+        x86::gemm_strips(
+            [m, n, k],
+            a.as_ptr(),
+            lda,
+            &b.data,
+            dst.as_mut_ptr().cast::<f32>(),
+            (bias, clamp, gelu),
+            parallel,
+        )
     };
     Ok(())
 }
@@ -1518,7 +1541,7 @@ mod x86 {
 
     /// `dst[m×n] = gelu?(A·B + bias[n])` for `A` read in place (`m×k`, row-major) and `B` in
     /// [`super::Strips`]: units of row panels × 32-column strips, in parallel where the product
-    /// is large. Each unit walks `k` in slices; per slice, each panel of 12 rows of `A` (its
+    /// is large and `parallel` allows. Each unit walks `k` in slices; per slice, each panel of 12 rows of `A` (its
     /// slice stays in L1) meets each of the unit's strips (streamed from L2).
     ///
     /// # Safety
@@ -1534,6 +1557,7 @@ mod x86 {
         strips: &[f32],
         dst: *mut f32,
         (bias, clamp, gelu): (Option<&[f32]>, Option<Clamp>, bool),
+        parallel: bool,
     ) {
         let panels = m.div_ceil(MR512);
         let strips_n = n.div_ceil(NR);
@@ -1563,7 +1587,7 @@ mod x86 {
             unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), (bias, clamp, gelu), tiles, cols) };
         };
         let units = groups * chunks;
-        if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
+        if !parallel || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
             (0..units).for_each(unit);
         } else {
             crate::nn::kernels::par::for_each(0..units, unit);
@@ -1900,6 +1924,7 @@ mod x86 {
         _: &[f32],
         _: *mut f32,
         _: (Option<&[f32]>, Option<Clamp>, bool),
+        _: bool,
     ) {
         unreachable!("simd::avx512() is false off x86_64")
     }

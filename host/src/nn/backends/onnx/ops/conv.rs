@@ -150,6 +150,11 @@ impl ConvPlan {
         self.out
     }
 
+    /// Whether [`channels_last_banded`] runs a block on this depthwise plan.
+    pub(crate) fn takes_banded(&self) -> bool {
+        self.depthwise.as_ref().is_some_and(Depthwise::takes_banded) && self.dims[1].is_multiple_of(16)
+    }
+
     /// Whether [`channels_last`] runs a block on this depthwise plan.
     pub(crate) fn takes_channels_last(&self) -> bool {
         self.depthwise.as_ref().is_some_and(Depthwise::takes_channels_last) && self.dims[1].is_multiple_of(16)
@@ -700,6 +705,247 @@ pub(crate) fn channels_last(
     Ok(Some(Tensor::from_vec(out, (n, m, h, w), x.device())?))
 }
 
+thread_local! {
+    /// [`channels_last_banded`]'s scratch (its ring of expanded rows, a band's pixels, its
+    /// depthwise and pointwise outputs), reused by every unit a thread runs: grown, never
+    /// zeroed again, and read only where the unit has written it.
+    static BANDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// One unit of [`channels_last_banded`]: an image, its first output row, and each output
+/// channel's rows from there.
+type BandedUnit<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
+
+/// An expand, a depthwise and a pointwise convolution (then `residual`, if given, added) run
+/// channels last a band of `band` output rows at a time, for planes of any width at stride 1
+/// or 2: each band expands only the input rows it reads that earlier bands did not (kept in
+/// a ring of rows until no later row reads them), from the block's planar input turned into
+/// pixels row by row, then runs the depthwise convolution on the pixels' channels
+/// ([`depthwise::RowsLast`]: one vector of 16 channels per pixel, so a column stride of 2 costs
+/// nothing, where the planar kernels split every row into its even and odd columns) and the
+/// projection on the band's pixels, and turns only that band back into planes. Nothing the
+/// size of the expanded image is ever written. Each product and tap sums in the planar
+/// kernels' order (pixel rows of more than [`sgemm::TURNED_MAX`] run the strips kernel, which
+/// sums as the tile kernel), so the numbers are the planar splits', to the bit. `Ok(None)`
+/// where it does not apply: a plan [`ConvPlan::takes_banded`] refuses, or no AVX-512.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn channels_last_banded(
+    x: &Tensor,
+    (we, be, clamp_e, strips_e): PointwiseStrips<'_>,
+    (wd, bd, clamp_d, keep_d): (&Tensor, Option<&Tensor>, Option<Clamp>, depthwise::Keep<'_>),
+    plan: &ConvPlan,
+    band: usize,
+    (wp, bp, clamp_p, strips_p): PointwiseStrips<'_>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>, NnError> {
+    let [n, c, h, w] = plan.dims;
+    let [oh, ow] = plan.out;
+    let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_banded()) else {
+        return Ok(None);
+    };
+    let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
+    let c_in = match (x.dims(), we.dims()) {
+        (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
+        _ => return Err(shapes("the expand convolution")),
+    };
+    let m = match wp.dims() {
+        &[m, cp, 1, 1] if cp == c => m,
+        _ => return Err(shapes("the pointwise convolution")),
+    };
+    if wd.dims() != plan.kernel {
+        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
+    }
+    if residual.is_some_and(|r| r.dims() != [n, m, oh, ow]) {
+        return Err(shapes("the residual"));
+    }
+    let (be, bd, bp) =
+        (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
+    let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
+    let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
+    let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(banded) = with_f32(wd, |wds| dw.rows_last(wds, bd.as_deref(), c, clamp_d, keep_d))? else {
+        return Ok(None);
+    };
+    let too_large = || NnError::too_large("Conv: the block does not fit in memory");
+    let oplane = oh.checked_mul(ow).ok_or_else(too_large)?;
+    let len = super::count(&[n, m, oh, ow])? as usize;
+    let band = band.clamp(1, oh.max(1));
+    let (ring, sizes) = banded_scratch(plan, c_in, m, band).ok_or_else(too_large)?;
+    let scratch: usize = sizes.iter().sum();
+    let row = w.checked_mul(c).ok_or_else(too_large)?;
+    if len == 0 {
+        return Ok(Some(Tensor::zeros((n, m, oh, ow), DType::F32, x.device())?));
+    }
+    let mut out = super::uninit_f32(len)?;
+    // Units of (image, range of output rows), as many per image as there are threads: each
+    // unit expands the few rows above its range again rather than wait for its neighbour.
+    let per = oh.div_ceil(rayon::current_num_threads().clamp(1, oh));
+    let mut units: Vec<BandedUnit<'_>> = Vec::with_capacity(n * oh.div_ceil(per));
+    for (i, image) in out.spare_capacity_mut()[..len].chunks_exact_mut(m * oplane).enumerate() {
+        let mut planes: Vec<_> = image.chunks_exact_mut(oplane).map(|p| p.chunks_mut(per * ow)).collect();
+        for u in 0..oh.div_ceil(per) {
+            units.push((i, u * per, planes.iter_mut().filter_map(Iterator::next).collect()));
+        }
+    }
+    let count = units.len();
+    let failed = std::sync::Mutex::new(None);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let has_residual = residual.is_some();
+    with_f32(residual.unwrap_or(x), |rs| {
+        let residual = has_residual.then_some(rs);
+        with_f32(x, |xs| {
+            // One unit: output rows oy_start.. of image i, band by band.
+            let unit = |(i, oy_start, mut chans): BandedUnit<'_>, buf: &mut [f32]| -> Result<(), NnError> {
+                let oy_end = (oy_start + per).min(oh);
+                let (ring_buf, rest) = buf.split_at_mut(sizes[0]);
+                let (pixels_buf, rest) = rest.split_at_mut(sizes[1]);
+                let (mid, rest) = rest.split_at_mut(sizes[2]);
+                let (proj, turned) = rest.split_at_mut(sizes[3]);
+                let image = &xs[i * c_in * h * w..(i + 1) * c_in * h * w];
+                let mut next = 0;
+                for oy0 in (oy_start..oy_end).step_by(band) {
+                    let oy1 = (oy0 + band).min(oy_end);
+                    let need = banded.reads(oy0..oy1);
+                    // Expand the rows not in the ring yet, as many at once as lie in a run of
+                    // its slots (row y lives in slot y % ring: the band's rows, at most `ring`
+                    // of them, never share a slot).
+                    let mut y = next.max(need.start);
+                    while y < need.end {
+                        let slot = y % ring;
+                        let rows = (need.end - y).min(ring - slot);
+                        let pixels = &mut uninit(pixels_buf)[..rows * w * c_in];
+                        if !act::transpose_strided_into(&image[y * w..], [c_in, rows * w], h * w, pixels, c_in) {
+                            return Err(NnError::runtime("Conv: a band of the block's input does not fit"));
+                        }
+                        let dst = &mut uninit(ring_buf)[slot * row..(slot + rows) * row];
+                        sgemm::gemm_strips_clamped_here(
+                            rows * w,
+                            &pixels_buf[..rows * w * c_in],
+                            se,
+                            dst,
+                            be.as_deref(),
+                            clamp_e,
+                        )?;
+                        y += rows;
+                    }
+                    next = next.max(need.end);
+                    let ring_buf = &*ring_buf;
+                    for oy in oy0..oy1 {
+                        let dst = &mut uninit(mid)[(oy - oy0) * ow * c..][..ow * c];
+                        banded.row(oy, |y| &ring_buf[(y % ring) * row..][..row], dst);
+                    }
+                    let pixels = (oy1 - oy0) * ow;
+                    sgemm::gemm_strips_clamped_here(
+                        pixels,
+                        &mid[..pixels * c],
+                        sp,
+                        &mut uninit(proj)[..pixels * m],
+                        bp.as_deref(),
+                        clamp_p,
+                    )?;
+                    if !act::transpose_strided_into(
+                        &proj[..pixels * m],
+                        [pixels, m],
+                        m,
+                        &mut uninit(turned)[..m * pixels],
+                        pixels,
+                    ) {
+                        return Err(NnError::runtime("Conv: a band of the block's output does not fit"));
+                    }
+                    let at = (oy0 - oy_start) * ow;
+                    for (j, (dst, src)) in chans.iter_mut().zip(turned.chunks_exact(pixels)).enumerate() {
+                        let dst = &mut dst[at..at + pixels];
+                        match residual {
+                            Some(r) => {
+                                let r = &r[((i * m + j) * oh + oy0) * ow..][..pixels];
+                                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(r) {
+                                    d.write(v + r);
+                                }
+                            }
+                            None => {
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    d.write(v);
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            };
+            crate::nn::kernels::par::for_each(units, |item| {
+                let mut buf = BANDED.with(|b| b.take());
+                let result = if buf.len() >= scratch {
+                    Ok(())
+                } else {
+                    buf.try_reserve_exact(scratch - buf.len())
+                        .map(|()| buf.resize(scratch, 0.0))
+                        .map_err(|_| NnError::too_large(format!("Conv: cannot allocate {scratch} floats of scratch")))
+                };
+                match result.and_then(|()| unit(item, &mut buf[..scratch])) {
+                    Ok(()) => {
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e),
+                }
+                BANDED.with(|b| b.replace(buf));
+            });
+        })
+    })??;
+    if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(e);
+    }
+    if done.into_inner() != count {
+        return Err(NnError::runtime("Conv: a range of the banded pass was skipped"));
+    }
+    // SAFETY: every unit (each output channel's rows of each range of each image) returned Ok
+    // (`done` counts all of them), and a unit that returns Ok has written all its rows: every
+    // band of its range wrote `pixels` values into each channel's rows from `at`.
+    unsafe { out.set_len(len) };
+    Ok(Some(Tensor::from_vec(out, (n, m, oh, ow), x.device())?))
+}
+
+/// The rows of [`channels_last_banded`]'s ring (every input row a band reads, at most the
+/// image's), and the floats of the scratch each of its threads holds: the ring, a band's input
+/// pixels (no more rows than the ring), its depthwise output, its projection and that turned
+/// back. `None` where a size overflows or the plan is not depthwise.
+fn banded_scratch(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Option<(usize, [usize; 5])> {
+    let [_, c, h, w] = plan.dims;
+    let [_, ow] = plan.out;
+    let ring = plan.depthwise.as_ref()?.rows_read(band)?.min(h);
+    let pixels = band.checked_mul(ow)?;
+    let sizes = [
+        ring.checked_mul(w)?.checked_mul(c)?,
+        ring.checked_mul(w)?.checked_mul(c_in)?,
+        pixels.checked_mul(c)?,
+        pixels.checked_mul(m)?,
+        pixels.checked_mul(m)?,
+    ];
+    sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b))?;
+    Some((ring, sizes))
+}
+
+/// What [`channels_last_banded`] allocates for an `[n, c, h, w]` depthwise plan after an expand
+/// from `c_in` channels and before a pointwise into `m`, `band` rows at a time: the output and
+/// every thread's scratch.
+pub(crate) fn channels_last_banded_bytes(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Result<u64, NnError> {
+    let [n, _, _, _] = plan.dims;
+    let [oh, ow] = plan.out;
+    let too_large = || NnError::too_large("Conv: the block does not fit in memory");
+    let (_, sizes) = banded_scratch(plan, c_in, m, band.clamp(1, oh.max(1))).ok_or_else(too_large)?;
+    let threads = rayon::current_num_threads() as u64 + 1;
+    let scratch = sizes.iter().map(|&s| s as u64).sum::<u64>().checked_mul(threads).ok_or_else(too_large)?;
+    let floats = super::count(&[n, m, oh, ow])?.checked_add(scratch).ok_or_else(too_large)?;
+    floats.checked_mul(4).ok_or_else(too_large)
+}
+
+/// Initialised floats seen as possibly uninitialised ones, for kernels that only write them.
+fn uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and writing through it leaves valid floats.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<MaybeUninit<f32>>(), v.len()) }
+}
+
 /// A convolution's weights as its GEMMs take them, with the epilogue.
 struct GemmWeights<'a> {
     ws: &'a [f32],
@@ -1124,6 +1370,85 @@ mod tests {
         }
     }
 
+    /// The banded channels-last pass against the three planar convolutions, bit for bit, on
+    /// ragged widths, strides 1 and 2, 3x3 and 5x5 kernels, "same" and symmetric padding,
+    /// batches, bands that do and do not divide the output, one thread and three, with and
+    /// without a residual; and declined where the channels are not a multiple of 16.
+    #[test]
+    fn banded_is_the_three_convolutions() {
+        let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
+        let dev = Device::Cpu;
+        let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let six = Some(Clamp { lo: 0.0, hi: 6.0 });
+        // [n, c_in, h, w], expanded channels, outputs, kernel, stride, "same" padding (else
+        // k/2 on every side).
+        type Case = ([usize; 4], usize, usize, usize, usize, bool);
+        let cases: [Case; 10] = [
+            ([1, 16, 24, 24], 96, 24, 3, 2, true),
+            ([2, 5, 17, 23], 32, 7, 3, 2, true),
+            ([1, 8, 19, 13], 48, 12, 5, 2, true),
+            ([3, 6, 12, 20], 16, 9, 5, 2, false),
+            ([1, 24, 15, 15], 144, 24, 3, 1, false),
+            ([2, 7, 11, 29], 32, 5, 5, 1, false),
+            ([1, 4, 9, 40], 16, 4, 3, 2, false),
+            ([1, 12, 30, 9], 64, 40, 3, 1, false),
+            ([1, 8, 16, 16], 24, 8, 3, 2, true),
+            ([1, 8, 5, 60], 32, 16, 5, 2, true),
+        ];
+        let pools: Vec<rayon::ThreadPool> =
+            [1, 3].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
+        for ([n, c_in, h, w], c, m, k, stride, same) in cases {
+            let id = (n, c_in, h, w, c, m, k, stride);
+            let (x, we, be) = (randn(&[n, c_in, h, w]), randn(&[c, c_in, 1, 1]), randn(&[c]));
+            let (wd, bd, wp, bp) = (randn(&[c, 1, k, k]), randn(&[c]), randn(&[m, c, 1, 1]), randn(&[m]));
+            let p = k / 2;
+            let pads = if same && stride == 2 { [(p - 1, p); 2] } else { [(p, p); 2] };
+            let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
+            let g1 = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
+            let plan = ConvPlan::new(&[n, c, h, w], wd.dims(), &g).unwrap();
+            let takes = crate::nn::kernels::simd::avx512() && c % 16 == 0;
+            assert_eq!(plan.takes_banded(), takes, "{id:?}");
+            let [oh, ow] = plan.out();
+            assert!(h * w > sgemm::TURNED_MAX && oh * ow > sgemm::TURNED_MAX, "{id:?}: planar products turn around");
+            for (clamp_p, with_residual) in [(None, true), (six, false)] {
+                let e = planned(&x, &we, Some(&be), &g1, six, None).unwrap();
+                let d = planned(&e, &wd, Some(&bd), &g, six, None).unwrap();
+                let mut want = planned(&d, &wp, Some(&bp), &g1, clamp_p, None).unwrap();
+                let residual = with_residual.then(|| randn(want.dims()));
+                if let Some(r) = &residual {
+                    want = (want + r).unwrap();
+                }
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (pool, band) in pools.iter().flat_map(|p| [1, 2, 3, 8].map(|b| (p, b))) {
+                    let (se, sp, blocked) = Default::default();
+                    let blocked: depthwise::BlockedWeights = blocked;
+                    let got = pool.install(|| {
+                        channels_last_banded(
+                            &x,
+                            (&we, Some(&be), six, &se),
+                            (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                            &plan,
+                            band,
+                            (&wp, Some(&bp), clamp_p, &sp),
+                            residual.as_ref(),
+                        )
+                        .unwrap()
+                    });
+                    let Some(got) = got else {
+                        assert!(!takes, "{id:?}: declined");
+                        continue;
+                    };
+                    assert!(takes, "{id:?}: ran a plan it does not take");
+                    assert_eq!(got.dims(), [n, m, oh, ow]);
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let threads = pool.current_num_threads();
+                    let same_bits = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same_bits, "{id:?}, band {band}, {threads} threads: not the same bits");
+                }
+            }
+        }
+    }
+
     /// Below AVX-512 (the AVX2 and portable levels) a 7x7 block is declined, `Ok(None)`, and
     /// runs a planar split: the channels-last kernels are AVX-512 only.
     #[test]
@@ -1299,6 +1624,31 @@ mod fused_timing {
                     awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
                 });
                 eprintln!("{name} channels last: {t:?} (max diff {diff})");
+            }
+            if expand.is_some() && plan.takes_banded() {
+                let (s0, s1) = (super::super::Derived::default(), super::super::Derived::default());
+                for band in [1, 2, 4, 8] {
+                    let run = || {
+                        channels_last_banded(
+                            &xin,
+                            (&we, Some(&be), six, &s0),
+                            (&wd, Some(&bd), six, Some((&blocked, wd.id(), Some(bd.id())))),
+                            &plan,
+                            band,
+                            (&wp, Some(&bp), None, &s1),
+                            None,
+                        )
+                        .unwrap()
+                        .unwrap()
+                    };
+                    let (want, got) = (fused(), run());
+                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let t = rayon::scope(|_| {
+                        let awake = crate::scheduler::Awake::new(true);
+                        awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
+                    });
+                    eprintln!("{name} banded by {band}: {t:?} (max diff {diff})");
+                }
             }
         }
     }

@@ -255,6 +255,43 @@ impl Depthwise {
         }
     }
 
+    /// Whether [`Depthwise::rows_last`] takes this geometry: undilated, a square 3x3 or 5x5 kernel
+    /// at stride 1 or 2 both ways, any padding and width, with AVX-512.
+    pub(super) fn takes_banded(&self) -> bool {
+        cfg!(target_arch = "x86_64")
+            && simd::avx512()
+            && !self.dilated
+            && self.kh == self.kw
+            && matches!(self.kh, 3 | 5)
+            && self.sh == self.sw
+            && matches!(self.sh, 1 | 2)
+    }
+
+    /// The most input rows `rows` consecutive output rows read (`None` on overflow).
+    pub(super) fn rows_read(&self, rows: usize) -> Option<usize> {
+        rows.saturating_sub(1).checked_mul(self.sh)?.checked_add(self.kh)
+    }
+
+    /// The convolution row by row on images laid out channels last, for a block that computes
+    /// its input a band of rows at a time ([`super::conv::channels_last_banded`]): `None` where
+    /// [`Depthwise::takes_banded`] does not hold, `c` is not a multiple of 16, or the weights
+    /// (`[c, kh·kw]`) or bias are shorter than `c` channels.
+    pub(super) fn rows_last(
+        &self,
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        c: usize,
+        clamp: Option<Clamp>,
+        keep: Keep<'_>,
+    ) -> Option<RowsLast<'_>> {
+        let taps = self.kh * self.kw;
+        let short = c.checked_mul(taps).is_none_or(|ct| ws.len() < ct) || bias.is_some_and(|b| b.len() < c);
+        if !self.takes_banded() || c == 0 || !c.is_multiple_of(16) || short {
+            return None;
+        }
+        Some(RowsLast { dw: self, c, clamp, blocked: Blocked::get::<16>(ws, bias, c, taps, keep) })
+    }
+
     /// Runs the convolution `rows` output rows of one image at a time (the last range of an
     /// image may be shorter), every channel into a scratch buffer (`[c][rows × ow]`), which
     /// `then` gets with the image, the rows and that range's item of `items` (one per image
@@ -1162,6 +1199,66 @@ mod x86 {
     }
 }
 
+/// A depthwise convolution run one output row at a time on input rows laid out channels last
+/// (each `w·c` floats), which the caller computes a band at a time and keeps only while rows
+/// still read them ([`Depthwise::rows_last`]).
+pub(super) struct RowsLast<'a> {
+    dw: &'a Depthwise,
+    c: usize,
+    clamp: Option<Clamp>,
+    blocked: Arc<Blocked>,
+}
+
+impl RowsLast<'_> {
+    /// The input rows (within the image) that output rows `rows` read.
+    pub(super) fn reads(&self, rows: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let d = self.dw;
+        if rows.is_empty() {
+            return 0..0;
+        }
+        let lo = (rows.start * d.sh).saturating_sub(d.pt).min(d.h);
+        let hi = ((rows.end - 1) * d.sh + d.kh).saturating_sub(d.pt).min(d.h);
+        lo..hi.max(lo)
+    }
+
+    /// Output row `oy` (`ow` pixels of `c` channels) into `out`, from the input rows `row`
+    /// hands out (`row(y)`: row `y` of the image, `w·c` floats, for every `y` in
+    /// [`RowsLast::reads`] of this row). Bias first, then every tap row by row, the padding's
+    /// taps multiplying zeros: the blocked kernel's order, so the numbers are
+    /// [`Depthwise::run`]'s on the same image laid out planar, to the bit. Panics where a row
+    /// or `out` is shorter than its pixels.
+    pub(super) fn row<'r>(&self, oy: usize, row: impl Fn(usize) -> &'r [f32], out: &mut [MaybeUninit<f32>]) {
+        let d = self.dw;
+        let (wb, bb) = self.blocked.lanes::<16>();
+        let input = |ky: usize| (oy * d.sh + ky).checked_sub(d.pt).filter(|&y| y < d.h).map(&row);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let geometry = [d.w, self.c, d.ow, d.pl];
+            macro_rules! run {
+                ($k:literal, $s:literal, $p:literal) => {{
+                    let rows: [Option<&[f32]>; $k] = std::array::from_fn(input);
+                    // SAFETY: the CPU has AVX-512F (`takes_banded`, checked by `rows_last`); the
+                    // kernel is k×k at stride s as matched; `c` is a multiple of 16 and the
+                    // weights are blocked for it (`rows_last`); the operands' lengths are
+                    // asserted by the kernel.
+                    unsafe { last::strided::<$k, $s, $p>(rows, (wb, bb), self.clamp, geometry, out) }
+                }};
+            }
+            match (d.kh, d.sh) {
+                (3, 1) => run!(3, 1, 8),
+                (3, 2) => run!(3, 2, 8),
+                (5, 1) => run!(5, 1, 4),
+                _ => run!(5, 2, 4),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (wb, bb, input, out);
+            unreachable!("depthwise: `rows_last` runs only with AVX-512");
+        }
+    }
+}
+
 /// Widest plane [`Depthwise::channels_last`] takes: its kernel keeps an accumulator per pixel
 /// of a row, beside the row's inputs, in the 32 registers.
 const CHANNELS_LAST_WIDTH: usize = 8;
@@ -1207,6 +1304,109 @@ mod last {
         }
         assert!((1..=MAX_WIDTH).contains(&w) && matches!(k, 3 | 5), "depthwise: rows this kernel does not take");
         if k == 3 { widths!(3) } else { widths!(5) }
+    }
+
+    /// One output row of a `K`×`K` kernel at stride `S` from `K` input rows (`rows`: each `w`
+    /// pixels of `c` channels, `None` for a padding row), padded by `pl` columns on the left
+    /// and as many as the output needs on the right: block by block of 16 channels, `P` output
+    /// pixels at a time where every tap lies inside the row, one at a time at the edges. Bias
+    /// first, then the taps row by row, padding taps multiplying zeros (the blocked kernel's
+    /// order).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F. The operands' lengths are asserted.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn strided<const K: usize, const S: usize, const P: usize>(
+        rows: [Option<&[f32]>; K],
+        (wb, bb): (&[[f32; 16]], &[[f32; 16]]),
+        clamp: Option<Clamp>,
+        [w, c, ow, pl]: [usize; 4],
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let groups = c / 16;
+        let row = w.checked_mul(c);
+        assert!(
+            c.is_multiple_of(16)
+                && row.is_some_and(|row| rows.iter().flatten().all(|r| r.len() >= row))
+                && ow.checked_mul(c).is_some_and(|o| out.len() >= o)
+                && wb.len() >= groups * K * K
+                && bb.len() >= groups,
+            "depthwise: operands smaller than their shapes"
+        );
+        let (lo, hi) = clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
+        let zero = _mm512_setzero_ps();
+        let finish = |acc: __m512| match clamp {
+            Some(_) => _mm512_min_ps(_mm512_max_ps(acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
+            None => acc,
+        };
+        // Output pixels whose every tap lies inside the row: input column ox·S + kx − pl in
+        // 0..w for every kx < K.
+        let first = pl.div_ceil(S).min(ow);
+        let end = match (w + pl).checked_sub(K) {
+            Some(last) => (last / S + 1).min(ow).max(first),
+            None => first,
+        };
+        for g in 0..groups {
+            let taps = &wb[g * K * K..(g + 1) * K * K];
+            // SAFETY (loads of `taps`, `bb[g]`): each entry is 16 floats.
+            let wv: [[__m512; K]; K] = std::array::from_fn(|ky| {
+                std::array::from_fn(|kx| unsafe { _mm512_loadu_ps(taps[ky * K + kx].as_ptr()) })
+            });
+            // SAFETY: as above.
+            let bias = unsafe { _mm512_loadu_ps(bb[g].as_ptr()) };
+            let at = |ox: usize| 16 * g + ox * c;
+            let mut ox = first;
+            while ox + P <= end {
+                let mut acc = [bias; P];
+                for (ky, input) in rows.iter().enumerate() {
+                    match input {
+                        Some(input) => {
+                            // Pixel ox·S − pl of the row (inside it: ox ≥ first).
+                            let base = input.as_ptr().wrapping_add(at(ox * S - pl));
+                            for kx in 0..K {
+                                for (p, acc) in acc.iter_mut().enumerate() {
+                                    // SAFETY: input column (ox + p)·S + kx − pl < w (ox + p <
+                                    // end), channels 16g..16g + 16 ≤ c: inside the row.
+                                    let x = unsafe { _mm512_loadu_ps(base.add((p * S + kx) * c)) };
+                                    *acc = _mm512_fmadd_ps(x, wv[ky][kx], *acc);
+                                }
+                            }
+                        }
+                        None => {
+                            for kx in 0..K {
+                                for acc in acc.iter_mut() {
+                                    *acc = _mm512_fmadd_ps(zero, wv[ky][kx], *acc);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (p, acc) in acc.into_iter().enumerate() {
+                    let dst = &mut out[at(ox + p)..][..16];
+                    // SAFETY: `dst` holds 16 floats (MaybeUninit<f32> has f32's layout).
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
+                }
+                ox += P;
+            }
+            // The edges and what is left of the inside, a pixel at a time.
+            for ox in (0..first).chain(ox..ow) {
+                let mut acc = bias;
+                for (ky, input) in rows.iter().enumerate() {
+                    for kx in 0..K {
+                        let x = match (input, (ox * S + kx).checked_sub(pl).filter(|&x| x < w)) {
+                            // SAFETY: column x < w of the row, channels 16g..16g + 16 ≤ c.
+                            (Some(input), Some(x)) => unsafe { _mm512_loadu_ps(input.as_ptr().add(at(x))) },
+                            _ => zero,
+                        };
+                        acc = _mm512_fmadd_ps(x, wv[ky][kx], acc);
+                    }
+                }
+                let dst = &mut out[at(ox)..][..16];
+                // SAFETY: `dst` holds 16 floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
+            }
+        }
     }
 
     /// [`rows`] for a `K`×`K` kernel on rows of `W` pixels, block by block of 16 channels.

@@ -1189,7 +1189,15 @@ enum Split {
     /// The three convolutions channels last ([`conv::channels_last`]): small planes, whose
     /// ragged pixel count costs the planar products more than the transposes.
     ChannelsLast,
+    /// The three convolutions channels last a band of this many output rows at a time
+    /// ([`conv::channels_last_banded`]): wider planes, above all at stride 2, where the
+    /// planar depthwise kernels split every row into its even and odd columns.
+    Banded(usize),
 }
+
+/// The bands of output rows [`Split::Banded`] is timed with: fewer rows shorten the ring of
+/// expanded rows, more give the projection more pixels at once.
+const BANDS: [usize; 3] = [2, 4, 8];
 
 /// Fuses `first` and `second` into a [`ConvChain`] if they are a depthwise Conv (weights
 /// `w1`) and a pointwise one (weights `w2`, reading all of the first's channels), or a
@@ -1381,6 +1389,11 @@ impl ConvChain {
         }
         if let Some(c_in) = c_in {
             most = most.max(conv::channels_last_bytes(dw, c_in, m)?);
+            if dw.takes_banded() {
+                for band in BANDS {
+                    most = most.max(conv::channels_last_banded_bytes(dw, c_in, m, band)?);
+                }
+            }
         }
         Ok(most)
     }
@@ -1459,6 +1472,24 @@ impl ConvChain {
                             (we, be, e.clamp, &self.strips[0]),
                             (wd, bd, self.dw.clamp, keep),
                             plan,
+                            (wp, bp, self.pw.clamp, &self.strips[1]),
+                            residual,
+                        )?;
+                        if let Some(y) = y {
+                            return Ok((vec![y], residual.is_some()));
+                        }
+                    }
+                    apart()
+                }
+                (Split::Banded(band), Some(plan)) => {
+                    if let Some((e, we, be)) = expand {
+                        let residual = residual_for(plan);
+                        let y = conv::channels_last_banded(
+                            x,
+                            (we, be, e.clamp, &self.strips[0]),
+                            (wd, bd, self.dw.clamp, keep),
+                            plan,
+                            band,
                             (wp, bp, self.pw.clamp, &self.strips[1]),
                             residual,
                         )?;
@@ -1562,7 +1593,7 @@ impl ConvChain {
             // Its products' rows are the pixels (more than TURNED_MAX, as `whole_ok` asks of
             // the planar products' columns), so they run the strips kernel, which sums as the
             // tile kernels do.
-            Split::ChannelsLast => whole_ok,
+            Split::ChannelsLast | Split::Banded(_) => whole_ok,
         };
         if !sgemm::columns_independent() || !rows_ok || !tiled(rule) {
             // Splits could differ in the last bits: the rule decides, untimed.
@@ -1575,7 +1606,10 @@ impl ConvChain {
         };
         let last = we.is_some() && plan.takes_channels_last();
         let last = last.then_some(Split::ChannelsLast);
-        for split in others.into_iter().chain([Split::Apart]).chain(last) {
+        // Bands of rows channels last, for planes wider than `ChannelsLast` takes.
+        let banded = we.is_some() && plan.takes_banded() && !plan.takes_channels_last();
+        let banded = BANDS.iter().filter(|_| banded).map(|&b| Split::Banded(b));
+        for split in others.into_iter().chain([Split::Apart]).chain(last).chain(banded) {
             if !splits.contains(&split) && tiled(split) {
                 splits.push(split);
             }
