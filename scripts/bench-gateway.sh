@@ -118,6 +118,8 @@ if [ "$mode" = throughput ]; then
         for spec in "text-normalize normalize" "text-embed embed" "image-classify image"; do
             set -- $spec
             [ $batched = 0 ] && [ "$1" = text-normalize ] && continue
+            # ONLY="image-classify ...": measure only those plugins.
+            [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]] && continue
             # Warm-up, not reported: the first passes of each batch size time the ways the ONNX
             # backend's fused blocks can split (about 27 passes per size), and caches fill.
             run "$1" "$work/$2.json" 32 bench-key >/dev/null
@@ -134,6 +136,7 @@ if [ "$mode" = throughput ]; then
     done
     echo
     for m in text-embed image-classify; do
+        [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $m "* ]] && continue
         awk -v m="$m" -v a="${rps[$m.batched.32]}" -v b="${rps[$m.batched.1]}" -v u="${rps[$m.unbatched.32]}" \
             -v p="$(ms "${p50[$m.batched.1]}")" -v q="$(ms "${p50[$m.unbatched.1]}")" 'BEGIN {
             printf "%s: 32 connections / 1 connection = %.2fx (batched), %.2fx (unbatched); 1-connection p50 batched / unbatched = %.2fx\n", m, a / b, u / b, p / q }'
