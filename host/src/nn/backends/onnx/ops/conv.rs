@@ -740,7 +740,8 @@ pub(crate) fn channels_last_banded(
 ) -> Result<Option<Tensor>, NnError> {
     let [n, c, h, w] = plan.dims;
     let [oh, ow] = plan.out;
-    let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_banded()) else {
+    // (An empty input plane leaves nothing for the ring to hold: the planar splits take it.)
+    let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_banded() && h > 0 && w > 0) else {
         return Ok(None);
     };
     let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
