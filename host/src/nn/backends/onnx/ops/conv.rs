@@ -712,6 +712,10 @@ thread_local! {
     static BANDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// The most floats of [`BANDED`] scratch a thread keeps between passes (4 MiB; EfficientNet-
+/// Lite0's largest band needs about a tenth of it).
+const BANDED_KEPT: usize = 1 << 20;
+
 /// One unit of [`channels_last_banded`]: an image, its first output row, and each output
 /// channel's rows from there.
 type BandedUnit<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
@@ -816,11 +820,13 @@ pub(crate) fn channels_last_banded(
                     while y < need.end {
                         let slot = y % ring;
                         let rows = (need.end - y).min(ring - slot);
-                        let pixels = &mut uninit(pixels_buf)[..rows * w * c_in];
+                        // SAFETY: only the transpose writes through it, floats.
+                        let pixels = &mut unsafe { uninit(pixels_buf) }[..rows * w * c_in];
                         if !act::transpose_strided_into(&image[y * w..], [c_in, rows * w], h * w, pixels, c_in) {
                             return Err(NnError::runtime("Conv: a band of the block's input does not fit"));
                         }
-                        let dst = &mut uninit(ring_buf)[slot * row..(slot + rows) * row];
+                        // SAFETY: only the GEMM writes through it, floats.
+                        let dst = &mut unsafe { uninit(ring_buf) }[slot * row..(slot + rows) * row];
                         sgemm::gemm_strips_clamped_here(
                             rows * w,
                             &pixels_buf[..rows * w * c_in],
@@ -834,25 +840,17 @@ pub(crate) fn channels_last_banded(
                     next = next.max(need.end);
                     let ring_buf = &*ring_buf;
                     for oy in oy0..oy1 {
-                        let dst = &mut uninit(mid)[(oy - oy0) * ow * c..][..ow * c];
+                        // SAFETY: only the depthwise kernel writes through it, floats.
+                        let dst = &mut unsafe { uninit(mid) }[(oy - oy0) * ow * c..][..ow * c];
                         banded.row(oy, |y| &ring_buf[(y % ring) * row..][..row], dst);
                     }
                     let pixels = (oy1 - oy0) * ow;
-                    sgemm::gemm_strips_clamped_here(
-                        pixels,
-                        &mid[..pixels * c],
-                        sp,
-                        &mut uninit(proj)[..pixels * m],
-                        bp.as_deref(),
-                        clamp_p,
-                    )?;
-                    if !act::transpose_strided_into(
-                        &proj[..pixels * m],
-                        [pixels, m],
-                        m,
-                        &mut uninit(turned)[..m * pixels],
-                        pixels,
-                    ) {
+                    // SAFETY: only the GEMM writes through it, floats.
+                    let proj_out = &mut unsafe { uninit(proj) }[..pixels * m];
+                    sgemm::gemm_strips_clamped_here(pixels, &mid[..pixels * c], sp, proj_out, bp.as_deref(), clamp_p)?;
+                    // SAFETY: only the transpose writes through it, floats.
+                    let turned_out = &mut unsafe { uninit(turned) }[..m * pixels];
+                    if !act::transpose_strided_into(&proj[..pixels * m], [pixels, m], m, turned_out, pixels) {
                         return Err(NnError::runtime("Conv: a band of the block's output does not fit"));
                     }
                     let at = (oy0 - oy_start) * ow;
@@ -890,7 +888,11 @@ pub(crate) fn channels_last_banded(
                     }
                     Err(e) => *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e),
                 }
-                BANDED.with(|b| b.replace(buf));
+                // A thread keeps its scratch for the next pass only up to a cap, so a model
+                // with huge planes does not leave memory held past its pass.
+                if buf.len() <= BANDED_KEPT {
+                    BANDED.with(|b| b.replace(buf));
+                }
             });
         })
     })??;
@@ -942,8 +944,12 @@ pub(crate) fn channels_last_banded_bytes(plan: &ConvPlan, c_in: usize, m: usize,
 }
 
 /// Initialised floats seen as possibly uninitialised ones, for kernels that only write them.
-fn uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and writing through it leaves valid floats.
+///
+/// # Safety
+/// Only initialised values may be written through the result (`v` is read as floats after
+/// it): the GEMM and transpose kernels' outputs, which write floats and nothing else.
+unsafe fn uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller writes only floats through it.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<MaybeUninit<f32>>(), v.len()) }
 }
 
@@ -1372,38 +1378,50 @@ mod tests {
     }
 
     /// The banded channels-last pass against the three planar convolutions, bit for bit, on
-    /// ragged widths, strides 1 and 2, 3x3 and 5x5 kernels, "same" and symmetric padding,
-    /// batches, bands that do and do not divide the output, one thread and three, with and
-    /// without a residual; and declined where the channels are not a multiple of 16.
+    /// ragged widths (some narrower than the kernel), strides 1 and 2, 3x3 and 5x5 kernels,
+    /// "same" (upper and lower), symmetric and oversized padding, batches, bands that do and do
+    /// not divide the output, one thread and three, with and without a residual; and declined
+    /// where the channels are not a multiple of 16.
     #[test]
     fn banded_is_the_three_convolutions() {
         let _cap = crate::nn::kernels::simd::cap(crate::nn::kernels::simd::Level::Avx512);
         let dev = Device::Cpu;
         let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
         let six = Some(Clamp { lo: 0.0, hi: 6.0 });
-        // [n, c_in, h, w], expanded channels, outputs, kernel, stride, "same" padding (else
-        // k/2 on every side).
-        type Case = ([usize; 4], usize, usize, usize, usize, bool);
-        let cases: [Case; 10] = [
-            ([1, 16, 24, 24], 96, 24, 3, 2, true),
-            ([2, 5, 17, 23], 32, 7, 3, 2, true),
-            ([1, 8, 19, 13], 48, 12, 5, 2, true),
-            ([3, 6, 12, 20], 16, 9, 5, 2, false),
-            ([1, 24, 15, 15], 144, 24, 3, 1, false),
-            ([2, 7, 11, 29], 32, 5, 5, 1, false),
-            ([1, 4, 9, 40], 16, 4, 3, 2, false),
-            ([1, 12, 30, 9], 64, 40, 3, 1, false),
-            ([1, 8, 16, 16], 24, 8, 3, 2, true),
-            ([1, 8, 5, 60], 32, 16, 5, 2, true),
+        // [n, c_in, h, w], expanded channels, outputs, kernel, stride, padding: 0 k/2 on every
+        // side, 1 "same" (upper: the extra row and column at the end), 2 "same" lower, 3 the
+        // kernel's size on every side (rows and columns of padding alone).
+        type Case = ([usize; 4], usize, usize, usize, usize, u8);
+        let cases: [Case; 14] = [
+            ([1, 16, 24, 24], 96, 24, 3, 2, 1),
+            // Narrower than the kernel's 5 taps, and than its 8 pixels at a time.
+            ([1, 4, 12, 4], 16, 6, 5, 1, 0),
+            ([2, 4, 9, 7], 32, 6, 3, 2, 0),
+            ([2, 5, 17, 23], 32, 7, 3, 2, 1),
+            ([1, 8, 19, 13], 48, 12, 5, 2, 1),
+            ([3, 6, 12, 20], 16, 9, 5, 2, 0),
+            ([1, 24, 15, 15], 144, 24, 3, 1, 0),
+            ([2, 7, 11, 29], 32, 5, 5, 1, 0),
+            ([1, 4, 9, 40], 16, 4, 3, 2, 0),
+            ([1, 12, 30, 9], 64, 40, 3, 1, 0),
+            ([1, 8, 16, 16], 24, 8, 3, 2, 1),
+            ([1, 8, 5, 60], 32, 16, 5, 2, 1),
+            ([1, 6, 14, 14], 32, 8, 3, 2, 2),
+            ([1, 6, 10, 12], 16, 5, 3, 1, 3),
         ];
         let pools: Vec<rayon::ThreadPool> =
             [1, 3].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
-        for ([n, c_in, h, w], c, m, k, stride, same) in cases {
+        for ([n, c_in, h, w], c, m, k, stride, pad) in cases {
             let id = (n, c_in, h, w, c, m, k, stride);
             let (x, we, be) = (randn(&[n, c_in, h, w]), randn(&[c, c_in, 1, 1]), randn(&[c]));
             let (wd, bd, wp, bp) = (randn(&[c, 1, k, k]), randn(&[c]), randn(&[m, c, 1, 1]), randn(&[m]));
             let p = k / 2;
-            let pads = if same && stride == 2 { [(p - 1, p); 2] } else { [(p, p); 2] };
+            let pads = match pad {
+                1 => [(p - 1, p); 2],
+                2 => [(p, p - 1); 2],
+                3 => [(k, k); 2],
+                _ => [(p, p); 2],
+            };
             let g = Geometry { pads, strides: [stride; 2], dilations: [1, 1], group: c };
             let g1 = Geometry { pads: [(0, 0); 2], strides: [1, 1], dilations: [1, 1], group: 1 };
             let plan = ConvPlan::new(&[n, c, h, w], wd.dims(), &g).unwrap();
@@ -1571,8 +1589,9 @@ mod fused_timing {
         let only = std::env::var("FUSED_CASE").unwrap_or_default();
         // name, x dims (input of the expand or of the dw), expanded c, m, k, stride, pads, rows
         type Case = (&'static str, [usize; 4], Option<usize>, usize, usize, usize, [(usize, usize); 2], usize);
-        let cases: [Case; 4] = [
+        let cases: [Case; 5] = [
             ("block1", [1, 32, 112, 112], None, 16, 3, 1, [(1, 1), (1, 1)], 16),
+            ("block14", [1, 112, 14, 14], Some(672), 112, 5, 1, [(2, 2), (2, 2)], 7),
             ("block2", [1, 16, 112, 112], Some(96), 24, 3, 2, [(0, 1), (0, 1)], 10),
             ("block7", [1, 192, 7, 7], Some(1152), 192, 5, 1, [(2, 2), (2, 2)], 7),
             ("block56", [1, 24, 56, 56], Some(144), 24, 3, 1, [(1, 1), (1, 1)], 8),

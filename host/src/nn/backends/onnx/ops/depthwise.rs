@@ -1343,7 +1343,7 @@ mod last {
         // Output pixels whose every tap lies inside the row: input column ox·S + kx − pl in
         // 0..w for every kx < K.
         let first = pl.div_ceil(S).min(ow);
-        let end = match (w + pl).checked_sub(K) {
+        let end = match w.checked_add(pl).and_then(|wp| wp.checked_sub(K)) {
             Some(last) => (last / S + 1).min(ow).max(first),
             None => first,
         };
@@ -1389,8 +1389,28 @@ mod last {
                 }
                 ox += P;
             }
-            // The edges and what is left of the inside, a pixel at a time.
-            for ox in (0..first).chain(ox..ow) {
+            // What is left of the inside, a pixel at a time.
+            while ox < end {
+                let mut acc = bias;
+                for (ky, input) in rows.iter().enumerate() {
+                    let base = input.map(|input| input.as_ptr().wrapping_add(at(ox * S - pl)));
+                    for kx in 0..K {
+                        let x = match base {
+                            // SAFETY: input column ox·S + kx − pl < w (ox < end), channels
+                            // 16g..16g + 16 ≤ c: inside the row.
+                            Some(base) => unsafe { _mm512_loadu_ps(base.add(kx * c)) },
+                            None => zero,
+                        };
+                        acc = _mm512_fmadd_ps(x, wv[ky][kx], acc);
+                    }
+                }
+                let dst = &mut out[at(ox)..][..16];
+                // SAFETY: `dst` holds 16 floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
+                ox += 1;
+            }
+            // The edges, a pixel at a time, each tap checked.
+            for ox in (0..first).chain(end..ow) {
                 let mut acc = bias;
                 for (ky, input) in rows.iter().enumerate() {
                     for kx in 0..K {
