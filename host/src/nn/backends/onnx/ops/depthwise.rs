@@ -2356,6 +2356,16 @@ mod tests {
                 ours += ms;
                 theirs += ort;
                 eprintln!("{c:>5} x {h:>3} k{k} s{s}: EIR {ms:.4} ms | ORT {ort:.3} | {:.2}x", ms / ort);
+                // The same layer channels last, row by row (`RowsLast`, the banded blocks'),
+                // on the same floats read as pixels.
+                if let Some(rows) = plan.rows_last(&w, Some(&bias), c, Some(Clamp { lo: 0.0, hi: 6.0 }), keep) {
+                    let t = crate::nn::kernels::median_time(if only.is_some() { 5001 } else { 101 }, &mut || {
+                        for (oy, dst) in out.chunks_exact_mut(o * c).enumerate() {
+                            rows.row(oy, |y| &x[y * h * c..(y + 1) * h * c], dst);
+                        }
+                    });
+                    eprintln!("{:>24} channels last {:.4} ms", "", t.as_secs_f64() * 1e3);
+                }
             }
             eprintln!("sum: EIR {ours:.3} ORT {theirs:.3} = {:.2}x", ours / theirs);
         });
