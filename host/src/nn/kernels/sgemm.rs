@@ -223,30 +223,19 @@ pub(crate) fn gemm_strips_lda(
 }
 
 /// [`gemm_strips`] with `clamp` applied after the bias (a convolution's fused activation), as
-/// [`gemm`]'s tile kernels apply it: the two still agree to the bit.
+/// [`gemm`]'s tile kernels apply it: the two still agree to the bit. Without `parallel` it
+/// runs on the calling thread alone, for callers that share their own work out over the pool
+/// already (a band of a channels-last block), where a product shared out again would only add
+/// waits.
 pub(crate) fn gemm_strips_clamped(
     m: usize,
     a: &[f32],
     b: &Strips,
     dst: &mut [MaybeUninit<f32>],
-    bias: Option<&[f32]>,
-    clamp: Option<Clamp>,
+    (bias, clamp): (Option<&[f32]>, Option<Clamp>),
+    parallel: bool,
 ) -> Result<(), NnError> {
-    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false), true)
-}
-
-/// [`gemm_strips_clamped`] on the calling thread alone: for callers that share their own work
-/// out over the pool already (a band of a channels-last block), where a product shared out
-/// again would only add waits.
-pub(crate) fn gemm_strips_clamped_here(
-    m: usize,
-    a: &[f32],
-    b: &Strips,
-    dst: &mut [MaybeUninit<f32>],
-    bias: Option<&[f32]>,
-    clamp: Option<Clamp>,
-) -> Result<(), NnError> {
-    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false), false)
+    strips_checked(m, (a, b.k), b, dst, (bias, clamp, false), parallel)
 }
 
 /// The operand checks of the strips products, then the kernel.

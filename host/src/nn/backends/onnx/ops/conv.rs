@@ -604,6 +604,56 @@ pub(crate) fn channels_last_bytes(plan: &ConvPlan, c_in: usize, m: usize) -> Res
     super::count(&[n, h, w, per_pixel, 4])
 }
 
+/// The operands of an expand → depthwise → pointwise block that runs channels last
+/// ([`channels_last`], [`channels_last_banded`]), checked against the depthwise plan: input
+/// and expand weight `[c_in → c]`, pointwise weight `[c → m]`, the residual the output's
+/// shape; the biases as floats, and both pointwise weights in strips (`None` inside where the
+/// strips kernel cannot hold them: no AVX-512).
+struct BlockOperands {
+    c_in: usize,
+    m: usize,
+    be: Option<Vec<f32>>,
+    bd: Option<Vec<f32>>,
+    bp: Option<Vec<f32>>,
+    se: std::sync::Arc<Option<sgemm::Strips>>,
+    sp: std::sync::Arc<Option<sgemm::Strips>>,
+}
+
+impl BlockOperands {
+    #[allow(clippy::type_complexity)]
+    fn check(
+        x: &Tensor,
+        (we, be, strips_e): (&Tensor, Option<&Tensor>, &super::Derived<Option<sgemm::Strips>>),
+        (wd, bd): (&Tensor, Option<&Tensor>),
+        plan: &ConvPlan,
+        (wp, bp, strips_p): (&Tensor, Option<&Tensor>, &super::Derived<Option<sgemm::Strips>>),
+        residual: Option<&Tensor>,
+    ) -> Result<Self, NnError> {
+        let [n, c, h, w] = plan.dims;
+        let [oh, ow] = plan.out;
+        let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
+        let c_in = match (x.dims(), we.dims()) {
+            (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
+            _ => return Err(shapes("the expand convolution")),
+        };
+        let m = match wp.dims() {
+            &[m, cp, 1, 1] if cp == c => m,
+            _ => return Err(shapes("the pointwise convolution")),
+        };
+        if wd.dims() != plan.kernel {
+            return Err(NnError::runtime("Conv: the plan was made for other shapes"));
+        }
+        if residual.is_some_and(|r| r.dims() != [n, m, oh, ow]) {
+            return Err(shapes("the residual"));
+        }
+        let (be, bd, bp) =
+            (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
+        let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
+        let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
+        Ok(Self { c_in, m, be, bd, bp, se, sp })
+    }
+}
+
 /// An expand, a depthwise and a pointwise convolution (then `residual`, if given, added) run
 /// channels last: the input turned into `[n·h·w, c_in]` rows of pixels, the two pointwise
 /// products as `X·Wᵀ` on the strips kernel (pixels are rows there, and a ragged count of them
@@ -625,26 +675,10 @@ pub(crate) fn channels_last(
     let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_channels_last()) else {
         return Ok(None);
     };
-    let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
-    let c_in = match (x.dims(), we.dims()) {
-        (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
-        _ => return Err(shapes("the expand convolution")),
-    };
-    let m = match wp.dims() {
-        &[m, cp, 1, 1] if cp == c => m,
-        _ => return Err(shapes("the pointwise convolution")),
-    };
-    if wd.dims() != plan.kernel {
-        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
-    }
-    if residual.is_some_and(|r| r.dims() != [n, m, h, w]) {
-        return Err(shapes("the residual"));
-    }
-    let (be, bd, bp) =
-        (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
-    let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
-    let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
-    let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
+    let ops = BlockOperands::check(x, (we, be, strips_e), (wd, bd), plan, (wp, bp, strips_p), residual)?;
+    let BlockOperands { c_in, m, be, bd, bp, .. } = &ops;
+    let (c_in, m) = (*c_in, *m);
+    let (Some(se), Some(sp)) = (ops.se.as_ref(), ops.sp.as_ref()) else {
         return Ok(None);
     };
     let too_large = || NnError::too_large("Conv: the block does not fit in memory");
@@ -673,7 +707,7 @@ pub(crate) fn channels_last(
     let product = |rows: &[f32], strips: &sgemm::Strips, bias: Option<&[f32]>, clamp| -> Result<Vec<f32>, NnError> {
         let len = size(strips.n())?;
         let mut v = super::uninit_f32(len)?;
-        sgemm::gemm_strips_clamped(pixels, rows, strips, &mut v.spare_capacity_mut()[..len], bias, clamp)?;
+        sgemm::gemm_strips_clamped(pixels, rows, strips, &mut v.spare_capacity_mut()[..len], (bias, clamp), true)?;
         // SAFETY: `gemm_strips_clamped` returned Ok, so it wrote all `pixels·n` values.
         unsafe { v.set_len(len) };
         Ok(v)
@@ -748,26 +782,10 @@ pub(crate) fn channels_last_banded(
     let Some(dw) = plan.depthwise.as_ref().filter(|_| plan.takes_banded() && h > 0 && w > 0) else {
         return Ok(None);
     };
-    let shapes = |what: &str| NnError::invalid_argument(format!("Conv: {what} does not fit the fused block"));
-    let c_in = match (x.dims(), we.dims()) {
-        (&[xn, ci, xh, xw], &[ce, wci, 1, 1]) if [xn, xh, xw] == [n, h, w] && ce == c && wci == ci => ci,
-        _ => return Err(shapes("the expand convolution")),
-    };
-    let m = match wp.dims() {
-        &[m, cp, 1, 1] if cp == c => m,
-        _ => return Err(shapes("the pointwise convolution")),
-    };
-    if wd.dims() != plan.kernel {
-        return Err(NnError::runtime("Conv: the plan was made for other shapes"));
-    }
-    if residual.is_some_and(|r| r.dims() != [n, m, oh, ow]) {
-        return Err(shapes("the residual"));
-    }
-    let (be, bd, bp) =
-        (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
-    let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
-    let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
-    let (Some(se), Some(sp)) = (se.as_ref(), sp.as_ref()) else {
+    let ops = BlockOperands::check(x, (we, be, strips_e), (wd, bd), plan, (wp, bp, strips_p), residual)?;
+    let BlockOperands { c_in, m, be, bd, bp, .. } = &ops;
+    let (c_in, m) = (*c_in, *m);
+    let (Some(se), Some(sp)) = (ops.se.as_ref(), ops.sp.as_ref()) else {
         return Ok(None);
     };
     let Some(banded) = with_f32(wd, |wds| dw.rows_last(wds, bd.as_deref(), c, clamp_d, keep_d))? else {
@@ -827,14 +845,8 @@ pub(crate) fn channels_last_banded(
                         }
                         // SAFETY: only the GEMM writes through it, floats.
                         let dst = &mut unsafe { uninit(ring_buf) }[slot * row..(slot + rows) * row];
-                        sgemm::gemm_strips_clamped_here(
-                            rows * w,
-                            &pixels_buf[..rows * w * c_in],
-                            se,
-                            dst,
-                            be.as_deref(),
-                            clamp_e,
-                        )?;
+                        let pixels = &pixels_buf[..rows * w * c_in];
+                        sgemm::gemm_strips_clamped(rows * w, pixels, se, dst, (be.as_deref(), clamp_e), false)?;
                         y += rows;
                     }
                     next = next.max(need.end);
@@ -847,7 +859,14 @@ pub(crate) fn channels_last_banded(
                     let pixels = (oy1 - oy0) * ow;
                     // SAFETY: only the GEMM writes through it, floats.
                     let proj_out = &mut unsafe { uninit(proj) }[..pixels * m];
-                    sgemm::gemm_strips_clamped_here(pixels, &mid[..pixels * c], sp, proj_out, bp.as_deref(), clamp_p)?;
+                    sgemm::gemm_strips_clamped(
+                        pixels,
+                        &mid[..pixels * c],
+                        sp,
+                        proj_out,
+                        (bp.as_deref(), clamp_p),
+                        false,
+                    )?;
                     // SAFETY: only the transpose writes through it, floats.
                     let turned_out = &mut unsafe { uninit(turned) }[..m * pixels];
                     if !act::transpose_strided_into(&proj[..pixels * m], [pixels, m], m, turned_out, pixels) {
@@ -1468,8 +1487,8 @@ mod tests {
         }
     }
 
-    /// Below AVX-512 (the AVX2 and portable levels) a 7x7 block is declined, `Ok(None)`, and
-    /// runs a planar split: the channels-last kernels are AVX-512 only.
+    /// Below AVX-512 (the AVX2 and portable levels) a block is declined by both channels-last
+    /// passes, `Ok(None)`, and runs a planar split: the channels-last kernels are AVX-512 only.
     #[test]
     fn channels_last_declines_below_avx512() {
         let dev = Device::Cpu;
@@ -1494,6 +1513,17 @@ mod tests {
                 None,
             );
             assert!(got.unwrap().is_none(), "{level:?}: ran without AVX-512");
+            assert!(!plan.takes_banded(), "{level:?}");
+            let got = channels_last_banded(
+                &x,
+                (&we, None, None, &se),
+                (&wd, None, None, Some((&blocked, wd.id(), None))),
+                &plan,
+                2,
+                (&wp, None, None, &sp),
+                None,
+            );
+            assert!(got.unwrap().is_none(), "{level:?}: banded ran without AVX-512");
         }
     }
 

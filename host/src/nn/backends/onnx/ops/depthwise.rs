@@ -177,12 +177,8 @@ impl Depthwise {
     /// 5x5 kernel padded by half its size on every side (the output plane is the input's), on
     /// planes at most [`CHANNELS_LAST_WIDTH`] wide, with AVX-512.
     pub(super) fn takes_channels_last(&self) -> bool {
-        cfg!(target_arch = "x86_64")
-            && simd::avx512()
-            && !self.dilated
-            && [self.sh, self.sw] == [1, 1]
-            && self.kh == self.kw
-            && matches!(self.kh, 3 | 5)
+        self.takes_banded()
+            && self.sh == 1
             && [self.pt, self.pl] == [self.kh / 2; 2]
             && [self.oh, self.ow] == [self.h, self.w]
             && (1..=CHANNELS_LAST_WIDTH).contains(&self.w)

@@ -1465,35 +1465,18 @@ impl ConvChain {
                     let x = expanded(x)?;
                     fused(x.first().ok_or_else(|| NnError::runtime("Conv produced no output"))?, None, plan, rows)
                 }
-                (Split::ChannelsLast, Some(plan)) => {
+                (Split::ChannelsLast | Split::Banded(_), Some(plan)) => {
                     if let Some((e, we, be)) = expand {
                         let residual = residual_for(plan);
-                        let y = conv::channels_last(
-                            x,
-                            (we, be, e.clamp, &self.strips[0]),
-                            (wd, bd, self.dw.clamp, keep),
-                            plan,
-                            (wp, bp, self.pw.clamp, &self.strips[1]),
-                            residual,
-                        )?;
-                        if let Some(y) = y {
-                            return Ok((vec![y], residual.is_some()));
-                        }
-                    }
-                    apart()
-                }
-                (Split::Banded(band), Some(plan)) => {
-                    if let Some((e, we, be)) = expand {
-                        let residual = residual_for(plan);
-                        let y = conv::channels_last_banded(
-                            x,
-                            (we, be, e.clamp, &self.strips[0]),
-                            (wd, bd, self.dw.clamp, keep),
-                            plan,
-                            band,
-                            (wp, bp, self.pw.clamp, &self.strips[1]),
-                            residual,
-                        )?;
+                        let (expand, pointwise) =
+                            ((we, be, e.clamp, &self.strips[0]), (wp, bp, self.pw.clamp, &self.strips[1]));
+                        let depthwise = (wd, bd, self.dw.clamp, keep);
+                        let y = match split {
+                            Split::Banded(band) => {
+                                conv::channels_last_banded(x, expand, depthwise, plan, band, pointwise, residual)?
+                            }
+                            _ => conv::channels_last(x, expand, depthwise, plan, pointwise, residual)?,
+                        };
                         if let Some(y) = y {
                             return Ok((vec![y], residual.is_some()));
                         }
