@@ -660,6 +660,7 @@ mod x86 {
     use super::{Clamp, GemmShape, KC, MR, MR512, NC, NR, PARALLEL_MIN, Packed};
     use crate::nn::kernels::act::{ERF_P, ERF_Q};
     use crate::nn::kernels::simd::{SharedOut, lanes16};
+    use crate::nn::kernels::split::Split;
 
     /// Which tile kernel runs (the AVX-512 ones read `A` packed in [`MR512`]-row panels, the
     /// AVX2 one in [`MR`]-row panels).
@@ -1552,6 +1553,32 @@ mod x86 {
         let strips_n = n.div_ceil(NR);
         assert!(strips.len() >= strips_n * k * NR, "sgemm: strips too short for {k}x{n}");
         assert!(bias.is_none_or(|b| b.len() >= n), "sgemm: bias too short for {n} columns");
+        let (a, out) = (SharedIn(a), SharedOut(dst));
+        let run = |tiles: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+            // SAFETY: forwarded from this function's contract; each unit alone writes rows
+            // `tiles` (×12) at columns `cols` (×32) of dst (the units tile them exactly once).
+            unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), (bias, clamp, gelu), tiles, cols) };
+        };
+        let parallel = parallel && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN;
+        // Which operand a thread's run of neighbouring units shares: where all of A fits in a
+        // core's L2 beside a chunk of strips, the same strips (each thread then takes its own
+        // columns: MiniLM as ONNX at 1 x 128, four alternating rounds, 3-8% faster than row
+        // groups); else the same rows of A, which would otherwise stream from L3 for every
+        // unit (at 1,024 tokens column-first ran 10% slower).
+        let chunk_major = m.saturating_mul(k) <= A_IN_L2;
+        if parallel && chunk_major {
+            // Units of equal cost by the tile kernels' model (`Split`, whose neighbouring units
+            // share columns). Cut as below, a partial panel or a narrow chunk fell to one
+            // thread while the other waited: a 7x7 block's 49 pixels ran as 3 + 2 panels of
+            // 12, and the caller waited 10-12 µs of each 55 µs product (`kernels::par`'s
+            // sections traced at two threads).
+            let split = Split::choose(1, [m, n], [MR512, NR], rayon::current_num_threads(), false);
+            crate::nn::kernels::par::for_each(0..split.units(), |u| {
+                let (_, cols, tiles) = split.unit(u);
+                run(tiles, cols.start / NR..cols.end.div_ceil(NR));
+            });
+            return;
+        }
         // About four units per thread: chunks of up to 8 strips (256 columns, 384 KiB of a
         // slice in L2), then as many row groups as that leaves wanting.
         let want = 4 * rayon::current_num_threads();
@@ -1559,27 +1586,17 @@ mod x86 {
         let chunks = strips_n.div_ceil(per_chunk);
         let per_group = panels.div_ceil(want.div_ceil(chunks)).max(1);
         let groups = panels.div_ceil(per_group);
-        let (a, out) = (SharedIn(a), SharedOut(dst));
-        // Which operand a thread's run of neighbouring units shares: where all of A fits in a
-        // core's L2 beside a chunk of strips, the same strips (chunk-major: each thread then
-        // takes half of the columns, where row groups split 11 panels as 6 + 5: MiniLM as ONNX
-        // at 1 x 128, four alternating rounds, 3-8% faster); else the same rows of A, which
-        // would otherwise stream from L3 for every unit (at 1,024 tokens chunk-major ran 10%
-        // slower).
-        let chunk_major = m.saturating_mul(k) <= A_IN_L2;
         let unit = |u: usize| {
             let (chunk, g) = if chunk_major { (u / groups, u % groups) } else { (u % chunks, u / chunks) };
             let tiles = g * per_group..panels.min((g + 1) * per_group);
             let cols = chunk * per_chunk..strips_n.min((chunk + 1) * per_chunk);
-            // SAFETY: forwarded from this function's contract; this unit alone writes rows
-            // `tiles` (×12) at columns `cols` (×32) of dst (units are distinct (group, chunk)).
-            unsafe { strips_unit([m, n, k], (a.get(), lda), strips, out.at(0), (bias, clamp, gelu), tiles, cols) };
+            run(tiles, cols);
         };
         let units = groups * chunks;
-        if !parallel || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
-            (0..units).for_each(unit);
-        } else {
+        if parallel {
             crate::nn::kernels::par::for_each(0..units, unit);
+        } else {
+            (0..units).for_each(unit);
         }
     }
 
@@ -2169,6 +2186,39 @@ mod tests {
     /// reference on ragged shapes (rows of every count mod 12, a last strip of 1–31 columns,
     /// `k` past a slice), and to the bit against the turned-around product `(Wᵀ·Xᵀ)ᵀ` it
     /// replaces, with and without GELU.
+    /// However `gemm_strips` shares a product out (one thread, or units of equal cost over 2
+    /// and 3), every output is the same to the bit: a unit only chooses which tiles it runs,
+    /// never how a tile sums. The shapes are EfficientNet's channels-last products (49 and 196
+    /// pixels: partial panels), MiniLM-sized ones and ragged ones.
+    #[test]
+    fn strips_split_over_threads_gives_the_same_bits() {
+        let _cap = simd::cap(simd::Level::Avx512);
+        if !simd::avx512() {
+            return;
+        }
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for [m, n, k] in
+            [[49, 1152, 192], [49, 192, 1152], [196, 672, 112], [100, 70, 1000], [37, 1000, 33], [64, 384, 384]]
+        {
+            let x: Vec<f32> = (0..m * k).map(value).collect();
+            let wt: Vec<f32> = (0..n * k).map(|i| value(i + 5)).collect();
+            let bias: Vec<f32> = (0..n).map(|i| value(i + 13)).collect();
+            let strips = Strips::from_transposed(n, k, &wt).unwrap();
+            let run = |threads: usize| -> Vec<u32> {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+                pool.install(|| gemm_strips(m, &x, &strips, &mut got, Some(&bias), false)).unwrap();
+                // SAFETY: gemm_strips returned Ok, so it wrote all m·n values.
+                got.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect()
+            };
+            let one = run(1);
+            assert!(one.iter().all(|&b| !f32::from_bits(b).is_nan()), "{m}x{n}x{k}: an output left unwritten");
+            for threads in [2, 3] {
+                assert!(run(threads) == one, "{m}x{n}x{k} on {threads} threads: other bits than on one");
+            }
+        }
+    }
+
     #[test]
     fn strips_match_a_reference_and_the_turned_around_product() {
         let _cap = simd::cap(simd::Level::Avx512);
@@ -2400,6 +2450,68 @@ mod timing {
                 theirs.as_secs_f64() * 1e3,
                 ours.as_secs_f64() / theirs.as_secs_f64()
             );
+        }
+    }
+
+    /// Not a test: `cargo test -p eir --lib sgemm::timing::classifier -- --ignored --nocapture`
+    /// prints EfficientNet's classifier at batch 1 (1280 → 1000, one column) on 1 and 2 threads.
+    #[test]
+    #[ignore]
+    fn classifier() {
+        let _cap = simd::cap(simd::Level::Avx512);
+        let [m, n, k] = [1000, 1, 1280];
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let bias = vec![0.5f32; m];
+        let packed = Packed::new(m, k, &a).unwrap();
+        let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let t = pool.install(|| {
+                crate::nn::kernels::median_time(400, &mut || {
+                    gemm_into(
+                        1,
+                        [m, n, k],
+                        &a,
+                        Some(&packed),
+                        &b,
+                        &mut dst.spare_capacity_mut()[..m * n],
+                        Some(&bias),
+                        None,
+                    )
+                    .unwrap()
+                })
+            });
+            // As in a pass, where the rest of the model has pushed the weights out of cache:
+            // each run after a sweep over 64 MiB.
+            let mut sweep = vec![1f32; 16 << 20];
+            let mut times: Vec<f64> = (0..100)
+                .map(|i| {
+                    sweep.iter_mut().step_by(16).for_each(|x| *x += i as f32);
+                    let at = std::time::Instant::now();
+                    pool.install(|| {
+                        gemm_into(
+                            1,
+                            [m, n, k],
+                            &a,
+                            Some(&packed),
+                            &b,
+                            &mut dst.spare_capacity_mut()[..m * n],
+                            Some(&bias),
+                            None,
+                        )
+                        .unwrap()
+                    });
+                    at.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            eprintln!(
+                "classifier 1280->1000 x1, {threads} threads: {:.4} ms in cache, {:.4} ms after a sweep",
+                t.as_secs_f64() * 1e3,
+                times[50] * 1e3
+            );
+            std::hint::black_box(&sweep);
         }
     }
 
