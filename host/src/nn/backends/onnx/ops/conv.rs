@@ -1061,7 +1061,25 @@ fn im2col_gemm(
                     gather(&mut drow[lo..hi], &irow[first..], sw);
                 }
             };
-            if col.len() < PARALLEL_MIN {
+            if h == 1 && kh == 1 && col.len() < PARALLEL_MIN {
+                // 1-D: each row of `col` is one (channel, kx) tap's strided window of the
+                // channel's one input row. `col` starts zeroed and a column that is padding
+                // is padding for every image and group, so only the inside is written: the
+                // general path's per-row fills and `gather` calls cost more than these
+                // few-float copies (Silero's convolutions: 4, 2 and 1 columns a row).
+                let mut rows = col.chunks_exact_mut(cols);
+                for irow in src.chunks_exact(w).take(cg) {
+                    for &(off, lo, hi) in &spans {
+                        let Some(dst) = rows.next() else { break };
+                        if lo < hi {
+                            let first = ((lo * sw) as isize + off) as usize;
+                            for (d, &v) in dst[lo..hi].iter_mut().zip(irow[first..].iter().step_by(sw)) {
+                                *d = v;
+                            }
+                        }
+                    }
+                }
+            } else if col.len() < PARALLEL_MIN {
                 // The taps in order, without a division per row: Silero's 1-D convolutions
                 // have 4 columns a row, where working out each row's tap cost more than
                 // copying it (im2col was a fifth of a chunk).
@@ -1234,6 +1252,42 @@ mod tests {
             check(2, 5, 1, 5, 2, [(2, 0), (0, 2)]);
             // the direct kernel (AVX-512), and im2col below it: a stem, stride 3
             check(3, 8, 1, 3, 3, [(1, 2), (2, 1)]);
+        }
+    }
+
+    /// 1-D convolutions (a height of 1, as Silero's come) through im2col's 1-D path: widths
+    /// down to one column, strides 1 to 3, dilation, groups, padding wider than the row (taps
+    /// that read nothing), a batch of three (im2col's buffer reused image after image), all
+    /// against candle at every SIMD level.
+    #[test]
+    fn one_d_convolutions_match_candle() {
+        use crate::nn::kernels::simd;
+        let dev = Device::Cpu;
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            // channels, outputs, group, kernel width, stride, dilation, pads, input width
+            for (c, m, group, k, s, d, pads, w) in [
+                (12, 8, 1, 3, 1, 1, (1, 1), 4),
+                (12, 8, 1, 3, 2, 1, (1, 1), 4),
+                (16, 6, 2, 3, 2, 1, (0, 1), 2),
+                (12, 8, 1, 3, 1, 2, (2, 2), 5),
+                (2, 7, 1, 17, 3, 1, (4, 3), 40),
+                (12, 4, 1, 3, 1, 1, (0, 0), 3),
+                (12, 4, 1, 5, 1, 1, (6, 6), 1),
+                (1, 9, 1, 36, 8, 1, (4, 4), 64),
+            ] {
+                let x = Tensor::randn(0f32, 1.0, (3, c, 1, w), &dev).unwrap();
+                let wt = Tensor::randn(0f32, 1.0, (m, c / group, 1, k), &dev).unwrap();
+                let g = Geometry { pads: [(0, 0), pads], strides: [s, s], dilations: [d, d], group };
+                let want = reference(&x, &wt, &g);
+                let got = planned(&x, &wt, None, &g, None, None).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(
+                    diff < 1e-4,
+                    "{level:?} c={c} m={m} group={group} k={k} s={s} d={d} pads={pads:?} w={w}: {diff}"
+                );
+            }
         }
     }
 
