@@ -2182,10 +2182,6 @@ mod tests {
         }
     }
 
-    /// `X·W` with `W` in strips, `X` in place and the bias per column: against the f64
-    /// reference on ragged shapes (rows of every count mod 12, a last strip of 1–31 columns,
-    /// `k` past a slice), and to the bit against the turned-around product `(Wᵀ·Xᵀ)ᵀ` it
-    /// replaces, with and without GELU.
     /// However `gemm_strips` shares a product out (one thread, or units of equal cost over 2
     /// and 3), every output is the same to the bit: a unit only chooses which tiles it runs,
     /// never how a tile sums. The shapes are EfficientNet's channels-last products (49 and 196
@@ -2219,6 +2215,10 @@ mod tests {
         }
     }
 
+    /// `X·W` with `W` in strips, `X` in place and the bias per column: against the f64
+    /// reference on ragged shapes (rows of every count mod 12, a last strip of 1–31 columns,
+    /// `k` past a slice), and to the bit against the turned-around product `(Wᵀ·Xᵀ)ᵀ` it
+    /// replaces, with and without GELU.
     #[test]
     fn strips_match_a_reference_and_the_turned_around_product() {
         let _cap = simd::cap(simd::Level::Avx512);
