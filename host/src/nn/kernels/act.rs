@@ -356,30 +356,16 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, out: &mut [s
     if len == 0 {
         return true;
     }
-    let square = squares::side();
+    // Each block: columns c0..c0 + n of every row, turned into the block's n rows of `rows`.
+    // (It fits: c0 + n ≤ cols, and the block holds n·rows floats, so this never declines.)
     let work = |(b, block): (usize, &mut [std::mem::MaybeUninit<f32>])| {
         let (c0, n) = (b * C, block.len() / rows);
-        // The squares this block's columns and the rows hold whole; the rest element by element.
-        let (whole_cols, whole_rows) = match square {
-            0 => (0, 0),
-            s => (n - n % s, rows - rows % s),
-        };
-        for r0 in (0..whole_rows).step_by(square.max(1)) {
-            for j0 in (0..whole_cols).step_by(square) {
-                squares::turn(square, &src[r0 * cols + c0 + j0..], cols, &mut block[j0 * rows + r0..], rows);
-            }
-        }
-        for (r, row) in src.chunks_exact(cols).enumerate() {
-            let from = if r < whole_rows { whole_cols } else { 0 };
-            for (j, &v) in row[c0 + from..c0 + n].iter().enumerate() {
-                block[(from + j) * rows + r].write(v);
-            }
-        }
+        let turned = transpose_strided_into(&src[c0..], [rows, n], cols, block, rows);
+        debug_assert!(turned, "transpose: a block outside its matrix");
     };
     // Below about a megabyte, waking the pool costs more than a second thread gains
     // (1536x64: 24 us on one thread, 43 on two). The blocks of `rows·C` cover all `len`
-    // elements, and in each, every (row, column) is written once: by a square where both lie
-    // in whole squares, else by the loop after.
+    // elements, and each writes every one of its elements once.
     if len >= 1 << 18 {
         super::par::for_each(out.chunks_mut(rows * C).enumerate(), work);
     } else {

@@ -2465,23 +2465,13 @@ mod timing {
         let bias = vec![0.5f32; m];
         let packed = Packed::new(m, k, &a).unwrap();
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+        let mut product = || {
+            gemm_into(1, [m, n, k], &a, Some(&packed), &b, &mut dst.spare_capacity_mut()[..m * n], Some(&bias), None)
+                .unwrap()
+        };
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let t = pool.install(|| {
-                crate::nn::kernels::median_time(400, &mut || {
-                    gemm_into(
-                        1,
-                        [m, n, k],
-                        &a,
-                        Some(&packed),
-                        &b,
-                        &mut dst.spare_capacity_mut()[..m * n],
-                        Some(&bias),
-                        None,
-                    )
-                    .unwrap()
-                })
-            });
+            let t = pool.install(|| crate::nn::kernels::median_time(400, &mut product));
             // As in a pass, where the rest of the model has pushed the weights out of cache:
             // each run after a sweep over 64 MiB.
             let mut sweep = vec![1f32; 16 << 20];
@@ -2489,19 +2479,7 @@ mod timing {
                 .map(|i| {
                     sweep.iter_mut().step_by(16).for_each(|x| *x += i as f32);
                     let at = std::time::Instant::now();
-                    pool.install(|| {
-                        gemm_into(
-                            1,
-                            [m, n, k],
-                            &a,
-                            Some(&packed),
-                            &b,
-                            &mut dst.spare_capacity_mut()[..m * n],
-                            Some(&bias),
-                            None,
-                        )
-                        .unwrap()
-                    });
+                    pool.install(&mut product);
                     at.elapsed().as_secs_f64()
                 })
                 .collect();

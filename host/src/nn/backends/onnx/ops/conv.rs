@@ -795,8 +795,7 @@ pub(crate) fn channels_last_banded(
     let oplane = oh.checked_mul(ow).ok_or_else(too_large)?;
     let len = super::count(&[n, m, oh, ow])? as usize;
     let band = band.clamp(1, oh.max(1));
-    let (ring, sizes) = banded_scratch(plan, c_in, m, band).ok_or_else(too_large)?;
-    let scratch: usize = sizes.iter().sum();
+    let (ring, sizes, scratch) = banded_scratch(plan, c_in, m, band).ok_or_else(too_large)?;
     let row = w.checked_mul(c).ok_or_else(too_large)?;
     if len == 0 {
         return Ok(Some(Tensor::zeros((n, m, oh, ow), DType::F32, x.device())?));
@@ -931,8 +930,8 @@ pub(crate) fn channels_last_banded(
 /// The rows of [`channels_last_banded`]'s ring (every input row a band reads, at most the
 /// image's), and the floats of the scratch each of its threads holds: the ring, a band's input
 /// pixels (no more rows than the ring), its depthwise output, its projection and that turned
-/// back. `None` where a size overflows or the plan is not depthwise.
-fn banded_scratch(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Option<(usize, [usize; 5])> {
+/// back; and their sum. `None` where a size overflows or the plan is not depthwise.
+fn banded_scratch(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Option<(usize, [usize; 5], usize)> {
     let [_, c, h, w] = plan.dims;
     let [_, ow] = plan.out;
     let ring = plan.depthwise.as_ref()?.rows_read(band)?.min(h);
@@ -944,8 +943,8 @@ fn banded_scratch(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Option
         pixels.checked_mul(m)?,
         pixels.checked_mul(m)?,
     ];
-    sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b))?;
-    Some((ring, sizes))
+    let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b))?;
+    Some((ring, sizes, total))
 }
 
 /// What [`channels_last_banded`] allocates for an `[n, c, h, w]` depthwise plan after an expand
@@ -955,9 +954,9 @@ pub(crate) fn channels_last_banded_bytes(plan: &ConvPlan, c_in: usize, m: usize,
     let [n, _, _, _] = plan.dims;
     let [oh, ow] = plan.out;
     let too_large = || NnError::too_large("Conv: the block does not fit in memory");
-    let (_, sizes) = banded_scratch(plan, c_in, m, band.clamp(1, oh.max(1))).ok_or_else(too_large)?;
+    let (_, _, per_thread) = banded_scratch(plan, c_in, m, band.clamp(1, oh.max(1))).ok_or_else(too_large)?;
     let threads = rayon::current_num_threads() as u64 + 1;
-    let scratch = sizes.iter().map(|&s| s as u64).sum::<u64>().checked_mul(threads).ok_or_else(too_large)?;
+    let scratch = (per_thread as u64).checked_mul(threads).ok_or_else(too_large)?;
     let floats = super::count(&[n, m, oh, ow])?.checked_add(scratch).ok_or_else(too_large)?;
     floats.checked_mul(4).ok_or_else(too_large)
 }
@@ -1541,6 +1540,28 @@ mod tests {
         }
     }
 
+    /// Sizes a model file declares but no host could hold are refused by the plan or by the
+    /// banded pass's own bound (`too-large`), never allocated or wrapped: a plane of 2^31 x
+    /// 2^31, a band of `usize::MAX` rows, channels whose scratch overflows.
+    #[test]
+    fn banded_sizes_from_a_hostile_model_are_refused() {
+        let g = Geometry { pads: [(1, 1); 2], strides: [1, 1], dilations: [1, 1], group: 16 };
+        let huge = 1usize << 31;
+        match ConvPlan::new(&[1, 16, huge, huge], &[16, 1, 3, 3], &g) {
+            Err(e) => assert_eq!(e.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{e:?}"),
+            Ok(plan) => {
+                let e = channels_last_banded_bytes(&plan, usize::MAX / 2, 16, usize::MAX).unwrap_err();
+                assert_eq!(e.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{e:?}");
+            }
+        }
+        let plan = ConvPlan::new(&[1, 16, 8, 8], &[16, 1, 3, 3], &g).unwrap();
+        assert!(banded_scratch(&plan, usize::MAX / 4, 16, 4).is_none(), "the input pixels' scratch overflows");
+        assert!(banded_scratch(&plan, 8, usize::MAX / 4, 4).is_none(), "the projection's scratch overflows");
+        // A band longer than the plane is clamped to it, and costs what the whole plane does.
+        let whole = channels_last_banded_bytes(&plan, 8, 16, 8).unwrap();
+        assert_eq!(channels_last_banded_bytes(&plan, 8, 16, usize::MAX).unwrap(), whole);
+    }
+
     /// Below AVX-512 (the AVX2 and portable levels) a block is declined by both channels-last
     /// passes, `Ok(None)`, and runs a planar split: the channels-last kernels are AVX-512 only.
     #[test]
@@ -1702,11 +1723,17 @@ mod fused_timing {
                 )
                 .unwrap()
             };
-            let t = rayon::scope(|_| {
-                let awake = crate::scheduler::Awake::new(true);
-                awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(fused())))
-            });
-            eprintln!("{name}: {t:?}");
+            // A pass's median time as the scheduler runs it (on the pool, kept awake).
+            let time = |run: &(dyn Fn() -> Tensor + Sync)| {
+                rayon::scope(|_| {
+                    let awake = crate::scheduler::Awake::new(true);
+                    awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
+                })
+            };
+            // Its largest difference from the planar fused pass.
+            let diff =
+                |got: Tensor| (got - &fused()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{name}: {:?}", time(&fused));
             if expand.is_some() && plan.takes_channels_last() {
                 let (s0, s1) = (super::super::Derived::default(), super::super::Derived::default());
                 let run = || {
@@ -1721,13 +1748,7 @@ mod fused_timing {
                     .unwrap()
                     .unwrap()
                 };
-                let (want, got) = (fused(), run());
-                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let t = rayon::scope(|_| {
-                    let awake = crate::scheduler::Awake::new(true);
-                    awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
-                });
-                eprintln!("{name} channels last: {t:?} (max diff {diff})");
+                eprintln!("{name} channels last: {:?} (max diff {})", time(&run), diff(run()));
             }
             if expand.is_some() && plan.takes_banded() {
                 let (s0, s1) = (super::super::Derived::default(), super::super::Derived::default());
@@ -1745,13 +1766,7 @@ mod fused_timing {
                         .unwrap()
                         .unwrap()
                     };
-                    let (want, got) = (fused(), run());
-                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    let t = rayon::scope(|_| {
-                        let awake = crate::scheduler::Awake::new(true);
-                        awake.run(|| crate::nn::kernels::median_time(2001, &mut || drop(run())))
-                    });
-                    eprintln!("{name} banded by {band}: {t:?} (max diff {diff})");
+                    eprintln!("{name} banded by {band}: {:?} (max diff {})", time(&run), diff(run()));
                 }
             }
         }
