@@ -216,6 +216,11 @@ pub struct ServerDecl {
     /// sleeping between its parallel sections (see `scheduler::awake`): faster passes at the
     /// cost of CPU time other threads (plugins) could have had while the pass runs.
     pub compute_spin: bool,
+    /// Longest a quota refusal (429) is held before it is answered, at most its own
+    /// `Retry-After` (0 answers at once). Clients that ignore `Retry-After` would otherwise
+    /// ask again at once, and the refusals themselves would cost other tenants CPU.
+    #[serde(with = "humantime_serde")]
+    pub refusal_hold: std::time::Duration,
 }
 
 /// The most forward passes `compute_passes` may run at once (each also sizes the model-load
@@ -233,6 +238,7 @@ impl Default for ServerDecl {
             compute_memory: ByteSize::b(crate::scheduler::DEFAULT_MEMORY),
             compute_passes: None,
             compute_spin: true,
+            refusal_hold: std::time::Duration::from_secs(1),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -225,12 +225,14 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
     serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
 }
 
-/// A 429 for quota `reason` (as the metrics count it), retried after `wait` seconds.
-fn over_quota(metrics: &super::metrics::Metrics, t: &TenantState, reason: &'static str, wait: u64) -> OaiError {
-    metrics.refused(&t.name, reason);
+/// A 429 for quota `reason` (as the metrics count it), to be retried after `wait`; held
+/// before it is answered (`TenantState::hold_refusal`, at most `server.refusal_hold`).
+async fn over_quota(gw: &Gateway, t: &TenantState, reason: &'static str, wait: Duration) -> OaiError {
+    gw.metrics().refused(&t.name, reason);
+    let left = t.hold_refusal(wait, gw.snapshot().config.server.refusal_hold).await;
     let what = if reason == "tokens" { "tokens-per-minute" } else { reason };
     OaiError {
-        retry_after: Some(wait),
+        retry_after: Some(left.as_secs_f64().ceil() as u64),
         ..OaiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -240,33 +242,27 @@ fn over_quota(metrics: &super::metrics::Metrics, t: &TenantState, reason: &'stat
 }
 
 /// The tenant's rate and concurrency quotas: its slot, held until the request ends.
-fn admit_tenant(
-    metrics: &super::metrics::Metrics,
-    t: &TenantState,
-) -> Result<tokio::sync::OwnedSemaphorePermit, OaiError> {
-    t.admit().map_err(|r| match r {
-        Refused::Rate(wait) => over_quota(metrics, t, "rate", wait.as_secs_f64().ceil() as u64),
-        Refused::Concurrency => over_quota(metrics, t, "concurrency", 1),
-    })
+async fn admit_tenant(gw: &Gateway, t: &TenantState) -> Result<tokio::sync::OwnedSemaphorePermit, OaiError> {
+    match t.admit() {
+        Ok(slot) => Ok(slot),
+        Err(Refused::Rate(wait)) => Err(over_quota(gw, t, "rate", wait).await),
+        Err(Refused::Concurrency) => Err(over_quota(gw, t, "concurrency", Duration::from_secs(1)).await),
+    }
 }
 
 /// Refuses (429) a tenant over its compute quota.
-fn compute_quota(
-    metrics: &super::metrics::Metrics,
-    t: &TenantState,
-    account: &crate::scheduler::Tenant,
-) -> Result<(), OaiError> {
+async fn compute_quota(gw: &Gateway, t: &TenantState, account: &crate::scheduler::Tenant) -> Result<(), OaiError> {
     match account.over_quota() {
         None => Ok(()),
-        Some(wait) => Err(over_quota(metrics, t, "compute", wait.as_secs_f64().ceil() as u64)),
+        Some(wait) => Err(over_quota(gw, t, "compute", wait).await),
     }
 }
 
 /// Refuses (429) a tenant whose tokens-per-minute quota is spent.
-fn tokens_quota(metrics: &super::metrics::Metrics, t: &TenantState) -> Result<(), OaiError> {
+async fn tokens_quota(gw: &Gateway, t: &TenantState) -> Result<(), OaiError> {
     match t.tokens_wait() {
         None => Ok(()),
-        Some(wait) => Err(over_quota(metrics, t, "tokens", wait.as_secs_f64().ceil() as u64)),
+        Some(wait) => Err(over_quota(gw, t, "tokens", wait).await),
     }
 }
 
@@ -298,9 +294,9 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
     if !t.decl.may_use_model(&c.model) || registry.decl(&c.model).is_none() {
         return Err(no_model(&c.model));
     }
-    let slot = admit_tenant(gw.metrics(), &t)?;
-    tokens_quota(gw.metrics(), &t)?;
-    compute_quota(gw.metrics(), &t, &registry.scheduler().tenant(&t.name))?;
+    let slot = admit_tenant(gw, &t).await?;
+    tokens_quota(gw, &t).await?;
+    compute_quota(gw, &t, &registry.scheduler().tenant(&t.name)).await?;
     let model = registry
         .get(&c.model)
         .await
@@ -611,13 +607,13 @@ impl PluginCall {
 /// Admits a call to the plugin `model` as the KServe routes do (the tenant's rate,
 /// concurrency and compute quotas, the plugin's queue); `None` when the tenant has no such
 /// plugin.
-fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Option<PluginCall>, OaiError> {
+async fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Option<PluginCall>, OaiError> {
     let snapshot = gw.snapshot();
     let Some(s) = snapshot.resolve(t, model, None) else { return Ok(None) };
     let Some(plugin) = s.per_tenant.get(&t.name).cloned() else { return Ok(None) };
     let m = gw.metrics();
-    let tenant_slot = admit_tenant(m, t)?;
-    compute_quota(m, t, plugin.tenant())?;
+    let tenant_slot = admit_tenant(gw, t).await?;
+    compute_quota(gw, t, plugin.tenant()).await?;
     let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
         m.refused(&t.name, "queue");
         OaiError {
@@ -744,7 +740,7 @@ async fn chat_plugin(
 ) -> Result<Response, OaiError> {
     use crate::tensor::{Request, Tensor, TensorData};
     let (max_tokens, stop) = c.limits()?;
-    tokens_quota(gw.metrics(), &t)?;
+    tokens_quota(&gw, &t).await?;
     let mut parameters: Vec<(String, String)> = [
         ("max_tokens", max_tokens.map(|v| v.to_string())),
         ("temperature", c.temperature.map(|v| v.to_string())),
@@ -771,7 +767,7 @@ async fn chat_plugin(
         parameters,
     };
     let (id, created, model) = (request.id.clone(), now(), c.model.clone());
-    let call = admit_plugin(&gw, &t, &model)?.ok_or_else(|| no_model(&model))?;
+    let call = admit_plugin(&gw, &t, &model).await?.ok_or_else(|| no_model(&model))?;
     let running = call.run().await?;
     let acct = Accounting::new(gw.clone(), t, model.clone());
     let plugin = call.plugin.clone();
@@ -938,7 +934,7 @@ pub(super) async fn embeddings(State(gw): Gw, headers: HeaderMap, body: Bytes) -
         Some(other) => return Err(OaiError::bad(format!("encoding_format `{other}` (float or base64)"))),
     };
     let t = tenant(&gw, &headers)?;
-    let admitted = admit_plugin(&gw, &t, &req.model)?.ok_or_else(|| no_model(&req.model))?;
+    let admitted = admit_plugin(&gw, &t, &req.model).await?.ok_or_else(|| no_model(&req.model))?;
     let running = admitted.run().await?;
     let in_flight = gw.metrics().in_flight(&t.name, &req.model);
     let n = texts.len();

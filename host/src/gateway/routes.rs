@@ -2,7 +2,7 @@
 //! non-200 answer carries `{"error": "..."}`; every answer carries `x-request-id`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -291,7 +291,7 @@ async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: bytesize::ByteSize,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Bytes, ApiError> {
     let too_large =
         || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over your limit of {limit}"));
@@ -326,26 +326,33 @@ async fn run_infer(
     let answer = |code: StatusCode| m.request(&t.name, &name, code.as_u16());
     // Admission: the tenant's rate and concurrency, then its body, then the plugin's bounded
     // queue (a slow sender holds its own tenant's slot, never the plugin's queue).
-    let tenant_slot = t.admit().map_err(|r| {
-        answer(StatusCode::TOO_MANY_REQUESTS);
-        let (reason, retry) = match r {
-            Refused::Rate(wait) => ("rate", wait.as_secs_f64().ceil() as u64),
-            Refused::Concurrency => ("concurrency", 1),
-        };
-        m.refused(&t.name, reason);
-        ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: format!("over your {reason} quota; retry later"),
-            kind: Some("quota"),
-            retry_after: Some(retry),
+    // Every quota refusal is held a while before it is answered (`TenantState::hold_refusal`).
+    let hold = snapshot.config.server.refusal_hold;
+    let tenant_slot = match t.admit() {
+        Ok(slot) => slot,
+        Err(r) => {
+            answer(StatusCode::TOO_MANY_REQUESTS);
+            let (reason, wait) = match r {
+                Refused::Rate(wait) => ("rate", wait),
+                Refused::Concurrency => ("concurrency", Duration::from_secs(1)),
+            };
+            m.refused(&t.name, reason);
+            let left = t.hold_refusal(wait, hold).await;
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!("over your {reason} quota; retry later"),
+                kind: Some("quota"),
+                retry_after: Some(left.as_secs_f64().ceil() as u64),
+            });
         }
-    })?;
+    };
     // Compute quota: core-seconds per minute, charged by the scheduler for every pass the
     // tenant's requests caused (abandoned ones included).
     let plugin = s.per_tenant.get(&t.name).ok_or_else(|| not_found(&name))?;
     if let Some(wait) = plugin.tenant().over_quota() {
         answer(StatusCode::TOO_MANY_REQUESTS);
         m.refused(&t.name, "compute");
+        let left = t.hold_refusal(wait, hold).await;
         return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: format!(
@@ -353,7 +360,7 @@ async fn run_infer(
                 t.decl.compute_quota.unwrap_or_default()
             ),
             kind: Some("quota"),
-            retry_after: Some(wait.as_secs_f64().ceil() as u64),
+            retry_after: Some(left.as_secs_f64().ceil() as u64),
         });
     }
     let limit = snapshot.config.server.max_body.min(t.decl.max_body);
