@@ -47,8 +47,9 @@ impl IntoResponse for OaiError {
         let body =
             json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": null } });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        // 0 where the refusal was held for all of its wait (`TenantState::hold_refusal`).
         if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

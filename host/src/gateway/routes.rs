@@ -43,8 +43,9 @@ impl IntoResponse for ApiError {
             body["kind"] = json!(kind);
         }
         let mut resp = (self.status, axum::Json(body)).into_response();
+        // 0 where the refusal was held for all of its wait (`TenantState::hold_refusal`).
         if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
