@@ -67,7 +67,9 @@ fn main() -> anyhow::Result<()> {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    // 300 passes a row, in 15 rounds of 20 (below): ONNX Runtime's first few passes in each
+    // round's process run slow, so rounds need more than a handful.
+    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let threads = rayon::current_num_threads();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let models = std::env::var_os("EIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));
@@ -129,11 +131,14 @@ fn main() -> anyhow::Result<()> {
         );
         Ok(serde_json::from_slice(&out.stdout)?)
     };
-    // The two sides take turns (`BENCH_ROUNDS`, default 3, each of BENCH_ITERS / rounds
+    // The two sides take turns (`BENCH_ROUNDS`, default 15, each of BENCH_ITERS / rounds
     // passes per row): on a shared 2-vCPU host the machine's speed drifts by 10-30% within
     // minutes, and one side measured after the other took that drift into the ratio. Each
     // round's ratio compares passes a few seconds apart; the median of the rounds is reported.
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    // (With 3 rounds one run's EfficientNet batch-1 rounds were 0.79, 1.24 and 1.05: a speed
+    // change within a round decided the median. With 15, a run's rounds mostly lie within
+    // ±0.03 of their median.)
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15).max(1);
     let per_round = (iters / rounds).max(3);
     let mut measured: Vec<(Vec<(String, Duration)>, serde_json::Value)> = Vec::with_capacity(rounds);
     for _ in 0..rounds {

@@ -19,8 +19,14 @@ def pattern(shape):
     return (2.0 * np.sin(0.001 * np.arange(n, dtype=np.float64))).astype(np.float32).reshape(shape)
 
 
+# Runs before timing, as many as the Rust side's (whose first ones also tune): ONNX Runtime's
+# first few runs in a fresh process are slow too.
+WARMUP = 30
+
+
 def median_time(fn, iters):
-    fn()
+    for _ in range(WARMUP):
+        fn()
     samples = []
     for _ in range(iters):
         t = time.perf_counter()
