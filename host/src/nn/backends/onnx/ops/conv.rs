@@ -1691,6 +1691,8 @@ mod fused_timing {
     fn fused_timings() {
         let dev = Device::Cpu;
         let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        // `FUSED_CASE=block1` runs the cases whose names contain it, `FUSED_CASE='block1$'`
+        // only the one of that name (for a profiler).
         let only = std::env::var("FUSED_CASE").unwrap_or_default();
         // name, x dims (input of the expand or of the dw), expanded c, m, k, stride, pads, rows
         type Case = (&'static str, [usize; 4], Option<usize>, usize, usize, usize, [(usize, usize); 2], usize);
@@ -1701,7 +1703,9 @@ mod fused_timing {
             ("block7", [1, 192, 7, 7], Some(1152), 192, 5, 1, [(2, 2), (2, 2)], 7),
             ("block56", [1, 24, 56, 56], Some(144), 24, 3, 1, [(1, 1), (1, 1)], 8),
         ];
-        for (name, xd, expand, m, k, stride, pads, rows) in cases.into_iter().filter(|c| c.0.contains(&only)) {
+        for (name, xd, expand, m, k, stride, pads, rows) in
+            cases.into_iter().filter(|c| only.strip_suffix('$').map_or(c.0.contains(&only), |o| c.0 == o))
+        {
             let c = expand.unwrap_or(xd[1]);
             let xin = randn(&xd);
             let (we, be) = (randn(&[c, xd[1], 1, 1]), randn(&[c]));
