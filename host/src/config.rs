@@ -216,9 +216,10 @@ pub struct ServerDecl {
     /// sleeping between its parallel sections (see `scheduler::awake`): faster passes at the
     /// cost of CPU time other threads (plugins) could have had while the pass runs.
     pub compute_spin: bool,
-    /// Longest a quota refusal (429) is held before it is answered, at most its own
-    /// `Retry-After` (0 answers at once). Clients that ignore `Retry-After` would otherwise
-    /// ask again at once, and the refusals themselves would cost other tenants CPU.
+    /// Longest a refusal at admission (429 over a quota, 503 for a full queue) is held before
+    /// it is answered, at most its own `Retry-After` (0 answers at once). Clients that ignore
+    /// `Retry-After` would otherwise ask again at once, and the refusals themselves would cost
+    /// other tenants CPU.
     #[serde(with = "humantime_serde")]
     pub refusal_hold: std::time::Duration,
 }

@@ -70,6 +70,13 @@ limits = {{ timeout = "2s", fuel = 100_000_000_000, abandon_grace = "1s" }}
 path = "{hostile}"
 limits = {{ timeout = "20s", fuel = 1_000_000_000_000, abandon_grace = "4s" }}
 
+# One call at a time and none waiting: a second call while one runs finds its queue full.
+[plugins.cramped]
+path = "{hostile}"
+concurrency = 1
+queue = 0
+limits = {{ timeout = "10s", fuel = 1_000_000_000_000 }}
+
 # alpha may keep one call running at a time: on a 2-core machine that leaves a core to others.
 [tenants.alpha]
 keys_sha256 = ["{alpha}"]
@@ -389,6 +396,34 @@ async fn quotas_answer_429_with_retry_after() {
     assert!(metrics.contains(r#"eir_requests_total{tenant="slowpoke",model="text-normalize",code="200"} 3"#));
     assert!(metrics.contains("eir_fuel_used_total"));
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_after_holding_the_refusal() {
+    let s = Server::start();
+    // A call that runs 4 s holds the plugin's one slot (alpha may have two calls in flight).
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 4000}});
+    let url = s.url.clone();
+    let first = tokio::spawn(async move {
+        client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("alpha-key").json(&slow).send().await
+    });
+    // Once it runs (it holds the slot before it counts as in flight), a second call finds the
+    // slot taken and no room to wait.
+    let until = Instant::now() + Duration::from_secs(30);
+    let running = r#"tenant="alpha",model="cramped""#;
+    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", running) < 1.0 {
+        assert!(Instant::now() < until, "the first call never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let (code, headers, body) = infer(&s, "cramped", "alpha-key", &json!({"inputs": []})).await;
+    let took = started.elapsed();
+    assert_eq!((code, body["kind"].as_str()), (503, Some("queue_full")), "{body}");
+    // Held for its whole advised wait (1 s, under refusal_hold's 1 s), so it says to retry
+    // at once. (A lower bound only: the hold is a timer.)
+    assert!(took >= Duration::from_secs(1), "answered after {took:?}");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("0"), "Retry-After");
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
 }
 
 /// The sum of a metric's samples whose line contains `labels`.

@@ -615,13 +615,14 @@ async fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Opti
     let m = gw.metrics();
     let tenant_slot = admit_tenant(gw, t).await?;
     compute_quota(gw, t, plugin.tenant()).await?;
-    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+    let Ok(queued) = s.slots.clone().try_acquire_owned() else {
         m.refused(&t.name, "queue");
-        OaiError {
-            retry_after: Some(1),
+        let left = t.hold_refusal(Duration::from_secs(1), snapshot.config.server.refusal_hold).await;
+        return Err(OaiError {
+            retry_after: Some(left.as_secs_f64().ceil() as u64),
             ..OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("model `{model}` is at capacity"))
-        }
-    })?;
+        });
+    };
     Ok(Some(PluginCall { plugin, running: s.running.clone(), _tenant_slot: tenant_slot, _queued: queued }))
 }
 

@@ -327,7 +327,8 @@ async fn run_infer(
     let answer = |code: StatusCode| m.request(&t.name, &name, code.as_u16());
     // Admission: the tenant's rate and concurrency, then its body, then the plugin's bounded
     // queue (a slow sender holds its own tenant's slot, never the plugin's queue).
-    // Every quota refusal is held a while before it is answered (`TenantState::hold_refusal`).
+    // Every refusal at admission (a quota, a full queue) is held a while before it is answered
+    // (`TenantState::hold_refusal`).
     let hold = snapshot.config.server.refusal_hold;
     let tenant_slot = match t.admit() {
         Ok(slot) => slot,
@@ -368,16 +369,17 @@ async fn run_infer(
     let body = read_body(body, &headers, limit, snapshot.config.server.body_timeout)
         .await
         .inspect_err(|e| answer(e.status))?;
-    let queued = s.slots.clone().try_acquire_owned().map_err(|_| {
+    let Ok(queued) = s.slots.clone().try_acquire_owned() else {
         answer(StatusCode::SERVICE_UNAVAILABLE);
         m.refused(&t.name, "queue");
-        ApiError {
+        let left = t.hold_refusal(Duration::from_secs(1), hold).await;
+        return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!("model `{name}` is at capacity; retry later"),
             kind: Some("queue_full"),
-            retry_after: Some(1),
-        }
-    })?;
+            retry_after: Some(left.as_secs_f64().ceil() as u64),
+        });
+    };
     let header_len = headers
         .get(HEADER_LENGTH)
         .map(|v| {
