@@ -537,10 +537,11 @@ pub(crate) fn depthwise_pointwise(
                                                     d.write(v + r);
                                                 }
                                             }
+                                            // A `memcpy` (this closure is not compiled for
+                                            // AVX-512: a loop here moved 16 bytes at a time,
+                                            // 7.6% of the first block on one thread).
                                             None => {
-                                                for (d, &v) in dst.iter_mut().zip(src) {
-                                                    d.write(v);
-                                                }
+                                                dst.write_copy_of_slice(src);
                                             }
                                         }
                                     }
@@ -882,9 +883,7 @@ pub(crate) fn channels_last_banded(
                                 }
                             }
                             None => {
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    d.write(v);
-                                }
+                                dst.write_copy_of_slice(src);
                             }
                         }
                     }

@@ -39,11 +39,7 @@ pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -
 /// `dst` (as long as `src`) filled from `src`, as initialised floats.
 fn init_from<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
     assert_eq!(dst.len(), src.len(), "init_from: lengths differ");
-    for (d, &s) in dst.iter_mut().zip(src) {
-        d.write(s);
-    }
-    // SAFETY: every element was written just above; MaybeUninit<f32> has f32's layout.
-    unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) }
+    dst.write_copy_of_slice(src)
 }
 
 /// The four arithmetic operators, which have an f32 fast path.
