@@ -97,7 +97,7 @@ burst = 2
 
 [tenants.single]
 keys_sha256 = ["{single}"]
-plugins = ["hostile", "patient", "text-normalize"]
+plugins = ["hostile", "patient", "text-normalize", "cramped"]
 max_concurrent = 1
 
 [tenants.narrow]
@@ -333,21 +333,27 @@ async fn failures_become_statuses_with_json_bodies() {
 async fn quotas_answer_429_with_retry_after() {
     let s = Server::start();
     let body = text_request(&["x"]);
+    // The burst is admitted; then, before long, a request is refused. (On a slow machine the
+    // bucket may refill a token or two first.)
     let mut codes = Vec::new();
     let mut retry = None;
-    for _ in 0..4 {
+    for _ in 0..10 {
         let (code, headers, _) = infer(&s, "text-normalize", "slow-key", &body).await;
         codes.push(code);
         if code == 429 {
             retry = headers.get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            break;
         }
     }
-    // The burst is admitted, the next request refused; the refusal is held until the rate
-    // admits another (its whole wait, under `refusal_hold`'s 1 s), so it says to retry at
-    // once, and the one after it is admitted (answered at once, it would have been refused
-    // too).
-    assert_eq!(codes, [200, 200, 429, 200], "{codes:?}");
+    assert_eq!(&codes[..2], &[200, 200], "the burst is admitted: {codes:?}");
+    assert_eq!(codes.last(), Some(&429), "{codes:?}");
+    // The refusal was held until the rate admits another (its whole wait, under
+    // `refusal_hold`'s 1 s), so it says to retry at once, and the next request is admitted
+    // (answered at once, the refusal would have left it refused too).
     assert_eq!(retry, Some(0), "Retry-After");
+    let (code, _, _) = infer(&s, "text-normalize", "slow-key", &body).await;
+    assert_eq!(code, 200);
+    let admitted = codes.iter().filter(|&&c| c == 200).count() + 1;
 
     // max_concurrent = 1: a second request while one runs is refused. (Polled, so a
     // slow machine that admits the first request late cannot fool the test.)
@@ -393,7 +399,8 @@ async fn quotas_answer_429_with_retry_after() {
     assert_eq!(code, 200);
     assert!(metrics.contains(r#"eir_refused_total{tenant="slowpoke",reason="rate"}"#), "{metrics}");
     assert!(metrics.contains(r#"eir_refused_total{tenant="single",reason="concurrency"}"#));
-    assert!(metrics.contains(r#"eir_requests_total{tenant="slowpoke",model="text-normalize",code="200"} 3"#));
+    let served = format!(r#"eir_requests_total{{tenant="slowpoke",model="text-normalize",code="200"}} {admitted}"#);
+    assert!(metrics.contains(&served), "{metrics}");
     assert!(metrics.contains("eir_fuel_used_total"));
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
 }
@@ -423,6 +430,40 @@ async fn a_full_queue_answers_503_after_holding_the_refusal() {
     // at once. (A lower bound only: the hold is a timer.)
     assert!(took >= Duration::from_secs(1), "answered after {took:?}");
     assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("0"), "Retry-After");
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_refusal_leaves_its_tenant_slot_free() {
+    let s = Server::start();
+    // alpha's 4 s call fills `cramped` (one slot, no queue).
+    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 4000}});
+    let url = s.url.clone();
+    let first = tokio::spawn(async move {
+        client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("alpha-key").json(&slow).send().await
+    });
+    let until = Instant::now() + Duration::from_secs(30);
+    let running = r#"tenant="alpha",model="cramped""#;
+    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", running) < 1.0 {
+        assert!(Instant::now() < until, "the first call never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // `single` may have one request in flight. Its call to `cramped` is refused (503) and held
+    // for a second; meanwhile its next request, to another plugin, is served: the held refusal
+    // does not keep the tenant's slot.
+    let url = s.url.clone();
+    let refused = tokio::spawn(async move {
+        let quick = json!({"inputs": []});
+        client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("single-key").json(&quick).send().await
+    });
+    let queue = r#"tenant="single",reason="queue""#;
+    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_refused_total", queue) < 1.0 {
+        assert!(Instant::now() < until, "the call to a full plugin was never refused");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (code, _, body) = infer(&s, "text-normalize", "single-key", &text_request(&["x"])).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(refused.await.unwrap().unwrap().status(), 503);
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 }
 

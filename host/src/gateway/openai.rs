@@ -251,20 +251,13 @@ async fn admit_tenant(gw: &Gateway, t: &TenantState) -> Result<tokio::sync::Owne
     }
 }
 
-/// Refuses (429) a tenant over its compute quota.
-async fn compute_quota(gw: &Gateway, t: &TenantState, account: &crate::scheduler::Tenant) -> Result<(), OaiError> {
-    match account.over_quota() {
-        None => Ok(()),
-        Some(wait) => Err(over_quota(gw, t, "compute", wait).await),
-    }
-}
-
-/// Refuses (429) a tenant whose tokens-per-minute quota is spent.
-async fn tokens_quota(gw: &Gateway, t: &TenantState) -> Result<(), OaiError> {
-    match t.tokens_wait() {
-        None => Ok(()),
-        Some(wait) => Err(over_quota(gw, t, "tokens", wait).await),
-    }
+/// The quota a tenant is over, and how long until it is not: its tokens per minute, then (with
+/// an `account`) its compute quota. The caller drops any slot it holds before refusing
+/// ([`over_quota`] holds the refusal a while).
+fn quota_spent(t: &TenantState, account: Option<&crate::scheduler::Tenant>) -> Option<(&'static str, Duration)> {
+    t.tokens_wait()
+        .map(|wait| ("tokens", wait))
+        .or_else(|| account.and_then(|a| a.over_quota()).map(|wait| ("compute", wait)))
 }
 
 /// What a request resolved to: its model, tenant accounts and generation parameters.
@@ -296,8 +289,10 @@ async fn resolve(gw: &Gateway, headers: &HeaderMap, c: Common, default_max: usiz
         return Err(no_model(&c.model));
     }
     let slot = admit_tenant(gw, &t).await?;
-    tokens_quota(gw, &t).await?;
-    compute_quota(gw, &t, &registry.scheduler().tenant(&t.name)).await?;
+    if let Some((reason, wait)) = quota_spent(&t, Some(&registry.scheduler().tenant(&t.name))) {
+        drop(slot);
+        return Err(over_quota(gw, &t, reason, wait).await);
+    }
     let model = registry
         .get(&c.model)
         .await
@@ -447,7 +442,7 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
     // "As many as fit": the context left after the prompt.
     let max_tokens = job.max_tokens.min(llm.engine().context().saturating_sub(prompt.len()).max(1));
     let account = gw.snapshot().runtime.registry().scheduler().tenant(&job.tenant.name);
-    let generation = llm.generate(GenerateRequest {
+    let generation = match llm.generate(GenerateRequest {
         prompt,
         sampling: job.sampling.clone(),
         max_tokens,
@@ -455,7 +450,22 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
         tenant: account,
         // The tenant's per-request time ceiling bounds a generation as it bounds a plugin call.
         deadline: job.tenant.decl.ceilings.timeout.map(|t| std::time::Instant::now() + t),
-    })?;
+    }) {
+        Ok(generation) => generation,
+        // The engine's queue is full: refused as a plugin's full queue is, held without the
+        // tenant's slot.
+        Err(LlmError::Busy(message)) => {
+            let t = job.tenant.clone();
+            drop(job);
+            gw.metrics().refused(&t.name, "queue");
+            let left = t.hold_refusal(Duration::from_secs(1), gw.snapshot().config.server.refusal_hold).await;
+            return Err(OaiError {
+                retry_after: Some(left.as_secs_f64().ceil() as u64),
+                ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let created = now();
     let mut acct = Accounting::new(gw.clone(), job.tenant.clone(), job.model.clone());
@@ -614,9 +624,13 @@ async fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Opti
     let Some(plugin) = s.per_tenant.get(&t.name).cloned() else { return Ok(None) };
     let m = gw.metrics();
     let tenant_slot = admit_tenant(gw, t).await?;
-    compute_quota(gw, t, plugin.tenant()).await?;
+    if let Some(wait) = plugin.tenant().over_quota() {
+        drop(tenant_slot);
+        return Err(over_quota(gw, t, "compute", wait).await);
+    }
     let Ok(queued) = s.slots.clone().try_acquire_owned() else {
         m.refused(&t.name, "queue");
+        drop(tenant_slot);
         let left = t.hold_refusal(Duration::from_secs(1), snapshot.config.server.refusal_hold).await;
         return Err(OaiError {
             retry_after: Some(left.as_secs_f64().ceil() as u64),
@@ -742,7 +756,9 @@ async fn chat_plugin(
 ) -> Result<Response, OaiError> {
     use crate::tensor::{Request, Tensor, TensorData};
     let (max_tokens, stop) = c.limits()?;
-    tokens_quota(&gw, &t).await?;
+    if let Some((reason, wait)) = quota_spent(&t, None) {
+        return Err(over_quota(&gw, &t, reason, wait).await);
+    }
     let mut parameters: Vec<(String, String)> = [
         ("max_tokens", max_tokens.map(|v| v.to_string())),
         ("temperature", c.temperature.map(|v| v.to_string())),

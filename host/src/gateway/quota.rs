@@ -18,6 +18,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::TenantDecl;
 
+tokio::task_local! {
+    /// How long the request this task serves had refusals held, for the serving window (set
+    /// by the gateway's `observe` middleware around each inference request).
+    pub static HELD: std::cell::Cell<Duration>;
+}
+
 /// A tenant's live admission state (kept across reloads while its quotas are unchanged).
 pub struct TenantState {
     /// The tenant's name.
@@ -118,6 +124,8 @@ impl TenantState {
         }
         let Ok(_place) = self.held.try_acquire() else { return wait };
         tokio::time::sleep(hold).await;
+        // Outside a request's middleware (tests) there is nothing to tell.
+        let _ = HELD.try_with(|h| h.set(h.get() + hold));
         wait - hold
     }
 
@@ -202,6 +210,17 @@ mod tests {
         let start = Instant::now();
         assert_eq!(t.hold_refusal(wait, most).await, Duration::from_secs(9));
         assert_eq!(start.elapsed(), most);
+        // Within a request (the serving window's middleware), the time held is told, so its
+        // latency can leave it out; a refusal answered at once adds nothing.
+        let held = HELD
+            .scope(std::cell::Cell::new(Duration::ZERO), async {
+                t.hold_refusal(Duration::from_millis(300), most).await;
+                t.hold_refusal(wait, Duration::ZERO).await;
+                t.hold_refusal(wait, most).await;
+                HELD.with(std::cell::Cell::get)
+            })
+            .await;
+        assert_eq!(held, Duration::from_millis(1300));
     }
 
     #[test]

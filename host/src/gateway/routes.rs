@@ -104,8 +104,8 @@ pub(super) fn router(gw: Arc<Gateway>, max_body: bytesize::ByteSize) -> Router {
 }
 
 /// Records every inference request (KServe `.../infer`, OpenAI `POST /v1/...`) in the serving
-/// window heartbeats report: its latency, and whether the server failed it (5xx, except 503:
-/// at capacity).
+/// window heartbeats report: its latency (less the time a refusal was held), and whether the
+/// server failed it (5xx, except 503: at capacity).
 async fn observe(State(gw): Gw, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let inference = (path.starts_with("/v2/models/") && path.ends_with("/infer"))
@@ -114,9 +114,17 @@ async fn observe(State(gw): Gw, req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     let started = Instant::now();
-    let resp = next.run(req).await;
+    // A refusal's hold is left out of its latency: the window judges how a version serves.
+    let (resp, held) = super::quota::HELD
+        .scope(std::cell::Cell::new(Duration::ZERO), async {
+            (next.run(req).await, super::quota::HELD.with(std::cell::Cell::get))
+        })
+        .await;
     let status = resp.status();
-    gw.serving().record(started.elapsed(), status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE);
+    gw.serving().record(
+        started.elapsed().saturating_sub(held),
+        status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE,
+    );
     resp
 }
 
@@ -354,6 +362,9 @@ async fn run_infer(
     if let Some(wait) = plugin.tenant().over_quota() {
         answer(StatusCode::TOO_MANY_REQUESTS);
         m.refused(&t.name, "compute");
+        // Held without the tenant's concurrency slot: a refusal must not crowd out its own
+        // tenant's other requests.
+        drop(tenant_slot);
         let left = t.hold_refusal(wait, hold).await;
         return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -372,6 +383,9 @@ async fn run_infer(
     let Ok(queued) = s.slots.clone().try_acquire_owned() else {
         answer(StatusCode::SERVICE_UNAVAILABLE);
         m.refused(&t.name, "queue");
+        // Held without the tenant's slot or the body it read (another tenant may have
+        // filled this plugin's queue).
+        drop((tenant_slot, body));
         let left = t.hold_refusal(Duration::from_secs(1), hold).await;
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
