@@ -290,6 +290,35 @@ pub(crate) fn activate(x: &mut [f32], act: Act) {
     widest!(apply(x: &mut [f32], act: Act))
 }
 
+#[inline(always)]
+fn sum_into_body(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        d.write(x + y);
+    }
+}
+
+/// `dst = a + b`, element by element, with the widest vectors this CPU has: a residual
+/// connection's `Add` as a fused block writes its output. (Outside a `target_feature`
+/// function the loop moved 16 bytes at a time.) All three are as long; a caller that passes
+/// others has a bug, and panics.
+pub(crate) fn sum_into(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    assert!(dst.len() == a.len() && a.len() == b.len(), "sum_into: lengths differ");
+    widest!(sum_into_body(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], b: &[f32]))
+}
+
+#[inline(always)]
+fn add_assign_body(x: &mut [f32], r: &[f32]) {
+    for (o, &v) in x.iter_mut().zip(r) {
+        *o += v;
+    }
+}
+
+/// `x += r`, element by element, as [`sum_into`]; both are as long.
+pub(crate) fn add_assign(x: &mut [f32], r: &[f32]) {
+    assert_eq!(x.len(), r.len(), "add_assign: lengths differ");
+    widest!(add_assign_body(x: &mut [f32], r: &[f32]))
+}
+
 /// `1 / (1 + e^-x)`.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
@@ -509,6 +538,28 @@ mod squares {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_are_exact_at_every_level_and_length() {
+        for level in simd::levels() {
+            let _cap = simd::cap(level);
+            // Lengths around each vector width, with a partial vector at either end.
+            for n in [0, 1, 7, 8, 15, 16, 17, 33, 100] {
+                let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+                let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 1e-3).collect();
+                let mut dst = vec![std::mem::MaybeUninit::new(f32::NAN); n];
+                sum_into(&mut dst, &a, &b);
+                let mut x = a.clone();
+                add_assign(&mut x, &b);
+                for i in 0..n {
+                    // SAFETY: every element was initialised (NaN above, the sum by `sum_into`).
+                    let got = unsafe { dst[i].assume_init() };
+                    assert_eq!(got.to_bits(), (a[i] + b[i]).to_bits(), "{level:?} {n} {i}");
+                    assert_eq!(x[i].to_bits(), (a[i] + b[i]).to_bits(), "{level:?} {n} {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn lstm_cells_match_their_equations_at_every_level() {

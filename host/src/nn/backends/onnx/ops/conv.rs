@@ -533,9 +533,7 @@ pub(crate) fn depthwise_pointwise(
                                         match residual {
                                             Some(r) => {
                                                 let at = ((i * m + ch) * oh + oy0) * ow;
-                                                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&r[at..at + cols]) {
-                                                    d.write(v + r);
-                                                }
+                                                act::sum_into(dst, src, &r[at..at + cols]);
                                             }
                                             // A `memcpy` (this closure is not compiled for
                                             // AVX-512: a loop here moved 16 bytes at a time,
@@ -735,7 +733,7 @@ pub(crate) fn channels_last(
     let mut out = turned(&projected, plane, m)?;
     drop(projected);
     if let Some(r) = residual {
-        with_f32(r, |rs| out.iter_mut().zip(rs).for_each(|(o, r)| *o += r))?;
+        with_f32(r, |rs| act::add_assign(&mut out, rs))?;
     }
     Ok(Some(Tensor::from_vec(out, (n, m, h, w), x.device())?))
 }
@@ -877,10 +875,7 @@ pub(crate) fn channels_last_banded(
                         let dst = &mut dst[at..at + pixels];
                         match residual {
                             Some(r) => {
-                                let r = &r[((i * m + j) * oh + oy0) * ow..][..pixels];
-                                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(r) {
-                                    d.write(v + r);
-                                }
+                                act::sum_into(dst, src, &r[((i * m + j) * oh + oy0) * ow..][..pixels]);
                             }
                             None => {
                                 dst.write_copy_of_slice(src);
