@@ -405,23 +405,32 @@ async fn quotas_answer_429_with_retry_after() {
     assert_eq!(get(&s, "/metrics", Some("beta-key")).await.0, 401, "metrics need the admin key");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_503_after_holding_the_refusal() {
-    let s = Server::start();
-    // A call that runs 4 s holds the plugin's one slot (alpha may have two calls in flight).
+/// Waits (up to 30 s) until metric `name` over the samples matching `labels` reaches 1.
+async fn until_counted(s: &Server, name: &str, labels: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while metric(&get_text(s, "/metrics", "admin-key").await.1, name, labels) < 1.0 {
+        assert!(Instant::now() < until, "{name}{{{labels}}} never reached 1");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Fills `cramped` (one slot, no queue) with a 4 s call of alpha's (who may have two in
+/// flight), returned once it runs: it holds the slot before it counts as in flight.
+async fn fill_cramped(s: &Server) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 4000}});
     let url = s.url.clone();
     let first = tokio::spawn(async move {
         client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("alpha-key").json(&slow).send().await
     });
-    // Once it runs (it holds the slot before it counts as in flight), a second call finds the
-    // slot taken and no room to wait.
-    let until = Instant::now() + Duration::from_secs(30);
-    let running = r#"tenant="alpha",model="cramped""#;
-    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", running) < 1.0 {
-        assert!(Instant::now() < until, "the first call never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_counted(s, "eir_in_flight", r#"tenant="alpha",model="cramped""#).await;
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_after_holding_the_refusal() {
+    let s = Server::start();
+    // With the slot taken, a second call finds no room to wait.
+    let first = fill_cramped(&s).await;
     let started = Instant::now();
     let (code, headers, body) = infer(&s, "cramped", "alpha-key", &json!({"inputs": []})).await;
     let took = started.elapsed();
@@ -436,18 +445,7 @@ async fn a_full_queue_answers_503_after_holding_the_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_refusal_leaves_its_tenant_slot_free() {
     let s = Server::start();
-    // alpha's 4 s call fills `cramped` (one slot, no queue).
-    let slow = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 4000}});
-    let url = s.url.clone();
-    let first = tokio::spawn(async move {
-        client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("alpha-key").json(&slow).send().await
-    });
-    let until = Instant::now() + Duration::from_secs(30);
-    let running = r#"tenant="alpha",model="cramped""#;
-    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", running) < 1.0 {
-        assert!(Instant::now() < until, "the first call never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let first = fill_cramped(&s).await;
     // `single` may have one request in flight. Its call to `cramped` is refused (503) and held
     // for a second; meanwhile its next request, to another plugin, is served: the held refusal
     // does not keep the tenant's slot.
@@ -456,11 +454,7 @@ async fn a_held_refusal_leaves_its_tenant_slot_free() {
         let quick = json!({"inputs": []});
         client().post(format!("{url}/v2/models/cramped/infer")).bearer_auth("single-key").json(&quick).send().await
     });
-    let queue = r#"tenant="single",reason="queue""#;
-    while metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_refused_total", queue) < 1.0 {
-        assert!(Instant::now() < until, "the call to a full plugin was never refused");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_counted(&s, "eir_refused_total", r#"tenant="single",reason="queue""#).await;
     let (code, _, body) = infer(&s, "text-normalize", "single-key", &text_request(&["x"])).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(refused.await.unwrap().unwrap().status(), 503);

@@ -226,14 +226,20 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
     serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
 }
 
-/// A 429 for quota `reason` (as the metrics count it), to be retried after `wait`; held
-/// before it is answered (`TenantState::hold_refusal`, at most `server.refusal_hold`).
-async fn over_quota(gw: &Gateway, t: &TenantState, reason: &'static str, wait: Duration) -> OaiError {
+/// Counts a refusal for `reason` (as the metrics do) and holds it before it is answered
+/// (`TenantState::hold_refusal`, at most `server.refusal_hold`): the seconds of `wait` left
+/// for its `Retry-After`. The caller has dropped any slot it held.
+async fn hold(gw: &Gateway, t: &TenantState, reason: &'static str, wait: Duration) -> u64 {
     gw.metrics().refused(&t.name, reason);
-    let left = t.hold_refusal(wait, gw.snapshot().config.server.refusal_hold).await;
+    t.hold_refusal(wait, gw.snapshot().config.server.refusal_hold).await.as_secs_f64().ceil() as u64
+}
+
+/// A 429 for quota `reason`, to be retried after `wait`, held by [`hold`].
+async fn over_quota(gw: &Gateway, t: &TenantState, reason: &'static str, wait: Duration) -> OaiError {
+    let retry = hold(gw, t, reason, wait).await;
     let what = if reason == "tokens" { "tokens-per-minute" } else { reason };
     OaiError {
-        retry_after: Some(left.as_secs_f64().ceil() as u64),
+        retry_after: Some(retry),
         ..OaiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -457,10 +463,8 @@ async fn run(gw: Arc<Gateway>, job: Job, prompt: Vec<u32>, kind: Kind) -> Result
         Err(LlmError::Busy(message)) => {
             let t = job.tenant.clone();
             drop(job);
-            gw.metrics().refused(&t.name, "queue");
-            let left = t.hold_refusal(Duration::from_secs(1), gw.snapshot().config.server.refusal_hold).await;
             return Err(OaiError {
-                retry_after: Some(left.as_secs_f64().ceil() as u64),
+                retry_after: Some(hold(&gw, &t, "queue", Duration::from_secs(1)).await),
                 ..OaiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             });
         }
@@ -622,18 +626,15 @@ async fn admit_plugin(gw: &Gateway, t: &TenantState, model: &str) -> Result<Opti
     let snapshot = gw.snapshot();
     let Some(s) = snapshot.resolve(t, model, None) else { return Ok(None) };
     let Some(plugin) = s.per_tenant.get(&t.name).cloned() else { return Ok(None) };
-    let m = gw.metrics();
     let tenant_slot = admit_tenant(gw, t).await?;
     if let Some(wait) = plugin.tenant().over_quota() {
         drop(tenant_slot);
         return Err(over_quota(gw, t, "compute", wait).await);
     }
     let Ok(queued) = s.slots.clone().try_acquire_owned() else {
-        m.refused(&t.name, "queue");
         drop(tenant_slot);
-        let left = t.hold_refusal(Duration::from_secs(1), snapshot.config.server.refusal_hold).await;
         return Err(OaiError {
-            retry_after: Some(left.as_secs_f64().ceil() as u64),
+            retry_after: Some(hold(gw, t, "queue", Duration::from_secs(1)).await),
             ..OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("model `{model}` is at capacity"))
         });
     };
