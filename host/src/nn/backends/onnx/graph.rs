@@ -206,7 +206,7 @@ impl Program {
             rows.sort_by_key(|r| std::cmp::Reverse(r.1.0));
             let total: std::time::Duration = rows.iter().map(|r| r.1.0).sum();
             let summary: Vec<String> =
-                rows.iter().map(|(op, (t, n))| format!("{op} {:.2}ms/{n}", t.as_secs_f64() * 1e3)).collect();
+                rows.iter().map(|(op, (t, n))| format!("{op} {:.3}ms/{n}", t.as_secs_f64() * 1e3)).collect();
             tracing::info!(
                 total_ms = total.as_secs_f64() * 1e3,
                 wall_ms = started.elapsed().as_secs_f64() * 1e3,
