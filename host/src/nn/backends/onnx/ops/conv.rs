@@ -1458,8 +1458,10 @@ mod tests {
         // side, 1 "same" (upper: the extra row and column at the end), 2 "same" lower, 3 the
         // kernel's size on every side (rows and columns of padding alone).
         type Case = ([usize; 4], usize, usize, usize, usize, u8);
-        let cases: [Case; 14] = [
+        let cases: [Case; 15] = [
             ([1, 16, 24, 24], 96, 24, 3, 2, 1),
+            // 27 pixels inside each row of a 5x5 kernel: six steps of 4, then 2 and 1.
+            ([1, 4, 8, 31], 16, 4, 5, 1, 0),
             // Narrower than the kernel's 5 taps, and than its 8 pixels at a time.
             ([1, 4, 12, 4], 16, 6, 5, 1, 0),
             ([2, 4, 9, 7], 32, 6, 3, 2, 0),

@@ -1305,7 +1305,8 @@ mod last {
     /// One output row of a `K`×`K` kernel at stride `S` from `K` input rows (`rows`: each `w`
     /// pixels of `c` channels, `None` for a padding row), padded by `pl` columns on the left
     /// and as many as the output needs on the right: block by block of 16 channels, `P` output
-    /// pixels at a time where every tap lies inside the row, one at a time at the edges. Bias
+    /// pixels at a time where every tap lies inside the row (then 4, 2, 1 at a time), one at a
+    /// time at the edges. Bias
     /// first, then the taps row by row, padding taps multiplying zeros (the blocked kernel's
     /// order).
     ///
@@ -1352,59 +1353,31 @@ mod last {
             // SAFETY: as above.
             let bias = unsafe { _mm512_loadu_ps(bb[g].as_ptr()) };
             let at = |ox: usize| 16 * g + ox * c;
+            let job = Inside::<K, S> { rows: &rows, wv: &wv, bias, zero, clamp: (clamp.is_some(), lo, hi), c, g, pl };
+            // P pixels at a time, then what is left of the inside in halves: each step's
+            // pixels are independent chains of multiply-adds. One pixel at a time, they were
+            // latency-bound (a 14-wide row at 3x3: 8 pixels in one step, then 4 one by one).
             let mut ox = first;
             while ox + P <= end {
-                let mut acc = [bias; P];
-                for (ky, input) in rows.iter().enumerate() {
-                    match input {
-                        Some(input) => {
-                            // Pixel ox·S − pl of the row (inside it: ox ≥ first).
-                            let base = input.as_ptr().wrapping_add(at(ox * S - pl));
-                            for kx in 0..K {
-                                for (p, acc) in acc.iter_mut().enumerate() {
-                                    // SAFETY: input column (ox + p)·S + kx − pl < w (ox + p <
-                                    // end), channels 16g..16g + 16 ≤ c: inside the row.
-                                    let x = unsafe { _mm512_loadu_ps(base.add((p * S + kx) * c)) };
-                                    *acc = _mm512_fmadd_ps(x, wv[ky][kx], *acc);
-                                }
-                            }
-                        }
-                        None => {
-                            for kx in 0..K {
-                                for acc in acc.iter_mut() {
-                                    *acc = _mm512_fmadd_ps(zero, wv[ky][kx], *acc);
-                                }
-                            }
-                        }
-                    }
-                }
-                for (p, acc) in acc.into_iter().enumerate() {
-                    let dst = &mut out[at(ox + p)..][..16];
-                    // SAFETY: `dst` holds 16 floats (MaybeUninit<f32> has f32's layout).
-                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
-                }
+                // SAFETY: the CPU has AVX-512F (this function's contract); pixels ox..ox + P
+                // lie inside the row (ox ≥ first, ox + P ≤ end), and `out` holds ow·c floats.
+                unsafe { job.run::<P>(ox, out) };
                 ox += P;
             }
-            // What is left of the inside, a pixel at a time.
-            while ox < end {
-                let mut acc = bias;
-                for (ky, input) in rows.iter().enumerate() {
-                    let base = input.map(|input| input.as_ptr().wrapping_add(at(ox * S - pl)));
-                    for kx in 0..K {
-                        let x = match base {
-                            // SAFETY: input column ox·S + kx − pl < w (ox < end), channels
-                            // 16g..16g + 16 ≤ c: inside the row.
-                            Some(base) => unsafe { _mm512_loadu_ps(base.add(kx * c)) },
-                            None => zero,
-                        };
-                        acc = _mm512_fmadd_ps(x, wv[ky][kx], acc);
+            for q in [4, 2, 1] {
+                if q < P && ox + q <= end {
+                    // SAFETY: as above, for pixels ox..ox + q.
+                    unsafe {
+                        match q {
+                            4 => job.run::<4>(ox, out),
+                            2 => job.run::<2>(ox, out),
+                            _ => job.run::<1>(ox, out),
+                        }
                     }
+                    ox += q;
                 }
-                let dst = &mut out[at(ox)..][..16];
-                // SAFETY: `dst` holds 16 floats.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
-                ox += 1;
             }
+            debug_assert_eq!(ox, end);
             // The edges, a pixel at a time, each tap checked.
             for ox in (0..first).chain(end..ow) {
                 let mut acc = bias;
@@ -1421,6 +1394,67 @@ mod last {
                 let dst = &mut out[at(ox)..][..16];
                 // SAFETY: `dst` holds 16 floats.
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
+            }
+        }
+    }
+
+    /// One block of channels of a [`strided`] row: its `K` input rows, the block's weights and
+    /// bias, and `(clamped, lo, hi)`.
+    struct Inside<'a, const K: usize, const S: usize> {
+        rows: &'a [Option<&'a [f32]>; K],
+        wv: &'a [[__m512; K]; K],
+        bias: __m512,
+        zero: __m512,
+        clamp: (bool, f32, f32),
+        c: usize,
+        g: usize,
+        pl: usize,
+    }
+
+    impl<const K: usize, const S: usize> Inside<'_, K, S> {
+        /// Output pixels `ox..ox + Q` of the block into `out`: bias first, then the taps row
+        /// by row, padding rows multiplying zeros.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F; every tap of these pixels must lie inside the row
+        /// (input columns (ox + p)·S + kx − pl in 0..w, each row w·c floats), channels
+        /// 16g..16g + 16 ≤ c. `out` is indexed checked.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<const Q: usize>(&self, ox: usize, out: &mut [MaybeUninit<f32>]) {
+            let at = |ox: usize| 16 * self.g + ox * self.c;
+            let mut acc = [self.bias; Q];
+            for (ky, input) in self.rows.iter().enumerate() {
+                match input {
+                    Some(input) => {
+                        // Pixel ox·S − pl of the row (inside it, by the contract).
+                        let base = input.as_ptr().wrapping_add(at(ox * S - self.pl));
+                        for kx in 0..K {
+                            for (p, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: input column (ox + p)·S + kx − pl lies inside the
+                                // row and channels 16g..16g + 16 inside the pixel (contract).
+                                let x = unsafe { _mm512_loadu_ps(base.add((p * S + kx) * self.c)) };
+                                *acc = _mm512_fmadd_ps(x, self.wv[ky][kx], *acc);
+                            }
+                        }
+                    }
+                    None => {
+                        for kx in 0..K {
+                            for acc in acc.iter_mut() {
+                                *acc = _mm512_fmadd_ps(self.zero, self.wv[ky][kx], *acc);
+                            }
+                        }
+                    }
+                }
+            }
+            let (clamped, lo, hi) = self.clamp;
+            for (p, mut acc) in acc.into_iter().enumerate() {
+                if clamped {
+                    acc = _mm512_min_ps(_mm512_max_ps(acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                }
+                let dst = &mut out[at(ox + p)..][..16];
+                // SAFETY: `dst` holds 16 floats (MaybeUninit<f32> has f32's layout).
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), acc) };
             }
         }
     }
