@@ -780,4 +780,51 @@ mod timing {
             );
         }
     }
+
+    /// Not a test: `cargo test -p eir --lib bert::timing::passes_side_by_side -- --ignored
+    /// --nocapture` prints what a sentence of 8 tokens costs at the batch sizes the gateway
+    /// forms (1, 7 and 16 rows), run on a pool of two threads as the scheduler runs passes:
+    /// one pass at a time, two passes sharing the pool (the default `compute_passes`), and two
+    /// passes each on a thread of its own. Milliseconds of wall time a row; how far batching
+    /// on two cores can take text-embed's 32 connections.
+    #[test]
+    #[ignore]
+    fn passes_side_by_side() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let dir = crate::registry::fetch::locate("minilm", &models).unwrap_or_else(|e| panic!("{e:#}"));
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
+        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let awake = crate::scheduler::Awake::new(true);
+        let passes = 60usize;
+        for rows in [1usize, 7, 16] {
+            let ids = Tensor::from_vec(vec![1000i64; rows * 8], (rows, 8), &Device::Cpu).unwrap();
+            let ones = Tensor::ones((rows, 8), DType::I64, &Device::Cpu).unwrap();
+            let zeros = Tensor::zeros((rows, 8), DType::I64, &Device::Cpu).unwrap();
+            let pass = || drop(bert.forward(&ids, &zeros, &ones).unwrap());
+            let per_row = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3 / (passes * rows) as f64;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                two.install(|| (0..passes).for_each(|_| awake.run(pass)));
+                let alone = per_row(t);
+                let t = std::time::Instant::now();
+                let half = || (0..passes / 2).for_each(|_| awake.run(pass));
+                two.install(|| rayon::join(half, half));
+                let sharing = per_row(t);
+                let t = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        s.spawn(|| {
+                            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                            one.install(|| (0..passes / 2).for_each(|_| pass()));
+                        });
+                    }
+                });
+                let apart = per_row(t);
+                eprintln!(
+                    "{rows:>2} rows: one pass at a time {alone:.3} | two sharing the pool {sharing:.3} | two on a thread each {apart:.3} ms a row"
+                );
+            }
+        }
+    }
 }
