@@ -1305,10 +1305,9 @@ mod last {
     /// One output row of a `K`×`K` kernel at stride `S` from `K` input rows (`rows`: each `w`
     /// pixels of `c` channels, `None` for a padding row), padded by `pl` columns on the left
     /// and as many as the output needs on the right: block by block of 16 channels, `P` output
-    /// pixels at a time where every tap lies inside the row (then 4, 2, 1 at a time), one at a
-    /// time at the edges. Bias
-    /// first, then the taps row by row, padding taps multiplying zeros (the blocked kernel's
-    /// order).
+    /// pixels at a time where every tap lies inside the row (then 4, 2 or 1 at a time), one at
+    /// a time at the edges. Bias first, then the taps row by row, padding taps multiplying
+    /// zeros (the blocked kernel's order).
     ///
     /// # Safety
     /// The CPU must support AVX-512F. The operands' lengths are asserted.
@@ -1331,12 +1330,7 @@ mod last {
                 && bb.len() >= groups,
             "depthwise: operands smaller than their shapes"
         );
-        let (lo, hi) = clamp.map_or((f32::NEG_INFINITY, f32::INFINITY), |c| (c.lo, c.hi));
         let zero = _mm512_setzero_ps();
-        let finish = |acc: __m512| match clamp {
-            Some(_) => _mm512_min_ps(_mm512_max_ps(acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
-            None => acc,
-        };
         // Output pixels whose every tap lies inside the row: input column ox·S + kx − pl in
         // 0..w for every kx < K.
         let first = pl.div_ceil(S).min(ow);
@@ -1353,31 +1347,21 @@ mod last {
             // SAFETY: as above.
             let bias = unsafe { _mm512_loadu_ps(bb[g].as_ptr()) };
             let at = |ox: usize| 16 * g + ox * c;
-            let job = Inside::<K, S> { rows: &rows, wv: &wv, bias, zero, clamp: (clamp.is_some(), lo, hi), c, g, pl };
-            // P pixels at a time, then what is left of the inside in halves: each step's
-            // pixels are independent chains of multiply-adds. One pixel at a time, they were
-            // latency-bound (a 14-wide row at 3x3: 8 pixels in one step, then 4 one by one).
+            let job = Inside::<K, S> { rows: &rows, wv: &wv, bias, clamp, c, g, pl };
+            // P pixels at a time, then what is left of the inside 4, 2 or 1 at a time: a step's
+            // pixels are independent chains of multiply-adds, where a pixel alone is one chain.
             let mut ox = first;
-            while ox + P <= end {
-                // SAFETY: the CPU has AVX-512F (this function's contract); pixels ox..ox + P
-                // lie inside the row (ox ≥ first, ox + P ≤ end), and `out` holds ow·c floats.
-                unsafe { job.run::<P>(ox, out) };
-                ox += P;
+            while ox < end {
+                // SAFETY (each step): the CPU has AVX-512F (this function's contract); the
+                // step's pixels ox..ox + q lie in first..end (ox ≥ first, q ≤ end − ox), where
+                // `first` and `end` are defined so that every tap reads inside the row.
+                ox += match end - ox {
+                    left if left >= P => unsafe { job.run::<P>(ox, out) },
+                    4.. => unsafe { job.run::<4>(ox, out) },
+                    2 | 3 => unsafe { job.run::<2>(ox, out) },
+                    _ => unsafe { job.run::<1>(ox, out) },
+                };
             }
-            for q in [4, 2, 1] {
-                if q < P && ox + q <= end {
-                    // SAFETY: as above, for pixels ox..ox + q.
-                    unsafe {
-                        match q {
-                            4 => job.run::<4>(ox, out),
-                            2 => job.run::<2>(ox, out),
-                            _ => job.run::<1>(ox, out),
-                        }
-                    }
-                    ox += q;
-                }
-            }
-            debug_assert_eq!(ox, end);
             // The edges, a pixel at a time, each tap checked.
             for ox in (0..first).chain(end..ow) {
                 let mut acc = bias;
@@ -1393,35 +1377,44 @@ mod last {
                 }
                 let dst = &mut out[at(ox)..][..16];
                 // SAFETY: `dst` holds 16 floats.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), finish(acc)) };
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), job.finish(acc)) };
             }
         }
     }
 
-    /// One block of channels of a [`strided`] row: its `K` input rows, the block's weights and
-    /// bias, and `(clamped, lo, hi)`.
+    /// One block of channels (`g`: channels 16g..16g + 16 of `c`) of a [`strided`] row: its
+    /// `K` input rows, the block's weights and bias, the clamp, and the left padding.
     struct Inside<'a, const K: usize, const S: usize> {
         rows: &'a [Option<&'a [f32]>; K],
         wv: &'a [[__m512; K]; K],
         bias: __m512,
-        zero: __m512,
-        clamp: (bool, f32, f32),
+        clamp: Option<Clamp>,
         c: usize,
         g: usize,
         pl: usize,
     }
 
     impl<const K: usize, const S: usize> Inside<'_, K, S> {
-        /// Output pixels `ox..ox + Q` of the block into `out`: bias first, then the taps row
-        /// by row, padding rows multiplying zeros.
-        ///
-        /// # Safety
-        /// The CPU must support AVX-512F; every tap of these pixels must lie inside the row
-        /// (input columns (ox + p)·S + kx − pl in 0..w, each row w·c floats), channels
-        /// 16g..16g + 16 ≤ c. `out` is indexed checked.
+        /// `acc` clamped, if the block is.
         #[inline]
         #[target_feature(enable = "avx512f")]
-        unsafe fn run<const Q: usize>(&self, ox: usize, out: &mut [MaybeUninit<f32>]) {
+        fn finish(&self, acc: __m512) -> __m512 {
+            match self.clamp {
+                Some(Clamp { lo, hi }) => _mm512_min_ps(_mm512_max_ps(acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
+                None => acc,
+            }
+        }
+
+        /// Output pixels `ox..ox + Q` of the block into `out` (indexed checked): bias first,
+        /// then the taps row by row, padding rows multiplying zeros. Returns `Q`.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F; every tap of these pixels must lie inside its row:
+        /// input columns (ox + p)·S + kx − pl in 0..w for p < Q and kx < K, where each row
+        /// holds w·c floats (as `strided` asserts), and 16g + 16 ≤ c.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<const Q: usize>(&self, ox: usize, out: &mut [MaybeUninit<f32>]) -> usize {
             let at = |ox: usize| 16 * self.g + ox * self.c;
             let mut acc = [self.bias; Q];
             for (ky, input) in self.rows.iter().enumerate() {
@@ -1441,21 +1434,18 @@ mod last {
                     None => {
                         for kx in 0..K {
                             for acc in acc.iter_mut() {
-                                *acc = _mm512_fmadd_ps(self.zero, self.wv[ky][kx], *acc);
+                                *acc = _mm512_fmadd_ps(_mm512_setzero_ps(), self.wv[ky][kx], *acc);
                             }
                         }
                     }
                 }
             }
-            let (clamped, lo, hi) = self.clamp;
-            for (p, mut acc) in acc.into_iter().enumerate() {
-                if clamped {
-                    acc = _mm512_min_ps(_mm512_max_ps(acc, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
-                }
+            for (p, acc) in acc.into_iter().enumerate() {
                 let dst = &mut out[at(ox + p)..][..16];
                 // SAFETY: `dst` holds 16 floats (MaybeUninit<f32> has f32's layout).
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), acc) };
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast::<f32>(), self.finish(acc)) };
             }
+            Q
         }
     }
 
