@@ -190,3 +190,35 @@ mod tests {
         assert_eq!(pool.install(|| rayon::join(|| 1, || 2)), (1, 2));
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Not a test: `cargo test -p eir --lib par::timing -- --ignored --nocapture` prints what
+    /// a parallel section costs beyond its items' own work, on a pool of two threads kept
+    /// awake as the scheduler runs passes (a pass has about 60 of them).
+    #[test]
+    #[ignore]
+    fn section_overhead() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let awake = crate::scheduler::Awake::new(true);
+        let sections = 20_000u32;
+        for items in [2usize, 8, 32] {
+            for _ in 0..3 {
+                let t = pool.install(|| {
+                    awake.run(|| {
+                        let t = Instant::now();
+                        for _ in 0..sections {
+                            for_each(0..items, |i| {
+                                std::hint::black_box(i);
+                            });
+                        }
+                        t.elapsed()
+                    })
+                });
+                eprintln!("{items:>2} empty items: {:.2} µs a section", t.as_secs_f64() * 1e6 / f64::from(sections));
+            }
+        }
+    }
+}
