@@ -46,10 +46,8 @@ pub(super) fn build(name: &str, node: &Node<'_>) -> Option<Built> {
             let x = input(i, 0, "GlobalAveragePool")?;
             if x.dtype() == DType::F32 && x.rank() >= 3 {
                 // One pass over each plane (candle's reductions over trailing axes copy first).
-                let (nc, plane) = (x.dims()[0] * x.dims()[1], x.dims()[2..].iter().product::<usize>());
-                let means: Vec<f32> = super::with_f32(x, |v| {
-                    v.chunks(plane.max(1)).take(nc).map(|p| p.iter().sum::<f32>() / plane as f32).collect()
-                })?;
+                let plane = x.dims()[2..].iter().product::<usize>();
+                let means: Vec<f32> = super::with_f32(x, |v| plane_means(v, plane))?;
                 let mut dims = x.dims()[..2].to_vec();
                 dims.resize(x.rank(), 1);
                 return Ok(vec![Tensor::from_vec(means, dims, x.device())?]);
@@ -1789,6 +1787,48 @@ impl super::Op for Pool {
         let y = Tensor::from_vec(out, (n, c, oh, ow), x.device())?;
         let y = if spatial == 1 { y.squeeze(2)? } else { y };
         Ok(vec![y.to_dtype(dtype)?])
+    }
+}
+
+/// The mean of each `plane` consecutive values of `v` (a trailing partial plane is left
+/// out). Each plane sums into eight lanes side by side, then the lanes and the plane's last few
+/// values: summed one value after another, a plane is a chain of dependent adds, and
+/// EfficientNet's 1280 planes of 49 values took 12 µs that way (`EIR_ONNX_PROFILE=nodes`,
+/// against ONNX Runtime's 5 µs).
+fn plane_means(v: &[f32], plane: usize) -> Vec<f32> {
+    if plane == 0 {
+        return Vec::new();
+    }
+    v.chunks_exact(plane)
+        .map(|p| {
+            let mut lanes = [0f32; 8];
+            let mut eights = p.chunks_exact(8);
+            for eight in &mut eights {
+                for (lane, x) in lanes.iter_mut().zip(eight) {
+                    *lane += x;
+                }
+            }
+            (lanes.iter().sum::<f32>() + eights.remainder().iter().sum::<f32>()) / plane as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod plane_means_tests {
+    #[test]
+    fn plane_means_are_each_planes_mean() {
+        for plane in [1usize, 2, 7, 8, 9, 49] {
+            for planes in 0..20 {
+                let v: Vec<f32> = (0..planes * plane).map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0).collect();
+                let got = super::plane_means(&v, plane);
+                assert_eq!(got.len(), planes);
+                for (p, got) in v.chunks(plane).zip(got) {
+                    let want = p.iter().map(|&x| f64::from(x)).sum::<f64>() / plane as f64;
+                    assert!((f64::from(got) - want).abs() <= 1e-5 * want.abs().max(1.0), "{planes} planes of {plane}");
+                }
+            }
+        }
+        assert!(super::plane_means(&[], 0).is_empty());
     }
 }
 
