@@ -1091,7 +1091,14 @@ mod x86 {
                 // SAFETY: panel q's step p (`ap` = a + p·MR512, p < k): 12 values, masked.
                 av[q] = unsafe { _mm512_maskz_loadu_ps(PANEL, ap.add(q * stride)) };
                 // Each panel is its own stream from L3 (see `tile` on why A is prefetched).
-                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(q * stride + 16 * MR512).cast::<i8>());
+                // With one column, a step is a load and a multiply-add per panel, and the near
+                // prefetch only took load slots: EfficientNet's 1280→1000 classifier at batch
+                // 1, 0.042–0.054 → 0.039–0.045 ms and 0.040–0.043 → 0.038–0.041 ms in two
+                // series of three alternating runs (`EIR_ONNX_PROFILE=nodes`). At 8 columns (a
+                // short sentence) it pays: MiniLM's one-sentence pass ran 3–15% slower without.
+                if N > 1 {
+                    _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(q * stride + 16 * MR512).cast::<i8>());
+                }
                 _mm_prefetch::<_MM_HINT_T1>(ap.wrapping_add(q * stride + super::AHEAD * MR512).cast::<i8>());
             }
             for j in 0..N {
