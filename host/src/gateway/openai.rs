@@ -226,12 +226,10 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, OaiError> {
     serde_json::from_slice(body).map_err(|e| OaiError::bad(format!("invalid request body: {e}")))
 }
 
-/// Counts a refusal for `reason` (as the metrics do) and holds it before it is answered
-/// (`TenantState::hold_refusal`, at most `server.refusal_hold`): the seconds of `wait` left
-/// for its `Retry-After`. The caller has dropped any slot it held.
+/// [`TenantState::refuse`] under this configuration's `server.refusal_hold`: counts the
+/// refusal, holds it, and gives the seconds left for its `Retry-After`.
 async fn hold(gw: &Gateway, t: &TenantState, reason: &'static str, wait: Duration) -> u64 {
-    gw.metrics().refused(&t.name, reason);
-    t.hold_refusal(wait, gw.snapshot().config.server.refusal_hold).await.as_secs_f64().ceil() as u64
+    t.refuse(gw.metrics(), reason, wait, gw.snapshot().config.server.refusal_hold).await
 }
 
 /// A 429 for quota `reason`, to be retried after `wait`, held by [`hold`].

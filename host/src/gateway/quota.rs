@@ -129,6 +129,20 @@ impl TenantState {
         wait - hold
     }
 
+    /// Counts one refusal for `reason` in `metrics` and holds it ([`Self::hold_refusal`], at
+    /// most `most`): the whole seconds of `wait` left for its `Retry-After`. The caller has
+    /// dropped any slot the request held.
+    pub async fn refuse(
+        &self,
+        metrics: &super::metrics::Metrics,
+        reason: &'static str,
+        wait: Duration,
+        most: Duration,
+    ) -> u64 {
+        metrics.refused(&self.name, reason);
+        self.hold_refusal(wait, most).await.as_secs_f64().ceil() as u64
+    }
+
     /// Admits one request, or says why not. The permit is held until the response is sent.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, Refused> {
         if let Err(not_until) = self.rate.check() {

@@ -346,13 +346,12 @@ async fn run_infer(
                 Refused::Rate(wait) => ("rate", wait),
                 Refused::Concurrency => ("concurrency", Duration::from_secs(1)),
             };
-            m.refused(&t.name, reason);
-            let left = t.hold_refusal(wait, hold).await;
+            let retry = t.refuse(m, reason, wait, hold).await;
             return Err(ApiError {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: format!("over your {reason} quota; retry later"),
                 kind: Some("quota"),
-                retry_after: Some(left.as_secs_f64().ceil() as u64),
+                retry_after: Some(retry),
             });
         }
     };
@@ -361,11 +360,10 @@ async fn run_infer(
     let plugin = s.per_tenant.get(&t.name).ok_or_else(|| not_found(&name))?;
     if let Some(wait) = plugin.tenant().over_quota() {
         answer(StatusCode::TOO_MANY_REQUESTS);
-        m.refused(&t.name, "compute");
         // Held without the tenant's concurrency slot: a refusal must not crowd out its own
         // tenant's other requests.
         drop(tenant_slot);
-        let left = t.hold_refusal(wait, hold).await;
+        let retry = t.refuse(m, "compute", wait, hold).await;
         return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: format!(
@@ -373,7 +371,7 @@ async fn run_infer(
                 t.decl.compute_quota.unwrap_or_default()
             ),
             kind: Some("quota"),
-            retry_after: Some(left.as_secs_f64().ceil() as u64),
+            retry_after: Some(retry),
         });
     }
     let limit = snapshot.config.server.max_body.min(t.decl.max_body);
@@ -382,16 +380,15 @@ async fn run_infer(
         .inspect_err(|e| answer(e.status))?;
     let Ok(queued) = s.slots.clone().try_acquire_owned() else {
         answer(StatusCode::SERVICE_UNAVAILABLE);
-        m.refused(&t.name, "queue");
         // Held without the tenant's slot or the body it read (another tenant may have
         // filled this plugin's queue).
         drop((tenant_slot, body));
-        let left = t.hold_refusal(Duration::from_secs(1), hold).await;
+        let retry = t.refuse(m, "queue", Duration::from_secs(1), hold).await;
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!("model `{name}` is at capacity; retry later"),
             kind: Some("queue_full"),
-            retry_after: Some(left.as_secs_f64().ceil() as u64),
+            retry_after: Some(retry),
         });
     };
     let header_len = headers

@@ -734,18 +734,23 @@ mod tests {
 mod timing {
     use super::*;
 
-    /// Not a test: `cargo test -p eir --lib bert::timing -- --ignored --nocapture` prints where a
-    /// MiniLM pass spends its time, per stage of one layer, at the embed bench's shapes.
-    #[test]
-    #[ignore]
-    fn stages_of_a_minilm_layer() {
-        // The fetched, verified model (a missing one fails with the command that fetches it).
+    /// The fetched, verified MiniLM (a missing one fails with the command that fetches it), from
+    /// `EIR_MODELS_DIR` or the repository's `models/`.
+    fn minilm() -> Bert {
         let models = std::env::var_os("EIR_MODELS_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"));
         let dir = crate::registry::fetch::locate("minilm", &models).unwrap_or_else(|e| panic!("{e:#}"));
         let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-        let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
+        Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap()
+    }
+
+    /// Not a test: `cargo test -p eir --lib bert::timing -- --ignored --nocapture` prints where a
+    /// MiniLM pass spends its time, per stage of one layer, at the embed bench's shapes.
+    #[test]
+    #[ignore]
+    fn stages_of_a_minilm_layer() {
+        let bert = minilm();
         let layer = &bert.layers[0];
         let time = |f: &mut dyn FnMut()| crate::nn::kernels::median_time(20, f).as_secs_f64() * 1e3;
         for (rows, seq) in [(1usize, 8usize), (1, 128), (32, 20), (8, 128)] {
@@ -790,10 +795,7 @@ mod timing {
     #[test]
     #[ignore]
     fn passes_side_by_side() {
-        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-        let dir = crate::registry::fetch::locate("minilm", &models).unwrap_or_else(|e| panic!("{e:#}"));
-        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-        let bert = Bert::from_dir(&dir, &config, &Device::Cpu, &Meter::with_budget(u64::MAX)).unwrap();
+        let bert = minilm();
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let awake = crate::scheduler::Awake::new(true);
         let passes = 60usize;

@@ -20,7 +20,8 @@ const CHUNK: usize = 16 * 1024;
 /// transform after cost more than candle's one-thread kernels.
 pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -> Result<Vec<f32>, NnError> {
     let mut out = super::uninit_f32(src.len())?;
-    let each = |(o, s): (&mut [MaybeUninit<f32>], &[f32])| f(init_from(o, s));
+    // `write_copy_of_slice` panics where the lengths differ (the chunks pair up exactly).
+    let each = |(o, s): (&mut [MaybeUninit<f32>], &[f32])| f(o.write_copy_of_slice(s));
     let chunk = (CHUNK / row.max(1)).max(1) * row.max(1);
     if src.len() <= chunk {
         each((&mut out.spare_capacity_mut()[..src.len()], src));
@@ -30,16 +31,10 @@ pub(super) fn map_rows(src: &[f32], row: usize, f: impl Fn(&mut [f32]) + Sync) -
             each,
         );
     }
-    // SAFETY: `init_from` initialised every one of the first `src.len()` elements (the chunks
-    // cover them all).
+    // SAFETY: `write_copy_of_slice` initialised every one of the first `src.len()` elements
+    // (the chunks cover them all).
     unsafe { out.set_len(src.len()) };
     Ok(out)
-}
-
-/// `dst` (as long as `src`) filled from `src`, as initialised floats.
-fn init_from<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
-    assert_eq!(dst.len(), src.len(), "init_from: lengths differ");
-    dst.write_copy_of_slice(src)
 }
 
 /// The four arithmetic operators, which have an f32 fast path.
