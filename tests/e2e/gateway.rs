@@ -478,6 +478,11 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
     };
     let body = text_request(&["x"]);
     assert_eq!(infer(&s, "text-normalize", "single-key", &body).await.0, 200);
+    // A warm instance of `patient` first: a hang-up that comes while a call still instantiates
+    // (before any guest code runs) rightly ends that call at once and frees its slot, and CI
+    // once hung up inside that window, saw the resend served, and failed.
+    let quick = json!({"inputs": [], "parameters": {"attack": "busy", "ms": 1}});
+    assert_eq!(infer(&s, "patient", "single-key", &quick).await.0, 200);
     // A request that would spin for 15 s; its client hangs up once it runs. (With a call that
     // ended on its own 1.5 s after it started, CI once saw it end before the resend was read,
     // when the poll that saw it running came late on a loaded machine.)
@@ -495,6 +500,9 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         assert!(Instant::now() < until, "the slow request never ran");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Counted as in flight, its call may still wait for a plugin thread: give it time to be
+    // inside the guest, which it will not leave on its own for 15 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // The resend is ready on an open connection before the hang-up, so it reaches the server
     // well within the call's grace even on a loaded machine (a new HTTP client could take
     // longer than the grace to build).
