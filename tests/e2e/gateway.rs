@@ -473,9 +473,7 @@ pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
 async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
     use std::io::Write;
     let s = Server::start();
-    let running = || async {
-        metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", r#"tenant="single",model="patient""#)
-    };
+    let in_flight = r#"tenant="single",model="patient""#;
     let body = text_request(&["x"]);
     assert_eq!(infer(&s, "text-normalize", "single-key", &body).await.0, 200);
     // A warm instance of `patient` first: a hang-up that comes while a call still instantiates
@@ -495,11 +493,7 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         slow.len()
     )
     .unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    while running().await < 1.0 {
-        assert!(Instant::now() < until, "the slow request never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_counted(&s, "eir_in_flight", in_flight).await;
     // Counted as in flight, its call may still wait for a plugin thread: give it time to be
     // inside the guest, which it will not leave on its own for 15 s.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -533,7 +527,7 @@ async fn a_client_that_hangs_up_holds_its_slot_until_its_call_ends() {
         assert!(hung_up.elapsed() < Duration::from_secs(30), "the slot was never given back");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(running().await, 0.0);
+    assert_eq!(metric(&get_text(&s, "/metrics", "admin-key").await.1, "eir_in_flight", in_flight), 0.0);
     eprintln!("the abandoned call held its slot for {:?} after the hang-up", hung_up.elapsed());
 }
 
