@@ -1167,6 +1167,8 @@ pub(crate) struct ConvChain {
     tuner: super::tune::Tuner<Split>,
     /// The expand and pointwise weights in strips, for [`Split::ChannelsLast`].
     strips: [super::Derived<Option<Strips>>; 2],
+    /// Per input shape, [`Op::bound`](super::Op::bound)'s bytes.
+    bounds: super::ShapeMemo<u64>,
 }
 
 /// Each fused block's input shape and the split it ran, for the tests' check that every
@@ -1235,10 +1237,12 @@ pub(crate) fn chain(
             residual: false,
             tuner,
             strips: Default::default(),
+            bounds: Default::default(),
         }));
     }
     let chain = second.into_any().downcast::<ConvChain>().unwrap_or_else(|_| unreachable!("checked to be a chain"));
-    Ok(Box::new(ConvChain { expand: Some(*first), ..*chain }))
+    // A fresh memo: the bounds depend on the expand.
+    Ok(Box::new(ConvChain { expand: Some(*first), bounds: Default::default(), ..*chain }))
 }
 
 impl super::Op for ConvChain {
@@ -1292,11 +1296,30 @@ impl super::Op for ConvChain {
     }
 
     fn fuse_residual(&mut self) -> bool {
+        // The bound counts the residual's addition where the pass does not fuse it.
+        self.bounds.clear();
         // One residual: a second would have nowhere to go.
         !std::mem::replace(&mut self.residual, true)
     }
 
     fn bound(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
+        self.bounds.get(i, || self.bound_fresh(i))
+    }
+
+    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
+        let residual = self.residual(i)?;
+        let (mut outs, added) = self.run_chain(i, residual)?;
+        if let (Some(r), false) = (residual, added) {
+            let y = outs.pop().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
+            outs.push(super::elementwise::add(&y, r)?);
+        }
+        Ok(outs)
+    }
+}
+
+impl ConvChain {
+    /// [`Op::bound`](super::Op::bound), worked out from the plans of every split.
+    fn bound_fresh(&self, i: &[Option<&Tensor>]) -> Result<u64, NnError> {
         let plans = self.planned(i)?;
         let convs = self.bound_convs(i, &plans)?;
         // Where the residual is not added during the pass (it broadcasts, or the pass does not
@@ -1313,16 +1336,6 @@ impl super::Op for ConvChain {
             None => 0,
         };
         Ok(convs.saturating_add(added))
-    }
-
-    fn run(&self, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, NnError> {
-        let residual = self.residual(i)?;
-        let (mut outs, added) = self.run_chain(i, residual)?;
-        if let (Some(r), false) = (residual, added) {
-            let y = outs.pop().ok_or_else(|| NnError::runtime("Conv produced no output"))?;
-            outs.push(super::elementwise::add(&y, r)?);
-        }
-        Ok(outs)
     }
 }
 
