@@ -71,14 +71,16 @@ impl<V> Default for ShapeMemo<V> {
 }
 
 impl<V: Copy> ShapeMemo<V> {
-    /// The value for `inputs`' shapes (dtypes, ranks and dims, and the compute pool's size,
-    /// which sizes per-thread scratch): kept, or made by `make`. An error is not kept.
+    /// The value for `inputs`' shapes (dtypes, ranks and dims), the compute pool's size (which
+    /// sizes per-thread scratch) and the vector instructions the kernels may use (which decide
+    /// the splits a block can take): kept, or made by `make`. An error is not kept.
     pub(super) fn get(
         &self,
         inputs: &[Option<&Tensor>],
         make: impl FnOnce() -> Result<V, NnError>,
     ) -> Result<V, NnError> {
-        let mut key = vec![rayon::current_num_threads()];
+        let simd = usize::from(crate::nn::kernels::simd::fma()) | usize::from(crate::nn::kernels::simd::avx512()) << 1;
+        let mut key = vec![rayon::current_num_threads(), simd];
         for t in inputs {
             match t {
                 None => key.push(0),
@@ -616,5 +618,11 @@ mod memo_tests {
         assert!(memo.0.lock().unwrap().len() <= MEMO_SHAPES);
         memo.clear();
         assert_eq!(memo.get(&[Some(&a), None], || make(8)).unwrap(), 8);
+        // The kernels' instructions are part of the key: a block bounded with AVX-512 splits
+        // is bounded again where they are capped away (tests cap them; a run never does).
+        if crate::nn::kernels::simd::avx512() {
+            let _cap = simd_cap(crate::nn::kernels::simd::Level::Portable);
+            assert_eq!(memo.get(&[Some(&a), None], || make(11)).unwrap(), 11);
+        }
     }
 }
