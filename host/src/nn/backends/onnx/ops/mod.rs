@@ -54,9 +54,28 @@ impl<T, K: PartialEq> Derived<T, K> {
     }
 }
 
-/// Input shapes a [`ShapeMemo`] keeps values for; beyond them a value is worked out afresh
-/// each run, so a graph fed ever-new shapes does not grow it.
-const MEMO_SHAPES: usize = 16;
+/// Input shapes a [`ShapeMemo`] keeps values for, as many as a tuner tunes; beyond them a value
+/// is worked out afresh each run, so a graph fed ever-new shapes does not grow it.
+const MEMO_SHAPES: usize = tune::SHAPES;
+
+/// What an operator's shape-derived choices depend on, as a key: the compute pool's size
+/// (which sizes per-thread scratch and splits), the vector instructions the kernels may use
+/// (which decide the splits a block can take), then each operand's dtype, rank and dims (0
+/// for an absent one).
+pub(super) fn shape_key<'a>(operands: impl IntoIterator<Item = Option<&'a Tensor>>) -> Vec<usize> {
+    let simd = usize::from(crate::nn::kernels::simd::fma()) | usize::from(crate::nn::kernels::simd::avx512()) << 1;
+    let mut key = vec![rayon::current_num_threads(), simd];
+    for t in operands {
+        match t {
+            None => key.push(0),
+            Some(t) => {
+                key.extend([1 + t.dtype() as usize, t.rank()]);
+                key.extend_from_slice(t.dims());
+            }
+        }
+    }
+    key
+}
 
 /// What an operator works out from its inputs' shapes alone (the bytes it will allocate), kept
 /// per shape. EfficientNet-Lite0's sixteen fused blocks planned every split of every
@@ -71,25 +90,13 @@ impl<V> Default for ShapeMemo<V> {
 }
 
 impl<V: Copy> ShapeMemo<V> {
-    /// The value for `inputs`' shapes (dtypes, ranks and dims), the compute pool's size (which
-    /// sizes per-thread scratch) and the vector instructions the kernels may use (which decide
-    /// the splits a block can take): kept, or made by `make`. An error is not kept.
+    /// The value for `inputs`' [`shape_key`]: kept, or made by `make`. An error is not kept.
     pub(super) fn get(
         &self,
         inputs: &[Option<&Tensor>],
         make: impl FnOnce() -> Result<V, NnError>,
     ) -> Result<V, NnError> {
-        let simd = usize::from(crate::nn::kernels::simd::fma()) | usize::from(crate::nn::kernels::simd::avx512()) << 1;
-        let mut key = vec![rayon::current_num_threads(), simd];
-        for t in inputs {
-            match t {
-                None => key.push(0),
-                Some(t) => {
-                    key.extend([1 + t.dtype() as usize, t.rank()]);
-                    key.extend_from_slice(t.dims());
-                }
-            }
-        }
+        let key = shape_key(inputs.iter().copied());
         // A poisoned lock only means a panic elsewhere between whole updates.
         let lock = || self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, v)) = lock().iter().find(|(k, _)| *k == key) {

@@ -1437,14 +1437,10 @@ impl ConvChain {
             Ok((vec![y], residual.is_some()))
         };
         let (plan, rule) = self.rule(x, expand.map(|e| e.1), wd, wp)?;
-        // Keyed by what the candidates depend on: the pool's size and the GEMM's kernels, then
-        // for each operand whether it is f32, its rank and its shape.
-        let mut key = vec![rayon::current_num_threads(), usize::from(sgemm::columns_independent())];
-        for t in [Some(x), expand.map(|e| e.1), Some(wd), Some(wp)] {
-            let dims = t.map(Tensor::dims).unwrap_or_default();
-            key.extend([usize::from(t.is_some_and(|t| t.dtype() == DType::F32)), dims.len()]);
-            key.extend(dims);
-        }
+        // Keyed by what the candidates depend on: the operands' shapes (with the pool's size
+        // and the kernels' instructions), and whether the GEMM computes columns independently.
+        let mut key = super::shape_key([Some(x), expand.map(|e| e.1), Some(wd), Some(wp)]);
+        key.push(usize::from(sgemm::columns_independent()));
         // The candidates are worked out only for a shape the tuner has not seen.
         let candidates = || match &plan {
             Some(plan) => self.candidates(plan, rule, expand.map(|e| e.1), wp),

@@ -24,7 +24,7 @@ const MARGIN: f64 = 0.1;
 
 /// Input shapes tuned per operator; beyond them, the first candidate runs untimed (a graph
 /// fed ever-new shapes must not grow this without bound).
-const SHAPES: usize = 16;
+pub(super) const SHAPES: usize = 16;
 
 /// Per input shape, which of an operator's candidates (equivalent ways to run it, the
 /// default one first) runs fastest, found by timing each [`SAMPLES`] times.
