@@ -702,7 +702,7 @@ pub(crate) fn channels_last(
         unsafe { v.set_len(len) };
         Ok(v)
     };
-    // A product of `rows` pixels by `strips` into a new buffer.
+    // The projection of every pixel's depthwise output (`rows`) into a new buffer.
     let product = |rows: &[f32], strips: &sgemm::Strips, bias: Option<&[f32]>, clamp| -> Result<Vec<f32>, NnError> {
         let len = size(strips.n())?;
         let mut v = super::uninit_f32(len)?;
@@ -711,10 +711,23 @@ pub(crate) fn channels_last(
         unsafe { v.set_len(len) };
         Ok(v)
     };
-    // The input's pixels as rows.
-    let rows = with_f32(x, |xs| turned(xs, c_in, plane))??;
-    let expanded = product(&rows, se, be.as_deref(), clamp_e)?;
-    drop(rows);
+    // The expand product reads each image's planes in place as the rows of its pixels.
+    let expanded = with_f32(x, |xs| -> Result<Vec<f32>, NnError> {
+        let (len, image) = (size(c)?, c_in.checked_mul(plane).ok_or_else(too_large)?);
+        let mut v = super::uninit_f32(len)?;
+        if len > 0 {
+            for (i, dst) in v.spare_capacity_mut()[..len].chunks_exact_mut(plane * c).enumerate() {
+                let src = xs
+                    .get(i * image..(i + 1) * image)
+                    .ok_or_else(|| NnError::runtime("Conv: the block's input is shorter than its shape"))?;
+                sgemm::gemm_strips_turned(plane, (src, plane), se, dst, (be.as_deref(), clamp_e), true)?;
+            }
+        }
+        // SAFETY: each image's product returned Ok, so it wrote its `plane·c` values, and the
+        // images tile `len` exactly.
+        unsafe { v.set_len(len) };
+        Ok(v)
+    })??;
     let mid_len = size(c)?;
     let mut mid = super::uninit_f32(mid_len)?;
     let ran = with_f32(wd, |wds| {
@@ -794,7 +807,7 @@ pub(crate) fn channels_last_banded(
     let oplane = oh.checked_mul(ow).ok_or_else(too_large)?;
     let len = super::count(&[n, m, oh, ow])? as usize;
     let band = band.clamp(1, oh.max(1));
-    let (ring, sizes, scratch) = banded_scratch(plan, c_in, m, band).ok_or_else(too_large)?;
+    let (ring, sizes, scratch) = banded_scratch(plan, m, band).ok_or_else(too_large)?;
     let row = w.checked_mul(c).ok_or_else(too_large)?;
     if len == 0 {
         return Ok(Some(Tensor::zeros((n, m, oh, ow), DType::F32, x.device())?));
@@ -821,9 +834,8 @@ pub(crate) fn channels_last_banded(
             let unit = |(i, oy_start, mut chans): BandedUnit<'_>, buf: &mut [f32]| -> Result<(), NnError> {
                 let oy_end = (oy_start + per).min(oh);
                 let (ring_buf, rest) = buf.split_at_mut(sizes[0]);
-                let (pixels_buf, rest) = rest.split_at_mut(sizes[1]);
-                let (mid, rest) = rest.split_at_mut(sizes[2]);
-                let (proj, turned) = rest.split_at_mut(sizes[3]);
+                let (mid, rest) = rest.split_at_mut(sizes[1]);
+                let (proj, turned) = rest.split_at_mut(sizes[2]);
                 let image = &xs[i * c_in * h * w..(i + 1) * c_in * h * w];
                 let mut next = 0;
                 for oy0 in (oy_start..oy_end).step_by(band) {
@@ -831,20 +843,16 @@ pub(crate) fn channels_last_banded(
                     let need = banded.reads(oy0..oy1);
                     // Expand the rows not in the ring yet, as many at once as lie in a run of
                     // its slots (row y lives in slot y % ring: the band's rows, at most `ring`
-                    // of them, never share a slot).
+                    // of them, never share a slot), their pixels read from the input's planes
+                    // where they lie.
                     let mut y = next.max(need.start);
                     while y < need.end {
                         let slot = y % ring;
                         let rows = (need.end - y).min(ring - slot);
-                        // SAFETY: only the transpose writes through it, floats.
-                        let pixels = &mut unsafe { uninit(pixels_buf) }[..rows * w * c_in];
-                        if !act::transpose_strided_into(&image[y * w..], [c_in, rows * w], h * w, pixels, c_in) {
-                            return Err(NnError::runtime("Conv: a band of the block's input does not fit"));
-                        }
                         // SAFETY: only the GEMM writes through it, floats.
                         let dst = &mut unsafe { uninit(ring_buf) }[slot * row..(slot + rows) * row];
-                        let pixels = &pixels_buf[..rows * w * c_in];
-                        sgemm::gemm_strips_clamped(rows * w, pixels, se, dst, (be.as_deref(), clamp_e), false)?;
+                        let pixels = (&image[y * w..], h * w);
+                        sgemm::gemm_strips_turned(rows * w, pixels, se, dst, (be.as_deref(), clamp_e), false)?;
                         y += rows;
                     }
                     next = next.max(need.end);
@@ -922,33 +930,28 @@ pub(crate) fn channels_last_banded(
 }
 
 /// The rows of [`channels_last_banded`]'s ring (every input row a band reads, at most the
-/// image's), and the floats of the scratch each of its threads holds: the ring, a band's input
-/// pixels (no more rows than the ring), its depthwise output, its projection and that turned
-/// back; and their sum. `None` where a size overflows or the plan is not depthwise.
-fn banded_scratch(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Option<(usize, [usize; 5], usize)> {
+/// image's), and the floats of the scratch each of its threads holds: the ring, a band's
+/// depthwise output, its projection and that turned back; and their sum (the expand product
+/// reads the input's pixels where they lie). `None` where a size overflows or the plan is not
+/// depthwise.
+fn banded_scratch(plan: &ConvPlan, m: usize, band: usize) -> Option<(usize, [usize; 4], usize)> {
     let [_, c, h, w] = plan.dims;
     let [_, ow] = plan.out;
     let ring = plan.depthwise.as_ref()?.rows_read(band)?.min(h);
     let pixels = band.checked_mul(ow)?;
-    let sizes = [
-        ring.checked_mul(w)?.checked_mul(c)?,
-        ring.checked_mul(w)?.checked_mul(c_in)?,
-        pixels.checked_mul(c)?,
-        pixels.checked_mul(m)?,
-        pixels.checked_mul(m)?,
-    ];
+    let sizes =
+        [ring.checked_mul(w)?.checked_mul(c)?, pixels.checked_mul(c)?, pixels.checked_mul(m)?, pixels.checked_mul(m)?];
     let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b))?;
     Some((ring, sizes, total))
 }
 
-/// What [`channels_last_banded`] allocates for an `[n, c, h, w]` depthwise plan after an expand
-/// from `c_in` channels and before a pointwise into `m`, `band` rows at a time: the output and
-/// every thread's scratch.
-pub(crate) fn channels_last_banded_bytes(plan: &ConvPlan, c_in: usize, m: usize, band: usize) -> Result<u64, NnError> {
+/// What [`channels_last_banded`] allocates for an `[n, c, h, w]` depthwise plan before a
+/// pointwise into `m`, `band` rows at a time: the output and every thread's scratch.
+pub(crate) fn channels_last_banded_bytes(plan: &ConvPlan, m: usize, band: usize) -> Result<u64, NnError> {
     let [n, _, _, _] = plan.dims;
     let [oh, ow] = plan.out;
     let too_large = || NnError::too_large("Conv: the block does not fit in memory");
-    let (_, _, per_thread) = banded_scratch(plan, c_in, m, band.clamp(1, oh.max(1))).ok_or_else(too_large)?;
+    let (_, _, per_thread) = banded_scratch(plan, m, band.clamp(1, oh.max(1))).ok_or_else(too_large)?;
     let threads = rayon::current_num_threads() as u64 + 1;
     let scratch = (per_thread as u64).checked_mul(threads).ok_or_else(too_large)?;
     let floats = super::count(&[n, m, oh, ow])?.checked_add(scratch).ok_or_else(too_large)?;
@@ -1546,16 +1549,15 @@ mod tests {
         match ConvPlan::new(&[1, 16, huge, huge], &[16, 1, 3, 3], &g) {
             Err(e) => assert_eq!(e.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{e:?}"),
             Ok(plan) => {
-                let e = channels_last_banded_bytes(&plan, usize::MAX / 2, 16, usize::MAX).unwrap_err();
+                let e = channels_last_banded_bytes(&plan, 16, usize::MAX).unwrap_err();
                 assert_eq!(e.code, crate::nn::bindings::errors::ErrorCode::TooLarge, "{e:?}");
             }
         }
         let plan = ConvPlan::new(&[1, 16, 8, 8], &[16, 1, 3, 3], &g).unwrap();
-        assert!(banded_scratch(&plan, usize::MAX / 4, 16, 4).is_none(), "the input pixels' scratch overflows");
-        assert!(banded_scratch(&plan, 8, usize::MAX / 4, 4).is_none(), "the projection's scratch overflows");
+        assert!(banded_scratch(&plan, usize::MAX / 4, 4).is_none(), "the projection's scratch overflows");
         // A band longer than the plane is clamped to it, and costs what the whole plane does.
-        let whole = channels_last_banded_bytes(&plan, 8, 16, 8).unwrap();
-        assert_eq!(channels_last_banded_bytes(&plan, 8, 16, usize::MAX).unwrap(), whole);
+        let whole = channels_last_banded_bytes(&plan, 16, 8).unwrap();
+        assert_eq!(channels_last_banded_bytes(&plan, 16, usize::MAX).unwrap(), whole);
     }
 
     /// Below AVX-512 (the AVX2 and portable levels) a block is declined by both channels-last

@@ -1403,7 +1403,7 @@ impl ConvChain {
             most = most.max(conv::channels_last_bytes(dw, c_in, m)?);
             if dw.takes_banded() {
                 for band in BANDS {
-                    most = most.max(conv::channels_last_banded_bytes(dw, c_in, m, band)?);
+                    most = most.max(conv::channels_last_banded_bytes(dw, m, band)?);
                 }
             }
         }
