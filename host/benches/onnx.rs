@@ -32,8 +32,9 @@ fn tensor(dims: Vec<u32>, values: &[f32]) -> HostTensor {
 /// pool's other threads, as ONNX Runtime's caller joins its own pool, rather than waking the
 /// pool from outside and sleeping until it is done. Each run keeps the other threads awake as
 /// the scheduler does for a pass running alone (`EIR_BENCH_SPIN=0`: not).
-/// Passes before timing: at least what the ONNX backend's tuner takes.
-const WARMUP: usize = 30;
+/// Passes before timing: at least what the ONNX backend's tuner takes (nine candidates timed
+/// eight times each, `ops::tune`).
+const WARMUP: usize = 80;
 
 fn median_time(iters: usize, mut f: impl FnMut() + Send) -> Duration {
     median_time_of(iters, || (), |()| f())
@@ -50,7 +51,7 @@ fn median_time_of<T: Send>(
     let awake = eir::scheduler::Awake::new(std::env::var("EIR_BENCH_SPIN").map_or(true, |v| v != "0"));
     rayon::scope(|_| {
         // The first passes of a shape time each way its fused blocks can split (the ONNX
-        // backend's tuner, three runs of each of at most nine): those are warm-up, run as the
+        // backend's tuner, eight runs of each of at most nine): those are warm-up, run as the
         // timed passes are, so the tuner times each split as it will run (with the pool
         // awake, a split with more parallel sections pays no wake-ups).
         for _ in 0..WARMUP {
