@@ -222,11 +222,10 @@ fn reads_of_nothing_and_cycles_are_load_errors() {
 
 #[test]
 fn gemm_transposes_scales_and_adds_and_sees_new_weights() {
-    let alpha =
-        AttributeProto { name: "alpha".into(), r#type: AttributeType::Float as i32, f: 0.5, ..Default::default() };
     // Wide enough (N ≥ 16) for EIR's GEMM, at every SIMD level, with a batch that leaves a
     // partial tile (and one of 27 rows: B in strips, at the AVX-512 level); B changes between runs, so what was derived from the first B must not be
-    // reused for the second.
+    // reused for the second. Scaled by alpha, or not, with C as `[N]` or `[1, N]` (unscaled,
+    // a row of C joins the product's epilogue).
     for ((m, k, n), level) in [(2usize, 3usize, 20usize), (9, 40, 37), (27, 40, 37)]
         .into_iter()
         .flat_map(|dims| crate::nn::kernels::simd::levels().into_iter().map(move |l| (dims, l)))
@@ -234,11 +233,19 @@ fn gemm_transposes_scales_and_adds_and_sees_new_weights() {
         let _cap = crate::nn::kernels::simd::cap(level);
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 2.0).collect();
         let c: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
-        for trans_b in [1, 0] {
+        for (trans_b, scale, c_dims) in [(1, 0.5, vec![n]), (0, 0.5, vec![n]), (1, 1.0, vec![n]), (0, 1.0, vec![1, n])]
+        {
+            let alpha = AttributeProto {
+                name: "alpha".into(),
+                r#type: AttributeType::Float as i32,
+                f: scale,
+                ..Default::default()
+            };
             let b_dims: [i64; 2] = if trans_b == 1 { [n as i64, k as i64] } else { [k as i64, n as i64] };
+            let c_shape: Vec<i64> = c_dims.iter().map(|&d| d as i64).collect();
             let g = model(
-                vec![node("Gemm", &["a", "b", "c"], &["y"], vec![alpha.clone(), attr_int("transB", trans_b)])],
-                &[("a", &[m as i64, k as i64]), ("b", &b_dims), ("c", &[n as i64])],
+                vec![node("Gemm", &["a", "b", "c"], &["y"], vec![alpha, attr_int("transB", trans_b)])],
+                &[("a", &[m as i64, k as i64]), ("b", &b_dims), ("c", &c_shape)],
                 &["y"],
                 13,
             );
@@ -248,12 +255,13 @@ fn gemm_transposes_scales_and_adds_and_sees_new_weights() {
                 let want: Vec<f32> = (0..m * n)
                     .map(|e| {
                         let (i, j) = (e / n, e % n);
-                        0.5 * (0..k).map(|kk| a[i * k + kk] * at(kk, j)).sum::<f32>() + c[j]
+                        scale * (0..k).map(|kk| a[i * k + kk] * at(kk, j)).sum::<f32>() + c[j]
                     })
                     .collect();
                 let b_shape = [b_dims[0] as u32, b_dims[1] as u32];
+                let c_shape: Vec<u32> = c_dims.iter().map(|&d| d as u32).collect();
                 let (dims, y) =
-                    run(&g, &[("a", &[m as u32, k as u32], &a), ("b", &b_shape, &b), ("c", &[n as u32], &c)]).remove(0);
+                    run(&g, &[("a", &[m as u32, k as u32], &a), ("b", &b_shape, &b), ("c", &c_shape, &c)]).remove(0);
                 assert_eq!(dims, vec![m as u32, n as u32]);
                 close(&y, &want);
             }
