@@ -184,6 +184,11 @@ impl Strips {
         self.n
     }
 
+    /// Rows of `B` (the products' depth).
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
     /// The strips' buffer back, to be filled again.
     pub(crate) fn into_data(self) -> Vec<f32> {
         self.data
@@ -277,7 +282,7 @@ impl ARows {
         (stride >= inner).then(|| (outer - 1).checked_mul(stride)?.checked_add(inner)).flatten()
     }
 
-    /// The offset of row `i`, value `p`.
+    /// The offset of row `i`, value `p` (below [`ARows::extent`] for `i < m`, `p < k`).
     fn at(self, i: usize, p: usize) -> usize {
         match self {
             ARows::Apart(lda) => i * lda + p,

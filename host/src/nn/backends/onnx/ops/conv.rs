@@ -649,6 +649,12 @@ impl BlockOperands {
             (bias_floats(be, c, "expand")?, bias_floats(bd, c, "depthwise")?, bias_floats(bp, m, "pointwise")?);
         let se = with_f32(we, |ws| strips_e.get(we.id(), || sgemm::Strips::from_transposed(c, c_in, ws)))?;
         let sp = with_f32(wp, |ws| strips_p.get(wp.id(), || sgemm::Strips::from_transposed(m, c, ws)))?;
+        // The products write exactly the channels the block's buffers are sized for (strips
+        // kept for another shape under the same weights would not).
+        let fits = |s: &Option<sgemm::Strips>, k: usize, n: usize| s.as_ref().is_none_or(|s| s.k() == k && s.n() == n);
+        if !fits(&se, c_in, c) || !fits(&sp, c, m) {
+            return Err(NnError::runtime("Conv: the block's weights in strips do not fit its shapes"));
+        }
         Ok(Self { c_in, m, be, bd, bp, se, sp })
     }
 }
@@ -705,8 +711,8 @@ pub(crate) fn channels_last(
                 sgemm::gemm_strips_turned(plane, (src, plane), se, dst, (be.as_deref(), clamp_e), true)?;
             }
         }
-        // SAFETY: each image's product returned Ok, so it wrote its `plane·c` values, and the
-        // images tile `len` exactly.
+        // SAFETY: each image's product returned Ok, so it wrote its `plane · se.n()` values,
+        // `se.n()` being `c` (`BlockOperands::check`), and the images tile `len` exactly.
         unsafe { v.set_len(len) };
         Ok(v)
     })??;
@@ -739,7 +745,8 @@ const PLANES_PER_UNIT: usize = 64;
 /// shared out over the pool, each turned and then added while it is in cache. On one thread
 /// the turn and the add were a third of a 7x7 block's serial time.
 fn into_planes(pixels: &[f32], [n, m, plane]: [usize; 3], residual: Option<&[f32]>) -> Result<Vec<f32>, NnError> {
-    let len = super::count(&[n, m, plane])? as usize;
+    let len = usize::try_from(super::count(&[n, m, plane])?)
+        .map_err(|_| NnError::too_large("Conv: the block's output does not fit in memory"))?;
     if pixels.len() < len || residual.is_some_and(|r| r.len() < len) {
         return Err(NnError::runtime("Conv: the block's output is shorter than its shape"));
     }
@@ -752,7 +759,8 @@ fn into_planes(pixels: &[f32], [n, m, plane]: [usize; 3], residual: Option<&[f32
         .chunks_exact_mut(m * plane)
         .enumerate()
         .flat_map(|(i, image)| {
-            let runs = image.chunks_mut(PLANES_PER_UNIT * plane).enumerate();
+            // (Saturating: a run longer than the image is the whole image, in whole planes.)
+            let runs = image.chunks_mut(PLANES_PER_UNIT.saturating_mul(plane)).enumerate();
             runs.map(move |(r, dst)| (i, r * PLANES_PER_UNIT, dst))
         })
         .collect();
