@@ -121,7 +121,7 @@ if [ "$mode" = throughput ]; then
             # ONLY="image-classify ...": measure only those plugins.
             [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]] && continue
             # Warm-up, not reported: the first passes of each batch size time the ways the ONNX
-            # backend's fused blocks can split (about 27 passes per size), and caches fill.
+            # backend's fused blocks can split (up to 72 passes per size), and caches fill.
             run "$1" "$work/$2.json" 32 bench-key >/dev/null
             for c in 1 8 32; do
                 read -r r p q e <<<"$(run "$1" "$work/$2.json" "$c" bench-key)"
