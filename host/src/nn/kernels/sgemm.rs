@@ -1694,6 +1694,10 @@ mod x86 {
         tiles: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) {
+        let (turned, lda) = match layout {
+            super::ARows::Apart(lda) => (false, lda),
+            super::ARows::Turned(ld) => (true, ld),
+        };
         // The same slices of k as `unit512`, so each element is summed in the same order.
         let slices = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(slices);
@@ -1706,10 +1710,6 @@ mod x86 {
                 for i in cols.clone() {
                     let j = i * NR;
                     let width = NR.min(n - j);
-                    let (turned, lda) = match layout {
-                        super::ARows::Apart(lda) => (false, lda),
-                        super::ARows::Turned(ld) => (true, ld),
-                    };
                     let job = RowTile {
                         k: depth,
                         a: a.wrapping_add(layout.at(t * MR512, p0)),
@@ -1730,37 +1730,41 @@ mod x86 {
                     // j..j+width lie inside m×n and belong to this unit; the bias has n - j ≥
                     // width values from j. GELU rewrites only the tile just stored.
                     unsafe {
-                        match (turned, rows) {
-                            (false, 12) => tile_rows::<12, false>(&job),
-                            (false, 11) => tile_rows::<11, false>(&job),
-                            (false, 10) => tile_rows::<10, false>(&job),
-                            (false, 9) => tile_rows::<9, false>(&job),
-                            (false, 8) => tile_rows::<8, false>(&job),
-                            (false, 7) => tile_rows::<7, false>(&job),
-                            (false, 6) => tile_rows::<6, false>(&job),
-                            (false, 5) => tile_rows::<5, false>(&job),
-                            (false, 4) => tile_rows::<4, false>(&job),
-                            (false, 3) => tile_rows::<3, false>(&job),
-                            (false, 2) => tile_rows::<2, false>(&job),
-                            (false, _) => tile_rows::<1, false>(&job),
-                            (true, 12) => tile_rows::<12, true>(&job),
-                            (true, 11) => tile_rows::<11, true>(&job),
-                            (true, 10) => tile_rows::<10, true>(&job),
-                            (true, 9) => tile_rows::<9, true>(&job),
-                            (true, 8) => tile_rows::<8, true>(&job),
-                            (true, 7) => tile_rows::<7, true>(&job),
-                            (true, 6) => tile_rows::<6, true>(&job),
-                            (true, 5) => tile_rows::<5, true>(&job),
-                            (true, 4) => tile_rows::<4, true>(&job),
-                            (true, 3) => tile_rows::<3, true>(&job),
-                            (true, 2) => tile_rows::<2, true>(&job),
-                            (true, _) => tile_rows::<1, true>(&job),
+                        if turned {
+                            tile_rows_of::<true>(rows, &job)
+                        } else {
+                            tile_rows_of::<false>(rows, &job)
                         }
                         if gelu && last {
                             gelu_rows(job.c, rows, width, n);
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// [`tile_rows`] for a tile of `rows` (1 to 12) rows.
+    ///
+    /// # Safety
+    /// As [`tile_rows`], for `rows` rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_rows_of<const TURNED: bool>(rows: usize, job: &RowTile) {
+        // SAFETY: forwarded from this function's contract, each arm with its number of rows.
+        unsafe {
+            match rows {
+                12 => tile_rows::<12, TURNED>(job),
+                11 => tile_rows::<11, TURNED>(job),
+                10 => tile_rows::<10, TURNED>(job),
+                9 => tile_rows::<9, TURNED>(job),
+                8 => tile_rows::<8, TURNED>(job),
+                7 => tile_rows::<7, TURNED>(job),
+                6 => tile_rows::<6, TURNED>(job),
+                5 => tile_rows::<5, TURNED>(job),
+                4 => tile_rows::<4, TURNED>(job),
+                3 => tile_rows::<3, TURNED>(job),
+                2 => tile_rows::<2, TURNED>(job),
+                _ => tile_rows::<1, TURNED>(job),
             }
         }
     }

@@ -1843,7 +1843,7 @@ fn plane_means(v: &[f32], plane: usize) -> Vec<f32> {
         }
     };
     let mut out = vec![0f32; planes];
-    let runs = out.chunks_mut(RUN).zip(v.chunks(RUN * plane));
+    let runs = out.chunks_mut(RUN).zip(v.chunks(RUN.saturating_mul(plane)));
     if v.len() >= SHARED {
         crate::nn::kernels::par::for_each(runs, run);
     } else {
